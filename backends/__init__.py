@@ -1,0 +1,116 @@
+"""Backends: one module per array framework, imported only when chosen.
+
+A Mac install has no torch and a CUDA install has no mlx, so nothing here imports either
+at module level. The training loop (gft/loop.py) talks to a backend only through the
+`Backend` Protocol below.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from gft.errors import ConfigError
+from gft.types import TokenBatch
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """What a backend needs to build its optimizer (AdamW with torch's semantics)."""
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How rollouts are sampled. greedy=True ignores temperature and top_p."""
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    greedy: bool = False
+    batch_size: int = 64
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any  # a transformers tokenizer; both backends use the same one
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seed: int) -> list[list[int]]:
+        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt."""
+
+    def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
+                   aggregation: str) -> dict[str, float]:
+        """One optimizer update over the micro-batches (gradient accumulation), with clipping.
+        tau and aggregation (a key of gft.objective.AGGREGATIONS) define the GFT loss.
+
+        Returns loss, grad_norm, entropy (mean token entropy over response tokens),
+        tokens, and skipped (1.0 when the loss or gradients were not finite and no
+        update was made)."""
+
+    def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
+                             aggregation: str) -> dict[str, float]:
+        """Zero, then add up the gradients of the micro-batches (loss, entropy, tokens)."""
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients as float32 NumPy arrays by parameter name."""
+
+    def apply_update(self, lr: float) -> tuple[float, bool]:
+        """Clip, then AdamW at `lr`: (grad_norm before clipping, skipped if non-finite)."""
+
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """[B, L-1] float32 log-probabilities of input_ids[:, 1:] (no gradient)."""
+
+    def save_model(self, path: Path) -> None:
+        """Hugging Face-layout directory: config.json, model.safetensors, tokenizer files,
+        generation_config.json; transformers and mlx-lm load it unchanged."""
+
+    def save_optimizer(self, path: Path) -> None:
+        """AdamW moments keyed by parameter name, as safetensors (backend-neutral)."""
+
+    def load_optimizer(self, path: Path) -> None: ...
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        """Trainable parameters as float32 NumPy arrays (tests and metrics)."""
+
+
+BACKEND_MODULES = {"torch": "backends.torch_backend", "mlx": "backends.mlx_backend"}
+
+
+def resolve_backend_name(name: str) -> str:
+    """auto = mlx on Apple silicon (when installed), torch elsewhere."""
+    if name != "auto":
+        return name
+    apple = sys.platform == "darwin" and platform.machine() == "arm64"
+    if apple and importlib.util.find_spec("mlx") is not None:
+        return "mlx"
+    if importlib.util.find_spec("torch") is not None:
+        return "torch"
+    if importlib.util.find_spec("mlx") is not None:
+        return "mlx"
+    raise ConfigError("no backend installed: pip install 'gft[torch]' or 'gft[mlx]'")
+
+
+def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: str = "auto",
+                 optim: OptimConfig = OptimConfig(), seed: int = 0,
+                 trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> Backend:
+    """Import the chosen backend module lazily and load the model into it."""
+    name = resolve_backend_name(name)
+    if name not in BACKEND_MODULES:
+        raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as e:
+        extra = "torch" if name == "torch" else "mlx"
+        raise ConfigError(f"backend '{name}' is not installed ({e}); pip install 'gft[{extra}]'") from None
+    return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
+                       trust_remote_code=trust_remote_code,
+                       gradient_checkpointing=gradient_checkpointing)

@@ -1,0 +1,409 @@
+"""MLX backend: any mlx-lm causal LM, on Apple silicon (Metal) or Linux (`mlx[cpu]`).
+
+Mirrors backends/torch_backend.py method for method, so the loop cannot tell them apart:
+- rollouts are a batched KV-cache decode loop written here (left-padded prompts in mlx-lm's
+  `BatchKVCache`, whose per-row RoPE offsets and padding mask give every row the positions
+  an unpadded run would see), seeded with explicit `mx.random` keys;
+- the update runs the shared GFT token loss (gft/objective.py) through `MLX_OPS`, with
+  gradient accumulation, global grad-norm clipping and an AdamW written out below;
+- checkpoints are the same Hugging Face directory and backend-neutral optimizer file the
+  torch backend writes, so a run can move between the two.
+
+Deliberate choices:
+- AdamW is hand-written rather than `mlx.optimizers.AdamW`: its moments and step must be
+  saved and loaded by Hugging Face parameter name, and the arithmetic is torch's
+  (decoupled decay before the moments, lerp'd first moment, denom = sqrt(v)/sqrt(bc2) + eps,
+  step size lr/bc1) so that the two backends' weights agree after any number of updates.
+- mlx-lm's `BatchGenerator` is not used: it drops the stop token, refuses empty prompts,
+  re-orders and re-batches rows, and needs mlx-lm's tokenizer wrapper; the loop below is
+  the same amount of work per token and does exactly what `generate` promises.
+- Parameter names are mlx-lm's (`tree_flatten`), which equal transformers' for dense
+  Llama/Qwen2-style models; architectures whose `sanitize` renames weights save under
+  mlx-lm names, which mlx-lm (and this backend) still load.
+Shapes: B sequences, L tokens, V vocabulary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from backends import OptimConfig, SamplingConfig
+from gft.checkpoint import write_portable_config
+from gft.errors import ConfigError, ModelError
+from gft.objective import AGGREGATIONS, gft_token_loss
+from gft.types import TokenBatch
+
+
+class _MlxOps:
+    """The array namespace the shared loss needs (see gft.objective.ArrayOps)."""
+    exp = staticmethod(mx.exp)
+    where = staticmethod(mx.where)
+    stop_gradient = staticmethod(mx.stop_gradient)
+
+    @staticmethod
+    def sum(x: mx.array, axis: int | None = None) -> mx.array:
+        return mx.sum(x, axis=axis)
+
+    @staticmethod
+    def clamp_min(x: mx.array, lo: float) -> mx.array:
+        return mx.maximum(x, lo)
+
+
+MLX_OPS = _MlxOps()
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
+PREFILL_STEP = 2048  # prompt tokens per forward during prefill (bounds activation memory)
+
+
+def target_logprobs(logits: mx.array, input_ids: mx.array) -> mx.array:
+    """log p of each next token: [B, L, V] logits, [B, L] ids -> [B, L-1] float32."""
+    logits = logits[:, :-1].astype(mx.float32)
+    picked = mx.take_along_axis(logits, input_ids[:, 1:, None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def token_entropy(logits: mx.array) -> mx.array:
+    """Entropy of the next-token distribution at each position: [B, L, V] -> [B, L-1]."""
+    logits = mx.stop_gradient(logits[:, :-1].astype(mx.float32))
+    logz = mx.logsumexp(logits, axis=-1, keepdims=True)
+    probs = mx.exp(logits - logz)
+    return logz.squeeze(-1) - mx.sum(probs * logits, axis=-1)
+
+
+def sample_next(logits: mx.array, sampling: SamplingConfig, key: mx.array) -> mx.array:
+    """[B, V] logits -> [B] token ids: greedy, or temperature + nucleus (top-p) sampling."""
+    logits = logits.astype(mx.float32)
+    if sampling.greedy or sampling.temperature <= 0:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_p >= 1.0:
+        return mx.random.categorical(logits, axis=-1, key=key)
+    order = mx.argsort(-logits, axis=-1)  # descending
+    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
+    probs = mx.softmax(sorted_logits, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+    keep = (mx.cumsum(probs, axis=-1) - probs) < sampling.top_p
+    pick = mx.random.categorical(mx.where(keep, sorted_logits, -mx.inf), axis=-1, key=key)
+    return mx.take_along_axis(order, pick[:, None], axis=-1).squeeze(-1)
+
+
+def batch_cache(model: nn.Module, left_padding: list[int]) -> list:
+    """The model's KV caches, in their batched, left-padding-aware form."""
+    from mlx_lm.models.cache import (BatchKVCache, BatchRotatingKVCache, KVCache,
+                                     RotatingKVCache, make_prompt_cache)
+    caches = []
+    for c in make_prompt_cache(model):
+        if isinstance(c, RotatingKVCache):
+            caches.append(BatchRotatingKVCache(c.max_size, left_padding))
+        elif isinstance(c, KVCache):
+            caches.append(BatchKVCache(left_padding))
+        else:
+            raise ModelError(f"mlx backend: batched generation does not support "
+                             f"{type(c).__name__} caches yet")
+    return caches
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Recompute each decoder layer in the backward pass (activation checkpointing).
+
+    Like mlx_lm.tuner.trainer.grad_checkpoint, but the wrapped __call__ goes on a subclass
+    made for these instances only, so other models in the process are left alone, and it
+    applies in training mode only (generation passes KV caches, and needs no backward).
+    """
+    for layer in getattr(model, "layers", []):
+        base = type(layer)
+
+        def call(self, *args, _base=base, **kwargs):
+            if not self.training:
+                return _base.__call__(self, *args, **kwargs)
+
+            def inner(params, *a, **kw):
+                self.update(params)
+                return _base.__call__(self, *a, **kw)
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        layer.__class__ = type(base.__name__, (base,), {"__call__": call})
+
+
+def adamw_tensor_update(c: OptimConfig):
+    """torch.optim.AdamW's single-tensor update, term for term, for one parameter.
+
+    decay = 1 - lr*wd, step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t).
+    Every stored result is rounded to the parameter's dtype, as torch's in-place ops do.
+    """
+    def update(p, g, m, v, decay, step_size, bc2_sqrt):
+        dt = p.dtype
+        p = (p * decay).astype(dt)                                   # param.mul_(decay)
+        m = (m + (g - m) * (1 - c.beta1)).astype(dt)                 # exp_avg.lerp_(g, 1-b1)
+        v = (v * c.beta2 + (g * g) * (1 - c.beta2)).astype(dt)       # .mul_(b2).addcmul_(g, g)
+        denom = (mx.sqrt(v) / bc2_sqrt + c.eps).astype(dt)           # sqrt(v)/sqrt(bc2) + eps
+        return (p - step_size * (m / denom)).astype(dt), m, v        # addcdiv_(m, denom, -ss)
+    return update
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
+                 optim: OptimConfig):
+        self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
+        self.dtype, self.optim_cfg = dtype, optim
+        self._loss_and_grad = nn.value_and_grad(model, self._loss)
+        self._adamw_tensor = mx.compile(adamw_tensor_update(optim))  # one fused kernel
+        self._grads: dict[str, mx.array] | None = None  # accumulated, by parameter name
+        self._exp_avg: dict[str, mx.array] = {}
+        self._exp_avg_sq: dict[str, mx.array] = {}
+        self._step = 0
+
+    def _params(self) -> dict[str, mx.array]:
+        return dict(tree_flatten(self.model.trainable_parameters()))
+
+    # ------------------------------------------------------------------ rollouts
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seed: int) -> list[list[int]]:
+        self.model.eval()
+        key = mx.random.key(seed)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), sampling.batch_size):
+            key, sub = mx.random.split(key)
+            out.extend(self._generate_batch(prompts[start:start + sampling.batch_size],
+                                            sampling, sub))
+        return out
+
+    def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                        key: mx.array) -> list[list[int]]:
+        """Left-pad, prefill, then decode one token per row per forward until every row
+        has emitted EOS or max_new_tokens is reached. The next step is queued
+        (async_eval) before the host reads the current tokens, as mlx-lm does."""
+        if any(len(p) == 0 for p in prompts):
+            raise ModelError("mlx backend: cannot generate from an empty prompt")
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        pads = [width - len(p) for p in prompts]
+        ids = mx.array([[pad] * n + list(p) for n, p in zip(pads, prompts)], dtype=mx.int32)
+        cache = batch_cache(self.model, pads)
+        for i in range(0, width - 1, PREFILL_STEP):  # all but the last prompt column
+            self.model(ids[:, i:min(i + PREFILL_STEP, width - 1)], cache=cache)
+            mx.eval([c.state for c in cache])
+        keys = mx.random.split(key, max(sampling.max_new_tokens, 1))
+
+        def step(tokens: mx.array, i: int) -> mx.array:
+            logits = self.model(tokens[:, None], cache=cache)[:, -1, :]
+            return sample_next(logits, sampling, keys[i])
+
+        rows: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        if sampling.max_new_tokens <= 0:
+            return rows
+        y = sample_next(self.model(ids[:, -1:], cache=cache)[:, -1, :], sampling, keys[0])
+        mx.async_eval(y)
+        for i in range(sampling.max_new_tokens):
+            # Finished rows keep decoding (their tokens are discarded); feed them pad.
+            y_next = None
+            if i + 1 < sampling.max_new_tokens:
+                fed = mx.where(mx.array(done), pad, y) if any(done) else y
+                y_next = step(fed, i + 1)
+                mx.async_eval(y_next)
+            for r, t in enumerate(y.tolist()):
+                if not done[r]:
+                    rows[r].append(t)
+                    done[r] = t == eos
+            if all(done) or y_next is None:
+                break
+            y = y_next
+        return rows
+
+    # ------------------------------------------------------------------ update
+    def _loss(self, ids: mx.array, mask: mx.array, adv: mx.array, tau: float, aggregate,
+              n_tokens: float, n_seqs: float) -> tuple[mx.array, mx.array]:
+        """(GFT loss, summed response-token entropy) of one right-padded micro-batch.
+        Padding sits after every real token, so the causal mask alone gives real tokens
+        the same logits an attention mask would."""
+        logits = self.model(ids)
+        logp = target_logprobs(logits, ids)
+        loss = gft_token_loss(MLX_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
+                              n_tokens=n_tokens, n_seqs=n_seqs)
+        return loss, mx.sum(token_entropy(logits) * mask)
+
+    def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
+                             aggregation: str) -> dict[str, float]:
+        """Zero the gradients, then forward/backward every micro-batch, adding up."""
+        aggregate = AGGREGATIONS[aggregation]
+        self.model.train()
+        self._grads = None
+        loss_sum, ent_sum, n_tok = 0.0, 0.0, 0.0
+        for mb in micro_batches:
+            ids = mx.array(mb.input_ids.astype(np.int32))
+            mask = mx.array(mb.response_mask[:, 1:].astype(np.float32))
+            adv = mx.array(np.asarray(mb.advantages, dtype=np.float32))
+            (loss, ent), grads = self._loss_and_grad(ids, mask, adv, tau, aggregate,
+                                                     mb.n_tokens, mb.n_seqs)
+            grads = dict(tree_flatten(grads))
+            self._grads = grads if self._grads is None else {
+                n: self._grads[n] + g for n, g in grads.items()}
+            mx.eval(loss, ent, self._grads)  # one micro-batch's graph at a time
+            loss_sum += loss.item()
+            ent_sum += ent.item()
+            n_tok += float(mb.response_mask[:, 1:].sum())
+        return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
+        grads = self._grads or {}
+        return {n: np.array((grads[n] if n in grads else mx.zeros_like(p)).astype(mx.float32))
+                for n, p in self._params().items()}
+
+    def apply_update(self, lr: float) -> tuple[float, bool]:
+        """Clip to max_grad_norm, then one AdamW step at `lr`; skip it if not finite.
+
+        Clipping is torch.nn.utils.clip_grad_norm_'s: coef = max_norm / (norm + 1e-6),
+        capped at 1. With no gradients (no micro-batches) nothing changes, as in torch."""
+        if not self._grads:
+            return 0.0, False
+        grads = self._grads
+        norm = mx.sqrt(sum(mx.sum(mx.square(g.astype(mx.float32))) for g in grads.values()))
+        grad_norm = norm.item()
+        if not math.isfinite(grad_norm):  # must not touch the weights or the moments
+            self._grads = None
+            return grad_norm, True
+        max_norm = self.optim_cfg.max_grad_norm or math.inf
+        coef = min(max_norm / (grad_norm + 1e-6), 1.0)
+        if coef < 1.0:
+            scale = mx.array(coef, dtype=mx.float32)
+            grads = {n: (g * scale).astype(g.dtype) for n, g in grads.items()}
+        self._grads = grads
+        self._adamw(grads, lr)
+        return grad_norm, False
+
+    def _adamw(self, grads: dict[str, mx.array], lr: float) -> None:
+        """One AdamW step; the per-step scalars are computed in double, as torch does."""
+        c = self.optim_cfg
+        self._step += 1
+        bc1, bc2 = 1 - c.beta1 ** self._step, 1 - c.beta2 ** self._step
+        scalars = [mx.array(x, dtype=mx.float32)  # arrays, so a new lr does not recompile
+                   for x in (1 - lr * c.weight_decay, lr / bc1, math.sqrt(bc2))]
+        params, new = self._params(), {}
+        for name, g in grads.items():
+            p = params[name]
+            m = self._exp_avg.get(name, mx.zeros_like(p))
+            v = self._exp_avg_sq.get(name, mx.zeros_like(p))
+            new[name], self._exp_avg[name], self._exp_avg_sq[name] = self._adamw_tensor(
+                p, g, m, v, *scalars)
+        self.model.update(tree_unflatten(list(new.items())))
+        mx.eval(self.model.parameters(), self._exp_avg, self._exp_avg_sq)
+
+    def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
+                   aggregation: str) -> dict[str, float]:
+        stats = self.accumulate_gradients(micro_batches, tau=tau, aggregation=aggregation)
+        if not math.isfinite(stats["loss"]):
+            self._grads = None
+            return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
+        grad_norm, skipped = self.apply_update(lr)
+        return {**stats, "grad_norm": grad_norm, "skipped": float(skipped)}
+
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        self.model.eval()
+        ids = mx.array(batch.input_ids.astype(np.int32))
+        return np.array(target_logprobs(self.model(ids), ids))
+
+    # ------------------------------------------------------------------ state
+    def save_model(self, path: Path) -> None:
+        """The directory transformers' save_pretrained would write (same keys, tied
+        embeddings without lm_head.weight), from the source config.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        cfg = json.loads((self.model_path / "config.json").read_text())
+        cfg["dtype"] = self.dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = self.dtype
+        tied = getattr(getattr(self.model, "args", None), "tie_word_embeddings", None)
+        if "tie_word_embeddings" not in cfg and tied is not None:
+            cfg["tie_word_embeddings"] = tied  # mlx-lm and transformers default differently
+        (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_portable_config(path)
+        weights = dict(tree_flatten(self.model.parameters()))
+        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
+        self.tokenizer.save_pretrained(str(path))
+        gen_src = self.model_path / "generation_config.json"
+        if gen_src.exists():
+            if gen_src.resolve() != (path / "generation_config.json").resolve():
+                shutil.copyfile(gen_src, path / "generation_config.json")
+        else:
+            tok = self.tokenizer
+            gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                   "pad_token_id": tok.pad_token_id}
+            (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    def save_optimizer(self, path: Path) -> None:
+        tensors = {f"exp_avg.{n}": m for n, m in self._exp_avg.items()}
+        tensors.update({f"exp_avg_sq.{n}": v for n, v in self._exp_avg_sq.items()})
+        mx.save_safetensors(str(path), tensors,
+                            metadata={"format": "gft-adamw", "step": str(self._step)})
+
+    def load_optimizer(self, path: Path) -> None:
+        tensors, meta = mx.load(str(path), return_metadata=True)
+        params = self._params()
+        if not tensors:
+            return
+        exp_avg, exp_avg_sq = {}, {}
+        for name, p in params.items():
+            if f"exp_avg.{name}" not in tensors:
+                raise ModelError(f"{path}: no optimizer state for parameter '{name}' "
+                                 "(checkpoint from a different model?)")
+            exp_avg[name] = tensors[f"exp_avg.{name}"].astype(p.dtype)
+            exp_avg_sq[name] = tensors[f"exp_avg_sq.{name}"].astype(p.dtype)
+        mx.eval(exp_avg, exp_avg_sq)
+        self._exp_avg, self._exp_avg_sq = exp_avg, exp_avg_sq
+        self._step = int((meta or {}).get("step", 0))
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        return {n: np.array(p.astype(mx.float32)) for n, p in self._params().items()}
+
+
+def set_device(device: str) -> None:
+    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
+    if device == "auto":
+        return
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device in ("gpu", "mps", "metal", "cuda"):
+        if not mx.is_available(mx.gpu):
+            raise ConfigError(f"device '{device}': MLX has no GPU on this machine "
+                              "(use device: cpu or auto)")
+        mx.set_default_device(mx.gpu)
+    else:
+        raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
+
+
+def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
+         optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
+         gradient_checkpointing: bool = False) -> MlxBackend:
+    """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
+
+    trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
+    config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
+    from mlx_lm.utils import load_model
+    from gft.checkpoint import load_tokenizer
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
+                          f"(choose {' or '.join(DTYPES)})")
+    set_device(device)
+    mx.random.seed(seed)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    try:
+        model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+    model.set_dtype(DTYPES[dtype])
+    mx.eval(model.parameters())
+    if gradient_checkpointing:
+        checkpoint_layers(model)
+    return MlxBackend(model, tokenizer, Path(model_path), dtype, optim)

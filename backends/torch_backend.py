@@ -1,0 +1,254 @@
+"""PyTorch backend: any transformers causal LM, on CUDA, MPS or CPU.
+
+Rollouts use transformers' `generate` (KV cache, batched, left-padded prompts); the
+update runs the shared GFT token loss (gft/objective.py) through `TORCH_OPS`, with
+gradient accumulation over micro-batches, global grad-norm clipping and torch AdamW.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from backends import OptimConfig, SamplingConfig
+from gft.checkpoint import write_portable_config
+from gft.errors import ModelError
+from gft.objective import AGGREGATIONS, gft_token_loss
+from gft.types import TokenBatch
+
+
+class _TorchOps:
+    """The array namespace the shared loss needs (see gft.objective.ArrayOps)."""
+    exp = staticmethod(torch.exp)
+    where = staticmethod(torch.where)
+
+    @staticmethod
+    def stop_gradient(x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
+    @staticmethod
+    def sum(x: torch.Tensor, axis: int | None = None) -> torch.Tensor:
+        return x.sum() if axis is None else x.sum(dim=axis)
+
+    @staticmethod
+    def clamp_min(x: torch.Tensor, lo: float) -> torch.Tensor:
+        return x.clamp_min(lo)
+
+
+TORCH_OPS = _TorchOps()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def pick_device(device: str) -> torch.device:
+    """auto = cuda > mps > cpu."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """log p of each next token: [B, L, V] logits, [B, L] ids -> [B, L-1].
+
+    Gather minus logsumexp instead of a full log_softmax: one [B, L-1, V] buffer fewer.
+    """
+    logits = logits[:, :-1].float()
+    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position: [B, L, V] -> [B, L-1]."""
+    logits = logits[:, :-1].float()
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - logz)
+    return (logz.squeeze(-1) - (probs * logits).sum(-1))
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig):
+        self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+            weight_decay=optim.weight_decay)
+
+    # ------------------------------------------------------------------ rollouts
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seed: int) -> list[list[int]]:
+        from transformers import GenerationConfig
+        self.model.eval()
+        torch.manual_seed(seed)
+        tok = self.tokenizer
+        # A fresh GenerationConfig: the model's own may carry top_k=50, repetition penalties
+        # and the like, which would make rollouts differ from plain temperature sampling.
+        knobs = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": 0}
+        gen_cfg = GenerationConfig(
+            max_new_tokens=sampling.max_new_tokens, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **knobs)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), sampling.batch_size):
+            chunk = prompts[start:start + sampling.batch_size]
+            ids, att = left_pad(chunk, tok.pad_token_id)
+            seqs = self.model.generate(
+                input_ids=torch.from_numpy(ids).to(self.device),
+                attention_mask=torch.from_numpy(att).to(self.device),
+                generation_config=gen_cfg)
+            out.extend(cut_at_eos(row, tok.eos_token_id)
+                       for row in seqs[:, ids.shape[1]:].tolist())
+        return out
+
+    # ------------------------------------------------------------------ update
+    def _forward(self, batch: TokenBatch):
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        att = torch.from_numpy(batch.attention).to(self.device)
+        logits = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        return ids, logits
+
+    def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
+                             aggregation: str) -> dict[str, float]:
+        """Zero the gradients, then forward/backward every micro-batch, adding up."""
+        aggregate = AGGREGATIONS[aggregation]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, ent_sum, n_tok = 0.0, 0.0, 0.0
+        for mb in micro_batches:
+            ids, logits = self._forward(mb)
+            mask = torch.from_numpy(mb.response_mask[:, 1:]).to(self.device, torch.float32)
+            adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
+            logp = target_logprobs(logits, ids)
+            loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau,
+                                  aggregation=aggregate, n_tokens=mb.n_tokens,
+                                  n_seqs=mb.n_seqs)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            ent_sum += float((token_entropy(logits.detach()) * mask).sum())
+            n_tok += float(mask.sum())
+        return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
+        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).float().cpu().numpy()
+                for n, p in self.params.items()}
+
+    def apply_update(self, lr: float) -> tuple[float, bool]:
+        """Clip to max_grad_norm, then one AdamW step at `lr`; skip it if not finite."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        max_norm = self.optim_cfg.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params.values(), max_norm))
+        if not math.isfinite(grad_norm):  # must not touch the weights or the moments
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm, True
+        self.optimizer.step()
+        return grad_norm, False
+
+    def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
+                   aggregation: str) -> dict[str, float]:
+        stats = self.accumulate_gradients(micro_batches, tau=tau, aggregation=aggregation)
+        if not math.isfinite(stats["loss"]):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
+        grad_norm, skipped = self.apply_update(lr)
+        return {**stats, "grad_norm": grad_norm, "skipped": float(skipped)}
+
+    @torch.no_grad()
+    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        self.model.eval()
+        ids, logits = self._forward(batch)
+        return target_logprobs(logits, ids).cpu().numpy()
+
+    # ------------------------------------------------------------------ state
+    def save_model(self, path: Path) -> None:
+        path = Path(path)
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        write_portable_config(path)
+
+    def save_optimizer(self, path: Path) -> None:
+        tensors, step = {}, 0
+        for name, p in self.params.items():
+            state = self.optimizer.state.get(p)
+            if not state:
+                continue
+            step = int(state["step"])
+            tensors[f"exp_avg.{name}"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"exp_avg_sq.{name}"] = state["exp_avg_sq"].detach().cpu().contiguous()
+        save_file(tensors, str(path), metadata={"format": "gft-adamw", "step": str(step)})
+
+    def load_optimizer(self, path: Path) -> None:
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            step = int((f.metadata() or {}).get("step", 0))
+        tensors = load_file(str(path))
+        for name, p in self.params.items():
+            if f"exp_avg.{name}" not in tensors:
+                if tensors:
+                    raise ModelError(f"{path}: no optimizer state for parameter '{name}' "
+                                     "(checkpoint from a different model?)")
+                continue
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": tensors[f"exp_avg.{name}"].to(p.device, p.dtype),
+                "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, p.dtype)}
+
+    def named_parameters(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().float().cpu().numpy() for n, p in self.params.items()}
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts so every row's last token sits in the last column (for generate)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    att = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, width - len(r):] = r
+            att[i, width - len(r):] = 1
+    return ids, att
+
+
+def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
+    """Keep the completion up to and including its first EOS (the rest is padding)."""
+    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+
+
+def _quiet_transformers() -> None:
+    """Our progress bar is the one users read; transformers' per-load bars are noise."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
+         optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
+         gradient_checkpointing: bool = False) -> TorchBackend:
+    from transformers import AutoModelForCausalLM
+    from gft.checkpoint import load_tokenizer
+    _quiet_transformers()
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+    model.to(dev)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return TorchBackend(model, tokenizer, dev, optim)

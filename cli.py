@@ -1,0 +1,208 @@
+"""The `gft` command: train, generate, eval, env. It only parses and dispatches."""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+import platform
+import sys
+from typing import Any
+
+import click
+
+from gft.errors import GFTError
+
+EXIT_USER_ERROR = 2
+
+
+def friendly_errors(fn):
+    """User mistakes print one line and exit 2 instead of a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except GFTError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(importlib.metadata.version("gft"), prog_name="gft")
+def main() -> None:
+    """gft: Group Fine-Tuning for causal language models (SFT, DFT, GRPO and GFT as presets
+    of one objective) on PyTorch and MLX, with portable Hugging Face-layout checkpoints.
+
+    Run `gft train` with no arguments for the embedded offline default job."""
+
+
+def _config_help() -> str:
+    from gft.config import FIELDS, field_help
+    return "\n".join(f"  {name:<24} {field_help(name)}" for name in FIELDS)
+
+
+@main.command(context_settings={"max_content_width": 100})
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--preset", type=click.Choice(["gft", "sft", "dft", "grpo"]),
+              help="Objective preset (GFT.md's table). Default: gft.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
+              help="auto = mlx on Apple silicon, torch elsewhere.")
+@click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
+@click.option("--data", help="JSONL file or data directory (default: the embedded task).")
+@click.option("--output-dir", "-o", help="Run directory (default: runs/<preset>-<time>).")
+@click.option("--max-steps", type=int, help="Number of training steps.")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--resume", type=click.Path(exists=True, file_okay=False),
+              help="Continue the run in this directory from its latest checkpoint.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override any config key (repeatable), e.g. --set tau=0.2.")
+@click.option("--help-config", is_flag=True, help="List every config key with its help.")
+@friendly_errors
+def train(config: str | None, preset: str | None, backend: str | None, model: str | None,
+          data: str | None, output_dir: str | None, max_steps: int | None, seed: int | None,
+          resume: str | None, sets: tuple[str, ...], help_config: bool) -> None:
+    """Fine-tune a model. CONFIG is an optional YAML file of config keys; options and --set
+    override it. With nothing given, trains the embedded default: a tiny model on bundled
+    arithmetic word problems, offline, on CPU, in a few minutes."""
+    if help_config:
+        click.echo("Config keys (YAML or --set KEY=VALUE):\n" + _config_help())
+        return
+    from gft.config import build_config, parse_override, read_yaml
+    from gft.run import run_training
+    overrides = dict(parse_override(s) for s in sets)
+    named = {"preset": preset, "backend": backend, "model": model, "data": data,
+             "output_dir": output_dir, "max_steps": max_steps, "seed": seed}
+    overrides.update({k: v for k, v in named.items() if v is not None})
+    if resume:
+        if config:
+            raise click.UsageError("--resume takes the run's saved config; pass changes with --set")
+        run_training(None, resume=resume, overrides=overrides)  # type: ignore[arg-type]
+        return
+    yaml_values = read_yaml(config) if config else {}
+    cfg = build_config(yaml_values, overrides, source=config or "config")
+    run_training(cfg)
+
+
+def _sampling_options(fn):
+    for opt in reversed([
+        click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
+                     show_default=True),
+        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@click.argument("model")
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+              help="Prompt text (repeatable).")
+@click.option("--num", "-n", type=int, default=1, show_default=True,
+              help="Completions per prompt.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="0 = greedy decoding.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--chat-template/--no-chat-template", default=False, show_default=True,
+              help="Wrap each prompt as a user message in the tokenizer's chat template.")
+@_sampling_options
+@friendly_errors
+def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
+             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+    """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
+    from backends import SamplingConfig, load_backend
+    from gft.rollout import encode_prompt
+    from gft.types import Example
+    be = load_backend(backend, model, dtype=dtype)
+    ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
+                              top_p=top_p, greedy=temperature == 0.0)
+    for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
+        click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--data", help="Data file or directory (default: the embedded task).")
+@click.option("--split", default="test", show_default=True)
+@click.option("--limit", type=int, help="Evaluate only the first N rows.")
+@click.option("-k", "k", type=int, default=1, show_default=True,
+              help="Also sample k completions per prompt and report pass@k.")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Sampling temperature for pass@k.")
+@click.option("--rewards", default="math", show_default=True,
+              help="Reward functions, comma-separated (the first defines accuracy).")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap string prompts in the chat template (default: only chat prompts).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@_sampling_options
+@friendly_errors
+def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
+          temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
+          backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+    """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
+    import tempfile
+    from backends import load_backend
+    from gft.data import load_split
+    from gft.evaluate import evaluate
+    from gft.rewards import build_rewards
+    from gft.rollout import prepare_prompts
+    if data is None:
+        from gft.tasks.arith import ArithTaskConfig, write_task
+        data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    rows = load_split(data, split)[:limit]
+    be = load_backend(backend, model, dtype=dtype)
+    prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
+                               max_prompt_tokens=10**9, overflow="error")
+    scorer = build_rewards(rewards.split(","))
+    metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
+                       max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
+    if as_json:
+        click.echo(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            click.echo(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@main.command()
+def env() -> None:
+    """Versions, devices and which backends are available."""
+    click.echo(f"gft {_version('gft')}  python {platform.python_version()}  "
+               f"{platform.system()} {platform.machine()}")
+    for dist in ("numpy", "transformers", "tokenizers", "safetensors", "math-verify", "torch",
+                 "mlx", "mlx-lm", "peft", "datasets"):
+        click.echo(f"  {dist:<13} {_version(dist)}")
+    try:
+        import torch
+        devices = ["cpu"]
+        if torch.cuda.is_available():
+            devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+                        for i in range(torch.cuda.device_count())]
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            devices.append("mps")
+        click.echo(f"backend torch: available, devices: {', '.join(devices)}")
+    except ImportError:
+        click.echo("backend torch: not installed (pip install 'gft[torch]')")
+    try:
+        import mlx.core as mx
+        click.echo(f"backend mlx: available, default device: {mx.default_device()}")
+    except ImportError:
+        click.echo("backend mlx: not installed (pip install 'gft[mlx]')")
+    from backends import resolve_backend_name
+    try:
+        click.echo(f"--backend auto picks: {resolve_backend_name('auto')}")
+    except GFTError as e:
+        click.echo(f"--backend auto: {e}")
+
+
+if __name__ == "__main__":
+    main()

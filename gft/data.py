@@ -1,0 +1,380 @@
+"""Loading training and evaluation rows into `Example`s, and rendering prompts.
+
+Accepted inputs (see `load_split`):
+- a `.jsonl` file, or a directory in mlx-lm layout (`train.jsonl`, `valid.jsonl`, `test.jsonl`);
+- `{split}.json` (a JSON array of rows, or JSON Lines as `datasets.Dataset.to_json` writes),
+  `{split}.parquet` and `{split}.csv` files, or a single such file;
+- a directory written by `datasets.save_to_disk` (a DatasetDict, or one Dataset = "train").
+
+A row holds `prompt` (a string or chat messages) or `messages` (a chat whose final
+assistant turn is the demonstration), optional off-policy responses (`completion`,
+`completions` or `responses`), an optional `answer`, and any other columns, which are
+passed to reward functions by name.
+
+Every problem is a one-line `DataError` naming the file, the line (1-based for JSON Lines,
+the 0-based row index for other formats) and the field. No row is ever dropped silently:
+the only lines skipped are blank lines in JSON Lines files.
+
+JSON and JSON Lines are read with the standard library (exact line numbers in errors);
+Parquet, CSV and `save_to_disk` directories need the optional `datasets` package, which is
+imported only when such a file is read.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from gft.errors import DataError
+from gft.types import Example
+
+# A requested split name -> the file stems and DatasetDict keys that may hold it.
+# mlx-lm calls the validation split "valid"; Hugging Face calls it "validation".
+_SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "validation")}
+_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+_RESPONSE_FIELDS = ("completion", "completions", "responses")
+_Row = tuple[int, Any]  # (line number or row index, the decoded row)
+
+
+# ---------------------------------------------------------------------------------------
+# Public API
+
+
+def load_split(path: str | os.PathLike, split: str = "train", *,
+               required: bool = True) -> list[Example]:
+    """Load one split of a data set as a list of `Example`s.
+
+    `path` is a data file (the split is then ignored) or a directory holding
+    `{split}.jsonl|json|parquet|csv` or a `datasets.save_to_disk` copy. "validation" and
+    "valid" name the same split. A missing split raises `DataError` when `required`,
+    and gives `[]` otherwise. An existing but empty file is always an error.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_from_directory(path, split, required)
+    if path.suffix not in _EXTENSIONS:
+        if not path.exists():
+            raise DataError("no such file or directory", path=str(path))
+        raise DataError(f"unsupported data file type '{path.suffix}'; expected one of "
+                        + ", ".join(_EXTENSIONS), path=str(path))
+    if not path.exists():
+        if required:
+            raise DataError("no such file", path=str(path))
+        return []
+    return _examples_from_rows(_read_file(path), str(path))
+
+
+def example_from_row(row: Any, *, path: str, line: int) -> Example:
+    """Validate one decoded row and turn it into an `Example` (errors name path:line)."""
+    if not isinstance(row, dict):
+        raise DataError(f"a row must be a JSON object, got {_type_name(row)}",
+                        path=path, line=line)
+
+    def fail(field: str, message: str) -> DataError:
+        return DataError(message, path=path, line=line, field=field)
+
+    used = set()
+    if row.get("prompt") is not None:
+        prompt, demonstration = _parse_prompt(row["prompt"], fail), None
+        used.add("prompt")
+    elif row.get("messages") is not None:
+        prompt, demonstration = _split_messages(row["messages"], fail)
+        used.add("messages")
+    else:
+        raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
+                             "or 'messages' (a chat)")
+    responses, response_field = _parse_responses(row, fail)
+    used.update({"answer", response_field} - {None})
+    if demonstration is not None:
+        responses = (demonstration, *responses)
+    columns = {key: value for key, value in row.items() if key not in used}
+    return Example(prompt=prompt, responses=responses,
+                   answer=_parse_answer(row.get("answer"), fail),
+                   columns=columns, source=f"{path}:{line}")
+
+
+def render_prompt(example: Example, tokenizer: Any, *,
+                  chat_template: bool | None = None) -> str:
+    """The exact text the model is conditioned on for `example`.
+
+    Chat messages always go through the tokenizer's chat template (with the generation
+    prompt appended), so a tokenizer without one is an error. A string prompt is wrapped as
+    a single user turn only when `chat_template` is True and the tokenizer has a template;
+    None ("auto") and False leave string prompts unchanged, since plain-text data sets
+    (and base models) are usually written for raw completion.
+    """
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if isinstance(example.prompt, str):
+        if not (chat_template and has_template):
+            return example.prompt
+        messages = [{"role": "user", "content": example.prompt}]
+    else:
+        messages = example.prompt
+    if not has_template:
+        raise DataError("the prompt is a list of chat messages but the tokenizer has no "
+                        "chat template; set one or give a string prompt",
+                        path=example.source)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception as exc:  # a template may raise on data it does not accept
+        raise DataError(f"the chat template failed: {type(exc).__name__}: "
+                        f"{_one_line(exc)}", path=example.source) from exc
+    if not isinstance(text, str):
+        raise DataError(f"apply_chat_template returned {_type_name(text)}, not text",
+                        path=example.source)
+    return text
+
+
+def prompt_text(example: Example) -> str:
+    """A plain-string view of the prompt for reward functions: the string itself, or the
+    content of the last user message (the last message if there is no user turn)."""
+    if isinstance(example.prompt, str):
+        return example.prompt
+    for message in reversed(example.prompt):
+        if message["role"] == "user":
+            return message["content"]
+    return example.prompt[-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and reading files
+
+
+def _load_from_directory(directory: Path, split: str, required: bool) -> list[Example]:
+    """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
+    stems = _SPLIT_NAMES.get(split, (split,))
+    found = [directory / (stem + ext) for stem in stems for ext in _EXTENSIONS
+             if (directory / (stem + ext)).is_file()]
+    if len(found) > 1:
+        # Two candidates could hold different data: refuse to guess which one is meant.
+        raise DataError(f"several files for split '{split}': "
+                        + ", ".join(p.name for p in found) + "; keep one", path=str(directory))
+    if found:
+        return _examples_from_rows(_read_file(found[0]), str(found[0]))
+    if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
+        return _load_saved_dataset(directory, split, stems, required)
+    if not required:
+        return []
+    expected = ", ".join(stem + ext for stem in stems for ext in _EXTENSIONS)
+    raise DataError(f"no '{split}' split: expected one of {expected} "
+                    "(or a datasets.save_to_disk directory)", path=str(directory))
+
+
+def _read_file(path: Path) -> Iterator[_Row]:
+    """Decoded rows of one data file, by extension."""
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".csv":
+        # Checked here for exact line numbers; pandas reports neither well.
+        if not _decode_utf8(path.read_bytes(), str(path)).strip():
+            return iter(())
+        return _read_with_datasets(path, "csv")
+    return _read_with_datasets(path, "parquet")
+
+
+def _read_jsonl(path: Path) -> Iterator[_Row]:
+    """(line number, object) for each non-blank line; lines are split on b"\\n" only."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = _decode_utf8(raw, str(path), first_line=number)
+            if number == 1:
+                text = text.removeprefix("\ufeff")  # editors on Windows add a BOM
+            if text.strip():
+                yield number, _parse_json(text, str(path), number)
+
+
+def _read_json(path: Path) -> Iterator[_Row]:
+    """A JSON array of rows; or JSON Lines (what `Dataset.to_json` writes to `.json`)."""
+    text = _decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":  # a second value after the first: one object per line
+            return _read_jsonl(path)
+        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
+                        path=str(path), line=exc.lineno) from exc
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"malformed JSON: {_one_line(exc)}", path=str(path)) from exc
+    if isinstance(document, list):
+        return iter(enumerate(document))
+    if isinstance(document, dict) and len([s for s in text.splitlines() if s.strip()]) == 1:
+        return iter([(1, document)])
+    raise DataError("expected a JSON array of rows, or one JSON object per line, "
+                    f"got {_type_name(document)}", path=str(path))
+
+
+def _parse_json(text: str, path: str, line: int) -> Any:
+    """json.loads with every failure (syntax, huge numbers, deep nesting) as a DataError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
+                        path=path, line=line) from exc
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"malformed JSON: {_one_line(exc)}", path=path, line=line) from exc
+
+
+def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
+    """Decode UTF-8, reporting the line and byte of the first invalid byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        raise DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the "
+                        "file as UTF-8", path=path, line=line) from exc
+
+
+def _import_datasets() -> Any:
+    """The optional `datasets` package, or a DataError saying how to install it."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise DataError("reading Parquet, CSV or save_to_disk data needs the 'datasets' "
+                        "package: pip install datasets") from exc
+    return datasets
+
+
+def _read_with_datasets(path: Path, kind: str) -> Iterator[_Row]:
+    """Rows of a Parquet or CSV file, via `datasets`, with their 0-based index."""
+    datasets = _import_datasets()
+    reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_csv
+    try:
+        dataset = reader(str(path))
+    except Exception as exc:  # corrupt file, bad CSV quoting, ...: report, never crash
+        if "corresponds to no data" in str(exc):  # how datasets says "zero rows"
+            return iter(())
+        raise DataError(f"cannot read {kind}: {type(exc).__name__}: {_one_line(exc)}",
+                        path=str(path)) from exc
+    return iter(enumerate(dataset))
+
+
+def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
+                        required: bool) -> list[Example]:
+    """A `save_to_disk` directory: a DatasetDict's split, or a lone Dataset as "train"."""
+    datasets = _import_datasets()
+    try:
+        loaded = datasets.load_from_disk(str(directory))
+    except Exception as exc:
+        raise DataError(f"cannot load with datasets.load_from_disk: {type(exc).__name__}: "
+                        f"{_one_line(exc)}", path=str(directory)) from exc
+    # A lone Dataset has no split names; treating it as every split would silently
+    # evaluate on the training data, so it only answers for "train".
+    splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
+    names = [stem for stem in stems if stem in splits]
+    if not names:
+        if not required:
+            return []
+        raise DataError(f"no '{split}' split; the saved dataset has: "
+                        + ", ".join(sorted(splits)), path=str(directory))
+    source = str(directory / names[0])
+    return _examples_from_rows(enumerate(splits[names[0]]), source)
+
+
+def _examples_from_rows(rows: Iterable[_Row], path: str) -> list[Example]:
+    """Validate every row; an empty file is an error (it is almost always a mistake)."""
+    examples = [example_from_row(row, path=path, line=line) for line, row in rows]
+    if not examples:
+        raise DataError("the data file has no rows", path=path)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------
+# Validating fields
+
+
+def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
+    """A non-blank string, or a non-empty list of chat messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise fail("prompt", "empty prompt")
+        return value
+    if isinstance(value, list):
+        return _parse_chat(value, "prompt", fail)
+    raise fail("prompt", f"must be a string or a list of chat messages, "
+                         f"got {_type_name(value)}")
+
+
+def _split_messages(value: Any, fail) -> tuple[list[dict[str, str]], str | None]:
+    """A `messages` chat -> (prompt messages, the final assistant reply or None)."""
+    if not isinstance(value, list):
+        raise fail("messages", f"must be a list of chat messages, got {_type_name(value)}")
+    messages = _parse_chat(value, "messages", fail)
+    if messages[-1]["role"] != "assistant":
+        return messages, None
+    if len(messages) == 1:
+        raise fail("messages", "holds only an assistant message; there is no prompt")
+    return messages[:-1], messages[-1]["content"]
+
+
+def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
+    """Check each message is a dict with string 'role' and 'content'."""
+    if not messages:
+        raise fail(field, "empty list of chat messages")
+    for index, message in enumerate(messages):
+        where = f"{field}[{index}]"
+        if not isinstance(message, dict):
+            raise fail(where, f"a chat message must be an object with 'role' and "
+                              f"'content', got {_type_name(message)}")
+        for key in ("role", "content"):
+            if key not in message:
+                raise fail(f"{where}.{key}", "missing")
+            if not isinstance(message[key], str):
+                raise fail(f"{where}.{key}",
+                           f"must be a string, got {_type_name(message[key])}")
+    return [dict(message) for message in messages]
+
+
+def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
+    """Off-policy responses from whichever one response column is present."""
+    present = [key for key in _RESPONSE_FIELDS if row.get(key) is not None]
+    if len(present) > 1:
+        raise fail(present[1], f"give only one of {', '.join(present)}")
+    if not present:
+        return (), None
+    field, value = present[0], row[present[0]]
+    if field == "completion":
+        if not isinstance(value, str):
+            raise fail(field, f"must be a string, got {_type_name(value)}")
+        return (value,), field
+    if not isinstance(value, list):
+        raise fail(field, f"must be a list of strings, got {_type_name(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise fail(f"{field}[{index}]", f"must be a string, got {_type_name(item)}")
+    return tuple(value), field
+
+
+def _parse_answer(value: Any, fail) -> str | None:
+    """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer."""
+    if value is None:
+        return None
+    if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
+        raise fail("answer", 'must be a string or a number, got bool (quote it: "true")')
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return None
+        # 42.0 (an integer column with gaps becomes float) should read as "42".
+        return str(int(value)) if value.is_integer() else repr(value)
+    raise fail("answer", f"must be a string or a number, got {_type_name(value)}")
+
+
+def _type_name(value: Any) -> str:
+    """JSON-flavoured type names for messages about JSON data."""
+    names = {dict: "object", list: "array", str: "string", bool: "bool",
+             int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception message (errors here are one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,64 @@
+"""Hybrid groups and token batches (host side, NumPy).
+
+A group is everything scored against one prompt: K dataset responses (expert and teacher
+answers, off-policy) followed by n on-policy rollouts. Each response becomes one
+sequence prompt+response; batches are right-padded with a response mask that is 1 only
+on response tokens, so prompt and padding never enter the loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from gft.types import TokenBatch
+
+
+@dataclass
+class Sequence_:
+    """One response of one group, tokenized."""
+    group: int              # index of its prompt within the step
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str               # decoded response (what rewards see)
+    on_policy: bool         # rollout (True) or dataset response (False)
+    truncated: bool = False  # hit max_response_tokens without EOS
+    reward: float = 0.0
+    correct: bool = False
+    advantage: float = 0.0
+
+
+def pad_batch(seqs: Sequence[Sequence_], pad_id: int, n_tokens: float,
+              n_seqs: float) -> TokenBatch:
+    """Right-pad prompt+response rows into one TokenBatch."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in seqs]
+    width = max(lengths)
+    B = len(seqs)
+    ids = np.full((B, width), pad_id, dtype=np.int64)
+    att = np.zeros((B, width), dtype=bool)
+    mask = np.zeros((B, width), dtype=np.float32)
+    for i, s in enumerate(seqs):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        ids[i, :p + r] = s.prompt_ids + s.response_ids
+        att[i, :p + r] = True
+        mask[i, p:p + r] = 1.0
+    adv = np.array([s.advantage for s in seqs], dtype=np.float32)
+    return TokenBatch(ids, att, mask, adv, n_tokens=n_tokens, n_seqs=n_seqs)
+
+
+def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int, *,
+                  skip_zero_advantage: bool = True) -> list[TokenBatch]:
+    """Split one optimizer update's sequences into padded micro-batches.
+
+    The aggregation denominators (response tokens, sequences) are those of ALL the
+    sequences, including zero-advantage ones we skip: they carry no gradient but the
+    token-mean counts their tokens, so skipping them saves compute without changing
+    the loss. Sorting by length keeps padding waste low.
+    """
+    n_tokens = float(sum(len(s.response_ids) for s in seqs))
+    n_seqs = float(len(seqs))
+    live = [s for s in seqs if not (skip_zero_advantage and s.advantage == 0.0)]
+    live.sort(key=lambda s: len(s.prompt_ids) + len(s.response_ids))
+    return [pad_batch(live[i:i + micro_batch_size], pad_id, n_tokens, n_seqs)
+            for i in range(0, len(live), micro_batch_size)]

@@ -1,0 +1,90 @@
+"""Step metrics: JSONL logs in the run directory and a progress bar on the terminal."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from gft.groups import Sequence_
+
+
+def group_metrics(seqs: list[Sequence_], zero_var: float) -> dict[str, float]:
+    """Reward and accuracy for rollouts and dataset responses separately, advantage stats."""
+    out: dict[str, float] = {}
+    for label, on in (("rollout", True), ("dataset", False)):
+        part = [s for s in seqs if s.on_policy is on]
+        if part:
+            out[f"reward/{label}"] = float(np.mean([s.reward for s in part]))
+            out[f"accuracy/{label}"] = float(np.mean([s.correct for s in part]))
+            out[f"response_tokens/{label}"] = float(np.mean([len(s.response_ids) for s in part]))
+    adv = np.array([s.advantage for s in seqs]) if seqs else np.zeros(1)
+    out["advantage/mean"] = float(adv.mean())
+    out["advantage/std"] = float(adv.std())
+    out["zero_variance_groups"] = zero_var
+    rollouts = [s for s in seqs if s.on_policy]
+    if rollouts:
+        out["truncated/rollout"] = float(np.mean([s.truncated for s in rollouts]))
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per line; `truncate_after(step)` drops lines of steps that a
+    resumed run will redo, so a resumed log reads like an uninterrupted one."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+class ProgressBar:
+    """A rich progress bar with the headline metrics; silent when disabled."""
+
+    def __init__(self, total: int, start: int, enabled: bool, console: Console):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+            console=console, disable=not enabled, transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start, info="")
+
+    def __enter__(self) -> "ProgressBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, m: dict[str, float]) -> None:
+        parts = [f"loss {m.get('loss', float('nan')):.3f}"]
+        for key, label in (("reward/rollout", "r_roll"), ("accuracy/rollout", "acc_roll"),
+                           ("entropy", "ent"), ("grad_norm", "|g|")):
+            if key in m:
+                parts.append(f"{label} {m[key]:.3f}")
+        self.progress.update(self.task, completed=step, info=" ".join(parts))

@@ -1,0 +1,417 @@
+"""Verifiable rewards: built-in scorers, user callables, and their weighted sum.
+
+A reward function follows TRL's calling convention: it receives the prompts and the
+completions as lists plus every data column as a keyword list aligned with the
+completions (`answer` is always among them), and returns one float per completion, or
+None where the reward does not apply to that sample.
+
+`RewardModel.score` runs every configured function, checks what it returned (the right
+number of finite numbers or None) and combines them:
+    total_i  = sum_f weight_f * r_f,i      over the functions f with r_f,i not None
+    correct_i = (r_first,i >= 1.0)         the first function doubles as "accuracy"
+A sample for which every function returns None gets total 0.0 and is counted in `n_none`.
+Every failure is a one-line `RewardError` (or `ConfigError` for a bad spec) naming the
+reward function, and where it concerns one sample, that sample's source.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import inspect
+import math
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from gft.errors import ConfigError, RewardError
+
+
+class RewardFunction(Protocol):
+    """What a reward is: one float (or None = "not applicable") per completion."""
+
+    def __call__(self, prompts: list[str], completions: list[str],
+                 **columns: list) -> list[float | None]: ...
+
+
+class MissingColumnError(RewardError):
+    """A row lacks a value the reward needs; `score` adds the row's source."""
+
+    def __init__(self, column: str, index: int):
+        super().__init__(f"row {index}: column '{column}' is missing (None)")
+        self.column, self.index = column, index
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in rewards. Each entry of BUILTIN_REWARDS is a factory: options -> RewardFunction.
+
+
+def _require(values: Sequence[Any], index: int, column: str) -> Any:
+    """values[index], or a MissingColumnError when it is None."""
+    if values[index] is None:
+        raise MissingColumnError(column, index)
+    return values[index]
+
+
+def _math_timeout() -> int | None:
+    """math_verify's timeouts use SIGALRM, which only the main thread may set."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+@functools.lru_cache(maxsize=65536)
+def _parse_gold(answer: str, timeout: int | None) -> tuple:
+    """Parse a ground-truth answer once (the same answer is scored against G completions).
+
+    A bare answer is wrapped in `$...$` so that it is read as LaTeX: parsed directly,
+    "2\\sqrt{3}" would become 2 and "x^2+1" nothing at all. Answers that already carry
+    delimiters are parsed as written; plain text falls back to a direct parse.
+    """
+    from math_verify import parse
+    stripped = answer.strip()
+    if "$" in stripped or "\\boxed" in stripped or "\\(" in stripped:
+        return tuple(parse(stripped, parsing_timeout=timeout))
+    gold = parse(f"${stripped}$", parsing_timeout=timeout)
+    return tuple(gold or parse(stripped, parsing_timeout=timeout))
+
+
+def make_math_reward() -> RewardFunction:
+    """1.0 when the completion's final answer (the last `\\boxed{}`, else the last number
+    or expression) is mathematically equal to `answer`, per math_verify; else 0.0.
+    None when the gold answer itself cannot be parsed (nothing to compare against)."""
+    from math_verify import parse, verify  # imports sympy: pay for it only when used
+
+    def math_reward(prompts: list[str], completions: list[str], *,
+                    answer: list, **_: list) -> list[float | None]:
+        timeout = _math_timeout()
+        scores: list[float | None] = []
+        for index, completion in enumerate(completions):
+            gold = _parse_gold(str(_require(answer, index, "answer")), timeout)
+            if not gold:
+                scores.append(None)
+                continue
+            prediction = parse(completion, parsing_timeout=timeout)
+            scores.append(1.0 if verify(list(gold), prediction,
+                                        timeout_seconds=timeout) else 0.0)
+        return scores
+
+    return math_reward
+
+
+def make_exact_reward() -> RewardFunction:
+    """1.0 when the completion equals `answer`, ignoring surrounding whitespace."""
+
+    def exact_reward(prompts: list[str], completions: list[str], *,
+                     answer: list, **_: list) -> list[float | None]:
+        return [1.0 if completion.strip() == str(_require(answer, i, "answer")).strip()
+                else 0.0 for i, completion in enumerate(completions)]
+
+    return exact_reward
+
+
+def make_regex_reward(pattern: str) -> RewardFunction:
+    """1.0 when `pattern` is found in the completion (re.search). If the pattern has a
+    group named `answer`, the captured text (stripped) must also equal `answer`."""
+    if not isinstance(pattern, str):
+        raise ConfigError(f"reward 'regex': option 'pattern' must be a string, "
+                          f"got {type(pattern).__name__}")
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise ConfigError(f"reward 'regex': bad pattern {pattern!r}: {exc}") from exc
+    checks_answer = "answer" in compiled.groupindex
+
+    def regex_reward(prompts: list[str], completions: list[str], *,
+                     answer: list, **_: list) -> list[float | None]:
+        scores: list[float | None] = []
+        for index, completion in enumerate(completions):
+            match = compiled.search(completion)
+            if match is None or not checks_answer:
+                scores.append(0.0 if match is None else 1.0)
+                continue
+            expected = str(_require(answer, index, "answer")).strip()
+            captured = match.group("answer")
+            scores.append(1.0 if captured is not None and captured.strip() == expected
+                          else 0.0)
+        return scores
+
+    return regex_reward
+
+
+BUILTIN_REWARDS: dict[str, Callable[..., RewardFunction]] = {
+    "math": make_math_reward,
+    "exact": make_exact_reward,
+    "regex": make_regex_reward,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Specs: what the config asks for
+
+
+@dataclass
+class RewardSpec:
+    """One reward in the config: a built-in name or "module:function" /
+    "path/to/file.py:function", its weight in the total, and its options."""
+    name: str
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_reward_specs(raw: Any) -> list[RewardSpec]:
+    """Read the config's `rewards` value: "math", ["math", "exact"],
+    [{"name": "regex", "weight": 0.5, "pattern": "..."}], or {"math": 1.0, "exact": 0.5}."""
+    if isinstance(raw, str):
+        raw = [raw]
+    if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+        raw = [raw]  # one spec written as a mapping, not a {name: weight} table
+    if isinstance(raw, dict):
+        specs = [RewardSpec(_spec_name(name), _spec_weight(weight, name))
+                 for name, weight in raw.items()]
+    elif isinstance(raw, (list, tuple)):
+        specs = [_spec_from_item(item, index) for index, item in enumerate(raw)]
+    else:
+        raise ConfigError("rewards: expected a name, a list of names or mappings, or a "
+                          f"{{name: weight}} mapping, got {type(raw).__name__}")
+    if not specs:
+        raise ConfigError("rewards: empty; name at least one reward (e.g. \"math\")")
+    return specs
+
+
+def _spec_from_item(item: Any, index: int) -> RewardSpec:
+    """One list entry: a name, or {"name": ..., "weight": ..., **options}."""
+    if isinstance(item, str):
+        return RewardSpec(_spec_name(item))
+    if not isinstance(item, dict):
+        raise ConfigError(f"rewards[{index}]: expected a name or a mapping with 'name', "
+                          f"got {type(item).__name__}")
+    if "name" not in item:
+        raise ConfigError(f"rewards[{index}]: mapping without 'name'")
+    options = {key: value for key, value in item.items() if key not in ("name", "weight")}
+    name = _spec_name(item["name"])
+    return RewardSpec(name, _spec_weight(item.get("weight", 1.0), name), options)
+
+
+def _spec_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"rewards: a reward name must be a non-empty string, got {name!r}")
+    return name.strip()
+
+
+def _spec_weight(weight: Any, name: str) -> float:
+    # bool is an int subclass; `math: true` is almost certainly a mistake for a weight.
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) \
+            or not math.isfinite(weight):
+        raise ConfigError(f"rewards: weight of '{name}' must be a finite number, "
+                          f"got {weight!r}")
+    return float(weight)
+
+
+# ---------------------------------------------------------------------------------------
+# Resolving names to callables
+
+
+def resolve_reward(spec: RewardSpec) -> RewardFunction:
+    """The callable for a spec: a built-in made with its options, or a user function
+    (options are then passed to it as keyword arguments on every call)."""
+    if spec.name in BUILTIN_REWARDS:
+        factory = BUILTIN_REWARDS[spec.name]
+        _check_options(spec, factory)
+        return factory(**spec.options)
+    if ":" not in spec.name:
+        raise RewardError(f"unknown reward '{spec.name}': built-ins are "
+                          + ", ".join(sorted(BUILTIN_REWARDS))
+                          + "; user rewards are 'package.module:function' or "
+                            "'path/to/file.py:function'")
+    function = _import_function(spec.name)
+    return functools.partial(function, **spec.options) if spec.options else function
+
+
+def _check_options(spec: RewardSpec, factory: Callable[..., RewardFunction]) -> None:
+    """Unknown or missing options of a built-in, as a ConfigError naming them."""
+    parameters = inspect.signature(factory).parameters
+    unknown = sorted(set(spec.options) - set(parameters))
+    missing = [name for name, p in parameters.items()
+               if p.default is p.empty and name not in spec.options]
+    if unknown or missing:
+        raise ConfigError(f"reward '{spec.name}': "
+                          + (f"unknown option(s) {', '.join(unknown)}; " if unknown else "")
+                          + (f"missing option(s) {', '.join(missing)}; " if missing else "")
+                          + f"it takes: {', '.join(parameters) or 'no options'}")
+
+
+def _import_function(target: str) -> Callable:
+    """Import "package.module:function" or "path/to/file.py:function"."""
+    location, _, attribute = target.rpartition(":")
+    try:
+        if location.endswith(".py") or "/" in location or "\\" in location:
+            module = _import_file(Path(location))
+        else:
+            module = importlib.import_module(location)
+    except RewardError:
+        raise
+    except Exception as exc:  # ImportError, SyntaxError, or anything the module raises
+        raise RewardError(f"reward '{target}': cannot import '{location}': "
+                          f"{type(exc).__name__}: {exc}") from exc
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise RewardError(f"reward '{target}': module '{location}' has no attribute "
+                          f"'{attribute}'")
+    if not callable(function):
+        raise RewardError(f"reward '{target}': '{attribute}' is not callable")
+    return function
+
+
+def _import_file(path: Path) -> Any:
+    """Execute a Python file as a module (registered so pickling and imports work)."""
+    if not path.is_file():
+        raise RewardError(f"reward file not found: {path}")
+    module_name = f"gft_user_reward_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass
+class RewardResult:
+    """Scores for N completions (shapes [N]).
+
+    total:        weighted sum of the applicable rewards (0.0 where none applies).
+    per_function: each reward's raw values, NaN where it returned None.
+    correct:      the first reward's value >= 1.0 (used as accuracy).
+    n_none:       how many samples no reward applied to.
+    """
+    total: np.ndarray
+    per_function: dict[str, np.ndarray]
+    correct: np.ndarray
+    n_none: int
+
+
+class RewardModel:
+    """The configured reward functions, called together on a batch of completions."""
+
+    def __init__(self, specs: Sequence[RewardSpec]):
+        if not specs:
+            raise ConfigError("rewards: empty; name at least one reward")
+        self.names = _unique_names([spec.name for spec in specs])
+        self.weights = np.array([spec.weight for spec in specs], dtype=np.float64)
+        self.functions = [resolve_reward(spec) for spec in specs]
+
+    def score(self, prompts: list[str], completions: list[str],
+              columns: dict[str, list], sources: list[str] | None = None) -> RewardResult:
+        """Call every reward on the batch and combine the checked results."""
+        columns = _check_batch(prompts, completions, columns, sources)
+        values = np.stack([self._call(name, function, prompts, completions, columns, sources)
+                           for name, function in zip(self.names, self.functions)])  # [F, N]
+        applicable = ~np.isnan(values)
+        total = np.where(applicable, values * self.weights[:, None], 0.0).sum(axis=0)
+        return RewardResult(
+            total=total,
+            per_function=dict(zip(self.names, values)),
+            correct=values[0] >= 1.0,  # NaN (None) compares False: not correct
+            n_none=int((~applicable.any(axis=0)).sum()))
+
+    def _call(self, name: str, function: RewardFunction, prompts: list[str],
+              completions: list[str], columns: dict[str, list],
+              sources: list[str] | None) -> np.ndarray:
+        """One reward's values as float64 [N], NaN for None; every failure named."""
+        kwargs = _accepted_columns(function, columns)
+        try:
+            returned = function(list(prompts), list(completions), **kwargs)
+        except MissingColumnError as exc:
+            where = _source(sources, exc.index)
+            raise RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
+                              "(None); this reward needs it on every row") from exc
+        except Exception as exc:
+            raise RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}") from exc
+        return _check_values(name, returned, len(completions), sources)
+
+
+def build_rewards(raw: Any) -> RewardModel:
+    """Config value -> ready RewardModel (parse_reward_specs, then resolve)."""
+    return RewardModel(parse_reward_specs(raw))
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Two rewards may share a name (e.g. two regexes): suffix "#2", "#3" to keep both."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return unique
+
+
+def _check_batch(prompts: list[str], completions: list[str], columns: dict[str, list],
+                 sources: list[str] | None) -> dict[str, list]:
+    """Aligned inputs; `answer` always present so that rewards can rely on it."""
+    n = len(completions)
+    for label, values in [("prompts", prompts), ("sources", sources),
+                          *((f"column '{k}'", v) for k, v in columns.items())]:
+        if values is not None and len(values) != n:
+            raise RewardError(f"rewards: {label} has {len(values)} values for "
+                              f"{n} completions")
+    for index, completion in enumerate(completions):
+        if not isinstance(completion, str):
+            raise RewardError(f"rewards: completion {index} is "
+                              f"{type(completion).__name__}, not a string")
+    return {"answer": [None] * n, **columns}
+
+
+def _accepted_columns(function: Callable, columns: dict[str, list]) -> dict[str, list]:
+    """All columns for functions taking **kwargs; otherwise only the ones they name,
+    so that `def f(prompts, completions, answer)` works without a **kwargs catch-all."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables have no signature
+        return columns
+    # Options bound with functools.partial must win over a column of the same name.
+    bound = set(function.keywords) if isinstance(function, functools.partial) else set()
+    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
+    names = {p.name for p in parameters}
+    return {key: value for key, value in columns.items()
+            if key not in bound and (takes_all or key in names)}
+
+
+def _check_values(name: str, returned: Any, n: int,
+                  sources: list[str] | None) -> np.ndarray:
+    """A list/tuple/1-D array of n finite numbers or None -> float64 [n], NaN for None."""
+    if isinstance(returned, np.ndarray) and returned.ndim == 1:
+        returned = returned.tolist()
+    if not isinstance(returned, (list, tuple)):
+        raise RewardError(f"reward '{name}' returned {type(returned).__name__}; expected a "
+                          f"list of {n} floats (or None)")
+    if len(returned) != n:
+        raise RewardError(f"reward '{name}' returned {len(returned)} values; expected {n} "
+                          "(one per completion)")
+    values = np.full(n, np.nan)
+    for index, value in enumerate(returned):
+        if value is None:
+            continue
+        if not isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+            raise RewardError(f"reward '{name}' returned {type(value).__name__} "
+                              f"{value!r:.40} for {_source(sources, index)}; expected a "
+                              "float or None")
+        if not math.isfinite(float(value)):
+            raise RewardError(f"reward '{name}' returned {float(value)} for "
+                              f"{_source(sources, index)}; rewards must be finite")
+        values[index] = float(value)
+    return values
+
+
+def _source(sources: list[str] | None, index: int) -> str:
+    return sources[index] if sources is not None else f"row {index}"

@@ -1,0 +1,97 @@
+"""From prompts to scored, advantaged groups: the host-side half of a GFT step.
+
+    prompts -> backend.generate (n rollouts each) -> decode
+            -> rewards for rollouts AND dataset responses (demonstrations are scored too,
+               not assumed correct)
+            -> groups of K + n -> group-relative advantages
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from gft.data import prompt_text, render_prompt
+from gft.errors import DataError
+from gft.groups import Sequence_
+from gft.objective import group_advantages
+from gft.types import Example
+
+
+@dataclass
+class PreparedPrompts:
+    """Training rows with their prompts tokenized once, and what was done to long ones."""
+    rows: list[Example]
+    prompt_ids: list[list[int]]
+    n_truncated: int = 0
+    n_skipped: int = 0
+
+
+def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> list[int]:
+    """Token ids of the rendered prompt. A chat template already holds the special tokens
+    (BOS, role markers), so only plain prompts get the tokenizer's own special tokens."""
+    text = render_prompt(example, tokenizer, chat_template=chat_template)
+    templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
+    return tokenizer(text, add_special_tokens=not templated).input_ids
+
+
+def prepare_prompts(rows: Sequence[Example], tokenizer, *, chat_template: bool | None,
+                    max_prompt_tokens: int, overflow: str) -> PreparedPrompts:
+    """Tokenize every prompt once; apply the long-prompt policy (error|truncate|skip)."""
+    out = PreparedPrompts([], [])
+    for ex in rows:
+        ids = encode_prompt(ex, tokenizer, chat_template)
+        if len(ids) > max_prompt_tokens:
+            if overflow == "error":
+                raise DataError(f"prompt has {len(ids)} tokens, more than max_prompt_tokens="
+                                f"{max_prompt_tokens} (set prompt_overflow: truncate or skip)",
+                                path=ex.source, field="prompt")
+            if overflow == "skip":
+                out.n_skipped += 1
+                continue
+            ids = ids[-max_prompt_tokens:]  # keep the end: the question sits there
+            out.n_truncated += 1
+        out.rows.append(ex)
+        out.prompt_ids.append(ids)
+    return out
+
+
+def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], bool]:
+    """A dataset response as ids + EOS (so the model learns to stop); cut at max_tokens."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return (ids[:max_tokens], True) if len(ids) > max_tokens else (ids, False)
+
+
+def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
+                 rollouts: Sequence[list[int]], *, tokenizer, num_offpolicy: int,
+                 num_rollouts: int, max_response_tokens: int) -> list[Sequence_]:
+    """K dataset responses then n rollouts per prompt; rollouts are prompt-major."""
+    eos = tokenizer.eos_token_id
+    seqs: list[Sequence_] = []
+    for g, (ex, pids) in enumerate(zip(rows, prompt_ids)):
+        for text in ex.responses[:num_offpolicy]:
+            ids, cut = encode_response(text, tokenizer, max_response_tokens)
+            seqs.append(Sequence_(g, pids, ids, text, on_policy=False, truncated=cut))
+        for ids in rollouts[g * num_rollouts:(g + 1) * num_rollouts]:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            seqs.append(Sequence_(g, pids, list(ids), text, on_policy=True,
+                                  truncated=not ids or ids[-1] != eos))
+    return seqs
+
+
+def score_groups(seqs: list[Sequence_], rows: Sequence[Example], scorer,
+                 advantage: str) -> dict[str, Any]:
+    """Rewards for every response, then advantages within each group (in place)."""
+    if not seqs:
+        return {}
+    groups = np.array([s.group for s in seqs])
+    columns: dict[str, list] = {"answer": [rows[s.group].answer for s in seqs]}
+    for key in {k for ex in rows for k in ex.columns}:
+        columns[key] = [rows[s.group].columns.get(key) for s in seqs]
+    result = scorer.score([prompt_text(rows[s.group]) for s in seqs], [s.text for s in seqs],
+                          columns, sources=[rows[s.group].source for s in seqs])
+    adv = group_advantages(result.total, groups, advantage)
+    for s, r, c, a in zip(seqs, result.total, result.correct, adv):
+        s.reward, s.correct, s.advantage = float(r), bool(c), float(a)
+    return {"rewards": result.total, "groups": groups, "advantages": adv}

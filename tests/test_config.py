@@ -1,0 +1,79 @@
+"""Config layering, presets and clear errors."""
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from gft.config import EMBEDDED_DEFAULT, PRESETS, TrainConfig, build_config, parse_override, read_yaml
+from gft.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_match_the_table(name):
+    cfg = build_config({"model": "m", "data": "d"}, {"preset": name})
+    table = {"sft": (1, 0, "constant", 0.0), "dft": (1, 0, "constant", 1.0),
+             "grpo": (0, 8, "grpo", 0.0), "gft": (4, 4, "grpo", 0.1)}[name]
+    assert (cfg.num_offpolicy, cfg.num_rollouts, cfg.advantage, cfg.tau) == table
+
+
+def test_paper_defaults_when_model_and_data_given():
+    cfg = build_config({"model": "m", "data": "d"})
+    assert (cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm) == (1e-6, 0.01, 1.0)
+    assert (cfg.prompts_per_step, cfg.prompts_per_minibatch) == (128, 64)
+    assert cfg.loss_aggregation == "token-mean"
+
+
+def test_embedded_default_only_without_model_and_data():
+    assert build_config().learning_rate == EMBEDDED_DEFAULT["learning_rate"]
+    assert build_config({"data": "x"}).learning_rate == 1e-6
+
+
+def test_layering_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("preset: sft\ntau: 0.3\nlearning_rate: 1e-4\n")
+    cfg = build_config(read_yaml(p), {"tau": 0.5}, source=str(p))
+    assert cfg.preset == "sft" and cfg.tau == 0.5 and cfg.num_rollouts == 0
+    assert cfg.learning_rate == 1e-4
+
+
+def test_unknown_key_suggests(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'learnig_rate'.*did you mean 'learning_rate'"):
+        build_config({"learnig_rate": 1e-5}, source="c.yaml")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"tau": -0.1}, "'tau' must be in"),
+    ({"num_offpolicy": 0, "num_rollouts": 0}, "at least one response"),
+    ({"num_offpolicy": 1, "num_rollouts": 0, "advantage": "grpo"}, "group of one"),
+    ({"tau": "high"}, "'tau' must be float"),
+    ({"advantage": "grpoo"}, "did you mean 'grpo'"),
+    ({"prompts_per_step": 10, "prompts_per_minibatch": 4}, "multiple"),
+])
+def test_bad_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config({"model": "m", **values})
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("tau: 0.1\nlr: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        read_yaml(p)
+
+
+def test_override_parsing():
+    assert parse_override("tau=0.2") == ("tau", 0.2)
+    assert parse_override("max_steps=null") == ("max_steps", None)
+    assert parse_override("rewards=[math, exact]") == ("rewards", ["math", "exact"])
+    with pytest.raises(ConfigError):
+        parse_override("tau")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=20), st.one_of(st.none(), st.booleans(), st.integers(),
+                                                        st.floats(allow_nan=True), st.text(max_size=10),
+                                                        st.lists(st.integers(), max_size=3))))
+def test_any_mapping_loads_or_raises_config_error(values):
+    try:
+        cfg = build_config(values)
+    except ConfigError:
+        return
+    assert isinstance(cfg, TrainConfig)

@@ -1,0 +1,465 @@
+"""Tests for gft.data: every accepted format, every error (naming file, line and field),
+a property test that the JSONL loader only ever raises DataError, and prompt rendering."""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gft.data import example_from_row, load_split, prompt_text, render_prompt
+from gft.errors import DataError, GFTError
+from gft.types import Example
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def assert_error(excinfo, *parts: str) -> None:
+    """The message is one line and names every part (file, line, field)."""
+    message = str(excinfo.value)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+# ---------------------------------------------------------------------------------------
+# JSONL rows
+
+
+def test_jsonl_fields(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "What is 1+1?", "completion": "2", "answer": 2, "level": 3},
+        {"prompt": CHAT, "completions": ["4", "four"], "answer": "4"},
+        {"prompt": "p", "responses": ["a"], "answer": 0.5},
+        {"prompt": "p", "answer": None},
+    ])
+    first, second, third, fourth = load_split(path)
+    assert first == Example("What is 1+1?", ("2",), "2", {"level": 3}, f"{path}:1")
+    assert second.prompt == CHAT and second.responses == ("4", "four")
+    assert second.answer == "4" and second.columns == {}
+    assert third.responses == ("a",) and third.answer == "0.5"
+    assert fourth.responses == () and fourth.answer is None
+
+
+def test_jsonl_skips_blank_lines_and_counts_them(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('\n{"prompt": "a"}\n   \n\n{"prompt": "b"}\n', encoding="utf-8")
+    assert [e.source for e in load_split(path)] == [f"{path}:2", f"{path}:5"]
+
+
+def test_jsonl_with_bom_and_crlf(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
+    assert [e.prompt for e in load_split(path)] == ["a", "b"]
+
+
+def test_messages_final_assistant_is_the_demonstration(tmp_path):
+    chat = CHAT + [{"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": chat, "completions": ["five"], "answer": 4},
+        {"messages": CHAT},
+    ])
+    with_demo, without = load_split(path)
+    assert with_demo.prompt == CHAT and with_demo.responses == ("4", "five")
+    assert without.prompt == CHAT and without.responses == ()
+
+
+def test_prompt_wins_over_messages_which_stays_a_column(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "p", "messages": CHAT}])
+    (example,) = load_split(path)
+    assert example.prompt == "p" and example.columns == {"messages": CHAT}
+
+
+def test_integral_float_answer_reads_as_integer():
+    example = example_from_row({"prompt": "p", "answer": 42.0}, path="f", line=1)
+    assert example.answer == "42"
+
+
+# ---------------------------------------------------------------------------------------
+# Directories and other formats
+
+
+def test_mlx_directory_layout(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "t"}])
+    write_jsonl(tmp_path / "valid.jsonl", [{"prompt": "v"}])
+    assert load_split(tmp_path)[0].prompt == "t"
+    assert load_split(tmp_path, "valid")[0].prompt == "v"
+    assert load_split(tmp_path, "validation")[0].prompt == "v"
+    assert load_split(tmp_path, "test", required=False) == []
+
+
+def test_validation_file_name_is_an_alias(tmp_path):
+    write_jsonl(tmp_path / "validation.jsonl", [{"prompt": "v"}])
+    assert load_split(tmp_path, "valid")[0].prompt == "v"
+
+
+def test_missing_split_names_directory_and_expected_files(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "t"}])
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path, "valid")
+    assert_error(excinfo, str(tmp_path), "valid.jsonl", "validation.jsonl", "valid.parquet")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "nope.jsonl")
+    assert_error(excinfo, "nope.jsonl")
+    assert load_split(tmp_path / "nope.jsonl", required=False) == []
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "nowhere")
+    assert_error(excinfo, "nowhere", "no such file or directory")
+
+
+def test_two_files_for_one_split_is_ambiguous(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}])
+    write_jsonl(tmp_path / "train.json", [{"prompt": "b"}])
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, "train.jsonl", "train.json")
+
+
+def test_unsupported_extension(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "d.txt")
+    assert_error(excinfo, "d.txt", ".jsonl")
+
+
+def test_json_array_and_json_lines(tmp_path):
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"prompt": "x", "answer": 1}, {"prompt": "y"}]))
+    examples = load_split(array)
+    assert [e.prompt for e in examples] == ["x", "y"]
+    assert examples[1].source == f"{array}:1"  # 0-based row index for non-JSONL formats
+    lines = write_jsonl(tmp_path / "l.json", [{"prompt": "x"}, {"prompt": "y"}])
+    assert [e.source for e in load_split(lines)] == [f"{lines}:1", f"{lines}:2"]
+
+
+def test_json_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n{"prompt": "x"},\n{"prompt": }\n]')
+    with pytest.raises(DataError) as excinfo:
+        load_split(bad)
+    assert_error(excinfo, "bad.json:3", "malformed JSON")
+    row = tmp_path / "row.json"
+    row.write_text(json.dumps([{"prompt": "x"}, {"prompt": 5}]))
+    with pytest.raises(DataError) as excinfo:
+        load_split(row)
+    assert_error(excinfo, "row.json:1", "'prompt'")
+    scalar = tmp_path / "scalar.json"
+    scalar.write_text("3")
+    with pytest.raises(DataError) as excinfo:
+        load_split(scalar)
+    assert_error(excinfo, "scalar.json", "JSON array")
+
+
+ROWS = [{"prompt": "x", "answer": 1, "completions": ["a", "b"]},
+        {"prompt": "y", "answer": 2, "completions": ["c"]}]
+
+
+@pytest.fixture
+def datasets():
+    """The optional `datasets` package (these tests skip without it)."""
+    return pytest.importorskip("datasets")
+
+
+def test_parquet_file_and_directory(tmp_path, datasets):
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "train.parquet"))
+    for path in (tmp_path, tmp_path / "train.parquet"):
+        examples = load_split(path)
+        assert [(e.prompt, e.responses, e.answer) for e in examples] == [
+            ("x", ("a", "b"), "1"), ("y", ("c",), "2")]
+        assert examples[1].source == f"{tmp_path / 'train.parquet'}:1"
+
+
+def test_csv_file(tmp_path, datasets):
+    path = tmp_path / "test.csv"
+    path.write_text("prompt,answer,level\nwhat?,7,easy\nwhy?,,hard\n", encoding="utf-8")
+    examples = load_split(tmp_path, "test")
+    assert [(e.prompt, e.answer, e.columns) for e in examples] == [
+        ("what?", "7", {"level": "easy"}), ("why?", None, {"level": "hard"})]
+
+
+def test_csv_non_utf8_names_line(tmp_path, datasets):
+    path = tmp_path / "d.csv"
+    path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv:3", "UTF-8")
+
+
+@pytest.mark.parametrize("content", ["prompt,answer\n", "", "\n"])
+def test_csv_without_rows(tmp_path, datasets, content):
+    path = tmp_path / "d.csv"
+    path.write_text(content)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv", "no rows")
+
+
+def test_parquet_without_rows(tmp_path, datasets):
+    datasets.Dataset.from_dict({"prompt": []}).to_parquet(str(tmp_path / "z.parquet"))
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "z.parquet")
+    assert_error(excinfo, "z.parquet", "no rows")
+
+
+def test_corrupt_parquet(tmp_path, datasets):
+    (tmp_path / "bad.parquet").write_bytes(b"junk")
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "bad.parquet")
+    assert_error(excinfo, "bad.parquet", "cannot read parquet")
+
+
+def test_without_datasets_package_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    (tmp_path / "d.parquet").write_bytes(b"unused")
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "d.parquet")
+    assert_error(excinfo, "pip install datasets")
+
+
+def test_save_to_disk_dataset_dict(tmp_path, datasets):
+    dataset = datasets.Dataset.from_list(ROWS)
+    datasets.DatasetDict({"train": dataset, "validation": dataset.select([1])}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    assert len(load_split(tmp_path / "dd")) == 2
+    (valid,) = load_split(tmp_path / "dd", "valid")
+    assert valid.prompt == "y" and valid.source.endswith("validation:0")
+    assert load_split(tmp_path / "dd", "test", required=False) == []
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "dd", "test")
+    assert_error(excinfo, "dd", "'test'", "train, validation")
+
+
+def test_save_to_disk_single_dataset_is_train_only(tmp_path, datasets):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
+    assert len(load_split(tmp_path / "one")) == 2
+    assert load_split(tmp_path / "one", "valid", required=False) == []
+
+
+def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
+    rows = [{"prompt": "x"}, {"prompt": " "}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}) \
+        .save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path / "dd")
+    assert_error(excinfo, "train:1", "'prompt'", "empty")
+
+
+# ---------------------------------------------------------------------------------------
+# Row errors: each names the file, the line and the field
+
+
+@pytest.mark.parametrize("row, field, words", [
+    ({"answer": 1}, "prompt", "missing"),
+    ({"prompt": None}, "prompt", "missing"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": " \t"}, "prompt", "empty"),
+    ({"prompt": 7}, "prompt", "got number"),
+    ({"prompt": {"role": "user"}}, "prompt", "got object"),
+    ({"prompt": []}, "prompt", "empty list"),
+    ({"prompt": ["hi"]}, "prompt[0]", "got string"),
+    ({"prompt": [{"role": "user"}]}, "prompt[0].content", "missing"),
+    ({"prompt": [{"content": "x"}]}, "prompt[0].role", "missing"),
+    ({"prompt": [{"role": "user", "content": 3}]}, "prompt[0].content", "got number"),
+    ({"messages": "hi"}, "messages", "got string"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "no prompt"),
+    ({"messages": [{"role": 1, "content": "x"}]}, "messages[0].role", "got number"),
+    ({"prompt": "p", "completion": ["a"]}, "completion", "got array"),
+    ({"prompt": "p", "completions": "a"}, "completions", "got string"),
+    ({"prompt": "p", "completions": ["a", 2]}, "completions[1]", "got number"),
+    ({"prompt": "p", "responses": [None]}, "responses[0]", "got null"),
+    ({"prompt": "p", "completion": "a", "responses": ["b"]}, "responses", "only one"),
+    ({"prompt": "p", "answer": [1]}, "answer", "got array"),
+    ({"prompt": "p", "answer": {"x": 1}}, "answer", "got object"),
+    ({"prompt": "p", "answer": True}, "answer", "bool"),
+])
+def test_row_errors(tmp_path, row, field, words):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "fine"}, row])
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "rows.jsonl:2", f"field '{field}'", words)
+    assert excinfo.value.line == 2 and excinfo.value.field == field
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"prompt": "a",}', "malformed JSON"),
+    ('{"prompt": "a"', "malformed JSON"),
+    ("not json", "malformed JSON"),
+    ('["prompt"]', "got array"),
+    ('"text"', "got string"),
+    ("3", "got number"),
+    ("null", "got null"),
+    ("[" * 100_000, "malformed JSON"),  # recursion depth, reported not crashed
+    ("1" * 5000, "malformed JSON"),     # Python's int-digit limit
+])
+def test_line_errors(tmp_path, line, words):
+    path = tmp_path / "lines.jsonl"
+    path.write_text('{"prompt": "ok"}\n\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "lines.jsonl:3", words)
+
+
+def test_malformed_json_includes_the_json_error(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a",}\n')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:1", "Expecting property name", "column")
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": "\xe9t\xe9"}\n')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:3", "UTF-8", "0xe9")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "empty.jsonl", "no rows")
+
+
+# ---------------------------------------------------------------------------------------
+# Property: the JSONL loader either loads or raises DataError, nothing else
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8)
+row_keys = st.sampled_from(["prompt", "messages", "completion", "completions",
+                            "responses", "answer", "role", "content", "other"])
+rows = st.dictionaries(row_keys | st.text(max_size=4), json_values, max_size=5)
+chat_rows = st.fixed_dictionaries({"prompt": st.lists(st.fixed_dictionaries(
+    {"role": json_values, "content": json_values}), max_size=2)})
+# Mostly-valid rows, so that the property also exercises successful loads.
+valid_rows = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1).filter(str.strip)},
+    optional={"completions": st.lists(st.text(), max_size=2),
+              "answer": st.none() | st.integers() | st.text(),
+              "extra": json_values})
+lines = st.one_of(valid_rows.map(json.dumps), valid_rows.map(json.dumps),
+                  rows.map(json.dumps), chat_rows.map(json.dumps),
+                  st.text().map(lambda t: t.encode("utf-8", "surrogatepass")
+                                .decode("utf-8", "replace")),
+                  st.binary(max_size=20).map(lambda b: b.decode("latin-1")))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(lines, st.binary(max_size=12)), max_size=6))
+def test_jsonl_loader_only_raises_data_error(items):
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "p.jsonl"
+        path.write_bytes(b"\n".join(item if isinstance(item, bytes) else
+                                    item.encode("utf-8") for item in items))
+        try:
+            examples = load_split(path)
+        except DataError as exc:
+            assert "\n" not in str(exc) and "p.jsonl" in str(exc)
+        else:
+            assert examples and all(isinstance(e, Example) for e in examples)
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering prompts
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what ByteLevel expects)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {char: byte for byte, char in _bytes_to_unicode().items()}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    yield tokenizer
+    tokenizer.chat_template = None
+
+
+def test_tiny_tokenizer_round_trips(tokenizer):
+    ids = tokenizer("héllo").input_ids
+    assert ids == list("héllo".encode("utf-8")) and tokenizer.decode(ids) == "héllo"
+
+
+def test_render_chat_messages(chat_tokenizer):
+    example = Example(prompt=CHAT, source="d.jsonl:4")
+    assert render_prompt(example, chat_tokenizer) == \
+        "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>"
+
+
+def test_render_string_prompt(chat_tokenizer, tokenizer):
+    example = Example(prompt="2+2?")
+    assert render_prompt(example, chat_tokenizer) == "2+2?"  # auto: unwrapped
+    assert render_prompt(example, chat_tokenizer, chat_template=False) == "2+2?"
+    assert render_prompt(example, chat_tokenizer, chat_template=True) == \
+        "<|user|>2+2?\n<|assistant|>"
+
+
+def test_render_string_without_template_is_unchanged(tokenizer):
+    assert render_prompt(Example(prompt="2+2?"), tokenizer, chat_template=True) == "2+2?"
+
+
+def test_render_chat_without_template_is_an_error(tokenizer):
+    with pytest.raises(DataError) as excinfo:
+        render_prompt(Example(prompt=CHAT, source="d.jsonl:4"), tokenizer)
+    assert_error(excinfo, "d.jsonl:4", "chat template")
+
+
+def test_render_template_failure_is_a_data_error(tokenizer):
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    try:
+        with pytest.raises(DataError) as excinfo:
+            render_prompt(Example(prompt=CHAT, source="d.jsonl:9"), tokenizer)
+    finally:
+        tokenizer.chat_template = None
+    assert_error(excinfo, "d.jsonl:9", "roles must alternate")
+    assert isinstance(excinfo.value, GFTError)
+
+
+def test_prompt_text():
+    assert prompt_text(Example(prompt="plain")) == "plain"
+    assert prompt_text(Example(prompt=CHAT + [{"role": "assistant", "content": "4"}])) \
+        == "2+2?"
+    assert prompt_text(Example(prompt=[{"role": "system", "content": "s"}])) == "s"

@@ -1,0 +1,291 @@
+"""Tests for gft.rewards: the built-ins, user rewards by import path, weighting and None
+semantics, every validation error, and the accepted forms of the rewards config."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from gft.errors import ConfigError, RewardError
+from gft.rewards import (BUILTIN_REWARDS, RewardModel, RewardSpec, build_rewards,
+                         parse_reward_specs, resolve_reward)
+
+
+def score(rewards, completions, answers, sources=None, **columns):
+    model = rewards if isinstance(rewards, RewardModel) else build_rewards(rewards)
+    prompts = ["p"] * len(completions)
+    return model.score(prompts, completions, {"answer": answers, **columns}, sources)
+
+
+# ---------------------------------------------------------------------------------------
+# Built-ins
+
+
+@pytest.mark.parametrize("completion, answer, expected", [
+    (r"so \boxed{0.5}", "1/2", 1.0),
+    ("The answer is 42", "42", 1.0),
+    ("The answer is 41", "42", 0.0),
+    (r"\boxed{0.5}", r"\frac{1}{2}", 1.0),
+    (r"$\frac{2}{4}$", "0.5", 1.0),
+    (r"we get \boxed{2\sqrt{3}}", r"2\sqrt{3}", 1.0),
+    ("it is 2", r"2\sqrt{3}", 0.0),  # a bare parse of the gold would read "2"
+    (r"\boxed{x^2+1}", "x^2+1", 1.0),
+    ("no number at all", "7", 0.0),
+    (r"\boxed{7}", "$7$", 1.0),  # gold already delimited
+])
+def test_math(completion, answer, expected):
+    assert score("math", [completion], [answer]).total.tolist() == [expected]
+
+
+def test_math_works_outside_the_main_thread():
+    # math_verify's SIGALRM timeouts fail off the main thread; the reward turns them off.
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        score("math", [r"\boxed{0.5}", "3"], ["1/2", "4"]).total.tolist()))
+    thread.start()
+    thread.join()
+    assert results == [[1.0, 0.0]]
+
+
+def test_math_unparseable_gold_is_not_applicable():
+    result = score("math", ["1", "2"], ["", "2"])
+    assert result.total.tolist() == [0.0, 1.0] and result.n_none == 1
+    assert np.isnan(result.per_function["math"][0])
+
+
+@pytest.mark.parametrize("name", ["math", "exact"])
+def test_missing_answer_names_reward_source_and_column(name):
+    with pytest.raises(RewardError) as excinfo:
+        score(name, ["1", "2"], ["1", None], sources=["d.jsonl:1", "d.jsonl:7"])
+    message = str(excinfo.value)
+    assert f"'{name}'" in message and "d.jsonl:7" in message and "'answer'" in message
+
+
+def test_missing_answer_column_entirely():
+    model = build_rewards("exact")
+    with pytest.raises(RewardError, match="row 0: column 'answer' is missing"):
+        model.score(["p"], ["1"], {})
+
+
+def test_exact():
+    result = score("exact", [" 42\n", "42.0", "forty-two"], ["42", "42", "forty-two "])
+    assert result.total.tolist() == [1.0, 0.0, 1.0]
+
+
+def test_regex_format_only():
+    result = score([{"name": "regex", "pattern": r"<answer>.*</answer>"}],
+                   ["<answer>3</answer>", "3"], [None, None])
+    assert result.total.tolist() == [1.0, 0.0]
+
+
+def test_regex_with_answer_group():
+    rewards = [{"name": "regex", "pattern": r"Answer:\s*(?P<answer>\S+)|nothing"}]
+    result = score(rewards, ["Answer: 12", "Answer: 13", "no match", "nothing here"],
+                   ["12", "12", "12", " 12 "])
+    # the last matches the other branch: the answer group captured nothing, so 0.0
+    assert result.total.tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("options, words", [
+    ({}, "missing option(s) pattern"),
+    ({"pattern": "("}, "bad pattern"),
+    ({"pattern": 3}, "must be a string"),
+    ({"pattern": "x", "flags": "i"}, "unknown option(s) flags"),
+])
+def test_regex_option_errors(options, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        build_rewards([{"name": "regex", **options}])
+
+
+def test_builtins_registered():
+    assert set(BUILTIN_REWARDS) == {"math", "exact", "regex"}
+    assert callable(resolve_reward(RewardSpec("exact")))
+
+
+# ---------------------------------------------------------------------------------------
+# User rewards by import path
+
+USER_MODULE = '''
+def length(prompts, completions, **columns):
+    return [float(len(c)) for c in completions]
+
+def level_only(prompts, completions, level):
+    # no **kwargs: only the columns it names are passed
+    return [float(x) for x in level]
+
+def scaled(prompts, completions, scale, **columns):
+    return [scale * len(c) for c in completions]
+
+def sometimes(prompts, completions, **columns):
+    return [None if c == "skip" else 1.0 for c in completions]
+
+NOT_CALLABLE = 3
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(USER_MODULE)
+    (tmp_path / "broken_rewards.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path / "my_rewards.py"
+
+
+def test_user_reward_by_module_path(user_module):
+    assert score("my_rewards:length", ["ab", "abcd"], [None, None]).total.tolist() \
+        == [2.0, 4.0]
+
+
+def test_user_reward_by_file_path(user_module):
+    result = score(f"{user_module}:length", ["abc"], [None])
+    assert result.total.tolist() == [3.0]
+
+
+def test_user_reward_gets_only_named_columns(user_module):
+    result = score("my_rewards:level_only", ["a", "b"], [None, None], level=[1, 2],
+                   other=["x", "y"])
+    assert result.total.tolist() == [1.0, 2.0]
+
+
+def test_user_reward_options_become_keywords(user_module):
+    rewards = [{"name": "my_rewards:scaled", "scale": 0.5}]
+    # an option wins over a data column of the same name
+    assert score(rewards, ["abcd"], [None], scale=[100]).total.tolist() == [2.0]
+
+
+@pytest.mark.parametrize("name, words", [
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
+    ("my_rewards:missing", "has no attribute 'missing'"),
+    ("my_rewards:NOT_CALLABLE", "not callable"),
+    ("broken_rewards:f", "RuntimeError: boom at import"),
+    ("nowhere/rewards.py:f", "file not found"),
+    ("not_a_builtin", "unknown reward 'not_a_builtin'"),
+])
+def test_user_reward_resolution_errors(user_module, name, words):
+    with pytest.raises(RewardError) as excinfo:
+        build_rewards(name)
+    assert words in str(excinfo.value) and name.split(":")[0] in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Combining: weights, None, accuracy
+
+
+def test_weights_sum_and_correct_uses_first(user_module):
+    rewards = [{"name": "exact", "weight": 2.0}, {"name": "my_rewards:length", "weight": -0.5}]
+    result = score(rewards, ["7", "77"], ["7", "7"])
+    assert result.total.tolist() == [2.0 - 0.5, 0.0 - 1.0]
+    assert result.correct.tolist() == [True, False]
+    assert result.per_function["exact"].tolist() == [1.0, 0.0]
+    assert result.per_function["my_rewards:length"].tolist() == [1.0, 2.0]
+    assert result.n_none == 0
+
+
+def test_none_contributes_nothing(user_module):
+    rewards = {"my_rewards:sometimes": 1.0, "exact": 3.0}
+    result = score(rewards, ["skip", "x"], ["no", "x"])
+    # sample 0: sometimes=None, exact=0 -> 0.0 (not all None); sample 1: 1 + 3
+    assert result.total.tolist() == [0.0, 4.0] and result.n_none == 0
+    assert np.isnan(result.per_function["my_rewards:sometimes"][0])
+    assert result.correct.tolist() == [False, True]  # None is not correct
+
+
+def test_all_none_counts_in_n_none(user_module):
+    result = score("my_rewards:sometimes", ["skip", "skip", "ok"], [None] * 3)
+    assert result.total.tolist() == [0.0, 0.0, 1.0] and result.n_none == 2
+
+
+def test_duplicate_names_are_kept_apart():
+    rewards = [{"name": "regex", "pattern": "a"}, {"name": "regex", "pattern": "b"}]
+    result = score(rewards, ["a", "ab"], [None, None])
+    assert set(result.per_function) == {"regex", "regex#2"}
+    assert result.total.tolist() == [1.0, 2.0]
+
+
+def test_numpy_and_bool_values_accepted():
+    def as_array(prompts, completions, **columns):
+        return np.array([c == "y" for c in completions])
+    model = RewardModel([RewardSpec("exact")])
+    model.functions, model.names = [as_array], ["as_array"]
+    assert score(model, ["y", "n"], [None, None]).total.tolist() == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------
+# A misbehaving reward function: each error names it
+
+
+def model_with(function) -> RewardModel:
+    model = RewardModel([RewardSpec("exact")])
+    model.functions, model.names = [function], ["bad_reward"]
+    return model
+
+
+def raises(prompts, completions, **columns):
+    raise KeyError("solution")
+
+
+@pytest.mark.parametrize("function, words", [
+    (raises, ["raised KeyError", "solution"]),
+    (lambda p, c, **k: 1.0, ["returned float", "expected a list of 2"]),
+    (lambda p, c, **k: (x for x in c), ["returned generator"]),
+    (lambda p, c, **k: [1.0], ["returned 1 values", "expected 2"]),
+    (lambda p, c, **k: [1.0, float("nan")], ["nan", "d.jsonl:2", "finite"]),
+    (lambda p, c, **k: [float("inf"), 1.0], ["inf", "d.jsonl:1"]),
+    (lambda p, c, **k: [1.0, "1.0"], ["returned str", "d.jsonl:2", "float or None"]),
+    (lambda p, c, **k: [[1.0], 1.0], ["returned list", "d.jsonl:1"]),
+])
+def test_bad_reward_function(function, words):
+    with pytest.raises(RewardError) as excinfo:
+        score(model_with(function), ["a", "b"], [None, None],
+              sources=["d.jsonl:1", "d.jsonl:2"])
+    message = str(excinfo.value)
+    assert "'bad_reward'" in message and "\n" not in message
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_misaligned_inputs():
+    model = build_rewards("exact")
+    with pytest.raises(RewardError, match="column 'answer' has 1 values for 2"):
+        model.score(["p", "p"], ["a", "b"], {"answer": ["a"]})
+    with pytest.raises(RewardError, match="prompts has 1 values"):
+        model.score(["p"], ["a", "b"], {"answer": ["a", "b"]})
+    with pytest.raises(RewardError, match="completion 1 is NoneType"):
+        model.score(["p", "p"], ["a", None], {"answer": ["a", "b"]})
+
+
+# ---------------------------------------------------------------------------------------
+# Config forms
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("math", [RewardSpec("math")]),
+    (["math", "exact"], [RewardSpec("math"), RewardSpec("exact")]),
+    ([{"name": "regex", "weight": 0.5, "pattern": "x"}],
+     [RewardSpec("regex", 0.5, {"pattern": "x"})]),
+    ({"math": 1, "exact": 0.25}, [RewardSpec("math", 1.0), RewardSpec("exact", 0.25)]),
+    ({"name": "exact", "weight": 2}, [RewardSpec("exact", 2.0)]),
+    (["m.py:f", {"name": "exact"}], [RewardSpec("m.py:f"), RewardSpec("exact")]),
+])
+def test_parse_reward_specs(raw, expected):
+    assert parse_reward_specs(raw) == expected
+
+
+@pytest.mark.parametrize("raw, words", [
+    (None, "got NoneType"),
+    (3, "got int"),
+    ([], "empty"),
+    ({}, "empty"),
+    ("", "non-empty string"),
+    ([3], "rewards[0]"),
+    ([{"weight": 1}], "without 'name'"),
+    ([{"name": "math", "weight": "high"}], "weight of 'math'"),
+    ({"math": True}, "weight of 'math'"),
+    ({"math": float("nan")}, "finite"),
+    ({"math": None}, "weight of 'math'"),
+])
+def test_parse_reward_specs_errors(raw, words):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_reward_specs(raw)
+    assert words in str(excinfo.value)
