@@ -249,6 +249,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     model.to(dev)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            model.gradient_checkpointing_enable
+        enable()
     return TorchBackend(model, tokenizer, dev, optim)

@@ -1,0 +1,89 @@
+"""The CLI surface: help, env, generate, eval, and the embedded default job."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from gft.tasks.arith import ArithTaskConfig, write_task
+from gft.tiny import TinyModelSpec, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("m") / "model", TinyModelSpec(seed=1))
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["eval"], ["env"]])
+def test_help_is_complete(command):
+    result = CliRunner().invoke(main, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output
+    if command == ["train"]:
+        for option in ("--preset", "--backend", "--model", "--data", "--resume", "--set"):
+            assert option in result.output
+
+
+def test_help_config_lists_every_key():
+    from gft.config import FIELDS
+    result = CliRunner().invoke(main, ["train", "--help-config"])
+    assert result.exit_code == 0
+    for name in FIELDS:
+        assert name in result.output
+
+
+def test_env_reports_backends():
+    result = CliRunner().invoke(main, ["env"])
+    assert result.exit_code == 0
+    assert "backend torch: available" in result.output
+    assert "--backend auto picks: torch" in result.output
+
+
+def test_generate_greedy_is_deterministic(model_dir):
+    args = ["generate", str(model_dir), "-p", "Hello", "-p", "2+2=", "--max-new-tokens", "5"]
+    a = CliRunner().invoke(main, args)
+    b = CliRunner().invoke(main, args)
+    assert a.exit_code == 0, a.output
+    assert a.output == b.output and len(a.output.splitlines()) >= 1
+
+
+def test_eval_reports_accuracy_and_pass_at_k(model_dir, tmp_path):
+    data = write_task(tmp_path / "task", ArithTaskConfig(n_train=8, n_test=6, n_valid=2))
+    result = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(data), "-k", "3",
+                                       "--max-new-tokens", "6", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output.strip().splitlines()[-1])
+    assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0 and "pass@3" in metrics
+
+
+def test_unknown_key_is_one_line_with_suggestion():
+    result = CliRunner().invoke(main, ["train", "--set", "learnig_rate=1"])
+    assert result.exit_code == 2
+    assert "did you mean 'learning_rate'" in result.output and "Traceback" not in result.output
+
+
+def test_default_job_runs_offline(tmp_path, monkeypatch):
+    # `gft train` with no model and no data: the embedded tiny model and arithmetic task.
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--max-steps", "2", "--set", "eval_samples=4",
+                                       "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    assert "embedded default" in result.output and "final checkpoint:" in result.output
+    run = next((tmp_path / "runs").iterdir())
+    assert (run / "final" / "model.safetensors").exists()
+    assert (run / "task" / "test.jsonl").exists()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 0 and "eval/accuracy" in records[0]
+    assert [r["preset"] for r in records if "loss" in r] == ["sft", "sft"]
+
+
+@pytest.mark.slow
+def test_default_job_accuracy_rises(tmp_path, monkeypatch):
+    """The README's first command, in full: held-out accuracy must rise from its start."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    run = next((tmp_path / "runs").iterdir())
+    acc = [json.loads(x)["eval/accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines()
+           if "eval/accuracy" in json.loads(x)]
+    assert acc[0] <= 0.05 and acc[-1] >= acc[0] + 0.15, acc

@@ -1,0 +1,124 @@
+"""The PyTorch backend on a tiny random Llama: accumulation, dtypes, sampling, state."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from backends import OptimConfig, SamplingConfig, load_backend
+from gft.groups import Sequence_, micro_batches, pad_batch
+from gft.tiny import TinyModelSpec, write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("m") / "model", TinyModelSpec(seed=3))
+
+
+def _seqs():
+    rng = np.random.default_rng(0)
+    out = []
+    for g, (p, r, a) in enumerate([(5, 4, 1.0), (3, 7, -0.5), (6, 2, 0.25), (4, 5, 2.0)]):
+        s = Sequence_(g, rng.integers(0, 256, p).tolist(), rng.integers(0, 256, r).tolist(), "",
+                      on_policy=True)
+        s.advantage = a
+        out.append(s)
+    return out
+
+
+def _grads(backend, batches):
+    backend.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+    return backend.gradients()
+
+
+def test_micro_batches_accumulate_to_the_full_batch_gradient(model_dir):
+    be = load_backend("torch", str(model_dir))
+    seqs = _seqs()
+    one = micro_batches(seqs, 8, 256)
+    two = micro_batches(seqs, 2, 256)
+    assert len(one) == 1 and len(two) == 2
+    g1, g2 = _grads(be, one), _grads(be, two)
+    for name in g1:
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(model_dir):
+    plain = load_backend("torch", str(model_dir))
+    ckpt = load_backend("torch", str(model_dir), gradient_checkpointing=True)
+    batches = micro_batches(_seqs(), 4, 256)
+    g1, g2 = _grads(plain, batches), _grads(ckpt, batches)
+    for name in g1:
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_skipping_zero_advantage_keeps_the_loss(model_dir):
+    # A = 0 rows are dropped from compute but still count in the token-mean denominator.
+    be = load_backend("torch", str(model_dir))
+    seqs = _seqs()
+    seqs[1].advantage = 0.0
+    kept = micro_batches(seqs, 8, 256, skip_zero_advantage=False)
+    skipped = micro_batches(seqs, 8, 256, skip_zero_advantage=True)
+    assert skipped[0].input_ids.shape[0] == 3
+    a = be.accumulate_gradients(kept, tau=0.1, aggregation="token-mean")["loss"]
+    b = be.accumulate_gradients(skipped, tau=0.1, aggregation="token-mean")["loss"]
+    assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_bfloat16_trains_and_saves_bfloat16(model_dir, tmp_path):
+    be = load_backend("torch", str(model_dir), dtype="bfloat16")
+    stats = be.train_step(micro_batches(_seqs(), 4, 256), 1e-3, tau=0.1, aggregation="token-mean")
+    assert np.isfinite(stats["loss"]) and not stats["skipped"]
+    be.save_model(tmp_path / "out")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["rope_theta"] == 100000.0  # portable config: top-level rope_theta
+
+
+def test_sampling_is_seeded_and_stops_at_eos(model_dir):
+    be = load_backend("torch", str(model_dir))
+    prompts = [[72, 105], [1, 2, 3, 4, 5], [9]]
+    s = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    a, b = be.generate(prompts, s, seed=7), be.generate(prompts, s, seed=7)
+    assert a == b
+    assert be.generate(prompts, s, seed=8) != a
+    for out in a:
+        assert 1 <= len(out) <= 12
+        assert 258 not in out[:-1]  # nothing after the first EOS
+
+
+def test_greedy_ignores_left_padding(model_dir):
+    be = load_backend("torch", str(model_dir))
+    greedy = SamplingConfig(max_new_tokens=8, greedy=True)
+    prompts = [[72, 105, 33], [1, 2, 3, 4, 5, 6, 7]]
+    batched = be.generate(prompts, greedy, seed=0)
+    alone = [be.generate([p], greedy, seed=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_optimizer_state_round_trips(model_dir, tmp_path):
+    be = load_backend("torch", str(model_dir), optim=OptimConfig(weight_decay=0.01))
+    batches = micro_batches(_seqs(), 4, 256)
+    be.train_step(batches, 1e-3, tau=0.1, aggregation="token-mean")
+    be.save_optimizer(tmp_path / "opt.safetensors")
+    be.save_model(tmp_path / "m")
+    other = load_backend("torch", str(tmp_path / "m"), optim=OptimConfig(weight_decay=0.01))
+    other.load_optimizer(tmp_path / "opt.safetensors")
+    be.train_step(batches, 1e-3, tau=0.1, aggregation="token-mean")
+    other.train_step(batches, 1e-3, tau=0.1, aggregation="token-mean")
+    a, b = be.named_parameters(), other.named_parameters()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_non_finite_loss_skips_the_update(model_dir):
+    be = load_backend("torch", str(model_dir))
+    before = be.named_parameters()
+    seqs = _seqs()
+    seqs[0].advantage = float("inf")
+    stats = be.train_step([pad_batch(seqs, 256, 10.0, 4.0)], 1e-3, tau=0.1,
+                          aggregation="token-mean")
+    assert stats["skipped"] == 1.0
+    after = be.named_parameters()
+    assert all(np.array_equal(before[n], after[n]) for n in before)
