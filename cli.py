@@ -11,19 +11,29 @@ from typing import Any
 import click
 
 from gft.errors import GFTError
+from gft.signals import Interrupted
 
 EXIT_USER_ERROR = 2
 
 
 def friendly_errors(fn):
-    """User mistakes print one line and exit 2 instead of a traceback."""
+    """User mistakes print one line and exit 2 instead of a traceback; a file system
+    failure (a full disk) prints one line and exits 1; a run stopped by SIGINT/SIGTERM
+    says how to resume and exits 128 + the signal number (130, 143)."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except Interrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(e.exit_code)
         except GFTError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            sys.exit(1)
     return wrapper
 
 
@@ -164,6 +174,22 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     else:
         for key, value in metrics.items():
             click.echo(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default="curves.png",
+              show_default=True, help="Overlay figure, written when several runs are given.")
+@click.option("--smooth", type=int, default=1, show_default=True,
+              help="Moving-average window over steps.")
+@friendly_errors
+def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
+    """PNG curves (reward, held-out accuracy, entropy, grad norm) from RUN directories:
+    RUN/curves.png for each, and an overlay of all of them."""
+    from pathlib import Path
+    from gft.plot import plot_runs
+    for path in plot_runs([Path(r) for r in runs], Path(out), smooth):
+        click.echo(f"wrote {path}")
 
 
 def _version(dist: str) -> str:

@@ -113,7 +113,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 EMBEDDED_DEFAULT: dict[str, Any] = {
     # From random init the DCR coefficient (p < tau for every token) would damp GFT's
     # gradient to DFT's; a short SFT warm-up gives the partial skill the paper starts from.
-    "stages": [{"sft": 150}, {"gft": 100}],
+    # GFT then runs at a lower learning rate: an RL stage at the SFT rate destabilizes.
+    "stages": [{"sft": 300}, {"preset": "gft", "steps": 150, "learning_rate": 1e-3}],
     "learning_rate": 3e-3,
     "lr_schedule": "constant",
     "warmup_steps": 5,
@@ -123,9 +124,10 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "micro_batch_size": 64,
     "max_prompt_tokens": 128,
     "max_response_tokens": 24,
-    "eval_every": 20,
+    "eval_every": 50,
     "eval_samples": 100,
-    "save_every": 40,
+    "save_every": 50,
+    "rollout_batch_size": 128,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

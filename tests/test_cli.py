@@ -87,3 +87,25 @@ def test_default_job_accuracy_rises(tmp_path, monkeypatch):
     acc = [json.loads(x)["eval/accuracy"] for x in (run / "metrics.jsonl").read_text().splitlines()
            if "eval/accuracy" in json.loads(x)]
     assert acc[0] <= 0.05 and acc[-1] >= acc[0] + 0.15, acc
+
+
+def test_plot_writes_png_per_run_and_overlay(tmp_path):
+    for name, shift in (("a", 0.0), ("b", 0.1)):
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": 0, "eval/accuracy": 0.0}] + [
+            {"step": s, "loss": 1.0 / s, "reward/rollout": shift + s / 10, "entropy": 2.0 - s / 10,
+             "grad_norm": 1.0, **({"eval/accuracy": s / 10} if s % 2 == 0 else {})}
+            for s in range(1, 6)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "overlay.png"
+    result = CliRunner().invoke(main, ["plot", str(tmp_path / "a"), str(tmp_path / "b"),
+                                       "-o", str(out), "--smooth", "2"])
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "a" / "curves.png", tmp_path / "b" / "curves.png", out):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_rejects_a_directory_without_metrics(tmp_path):
+    result = CliRunner().invoke(main, ["plot", str(tmp_path)])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output

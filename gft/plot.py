@@ -1,0 +1,84 @@
+"""PNG curves from runs' metrics.jsonl: reward, held-out accuracy, entropy, grad norm.
+
+`gft plot RUN_DIR [RUN_DIR ...]` writes one figure per run (in its directory) and, with
+several runs, one overlaid figure, so presets can be compared at a glance.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from gft.errors import GFTError
+from gft.metrics import read_metrics
+
+# (title, metric keys tried in order: the first one a run logged is plotted)
+PANELS = [
+    ("reward (rollouts, else dataset responses)", ("reward/rollout", "reward/dataset")),
+    ("held-out accuracy (greedy)", ("eval/accuracy",)),
+    ("token entropy", ("entropy",)),
+    ("grad norm (before clipping)", ("grad_norm",)),
+]
+
+
+def series(records: list[dict], keys: Sequence[str]) -> tuple[list[int], list[float], str]:
+    """(steps, values, key) for the first key that any record has; NaN-free."""
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if points:
+            steps, values = zip(*points)
+            return list(steps), list(values), key
+    return [], [], keys[0]
+
+
+def _load(run: Path) -> list[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.exists():
+        raise GFTError(f"{run}: no metrics.jsonl (is this a gft run directory?)")
+    return read_metrics(path)
+
+
+def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) -> list[Path]:
+    """Write <run>/curves.png for each run, and `out` (overlay) when given several runs."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    loaded = {Path(r): _load(Path(r)) for r in runs}
+    written: list[Path] = []
+    targets = [(run, {run: recs}, run / "curves.png") for run, recs in loaded.items()]
+    if len(loaded) > 1:
+        targets.append((None, loaded, Path(out or "curves.png")))
+    for _, group, path in targets:
+        fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+        for ax, (title, keys) in zip(axes.flat, PANELS):
+            for run, recs in group.items():
+                steps, values, key = series(recs, keys)
+                if steps:
+                    window = 1 if key.startswith("eval/") else smooth  # evals are sparse
+                    ax.plot(steps, _smooth(values, window), marker="o" if window == 1 and
+                            key.startswith("eval/") else None, markersize=3, label=f"{run.name} ({key})"
+                            if len(group) > 1 else key)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average; window 1 = raw values."""
+    if window <= 1:
+        return values
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
