@@ -206,7 +206,8 @@ class TorchBackend:
                 "exp_avg_sq": tensors[f"exp_avg_sq.{name}"].to(p.device, p.dtype)}
 
     def named_parameters(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().float().cpu().numpy() for n, p in self.params.items()}
+        # copy: for float32 CPU tensors .numpy() is a live view of the weights
+        return {n: p.detach().float().cpu().numpy().copy() for n, p in self.params.items()}
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

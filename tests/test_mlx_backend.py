@@ -24,6 +24,7 @@ pytest.importorskip("mlx_lm")
 from mlx.utils import tree_flatten  # noqa: E402
 
 from backends import OptimConfig, SamplingConfig, load_backend  # noqa: E402
+from gft.checkpoint import check_model_dir, check_optimizer_state  # noqa: E402
 from gft.tiny import (EOS_ID, PAD_ID, TinyModelSpec, init_weights, write_safetensors,  # noqa: E402
                       write_tiny_model)
 from gft.types import TokenBatch  # noqa: E402
@@ -151,11 +152,15 @@ def test_weights_match_torch_after_three_clipped_updates(model_dirs, arch):
         assert r_m["loss"] == pytest.approx(r_t["loss"], rel=RTOL, abs=1e-7)
     w_t, w_m = t.named_parameters(), m.named_parameters()
     assert max_rel_err(w_m, w_t) < RTOL
-    # The updates themselves agree too, not only the (much larger) weights.
+    # The updates themselves agree too, not only the (much larger) weights. Measured over
+    # all tensors together: a k_proj bias has a near-zero gradient (a constant added to
+    # every key of a query cancels in the softmax; only RoPE breaks the symmetry), so Adam
+    # scales its rounding noise up to a full-size step and per tensor it agrees to ~3e-4.
     upd_t = {k: w_t[k] - start[k] for k in start}
     upd_m = {k: w_m[k] - start[k] for k in start}
     assert min(np.linalg.norm(u) for u in upd_t.values()) > 0  # every tensor moved
-    assert max_rel_err(upd_m, upd_t) < 1e-3
+    diff = np.sqrt(sum(np.sum((upd_m[k] - upd_t[k]) ** 2) for k in start))
+    assert diff / np.sqrt(sum(np.sum(u ** 2) for u in upd_t.values())) < 1e-4
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -206,6 +211,8 @@ def test_optimizer_state_crosses_backends(model_dirs, tmp_path):
     # and back: mlx writes the checkpoint, torch resumes from it
     m.save_model(tmp_path / "back")
     m.save_optimizer(tmp_path / "back" / "optimizer.safetensors")
+    check_model_dir(tmp_path / "back")  # the loop's own pre-resume checks accept it
+    check_optimizer_state(tmp_path / "back")
     t2 = load_backend("torch", str(tmp_path / "back"), optim=optim)
     t2.load_optimizer(tmp_path / "back" / "optimizer.safetensors")
     t2.train_step([make_batch(seed=31)], 1e-3, **LOSS)
@@ -252,6 +259,8 @@ def test_bfloat16_trains_and_saves_bfloat16(model_dirs, tmp_path):
     assert all(p.dtype == mx.bfloat16 for _, p in tree_flatten(m.model.parameters()))
     r = m.train_step([make_batch(seed=50)], 1e-3, **LOSS)
     assert r["skipped"] == 0.0 and np.isfinite(r["loss"])
+    out = m.generate(PROMPTS, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9), 0)
+    assert all(0 < len(row) <= 8 for row in out)
     m.save_model(tmp_path / "bf16")
     m.save_optimizer(tmp_path / "opt.safetensors")
     head = safetensors_header(tmp_path / "bf16" / "model.safetensors")
@@ -278,7 +287,8 @@ def test_non_finite_loss_and_empty_update_change_nothing(model_dirs, tmp_path):
     after = m.named_parameters()
     assert all(np.array_equal(before[k], after[k]) for k in before)
     m.save_optimizer(tmp_path / "after.safetensors")
-    assert (tmp_path / "before.safetensors").read_bytes() == (tmp_path / "after.safetensors").read_bytes()
+    before_opt = (tmp_path / "before.safetensors").read_bytes()
+    assert before_opt == (tmp_path / "after.safetensors").read_bytes()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(model_dirs):
@@ -343,7 +353,8 @@ NO_TORCH_CHILD = textwrap.dedent("""
 
 
 def test_mlx_backend_runs_without_torch(model_dirs):
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     proc = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD, str(model_dirs["llama"])],
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
