@@ -109,3 +109,20 @@ def test_plot_writes_png_per_run_and_overlay(tmp_path):
 def test_plot_rejects_a_directory_without_metrics(tmp_path):
     result = CliRunner().invoke(main, ["plot", str(tmp_path)])
     assert result.exit_code == 2 and "no metrics.jsonl" in result.output
+
+
+def test_auto_backend_prefers_mlx_on_apple_silicon(monkeypatch):
+    import importlib.util
+    import platform
+    import sys
+
+    import backends
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "mlx" else real_find_spec(name, *a))
+    assert backends.resolve_backend_name("auto") == "mlx"
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert backends.resolve_backend_name("auto") == "torch"
