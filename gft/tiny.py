@@ -20,7 +20,6 @@ Deliberate choices:
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,47 +205,33 @@ def init_weights(spec: TinyModelSpec) -> dict[str, np.ndarray]:
     return weights
 
 
-def to_bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 (nearest, ties to even) and return the raw uint16 bits.
-
-    NumPy has no bfloat16, so the bits are computed by hand for the safetensors writer.
-    """
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return rounded.astype(np.uint16)
-
-
-_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-
-
-def encode_tensor(x: np.ndarray, dtype: str) -> bytes:
-    """Little-endian raw bytes of a float32 array converted to `dtype`."""
-    if dtype == "bfloat16":
-        return to_bfloat16_bits(x).astype("<u2").tobytes()
-    return np.ascontiguousarray(x, dtype="<f4" if dtype == "float32" else "<f2").tobytes()
+_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def write_safetensors(path: Path, weights: dict[str, np.ndarray], dtype: str) -> None:
-    """Write a safetensors file (8-byte header length, JSON header, raw data).
+    """Write float32 NumPy weights as a safetensors file in `dtype`.
 
-    Hand-written because safetensors' NumPy writer cannot express bfloat16. The
-    {"format": "pt"} metadata is what transformers checks before loading.
+    The {"format": "pt"} metadata is what transformers checks before loading. NumPy has
+    no bfloat16, so that dtype is rounded and written by whichever array framework is
+    installed (torch, else mlx); float32/float16 go through safetensors' NumPy writer,
+    which keeps the file byte-identical on every platform for a given seed.
     """
-    header: dict = {"__metadata__": {"format": "pt"}}
-    blobs, offset = [], 0
-    for name, x in weights.items():
-        blob = encode_tensor(x, dtype)
-        header[name] = {"dtype": _DTYPES[dtype], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # pad so the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
+    meta = {"format": "pt"}
+    if dtype != "bfloat16":
+        from safetensors.numpy import save_file
+        np_dtype = np.float32 if dtype == "float32" else np.float16
+        save_file({k: np.ascontiguousarray(v, dtype=np_dtype) for k, v in weights.items()},
+                  str(path), metadata=meta)
+        return
+    try:
+        import torch
+        from safetensors.torch import save_file as save_torch
+        save_torch({k: torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16)
+                    for k, v in weights.items()}, str(path), metadata=meta)
+    except ImportError:
+        import mlx.core as mx
+        mx.save_safetensors(str(path), {k: mx.array(v).astype(mx.bfloat16)
+                                        for k, v in weights.items()}, metadata=meta)
 
 
 # --------------------------------------------------------------------------- directory
@@ -261,7 +246,7 @@ def write_tiny_model(path: str | Path, spec: TinyModelSpec = TinyModelSpec(),
     """
     validate_spec(spec)
     if dtype not in _DTYPES:
-        raise ConfigError(f"tiny model dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"tiny model dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", config_dict(spec, dtype))
