@@ -1,4 +1,5 @@
-"""The `gft` command: train, generate, eval, env. It only parses and dispatches."""
+"""The `gft` command: train, generate, eval, plot, convert, fuse, env. It only parses and
+dispatches."""
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ def friendly_errors(fn):
             sys.exit(e.exit_code)
         except GFTError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"error: {e.strerror or e}{where}", err=True)
@@ -190,6 +191,45 @@ def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
     from gft.plot import plot_runs
     for path in plot_runs([Path(r) for r in runs], Path(out), smooth):
         click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("dst", type=click.Path(file_okay=False))
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Cast floating-point weights (default: keep them).")
+@click.option("--shard-size", metavar="SIZE",
+              help="Split weights into shards above SIZE, e.g. 500MB, 2GB (default 5GB).")
+@click.option("--to", "to", type=click.Choice(["peft", "mlx-lm"]),
+              help="Adapter format to write (default: the other one).")
+@click.option("--base", help="The adapter's base model directory (default: the one the "
+                             "adapter names), to check which layers it covers.")
+@friendly_errors
+def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: str | None,
+            base: str | None) -> None:
+    """Rewrite the model or LoRA adapter in SRC as DST: a transformers- or mlx-lm-written
+    model becomes a portable directory (config both libraries read alike; dtype, shards);
+    an adapter moves between PEFT and mlx-lm formats."""
+    from gft.convert import convert as convert_
+    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base):
+        click.echo(line)
+
+
+@main.command()
+@click.argument("adapter", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--base", help="Base model directory (default: the one the adapter names).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Cast the fused weights (default: the base model's dtype).")
+@click.option("--shard-size", metavar="SIZE", help="Shard size, e.g. 2GB (default 5GB).")
+@friendly_errors
+def fuse(adapter: str, out: str, base: str | None, dtype: str | None,
+         shard_size: str | None) -> None:
+    """Merge a LoRA ADAPTER (PEFT or mlx-lm format) into its base model: OUT is a portable
+    model directory with W + (alpha/r)·B·A in every adapted weight."""
+    from gft.convert import fuse as fuse_
+    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size):
+        click.echo(line)
 
 
 def _version(dist: str) -> str:

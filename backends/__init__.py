@@ -101,8 +101,17 @@ def resolve_backend_name(name: str) -> str:
 
 def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: str = "auto",
                  optim: OptimConfig = OptimConfig(), seed: int = 0,
-                 trust_remote_code: bool = False, gradient_checkpointing: bool = False) -> Backend:
-    """Import the chosen backend module lazily and load the model into it."""
+                 trust_remote_code: bool = False, gradient_checkpointing: bool = False,
+                 lora: Any = None, base: str | None = None,
+                 shard_size: str | int = "5GB") -> Backend:
+    """Import the chosen backend module lazily and load the model into it.
+
+    lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
+    adapter directory as model_path (a LoRA checkpoint) loads its base model (`base` when
+    given, else the adapter's base_model_name_or_path) with the adapter on it.
+    shard_size: saved weights are split into shards above this size."""
+    from gft.lora import resolve_adapter
+    model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
@@ -113,4 +122,5 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
         raise ConfigError(f"backend '{name}' is not installed ({e}); pip install 'gft[{extra}]'") from None
     return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
                        trust_remote_code=trust_remote_code,
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, lora=lora,
+                       adapter=adapter, shard_size=shard_size)

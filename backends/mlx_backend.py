@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from backends import OptimConfig, SamplingConfig
 from gft.checkpoint import write_portable_config
+from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
@@ -156,9 +157,10 @@ class MlxBackend:
     name = "mlx"
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
-                 optim: OptimConfig):
+                 optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE):
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
         self.dtype, self.optim_cfg = dtype, optim
+        self.lora, self.shard_size = lora, shard_size
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
         self._adamw_tensor = mx.compile(adamw_tensor_update(optim))  # one fused kernel
         self._grads: dict[str, mx.array] | None = None  # accumulated, by parameter name
@@ -168,6 +170,15 @@ class MlxBackend:
 
     def _params(self) -> dict[str, mx.array]:
         return dict(tree_flatten(self.model.trainable_parameters()))
+
+    def _neutral(self, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Names (and LoRA orientation) as they leave the backend: gft/lora.py's."""
+        from backends.mlx_lora import to_neutral
+        return to_neutral(tensors) if self.lora is not None else tensors
+
+    def _native(self, tensors: dict[str, mx.array]) -> dict[str, mx.array]:
+        from backends.mlx_lora import from_neutral
+        return from_neutral(tensors) if self.lora is not None else tensors
 
     # ------------------------------------------------------------------ rollouts
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -268,8 +279,8 @@ class MlxBackend:
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
         grads = self._grads or {}
-        return {n: np.array((grads[n] if n in grads else mx.zeros_like(p)).astype(mx.float32))
-                for n, p in self._params().items()}
+        full = {n: grads[n] if n in grads else mx.zeros_like(p) for n, p in self._params().items()}
+        return {n: np.array(g.astype(mx.float32)) for n, g in self._neutral(full).items()}
 
     def apply_update(self, lr: float) -> tuple[float, bool]:
         """Clip to max_grad_norm, then one AdamW step at `lr`; skip it if not finite.
@@ -328,6 +339,13 @@ class MlxBackend:
         embeddings without lm_head.weight), from the source config.json."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:  # the adapter only, in PEFT format
+            from backends.mlx_lora import save_adapter
+            save_adapter(path, self._params(), self.lora, str(self.model_path))
+            return
+        weights = dict(tree_flatten(self.model.parameters()))
+        write_weights(path, weights, lambda f, t: mx.save_safetensors(
+            str(f), t, metadata={"format": "pt"}), lambda a: a.nbytes, self.shard_size)
         cfg = json.loads((self.model_path / "config.json").read_text())
         cfg["dtype"] = self.dtype
         if "torch_dtype" in cfg:
@@ -337,8 +355,6 @@ class MlxBackend:
             cfg["tie_word_embeddings"] = tied  # mlx-lm and transformers default differently
         (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_portable_config(path)
-        weights = dict(tree_flatten(self.model.parameters()))
-        mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
         self.tokenizer.save_pretrained(str(path))
         gen_src = self.model_path / "generation_config.json"
         if gen_src.exists():
@@ -351,14 +367,14 @@ class MlxBackend:
             (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     def save_optimizer(self, path: Path) -> None:
-        tensors = {f"exp_avg.{n}": m for n, m in self._exp_avg.items()}
-        tensors.update({f"exp_avg_sq.{n}": v for n, v in self._exp_avg_sq.items()})
+        tensors = {f"exp_avg.{n}": m for n, m in self._neutral(self._exp_avg).items()}
+        tensors.update({f"exp_avg_sq.{n}": v for n, v in self._neutral(self._exp_avg_sq).items()})
         mx.save_safetensors(str(path), tensors,
                             metadata={"format": "gft-adamw", "step": str(self._step)})
 
     def load_optimizer(self, path: Path) -> None:
         tensors, meta = mx.load(str(path), return_metadata=True)
-        params = self._params()
+        params = self._neutral(self._params())
         if not tensors:
             return
         exp_avg, exp_avg_sq = {}, {}
@@ -368,12 +384,13 @@ class MlxBackend:
                                  "(checkpoint from a different model?)")
             exp_avg[name] = tensors[f"exp_avg.{name}"].astype(p.dtype)
             exp_avg_sq[name] = tensors[f"exp_avg_sq.{name}"].astype(p.dtype)
+        exp_avg, exp_avg_sq = self._native(exp_avg), self._native(exp_avg_sq)
         mx.eval(exp_avg, exp_avg_sq)
         self._exp_avg, self._exp_avg_sq = exp_avg, exp_avg_sq
         self._step = int((meta or {}).get("step", 0))
 
     def named_parameters(self) -> dict[str, np.ndarray]:
-        return {n: np.array(p.astype(mx.float32)) for n, p in self._params().items()}
+        return {n: np.array(p.astype(mx.float32)) for n, p in self._neutral(self._params()).items()}
 
 
 def set_device(device: str) -> None:
@@ -393,8 +410,11 @@ def set_device(device: str) -> None:
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
-         gradient_checkpointing: bool = False) -> MlxBackend:
+         gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
+         shard_size: str | int = DEFAULT_SHARD_SIZE) -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
+    lora (a gft.lora.LoraConfig): train adapters on the frozen model, fresh or loaded from
+    the PEFT directory `adapter`.
 
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
@@ -413,6 +433,10 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
+    if lora is not None:
+        from backends.mlx_lora import apply_lora
+        apply_lora(model, lora, seed, adapter)
     if gradient_checkpointing:
         checkpoint_layers(model)
-    return MlxBackend(model, tokenizer, Path(model_path), dtype, optim)
+    return MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
+                      shard_size=shard_size)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from backends import OptimConfig, SamplingConfig
 from gft.checkpoint import write_portable_config
+from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.errors import ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
@@ -76,9 +77,15 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig):
+    def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig, *,
+                 lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE):
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        if lora is not None:  # only the adapters train, under their PEFT file names
+            from backends.torch_lora import lora_parameters
+            self.params = lora_parameters(model)
+        else:
+            self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps,
             weight_decay=optim.weight_decay)
@@ -173,8 +180,16 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ state
     def save_model(self, path: Path) -> None:
+        """The Hugging Face directory (shards above shard_size, in natural name order as the
+        MLX backend writes them), or with LoRA the PEFT adapter directory."""
         path = Path(path)
-        self.model.save_pretrained(path, safe_serialization=True)
+        if self.lora is not None:
+            from backends.torch_lora import save_adapter
+            save_adapter(path, self.params, self.lora, self.base)
+            return
+        state = self.model.state_dict()
+        ordered = {k: state[k] for k in sorted(state, key=natural_key)}
+        self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
         self.tokenizer.save_pretrained(path)
         write_portable_config(path)
 
@@ -236,7 +251,10 @@ def _quiet_transformers() -> None:
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
-         gradient_checkpointing: bool = False) -> TorchBackend:
+         gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
+         shard_size: str | int = DEFAULT_SHARD_SIZE) -> TorchBackend:
+    """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
+    fresh or loaded from the PEFT directory `adapter`."""
     from transformers import AutoModelForCausalLM
     from gft.checkpoint import load_tokenizer
     _quiet_transformers()
@@ -254,4 +272,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
         enable()
-    return TorchBackend(model, tokenizer, dev, optim)
+    if lora is not None:
+        from backends.torch_lora import apply_lora
+        model = apply_lora(model, lora, seed, adapter)
+    return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
+                        shard_size=shard_size)

@@ -42,6 +42,14 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    # ---- LoRA (gft/lora.py)
+    lora_rank: int = _f(0, "LoRA rank; 0 = train the whole model. With LoRA only the adapters "
+                           "train, and checkpoints hold the adapter in PEFT format.")
+    lora_alpha: float = _f(16.0, "LoRA alpha: the adapter's update is scaled by alpha / rank.")
+    lora_dropout: float = _f(0.0, "Dropout on the input of the LoRA branch.")
+    lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                             "down_proj"], "Linear layers that get adapters, by name (PEFT's "
+                                           "target_modules).")
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")
@@ -94,6 +102,8 @@ class TrainConfig:
     eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    save_shard_size: str | int = _f("5GB", "Split saved weights into model-0000K-of-0000N."
+                                           "safetensors shards above this size (e.g. 500MB, 2GB).")
     sample_every: int = _f(10, "Log a sample completion to samples.jsonl every N steps.")
     max_bad_steps: int = _f(5, "Stop after this many steps in a row with a non-finite loss "
                                 "or gradient (each is skipped without an update).")
@@ -206,6 +216,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+    from gft.convert import parse_size  # LoRA keys and the shard size
+    from gft.lora import lora_from_train_config
+    lora_from_train_config(cfg)
+    if parse_size(cfg.save_shard_size) < 1:
+        raise ConfigError(f"'save_shard_size' must be positive, got {cfg.save_shard_size!r}")
     return cfg
 
 

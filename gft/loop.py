@@ -159,13 +159,17 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
 
 
 def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedPrompts | None,
-          scorer, run_dir: Path, state: LoopState, console) -> LoopState:
-    """Run steps state.step .. total; log, evaluate and checkpoint along the way."""
+          scorer, run_dir: Path, state: LoopState, console,
+          stop: Callable[[], bool] = lambda: False) -> LoopState:
+    """Run steps state.step .. total; log, evaluate and checkpoint along the way.
+
+    stop() is checked between steps (gft/signals.py): once it is true the loop saves a
+    checkpoint of the last finished step and returns early."""
     run_dir = Path(run_dir)
     log = MetricsLog(run_dir / "metrics.jsonl")
     samples = MetricsLog(run_dir / "samples.jsonl")
-    log.truncate_after(state.step)
-    samples.truncate_after(state.step)
+    log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
+    samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     steps = stages[-1].end
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
@@ -174,13 +178,14 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
         payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
         return save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints)
 
-    if state.step == 0:
+    saved = state.step  # the step the newest checkpoint holds (0: start from the config)
+    if state.step == 0 and not stop():
         ev = run_eval(cfg, backend, eval_data, scorer, 0)
         if ev:
             log.write({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
             console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
     with ProgressBar(steps, state.step, cfg.progress, console) as bar:
-        while state.step < steps:
+        while state.step < steps and not stop():
             stage = stage_at(stages, state.step)
             if state.step == stage.start and len(stages) > 1:
                 bar.console.print(f"stage {stage.index + 1}/{len(stages)}: {stage.name} for "
@@ -191,7 +196,6 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                            stage_lr(stage, state.step))
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
-            _track_bad_steps(state, m, cfg)
             sample = m.pop("_sample", None)
             m.update({"step": state.step, "epoch": state.epoch, "stage": stage.index,
                       "preset": stage.name, "time/step": time.perf_counter() - t0})
@@ -202,11 +206,15 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                     bar.console.print(f"step {state.step}: held-out accuracy "
                                       f"{ev['accuracy']:.3f}, reward {ev['reward']:.3f}")
             log.write(m)
+            _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
             if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
                 samples.write({"step": state.step, **sample})
             bar.update(state.step, m)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
                 checkpoint(state.step)
+                saved = state.step
+    if state.step < steps and state.step != saved:  # stopped early: keep what was done
+        checkpoint(state.step)
     return state
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from gft.checkpoint import atomic_write_text
 from gft.groups import Sequence_
 
 
@@ -52,11 +53,19 @@ class MetricsLog:
             f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
 
     def truncate_after(self, step: int) -> None:
+        """Keep lines of steps <= step; drop a line torn by a kill mid-write. The file is
+        replaced atomically, so a kill here loses nothing."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                keep.append(line)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

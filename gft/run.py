@@ -4,7 +4,8 @@ This is what `gft train` calls; the loop itself is gft/loop.py.
 """
 from __future__ import annotations
 
-import json
+import shlex
+import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -14,18 +15,23 @@ import yaml
 from rich.console import Console
 
 from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import OPTIMIZER_FILE, latest_checkpoint, read_state, save_checkpoint
-from gft.config import TrainConfig, build_config, to_dict
+from gft.checkpoint import (OPTIMIZER_FILE, STATE_FILE, atomic_directory, atomic_write_text,
+                            check_model_dir, check_optimizer_state, clean_leftovers,
+                            latest_checkpoint, read_state, save_checkpoint)
+from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
-from gft.errors import ConfigError, ModelError
-from gft.loop import LoopState, train
-from gft.rewards import build_rewards
+from gft.errors import ConfigError, DataError, ModelError, RewardError
+from gft.loop import LoopState, total_steps, train
+from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
+from gft.signals import GracefulStop, Interrupted, signal_name
+from gft.stages import plan_stages
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
 # arithmetic task from random init in a few minutes on 2 CPU cores.
-DEFAULT_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                     intermediate_size=256, max_position_embeddings=256)
+# (90k parameters: at this scale a smaller model learns faster per CPU second.)
+DEFAULT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, max_position_embeddings=256)
 
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
@@ -35,19 +41,21 @@ def resolve_run_dir(cfg: TrainConfig) -> Path:
 
 
 def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> TrainConfig:
-    """Write the embedded model and task into the run directory when none were given."""
+    """Write the embedded model and task into the run directory when none were given
+    (atomically: a run killed while writing them rewrites them on the next start)."""
     if cfg.model is None:
         from gft.tiny import TinyModelSpec, write_tiny_model
         path = run_dir / "base-model"
-        if not (path / "config.json").exists():
-            write_tiny_model(path, TinyModelSpec(seed=cfg.seed, **DEFAULT_MODEL))
+        if not path.exists():
+            spec = TinyModelSpec(seed=cfg.seed, **DEFAULT_MODEL)
+            atomic_directory(path, lambda tmp: write_tiny_model(tmp, spec))
         console.print(f"model: embedded default (tiny byte-level Llama, random init) -> {path}")
         cfg = replace(cfg, model=str(path))
     if cfg.data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         path = run_dir / "task"
-        if not (path / "train.jsonl").exists():
-            write_task(path, ArithTaskConfig())
+        if not path.exists():
+            atomic_directory(path, lambda tmp: write_task(tmp, ArithTaskConfig()))
         console.print(f"data: embedded arithmetic word problems -> {path}")
         cfg = replace(cfg, data=str(path))
     return cfg
@@ -62,54 +70,148 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPr
     kw = dict(chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
               overflow=cfg.prompt_overflow)
     data = prepare_prompts(train_rows, tokenizer, **kw)
-    if data.n_truncated or data.n_skipped:
-        console.print(f"[yellow]prompts over max_prompt_tokens={cfg.max_prompt_tokens}: "
-                      f"{data.n_truncated} truncated, {data.n_skipped} skipped")
+    held_out = prepare_prompts(eval_rows, tokenizer, **kw) if eval_rows else None
+    for label, part in (("training", data), ("held-out", held_out)):
+        if part is not None and (part.n_truncated or part.n_skipped):
+            console.print(f"[yellow]{label} prompts over max_prompt_tokens={cfg.max_prompt_tokens}: "
+                          f"{part.n_truncated} truncated, {part.n_skipped} skipped")
     if not data.rows:
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
-    held_out = prepare_prompts(eval_rows, tokenizer, **kw) if eval_rows else None
+    check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:
+    """Every row needs `answer` when a built-in reward compares with it; say so before
+    training, not when a step first draws the row hours into the run."""
+    needs = []
+    for spec in parse_reward_specs(cfg.rewards):
+        pattern = spec.options.get("pattern")
+        if spec.name in ("math", "exact") or (
+                spec.name == "regex" and isinstance(pattern, str) and "(?P<answer>" in pattern):
+            needs.append(spec.name)
+    if not needs:
+        return
+    for part in parts:
+        for ex in part.rows if part is not None else []:
+            if ex.answer is None:
+                raise DataError(f"missing; reward '{needs[0]}' compares every response with the "
+                                "row's answer (add one, or choose rewards that need none)",
+                                path=ex.source, field="answer")
+
+
+class RequireApplicableReward:
+    """The RewardModel, plus one check: a batch where no reward applies to any response
+    (every function returned None for all of them) would train on all-zero rewards, so
+    it is an error rather than a silent no-op."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def score(self, prompts, completions, columns, sources=None):
+        result = self.model.score(prompts, completions, columns, sources)
+        if len(completions) and result.n_none == len(completions):
+            first = sources[0] if sources else "row 0"
+            raise RewardError(f"rewards ({', '.join(self.model.names)}) returned None (not "
+                              f"applicable) for all {len(completions)} responses of a batch "
+                              f"(first: {first}); nothing to learn from: check what the reward "
+                              "functions return and the columns they read")
+        return result
 
 
 def open_backend(cfg: TrainConfig, model_path: str):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
+    from gft.lora import lora_from_train_config
     return load_backend(cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device,
                         optim=optim, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                        gradient_checkpointing=cfg.gradient_checkpointing)
+                        gradient_checkpointing=cfg.gradient_checkpointing,
+                        lora=lora_from_train_config(cfg), base=cfg.model,
+                        shard_size=cfg.save_shard_size)
+
+
+def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
+                 console: Console) -> tuple[TrainConfig, LoopState, Path | None]:
+    """(config, loop state, checkpoint) to continue `run_dir` from. A run killed before
+    its first checkpoint starts over from step 0 with its saved config.yaml."""
+    clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
+    clean_leftovers(run_dir / "checkpoints")
+    start_from = latest_checkpoint(run_dir)
+    if start_from is None:
+        saved_config = run_dir / "config.yaml"
+        if not saved_config.is_file():
+            raise ModelError(f"{run_dir}: no checkpoint and no config.yaml to resume from; "
+                             "start the run again with gft train")
+        cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
+        console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
+        return cfg, LoopState(), None
+    saved = read_state(start_from)
+    cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
+    try:
+        state = LoopState(**saved["loop"])
+    except TypeError as e:
+        raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
+    console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
+    return cfg, state, start_from
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
                  overrides: dict[str, Any] | None = None, console: Console | None = None) -> Path:
-    """Train (or resume) and return the path of the final checkpoint."""
+    """Train (or resume) and return the path of the final checkpoint.
+
+    SIGINT/SIGTERM stop it cleanly after the current step (gft/signals.py): a checkpoint
+    is saved and `Interrupted` raised, which `gft train` turns into exit code 128 + signal."""
     console = console or Console(soft_wrap=True)  # paths stay on one line, copy-pasteable
-    state = LoopState()
-    start_from: Path | None = None
+    with GracefulStop() as stop:
+        return _run(cfg, resume, overrides, console, stop)
+
+
+def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
+         console: Console, stop: GracefulStop) -> Path:
+    state, start_from = LoopState(), None
     if resume is not None:
         run_dir = Path(resume)
-        start_from = latest_checkpoint(run_dir)
-        if start_from is None:
-            raise ModelError(f"{run_dir}: no complete checkpoint to resume from")
-        saved = read_state(start_from)
-        cfg = build_config(saved["config"], overrides, source=str(start_from / "trainer_state.json"))
-        state = LoopState(**saved["loop"])
-        console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
+        cfg, state, start_from = resume_point(run_dir, overrides, console)
     else:
         run_dir = resolve_run_dir(cfg)
+        if latest_checkpoint(run_dir) is not None:
+            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
+                              f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
+                              "--output-dir")
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    scorer = build_rewards(cfg.rewards)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    scorer = RequireApplicableReward(build_rewards(cfg.rewards))
+    check_model_dir(start_from or str(cfg.model))
+    has_optimizer = start_from is not None and (start_from / OPTIMIZER_FILE).exists()
+    if has_optimizer:
+        check_optimizer_state(start_from)
     backend = open_backend(cfg, str(start_from or cfg.model))
-    if start_from is not None and (start_from / OPTIMIZER_FILE).exists():
+    if has_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console)
     console.print(f"run: {run_dir}  backend: {backend.name}  preset: {cfg.preset} "
                   f"(K={cfg.num_offpolicy}, n={cfg.num_rollouts}, tau={cfg.tau}, "
                   f"advantage={cfg.advantage})  train rows: {len(data.rows)}")
-    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console)
+    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop)
+    steps = plan_stages(cfg, total_steps(cfg, len(data.rows)))[-1].end
+    if state.step < steps:  # the loop only ends early when asked to stop
+        raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
     final = save_checkpoint(backend, run_dir / "final", payload)
+    clean_leftovers(run_dir / "checkpoints")
     console.print(f"final checkpoint: {final}")
     return final
+
+
+def interrupted(signum: int, run_dir: Path, step: int, steps: int) -> Interrupted:
+    checkpoint = latest_checkpoint(run_dir)
+    saved = (f"checkpoint saved: {checkpoint}" if step and checkpoint is not None
+             else "nothing trained yet")
+    return Interrupted(f"interrupted by {signal_name(signum)} after step {step} of {steps}; "
+                       f"{saved}\nresume with: gft train --resume {shlex.quote(str(run_dir))}",
+                       signum)

@@ -1,0 +1,205 @@
+"""Batched KV-cache sampling for transformers causal LMs, without `generate`'s per-step machinery.
+
+    prompts (B rows, any lengths) -> left-pad -> ONE prefill forward (explicit position_ids,
+    padding mask, logits of the last column only) -> decode loop: one model call per token
+    on the rows still running, sampled with plain torch ops.
+
+What it does differently from `model.generate` (and why it is faster on CPU):
+- no logits-processor / stopping-criteria objects, no `prepare_inputs_for_generation`,
+  no per-step cache_position bookkeeping: the loop body is the model call, a sample, and
+  two small tensor updates;
+- finished rows leave the batch (their KV rows are dropped), so a step costs what the
+  rows still running cost, and the loop ends when the last row has emitted EOS;
+- the KV cache is preallocated for prompt + max_new_tokens and written in place
+  (`GrowingCache`), instead of `DynamicCache`'s torch.cat of the whole cache every step;
+- when no row is padded (GRPO's usual case: one prompt repeated G times) no attention
+  mask is passed at all, so attention takes the causal fast path.
+
+Sampling: temperature, then nucleus (top-p) by sort + cumsum, then one inverse-CDF draw
+per row from a seeded `torch.Generator` (the same seed and inputs give the same tokens).
+greedy=True is argmax, token for token what `generate(do_sample=False)` returns.
+
+Shapes: B rows, P padded prompt length, V vocabulary.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+try:  # transformers >= 4.56 builds caches from layer objects
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # older: keep its DynamicCache as it is
+    DynamicLayer = None
+
+
+class GrowingLayer(DynamicLayer or object):
+    """A DynamicLayer whose keys/values live in a buffer preallocated to `capacity`
+    positions; `update` writes the new positions in place and returns views.
+
+    DynamicLayer re-concatenates the whole cache at every token (O(L²) copying); this one
+    copies only the new token. Rows are dropped with `batch_select_indices` as usual.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+        self.k_buf = self.v_buf = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.k_buf is None:
+            b, h, _, d = key_states.shape
+            kw = dict(dtype=key_states.dtype, device=key_states.device)
+            self.k_buf = torch.empty(b, h, self.capacity, d, **kw)
+            self.v_buf = torch.empty(b, h, self.capacity, value_states.shape[-1], **kw)
+            self.is_initialized, self.device = True, key_states.device
+        n = key_states.shape[-2]
+        end = self.length + n
+        self.k_buf[:, :, self.length:end] = key_states
+        self.v_buf[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.k_buf is not None:
+            self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+
+def growing_cache(model, capacity: int) -> DynamicCache:
+    """A DynamicCache of GrowingLayers (full attention only), else a plain DynamicCache."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    if DynamicLayer is None:
+        return DynamicCache()
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        return DynamicCache(config=model.config)  # sliding windows: keep transformers' layers
+    cache = DynamicCache()
+    cache.layers = [GrowingLayer(capacity) for _ in range(config.num_hidden_layers)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+def cache_keyword(model) -> str:
+    """transformers >= 5.x names the KV-cache argument `cache` (`past_key_values` still
+    works there through a deprecation wrapper, at a cost per call); older versions only
+    know `past_key_values`."""
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def pick_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool,
+                generator: torch.Generator) -> torch.Tensor:
+    """One token per row from [B, V] logits: argmax, or a temperature / top-p draw.
+
+    A draw is inverse-CDF: one uniform number per row against the cumulative
+    probabilities (float64, so 150k-token vocabularies lose no mass to rounding),
+    instead of torch.multinomial's V random numbers per row — on CPU the random
+    numbers, not the arithmetic, are what a multinomial over a 50k vocabulary costs.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    order = None
+    if top_p < 1.0:
+        logits, order = logits.sort(dim=-1, descending=True)
+        probs = logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass
+        # (the top token is always kept).
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)
+    else:
+        probs = logits.softmax(dim=-1)
+    cdf = probs.double().cumsum(dim=-1)                                   # [B, V]
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    # right=True: the first index whose CDF exceeds u·total, never a zero-probability one.
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[1] - 1)
+    idx = idx.squeeze(-1)
+    return idx if order is None else order.gather(-1, idx[:, None]).squeeze(-1)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, P] ids and 0/1 mask with every row's last prompt token in the last column."""
+    width = max(1, max(len(p) for p in prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sample(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+           eos_id: int | None, pad_id: int, seed: int = 0,
+           device: torch.device | str | None = None) -> list[list[int]]:
+    """Completions for `prompts` (token ids), each cut after its first EOS (kept).
+
+    A row that never emits EOS stops at max_new_tokens. Every prompt needs at least one
+    token (a BOS will do). Runs the model in eval mode, restoring its mode afterwards."""
+    B = len(prompts)
+    if B == 0 or max_new_tokens <= 0:
+        return [[] for _ in range(B)]
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("sample: every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            return _sample(model, prompts, max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_p=top_p, greedy=greedy,
+                           eos_id=eos_id, pad_id=pad_id, seed=seed, device=device)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id,
+            seed, device) -> list[list[int]]:
+    B = len(prompts)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids, mask = left_pad(prompts, pad_id, device)
+    padded = bool((mask == 0).any())
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    cache = growing_cache(model, ids.shape[1] + max_new_tokens)
+    kv = {cache_keyword(model): cache, "use_cache": True}
+    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                logits_to_keep=1, **kv)
+    logits = out.logits[:, -1]
+    next_pos = positions[:, -1:] + 1                     # [b, 1] position of the next token
+    rows = torch.arange(B, device=device)                 # original index of each live row
+    result = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        tok = pick_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy,
+                          generator=generator)
+        result[rows, t] = tok
+        if t == max_new_tokens - 1:
+            break
+        if eos_id is not None:
+            done = tok == eos_id
+            if bool(done.any()):
+                lengths[rows[done]] = t + 1
+                keep = (~done).nonzero().squeeze(1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                rows, tok, next_pos = rows[keep], tok[keep], next_pos[keep]
+                if padded:
+                    mask = mask[keep]
+        if padded:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask if padded else None,
+                    position_ids=next_pos, **kv)
+        logits = out.logits[:, -1]
+        next_pos = next_pos + 1
+    return [row[:n] for row, n in zip(result.tolist(), lengths.tolist())]

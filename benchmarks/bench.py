@@ -1,0 +1,225 @@
+"""Benchmark gft against TRL and mlx-lm-lora, and against the hardware floor, in one run.
+
+    python benchmarks/bench.py --model smollm2 --reps 3      # the measurement (minutes)
+    python benchmarks/bench.py --model tiny --reps 1 --quick # a smoke run (seconds)
+
+Every job runs in its own subprocess (benchmarks/worker.py), one after another, so its
+peak RSS is its own and no two jobs share the CPU. Results go to OUT/results.json (one
+entry per model / device / dtype, replaced when re-run), OUT/RESULTS.md (rendered from
+all entries) and OUT/results-<model>-<device>-<dtype>.png. See benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import models, report, workload  # noqa: E402
+from benchmarks.floor import DTYPE_BYTES, model_shape  # noqa: E402
+from benchmarks.openblas import openblas_env  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# key -> (worker job, its arguments, the module it needs, the pip name to suggest)
+TRAINERS = {
+    "gft-torch:grpo": ("gft", {"backend": "torch", "preset": "grpo"}, "torch", "gft[torch]"),
+    "gft-torch:gft": ("gft", {"backend": "torch", "preset": "gft"}, "torch", "gft[torch]"),
+    "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
+    "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
+    "trl:grpo": ("trl", {}, "trl", "trl"),
+    "mlx-lm-lora:grpo": ("mlx_lm_lora", {}, "mlx_lm_lora", "mlx-lm-lora"),
+}
+MLX_JOBS = {"gft-mlx:grpo", "gft-mlx:gft", "mlx-lm-lora:grpo"}
+VERSIONED = ["torch", "transformers", "trl", "accelerate", "mlx", "mlx-lm", "mlx-lm-lora",
+             "numpy", "matplotlib"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a model directory")
+    p.add_argument("--reps", type=int, default=3, help="measured steps per trainer")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
+    p.add_argument("--trainers", default="all",
+                   help="comma list of: " + ", ".join(TRAINERS) + ", sampler; or a prefix "
+                        "such as gft-torch, trl; default all")
+    p.add_argument("--device", default="cpu", help="cpu | cuda (torch jobs; mlx picks its own)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-new-tokens", type=int, default=workload.MAX_NEW_TOKENS)
+    p.add_argument("--out", default=str(HERE), help="where RESULTS.md, results.json, the PNG go")
+    p.add_argument("--cache", default=str(HERE / "cache"), help="models, OpenBLAS, logs")
+    p.add_argument("--quick", action="store_true", help="small floor measurement (smoke tests)")
+    p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS for mlx")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per job")
+    return p.parse_args(argv)
+
+
+def selected(spec: str) -> list[str]:
+    keys = list(TRAINERS) + ["sampler"]
+    if spec == "all":
+        return keys
+    out = []
+    for part in (s.strip() for s in spec.split(",") if s.strip()):
+        hits = [k for k in keys if k == part or k.split(":")[0] == part]
+        if not hits:
+            raise SystemExit(f"--trainers: unknown '{part}' (choose from {', '.join(keys)})")
+        out += [h for h in hits if h not in out]
+    return out
+
+
+def run_job(job: str, args: dict, label: str, logs: Path, timeout: float,
+            env: dict | None = None) -> dict:
+    """Run one worker; its result dict, or {'error': the last line it printed}."""
+    out = logs / f"{label.replace(':', '-')}.json"
+    log = logs / f"{label.replace(':', '-')}.log"
+    out.unlink(missing_ok=True)
+    cmd = [sys.executable, str(HERE / "worker.py"), job, json.dumps({**args, "label": label}), str(out)]
+    t0 = time.perf_counter()
+    print(f"[bench] {label} ...", flush=True)
+    with open(log, "w") as fh:
+        try:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
+                                  env={**os.environ, **(env or {})}, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    took = time.perf_counter() - t0
+    if code == 0 and out.exists():
+        print(f"[bench] {label} done in {took:.0f}s", flush=True)
+        return json.loads(out.read_text())
+    tail = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    why = f"timed out after {timeout:.0f}s" if code == "timeout" else (tail[-1] if tail else f"exit {code}")
+    print(f"[bench] {label} FAILED ({why}); log: {log}", flush=True)
+    return {"error": why[:300]}
+
+
+def machine(device: str) -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    elif sys.platform == "darwin":
+        got = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        cpu = got.stdout.strip() or cpu
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        ram = float("nan")
+    gpu = None
+    if device.startswith("cuda"):
+        got = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True)
+        gpu = got.stdout.strip().splitlines()[0] if got.returncode == 0 and got.stdout.strip() else "cuda"
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "gpu": gpu,
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "load_before": _load(), "load_after": None}
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    out["gft"] = got.stdout.strip() or "?"
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    out, cache = Path(a.out), Path(a.cache)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = cache / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    model_dir = models.prepare(a.model, cache).resolve()
+    shape = model_shape(model_dir)
+    keys = selected(a.trainers)
+    skipped_mlx = a.device != "cpu" and a.trainers == "all"
+    if skipped_mlx:  # mlx never runs on CUDA: its CPU rows would not belong in a GPU section
+        keys = [k for k in keys if k not in MLX_JOBS]
+    common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
+              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
+    argv_text = " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    run = {"model": a.model if a.model in ("tiny", "smollm2") else model_dir.name,
+           "device": a.device, "dtype": a.dtype, "command": f"python benchmarks/bench.py {argv_text}".strip(),
+           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(a.device),
+           "versions": versions(), "group": workload.GROUP, "max_new_tokens": a.max_new_tokens,
+           "warmup": a.warmup, "reps": a.reps, "params": shape.params, "rows": {}, "notes": []}
+    if skipped_mlx:
+        run["notes"].append(f"mlx rows skipped on --device {a.device} (mlx runs on Apple "
+                            "silicon or CPU; name them in --trainers to run them anyway)")
+    floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},
+                    "floor", logs, a.timeout)
+    if "error" in floor:
+        raise SystemExit(f"the floor measurement failed: {floor['error']}")
+    run["floor"] = floor
+    mlx_env = None
+    if any(k in MLX_JOBS for k in keys) and not a.no_openblas:
+        mlx_env, note = openblas_env(cache)
+        run["notes"].append(note)
+    for key in (k for k in keys if k in TRAINERS):
+        job, extra, module, pip_name = TRAINERS[key]
+        if importlib.util.find_spec(module) is None:
+            run["rows"][key] = {"error": f"{module} not installed (pip install {pip_name})"}
+            continue
+        res = run_job(job, {**common, **extra}, key, logs, a.timeout,
+                      env=mlx_env if key in MLX_JOBS else None)
+        if "error" in res:
+            run["rows"][key] = res
+            continue
+        summary = report.summarize(res, shape, floor, DTYPE_BYTES[a.dtype])
+        run["rows"][key] = {"summary": summary, "steps": res["steps"]}
+        run.setdefault("prompt_len", res["steps"][0]["prompt_len"])
+        if summary["info"].get("blas_gflops") is not None:
+            run["notes"].append(f"{key}: mlx matmul rate in that process "
+                                f"{summary['info']['blas_gflops']:.0f} GFLOP/s")
+    run.setdefault("prompt_len", "?")
+    if "sampler" in keys:
+        if importlib.util.find_spec("torch") is None:
+            run["notes"].append("sampler comparison skipped: torch not installed")
+        else:
+            sm = run_job("sampler", common, "sampler", logs, a.timeout)
+            if "error" in sm:
+                run["notes"].append(f"sampler comparison failed: {sm['error']}")
+            else:
+                run["sampler"] = sm
+    run["machine"]["load_after"] = _load()
+    key = f"{run['model']}-{a.device}-{a.dtype}"
+    png = out / f"results-{key}.png"
+    if report.chart(png, run):
+        run["chart"] = png.name
+    else:
+        run["notes"].append("no chart: pip install matplotlib")
+    store = out / "results.json"
+    runs = json.loads(store.read_text())["runs"] if store.exists() else {}
+    runs[key] = run
+    store.write_text(json.dumps({"runs": runs}, indent=1))
+    report.write_results(out / "RESULTS.md", runs)
+    print(f"[bench] wrote {out / 'RESULTS.md'}", flush=True)
+    return out / "RESULTS.md"
+
+
+if __name__ == "__main__":
+    main()

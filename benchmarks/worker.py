@@ -1,0 +1,322 @@
+"""One benchmark job in its own process, so that its peak RSS is its own.
+
+    python benchmarks/worker.py JOB '{"model": ..., "reps": ..., ...}' OUT.json
+
+JOB is floor | gft | trl | mlx_lm_lora | sampler. Every trainer job runs `warmup + reps`
+steps of benchmarks/workload.py's workload and records, per step: wall time, rollout
+time, update time, completion lengths, the prompt length and the tokens the update
+processed. The first `warmup` steps are kept in the file but flagged, and left out of
+the statistics.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import workload as W  # noqa: E402
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _quiet() -> None:
+    import warnings
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+# --------------------------------------------------------------------------- floor
+
+def job_floor(a: dict) -> dict:
+    from benchmarks.floor import measure
+    return measure(a.get("device", "cpu"), a.get("dtype", "float32"), quick=a.get("quick", False))
+
+
+# --------------------------------------------------------------------------- gft
+
+def job_gft(a: dict) -> dict:
+    """gft's own loop (gft.loop.train_step) on the torch or mlx backend."""
+    _quiet()
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.loop import train_step
+    from gft.rewards import build_rewards
+    from gft.run import load_data, open_backend
+
+    tmp = Path(tempfile.mkdtemp(prefix="gft-bench-"))
+    (tmp / "train.jsonl").write_text(json.dumps(W.gft_row()) + "\n")
+    cfg = build_config({
+        "model": a["model"], "data": str(tmp / "train.jsonl"), "backend": a["backend"],
+        "preset": a["preset"], "device": a.get("device", "auto"), "dtype": a.get("dtype", "float32"),
+        "max_response_tokens": a.get("max_new_tokens", W.MAX_NEW_TOKENS), "prompts_per_step": 1, "prompts_per_minibatch": 1,
+        "micro_batch_size": W.GROUP, "rollout_batch_size": W.GROUP, "rewards": [W.REWARD_SPEC],
+        "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
+        "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
+    backend = open_backend(cfg, cfg.model)
+    data, _ = load_data(cfg, backend.tokenizer, Console(quiet=True))
+    scorer = build_rewards(cfg.rewards)
+    rec: dict = {}
+    generate, update = backend.generate, backend.train_step
+
+    def timed_generate(prompts, sampling, seed):
+        out = generate(prompts, sampling, seed)
+        rec["completion_lengths"] = [len(o) for o in out]
+        return out
+
+    def counted_update(batches, lr, **kw):
+        rec["seq_lengths"] = rec.get("seq_lengths", []) + [
+            int(n) for b in batches for n in b.attention.sum(axis=1)]
+        rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(int(b.input_ids.size) for b in batches)
+        return update(batches, lr, **kw)
+
+    backend.generate, backend.train_step = timed_generate, counted_update
+    steps = []
+    for i in range(a["warmup"] + a["reps"]):
+        rec.clear()
+        t0 = time.perf_counter()
+        m = train_step(cfg, backend, data, [0], scorer, i, lambda _: cfg.learning_rate)
+        wall = time.perf_counter() - t0
+        steps.append({"warmup": i < a["warmup"], "step_s": wall, "rollout_s": m["time/rollout"],
+                      "update_s": m["time/update"], "reward_s": m["time/reward"],
+                      "prompt_len": len(data.prompt_ids[0]),
+                      "completion_lengths": rec.get("completion_lengths", []),
+                      "seq_lengths": rec.get("seq_lengths", []),
+                      "padded_tokens": rec.get("padded_tokens", 0)})
+        _progress(a, i, wall)
+    info = {"backend": backend.name, "preset": a["preset"]}
+    if backend.name == "mlx":
+        info["blas_gflops"] = _mlx_blas_check()
+    return {"steps": steps, "info": info, **_accelerator_peak(a)}
+
+
+def _mlx_blas_check() -> float:
+    """The matmul rate mlx gets here (shows whether OpenBLAS was preloaded on Linux)."""
+    import mlx.core as mx
+    a, b = mx.random.normal((512, 576)), mx.random.normal((576, 8192))
+    mx.eval(a @ b)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        mx.eval(a @ b)
+    return 3 * 2 * 512 * 576 * 8192 / (time.perf_counter() - t0) / 1e9
+
+
+def _accelerator_peak(a: dict) -> dict:
+    if str(a.get("device", "")).startswith("cuda"):
+        import torch
+        return {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated())}
+    return {}
+
+
+def _progress(a: dict, i: int, wall: float) -> None:
+    tag = "warm-up" if i < a["warmup"] else "rep"
+    print(f"[{a.get('label', '?')}] step {i + 1}/{a['warmup'] + a['reps']} ({tag}) "
+          f"{wall:.2f}s", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- TRL
+
+def job_trl(a: dict) -> dict:
+    """TRL's GRPOTrainer: 8 generations, beta 0, one iteration, no vLLM, plain generate."""
+    _quiet()
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    import trl
+
+    n_steps = a["warmup"] + a["reps"]
+    rec: dict = {"gen_s": 0.0, "rollout_s": 0.0}
+    steps: list[dict] = []
+
+    class TimedGRPO(GRPOTrainer):
+        def _generate(self, prompts):
+            t0 = time.perf_counter()
+            out = super()._generate(prompts)
+            rec["gen_s"] += time.perf_counter() - t0
+            return out
+
+        def _generate_and_score_completions(self, inputs):
+            t0 = time.perf_counter()
+            out = super()._generate_and_score_completions(inputs)
+            rec["rollout_s"] += time.perf_counter() - t0
+            pm, cm = out["prompt_mask"], out["completion_mask"]
+            rec["prompt_len"] = int(pm.sum(1).max())
+            rec["completion_lengths"] = [int(x) for x in cm.sum(1)]
+            rec["seq_lengths"] = [int(x) for x in (pm.sum(1) + cm.sum(1))]
+            rec["padded_tokens"] = int(pm.numel() + cm.numel())
+            return out
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            rec.update(gen_s=0.0, rollout_s=0.0, t0=time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            wall = time.perf_counter() - rec["t0"]
+            i = len(steps)
+            steps.append({"warmup": i < a["warmup"], "step_s": wall,
+                          "rollout_s": rec["gen_s"], "update_s": wall - rec["rollout_s"],
+                          "reward_s": rec["rollout_s"] - rec["gen_s"],
+                          "prompt_len": rec.get("prompt_len", 0),
+                          "completion_lengths": rec.get("completion_lengths", []),
+                          "seq_lengths": rec.get("seq_lengths", []),
+                          "padded_tokens": rec.get("padded_tokens", 0)})
+            _progress(a, i, wall)
+
+    cuda = str(a.get("device", "cpu")).startswith("cuda")
+    bf16 = a.get("dtype") == "bfloat16"
+    config = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to="none", save_strategy="no",
+        per_device_train_batch_size=W.GROUP, num_generations=W.GROUP,
+        gradient_accumulation_steps=1, max_completion_length=a.get("max_new_tokens", W.MAX_NEW_TOKENS),
+        beta=0.0, num_iterations=1, use_vllm=False, temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=W.LEARNING_RATE, lr_scheduler_type="constant", weight_decay=0.01,
+        max_grad_norm=1.0, max_steps=n_steps, logging_steps=1, disable_tqdm=True,
+        gradient_checkpointing=False, bf16=bf16, use_cpu=not cuda, seed=0,
+        model_init_kwargs={"dtype": torch.bfloat16 if bf16 else torch.float32},
+        dataloader_num_workers=0, log_completions=False)
+    dataset = Dataset.from_list([{"prompt": W.PROMPT}] * n_steps)
+    trainer = TimedGRPO(model=a["model"], reward_funcs=W.bench_reward, args=config,
+                        train_dataset=dataset, callbacks=[StepTimer()])
+    trainer.train()
+    info = {"trl": trl.__version__, "loss_type": config.loss_type,
+            "gradient_checkpointing": config.gradient_checkpointing}
+    return {"steps": steps, "info": info, **_accelerator_peak(a)}
+
+
+# --------------------------------------------------------------------------- mlx-lm-lora
+
+def job_mlx_lm_lora(a: dict) -> dict:
+    """mlx-lm-lora's train_grpo (full fine-tune, group 8, beta 0), called in-process."""
+    _quiet()
+    import mlx.optimizers as optim
+    from mlx_lm import load
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    import mlx_lm_lora
+    from mlx_lm_lora.trainer import grpo_trainer as G
+    from mlx_lm_lora.trainer.datasets import GRPODataset
+
+    model, tokenizer = load(a["model"])
+    n_steps = a["warmup"] + a["reps"]
+    rec: dict = {}
+    steps: list[dict] = []
+    original = G.generate_grpo
+
+    def timed_generate(*args, **kw):
+        t0 = time.perf_counter()
+        out = original(*args, **kw)
+        rec["rollout_s"] = time.perf_counter() - t0
+        rec["completion_lengths"] = [int(c.size) for c in out[0]]
+        return out
+
+    G.generate_grpo = timed_generate
+
+    class Report(TrainingCallback):
+        def on_train_loss_report(self, info):
+            wall = 1.0 / info["iterations_per_second"]
+            i = len(steps)
+            lengths = rec.get("completion_lengths", [])
+            steps.append({"warmup": i < a["warmup"], "step_s": wall,
+                          "rollout_s": rec.get("rollout_s", 0.0),
+                          "update_s": wall - rec.get("rollout_s", 0.0), "reward_s": 0.0,
+                          "prompt_len": rec["prompt_len"], "completion_lengths": lengths,
+                          "seq_lengths": [rec["prompt_len"] + n for n in lengths],
+                          "padded_tokens": sum(rec["prompt_len"] + n for n in lengths)})
+            _progress(a, i, wall)
+
+        def on_val_loss_report(self, info):
+            pass
+
+    data = GRPODataset([{"prompt": W.PROMPT, "answer": "753"}] * n_steps, tokenizer,
+                       text_completion_key="prompt")
+    rec["prompt_len"] = len(data[0][0])
+    args = G.GRPOTrainingArgs(
+        batch_size=1, iters=n_steps, val_batches=0, steps_per_report=1,
+        steps_per_eval=10**9, steps_per_save=10**9,
+        adapter_file=str(Path(tempfile.mkdtemp(prefix="mlxlora-bench-")) / "adapters.safetensors"),
+        max_seq_length=4096, max_completion_length=a.get("max_new_tokens", W.MAX_NEW_TOKENS), grad_checkpoint=False,
+        beta=0.0, group_size=W.GROUP, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
+        grpo_loss_type="grpo")
+    G.train_grpo(model=model, ref_model=None, tokenizer=tokenizer,
+                 optimizer=optim.AdamW(learning_rate=W.LEARNING_RATE, weight_decay=0.01),
+                 train_dataset=data, val_dataset=None, reward_funcs=[W.bench_reward],
+                 args=args, training_callback=Report(), end_answer_token="")
+    info = {"mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?"),
+            "blas_gflops": _mlx_blas_check()}
+    return {"steps": steps, "info": info}
+
+
+# --------------------------------------------------------------------------- sampler
+
+def job_sampler(a: dict) -> dict:
+    """backends.torch_sampler.sample vs transformers' generate: 8 x MAX_NEW_TOKENS tokens,
+    no EOS (every row runs to the cap, so both do identical work), runs interleaved."""
+    _quiet()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from backends.torch_sampler import sample
+
+    dev = torch.device(a.get("device", "cpu"))
+    dt = torch.bfloat16 if a.get("dtype") == "bfloat16" else torch.float32
+    tok = AutoTokenizer.from_pretrained(a["model"])
+    model = AutoModelForCausalLM.from_pretrained(a["model"], dtype=dt).to(dev).eval()
+    prompt = tok(W.PROMPT).input_ids
+    ids = torch.tensor([prompt] * W.GROUP, device=dev)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    gen_cfg = GenerationConfig(max_new_tokens=a.get("max_new_tokens", W.MAX_NEW_TOKENS), do_sample=True, temperature=1.0,
+                               top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=pad)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def hf():
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           generation_config=gen_cfg)
+
+    def ours():
+        sample(model, [prompt] * W.GROUP, max_new_tokens=a.get("max_new_tokens", W.MAX_NEW_TOKENS), eos_id=None,
+               pad_id=pad, seed=0, device=dev)
+
+    times: dict[str, list[float]] = {"hf_generate": [], "torch_sampler": []}
+    for i in range(a["warmup"] + a["reps"]):
+        for name, fn in (("hf_generate", hf), ("torch_sampler", ours)):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if i >= a["warmup"]:
+                times[name].append(time.perf_counter() - t0)
+        print(f"[sampler] round {i + 1}/{a['warmup'] + a['reps']}", file=sys.stderr, flush=True)
+    return {"times": times, "tokens": W.GROUP * a.get("max_new_tokens", W.MAX_NEW_TOKENS),
+            "prompt_len": len(prompt)}
+
+
+JOBS = {"floor": job_floor, "gft": job_gft, "trl": job_trl, "mlx_lm_lora": job_mlx_lm_lora,
+        "sampler": job_sampler}
+
+
+def main() -> None:
+    job, args, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    t0 = time.perf_counter()
+    result = JOBS[job](args)
+    result.update(peak_rss_bytes=peak_rss_bytes(), job_s=time.perf_counter() - t0)
+    out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""`gft convert` and `gft fuse`: move models and adapters between transformers, mlx-lm and gft.
+
+    gft convert SRC DST [--dtype D] [--shard-size S]   a model directory (transformers- or
+        mlx-lm-written): weights re-saved (dtype, shards, {"format": "pt"}), config.json
+        made portable (gft.checkpoint.write_portable_config), tokenizer and other files copied
+    gft convert SRC DST [--to peft|mlx-lm] [--dtype D]  a LoRA adapter, PEFT <-> mlx-lm
+        (gft/lora.py describes both formats)
+    gft fuse ADAPTER --base BASE OUT                     W + s·B·A into each adapted weight
+
+Tensors are handled by torch or by MLX, whichever is installed (torch first): bfloat16 never
+passes through NumPy, which has no such type. The fused weight is computed in float32 and
+rounded once to the weight's dtype: W' = dtype(float32(W) + s · float32(B) @ float32(A)).
+(PEFT's merge rounds the bf16 update before adding it, mlx-lm's rounds the product before
+adding; in float32 the three agree to rounding.)
+
+The shard plan is huggingface_hub's (the one transformers' save_pretrained uses) over the
+tensors in natural name order, so the MLX backend and the torch backend shard identically:
+model-0000K-of-0000N.safetensors plus model.safetensors.index.json.
+Simplification: a model is held in memory whole while it is converted.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from gft.errors import ConfigError, ModelError
+from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
+                      is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
+                      peft_key, read_mlx_config, read_peft_config, write_peft_config)
+
+DEFAULT_SHARD_SIZE = "5GB"
+INDEX_FILE = "model.safetensors.index.json"
+DTYPES = ("float32", "bfloat16", "float16")
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "B": 1}
+
+
+# ------------------------------------------------------------------ shards
+
+def parse_size(size: str | int) -> int:
+    """'2GB' -> 2_000_000_000 (GB = 10^9, GiB = 2^30, as the Hugging Face hub counts)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]I?B|B)?\s*", str(size), re.IGNORECASE)
+    if match is None or (match[2] is None and "." in match[1]):
+        raise ConfigError(f"size '{size}' must look like 500MB, 2GB or 1GiB")
+    return int(float(match[1]) * _UNITS[(match[2] or "B").upper()])
+
+
+def natural_key(name: str) -> tuple:
+    """model.layers.2.x before model.layers.10.x."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def write_weights(path: Path, tensors: dict[str, Any], save: Callable[[Path, dict], None],
+                  nbytes: Callable[[Any], int], shard_size: str | int) -> list[str]:
+    """model.safetensors, or shards plus the index transformers writes; returns file names."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+    ordered = {k: tensors[k] for k in sorted(tensors, key=natural_key)}
+    split = split_state_dict_into_shards_factory(
+        ordered, get_storage_size=nbytes, filename_pattern="model{suffix}.safetensors",
+        max_shard_size=parse_size(shard_size))
+    for filename, names in split.filename_to_tensors.items():
+        save(Path(path) / filename, {n: ordered[n] for n in names})
+    if split.is_sharded:
+        total = sum(math.prod(t.shape) for t in ordered.values())
+        index = {"metadata": {"total_parameters": total, **split.metadata},
+                 "weight_map": split.tensor_to_filename}
+        (Path(path) / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return list(split.filename_to_tensors)
+
+
+# ------------------------------------------------------------------ tensors (torch or MLX)
+
+class _TorchArrays:
+    name = "torch"
+
+    def __init__(self):
+        import torch
+        from safetensors.torch import load_file, save_file
+        self.torch, self._load, self._save = torch, load_file, save_file
+
+    def load(self, path: Path) -> dict:
+        return self._load(str(path))
+
+    def save(self, path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+        self._save({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    def dtype(self, x) -> str:
+        return str(x.dtype).removeprefix("torch.")
+
+    def is_float(self, x) -> bool:
+        return x.is_floating_point()
+
+    def cast(self, x, dtype: str):
+        return x.to(getattr(self.torch, dtype))
+
+    def t(self, x):
+        return x.T.contiguous()
+
+    def nbytes(self, x) -> int:
+        return x.numel() * x.element_size()
+
+    def fuse(self, w, a, b, scale: float):
+        return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+
+
+class _MlxArrays:
+    name = "mlx"
+
+    def __init__(self):
+        import mlx.core as mx
+        self.mx = mx
+
+    def load(self, path: Path) -> dict:
+        return self.mx.load(str(path))
+
+    def save(self, path: Path, tensors: dict, metadata: dict[str, str]) -> None:
+        self.mx.save_safetensors(str(path), tensors, metadata=metadata)
+
+    def dtype(self, x) -> str:
+        return str(x.dtype).rsplit(".", 1)[-1]
+
+    def is_float(self, x) -> bool:
+        return self.mx.issubdtype(x.dtype, self.mx.floating)
+
+    def cast(self, x, dtype: str):
+        return x.astype(getattr(self.mx, dtype))
+
+    def t(self, x):
+        return x.T
+
+    def nbytes(self, x) -> int:
+        return x.nbytes
+
+    def fuse(self, w, a, b, scale: float):
+        f32 = self.mx.float32
+        return (w.astype(f32) + scale * (b.astype(f32) @ a.astype(f32))).astype(w.dtype)
+
+
+def arrays(framework: str | None = None):
+    """torch's or MLX's tensors (framework None: torch if installed, else MLX)."""
+    for name, cls in (("torch", _TorchArrays), ("mlx", _MlxArrays)):
+        if framework in (None, name):
+            try:
+                return cls()
+            except ImportError:
+                if framework is not None:
+                    raise ConfigError(f"{name} is not installed") from None
+    raise ConfigError("gft convert needs torch or mlx: pip install 'gft[torch]' or 'gft[mlx]'")
+
+
+# ------------------------------------------------------------------ models
+
+def _weight_files(src: Path) -> list[Path]:
+    from gft.checkpoint import model_weight_files
+    files = [f for f in model_weight_files(src) if f.name not in (PEFT_WEIGHTS, MLX_WEIGHTS)]
+    if not files:
+        raise ModelError(f"{src}: no safetensors weights (gft reads safetensors only, never pickle)")
+    return files
+
+
+def load_weights(src: Path, ar) -> dict:
+    out: dict = {}
+    for f in _weight_files(src):
+        out.update(ar.load(f))
+    return out
+
+
+_NOT_COPIED = (PEFT_CONFIG, "trainer_state.json")  # a gft checkpoint's state is not the model's
+
+
+def write_model(dst: Path, src: Path, tensors: dict, ar, shard_size: str | int) -> list[str]:
+    """tensors as a portable model directory `dst`, with src's other files (config,
+    tokenizer, generation config) copied; returns write_portable_config's warnings."""
+    from gft.checkpoint import write_portable_config
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        weights = f.suffix == ".safetensors" or f.name == INDEX_FILE
+        if f.is_file() and not weights and f.suffix not in (".bin", ".pt", ".pth", ".pkl") \
+                and f.name not in _NOT_COPIED:
+            shutil.copyfile(f, dst / f.name)
+    write_weights(dst, tensors, lambda p, t: ar.save(p, t, {"format": "pt"}), ar.nbytes,
+                  shard_size)
+    return write_portable_config(dst)
+
+
+def convert_model(src: Path, dst: Path, *, dtype: str | None, shard_size: str | int,
+                  framework: str | None = None) -> list[str]:
+    cfg = _read_config(src)
+    if "quantization" in cfg or "quantization_config" in cfg:
+        raise ModelError(f"{src}: a quantized model; gft trains float weights (dequantize it "
+                         "first, e.g. mlx_lm.convert --hf-path SRC --dequantize)")
+    ar = arrays(framework)
+    tensors = load_weights(src, ar)
+    if dtype:
+        tensors = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in tensors.items()}
+    warnings = write_model(dst, src, tensors, ar, shard_size)
+    kinds = sorted({ar.dtype(v) for v in tensors.values()})
+    return [f"wrote {dst}: {len(tensors)} tensors ({', '.join(kinds)})"] + [
+        f"warning: {w}" for w in warnings]
+
+
+def _read_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read the model config: {e}") from None
+
+
+def _num_layers(base: str | None) -> int | None:
+    """The base model's depth, when it is a local directory."""
+    if base and (Path(base) / "config.json").is_file():
+        return _read_config(Path(base)).get("num_hidden_layers")
+    return None
+
+
+# ------------------------------------------------------------------ adapters
+
+def read_adapter(src: Path, ar) -> tuple[LoraConfig, str | None, dict[str, tuple[Any, Any]]]:
+    """(LoRA, base, {module: (A [r, in], B [out, r])}) of a PEFT or an mlx-lm adapter."""
+    if is_peft_adapter(src):
+        lora, base = read_peft_config(src)
+        raw, parse, transpose = ar.load(src / PEFT_WEIGHTS), parse_peft_key, False
+    elif is_mlx_adapter(src):
+        params, base = read_mlx_config(src)
+        rank, scale = int(params["rank"]), float(params["scale"])
+        raw, parse, transpose = ar.load(src / MLX_WEIGHTS), parse_mlx_key, True
+        lora = LoraConfig(rank, scale * rank, float(params.get("dropout", 0.0)),
+                          tuple(params.get("keys") or ()))
+    else:
+        raise ModelError(f"{src}: not a LoRA adapter directory (adapter_config.json with "
+                         f"{PEFT_WEIGHTS} or {MLX_WEIGHTS})")
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, x in raw.items():
+        module, which = parse(key)
+        pairs.setdefault(module, {})[which] = ar.t(x) if transpose else x
+    missing = [m for m, ab in pairs.items() if set(ab) != {"A", "B"}]
+    if missing:
+        raise ModelError(f"{src}: adapter for {missing[0]} lacks its lora_A or lora_B")
+    return lora, base, {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}
+
+
+def write_adapter(dst: Path, to: str, lora: LoraConfig, base: str | None,
+                  modules: dict[str, tuple[Any, Any]], ar) -> None:
+    """PEFT: lora's own config; mlx-lm: keys and num_layers derived from `modules`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    if to == "peft":
+        write_peft_config(dst, lora, base)
+        tensors = {peft_key(m, w): x for m, ab in modules.items() for w, x in zip("AB", ab)}
+        ar.save(dst / PEFT_WEIGHTS, tensors, {"format": "pt"})
+    else:
+        cfg = mlx_config(lora, sorted(modules), _num_layers(base), base)
+        tensors = {mlx_key(m, w): ar.t(x) for m, ab in modules.items() for w, x in zip("AB", ab)}
+        (dst / PEFT_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        ar.save(dst / MLX_WEIGHTS, tensors, {"format": "mlx"})
+
+
+def peft_targets(lora: LoraConfig, modules: list[str], base: str | None) -> LoraConfig:
+    """PEFT target_modules for an mlx-lm adapter: mlx-lm's keys when it covers every layer
+    of the base model (PEFT matches them as path suffixes), else the exact module paths."""
+    n_layers = _num_layers(base)
+    cfg = mlx_config(lora, modules, n_layers, base)  # also checks mlx-lm's layer pattern
+    every = n_layers is not None and cfg["num_layers"] == n_layers
+    targets = cfg["lora_parameters"]["keys"] if every else sorted(modules)
+    return LoraConfig(lora.rank, lora.alpha, lora.dropout, tuple(targets))
+
+
+def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
+                    base: str | None, framework: str | None = None) -> list[str]:
+    ar = arrays(framework)
+    lora, stored_base, modules = read_adapter(src, ar)
+    base = base or stored_base
+    to = to or ("mlx-lm" if is_peft_adapter(src) else "peft")
+    if to == "peft" and is_mlx_adapter(src):
+        lora = peft_targets(lora, sorted(modules), base)
+    if dtype:
+        modules = {m: (ar.cast(a, dtype), ar.cast(b, dtype)) for m, (a, b) in modules.items()}
+    write_adapter(dst, to, lora, base, modules, ar)
+    return [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
+            f"{len(modules)} modules"]
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
+            shard_size: str | int | None = None, to: str | None = None,
+            base: str | None = None, framework: str | None = None) -> list[str]:
+    """`gft convert`: a model directory or an adapter; returns the lines to print."""
+    src, dst = Path(src), Path(dst)
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if dst.exists() and (dst.resolve() == src.resolve() or any(dst.iterdir())):
+        raise ConfigError(f"{dst}: the destination must be a new or empty directory")
+    if is_peft_adapter(src) or is_mlx_adapter(src):
+        if shard_size is not None:
+            raise ConfigError("--shard-size applies to models, not adapters")
+        return convert_adapter(src, dst, to=to, dtype=dtype, base=base, framework=framework)
+    if to is not None:
+        raise ConfigError(f"{src}: --to converts adapters; this is a model directory")
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src}: neither a model directory (config.json) nor an adapter")
+    return convert_model(src, dst, dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE,
+                         framework=framework)
+
+
+def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
+         dtype: str | None = None, shard_size: str | int | None = None,
+         framework: str | None = None) -> list[str]:
+    """`gft fuse`: the base model with W + s·B·A in every adapted weight, as a portable
+    model directory."""
+    adapter, out = Path(adapter), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: the destination must be a new or empty directory")
+    ar = arrays(framework)
+    lora, stored_base, modules = read_adapter(adapter, ar)
+    base_dir = Path(base or stored_base or "")
+    if not (base_dir / "config.json").is_file():
+        raise ModelError(f"{base_dir}: base model directory not found; pass --base")
+    weights = load_weights(base_dir, ar)
+    for module, (a, b) in modules.items():
+        name = module + ".weight"
+        if name not in weights:
+            raise ModelError(f"{base_dir}: the adapter adapts '{module}', which has no weight "
+                             "in the base model (tied embeddings?)")
+        weights[name] = ar.fuse(weights[name], a, b, lora.scale)
+    if dtype:
+        weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
+    warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)
+    return [f"wrote {out}: {len(modules)} adapted weights fused into {base_dir}"] + [
+        f"warning: {w}" for w in warnings]

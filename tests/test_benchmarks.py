@@ -1,0 +1,70 @@
+"""benchmarks/: the floor arithmetic, and the harness end to end on the tiny model.
+
+No timed assertions: the harness must run and write its table, whatever the numbers.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.bench import selected  # noqa: E402
+from benchmarks.floor import ModelShape, rollout_floor_s, update_floor_s  # noqa: E402
+
+# 10 parameters, 2 layers, 1 KV head of width 2: a KV position costs 2·2·1·2·4 = 32 bytes.
+SHAPE = ModelShape(params=10, layers=2, hidden=4, kv_heads=1, head_dim=2, vocab=8)
+
+
+def test_update_floor_is_six_flops_per_parameter_per_token_plus_attention():
+    # Two sequences of 3 and 5 tokens: 6·10·8 = 480 FLOPs of weights;
+    # attention 12·layers·hidden·n²/2 = 12·2·4·(9 + 25)/2 = 1632. At 100 FLOP/s: 21.12 s.
+    assert update_floor_s(SHAPE, [3, 5], matmul_flops=100.0) == pytest.approx(21.12)
+
+
+def test_rollout_floor_adds_prefill_and_per_step_max_of_bytes_and_flops():
+    # prompt 4 tokens, completions of 3 and 1 tokens, float32 (40 weight bytes).
+    # prefill: 2·10·4·2 rows = 160 FLOPs / 10 = 16 s.
+    # decode step t=1: 1 row running, bytes 40 + 32·(4+1) = 200 -> 200 / 100 = 2 s;
+    #   FLOPs 2·10·1 = 20 -> 2 s; max 2 s.
+    # step t=2: bytes 40 + 32·6 = 232 -> 2.32 s; FLOPs 2 s; max 2.32 s.   Total 20.32 s.
+    got = rollout_floor_s(SHAPE, 4, [3, 1], matmul_flops=10.0, bandwidth=100.0, dtype_bytes=4)
+    assert got == pytest.approx(20.32)
+    assert rollout_floor_s(SHAPE, 4, [], matmul_flops=10.0, bandwidth=100.0) == 0.0
+
+
+def test_trainer_selection_by_name_or_prefix():
+    assert selected("gft-torch") == ["gft-torch:grpo", "gft-torch:gft"]
+    assert selected("trl,sampler") == ["trl:grpo", "sampler"]
+    assert "mlx-lm-lora:grpo" in selected("all")
+    with pytest.raises(SystemExit):
+        selected("nope")
+
+
+def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [sys.executable, "benchmarks/bench.py", "--model", "tiny", "--reps", "1",
+           "--warmup", "0", "--quick", "--max-new-tokens", "4", "--trainers",
+           "gft-torch", "--out", str(out), "--cache", str(cache)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (out / "RESULTS.md").read_text()
+    assert "Command: `python benchmarks/bench.py --model tiny" in text
+    assert "| gft-torch | grpo |" in text and "| gft-torch | gft |" in text
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    row = runs["tiny-cpu-float32"]["rows"]["gft-torch:grpo"]["summary"]
+    assert row["completions"] == 8 and row["peak_rss"] > 0
+    assert row["rollout_floor_s"] > 0 and row["update_floor_s"] > 0
+    gft_row = runs["tiny-cpu-float32"]["rows"]["gft-torch:gft"]["summary"]
+    assert gft_row["completions"] == 4  # 4 rollouts + 4 dataset responses
+    try:
+        import matplotlib  # noqa: F401
+        assert (out / "results-tiny-cpu-float32.png").stat().st_size > 0
+    except ImportError:
+        assert "no chart" in text

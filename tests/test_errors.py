@@ -1,0 +1,402 @@
+"""The bad-input catalogue: every mistake a user can make gets one line on stderr that
+says what and where (file:line: field where there is one), a non-zero exit code, no
+traceback, and nothing already saved is damaged.
+
+Each case goes through the real `gft train` command (click's CliRunner, in process) on
+a tiny model. Data loader and config parser internals, and their property-based tests,
+live in tests/test_data.py and tests/test_config.py; these tests check what the user sees.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from safetensors.numpy import load_file, save_file
+
+from cli import main
+from gft.tiny import TinyModelSpec, write_tiny_model
+
+ROWS = [{"prompt": f"Question {i}: is {i} a number?\nA:", "completion": "yes", "answer": "yes"}
+        for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("errors") / "model", TinyModelSpec(seed=0))
+
+
+def jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def base_args(model: Path, data: Path, run: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model), "--data", str(data), "-o", str(run),
+            "--backend", "torch", "--max-steps", "2", "--set", "prompts_per_step=2",
+            "--set", "prompts_per_minibatch=2", "--set", "num_offpolicy=1",
+            "--set", "num_rollouts=2", "--set", "rewards=[exact]",
+            "--set", "max_response_tokens=4", "--set", "eval_samples=2",
+            "--set", "progress=false", "--set", "learning_rate=1e-2", *extra]
+
+
+def run_cli(args: list[str]):
+    return CliRunner().invoke(main, args)
+
+
+def one_line_error(result, *words: str, code: int = 2) -> str:
+    """Exit `code`, not a crash, and exactly one line on stderr holding every word."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # no traceback
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    print(lines[0])  # the catalogue, with pytest -s
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def train(model: Path, tmp_path: Path, rows=ROWS, *extra: str):
+    data = jsonl(tmp_path / "train.jsonl", rows)
+    return run_cli(base_args(model, data, tmp_path / "run", *extra))
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+
+
+def test_malformed_json_line(model, tmp_path):
+    result = train(model, tmp_path, [ROWS[0], '{"prompt": "x", "answer": 1'])
+    one_line_error(result, "train.jsonl:2: malformed JSON")
+
+
+def test_missing_prompt(model, tmp_path):
+    result = train(model, tmp_path, [ROWS[0], {"completion": "yes", "answer": "1"}])
+    one_line_error(result, "train.jsonl:2: field 'prompt': missing")
+
+
+def test_empty_prompt(model, tmp_path):
+    result = train(model, tmp_path, [ROWS[0], ROWS[1], {"prompt": "  ", "answer": "1"}])
+    one_line_error(result, "train.jsonl:3: field 'prompt': empty prompt")
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"prompt": 7, "answer": "1"}, "field 'prompt': must be a string or a list of chat messages, got number"),
+    ({"prompt": "p", "completion": ["a"]}, "field 'completion': must be a string, got array"),
+    ({"prompt": "p", "completions": ["a", 3]}, "field 'completions[1]': must be a string, got number"),
+    ({"prompt": "p", "answer": {"x": 1}}, "field 'answer': must be a string or a number, got object"),
+    ([1, 2], "a row must be a JSON object, got array"),
+])
+def test_wrong_types(model, tmp_path, row, where):
+    one_line_error(train(model, tmp_path, [ROWS[0], row]), f"train.jsonl:2: {where}")
+
+
+def test_non_utf8_bytes(model, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_bytes(json.dumps(ROWS[0]).encode() + b'\n{"prompt": "caf\xe9", "answer": "1"}\n')
+    result = run_cli(base_args(model, data, tmp_path / "run"))
+    one_line_error(result, "train.jsonl:2: not valid UTF-8 (byte 0xe9)")
+
+
+def test_empty_data_file(model, tmp_path):
+    one_line_error(train(model, tmp_path, []), "train.jsonl: the data file has no rows")
+
+
+LONG = {"prompt": "Tell me: " + "very " * 40 + "long?\nA:", "completion": "yes", "answer": "yes"}
+
+
+def test_prompt_over_the_limit_is_an_error_by_default(model, tmp_path):
+    result = train(model, tmp_path, [*ROWS[:3], LONG], "--set", "max_prompt_tokens=64")
+    one_line_error(result, "train.jsonl:4: field 'prompt': prompt has 217 tokens, more than "
+                           "max_prompt_tokens=64 (set prompt_overflow: truncate or skip)")
+
+
+@pytest.mark.parametrize("policy, counts", [("truncate", "1 truncated, 0 skipped"),
+                                            ("skip", "0 truncated, 1 skipped")])
+def test_prompt_over_the_limit_truncated_or_skipped_is_counted(model, tmp_path, policy, counts):
+    result = train(model, tmp_path, [*ROWS[:3], LONG, LONG], "--max-steps", "1",
+                   "--set", "max_prompt_tokens=64", "--set", f"prompt_overflow={policy}")
+    assert result.exit_code == 0, result.output
+    counts = "2" + counts[1:] if policy == "truncate" else counts.replace("1 skipped", "2 skipped")
+    assert f"training prompts over max_prompt_tokens=64: {counts}" in result.output
+    assert f"train rows: {3 if policy == 'skip' else 5}" in result.output
+
+
+def test_every_prompt_skipped(model, tmp_path):
+    result = train(model, tmp_path, [LONG], "--set", "max_prompt_tokens=64",
+                   "--set", "prompt_overflow=skip")
+    one_line_error(result, "no training rows left after prompt_overflow=skip")
+
+
+@pytest.mark.parametrize("reward", ["math", "exact"])
+def test_missing_answer_when_the_reward_needs_it(model, tmp_path, reward):
+    rows = [ROWS[0], ROWS[1], {"prompt": "What is 2 plus 2?\nA:", "completion": "4"}]
+    result = train(model, tmp_path, rows, "--set", f"rewards=[{reward}]")
+    one_line_error(result, f"train.jsonl:3: field 'answer': missing; reward '{reward}' compares")
+
+
+def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
+    rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
+    result = train(model, tmp_path, rows, "--max-steps", "1",
+                   "--set", "rewards=[{name: regex, pattern: 'y'}]")
+    assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------------------------------
+# User reward functions
+
+
+REWARDS = '''
+import math
+
+def raises(prompts, completions, **kw):
+    raise ValueError("the grader is down")
+
+def nan(prompts, completions, **kw):
+    return [math.nan] * len(completions)
+
+def none_only(prompts, completions, **kw):
+    return [None] * len(completions)
+
+def returns_none(prompts, completions, **kw):
+    return None
+
+def too_few(prompts, completions, **kw):
+    return [1.0] * (len(completions) - 1)
+'''
+
+
+@pytest.mark.parametrize("name, words", [
+    ("raises", "reward 'REWARDS:raises' raised ValueError: the grader is down"),
+    ("nan", "reward 'REWARDS:nan' returned nan for "),
+    ("none_only", "returned None (not applicable) for all"),
+    ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
+    ("too_few", "reward 'REWARDS:too_few' returned 3 values; expected 4 (one per completion)"),
+])
+def test_bad_reward_function(model, tmp_path, name, words):
+    module = tmp_path / "my_rewards.py"
+    module.write_text(REWARDS)
+    result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
+                   "--set", "eval_samples=4")
+    one_line_error(result, words.replace("REWARDS", str(module)))
+
+
+def test_unimportable_reward(model, tmp_path):
+    result = train(model, tmp_path, ROWS, "--set", "rewards=[no_such_module:f]")
+    one_line_error(result, "reward 'no_such_module:f': cannot import 'no_such_module'")
+
+
+# ---------------------------------------------------------------------------------------
+# Config
+
+
+def test_unknown_key_on_the_command_line(model, tmp_path):
+    result = train(model, tmp_path, ROWS, "--set", "learning_rat=0.1")
+    one_line_error(result, "command line: unknown key 'learning_rat' (did you mean 'learning_rate'?)")
+
+
+def test_unknown_key_in_the_yaml_file(model, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("num_rollout: 4\n")
+    result = run_cli(["train", str(config), "--model", str(model), "--data", str(tmp_path)])
+    one_line_error(result, "job.yaml: unknown key 'num_rollout' (did you mean 'num_rollouts'?)")
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["tau=-0.1"], "'tau' must be in [0, 1], got -0.1"),
+    (["num_offpolicy=1", "num_rollouts=0", "advantage=grpo"], "a group of one has no baseline"),
+    (["num_offpolicy=0", "num_rollouts=0"], "num_offpolicy + num_rollouts = 0"),
+    (["learning_rate=abc"], "'learning_rate' must be float, got 'abc'"),
+    (["prompts_per_step=3"], "must be a multiple of 'prompts_per_minibatch'"),
+    (["preset=grop"], "(did you mean 'grpo'?)"),
+])
+def test_bad_values(model, tmp_path, sets, words):
+    extra = [arg for s in sets for arg in ("--set", s)]
+    one_line_error(train(model, tmp_path, ROWS, *extra), words)
+
+
+# ---------------------------------------------------------------------------------------
+# Model directories
+
+
+def copy_model(model: Path, to: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(model, to))
+
+
+def test_model_without_weights(model, tmp_path):
+    broken = copy_model(model, tmp_path / "m")
+    (broken / "model.safetensors").unlink()
+    one_line_error(run_cli(base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")),
+                   f"{broken}: no model weights (model.safetensors)")
+
+
+def test_model_with_truncated_weights(model, tmp_path):
+    broken = copy_model(model, tmp_path / "m")
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(f.seek(0, 2) // 2)
+    one_line_error(run_cli(base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")),
+                   "model.safetensors: corrupted or truncated safetensors file")
+
+
+def test_model_with_only_pickle_weights_is_not_loaded(model, tmp_path):
+    broken = copy_model(model, tmp_path / "m")
+    (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
+    one_line_error(run_cli(base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")),
+                   "only pickle weights (pytorch_model.bin); gft loads safetensors only")
+
+
+def test_missing_model_directory(tmp_path):
+    result = run_cli(base_args(tmp_path / "nowhere" / "model", jsonl(tmp_path / "d.jsonl", ROWS),
+                               tmp_path / "r"))
+    one_line_error(result, "no such model directory")
+
+
+def test_tokenizer_without_eos(model, tmp_path):
+    broken = copy_model(model, tmp_path / "m")
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    one_line_error(run_cli(base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")),
+                   "the tokenizer has no EOS token")
+
+
+def test_tokenizer_without_pad_uses_eos(model, tmp_path):
+    from gft.checkpoint import load_tokenizer
+    broken = copy_model(model, tmp_path / "m")
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = load_tokenizer(str(broken))
+    assert tok.pad_token_id == tok.eos_token_id
+
+
+def test_remote_code_is_refused_by_default(model, tmp_path):
+    evil = copy_model(model, tmp_path / "m")
+    marker = tmp_path / "code-ran"
+    config = json.loads((evil / "config.json").read_text())
+    config.update(model_type="evil", auto_map={"AutoConfig": "modeling_evil.EvilConfig",
+                                                "AutoModelForCausalLM": "modeling_evil.Evil"})
+    (evil / "config.json").write_text(json.dumps(config))
+    (evil / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    result = run_cli(base_args(evil, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r"))
+    one_line_error(result, "contains custom code")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints: incompatible, full disk, non-finite steps
+
+
+@pytest.fixture
+def saved_run(model, tmp_path):
+    """A 2-step run that saved step-000001 and final/."""
+    data = jsonl(tmp_path / "d.jsonl", ROWS)
+    run = tmp_path / "run"
+    result = run_cli(base_args(model, data, run, "--set", "save_every=1"))
+    assert result.exit_code == 0, result.output
+    return run
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: {k: np.zeros((3, 3), np.float32) if i == 0 else v for i, (k, v) in enumerate(t.items())},
+     "has shape [3, 3], the model's is"),
+    (lambda t: {k.replace("model.", "transformer."): v for k, v in t.items()},
+     "which the model does not have (checkpoint from a different model?)"),
+])
+def test_resume_with_optimizer_state_of_another_model(saved_run, change, words):
+    path = saved_run / "final" / "optimizer.safetensors"
+    save_file(change(load_file(str(path))), str(path))
+    one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
+                   "final/optimizer.safetensors: optimizer state for", words)
+
+
+def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
+    other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=0, hidden_size=32))
+    (saved_run / "final" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
+                   "final/optimizer.safetensors: optimizer state for", "the model's is")
+
+
+def test_resume_without_a_run(tmp_path):
+    one_line_error(run_cli(["train", "--resume", str(tmp_path)]),
+                   "no checkpoint and no config.yaml to resume from")
+
+
+def test_a_new_run_refuses_a_directory_with_checkpoints(saved_run, model):
+    one_line_error(run_cli(base_args(model, saved_run.parent / "d.jsonl", saved_run)),
+                   "already holds a run with checkpoints; continue it with gft train --resume")
+
+
+def test_full_disk_while_saving(model, tmp_path, monkeypatch):
+    """The disk fills up in the middle of the second checkpoint: one line, exit 2, the
+    first checkpoint is intact and the run resumes from it to the same result."""
+    from backends.torch_backend import TorchBackend
+    data = jsonl(tmp_path / "d.jsonl", ROWS)
+    full = run_cli(base_args(model, data, tmp_path / "full", "--max-steps", "3"))
+    assert full.exit_code == 0, full.output
+
+    original, calls = TorchBackend.save_model, []
+
+    def save_model(self, path):
+        calls.append(path)
+        original(self, path)
+        if len(calls) == 2:
+            with open(Path(path) / "model.safetensors", "r+b") as f:
+                f.truncate(100)
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "model.safetensors"))
+    monkeypatch.setattr(TorchBackend, "save_model", save_model)
+    run = tmp_path / "run"
+    result = run_cli(base_args(model, data, run, "--max-steps", "3", "--set", "save_every=1"))
+    line = one_line_error(result, "cannot save checkpoint", "step-000002: No space left on device",
+                          "step-000001 is intact", f"gft train --resume {run}", code=1)
+    assert "[ENOSPC]" in line
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-000001"]
+    monkeypatch.undo()
+
+    resumed = run_cli(["train", "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "from step-000001 (step 1)" in resumed.output
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_full_disk_while_logging(model, tmp_path, monkeypatch):
+    from gft.metrics import MetricsLog
+
+    def write(self, record):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+    monkeypatch.setattr(MetricsLog, "write", write)
+    result = train(model, tmp_path, ROWS)
+    one_line_error(result, "error: No space left on device: ", "metrics.jsonl", code=1)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(model, tmp_path, monkeypatch):
+    """Two non-finite steps in a row (max_bad_steps=2) stop the run with a clear line; the
+    skipped steps made no update, and the last checkpoint is intact."""
+    from backends.torch_backend import TorchBackend
+    original, calls = TorchBackend.accumulate_gradients, []
+
+    def accumulate(self, *a, **kw):
+        stats = original(self, *a, **kw)
+        calls.append(1)
+        return {**stats, "loss": math.nan} if len(calls) > 1 else stats
+    monkeypatch.setattr(TorchBackend, "accumulate_gradients", accumulate)
+    run = tmp_path / "run"
+    result = train(model, tmp_path, ROWS, "--max-steps", "5", "--set", "save_every=1",
+                   "--set", "max_bad_steps=2")
+    one_line_error(result, "2 steps in a row had a non-finite loss or gradient",
+                   "last good checkpoint intact")
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [s.get("skipped") for s in steps if "loss" in s] == [0.0, 1.0, 1.0]
+    from gft.checkpoint import latest_checkpoint
+    assert latest_checkpoint(run).name == "step-000002"  # saved after the skipped step 2
+    a = load_file(str(run / "checkpoints" / "step-000001" / "model.safetensors"))
+    b = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # no update from a non-finite step

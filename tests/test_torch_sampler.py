@@ -1,0 +1,135 @@
+"""backends/torch_sampler.py: the fast batched sampler agrees with transformers' generate."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from backends.torch_sampler import left_pad, pick_tokens, sample  # noqa: E402
+from gft.tiny import BOS_ID, EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
+
+# Prompts of different lengths, so that left padding and per-row positions matter.
+PROMPTS = [[BOS_ID, 72, 101, 108, 108, 111], [BOS_ID, 65], [BOS_ID] + list(b"What is 3 plus 5?"),
+           [BOS_ID, 120, 121, 122]]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request, tmp_path_factory):
+    """A tiny random model with weights scaled up (std 0.02 -> 0.2) so greedy decoding
+    wanders over many tokens instead of repeating the last one."""
+    path = write_tiny_model(tmp_path_factory.mktemp(request.param),
+                            TinyModelSpec(arch=request.param, seed=5))
+    m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if not name.endswith("norm.weight"):
+                p.mul_(10.0)
+    return m
+
+
+def hf_generate(model, prompts, *, max_new_tokens, eos_id):
+    """transformers' greedy generate, cut after the first EOS (the reference)."""
+    ids, mask = left_pad(prompts, PAD_ID, torch.device("cpu"))
+    cfg = transformers.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=eos_id, pad_token_id=PAD_ID)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+    rows = out[:, ids.shape[1]:].tolist()
+    return [r[:r.index(eos_id) + 1] if eos_id in r else r for r in rows]
+
+
+def test_greedy_equals_hf_generate_token_for_token(model):
+    ref = hf_generate(model, PROMPTS, max_new_tokens=24, eos_id=EOS_ID)
+    ours = sample(model, PROMPTS, max_new_tokens=24, greedy=True, eos_id=EOS_ID, pad_id=PAD_ID)
+    assert ours == ref
+    assert all(len(set(r)) >= 3 for r in ours), "the test model should not just repeat a token"
+
+
+def test_greedy_with_rows_stopping_at_different_steps_equals_hf(model):
+    """Pick as 'EOS' a token that row 0 emits a few steps in: rows finish at different
+    steps and leave the batch (their KV rows are dropped), the others must not notice."""
+    free = sample(model, PROMPTS, max_new_tokens=24, greedy=True, eos_id=None, pad_id=PAD_ID)
+    eos = free[0][4]
+    ref = hf_generate(model, PROMPTS, max_new_tokens=24, eos_id=eos)
+    ours = sample(model, PROMPTS, max_new_tokens=24, greedy=True, eos_id=eos, pad_id=PAD_ID)
+    assert ours == ref
+    assert len(ours[0]) <= 5 and ours[0][-1] == eos
+    assert any(len(r) == 24 for r in ours), "some row should run to the cap"
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(model):
+    kw = dict(max_new_tokens=16, temperature=1.0, eos_id=EOS_ID, pad_id=PAD_ID)
+    a = sample(model, PROMPTS, seed=11, **kw)
+    b = sample(model, PROMPTS, seed=11, **kw)
+    c = sample(model, PROMPTS, seed=12, **kw)
+    assert a == b
+    assert a != c
+
+
+def test_tiny_top_p_is_greedy(model):
+    """top_p -> 0 keeps only the most likely token at every step: exactly argmax."""
+    greedy = sample(model, PROMPTS, max_new_tokens=16, greedy=True, eos_id=EOS_ID, pad_id=PAD_ID)
+    nucleus = sample(model, PROMPTS, max_new_tokens=16, top_p=1e-6, eos_id=EOS_ID,
+                     pad_id=PAD_ID, seed=3)
+    assert nucleus == greedy
+
+
+def test_every_row_ends_at_its_first_eos_or_at_the_cap(model):
+    free = sample(model, PROMPTS * 4, max_new_tokens=20, temperature=1.5, eos_id=None,
+                  pad_id=PAD_ID, seed=1)
+    eos = max(range(256), key=lambda t: sum(t in r for r in free))  # a common token
+    rows = sample(model, PROMPTS * 4, max_new_tokens=20, temperature=1.5, eos_id=eos,
+                  pad_id=PAD_ID, seed=1)
+    assert any(r and r[-1] == eos for r in rows)
+    for r in rows:
+        assert eos not in r[:-1]
+        assert r[-1] == eos or len(r) == 20
+
+
+def test_empty_inputs():
+    assert sample(None, [], max_new_tokens=5, eos_id=EOS_ID, pad_id=PAD_ID) == []
+
+
+def test_zero_new_tokens(model):
+    assert sample(model, PROMPTS, max_new_tokens=0, eos_id=EOS_ID, pad_id=PAD_ID) == [[]] * 4
+
+
+def test_pick_tokens_top_p_keeps_the_nucleus_and_samples_by_probability():
+    # probs 0.5, 0.3, 0.15, 0.05 with top_p 0.7: token 0 (mass above it 0) and token 1
+    # (mass above it 0.5 < 0.7) stay; token 2 has 0.8 above it and goes, token 3 too.
+    # Renormalised: P(0) = 0.5 / 0.8 = 0.625, P(1) = 0.375.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    toks = pick_tokens(logits, temperature=1.0, top_p=0.7, greedy=False, generator=g)
+    counts = torch.bincount(toks, minlength=4).tolist()
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+
+
+def test_pick_tokens_temperature_sharpens():
+    # T = 0.5 squares the probabilities: 0.6, 0.4 -> 0.36 / 0.52 ≈ 0.69 for token 0.
+    logits = torch.log(torch.tensor([[0.6, 0.4]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    toks = pick_tokens(logits, temperature=0.5, top_p=1.0, greedy=False, generator=g)
+    assert abs((toks == 0).float().mean().item() - 0.36 / 0.52) < 0.03
+
+
+def test_unpadded_batch_with_rows_stopping_equals_hf(model):
+    """Equal-length prompts (GRPO's case) take the no-mask path; rows still drop out."""
+    prompts = [[BOS_ID, 72, 101, 108], [BOS_ID, 65, 66, 67], [BOS_ID, 10, 20, 30]]
+    free = sample(model, prompts, max_new_tokens=20, greedy=True, eos_id=None, pad_id=PAD_ID)
+    eos = free[1][3]
+    ref = hf_generate(model, prompts, max_new_tokens=20, eos_id=eos)
+    assert sample(model, prompts, max_new_tokens=20, greedy=True, eos_id=eos, pad_id=PAD_ID) == ref
+
+
+def test_empty_prompt_is_refused_and_training_mode_is_restored(model):
+    with pytest.raises(ValueError, match="at least one token"):
+        sample(model, [[BOS_ID, 65], []], max_new_tokens=3, eos_id=EOS_ID, pad_id=PAD_ID)
+    model.train()
+    try:
+        sample(model, PROMPTS, max_new_tokens=3, eos_id=EOS_ID, pad_id=PAD_ID)
+        assert model.training
+    finally:
+        model.eval()
