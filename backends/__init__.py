@@ -111,6 +111,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     given, else the adapter's base_model_name_or_path) with the adapter on it.
     shard_size: saved weights are split into shards above this size."""
     from gft.lora import resolve_adapter
+    from gft.modelfiles import check_model_dir
+    check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
     if name not in BACKEND_MODULES:

@@ -38,7 +38,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from backends import OptimConfig, SamplingConfig
-from gft.checkpoint import write_portable_config
+from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
@@ -419,7 +419,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
     from mlx_lm.utils import load_model
-    from gft.checkpoint import load_tokenizer
+    from gft.modelfiles import load_tokenizer
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backends import OptimConfig, SamplingConfig
-from gft.checkpoint import write_portable_config
+from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.errors import ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
@@ -256,7 +256,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`."""
     from transformers import AutoModelForCausalLM
-    from gft.checkpoint import load_tokenizer
+    from gft.modelfiles import load_tokenizer
     _quiet_transformers()
     dev = pick_device(device)
     torch.manual_seed(seed)

@@ -39,6 +39,7 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     return {
         "n": len(steps),
         "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),
+        "cpu_s": _med([s["cpu_s"] for s in steps if "cpu_s" in s]),
         "rollout_s": _med([s["rollout_s"] for s in steps]),
         "update_s": _med([s["update_s"] for s in steps]),
         "rollout_tok_s": _med([g / s["rollout_s"] for g, s in zip(gen, steps) if s["rollout_s"] > 0]),
@@ -101,30 +102,44 @@ def render_run(run: dict) -> str:
              + f" GFLOP/s (floor uses {fl['matmul_gflops']:.0f}); memory copy "
              f"{fl['bandwidth_gbs']:.1f} GB/s (read + write of {fl['copy_bytes'] >> 20} MiB); "
              f"{fl['threads']} torch threads.", "",
-             "| trainer | preset | step s, median [min–max] | rollout s | update s | "
-             "rollout tok/s | update tok/s | seqs × mean new tokens | peak RSS GiB | "
+             "| trainer | preset | step s, median [min–max] | CPU s | rollout s | update s | "
+             "rollout tok/s | update tok/s | seqs × mean new tokens | peak RSS GiB (after load) | "
              "rollout floor s (achieved) | update floor s (achieved) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in run["rows"].items():
         name, preset = key.split(":")
         if "summary" not in row:
             lines.append(f"| {name} | {preset} | did not run: {row.get('error', '?')} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         s = row["summary"]
-        rss = _gib(s["peak_rss"]) + (f" (GPU {_gib(s['gpu_peak'])})" if s.get("gpu_peak") else "")
+        rss = _gib(s["peak_rss"])
+        if s["info"].get("load_peak_rss"):
+            rss += f" (load {_gib(s['info']['load_peak_rss'])})"
+        if s.get("gpu_peak"):
+            rss += f" (GPU {_gib(s['gpu_peak'])})"
+
         lines.append(
             f"| {name} | {preset} | {s['step_s']:.2f} [{s['step_min']:.2f}–{s['step_max']:.2f}] "
-            f"| {s['rollout_s']:.2f} | {s['update_s']:.2f} | {s['rollout_tok_s']:.0f} "
+            f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} | {s['rollout_tok_s']:.0f} "
             f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
             f"| {rss} | {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
             f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
-    lines += ["", "Rollout tok/s counts generated tokens; update tok/s counts the non-padding "
+    lines += ["", "CPU s is the job's CPU time per step, all threads: on a quiet machine it is "
+              "about threads × step s; much less means the job waited for a core "
+              "(a busy machine), and its times are not to be trusted. "
+              "Rollout tok/s counts generated tokens; update tok/s counts the non-padding "
               "prompt + response tokens the forward/backward processed. TRL's rollout is its "
               "`_generate` (the rest of `_generate_and_score_completions`, rewards and padding, "
               "is counted in neither column but is in the step). gft's `gft` preset generates 4 "
               "rollouts and trains on 8 sequences (4 dataset responses + 4 rollouts).", ""]
     got = ratios(run["rows"])
+    g, t = run["rows"].get("gft-torch:grpo", {}), run["rows"].get("trl:grpo", {})
+    if "summary" in g and "summary" in t:
+        lg, lt = g["summary"]["mean_completion"], t["summary"]["mean_completion"]
+        if abs(lg - lt) > 0.05 * max(lg, lt):
+            lines += [f"Unequal work: gft's rollouts averaged {lg:.1f} new tokens, TRL's "
+                      f"{lt:.1f} (EOS is sampled); compare tok/s columns as well as step times.", ""]
     if got:
         lines += ["| target (issue 5) | value | required | met |", "| --- | --- | --- | --- |"]
         for k, v in got.items():
@@ -137,8 +152,8 @@ def render_run(run: dict) -> str:
         lines += [f"Rollout engines alone ({sm['tokens']} tokens: {run['group']} rows × "
                   f"{sm['tokens'] // run['group']} new tokens, no EOS, sampled, interleaved runs): "
                   f"transformers `generate` {hf:.2f} s ({sm['tokens'] / hf:.0f} tok/s), "
-                  f"backends/torch_sampler.py {ours:.2f} s ({sm['tokens'] / ours:.0f} tok/s), "
-                  f"{hf / ours:.2f}× faster.", ""]
+                  f"backends/torch_sampler.py {ours:.2f} s ({sm['tokens'] / ours:.0f} tok/s); "
+                  f"generate / sampler time = {hf / ours:.2f} (above 1: the sampler is faster).", ""]
     for note in run.get("notes", []):
         lines.append(f"- {note}")
     if run.get("notes"):

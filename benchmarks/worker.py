@@ -73,6 +73,7 @@ def job_gft(a: dict) -> dict:
     backend = open_backend(cfg, cfg.model)
     data, _ = load_data(cfg, backend.tokenizer, Console(quiet=True))
     scorer = build_rewards(cfg.rewards)
+    load_rss = peak_rss_bytes()
     rec: dict = {}
     generate, update = backend.generate, backend.train_step
 
@@ -91,17 +92,18 @@ def job_gft(a: dict) -> dict:
     steps = []
     for i in range(a["warmup"] + a["reps"]):
         rec.clear()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m = train_step(cfg, backend, data, [0], scorer, i, lambda _: cfg.learning_rate)
         wall = time.perf_counter() - t0
-        steps.append({"warmup": i < a["warmup"], "step_s": wall, "rollout_s": m["time/rollout"],
+        steps.append({"warmup": i < a["warmup"], "step_s": wall,
+                      "cpu_s": time.process_time() - c0, "rollout_s": m["time/rollout"],
                       "update_s": m["time/update"], "reward_s": m["time/reward"],
                       "prompt_len": len(data.prompt_ids[0]),
                       "completion_lengths": rec.get("completion_lengths", []),
                       "seq_lengths": rec.get("seq_lengths", []),
                       "padded_tokens": rec.get("padded_tokens", 0)})
         _progress(a, i, wall)
-    info = {"backend": backend.name, "preset": a["preset"]}
+    info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss}
     if backend.name == "mlx":
         info["blas_gflops"] = _mlx_blas_check()
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
@@ -166,12 +168,13 @@ def job_trl(a: dict) -> dict:
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            rec.update(gen_s=0.0, rollout_s=0.0, t0=time.perf_counter())
+            rec.update(gen_s=0.0, rollout_s=0.0, t0=time.perf_counter(), c0=time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
             wall = time.perf_counter() - rec["t0"]
             i = len(steps)
             steps.append({"warmup": i < a["warmup"], "step_s": wall,
+                          "cpu_s": time.process_time() - rec["c0"],
                           "rollout_s": rec["gen_s"], "update_s": wall - rec["rollout_s"],
                           "reward_s": rec["rollout_s"] - rec["gen_s"],
                           "prompt_len": rec.get("prompt_len", 0),
@@ -195,8 +198,9 @@ def job_trl(a: dict) -> dict:
     dataset = Dataset.from_list([{"prompt": W.PROMPT}] * n_steps)
     trainer = TimedGRPO(model=a["model"], reward_funcs=W.bench_reward, args=config,
                         train_dataset=dataset, callbacks=[StepTimer()])
+    load_rss = peak_rss_bytes()
     trainer.train()
-    info = {"trl": trl.__version__, "loss_type": config.loss_type,
+    info = {"trl": trl.__version__, "loss_type": config.loss_type, "load_peak_rss": load_rss,
             "gradient_checkpointing": config.gradient_checkpointing}
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
 
@@ -214,6 +218,7 @@ def job_mlx_lm_lora(a: dict) -> dict:
     from mlx_lm_lora.trainer.datasets import GRPODataset
 
     model, tokenizer = load(a["model"])
+    load_rss = peak_rss_bytes()
     n_steps = a["warmup"] + a["reps"]
     rec: dict = {}
     steps: list[dict] = []
@@ -232,8 +237,9 @@ def job_mlx_lm_lora(a: dict) -> dict:
         def on_train_loss_report(self, info):
             wall = 1.0 / info["iterations_per_second"]
             i = len(steps)
+            cpu, rec["cpu_mark"] = time.process_time() - rec["cpu_mark"], time.process_time()
             lengths = rec.get("completion_lengths", [])
-            steps.append({"warmup": i < a["warmup"], "step_s": wall,
+            steps.append({"warmup": i < a["warmup"], "step_s": wall, "cpu_s": cpu,
                           "rollout_s": rec.get("rollout_s", 0.0),
                           "update_s": wall - rec.get("rollout_s", 0.0), "reward_s": 0.0,
                           "prompt_len": rec["prompt_len"], "completion_lengths": lengths,
@@ -247,6 +253,7 @@ def job_mlx_lm_lora(a: dict) -> dict:
     data = GRPODataset([{"prompt": W.PROMPT, "answer": "753"}] * n_steps, tokenizer,
                        text_completion_key="prompt")
     rec["prompt_len"] = len(data[0][0])
+    rec["cpu_mark"] = time.process_time()  # CPU time between two reports = one step's
     args = G.GRPOTrainingArgs(
         batch_size=1, iters=n_steps, val_batches=0, steps_per_report=1,
         steps_per_eval=10**9, steps_per_save=10**9,
@@ -258,7 +265,7 @@ def job_mlx_lm_lora(a: dict) -> dict:
                  optimizer=optim.AdamW(learning_rate=W.LEARNING_RATE, weight_decay=0.01),
                  train_dataset=data, val_dataset=None, reward_funcs=[W.bench_reward],
                  args=args, training_callback=Report(), end_answer_token="")
-    info = {"mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?"),
+    info = {"mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?"), "load_peak_rss": load_rss,
             "blas_gflops": _mlx_blas_check()}
     return {"steps": steps, "info": info}
 

@@ -2,7 +2,7 @@
 
     gft convert SRC DST [--dtype D] [--shard-size S]   a model directory (transformers- or
         mlx-lm-written): weights re-saved (dtype, shards, {"format": "pt"}), config.json
-        made portable (gft.checkpoint.write_portable_config), tokenizer and other files copied
+        made portable (gft.modelfiles.write_portable_config), tokenizer and other files copied
     gft convert SRC DST [--to peft|mlx-lm] [--dtype D]  a LoRA adapter, PEFT <-> mlx-lm
         (gft/lora.py describes both formats)
     gft fuse ADAPTER --base BASE OUT                     W + s·B·A into each adapted weight
@@ -157,7 +157,7 @@ def arrays(framework: str | None = None):
 # ------------------------------------------------------------------ models
 
 def _weight_files(src: Path) -> list[Path]:
-    from gft.checkpoint import model_weight_files
+    from gft.modelfiles import model_weight_files
     files = [f for f in model_weight_files(src) if f.name not in (PEFT_WEIGHTS, MLX_WEIGHTS)]
     if not files:
         raise ModelError(f"{src}: no safetensors weights (gft reads safetensors only, never pickle)")
@@ -177,7 +177,7 @@ _NOT_COPIED = (PEFT_CONFIG, "trainer_state.json")  # a gft checkpoint's state is
 def write_model(dst: Path, src: Path, tensors: dict, ar, shard_size: str | int) -> list[str]:
     """tensors as a portable model directory `dst`, with src's other files (config,
     tokenizer, generation config) copied; returns write_portable_config's warnings."""
-    from gft.checkpoint import write_portable_config
+    from gft.modelfiles import write_portable_config
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         weights = f.suffix == ".safetensors" or f.name == INDEX_FILE

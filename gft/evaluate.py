@@ -37,7 +37,7 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
         sampled = _score(backend, [r for r in rows for _ in range(k)], outs, scorer)
         correct = sampled.correct.reshape(len(rows), k).sum(axis=1)
         metrics[f"pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
-        metrics[f"pass@1_sampled"] = float(np.mean([pass_at_k(k, int(c), 1) for c in correct]))
+        metrics["pass@1_sampled"] = float(np.mean([pass_at_k(k, int(c), 1) for c in correct]))
     return metrics
 
 

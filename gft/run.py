@@ -15,9 +15,9 @@ import yaml
 from rich.console import Console
 
 from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import (OPTIMIZER_FILE, STATE_FILE, atomic_directory, atomic_write_text,
-                            check_model_dir, check_optimizer_state, clean_leftovers,
+from gft.checkpoint import (STATE_FILE, atomic_directory, atomic_write_text, clean_leftovers,
                             latest_checkpoint, read_state, save_checkpoint)
+from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
 from gft.errors import ConfigError, DataError, ModelError, RewardError
@@ -25,7 +25,7 @@ from gft.loop import LoopState, total_steps, train
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
-from gft.stages import plan_stages
+from gft.stages import describe, plan_stages
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
 # arithmetic task from random init in a few minutes on 2 CPU cores.
@@ -194,11 +194,11 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     if has_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console)
-    console.print(f"run: {run_dir}  backend: {backend.name}  preset: {cfg.preset} "
-                  f"(K={cfg.num_offpolicy}, n={cfg.num_rollouts}, tau={cfg.tau}, "
-                  f"advantage={cfg.advantage})  train rows: {len(data.rows)}")
+    stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
+    console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}\n"
+                  f"plan: {describe(stages)}")
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop)
-    steps = plan_stages(cfg, total_steps(cfg, len(data.rows)))[-1].end
+    steps = stages[-1].end
     if state.step < steps:  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}

@@ -90,3 +90,10 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
         if stage.start <= step < stage.end:
             return stage
     return stages[-1]
+
+
+def describe(stages: list[Stage]) -> str:
+    """One line for the terminal: 'sft 300 steps (K=1, n=0, tau=0.0, constant) -> gft ...'."""
+    return " -> ".join(
+        f"{s.name} {s.end - s.start} steps (K={s.cfg.num_offpolicy}, n={s.cfg.num_rollouts}, "
+        f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})" for s in stages)

@@ -5,6 +5,7 @@ No timed assertions: the harness must run and write its table, whatever the numb
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,10 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     cmd = [sys.executable, "benchmarks/bench.py", "--model", "tiny", "--reps", "1",
            "--warmup", "0", "--quick", "--max-new-tokens", "4", "--trainers",
            "gft-torch", "--out", str(out), "--cache", str(cache)]
-    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    # One thread per job: nothing is timed here, and a shared CI box stays responsive.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
+                          env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     text = (out / "RESULTS.md").read_text()
     assert "Command: `python benchmarks/bench.py --model tiny" in text

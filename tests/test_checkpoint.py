@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from gft.checkpoint import (OPTIMIZER_FILE, STATE_FILE, CheckpointError, atomic_directory,
-                            check_model_dir, check_optimizer_state, clean_leftovers,
-                            latest_checkpoint, read_safetensors_header, read_state,
-                            save_checkpoint, save_step_checkpoint)
+from gft.checkpoint import (STATE_FILE, CheckpointError, atomic_directory, clean_leftovers,
+                            latest_checkpoint, read_state, save_checkpoint, save_step_checkpoint)
+from gft.modelfiles import (OPTIMIZER_FILE, check_model_dir, check_optimizer_state,
+                            read_safetensors_header)
 from gft.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]

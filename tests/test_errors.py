@@ -266,7 +266,7 @@ def test_tokenizer_without_eos(model, tmp_path):
 
 
 def test_tokenizer_without_pad_uses_eos(model, tmp_path):
-    from gft.checkpoint import load_tokenizer
+    from gft.modelfiles import load_tokenizer
     broken = copy_model(model, tmp_path / "m")
     config = json.loads((broken / "tokenizer_config.json").read_text())
     del config["pad_token"]

@@ -24,7 +24,7 @@ pytest.importorskip("mlx_lm")
 from mlx.utils import tree_flatten  # noqa: E402
 
 from backends import OptimConfig, SamplingConfig, load_backend  # noqa: E402
-from gft.checkpoint import check_model_dir, check_optimizer_state  # noqa: E402
+from gft.modelfiles import check_model_dir, check_optimizer_state  # noqa: E402
 from gft.tiny import (EOS_ID, PAD_ID, TinyModelSpec, init_weights, write_safetensors,  # noqa: E402
                       write_tiny_model)
 from gft.types import TokenBatch  # noqa: E402

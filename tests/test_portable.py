@@ -3,7 +3,7 @@ the same way, written identically by both backends, and runs that move between t
 
 - config.json: every difference found between transformers 5 and mlx-lm 0.32 for Llama,
   Qwen2 and Qwen3 (RoPE base and scaling, tied embeddings, dtype) is removed by
-  gft.checkpoint.write_portable_config; configs written by transformers' own save_pretrained
+  gft.modelfiles.write_portable_config; configs written by transformers' own save_pretrained
   are read differently by mlx-lm before it and identically after it.
 - round trips torch-trained -> mlx-lm -> transformers and mlx-trained -> transformers ->
   mlx-lm on a tiny Llama and a tiny Qwen2 (q/k/v biases), rope_theta 100000: float32 logits
@@ -32,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from backends import SamplingConfig, load_backend  # noqa: E402
 from cli import main  # noqa: E402
-from gft.checkpoint import write_portable_config  # noqa: E402
+from gft.modelfiles import write_portable_config  # noqa: E402
 from gft.tiny import (EOS_ID, PAD_ID, TinyModelSpec, init_weights, write_safetensors,  # noqa: E402
                       write_tiny_model)
 from gft.types import TokenBatch  # noqa: E402
