@@ -94,28 +94,17 @@ class TorchBackend:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int) -> list[list[int]]:
-        from transformers import GenerationConfig
+        """Batched KV-cache sampling (backends/torch_sampler.py: one prefill, a preallocated
+        cache, finished rows leave the batch); greedy equals transformers' generate."""
+        from backends.torch_sampler import sample
         self.model.eval()
-        torch.manual_seed(seed)
-        tok = self.tokenizer
-        # A fresh GenerationConfig: the model's own may carry top_k=50, repetition penalties
-        # and the like, which would make rollouts differ from plain temperature sampling.
-        knobs = {"do_sample": False} if sampling.greedy else {
-            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": 0}
-        gen_cfg = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, **knobs)
-        out: list[list[int]] = []
+        tok, out = self.tokenizer, []
         for start in range(0, len(prompts), sampling.batch_size):
-            chunk = prompts[start:start + sampling.batch_size]
-            ids, att = left_pad(chunk, tok.pad_token_id)
-            seqs = self.model.generate(
-                input_ids=torch.from_numpy(ids).to(self.device),
-                attention_mask=torch.from_numpy(att).to(self.device),
-                generation_config=gen_cfg)
-            out.extend(cut_at_eos(row, tok.eos_token_id)
-                       for row in seqs[:, ids.shape[1]:].tolist())
+            out.extend(sample(self.model, list(prompts[start:start + sampling.batch_size]),
+                              max_new_tokens=sampling.max_new_tokens,
+                              temperature=sampling.temperature, top_p=sampling.top_p,
+                              greedy=sampling.greedy, eos_id=tok.eos_token_id,
+                              pad_id=tok.pad_token_id, seed=seed + start, device=self.device))
         return out
 
     # ------------------------------------------------------------------ update
@@ -223,23 +212,6 @@ class TorchBackend:
     def named_parameters(self) -> dict[str, np.ndarray]:
         # copy: for float32 CPU tensors .numpy() is a live view of the weights
         return {n: p.detach().float().cpu().numpy().copy() for n, p in self.params.items()}
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad prompts so every row's last token sits in the last column (for generate)."""
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    att = np.zeros((len(rows), width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = r
-            att[i, width - len(r):] = 1
-    return ids, att
-
-
-def cut_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """Keep the completion up to and including its first EOS (the rest is padding)."""
-    return tokens[:tokens.index(eos_id) + 1] if eos_id in tokens else tokens
 
 
 def _quiet_transformers() -> None:

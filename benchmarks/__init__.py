@@ -1,0 +1,1 @@
+"""Throughput and memory benchmarks (bench.py) and the paper replication."""

@@ -1,7 +1,7 @@
 """Benchmark gft against TRL and mlx-lm-lora, and against the hardware floor, in one run.
 
-    python benchmarks/bench.py --model smollm2 --reps 3      # the measurement (minutes)
-    python benchmarks/bench.py --model tiny --reps 1 --quick # a smoke run (seconds)
+    python benchmarks/bench.py --model smollm2,tiny --reps 3  # the measurement (minutes)
+    python benchmarks/bench.py --model tiny --reps 1 --quick  # a smoke run (seconds)
 
 Every job runs in its own subprocess (benchmarks/worker.py), one after another, so its
 peak RSS is its own and no two jobs share the CPU. Results go to OUT/results.json (one
@@ -47,8 +47,10 @@ VERSIONED = ["torch", "transformers", "trl", "accelerate", "mlx", "mlx-lm", "mlx
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="smollm2 | tiny | a model directory")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2",
+                   help="smollm2 | tiny | a model directory; a comma list runs each in turn")
     p.add_argument("--reps", type=int, default=3, help="measured steps per trainer")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     p.add_argument("--trainers", default="all",
@@ -84,7 +86,8 @@ def run_job(job: str, args: dict, label: str, logs: Path, timeout: float,
     out = logs / f"{label.replace(':', '-')}.json"
     log = logs / f"{label.replace(':', '-')}.log"
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, str(HERE / "worker.py"), job, json.dumps({**args, "label": label}), str(out)]
+    cmd = [sys.executable, str(HERE / "worker.py"), job, json.dumps({**args, "label": label}),
+           str(out)]
     t0 = time.perf_counter()
     print(f"[bench] {label} ...", flush=True)
     with open(log, "w") as fh:
@@ -99,7 +102,8 @@ def run_job(job: str, args: dict, label: str, logs: Path, timeout: float,
         print(f"[bench] {label} done in {took:.0f}s", flush=True)
         return json.loads(out.read_text())
     tail = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    why = f"timed out after {timeout:.0f}s" if code == "timeout" else (tail[-1] if tail else f"exit {code}")
+    why = (f"timed out after {timeout:.0f}s" if code == "timeout"
+           else tail[-1] if tail else f"exit {code}")
     print(f"[bench] {label} FAILED ({why}); log: {log}", flush=True)
     return {"error": why[:300]}
 
@@ -112,7 +116,8 @@ def machine(device: str) -> dict:
                 cpu = line.split(":", 1)[1].strip()
                 break
     elif sys.platform == "darwin":
-        got = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        got = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                             text=True)
         cpu = got.stdout.strip() or cpu
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -120,9 +125,10 @@ def machine(device: str) -> dict:
         ram = float("nan")
     gpu = None
     if device.startswith("cuda"):
-        got = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True)
-        gpu = got.stdout.strip().splitlines()[0] if got.returncode == 0 and got.stdout.strip() else "cuda"
+        got = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total",
+                              "--format=csv,noheader"], capture_output=True, text=True)
+        ok = got.returncode == 0 and got.stdout.strip()
+        gpu = got.stdout.strip().splitlines()[0] if ok else "cuda"
     return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": ram, "gpu": gpu,
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "load_before": _load(), "load_after": None}
@@ -142,44 +148,43 @@ def versions() -> dict[str, str]:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    got = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True).stdout.strip()
     out["gft"] = (got.stdout.strip() or "?") + ("+dirty" if dirty else "")
     return out
 
 
-def main(argv: list[str] | None = None) -> Path:
-    a = parse_args(argv)
-    out, cache = Path(a.out), Path(a.cache)
-    out.mkdir(parents=True, exist_ok=True)
-    logs = cache / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    model_dir = models.prepare(a.model, cache).resolve()
-    shape = model_shape(model_dir)
-    keys = selected(a.trainers)
-    skipped_mlx = a.device != "cpu" and a.trainers == "all"
-    if skipped_mlx:  # mlx never runs on CUDA: its CPU rows would not belong in a GPU section
-        keys = [k for k in keys if k not in MLX_JOBS]
-    common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
-              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
+def warn_if_busy() -> None:
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        return
+    if busy > 0.5 * (os.cpu_count() or 1):
+        print(f"[bench] warning: load average {busy:.1f} on {os.cpu_count()} cores: other "
+              "processes are running and the timings will not be trustworthy", flush=True)
+
+
+def new_run(a: argparse.Namespace, argv: list[str] | None, model: str, model_dir: Path,
+            params: int) -> dict:
+    """The run record: what was measured, where, with what, and by which command."""
     argv_text = " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    run = {"model": a.model if a.model in ("tiny", "smollm2") else model_dir.name,
-           "device": a.device, "dtype": a.dtype, "command": f"python benchmarks/bench.py {argv_text}".strip(),
-           "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "machine": machine(a.device),
-           "versions": versions(), "group": workload.GROUP, "max_new_tokens": a.max_new_tokens,
-           "warmup": a.warmup, "reps": a.reps, "params": shape.params, "rows": {}, "notes": []}
-    if skipped_mlx:
-        run["notes"].append(f"mlx rows skipped on --device {a.device} (mlx runs on Apple "
-                            "silicon or CPU; name them in --trainers to run them anyway)")
-    floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},
-                    "floor", logs, a.timeout)
-    if "error" in floor:
-        raise SystemExit(f"the floor measurement failed: {floor['error']}")
-    run["floor"] = floor
+    return {"model": model if model in ("tiny", "smollm2") else model_dir.name,
+            "device": a.device, "dtype": a.dtype,
+            "command": f"python benchmarks/bench.py {argv_text}".strip(),
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "machine": machine(a.device), "versions": versions(), "group": workload.GROUP,
+            "max_new_tokens": a.max_new_tokens, "warmup": a.warmup, "reps": a.reps,
+            "params": params, "rows": {}, "notes": []}
+
+
+def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Namespace,
+                 logs: Path) -> None:
+    """Each selected trainer in its own process; a row (or the reason it has none) each."""
     mlx_env = None
     if any(k in MLX_JOBS for k in keys) and not a.no_openblas:
-        mlx_env, note = openblas_env(cache)
+        mlx_env, note = openblas_env(Path(a.cache))
         run["notes"].append(note)
     for key in (k for k in keys if k in TRAINERS):
         job, extra, module, pip_name = TRAINERS[key]
@@ -191,24 +196,29 @@ def main(argv: list[str] | None = None) -> Path:
         if "error" in res:
             run["rows"][key] = res
             continue
-        summary = report.summarize(res, shape, floor, DTYPE_BYTES[a.dtype])
+        summary = report.summarize(res, shape, run["floor"], DTYPE_BYTES[a.dtype])
         run["rows"][key] = {"summary": summary, "steps": res["steps"]}
         run.setdefault("prompt_len", res["steps"][0]["prompt_len"])
         if summary["info"].get("blas_gflops") is not None:
             run["notes"].append(f"{key}: mlx matmul rate in that process "
                                 f"{summary['info']['blas_gflops']:.0f} GFLOP/s")
     run.setdefault("prompt_len", "?")
-    if "sampler" in keys:
-        if importlib.util.find_spec("torch") is None:
-            run["notes"].append("sampler comparison skipped: torch not installed")
-        else:
-            sm = run_job("sampler", common, "sampler", logs, a.timeout)
-            if "error" in sm:
-                run["notes"].append(f"sampler comparison failed: {sm['error']}")
-            else:
-                run["sampler"] = sm
-    run["machine"]["load_after"] = _load()
-    key = f"{run['model']}-{a.device}-{a.dtype}"
+
+
+def run_sampler(run: dict, common: dict, a: argparse.Namespace, logs: Path) -> None:
+    if importlib.util.find_spec("torch") is None:
+        run["notes"].append("sampler comparison skipped: torch not installed")
+        return
+    sm = run_job("sampler", common, "sampler", logs, a.timeout)
+    if "error" in sm:
+        run["notes"].append(f"sampler comparison failed: {sm['error']}")
+    else:
+        run["sampler"] = sm
+
+
+def save(run: dict, out: Path) -> Path:
+    """Chart, then results.json (this run's entry replaced) and RESULTS.md from all runs."""
+    key = f"{run['model']}-{run['device']}-{run['dtype']}"
     png = out / f"results-{key}.png"
     if report.chart(png, run):
         run["chart"] = png.name
@@ -219,8 +229,46 @@ def main(argv: list[str] | None = None) -> Path:
     runs[key] = run
     store.write_text(json.dumps({"runs": runs}, indent=1))
     report.write_results(out / "RESULTS.md", runs)
-    print(f"[bench] wrote {out / 'RESULTS.md'}", flush=True)
     return out / "RESULTS.md"
+
+
+def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Path:
+    """Every selected job on one model; its section of RESULTS.md."""
+    out, cache = Path(a.out), Path(a.cache)
+    logs = cache / "logs"
+    model_dir = models.prepare(model, cache).resolve()
+    shape = model_shape(model_dir)
+    keys = selected(a.trainers)
+    run = new_run(a, argv, model, model_dir, shape.params)
+    if a.device != "cpu" and a.trainers == "all":  # mlx never runs on CUDA: its CPU rows
+        keys = [k for k in keys if k not in MLX_JOBS]  # do not belong in a GPU section
+        run["notes"].append(f"mlx rows skipped on --device {a.device} (mlx runs on Apple "
+                            "silicon or CPU; name them in --trainers to run them anyway)")
+    common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
+              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
+    floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},
+                    "floor", logs, a.timeout)
+    if "error" in floor:
+        raise SystemExit(f"the floor measurement failed: {floor['error']}")
+    run["floor"] = floor
+    run_trainers(run, keys, common, shape, a, logs)
+    if "sampler" in keys:
+        run_sampler(run, common, a, logs)
+    run["machine"]["load_after"] = _load()
+    path = save(run, out)
+    print(f"[bench] {model}: wrote {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> Path:
+    a = parse_args(argv)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.cache) / "logs").mkdir(parents=True, exist_ok=True)
+    warn_if_busy()
+    path = Path(a.out) / "RESULTS.md"
+    for model in (m.strip() for m in a.model.split(",") if m.strip()):
+        path = bench_model(a, argv, model)
+    return path
 
 
 if __name__ == "__main__":

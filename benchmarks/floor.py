@@ -117,15 +117,15 @@ def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
     for m, k, n in shapes:
         a = torch.randn(m, k, device=dev, dtype=dt)
         b = torch.randn(k, n, device=dev, dtype=dt)
-        times = timed(lambda: a @ b, reps)
+        times = timed(lambda a=a, b=b: a @ b, reps)
         matmul[f"{m}x{k}x{n}"] = {"gflops_median": 2 * m * k * n / statistics.median(times) / 1e9,
                                   "gflops_best": 2 * m * k * n / min(times) / 1e9}
-        del a, b
+        a = b = None  # free before the next shape
     size = (64 << 20) if quick else (1 << 30)
     src = torch.empty(size // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
     times = timed(lambda: dst.copy_(src), reps)
-    del src, dst
+    src = dst = None
     best = max(matmul.values(), key=lambda r: r["gflops_median"])
     return {"matmul": matmul, "matmul_gflops": best["gflops_median"],
             "copy_bytes": size, "bandwidth_gbs": 2 * size / statistics.median(times) / 1e9,

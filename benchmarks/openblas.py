@@ -60,4 +60,5 @@ def openblas_env(cache: Path) -> tuple[dict[str, str] | None, str]:
     search = [str(lib_dir), str(Path(gfortran).parent) if gfortran else "",
               os.environ.get("LD_LIBRARY_PATH", "")]
     env = {"LD_PRELOAD": libs[0], "LD_LIBRARY_PATH": os.pathsep.join(p for p in search if p)}
-    return env, f"OpenBLAS preloaded for mlx ({Path(libs[0]).relative_to(Path(cache).resolve().parent)})"
+    where = Path(libs[0]).relative_to(Path(cache).resolve().parent)
+    return env, f"OpenBLAS preloaded for mlx ({where})"

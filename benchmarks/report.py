@@ -16,7 +16,8 @@ from benchmarks.floor import ModelShape, rollout_floor_s, update_floor_s
 TARGETS = {  # issue 5's "what it must show", as (description, limit)
     "step_vs_trl": ("gft torch `grpo` step time / TRL GRPOTrainer step time", "≤ 0.6"),
     "rss_vs_trl": ("gft torch `grpo` peak RSS / TRL peak RSS", "≤ 1.0"),
-    "update_vs_matmul": ("gft torch update: achieved fraction of the matmul-rate floor", "≥ 0.60"),
+    "update_vs_matmul": ("gft torch update: achieved fraction of the matmul-rate floor",
+                         "≥ 0.60"),
     "rollout_vs_bw": ("gft torch rollout: achieved fraction of the bandwidth floor", "≥ 0.70"),
     "mlx_vs_lora": ("gft mlx `grpo` step time / mlx-lm-lora GRPO step time", "≤ 1.0"),
 }
@@ -42,15 +43,20 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
         "cpu_s": _med([s["cpu_s"] for s in steps if "cpu_s" in s]),
         "rollout_s": _med([s["rollout_s"] for s in steps]),
         "update_s": _med([s["update_s"] for s in steps]),
-        "rollout_tok_s": _med([g / s["rollout_s"] for g, s in zip(gen, steps) if s["rollout_s"] > 0]),
+        "rollout_tok_s": _med([g / s["rollout_s"] for g, s in zip(gen, steps)
+                               if s["rollout_s"] > 0]),
         "update_tok_s": _med([u / s["update_s"] for u, s in zip(upd, steps) if s["update_s"] > 0]),
         "completions": _med([len(s["completion_lengths"]) for s in steps]),
-        "mean_completion": _med([g / max(len(s["completion_lengths"]), 1) for g, s in zip(gen, steps)]),
+        "mean_completion": _med([g / max(len(s["completion_lengths"]), 1)
+                                 for g, s in zip(gen, steps)]),
         "update_tokens": _med(upd),
-        "padding": _med([1 - u / s["padded_tokens"] for u, s in zip(upd, steps) if s["padded_tokens"]]),
+        "padding": _med([1 - u / s["padded_tokens"] for u, s in zip(upd, steps)
+                         if s["padded_tokens"]]),
         "rollout_floor_s": _med(r_floor), "update_floor_s": _med(u_floor),
-        "rollout_frac": _med([f / s["rollout_s"] for f, s in zip(r_floor, steps) if s["rollout_s"] > 0]),
-        "update_frac": _med([f / s["update_s"] for f, s in zip(u_floor, steps) if s["update_s"] > 0]),
+        "rollout_frac": _med([f / s["rollout_s"] for f, s in zip(r_floor, steps)
+                              if s["rollout_s"] > 0]),
+        "update_frac": _med([f / s["update_s"] for f, s in zip(u_floor, steps)
+                             if s["update_s"] > 0]),
         "peak_rss": result.get("peak_rss_bytes", 0),
         "gpu_peak": result.get("gpu_peak_bytes"),
         "info": result.get("info", {}),
@@ -90,7 +96,8 @@ def render_run(run: dict) -> str:
     lines = [f"## {run['model']} · {run['device']} · {run['dtype']} · {run['date']}", "",
              f"Command: `{run['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM"
-             + (f", GPU: {m['gpu']}" if m.get("gpu") else "") + f"; {m['os']}; Python {m['python']}. "
+             + (f", GPU: {m['gpu']}" if m.get("gpu") else "")
+             + f"; {m['os']}; Python {m['python']}. "
              f"Load average before / after: {m['load_before']} / {m['load_after']}.", "",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in run["versions"].items()) + ".", "",
              f"Workload: one prompt ({run['prompt_len']} tokens) × {run['group']} sequences per "
@@ -121,7 +128,8 @@ def render_run(run: dict) -> str:
 
         lines.append(
             f"| {name} | {preset} | {s['step_s']:.2f} [{s['step_min']:.2f}–{s['step_max']:.2f}] "
-            f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} | {s['rollout_tok_s']:.0f} "
+            f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} "
+            f"| {s['rollout_tok_s']:.0f} "
             f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
             f"| {rss} | {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
             f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
@@ -139,7 +147,8 @@ def render_run(run: dict) -> str:
         lg, lt = g["summary"]["mean_completion"], t["summary"]["mean_completion"]
         if abs(lg - lt) > 0.05 * max(lg, lt):
             lines += [f"Unequal work: gft's rollouts averaged {lg:.1f} new tokens, TRL's "
-                      f"{lt:.1f} (EOS is sampled); compare tok/s columns as well as step times.", ""]
+                      f"{lt:.1f} (EOS is sampled); compare tok/s columns as well as step "
+                      "times.", ""]
     if got:
         lines += ["| target (issue 5) | value | required | met |", "| --- | --- | --- | --- |"]
         for k, v in got.items():
@@ -153,7 +162,13 @@ def render_run(run: dict) -> str:
                   f"{sm['tokens'] // run['group']} new tokens, no EOS, sampled, interleaved runs): "
                   f"transformers `generate` {hf:.2f} s ({sm['tokens'] / hf:.0f} tok/s), "
                   f"backends/torch_sampler.py {ours:.2f} s ({sm['tokens'] / ours:.0f} tok/s); "
-                  f"generate / sampler time = {hf / ours:.2f} (above 1: the sampler is faster).", ""]
+                  f"generate / sampler time = {hf / ours:.2f} (above 1: the sampler is faster)."]
+        if sm["times"].get("torch_sampler_bf16_copy"):
+            b = _med(sm["times"]["torch_sampler_bf16_copy"])
+            lines[-1] += (f" The sampler on a bfloat16 copy of the weights (refreshed each call; "
+                          f"`rollout_copy`/`sync_weights`): {b:.2f} s, "
+                          f"generate / that = {hf / b:.2f}.")
+        lines.append("")
     for note in run.get("notes", []):
         lines.append(f"- {note}")
     if run.get("notes"):

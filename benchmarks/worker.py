@@ -31,6 +31,11 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def n_new(a: dict) -> int:
+    """The completion length cap of this run (workload.MAX_NEW_TOKENS unless overridden)."""
+    return a.get("max_new_tokens", W.MAX_NEW_TOKENS)
+
+
 def _quiet() -> None:
     import warnings
     warnings.filterwarnings("ignore")
@@ -65,8 +70,9 @@ def job_gft(a: dict) -> dict:
     (tmp / "train.jsonl").write_text(json.dumps(W.gft_row()) + "\n")
     cfg = build_config({
         "model": a["model"], "data": str(tmp / "train.jsonl"), "backend": a["backend"],
-        "preset": a["preset"], "device": a.get("device", "auto"), "dtype": a.get("dtype", "float32"),
-        "max_response_tokens": a.get("max_new_tokens", W.MAX_NEW_TOKENS), "prompts_per_step": 1, "prompts_per_minibatch": 1,
+        "preset": a["preset"], "device": a.get("device", "auto"),
+        "dtype": a.get("dtype", "float32"),
+        "max_response_tokens": n_new(a), "prompts_per_step": 1, "prompts_per_minibatch": 1,
         "micro_batch_size": W.GROUP, "rollout_batch_size": W.GROUP, "rewards": [W.REWARD_SPEC],
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
         "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
@@ -85,7 +91,8 @@ def job_gft(a: dict) -> dict:
     def counted_update(batches, lr, **kw):
         rec["seq_lengths"] = rec.get("seq_lengths", []) + [
             int(n) for b in batches for n in b.attention.sum(axis=1)]
-        rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(int(b.input_ids.size) for b in batches)
+        rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(
+            int(b.input_ids.size) for b in batches)
         return update(batches, lr, **kw)
 
     backend.generate, backend.train_step = timed_generate, counted_update
@@ -188,7 +195,7 @@ def job_trl(a: dict) -> dict:
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-bench-"), report_to="none", save_strategy="no",
         per_device_train_batch_size=W.GROUP, num_generations=W.GROUP,
-        gradient_accumulation_steps=1, max_completion_length=a.get("max_new_tokens", W.MAX_NEW_TOKENS),
+        gradient_accumulation_steps=1, max_completion_length=n_new(a),
         beta=0.0, num_iterations=1, use_vllm=False, temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=W.LEARNING_RATE, lr_scheduler_type="constant", weight_decay=0.01,
         max_grad_norm=1.0, max_steps=n_steps, logging_steps=1, disable_tqdm=True,
@@ -258,7 +265,7 @@ def job_mlx_lm_lora(a: dict) -> dict:
         batch_size=1, iters=n_steps, val_batches=0, steps_per_report=1,
         steps_per_eval=10**9, steps_per_save=10**9,
         adapter_file=str(Path(tempfile.mkdtemp(prefix="mlxlora-bench-")) / "adapters.safetensors"),
-        max_seq_length=4096, max_completion_length=a.get("max_new_tokens", W.MAX_NEW_TOKENS), grad_checkpoint=False,
+        max_seq_length=4096, max_completion_length=n_new(a), grad_checkpoint=False,
         beta=0.0, group_size=W.GROUP, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0,
         grpo_loss_type="grpo")
     G.train_grpo(model=model, ref_model=None, tokenizer=tokenizer,
@@ -278,7 +285,7 @@ def job_sampler(a: dict) -> dict:
     _quiet()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from backends.torch_sampler import sample
+    from backends.torch_sampler import rollout_copy, sample, sync_weights
 
     dev = torch.device(a.get("device", "cpu"))
     dt = torch.bfloat16 if a.get("dtype") == "bfloat16" else torch.float32
@@ -287,7 +294,7 @@ def job_sampler(a: dict) -> dict:
     prompt = tok(W.PROMPT).input_ids
     ids = torch.tensor([prompt] * W.GROUP, device=dev)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    gen_cfg = GenerationConfig(max_new_tokens=a.get("max_new_tokens", W.MAX_NEW_TOKENS), do_sample=True, temperature=1.0,
+    gen_cfg = GenerationConfig(max_new_tokens=n_new(a), do_sample=True, temperature=1.0,
                                top_p=1.0, top_k=0, eos_token_id=None, pad_token_id=pad)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
@@ -297,19 +304,28 @@ def job_sampler(a: dict) -> dict:
                            generation_config=gen_cfg)
 
     def ours():
-        sample(model, [prompt] * W.GROUP, max_new_tokens=a.get("max_new_tokens", W.MAX_NEW_TOKENS), eos_id=None,
+        sample(model, [prompt] * W.GROUP, max_new_tokens=n_new(a), eos_id=None,
                pad_id=pad, seed=0, device=dev)
 
-    times: dict[str, list[float]] = {"hf_generate": [], "torch_sampler": []}
+    engines = [("hf_generate", hf), ("torch_sampler", ours)]
+    if dt == torch.float32:  # rollouts from a bfloat16 copy, refreshed every call as a
+        shadow = rollout_copy(model)  # trainer would after each update
+
+        def ours_bf16():
+            sync_weights(shadow, model)
+            sample(shadow, [prompt] * W.GROUP, max_new_tokens=n_new(a),
+                   eos_id=None, pad_id=pad, seed=0, device=dev)
+        engines.append(("torch_sampler_bf16_copy", ours_bf16))
+    times: dict[str, list[float]] = {name: [] for name, _ in engines}
     for i in range(a["warmup"] + a["reps"]):
-        for name, fn in (("hf_generate", hf), ("torch_sampler", ours)):
+        for name, fn in engines:
             t0 = time.perf_counter()
             fn()
             sync()
             if i >= a["warmup"]:
                 times[name].append(time.perf_counter() - t0)
         print(f"[sampler] round {i + 1}/{a['warmup'] + a['reps']}", file=sys.stderr, flush=True)
-    return {"times": times, "tokens": W.GROUP * a.get("max_new_tokens", W.MAX_NEW_TOKENS),
+    return {"times": times, "tokens": W.GROUP * n_new(a),
             "prompt_len": len(prompt)}
 
 

@@ -27,7 +27,9 @@ def replicated(tmp_path_factory):
 def test_report_has_the_table_and_the_claims(replicated):
     out, _ = replicated
     text = (out / "REPLICATION.md").read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ")]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method | steps"))
+    table = lines[start:start + 2 + 1 + len(METHODS)]
     names = [line.split("|")[1].strip() for line in table[2:]]
     assert names == ["base", *METHODS]
     assert "greedy pass@1" in table[0] and "pass@2" in table[0]

@@ -6,7 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.torch_sampler import left_pad, pick_tokens, sample  # noqa: E402
+from backends.torch_sampler import (left_pad, pick_tokens, rollout_copy, sample,  # noqa: E402
+                                    sync_weights)
 from gft.tiny import BOS_ID, EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
 
 # Prompts of different lengths, so that left padding and per-row positions matter.
@@ -133,3 +134,60 @@ def test_empty_prompt_is_refused_and_training_mode_is_restored(model):
         assert model.training
     finally:
         model.eval()
+
+
+def test_frozen_weights_give_the_same_greedy_tokens(model):
+    """A model whose weights do not require grad (LoRA's frozen base) takes the prefill
+    path that gathers the last column; the tokens must not change."""
+    ref = sample(model, PROMPTS, max_new_tokens=12, greedy=True, eos_id=EOS_ID, pad_id=PAD_ID)
+    model.requires_grad_(False)
+    try:
+        got = sample(model, PROMPTS, max_new_tokens=12, greedy=True, eos_id=EOS_ID,
+                     pad_id=PAD_ID)
+    finally:
+        model.requires_grad_(True)
+    assert got == ref
+
+
+def test_rollout_copy_rounds_parameters_only_and_follows_updates(model):
+    shadow = rollout_copy(model, torch.bfloat16)
+    assert {p.dtype for p in shadow.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the original is untouched
+    assert all(b.dtype == ob.dtype for b, ob in zip(shadow.buffers(), model.buffers()))
+    rows = sample(shadow, PROMPTS, max_new_tokens=6, eos_id=EOS_ID, pad_id=PAD_ID, seed=0)
+    assert len(rows) == len(PROMPTS) and all(rows)
+    first = next(model.parameters())
+    saved = first.detach().clone()
+    with torch.no_grad():
+        first.add_(0.5)
+    try:
+        sync_weights(shadow, model)
+        assert torch.equal(next(shadow.parameters()), first.detach().to(torch.bfloat16))
+    finally:
+        with torch.no_grad():
+            first.copy_(saved)
+
+
+def test_peft_wrapped_model_samples_through_its_adapters(model):
+    peft = pytest.importorskip("peft")
+    import copy
+    base_tokens = sample(model, PROMPTS, max_new_tokens=12, greedy=True, eos_id=EOS_ID,
+                         pad_id=PAD_ID)
+    cfg = peft.LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False, task_type="CAUSAL_LM")
+    wrapped = peft.get_peft_model(copy.deepcopy(model), cfg).eval()
+    ref = hf_generate(wrapped, PROMPTS, max_new_tokens=12, eos_id=EOS_ID)
+    ours = sample(wrapped, PROMPTS, max_new_tokens=12, greedy=True, eos_id=EOS_ID,
+                  pad_id=PAD_ID)
+    assert ours == ref
+    assert ours != base_tokens, "the adapters should change the output"
+
+
+def test_several_eos_ids_and_no_pad_id(model):
+    free = sample(model, PROMPTS, max_new_tokens=16, greedy=True, eos_id=None, pad_id=PAD_ID)
+    stops = [free[0][3], free[2][5]]
+    rows = sample(model, PROMPTS, max_new_tokens=16, greedy=True, eos_id=stops, pad_id=None)
+    for row, whole in zip(rows, free):
+        cut = next((i + 1 for i, t in enumerate(whole) if t in stops), len(whole))
+        assert row == whole[:cut]
+    assert len(rows[0]) <= 4 and len(rows[2]) <= 6
