@@ -448,6 +448,22 @@ per worker; default cores / jobs).
    prompts (the mean −log p of its own temperature-1 samples, an estimate of the entropy
    per token, the same measurement for every method); training curves of token entropy
    and gradient norm (before clipping); wall time.
+
+## Limits of this replication
+
+- Scale: a ~90k-parameter byte-level model on synthetic arithmetic, not a pretrained 1.5B
+  math model on competition problems. The test asks for arithmetic facts that appear in
+  training under other phrasings, and the expert demonstrations are always correct: a
+  setting where plain imitation is a direct route, which may favour SFT.
+- One learning rate (3e-4) for every method and stage, as in the paper, chosen in a pilot
+  as the largest of {1e-3, 3e-4, 1e-4} at which GRPO did not degenerate; no per-method
+  tuning, no learning-rate schedule.
+- Equal compute is approximate: steps are calibrated from tokens per step at the base
+  model, and a method whose tokens per step fall as it improves (more groups whose
+  rewards are all equal, which gft skips) ends under the budget. The table shows the
+  actual totals; gft has no token-budget stop yet.
+- Token counts leave out prompt tokens (prefill and the prompt part of each forward pass);
+  the per-run wall time is the other measure of compute, on a machine that may be shared.
 """
 
 
@@ -639,11 +655,11 @@ def plot_tokens(runs: dict[str, list[Path]], path: Path, budget: float) -> Path:
     return path
 
 
-def shrink_png(path: Path, colors: int = 64) -> None:
-    """Palette PNG: the committed figures stay small (a few tens of kB)."""
+def shrink_png(path: Path, colors: int = 16) -> None:
+    """Palette PNG with few colours: committed figures stay ~30-40 kB (from ~130 kB)."""
     from PIL import Image
     with Image.open(path) as im:
-        small = im.convert("RGB").quantize(colors=colors)
+        small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.FASTOCTREE)
     small.save(path, optimize=True)
 
 
@@ -744,7 +760,11 @@ def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
              "from each run's metrics.jsonl. Entropy: of the policy's own temperature-1 samples "
              "on the held-out prompts.", "",
              results_table(groups, base, k, pps), "",
-             "Greedy pass@1 of every run (seed: value):", "",
+             "Actual policy tokens as a share of the budget: " + ", ".join(
+                 f"{mm} {100 * _stat(rs, 'tokens')[0] / setup.budget_tokens:.0f}%"
+                 for mm, rs in groups.items()) + " (steps are calibrated at the base model; "
+             "see the limits above).", "",
+             "Greedy pass@1 of every run:", "",
              "| method | " + " | ".join(f"seed {s_}" for s_ in seeds) + " |",
              "|" + " --- |" * (len(seeds) + 1),
              *[f"| {mm} | " + " | ".join(
@@ -771,12 +791,13 @@ def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
     lines += ["### Machine, versions, time", "",
               f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; {m['os']}; "
               f"Python {m['python']}", f"- versions: {m['versions']}",
-              f"- workers: {jobs or 'in-process'} x {threads} torch thread(s); load average at "
-              f"the end (1/5/15 min): {m['load']} (the machine may be shared: wall times are "
+              f"- workers: {jobs or 'in-process'} x {threads} torch thread(s); load average "
+              f"(1/5/15 min) when the training ended: {walls.get('load', m['load'])} on "
+              f"{m['cores']} cores (the machine may be shared with other jobs: wall times are "
               "upper bounds)",
-              f"- wall time, end to end: {walls['working_s'] / 60:.1f} min (summed over the "
-              "invocations that trained or evaluated something; the last invocation took "
-              f"{walls['this_s'] / 60:.1f} min); worker time of all runs (training + "
+              f"- wall time, end to end: **{walls['working_s'] / 60:.1f} min** (summed over the "
+              "invocations that trained or evaluated something; a rerun that finds every run "
+              f"cached only rewrites this report); worker time of all runs (training + "
               f"evaluation): {compute / 60:.1f} min",
               f"- work directory: `{out}` (every run's config.yaml, metrics.jsonl, samples and "
               "final checkpoint; result.json per run)", ""]
@@ -861,6 +882,8 @@ def record_wall(out: Path, wall: float, executed: int) -> dict[str, float]:
     walls = json.loads(path.read_text()) if path.exists() else {"working_s": 0.0}
     if executed:
         walls["working_s"] += wall
+        if hasattr(os, "getloadavg"):
+            walls["load"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     walls["this_s"] = wall
     path.write_text(json.dumps(walls) + "\n")
     return walls
