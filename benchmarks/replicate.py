@@ -58,8 +58,8 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:  # `python benchmarks/replicate.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from gft.tasks.arith import (ArithTaskConfig, generate_split, make_row,  # noqa: E402
-                             split_problems, write_jsonl, write_task)
+from gft.tasks.arith import (ArithTaskConfig, config_record, generate_split,  # noqa: E402
+                             make_row, split_problems, write_jsonl, write_task)
 
 # Methods: name -> [(preset, share of the token budget)]; a pipeline is gft `stages`.
 METHODS: dict[str, list[tuple[str, float]]] = {
@@ -89,9 +89,9 @@ class Setup:
     notes: list[str] = field(default_factory=list)
 
 
-# One learning rate for every method, as in the paper: 3e-4 is the largest of {1e-3, 3e-4,
-# 1e-4} at which GRPO did not degenerate in a pilot (at 1e-3 its rollouts collapsed to junk
-# within ~100 steps); SFT and GFT reached the same accuracy at 3e-4 as at 1e-3.
+# One learning rate for every method, as in the paper. Pilots (one seed): at 1e-3 GRPO's
+# rollouts collapsed to junk within ~100 steps (from a 400-step base); at 3e-4 and 1e-4 it
+# improved steadily; SFT and GFT reached about the same accuracy at 3e-4 as at 1e-3.
 TRAIN_TINY = dict(
     learning_rate=3e-4, lr_schedule="constant", warmup_steps=0, weight_decay=0.01,
     max_grad_norm=1.0, prompts_per_step=32, prompts_per_minibatch=32, micro_batch_size=64,
@@ -110,8 +110,9 @@ SETUPS: dict[str, Setup] = {
         train=TRAIN_TINY, warmup_steps=800,
         warmup=dict(learning_rate=3e-3, warmup_steps=5),
         budget_tokens=1_500_000),
-    # SmolLM2-135M-Instruct on CPU: one seed and a small budget fit about an hour; on a
-    # GPU run it with --seeds 0 1 2 --budget-tokens 1000000.
+    # SmolLM2-135M-Instruct on CPU: one seed and 20k tokens per run, about an hour on 2
+    # cores (probe timings: ~30 tokens/s for SFT, ~60 for GRPO/GFT, one thread); base
+    # after 10 warm-up steps: ~65% held-out. On a GPU: --seeds 0 1 2 --budget-tokens 1000000.
     "smollm2": Setup(
         task=ArithTaskConfig(seed=0, n_train=4000, n_valid=32, n_test=100, max_operand=19,
                              ops=("+", "-")),
@@ -119,7 +120,7 @@ SETUPS: dict[str, Setup] = {
                    micro_batch_size=16, max_response_tokens=32, rollout_batch_size=64,
                    eval_samples=50),
         warmup_steps=10, warmup=dict(learning_rate=2e-5),
-        budget_tokens=40_000, probe_steps=3, evals_per_run=4, eval_k=4, entropy_samples=1),
+        budget_tokens=20_000, probe_steps=3, evals_per_run=4, eval_k=4, entropy_samples=1),
     # The test: a few steps of everything, in-process, in seconds.
     "tiny-test": Setup(
         task=ArithTaskConfig(seed=0, n_train=64, n_valid=4, n_test=8, max_operand=9,
@@ -139,6 +140,9 @@ def write_tasks(setup: Setup, out: Path) -> tuple[Path, Path]:
     task = out / "task"
     if not (task / "task.json").exists():
         write_task(task, setup.task)
+    elif json.loads((task / "task.json").read_text()) != json.loads(json.dumps(
+            config_record(setup.task))):
+        raise SystemExit(f"{out} holds runs of another task config: choose another --out")
     warm = out / "warmup-task"
     if not (warm / "train.jsonl").exists():
         import random
@@ -181,11 +185,13 @@ def initial_model(name: str, out: Path) -> Path:
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one run (or none: a pure evaluation), evaluate it, write result.json.
 
-    A run killed midway resumes from its last checkpoint; a finished one is not redone."""
+    A run stopped midway resumes from its last checkpoint (gft saves one on SIGINT/SIGTERM);
+    a finished one is not redone unless its spec changed (see `fingerprint`)."""
     run_dir = Path(spec["run_dir"])
     result_path = run_dir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
+    done = cached(spec)
+    if done is not None:
+        return done
     from rich.console import Console
     from gft.checkpoint import latest_checkpoint
     from gft.config import build_config
@@ -206,7 +212,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     train_wall = time.time() - t0
     t1 = time.time()
     ev = evaluate_model(final, spec) if spec.get("eval", True) else {}
-    result = {"name": spec["name"], "method": spec.get("method"), "seed": spec.get("seed"),
+    result = {"name": spec["name"], "fingerprint": fingerprint(spec),
+              "method": spec.get("method"), "seed": spec.get("seed"),
               "stages": spec.get("stages"), "train_wall_s": train_wall,
               "eval_wall_s": time.time() - t1, **ev, **run_stats(run_dir)}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,6 +288,28 @@ def worker_main(spec_path: str) -> None:
     run_spec(json.loads(Path(spec_path).read_text()))
 
 
+def fingerprint(spec: dict[str, Any]) -> str:
+    """What a run's result depends on: its config, its evaluation and the base it starts
+    from. A cached result with another fingerprint is stale (e.g. a new --budget-tokens)."""
+    import hashlib
+    keys = ("values", "evaluation", "model", "eval", "depends")
+    blob = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached(spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The run's result.json if it was made by this very spec; a stale run is deleted."""
+    run_dir = Path(spec["run_dir"])
+    path = run_dir / "result.json"
+    if not path.exists():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("fingerprint") == fingerprint(spec):
+        return result
+    shutil.rmtree(run_dir)
+    return None
+
+
 # --------------------------------------------------------------------------- orchestration
 
 class Runner:
@@ -296,8 +325,9 @@ class Runner:
         name = spec["name"].replace(">", "-")
         spec = {**spec, "log": str(self.out / "logs" / f"{name}.log")}
         result_path = Path(spec["run_dir"]) / "result.json"
-        if result_path.exists():
-            return json.loads(result_path.read_text())
+        done = cached(spec)
+        if done is not None:
+            return done
         print(f"[replicate] {spec['name']}: start ({time.strftime('%H:%M:%S')})", flush=True)
         self.executed += 1
         if self.jobs == 0:
@@ -315,7 +345,8 @@ class Runner:
                                  f"see {spec['log']}")
             result = json.loads(result_path.read_text())
         print(f"[replicate] {spec['name']}: done in {result['train_wall_s']:.0f}s + eval "
-              f"{result['eval_wall_s']:.0f}s, pass@1 {result.get('test/accuracy', float('nan')):.3f}",
+              f"{result['eval_wall_s']:.0f}s, pass@1 "
+              f"{result.get('test/accuracy', float('nan')):.3f}",
               flush=True)
         return result
 
@@ -335,24 +366,28 @@ def evaluation(setup: Setup, task: Path) -> dict[str, Any]:
 
 
 def make_base(setup: Setup, runner: Runner, model: str, out: Path, warm: Path,
-              task: Path) -> tuple[Path, dict[str, Any]]:
-    """SFT warm-up from the initial model (cached), then the base's own evaluation."""
+              task: Path) -> tuple[Path, dict[str, Any], str]:
+    """SFT warm-up from the initial model (cached), then the base's own evaluation.
+    Returns the base, its evaluation and its fingerprint (what every later run depends on)."""
     init = initial_model(model, out)
-    base = init
+    base, base_fp = init, str(init)
     if setup.warmup_steps:
         values = {**setup.train, **setup.warmup, "model": str(init), "data": str(warm),
                   "preset": "sft", "max_steps": setup.warmup_steps, "seed": 0,
                   "output_dir": str(out / "warmup"),
                   "eval_every": max(1, setup.warmup_steps // 4)}
-        runner.one({"name": "warmup", "run_dir": str(out / "warmup"), "values": values,
-                    "eval": False})
-        base = out / "warmup" / "final"
+        spec = {"name": "warmup", "run_dir": str(out / "warmup"), "values": values,
+                "eval": False}
+        runner.one(spec)
+        base, base_fp = out / "warmup" / "final", fingerprint(spec)
     result = runner.one({"name": "base", "run_dir": str(out / "base-eval"), "model": str(base),
-                         "values": None, "evaluation": evaluation(setup, task)})
-    return base, result
+                         "values": None, "evaluation": evaluation(setup, task),
+                         "depends": base_fp})
+    return base, result, base_fp
 
 
-def probe(setup: Setup, runner: Runner, base: Path, task: Path, out: Path) -> dict[str, float]:
+def probe(setup: Setup, runner: Runner, base: Path, task: Path, out: Path,
+          base_fp: str) -> dict[str, float]:
     """Policy tokens per step of each preset, measured over a few steps from the base."""
     specs = []
     for preset in PRESETS:
@@ -361,7 +396,7 @@ def probe(setup: Setup, runner: Runner, base: Path, task: Path, out: Path) -> di
                   "max_steps": setup.probe_steps, "seed": 0, "output_dir": str(run_dir),
                   "eval_samples": 1, "eval_every": 0}
         specs.append({"name": f"probe-{preset}", "run_dir": str(run_dir), "values": values,
-                      "eval": False})
+                      "eval": False, "depends": base_fp})
     results = runner.many(specs)
     return {p: r["tokens"] / max(r["steps"], 1) for p, r in zip(PRESETS, results)}
 
@@ -373,7 +408,7 @@ def plan(setup: Setup, budget: int, per_step: dict[str, float]) -> dict[str, lis
 
 
 def run_specs(setup: Setup, steps: dict[str, list[tuple[str, int]]], seeds: list[int],
-              base: Path, task: Path, out: Path) -> list[dict[str, Any]]:
+              base: Path, task: Path, out: Path, base_fp: str) -> list[dict[str, Any]]:
     """One spec per (seed, method), seed-major so that early seeds complete first."""
     specs = []
     for seed in seeds:
@@ -390,7 +425,7 @@ def run_specs(setup: Setup, steps: dict[str, list[tuple[str, int]]], seeds: list
                               stages=[{"preset": p, "steps": n} for p, n in stages])
             specs.append({"name": f"{method}-s{seed}", "method": method, "seed": seed,
                           "stages": stages, "run_dir": str(run_dir), "values": values,
-                          "evaluation": evaluation(setup, task)})
+                          "evaluation": evaluation(setup, task), "depends": base_fp})
     return specs
 
 
@@ -403,22 +438,24 @@ DOC = """\
 `grpo`, `gft` — and the pipelines `sft>grpo` and `sft>gft>grpo` (gft's `stages`) from the
 same base model at equal compute, on a verifiable task with a held-out split, over several
 seeds, and checks the paper's claims (GFT, arXiv 2604.14258: the project's GFT.md) against
-what it measures. Everything below the line "Results" was written by that command.
+what it measures. This file is written by that command; from "Results" on, every number
+is its measurement.
 
 ## How to run
 
 ```bash
 OMP_NUM_THREADS=2 python benchmarks/replicate.py                 # the default: tiny model, 3 seeds (~1 h on 2 cores)
 python benchmarks/replicate.py --seeds 0 --budget-tokens 500000  # a quicker look (overwrites this file)
-python benchmarks/replicate.py --model smollm2                   # SmolLM2-135M-Instruct (CPU: 1 seed, small budget)
+python benchmarks/replicate.py --model smollm2                   # SmolLM2-135M-Instruct (CPU: 1 seed, 20k tokens/run, ~1 h)
 python benchmarks/replicate.py --model smollm2 --seeds 0 1 2 --budget-tokens 1000000   # on a GPU
 python benchmarks/replicate.py --tiny-test --out /tmp/rt         # seconds: does everything run?
 ```
 
 Options: `--model tiny|smollm2|DIR`, `--budget-tokens N` (policy tokens per run),
 `--seeds S [S ...]`, `--out DIR` (work directory, every step cached there: a rerun only
-does what is missing, a killed run resumes from its checkpoint; default
-`runs/replicate-<model>`), `--report PATH` (default: this file for tiny, else
+does what is missing or what a changed option invalidates, and a run stopped with Ctrl-C
+resumes from the checkpoint gft saves; default `runs/replicate-<model>`; delete it to
+measure again after changing gft itself), `--report PATH` (default: this file for tiny, else
 `<out>/REPLICATION.md`; figures go to a folder beside it), `--jobs J` (runs in parallel as
 worker processes; default 2 for tiny, 1 for larger models), `--threads T` (torch threads
 per worker; default cores / jobs).
@@ -427,7 +464,8 @@ per worker; default cores / jobs).
 
 1. **Task**: the bundled arithmetic word problems (`gft/tasks/arith.py`) at a harder
    setting than the default job — operands 0..19, `+` and `-` — with a held-out test split
-   of problems never seen in training. Each row's K dataset responses are the expert
+   of problems (fact and phrasing) never seen in training; each test fact does appear in
+   training under other phrasings (gft/tasks/arith.py explains why). Each row's K dataset responses are the expert
    worked demonstration plus three teacher answers in other styles, each wrong (off by
    one) with probability 0.25, exactly as the generator makes them; all are scored by
    the `math` reward, none is assumed correct.
@@ -455,9 +493,10 @@ per worker; default cores / jobs).
   math model on competition problems. The test asks for arithmetic facts that appear in
   training under other phrasings, and the expert demonstrations are always correct: a
   setting where plain imitation is a direct route, which may favour SFT.
-- One learning rate (3e-4) for every method and stage, as in the paper, chosen in a pilot
-  as the largest of {1e-3, 3e-4, 1e-4} at which GRPO did not degenerate; no per-method
-  tuning, no learning-rate schedule.
+- One learning rate (3e-4) for every method and stage, as in the paper, chosen from pilots
+  (one seed): at 1e-3 GRPO degenerated (from a weaker, 400-step base its rollouts turned to
+  junk within ~100 steps), at 3e-4 and 1e-4 it improved steadily, and SFT and GFT reached
+  about the same accuracy at 3e-4 as at 1e-3. No per-method tuning, no schedule.
 - Equal compute is approximate: steps are calibrated from tokens per step at the base
   model, and a method whose tokens per step fall as it improves (more groups whose
   rewards are all equal, which gft skips) ends under the budget. The table shows the
@@ -558,7 +597,8 @@ def claims(groups: dict[str, list[dict[str, Any]]], base: dict[str, Any]) -> lis
     best = max(means, key=means.get)
     ranking = ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda x: -x[1]))
     _, t_b = _vs(groups, "sft>gft>grpo", "sft>grpo", acc)
-    out.append(f"**SFT→GFT→GRPO is best**: {'held' if best == 'sft>gft>grpo' else 'did not hold'} "
+    verdict = "held" if best == "sft>gft>grpo" else "did not hold"
+    out.append(f"**SFT→GFT→GRPO is best**: {verdict} "
                f"(greedy pass@1 by method: {ranking}; {t_b}).")
     return out
 
@@ -712,95 +752,129 @@ def machine() -> dict[str, str]:
             "python": platform.python_version(), "versions": ", ".join(versions), "load": load}
 
 
-def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
-                 seeds: list[int], jobs: int, threads: int, base: dict[str, Any],
-                 per_step: dict[str, float], steps: dict[str, list[tuple[str, int]]],
-                 results: list[dict[str, Any]], walls: dict[str, float],
-                 argv: list[str] | None) -> Path:
-    report = Path(report)
-    figdir = report.parent / report.stem.lower()
-    groups = by_method(results)
-    figures = make_figures(groups, out, figdir, setup.budget_tokens)
-    k = setup.eval_k
-    pps = setup.train["prompts_per_step"]
-    m = machine()
+def command_line(argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     command = "python benchmarks/replicate.py" + "".join(f" {shlex.quote(a)}" for a in args)
     threads_env = os.environ.get("OMP_NUM_THREADS")
-    if threads_env:
-        command = f"OMP_NUM_THREADS={threads_env} {command}"
-    compute = sum(r["train_wall_s"] + r["eval_wall_s"] for r in results)
-    rel = lambda p: os.path.relpath(p, report.parent)  # noqa: E731
-    t = setup.task
-    lines = [DOC, "## Results", "",
-             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} "
-             f"({'a smoke test: the numbers mean nothing' if key == 'tiny-test' else 'measured here, nothing copied'}).",
-             "", "### Setup of this run", "",
-             f"- model: `{model}`; base = {setup.warmup_steps} SFT warm-up steps on the warm-up "
-             f"split (learning rate {setup.warmup.get('learning_rate', setup.train['learning_rate'])}); "
-             f"held-out greedy pass@1 of the base: **{base['test/accuracy']:.3f}** "
-             f"(pass@{k} {base.get(f'test/pass@{k}', float('nan')):.3f}).",
-             f"- task: `ArithTaskConfig(max_operand={t.max_operand}, ops={t.ops}, n_train={t.n_train}, "
-             f"n_test={t.n_test}, n_teacher={t.n_teacher}, teacher_error_rate={t.teacher_error_rate}, "
-             f"seed={t.seed})`; test split: {int(base['test/n'])} held-out problems.",
-             "- training, every method: " + ", ".join(f"{k_}={v}" for k_, v in setup.train.items()
-                                                      if k_ not in ("progress",)) +
-             "; presets as in gft (sft: K=1, n=0, tau=0; dft: K=1, n=0, tau=1; grpo: K=0, n=8; "
-             "gft: K=4, n=4, tau=0.1).",
-             f"- budget: **{setup.budget_tokens:,} policy tokens per run**; seeds {seeds}; "
-             f"evaluation: greedy pass@1 and pass@{k} (temperature 1) on the test split, "
-             f"entropy from {setup.entropy_samples} sample(s) per test prompt.",
-             "- calibration (probe of " + f"{setup.probe_steps} steps from the base, policy tokens "
-             "per step): " + ", ".join(f"{p} {v:,.0f}" for p, v in per_step.items()) + ".",
-             "- steps: " + "; ".join(f"{mm}: " + " > ".join(f"{p} {n}" for p, n in st)
-                                     for mm, st in steps.items()) + ".",
-             "", "### Held-out accuracy, entropy, gradient norms", "",
-             f"Mean ± standard deviation over {len(seeds)} seed(s) (seeds: {seeds}). Policy "
-             "tokens = rollout tokens generated + response tokens in forward/backward, summed "
-             "from each run's metrics.jsonl. Entropy: of the policy's own temperature-1 samples "
-             "on the held-out prompts.", "",
-             results_table(groups, base, k, pps), "",
-             "Actual policy tokens as a share of the budget: " + ", ".join(
-                 f"{mm} {100 * _stat(rs, 'tokens')[0] / setup.budget_tokens:.0f}%"
-                 for mm, rs in groups.items()) + " (steps are calibrated at the base model; "
-             "see the limits above).", "",
-             "Greedy pass@1 of every run:", "",
-             "| method | " + " | ".join(f"seed {s_}" for s_ in seeds) + " |",
-             "|" + " --- |" * (len(seeds) + 1),
-             *[f"| {mm} | " + " | ".join(
-                 next((f"{r['test/accuracy']:.3f}" for r in rs if r["seed"] == s_), "–")
-                 for s_ in seeds) + " |" for mm, rs in groups.items()], "",
-             "### The paper's claims, checked", ""]
+    return f"OMP_NUM_THREADS={threads_env} {command}" if threads_env else command
+
+
+def setup_lines(setup: Setup, model: str, base: dict[str, Any], seeds: list[int],
+                per_step: dict[str, float], steps: dict[str, list[tuple[str, int]]]) -> list[str]:
+    t, k = setup.task, setup.eval_k
+    warm_lr = setup.warmup.get("learning_rate", setup.train["learning_rate"])
+    train = ", ".join(f"{key}={v}" for key, v in setup.train.items() if key != "progress")
+    return [
+        "### Setup of this run", "",
+        f"- model: `{model}`; base = {setup.warmup_steps} SFT warm-up steps on the warm-up "
+        f"split (learning rate {warm_lr}); held-out greedy pass@1 of the base: "
+        f"**{base['test/accuracy']:.3f}** "
+        f"(pass@{k} {base.get(f'test/pass@{k}', float('nan')):.3f}).",
+        f"- task: `ArithTaskConfig(max_operand={t.max_operand}, ops={t.ops}, "
+        f"n_train={t.n_train}, n_test={t.n_test}, n_teacher={t.n_teacher}, "
+        f"teacher_error_rate={t.teacher_error_rate}, seed={t.seed})`; test split: "
+        f"{int(base['test/n'])} held-out problems.",
+        f"- training, every method: {train}; presets as in gft (sft: K=1, n=0, tau=0; dft: "
+        "K=1, n=0, tau=1; grpo: K=0, n=8; gft: K=4, n=4, tau=0.1).",
+        f"- budget: **{setup.budget_tokens:,} policy tokens per run**; seeds {seeds}; "
+        f"evaluation: greedy pass@1 and pass@{k} (temperature 1) on the test split, entropy "
+        f"from {setup.entropy_samples} sample(s) per test prompt.",
+        f"- calibration (probe of {setup.probe_steps} steps from the base, policy tokens per "
+        "step): " + ", ".join(f"{p} {v:,.0f}" for p, v in per_step.items()) + ".",
+        "- steps: " + "; ".join(f"{m}: " + " > ".join(f"{p} {n}" for p, n in st)
+                                for m, st in steps.items()) + ".", ""]
+
+
+def results_lines(setup: Setup, groups: dict[str, list[dict[str, Any]]], base: dict[str, Any],
+                  seeds: list[int], out: Path) -> list[str]:
+    pps = setup.train["prompts_per_step"]
+    shares = ", ".join(f"{m} {100 * _stat(rs, 'tokens')[0] / setup.budget_tokens:.0f}%"
+                       for m, rs in groups.items())
+    per_seed = [f"| {m} | " + " | ".join(
+        next((f"{r['test/accuracy']:.3f}" for r in rs if r["seed"] == s), "–") for s in seeds)
+        + " |" for m, rs in groups.items()]
+    lines = [
+        "### Held-out accuracy, entropy, gradient norms", "",
+        f"Mean ± standard deviation over {len(seeds)} seed(s). Policy tokens = rollout tokens "
+        "generated + response tokens in forward/backward, summed from each run's "
+        "metrics.jsonl. Entropy: of the policy's own temperature-1 samples on the held-out "
+        "prompts.", "",
+        results_table(groups, base, setup.eval_k, pps), "",
+        f"Actual policy tokens as a share of the budget: {shares} (steps are calibrated at "
+        "the base model; see the limits above).", "",
+        "Greedy pass@1 of every run:", "",
+        "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|" + " --- |" * (len(seeds) + 1), *per_seed, "",
+        "### The paper's claims, checked", ""]
     lines += [f"- {c}" for c in claims(groups, base)]
     efficiency = sample_efficiency(groups, out, pps)
     if efficiency:
         lines.append(f"- {efficiency}")
-    lines += ["", "At equal tokens SFT sees many more prompts than the methods that sample "
-              "rollouts (the 'prompts seen' column): tokens, not samples, are what a fixed "
-              "machine and time buy.", "", "### Curves", ""]
-    captions = {"compare-tokens.png": "All methods against policy tokens processed (seeds "
-                "averaged). Training entropy is measured on each method's own update batch "
-                "(SFT/DFT: the demonstrations; GRPO: its rollouts; GFT: both), so it is not "
-                "the same quantity across methods; the table's entropy is.",
-                "overlay-steps.png": "`gft plot` overlay of the seed-0 runs (x axis: steps, "
-                "which differ per method at equal tokens; smoothed over 10 steps)."}
+    return lines + ["", "At equal tokens SFT sees many more prompts than the methods that "
+                    "sample rollouts (the 'prompts seen' column): tokens, not samples, are "
+                    "what a fixed machine and time buy.", ""]
+
+
+CAPTIONS = {
+    "compare-tokens.png": "All methods against policy tokens processed (seeds averaged). "
+    "Training entropy is measured on each method's own update batch (SFT/DFT: the "
+    "demonstrations; GRPO: its rollouts; GFT: both), so it is not the same quantity across "
+    "methods; the table's entropy is.",
+    "overlay-steps.png": "`gft plot` overlay of the seed-0 runs (x axis: steps, which differ "
+    "per method at equal tokens; smoothed over 10 steps).",
+}
+
+
+def figure_lines(figures: list[Path], where: Path) -> list[str]:
+    lines = ["### Curves", ""]
     for p in figures:
-        caption = captions.get(p.name, f"`gft plot` of {p.stem[7:].replace('-', '>')} "
-                               "(every seed; smoothed over 10 steps).")
-        lines += [f"![{p.stem}]({rel(p)})", "", caption, ""]
-    lines += ["### Machine, versions, time", "",
-              f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; {m['os']}; "
-              f"Python {m['python']}", f"- versions: {m['versions']}",
-              f"- workers: {jobs or 'in-process'} x {threads} torch thread(s); load average "
-              f"(1/5/15 min) when the training ended: {walls.get('load', m['load'])} on "
-              f"{m['cores']} cores (the machine may be shared with other jobs: wall times are "
-              "upper bounds)",
-              f"- wall time, end to end: **{walls['working_s'] / 60:.1f} min** (summed over the "
-              "invocations that trained or evaluated something; a rerun that finds every run "
-              f"cached only rewrites this report); worker time of all runs (training + "
-              f"evaluation): {compute / 60:.1f} min",
-              f"- work directory: `{out}` (every run's config.yaml, metrics.jsonl, samples and "
-              "final checkpoint; result.json per run)", ""]
+        method = p.stem[len("curves-"):].replace("-", ">")
+        caption = CAPTIONS.get(p.name, f"`gft plot` of {method} (every seed; "
+                               "smoothed over 10 steps).")
+        lines += [f"![{p.stem}]({os.path.relpath(p, where)})", "", caption, ""]
+    return lines
+
+
+def machine_lines(jobs: int, threads: int, walls: dict[str, Any], results: list[dict[str, Any]],
+                  out: Path) -> list[str]:
+    m = machine()
+    compute = sum(r["train_wall_s"] + r["eval_wall_s"] for r in results)
+    return [
+        "### Machine, versions, time", "",
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram']} RAM; {m['os']}; "
+        f"Python {m['python']}",
+        f"- versions: {m['versions']}",
+        f"- workers: {jobs or 'in-process'} x {threads} torch thread(s); load average "
+        f"(1/5/15 min) when the training ended: {walls.get('load', m['load'])} on "
+        f"{m['cores']} cores (the machine may be shared with other jobs: wall times are upper "
+        "bounds)",
+        f"- wall time, end to end: **{walls['working_s'] / 60:.1f} min** (summed over the "
+        "invocations that trained or evaluated something; a rerun that finds every run cached "
+        f"only rewrites this report); worker time of all runs (training + evaluation): "
+        f"{compute / 60:.1f} min",
+        f"- work directory: `{out}` (every run's config.yaml, metrics.jsonl, samples and final "
+        "checkpoint; result.json per run)", ""]
+
+
+def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
+                 seeds: list[int], jobs: int, threads: int, base: dict[str, Any],
+                 per_step: dict[str, float], steps: dict[str, list[tuple[str, int]]],
+                 results: list[dict[str, Any]], walls: dict[str, Any],
+                 argv: list[str] | None) -> Path:
+    """REPLICATION.md (the documentation, then the measurements), its figures, summary.json."""
+    report = Path(report)
+    figdir = report.parent / report.stem.lower()
+    groups = by_method(results)
+    figures = make_figures(groups, out, figdir, setup.budget_tokens)
+    command = command_line(argv)
+    what = ("a smoke test: the numbers mean nothing" if key == "tiny-test"
+            else "measured here, nothing copied")
+    lines = [DOC, "## Results", "",
+             f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} ({what}).", ""]
+    lines += setup_lines(setup, model, base, seeds, per_step, steps)
+    lines += results_lines(setup, groups, base, seeds, out)
+    lines += figure_lines(figures, report.parent)
+    lines += machine_lines(jobs, threads, walls, results, out)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines))
     (out / "summary.json").write_text(json.dumps(
@@ -818,7 +892,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="tiny (default) | smollm2 | a model directory")
     ap.add_argument("--budget-tokens", type=int, help="policy tokens per run (default: the "
-                    "model's setup: tiny 1,500,000; smollm2 40,000)")
+                    "model's setup: tiny 1,500,000; smollm2 20,000)")
     ap.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (smollm2: 0)")
     ap.add_argument("--out", type=Path, help="work directory with every run (cached; default "
                     "runs/replicate-<model>)")
@@ -860,13 +934,13 @@ def main(argv: list[str] | None = None) -> Path:
           f"{jobs} job(s) x {threads} thread(s), work dir {out}", flush=True)
 
     task, warm = write_tasks(setup, out)
-    base, base_result = make_base(setup, runner, args.model, out, warm, task)
-    per_step = probe(setup, runner, base, task, out)
+    base, base_result, base_fp = make_base(setup, runner, args.model, out, warm, task)
+    per_step = probe(setup, runner, base, task, out, base_fp)
     steps = plan(setup, setup.budget_tokens, per_step)
     for method, stages in steps.items():
         print(f"[replicate] plan {method}: " + " > ".join(f"{p} {n} steps" for p, n in stages),
               flush=True)
-    results = runner.many(run_specs(setup, steps, seeds, base, task, out))
+    results = runner.many(run_specs(setup, steps, seeds, base, task, out, base_fp))
 
     walls = record_wall(out, time.time() - t_start, runner.executed)
     return write_report(report=report, out=out, setup=setup, key=key, model=args.model,

@@ -74,3 +74,26 @@ def test_a_rerun_reuses_every_cached_run(replicated):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ": start" not in proc.stdout  # nothing trained or evaluated again
+
+
+def _replicate_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gft_replicate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gft_replicate"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_cached_run_is_reused_only_for_the_same_spec(tmp_path):
+    rep = _replicate_module()
+    spec = {"name": "gft-s0", "run_dir": str(tmp_path / "run"),
+            "values": {"preset": "gft", "max_steps": 10}, "depends": "base-a"}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "result.json").write_text(
+        json.dumps({"fingerprint": rep.fingerprint(spec), "tokens": 1.0}))
+    assert rep.cached(spec)["tokens"] == 1.0
+    assert rep.cached({**spec, "log": "elsewhere.log"}) is not None  # not part of the result
+    # another step count (a new --budget-tokens) or another base: stale, deleted
+    assert rep.cached({**spec, "values": {"preset": "gft", "max_steps": 12}}) is None
+    assert not (tmp_path / "run").exists()
