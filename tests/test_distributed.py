@@ -2,11 +2,13 @@
 torchrun with the gloo backend on CPU train to the same weights as 1 process with the same
 global batch, for DDP and FSDP2; checkpoints resume across world sizes.
 
-Tolerance: float32, max |w_2proc - w_1proc| <= 2e-5 after 3 steps (lr 1e-2). The two runs
-sum the same per-sequence gradients in a different order (two ranks, then a reduction),
-and a row's logits differ in the last bits when its batch is padded differently; at
-lr 1e-2 AdamW turns such differences into ~1e-6 weight differences. A real mismatch (a
-different rollout, a lost micro-batch, a wrong denominator) moves weights by > 1e-3.
+Tolerance: float32, max |w_N - w_1| <= 1e-4 over all weights after 3 GFT steps at lr 1e-2.
+That is the scale of float reduction-order noise here: in ONE process, changing only
+micro_batch_size (the same gradients, summed in another order) moves the weights by
+1.7e-5 (torch) and 6.4e-5 (MLX), because AdamW divides by sqrt(v) and so magnifies tiny
+differences in coordinates with tiny gradients. A real mismatch is 100x larger: using each
+rank's own token count instead of the update's (the bug the global denominators prevent)
+gives 1.4e-2.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from gft.groups import Sequence_, micro_batches
 from gft.tiny import TinyModelSpec, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 2e-5
+TOL = 1e-4
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -212,3 +214,31 @@ def test_uneven_split_is_refused_before_training(setup):
                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode != 0
     assert "cannot be split evenly over 2 processes" in out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- MLX: mlx.launch
+
+@pytest.mark.mlx
+def test_mlx_two_processes_train_to_the_weights_of_one(setup):
+    """mx.distributed data parallel, 2 local processes (mlx.launch, ring backend)."""
+    pytest.importorskip("mlx.core")
+    import shutil
+    launch = shutil.which("mlx.launch")
+    if launch is None:
+        pytest.skip("mlx.launch not on PATH")
+    tmp, model, data = setup
+    # mlx.launch reads its own --backend (ring | mpi | ...): name gft's with --set
+    def mlx_args(out):
+        args = _args(model, data, out, 3)
+        i = args.index("--backend")
+        return args[:i] + ["--set", "backend=mlx"] + args[i + 2:]
+    _gft(mlx_args(tmp / "mlx-one"))
+    two = tmp / "mlx-two"
+    args2 = mlx_args(two)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([launch, "-n", "2", "--backend", "ring", sys.executable, "-m", "gft",
+                          "train", *args2], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    assert "processes: 2 (data parallel)" in out.stdout
+    assert _close(_weights(two), _weights(tmp / "mlx-one")) <= TOL
