@@ -135,7 +135,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size, **_parallel_kwargs(name, parallel, comm))
+                       adapter=adapter, shard_size=shard_size,
+                       **_parallel_kwargs(name, parallel, comm))
 
 
 def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:

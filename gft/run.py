@@ -216,8 +216,8 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
                         f"stage {stage.index + 1} ({stage.name})")
-    ranks = f"  processes: {comm.world} ({cfg.parallel if cfg.backend == 'torch' else 'data parallel'})" \
-        if comm.world > 1 else ""
+    how = cfg.parallel if cfg.backend == "torch" else "data parallel"
+    ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
