@@ -67,17 +67,22 @@ def _config_help() -> str:
               help="Continue the run in this directory from its latest checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Override any config key (repeatable), e.g. --set tau=0.2.")
+@click.option("--nproc", type=click.IntRange(1), default=1, show_default=True,
+              help="Data-parallel processes on this machine (torch): starts torchrun "
+                   "--nproc-per-node N with the same arguments. See README 'Training on many GPUs'.")
 @click.option("--help-config", is_flag=True, help="List every config key with its help.")
 @friendly_errors
 def train(config: str | None, preset: str | None, backend: str | None, model: str | None,
           data: str | None, output_dir: str | None, max_steps: int | None, seed: int | None,
-          resume: str | None, sets: tuple[str, ...], help_config: bool) -> None:
+          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool) -> None:
     """Fine-tune a model. CONFIG is an optional YAML file of config keys; options and --set
     override it. With nothing given, trains the embedded default: a tiny model on bundled
     arithmetic word problems, offline, on CPU, in a few minutes."""
     if help_config:
         click.echo("Config keys (YAML or --set KEY=VALUE):\n" + _config_help())
         return
+    if nproc > 1:
+        sys.exit(_torchrun(nproc))
     from gft.config import build_config, parse_override, read_yaml
     from gft.run import run_training
     overrides = dict(parse_override(s) for s in sets)
@@ -92,6 +97,22 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
     yaml_values = read_yaml(config) if config else {}
     cfg = build_config(yaml_values, overrides, source=config or "config")
     run_training(cfg)
+
+
+def _torchrun(nproc: int) -> int:
+    """Run this same `gft train` command line under torchrun with nproc processes."""
+    import subprocess
+    args, skip = [], False
+    for a in sys.argv[2:]:  # argv: gft train ...
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "gft", "train", *args]
+    return subprocess.call(cmd)
 
 
 def _sampling_options(fn):

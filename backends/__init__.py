@@ -44,8 +44,11 @@ class Backend(Protocol):
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int) -> list[list[int]]:
-        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt."""
+                 seed: int | Sequence[int]) -> list[list[int]]:
+        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt.
+        seed: one per prompt, or one for the call (row i then uses
+        gft.distributed.row_seed(seed, i)); a row's draws depend only on its own seed, so
+        the same row samples the same tokens in any batch, chunk or rank."""
 
     def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
                    aggregation: str) -> dict[str, float]:
@@ -78,6 +81,10 @@ class Backend(Protocol):
 
     def load_optimizer(self, path: Path) -> None: ...
 
+    def join_save(self) -> None:
+        """Data-parallel ranks other than 0: take part in rank 0's save (gathering sharded
+        state), writing nothing."""
+
     def named_parameters(self) -> dict[str, np.ndarray]:
         """Trainable parameters as float32 NumPy arrays (tests and metrics)."""
 
@@ -103,13 +110,16 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  optim: OptimConfig = OptimConfig(), seed: int = 0,
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,
                  lora: Any = None, base: str | None = None,
-                 shard_size: str | int = "5GB") -> Backend:
+                 shard_size: str | int = "5GB", parallel: str | None = None,
+                 comm: Any = None) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
     adapter directory as model_path (a LoRA checkpoint) loads its base model (`base` when
     given, else the adapter's base_model_name_or_path) with the adapter on it.
-    shard_size: saved weights are split into shards above this size."""
+    shard_size: saved weights are split into shards above this size.
+    parallel / comm: data parallelism when started by torchrun or mlx.launch (a
+    gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch)."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
@@ -125,4 +135,13 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size)
+                       adapter=adapter, shard_size=shard_size,
+                       **_parallel_kwargs(name, parallel, comm))
+
+
+def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:
+    if comm is None or comm.world == 1:
+        return {}
+    if name == "torch":
+        return {"parallel": parallel or "ddp", "world": comm.world}
+    return {"comm": comm}

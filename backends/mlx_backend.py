@@ -3,7 +3,8 @@
 Mirrors backends/torch_backend.py method for method, so the loop cannot tell them apart:
 - rollouts are a batched KV-cache decode loop written here (left-padded prompts in mlx-lm's
   `BatchKVCache`, whose per-row RoPE offsets and padding mask give every row the positions
-  an unpadded run would see), seeded with explicit `mx.random` keys;
+  an unpadded run would see), each row drawing from its own seeded uniforms
+  (gft.distributed.uniform_table), so a row samples the same tokens in any batch or rank;
 - the update runs the shared GFT token loss (gft/objective.py) through `MLX_OPS`, with
   gradient accumulation, global grad-norm clipping and an AdamW written out below;
 - checkpoints are the same Hugging Face directory and backend-neutral optimizer file the
@@ -18,7 +19,10 @@ Deliberate choices:
   wants mlx-lm's tokenizer wrapper (not the transformers tokenizer both backends share)
   and samples from the global RNG inside `BatchGenerator`'s continuous batching. The loop
   below decodes as fast (same model, same rows: within 3% on CPU), keeps EOS, drops
-  finished rows from the batch and is seeded by explicit keys.
+  finished rows from the batch and is seeded per row.
+- Data parallel (mlx.launch, gft/distributed.py): gradients are summed over ranks with
+  `mx.distributed.all_sum` after accumulation (each rank's loss already has the global
+  denominators); every rank then takes the same clipped AdamW step.
 - Parameter names are mlx-lm's (`tree_flatten`), which equal transformers' for dense
   Llama/Qwen2-style models; architectures whose `sanitize` renames weights save under
   mlx-lm names, which mlx-lm (and this backend) still load.
@@ -40,6 +44,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from backends import OptimConfig, SamplingConfig
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
+from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
@@ -80,20 +85,28 @@ def token_entropy(logits: mx.array) -> mx.array:
     return logz.squeeze(-1) - mx.sum(probs * logits, axis=-1)
 
 
-def sample_next(logits: mx.array, sampling: SamplingConfig, key: mx.array) -> mx.array:
-    """[B, V] logits -> [B] token ids: greedy, or temperature + nucleus (top-p) sampling."""
+def inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
+    """One index per row of [B, V] (unnormalised) probabilities, for uniforms u [B]: the
+    first index whose cumulative mass exceeds u·total (never a zero-probability one)."""
+    cdf = mx.cumsum(probs, axis=-1)
+    idx = mx.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)
+    return mx.minimum(idx, probs.shape[-1] - 1)
+
+
+def sample_next(logits: mx.array, sampling: SamplingConfig, u: mx.array) -> mx.array:
+    """[B, V] logits -> [B] token ids: greedy, or temperature + nucleus (top-p) sampling
+    by inverse CDF with the rows' own uniforms u [B]."""
     logits = logits.astype(mx.float32)
     if sampling.greedy or sampling.temperature <= 0:
         return mx.argmax(logits, axis=-1)
     logits = logits / sampling.temperature
     if sampling.top_p >= 1.0:
-        return mx.random.categorical(logits, axis=-1, key=key)
+        return inverse_cdf(mx.softmax(logits, axis=-1), u)
     order = mx.argsort(-logits, axis=-1)  # descending
-    sorted_logits = mx.take_along_axis(logits, order, axis=-1)
-    probs = mx.softmax(sorted_logits, axis=-1)
+    probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
     # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-    keep = (mx.cumsum(probs, axis=-1) - probs) < sampling.top_p
-    pick = mx.random.categorical(mx.where(keep, sorted_logits, -mx.inf), axis=-1, key=key)
+    probs = mx.where((mx.cumsum(probs, axis=-1) - probs) < sampling.top_p, probs, 0.0)
+    pick = inverse_cdf(probs, u)
     return mx.take_along_axis(order, pick[:, None], axis=-1).squeeze(-1)
 
 
@@ -157,7 +170,10 @@ class MlxBackend:
     name = "mlx"
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
-                 optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE):
+                 optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,
+                 group=None):
+        """group: the mx.distributed group when data parallel (else None)."""
+        self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
         self.dtype, self.optim_cfg = dtype, optim
         self.lora, self.shard_size = lora, shard_size
@@ -182,18 +198,18 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ rollouts
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int) -> list[list[int]]:
+                 seed: int | Sequence[int]) -> list[list[int]]:
+        """seed: one per prompt, or one for the call (row i: row_seed(seed, i))."""
         self.model.eval()
-        key = mx.random.key(seed)
+        seeds = row_seeds(seed, len(prompts))
         out: list[list[int]] = []
         for start in range(0, len(prompts), sampling.batch_size):
-            key, sub = mx.random.split(key)
-            out.extend(self._generate_batch(prompts[start:start + sampling.batch_size],
-                                            sampling, sub))
+            end = start + sampling.batch_size
+            out.extend(self._generate_batch(prompts[start:end], sampling, seeds[start:end]))
         return out
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                        key: mx.array) -> list[list[int]]:
+                        seeds: Sequence[int]) -> list[list[int]]:
         """Left-pad, prefill, then decode one token per row per forward until every row
         has emitted EOS or max_new_tokens is reached. Rows that finish are dropped from
         the batch (and the KV cache), so short answers stop costing compute. The next
@@ -212,11 +228,11 @@ class MlxBackend:
         for i in range(0, width - 1, PREFILL_STEP):  # all but the last prompt column
             self.model(ids[:, i:min(i + PREFILL_STEP, width - 1)], cache=cache)
             mx.eval([c.state for c in cache])
-        keys = mx.random.split(key, sampling.max_new_tokens)
+        draws = mx.array(uniform_table(seeds, sampling.max_new_tokens).astype(np.float32))
 
         def step(tokens: mx.array, i: int) -> mx.array:
             logits = self.model(tokens, cache=cache)[:, -1, :]
-            return sample_next(logits, sampling, keys[i])
+            return sample_next(logits, sampling, draws[:, i])
 
         active = list(range(len(prompts)))  # the prompt index of each batch row
         y = step(ids[:, -1:], 0)
@@ -237,7 +253,7 @@ class MlxBackend:
                 idx = mx.array(keep)
                 for c in cache:
                     c.filter(idx)
-                y_next = y_next[idx]
+                y_next, draws = y_next[idx], draws[idx]
                 active = [active[k] for k in keep]
             y = y_next
         return rows
@@ -274,6 +290,10 @@ class MlxBackend:
             loss_sum += loss.item()
             ent_sum += ent.item()
             n_tok += float(mb.response_mask[:, 1:].sum())
+        if self.group is not None and self._grads:  # data parallel: sum over ranks
+            self._grads = {n: mx.distributed.all_sum(g, group=self.group)
+                           for n, g in self._grads.items()}
+            mx.eval(self._grads)
         return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
 
     def gradients(self) -> dict[str, np.ndarray]:
@@ -322,7 +342,8 @@ class MlxBackend:
     def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
                    aggregation: str) -> dict[str, float]:
         stats = self.accumulate_gradients(micro_batches, tau=tau, aggregation=aggregation)
-        if not math.isfinite(stats["loss"]):
+        # several ranks: a NaN reaches every rank through all_sum and the norm check skips
+        if self.group is None and not math.isfinite(stats["loss"]):
             self._grads = None
             return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
         grad_norm, skipped = self.apply_update(lr)
@@ -365,6 +386,10 @@ class MlxBackend:
             gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                    "pad_token_id": tok.pad_token_id}
             (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+    def join_save(self) -> None:
+        """Ranks other than 0 while rank 0 saves: every rank holds the same weights, so
+        there is nothing to gather."""
 
     def save_optimizer(self, path: Path) -> None:
         tensors = {f"exp_avg.{n}": m for n, m in self._neutral(self._exp_avg).items()}
@@ -411,8 +436,11 @@ def set_device(device: str) -> None:
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
-         shard_size: str | int = DEFAULT_SHARD_SIZE) -> MlxBackend:
+         shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
+         comm=None) -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
+    comm: a gft.distributed.MLXComm when started by mlx.launch (data parallel; `parallel`
+    is a torch setting and is ignored here).
     lora (a gft.lora.LoraConfig): train adapters on the frozen model, fresh or loaded from
     the PEFT directory `adapter`.
 
@@ -439,4 +467,4 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if gradient_checkpointing:
         checkpoint_layers(model)
     return MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
-                      shard_size=shard_size)
+                      shard_size=shard_size, group=getattr(comm, "group", None))

@@ -6,6 +6,7 @@ gradient accumulation over micro-batches, global grad-norm clipping and torch Ad
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,8 @@ from safetensors.torch import load_file, save_file
 from backends import OptimConfig, SamplingConfig
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
-from gft.errors import ModelError
+from gft.distributed import row_seeds
+from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
 
@@ -78,9 +80,15 @@ class TorchBackend:
     name = "torch"
 
     def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig, *,
-                 lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE):
+                 lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
+                 strategy: str | None = None, world: int = 1, train_module=None):
+        """strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
+        `train_module` the wrapper the update runs through; `model` stays the bare
+        transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        self.strategy, self.world = strategy, world
+        self.train_module = train_module if train_module is not None else model
         if lora is not None:  # only the adapters train, under their PEFT file names
             from backends.torch_lora import lora_parameters
             self.params = lora_parameters(model)
@@ -93,25 +101,30 @@ class TorchBackend:
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int) -> list[list[int]]:
+                 seed: int | Sequence[int]) -> list[list[int]]:
         """Batched KV-cache sampling (backends/torch_sampler.py: one prefill, a preallocated
         cache, finished rows leave the batch); greedy equals transformers' generate."""
+        from backends.torch_parallel import full_weights
         from backends.torch_sampler import sample
         self.model.eval()
         tok, out = self.tokenizer, []
-        for start in range(0, len(prompts), sampling.batch_size):
-            out.extend(sample(self.model, list(prompts[start:start + sampling.batch_size]),
-                              max_new_tokens=sampling.max_new_tokens,
-                              temperature=sampling.temperature, top_p=sampling.top_p,
-                              greedy=sampling.greedy, eos_id=tok.eos_token_id,
-                              pad_id=tok.pad_token_id, seed=seed + start, device=self.device))
+        seeds = row_seeds(seed, len(prompts))  # a row's draws do not depend on its chunk
+        with full_weights(self.model, self.strategy):
+            for start in range(0, len(prompts), sampling.batch_size):
+                end = start + sampling.batch_size
+                out.extend(sample(self.model, list(prompts[start:end]),
+                                  max_new_tokens=sampling.max_new_tokens,
+                                  temperature=sampling.temperature, top_p=sampling.top_p,
+                                  greedy=sampling.greedy, eos_id=tok.eos_token_id,
+                                  pad_id=tok.pad_token_id, seed=seeds[start:end],
+                                  device=self.device))
         return out
 
     # ------------------------------------------------------------------ update
     def _forward(self, batch: TokenBatch):
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         att = torch.from_numpy(batch.attention).to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=att, use_cache=False).logits
+        logits = self.train_module(input_ids=ids, attention_mask=att, use_cache=False).logits
         return ids, logits
 
     def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
@@ -121,31 +134,44 @@ class TorchBackend:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, ent_sum, n_tok = 0.0, 0.0, 0.0
-        for mb in micro_batches:
-            ids, logits = self._forward(mb)
+        last = len(micro_batches) - 1
+        for i, mb in enumerate(micro_batches):
+            # DDP all-reduces in backward: only once per update, on the last micro-batch
+            sync = self.train_module.no_sync() if self.strategy == "ddp" and i < last \
+                else contextlib.nullcontext()
+            with sync:
+                ids, logits, loss = self._micro_batch_loss(mb, tau, aggregate)
+                # DDP / FSDP2 average over ranks; each rank's loss already uses the
+                # global denominators, so scaling by world makes the average a sum
+                (loss * self.world if self.world > 1 else loss).backward()
             mask = torch.from_numpy(mb.response_mask[:, 1:]).to(self.device, torch.float32)
-            adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
-            logp = target_logprobs(logits, ids)
-            loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau,
-                                  aggregation=aggregate, n_tokens=mb.n_tokens,
-                                  n_seqs=mb.n_seqs)
-            loss.backward()
             loss_sum += float(loss.detach())
             ent_sum += float((token_entropy(logits.detach()) * mask).sum())
             n_tok += float(mask.sum())
         return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
 
+    def _micro_batch_loss(self, mb: TokenBatch, tau: float, aggregate):
+        ids, logits = self._forward(mb)
+        mask = torch.from_numpy(mb.response_mask[:, 1:]).to(self.device, torch.float32)
+        adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
+        logp = target_logprobs(logits, ids)
+        loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
+                              n_tokens=mb.n_tokens, n_seqs=mb.n_seqs)
+        return ids, logits, loss
+
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
-        return {n: (p.grad if p.grad is not None else torch.zeros_like(p)).float().cpu().numpy()
-                for n, p in self.params.items()}
+        from backends.torch_parallel import full_tensor
+        return {n: full_tensor(p.grad if p.grad is not None else torch.zeros_like(p))
+                .float().cpu().numpy() for n, p in self.params.items()}
 
     def apply_update(self, lr: float) -> tuple[float, bool]:
         """Clip to max_grad_norm, then one AdamW step at `lr`; skip it if not finite."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.optim_cfg.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params.values(), max_norm))
+        from backends.torch_parallel import local_value  # FSDP2: a DTensor
+        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params.values(), max_norm))
         if not math.isfinite(grad_norm):  # must not touch the weights or the moments
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm, True
@@ -155,7 +181,9 @@ class TorchBackend:
     def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
                    aggregation: str) -> dict[str, float]:
         stats = self.accumulate_gradients(micro_batches, tau=tau, aggregation=aggregation)
-        if not math.isfinite(stats["loss"]):
+        # One process: a non-finite loss skips at once. Several: a rank's NaN reaches every
+        # rank through the gradient reduction, so the grad-norm check below skips on all.
+        if self.world == 1 and not math.isfinite(stats["loss"]):
             self.optimizer.zero_grad(set_to_none=True)
             return {**stats, "grad_norm": float("nan"), "skipped": 1.0}
         grad_norm, skipped = self.apply_update(lr)
@@ -176,13 +204,32 @@ class TorchBackend:
             from backends.torch_lora import save_adapter
             save_adapter(path, self.params, self.lora, self.base)
             return
-        state = self.model.state_dict()
+        state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
         self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
         self.tokenizer.save_pretrained(path)
         write_portable_config(path)
 
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        if self.strategy == "fsdp":
+            from backends.torch_parallel import full_model_state
+            return full_model_state(self.model)
+        return self.model.state_dict()
+
+    def join_save(self) -> None:
+        """Ranks other than 0: take part in the collectives of rank 0's save_model and
+        save_optimizer (FSDP2 gathers shards), writing nothing."""
+        if self.strategy == "fsdp":
+            from backends.torch_parallel import full_optimizer_state
+            self._full_state()
+            full_optimizer_state(self.model, self.optimizer)
+
     def save_optimizer(self, path: Path) -> None:
+        if self.strategy == "fsdp":
+            from backends.torch_parallel import full_optimizer_state
+            tensors, step = full_optimizer_state(self.model, self.optimizer)
+            save_file(tensors, str(path), metadata={"format": "gft-adamw", "step": str(step)})
+            return
         tensors, step = {}, 0
         for name, p in self.params.items():
             state = self.optimizer.state.get(p)
@@ -198,6 +245,15 @@ class TorchBackend:
         with safe_open(str(path), framework="pt") as f:
             step = int((f.metadata() or {}).get("step", 0))
         tensors = load_file(str(path))
+        if self.strategy == "fsdp" and tensors:
+            from backends.torch_parallel import load_full_optimizer_state
+            missing = [n for n in self.params if f"exp_avg.{n}" not in tensors]
+            if missing:
+                raise ModelError(f"{path}: no optimizer state for parameter '{missing[0]}' "
+                                 "(checkpoint from a different model?)")
+            load_full_optimizer_state(self.model, self.optimizer, tensors, step,
+                                      list(self.params))
+            return
         for name, p in self.params.items():
             if f"exp_avg.{name}" not in tensors:
                 if tensors:
@@ -211,7 +267,9 @@ class TorchBackend:
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         # copy: for float32 CPU tensors .numpy() is a live view of the weights
-        return {n: p.detach().float().cpu().numpy().copy() for n, p in self.params.items()}
+        from backends.torch_parallel import full_tensor
+        return {n: full_tensor(p.detach()).float().cpu().numpy().copy()
+                for n, p in self.params.items()}
 
 
 def _quiet_transformers() -> None:
@@ -224,13 +282,18 @@ def _quiet_transformers() -> None:
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
-         shard_size: str | int = DEFAULT_SHARD_SIZE) -> TorchBackend:
+         shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
+         world: int = 1) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
-    fresh or loaded from the PEFT directory `adapter`."""
+    fresh or loaded from the PEFT directory `adapter`.
+    parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
+    process group already set up), else None."""
     from transformers import AutoModelForCausalLM
     from gft.modelfiles import load_tokenizer
     _quiet_transformers()
     dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and world > 1:
+        dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     try:
@@ -247,5 +310,13 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if lora is not None:
         from backends.torch_lora import apply_lora
         model = apply_lora(model, lora, seed, adapter)
+    train_module = None
+    if parallel is not None and world > 1:
+        from backends.torch_parallel import wrap
+        if parallel == "fsdp" and lora is not None:
+            raise ConfigError("parallel: fsdp with LoRA is not supported; use parallel: ddp "
+                             "(adapters are small: every rank can hold them)")
+        train_module = wrap(model, parallel, dev)
     return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
-                        shard_size=shard_size)
+                        shard_size=shard_size, strategy=parallel if world > 1 else None,
+                        world=world, train_module=train_module)

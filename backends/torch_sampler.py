@@ -16,7 +16,9 @@ What it does differently from `model.generate` (and why it is faster on CPU):
   mask is passed at all, so attention takes the causal fast path.
 
 Sampling: temperature, then nucleus (top-p) by sort + cumsum, then one inverse-CDF draw
-per row from a seeded `torch.Generator` (the same seed and inputs give the same tokens).
+per row and position from a table of uniforms made from that row's own seed
+(gft.distributed.uniform_table): a row samples the same tokens whichever rows share its
+batch, chunk or rank, which is what lets N data-parallel ranks sample what one process does.
 greedy=True is argmax, token for token what `generate(do_sample=False)` returns.
 
 Shapes: B rows, P padded prompt length, V vocabulary.
@@ -29,6 +31,8 @@ from typing import Sequence
 
 import torch
 from transformers.cache_utils import DynamicCache
+
+from gft.distributed import row_seeds, uniform_table
 
 try:  # transformers >= 4.56 builds caches from layer objects
     from transformers.cache_utils import DynamicLayer
@@ -110,10 +114,10 @@ def last_logits_only(model, width: int) -> dict:
 
 
 def pick_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, greedy: bool,
-                generator: torch.Generator) -> torch.Tensor:
+                u: torch.Tensor) -> torch.Tensor:
     """One token per row from [B, V] logits: argmax, or a temperature / top-p draw.
 
-    A draw is inverse-CDF: one uniform number per row against the cumulative
+    A draw is inverse-CDF: one uniform number per row (u, [B] float64) against the cumulative
     probabilities (float64, so 150k-token vocabularies lose no mass to rounding),
     instead of torch.multinomial's V random numbers per row — on CPU the random
     numbers, not the arithmetic, are what a multinomial over a 50k vocabulary costs.
@@ -133,7 +137,7 @@ def pick_tokens(logits: torch.Tensor, *, temperature: float, top_p: float, greed
     else:
         probs = logits.softmax(dim=-1)
     cdf = probs.double().cumsum(dim=-1)                                   # [B, V]
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype)
+    u = u.to(cdf.dtype)[:, None]
     # right=True: the first index whose CDF exceeds u·total, never a zero-probability one.
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_max(cdf.shape[1] - 1)
     idx = idx.squeeze(-1)
@@ -155,10 +159,12 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
 
 def sample(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-           eos_id: int | Sequence[int] | None, pad_id: int | None, seed: int = 0,
+           eos_id: int | Sequence[int] | None, pad_id: int | None,
+           seed: int | Sequence[int] = 0,
            device: torch.device | str | None = None) -> list[list[int]]:
     """Completions for `prompts` (token ids), each cut after its first EOS (kept).
 
+    seed: one per row, or one for the call (row i then uses row_seed(seed, i)).
     eos_id: one id, several (any of them ends a row), or None (every row runs to
     max_new_tokens). pad_id only fills the left padding (None: 0); it never reaches the
     output. Every prompt needs at least one token (a BOS will do). Runs the model in eval
@@ -187,7 +193,7 @@ def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_i
             seed, device) -> list[list[int]]:
     B = len(prompts)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    draws = torch.from_numpy(uniform_table(row_seeds(seed, B), max_new_tokens)).to(device)
     pad_id = 0 if pad_id is None else pad_id
     stop = None if eos_id is None else torch.tensor(
         [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
@@ -205,7 +211,7 @@ def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_i
     lengths = torch.full((B,), max_new_tokens, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         tok = pick_tokens(logits, temperature=temperature, top_p=top_p, greedy=greedy,
-                          generator=generator)
+                          u=draws[rows, t])
         result[rows, t] = tok
         if t == max_new_tokens - 1:
             break

@@ -42,6 +42,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    parallel: str = _f("ddp", "Under torchrun with several processes: ddp (every rank holds the "
+                       "model, gradients all-reduced) | fsdp (FSDP2: weights, gradients and AdamW "
+                       "moments sharded over the ranks). One process: ignored.")
     # ---- LoRA (gft/lora.py)
     lora_rank: int = _f(0, "LoRA rank; 0 = train the whole model. With LoRA only the adapters "
                            "train, and checkpoints hold the adapter in PEFT format.")
@@ -143,6 +146,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "backend": ("auto", "torch", "mlx"),
+    "parallel": ("ddp", "fsdp"),
     "dtype": ("float32", "bfloat16"),
     "prompt_overflow": ("error", "truncate", "skip"),
     "preset": tuple(PRESETS),

@@ -8,6 +8,7 @@ import numpy as np
 
 from backends import SamplingConfig
 from gft.data import prompt_text
+from gft.distributed import row_seed
 from gft.types import Example
 
 
@@ -20,8 +21,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], scorer, *,
              max_new_tokens: int, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
-             seed: int = 0, batch_size: int = 64) -> dict[str, float]:
-    """Greedy accuracy and mean reward; with k > 1 also pass@k from k samples per prompt."""
+             seed: int = 0, batch_size: int = 64, first_row: int = 0) -> dict[str, float]:
+    """Greedy accuracy and mean reward; with k > 1 also pass@k from k samples per prompt.
+
+    first_row: the index of rows[0] in the whole held-out set; sample i of row r is seeded
+    from (seed, (first_row + r)·k + i), so a data-parallel rank's share of the rows draws
+    what one process would."""
     if not rows:
         return {}
     greedy = SamplingConfig(max_new_tokens=max_new_tokens, greedy=True, batch_size=batch_size)
@@ -33,7 +38,9 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, batch_size=batch_size)
         repeated = [p for p in prompt_ids for _ in range(k)]
-        outs = backend.generate(repeated, sampling, seed + 1)
+        seeds = [row_seed(seed + 1, (first_row + r) * k + i)
+                 for r in range(len(rows)) for i in range(k)]
+        outs = backend.generate(repeated, sampling, seeds)
         sampled = _score(backend, [r for r in rows for _ in range(k)], outs, scorer)
         correct = sampled.correct.reshape(len(rows), k).sum(axis=1)
         metrics[f"pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))

@@ -48,16 +48,22 @@ def pad_batch(seqs: Sequence[Sequence_], pad_id: int, n_tokens: float,
 
 
 def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int, *,
-                  skip_zero_advantage: bool = True) -> list[TokenBatch]:
+                  skip_zero_advantage: bool = True,
+                  totals: tuple[float, float] | None = None) -> list[TokenBatch]:
     """Split one optimizer update's sequences into padded micro-batches.
 
     The aggregation denominators (response tokens, sequences) are those of ALL the
     sequences, including zero-advantage ones we skip: they carry no gradient but the
     token-mean counts their tokens, so skipping them saves compute without changing
     the loss. Sorting by length keeps padding waste low.
+
+    totals: (response tokens, sequences) of the whole update when `seqs` is only one
+    data-parallel rank's share of it.
     """
     n_tokens = float(sum(len(s.response_ids) for s in seqs))
     n_seqs = float(len(seqs))
+    if totals is not None:
+        n_tokens, n_seqs = totals
     live = [s for s in seqs if not (skip_zero_advantage and s.advantage == 0.0)]
     live.sort(key=lambda s: len(s.prompt_ids) + len(s.response_ids))
     return [pad_batch(live[i:i + micro_batch_size], pad_id, n_tokens, n_seqs)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +23,13 @@ from backends import SamplingConfig
 from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
 from gft.evaluate import evaluate
-from gft.groups import micro_batches
-from gft.metrics import MetricsLog, ProgressBar, group_metrics
+from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
+from gft.groups import Sequence_, micro_batches, pad_batch
+from gft.metrics import MetricsLog, ProgressBar, group_sums, metrics_from_sums
 from gft.objective import zero_variance_fraction
 from gft.rollout import PreparedPrompts, build_groups, score_groups
 from gft.stages import Stage, plan_stages, stage_at
+from gft.types import TokenBatch
 
 
 class DataSampler:
@@ -95,45 +97,60 @@ class LoopState:
 
 
 def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[int],
-               scorer, step: int, lr_fn: Callable[[int], float]) -> dict[str, Any]:
+               scorer, step: int, lr_fn: Callable[[int], float],
+               comm: Comm = LOCAL) -> dict[str, Any]:
     """One GFT step over the prompts `indices`; returns its metrics.
 
-    lr_fn(i) is the learning rate of this step's i-th optimizer update."""
-    rows = [data.rows[i] for i in indices]
-    prompt_ids = [data.prompt_ids[i] for i in indices]
+    lr_fn(i) is the learning rate of this step's i-th optimizer update. With several
+    ranks (gft/distributed.py) this rank rolls out, scores and trains on its share of
+    every update's prompts; the metrics returned are those of the whole step."""
+    n_rollouts, per_mb = cfg.num_rollouts, cfg.prompts_per_minibatch
+    positions = local_positions(len(indices), per_mb, comm.rank, comm.world)
+    rows = [data.rows[indices[p]] for p in positions]
+    prompt_ids = [data.prompt_ids[indices[p]] for p in positions]
     t0 = time.perf_counter()
     rollouts: list[list[int]] = []
-    if cfg.num_rollouts:
+    if n_rollouts:
         sampling = SamplingConfig(max_new_tokens=cfg.max_response_tokens,
                                   temperature=cfg.temperature, top_p=cfg.top_p,
                                   batch_size=cfg.rollout_batch_size)
-        repeated = [p for p in prompt_ids for _ in range(cfg.num_rollouts)]
-        rollouts = backend.generate(repeated, sampling, step_seed(cfg.seed, step))
+        repeated = [p for p in prompt_ids for _ in range(n_rollouts)]
+        # seeded by the prompt's place in the step, not in this rank's batch
+        base = step_seed(cfg.seed, step)
+        seeds = [row_seed(base, p * n_rollouts + j) for p in positions for j in range(n_rollouts)]
+        rollouts = backend.generate(repeated, sampling, seeds)
     t1 = time.perf_counter()
     seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
-                        num_offpolicy=cfg.num_offpolicy, num_rollouts=cfg.num_rollouts,
+                        num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
                         max_response_tokens=cfg.max_response_tokens)
     scored = score_groups(seqs, rows, scorer, cfg.advantage)
     t2 = time.perf_counter()
-    m: dict[str, Any] = group_metrics(
-        seqs, zero_variance_fraction(scored["rewards"], scored["groups"]) if scored else 0.0)
+    flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
+        if scored else 0
+    sums = group_sums(seqs, len(rows), flat)
+    updates = _update_batches(cfg, backend, seqs, positions, len(indices), comm)
     stats: list[dict[str, float]] = []
-    per_mb = cfg.prompts_per_minibatch
-    for first in range(0, len(rows), per_mb):
-        part = [s for s in seqs if first <= s.group < first + per_mb]
-        lr = lr_fn(first // per_mb)
-        batches = micro_batches(part, cfg.micro_batch_size, backend.tokenizer.pad_token_id,
-                                skip_zero_advantage=cfg.skip_zero_advantage)
-        if batches:  # all-zero advantages: no gradient, so no update at all
+    for i, batches in enumerate(updates):
+        if batches:  # all-zero advantages on every rank: no gradient, so no update at all
+            lr = lr_fn(i)
             stats.append({**backend.train_step(batches, lr, tau=cfg.tau,
                                                aggregation=cfg.loss_aggregation), "lr": lr})
     t3 = time.perf_counter()
-    rollout_tokens = float(sum(len(r) for r in rollouts))
-    update_tokens = float(sum(s["tokens"] for s in stats))
+    # one all-reduce for the whole step's metrics: response sums, rollout tokens, and
+    # per update the loss (global denominators: the ranks' losses add up), entropy, tokens
+    local = [*sums.values(), float(sum(len(r) for r in rollouts))]
+    for st in stats:
+        local += [st["loss"], st["entropy"] * st["tokens"], st["tokens"]]
+    total = comm.all_sum(np.array(local))
+    m: dict[str, Any] = metrics_from_sums(dict(zip(sums, total[:len(sums)])))
+    rollout_tokens = float(total[len(sums)])
+    per_update = total[len(sums) + 1:].reshape(-1, 3)
+    update_tokens = float(per_update[:, 2].sum())
     m.update({
-        "loss": float(np.sum([s["loss"] for s in stats])) / max(len(stats), 1),
+        "loss": float(per_update[:, 0].sum()) / max(len(stats), 1),
         "grad_norm": float(np.mean([s["grad_norm"] for s in stats])) if stats else 0.0,
-        "entropy": float(np.mean([s["entropy"] for s in stats])) if stats else float("nan"),
+        "entropy": float(per_update[:, 1].sum() / max(update_tokens, 1.0)) if stats
+        else float("nan"),
         "lr": stats[-1]["lr"] if stats else lr_fn(0),
         "updates": float(len(stats)), "skipped": float(sum(s["skipped"] for s in stats)),
         "rollout_tokens": rollout_tokens, "update_tokens": update_tokens,
@@ -148,43 +165,93 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     return m
 
 
+def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions: list[int],
+                    n_prompts: int, comm: Comm) -> list[list[TokenBatch]]:
+    """Micro-batches of each optimizer update of the step, for this rank.
+
+    The loss denominators are the update's totals over ALL ranks (one all-reduce), and
+    every rank gets the same number of micro-batches per update (padded with a
+    zero-advantage one, which adds exactly nothing), because DDP and FSDP2 run
+    collectives in every forward/backward and all ranks must take part."""
+    pad = backend.tokenizer.pad_token_id
+    sizes = minibatch_sizes(n_prompts, cfg.prompts_per_minibatch)
+    starts = np.cumsum([0] + sizes)
+    parts = [[s for s in seqs if starts[i] <= positions[s.group] < starts[i + 1]]
+             for i in range(len(sizes))]
+    local = [(sum(len(s.response_ids) for s in p), len(p)) for p in parts]
+    totals = comm.all_sum(np.array(local, dtype=np.float64).reshape(-1)).reshape(-1, 2)
+    updates = [micro_batches(p, cfg.micro_batch_size, pad, totals=(float(t[0]), float(t[1])),
+                             skip_zero_advantage=cfg.skip_zero_advantage)
+               for p, t in zip(parts, totals)]
+    if comm.world == 1:
+        return updates
+    counts = np.zeros((comm.world, len(sizes)))
+    counts[comm.rank] = [len(u) for u in updates]
+    most = comm.all_sum(counts.reshape(-1)).reshape(comm.world, -1).max(axis=0)
+    for u, p, t, n in zip(updates, parts, totals, most):
+        if len(u) < n:
+            filler = pad_batch([replace(p[0], advantage=0.0)], pad, float(t[0]), float(t[1]))
+            u.extend([filler] * (int(n) - len(u)))
+    return updates
+
+
 def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
-             step: int) -> dict[str, float]:
+             step: int, comm: Comm = LOCAL) -> dict[str, float]:
+    """Held-out accuracy on the first eval_samples rows; each rank takes a contiguous
+    share of them and the means are combined weighted by rows."""
     if data is None or not data.rows:
         return {}
     n = min(cfg.eval_samples, len(data.rows))
-    return evaluate(backend, data.rows[:n], data.prompt_ids[:n], scorer,
-                    max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
-                    batch_size=cfg.rollout_batch_size)
+    lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
+    if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers weights in generate)
+        backend.generate([], SamplingConfig(greedy=True), 0)
+        ev: dict[str, float] = {}
+    else:
+        ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
+                      max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
+                      batch_size=cfg.rollout_batch_size, first_row=lo)
+    if comm.world == 1:
+        return ev
+    keys = ("accuracy", "reward")
+    total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
+    return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
 
 
 def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedPrompts | None,
           scorer, run_dir: Path, state: LoopState, console,
-          stop: Callable[[], bool] = lambda: False) -> LoopState:
+          stop: Callable[[], bool] = lambda: False, comm: Comm = LOCAL) -> LoopState:
     """Run steps state.step .. total; log, evaluate and checkpoint along the way.
 
     stop() is checked between steps (gft/signals.py): once it is true the loop saves a
-    checkpoint of the last finished step and returns early."""
+    checkpoint of the last finished step and returns early. With several ranks (comm),
+    every rank runs this loop in step; rank 0 alone writes logs and checkpoints."""
     run_dir = Path(run_dir)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    samples = MetricsLog(run_dir / "samples.jsonl")
+    lead = comm.rank == 0
+    log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
+    samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
     log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
     samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     steps = stages[-1].end
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
+    if comm.world > 1:  # a signal may reach one rank only: stop when any rank was asked
+        local_stop = stop
+        stop = lambda: bool(comm.all_sum(np.array([float(local_stop())]))[0])  # noqa: E731
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int) -> Path | None:
         payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
-        return save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints)
+        path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
+            if lead else backend.join_save()
+        comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
+        return path
 
     saved = state.step  # the step the newest checkpoint holds (0: start from the config)
     if state.step == 0 and not stop():
-        ev = run_eval(cfg, backend, eval_data, scorer, 0)
+        ev = run_eval(cfg, backend, eval_data, scorer, 0, comm)
         if ev:
             log.write({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
             console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
-    with ProgressBar(steps, state.step, cfg.progress, console) as bar:
+    with ProgressBar(steps, state.step, cfg.progress and lead, console) as bar:
         while state.step < steps and not stop():
             stage = stage_at(stages, state.step)
             if state.step == stage.start and len(stages) > 1:
@@ -193,14 +260,14 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
             indices = sampler.take(stage.cfg.prompts_per_step)
             t0 = time.perf_counter()
             m = train_step(stage.cfg, backend, data, indices, scorer, state.step,
-                           stage_lr(stage, state.step))
+                           stage_lr(stage, state.step), comm)
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
             sample = m.pop("_sample", None)
             m.update({"step": state.step, "epoch": state.epoch, "stage": stage.index,
                       "preset": stage.name, "time/step": time.perf_counter() - t0})
             if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == steps:
-                ev = run_eval(cfg, backend, eval_data, scorer, state.step)
+                ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
                     bar.console.print(f"step {state.step}: held-out accuracy "
@@ -216,6 +283,16 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     if state.step < steps and state.step != saved:  # stopped early: keep what was done
         checkpoint(state.step)
     return state
+
+
+class NullLog:
+    """What ranks other than 0 write their logs to."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
 
 
 def _track_bad_steps(state: LoopState, m: dict[str, Any], cfg: TrainConfig) -> None:

@@ -14,22 +14,40 @@ from gft.checkpoint import atomic_write_text
 from gft.groups import Sequence_
 
 
-def group_metrics(seqs: list[Sequence_], zero_var: float) -> dict[str, float]:
-    """Reward and accuracy for rollouts and dataset responses separately, advantage stats."""
+def group_sums(seqs: list[Sequence_], n_groups: int, n_flat_groups: int) -> dict[str, float]:
+    """Sums and counts behind the step's response metrics, in a fixed key order, so that
+    data-parallel ranks can add theirs up (one all-reduce) before dividing."""
     out: dict[str, float] = {}
     for label, on in (("rollout", True), ("dataset", False)):
         part = [s for s in seqs if s.on_policy is on]
-        if part:
-            out[f"reward/{label}"] = float(np.mean([s.reward for s in part]))
-            out[f"accuracy/{label}"] = float(np.mean([s.correct for s in part]))
-            out[f"response_tokens/{label}"] = float(np.mean([len(s.response_ids) for s in part]))
-    adv = np.array([s.advantage for s in seqs]) if seqs else np.zeros(1)
-    out["advantage/mean"] = float(adv.mean())
-    out["advantage/std"] = float(adv.std())
-    out["zero_variance_groups"] = zero_var
-    rollouts = [s for s in seqs if s.on_policy]
-    if rollouts:
-        out["truncated/rollout"] = float(np.mean([s.truncated for s in rollouts]))
+        out[f"n/{label}"] = float(len(part))
+        out[f"reward/{label}"] = float(sum(s.reward for s in part))
+        out[f"accuracy/{label}"] = float(sum(s.correct for s in part))
+        out[f"response_tokens/{label}"] = float(sum(len(s.response_ids) for s in part))
+        out[f"truncated/{label}"] = float(sum(s.truncated for s in part))
+    out["n"] = float(len(seqs))
+    out["advantage/sum"] = float(sum(s.advantage for s in seqs))
+    out["advantage/sumsq"] = float(sum(s.advantage ** 2 for s in seqs))
+    out["groups"], out["groups/flat"] = float(n_groups), float(n_flat_groups)
+    return out
+
+
+def metrics_from_sums(t: dict[str, float]) -> dict[str, float]:
+    """Reward and accuracy for rollouts and dataset responses separately, advantage stats,
+    the fraction of zero-variance groups (no gradient under group advantages)."""
+    out: dict[str, float] = {}
+    for label in ("rollout", "dataset"):
+        n = t[f"n/{label}"]
+        if n:
+            for key in ("reward", "accuracy", "response_tokens"):
+                out[f"{key}/{label}"] = t[f"{key}/{label}"] / n
+    n = max(t["n"], 1.0)
+    mean = t["advantage/sum"] / n
+    out["advantage/mean"] = mean
+    out["advantage/std"] = math.sqrt(max(t["advantage/sumsq"] / n - mean * mean, 0.0))
+    out["zero_variance_groups"] = t["groups/flat"] / t["groups"] if t["groups"] else 0.0
+    if t["n/rollout"]:
+        out["truncated/rollout"] = t["truncated/rollout"] / t["n/rollout"]
     return out
 
 

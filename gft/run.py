@@ -20,6 +20,7 @@ from gft.checkpoint import (STATE_FILE, atomic_directory, atomic_write_text, cle
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
+from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
 from gft.loop import LoopState, total_steps, train
 from gft.rewards import build_rewards, parse_reward_specs
@@ -122,7 +123,7 @@ class RequireApplicableReward:
         return result
 
 
-def open_backend(cfg: TrainConfig, model_path: str):
+def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import lora_from_train_config
@@ -130,15 +131,18 @@ def open_backend(cfg: TrainConfig, model_path: str):
                         optim=optim, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                         gradient_checkpointing=cfg.gradient_checkpointing,
                         lora=lora_from_train_config(cfg), base=cfg.model,
-                        shard_size=cfg.save_shard_size)
+                        shard_size=cfg.save_shard_size,
+                        parallel=cfg.parallel if comm.world > 1 else None, comm=comm)
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
-                 console: Console) -> tuple[TrainConfig, LoopState, Path | None]:
+                 console: Console, comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, Path | None]:
     """(config, loop state, checkpoint) to continue `run_dir` from. A run killed before
     its first checkpoint starts over from step 0 with its saved config.yaml."""
-    clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
-    clean_leftovers(run_dir / "checkpoints")
+    if comm.rank == 0:
+        clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
+        clean_leftovers(run_dir / "checkpoints")
+    comm.barrier()
     start_from = latest_checkpoint(run_dir)
     if start_from is None:
         saved_config = run_dir / "config.yaml"
@@ -165,47 +169,83 @@ def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
     SIGINT/SIGTERM stop it cleanly after the current step (gft/signals.py): a checkpoint
     is saved and `Interrupted` raised, which `gft train` turns into exit code 128 + signal."""
     console = console or Console(soft_wrap=True)  # paths stay on one line, copy-pasteable
-    with GracefulStop() as stop:
-        return _run(cfg, resume, overrides, console, stop)
+    comm = init_comm()  # torchrun / mlx.launch: several ranks; else one process
+    if comm.rank != 0:
+        console = Console(quiet=True)  # rank 0 speaks for the run
+    try:
+        with GracefulStop() as stop:
+            return _run(cfg, resume, overrides, console, stop, comm)
+    finally:
+        shutdown(comm)
 
 
 def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
-         console: Console, stop: GracefulStop) -> Path:
+         console: Console, stop: GracefulStop, comm: Comm) -> Path:
     state, start_from = LoopState(), None
+    lead = comm.rank == 0
     if resume is not None:
         run_dir = Path(resume)
-        cfg, state, start_from = resume_point(run_dir, overrides, console)
+        cfg, state, start_from = resume_point(run_dir, overrides, console, comm)
     else:
-        run_dir = resolve_run_dir(cfg)
+        run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
         if latest_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
                               f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
                               "--output-dir")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = materialize_defaults(cfg, run_dir, console)
+        comm.barrier()  # every rank has looked before rank 0 writes
+        if lead:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg = materialize_defaults(cfg, run_dir, console)
+        comm.barrier()
+        if not lead:  # the files exist now: this only fills in their paths
+            cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    check_launcher(cfg, comm)
+    if lead:
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     scorer = RequireApplicableReward(build_rewards(cfg.rewards))
     check_model_dir(start_from or str(cfg.model))
     has_optimizer = start_from is not None and (start_from / OPTIMIZER_FILE).exists()
     if has_optimizer:
         check_optimizer_state(start_from)
-    backend = open_backend(cfg, str(start_from or cfg.model))
+    backend = open_backend(cfg, str(start_from or cfg.model), comm)
     if has_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-    console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}\n"
+    for stage in stages:
+        check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
+                        f"stage {stage.index + 1} ({stage.name})")
+    how = cfg.parallel if cfg.backend == "torch" else "data parallel"
+    ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
+    console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
-    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop)
+    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
+                  comm=comm)
     steps = stages[-1].end
     if state.step < steps:  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
-    final = save_checkpoint(backend, run_dir / "final", payload)
-    clean_leftovers(run_dir / "checkpoints")
+    final = run_dir / "final"
+    if lead:
+        save_checkpoint(backend, final, payload)
+        clean_leftovers(run_dir / "checkpoints")
+    else:
+        backend.join_save()
+    comm.barrier()
     console.print(f"final checkpoint: {final}")
     return final
+
+
+def check_launcher(cfg: TrainConfig, comm: Comm) -> None:
+    """torchrun starts torch ranks and mlx.launch MLX ranks; the other mix cannot work."""
+    if comm.world == 1:
+        return
+    want = "mlx" if isinstance(comm, MLXComm) else "torch"
+    if cfg.backend != want:
+        launcher = "mlx.launch" if want == "mlx" else "torchrun"
+        raise ConfigError(f"started by {launcher} with {comm.world} processes, but backend is "
+                          f"'{cfg.backend}'; use --backend {want}")
 
 
 def interrupted(signum: int, run_dir: Path, step: int, steps: int) -> Interrupted:

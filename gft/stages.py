@@ -21,7 +21,8 @@ from gft.errors import ConfigError
 # Keys a stage may not change: they define the model, the data or the run itself.
 RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
             "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
-            "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing"}
+            "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
+            "parallel"}
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ def capture_backend(monkeypatch):
     seen = []
     original = gft.run.open_backend
 
-    def spy(cfg, model_path):
-        backend = original(cfg, model_path)
+    def spy(cfg, model_path, *args):
+        backend = original(cfg, model_path, *args)
         seen.append(backend)
         return backend
     monkeypatch.setattr(gft.run, "open_backend", spy)

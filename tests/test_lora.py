@@ -150,7 +150,7 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     seen = []
     original = gft.run.open_backend
     monkeypatch.setattr(gft.run, "open_backend",
-                        lambda cfg, path: seen.append(original(cfg, path)) or seen[-1])
+                        lambda cfg, path, *a: seen.append(original(cfg, path, *a)) or seen[-1])
     data = toy_data(tmp_path / "data")
     common = ["--model", str(base), "--data", str(data), "--preset", "sft",
               "--set", "lora_rank=4", "--set", "lora_alpha=8", "--set", "lora_targets=[q_proj, v_proj]",

@@ -359,3 +359,19 @@ def test_mlx_backend_runs_without_torch(model_dirs):
                           capture_output=True, text=True, timeout=120, cwd=REPO_ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith("OK")
+
+
+def test_sample_next_draws_by_probability_inside_the_nucleus():
+    # probs 0.5, 0.3, 0.15, 0.05, top_p 0.7: tokens 0 and 1 stay, renormalised to
+    # 0.625 / 0.375; with temperature 0.5 on (0.6, 0.4): 0.36 / 0.52 ≈ 0.69 for token 0.
+    from backends import SamplingConfig
+    from backends.mlx_backend import sample_next
+    u = mx.array(np.random.default_rng(0).random(4000).astype(np.float32))
+    logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    toks = np.array(sample_next(logits, SamplingConfig(top_p=0.7), u))
+    counts = np.bincount(toks, minlength=4)
+    assert counts[2] == counts[3] == 0
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+    logits = mx.log(mx.array([[0.6, 0.4]] * 4000))
+    toks = np.array(sample_next(logits, SamplingConfig(temperature=0.5), u))
+    assert abs((toks == 0).mean() - 0.36 / 0.52) < 0.03

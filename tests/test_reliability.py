@@ -376,8 +376,8 @@ def test_stop_before_the_first_step_saves_nothing_and_resume_starts_over(tmp_pat
     args = train_args(model, data)
     original = gft.run.open_backend
 
-    def open_then_signal(cfg, path):  # SIGTERM while the model loads
-        backend = original(cfg, path)
+    def open_then_signal(cfg, path, *args):  # SIGTERM while the model loads
+        backend = original(cfg, path, *args)
         os.kill(os.getpid(), signal.SIGTERM)
         return backend
     monkeypatch.setattr(gft.run, "open_backend", open_then_signal)

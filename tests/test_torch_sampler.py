@@ -101,8 +101,8 @@ def test_pick_tokens_top_p_keeps_the_nucleus_and_samples_by_probability():
     # (mass above it 0.5 < 0.7) stay; token 2 has 0.8 above it and goes, token 3 too.
     # Renormalised: P(0) = 0.5 / 0.8 = 0.625, P(1) = 0.375.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
-    g = torch.Generator().manual_seed(0)
-    toks = pick_tokens(logits, temperature=1.0, top_p=0.7, greedy=False, generator=g)
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    toks = pick_tokens(logits, temperature=1.0, top_p=0.7, greedy=False, u=u)
     counts = torch.bincount(toks, minlength=4).tolist()
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 4000 - 0.625) < 0.03
@@ -111,8 +111,8 @@ def test_pick_tokens_top_p_keeps_the_nucleus_and_samples_by_probability():
 def test_pick_tokens_temperature_sharpens():
     # T = 0.5 squares the probabilities: 0.6, 0.4 -> 0.36 / 0.52 ≈ 0.69 for token 0.
     logits = torch.log(torch.tensor([[0.6, 0.4]])).repeat(4000, 1)
-    g = torch.Generator().manual_seed(0)
-    toks = pick_tokens(logits, temperature=0.5, top_p=1.0, greedy=False, generator=g)
+    u = torch.rand(4000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    toks = pick_tokens(logits, temperature=0.5, top_p=1.0, greedy=False, u=u)
     assert abs((toks == 0).float().mean().item() - 0.36 / 0.52) < 0.03
 
 

@@ -1,0 +1,211 @@
+"""Data parallelism across processes: which rank does what, and the few host-side
+reductions the loop needs.
+
+Launch (README "Training on many GPUs"):
+    torchrun --nproc-per-node N -m gft train ...     torch: DDP, or FSDP2 with parallel: fsdp
+    gft train --nproc N ...                          the same, torchrun started for you
+    mlx.launch -n N python -m gft train ...          MLX: mx.distributed
+
+Global-batch semantics: a step draws the same prompts_per_step prompts on every rank (the
+sampler is a pure function of seed and step). Each optimizer update's prompts
+(prompts_per_minibatch of them) are split into `world` equal, contiguous shares, one per
+rank, so every group (K dataset responses + n rollouts of one prompt) stays whole on one
+rank and its advantages are computed there, exactly as in one process. Each rank's loss
+uses the mini-batch's GLOBAL denominators (response tokens, sequences; one all-reduce), so
+the sum of the ranks' gradients is the gradient of the one-process loss; the backend sums
+them (DDP / FSDP2 average, so the local loss is scaled by `world`, an exact power-of-two
+scaling for 2, 4, 8 ranks). Rollout sampling is seeded per row from (step, prompt position,
+rollout index), never from a rank's batch, so N ranks sample what one process samples.
+The same config therefore gives the same update on 1 or N ranks, up to float reduction order.
+
+The Comm Protocol below is all the loop sees of the launcher: a rank, a world size and
+sums of small host arrays. Gradients never pass through it: the backend reduces them with
+its framework's own engine (DDP / FSDP2 / mx.distributed).
+"""
+from __future__ import annotations
+
+import os
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from gft.errors import ConfigError
+
+
+class Comm(Protocol):
+    rank: int
+    world: int
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum over ranks of a small float64 host array (metrics, counts)."""
+
+    def broadcast_text(self, text: str) -> str:
+        """Rank 0's string on every rank (the run directory, say)."""
+
+    def barrier(self) -> None: ...
+
+
+class LocalComm:
+    """One process: every reduction is the identity."""
+    rank, world = 0, 1
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        return np.asarray(values, dtype=np.float64)
+
+    def broadcast_text(self, text: str) -> str:
+        return text
+
+    def barrier(self) -> None:
+        pass
+
+
+LOCAL = LocalComm()
+
+
+def _text_to_array(text: str | None, n: int) -> np.ndarray:
+    raw = np.zeros(n, dtype=np.float64)
+    if text is not None:
+        b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        raw[:len(b)] = b
+    return raw
+
+
+def _array_to_text(raw: np.ndarray) -> str:
+    b = raw.astype(np.uint8)
+    return bytes(b[b != 0]).decode("utf-8")
+
+
+class _SumComm:
+    """broadcast_text and barrier written with all_sum alone (strings as byte arrays)."""
+    rank: int
+    world: int
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def broadcast_text(self, text: str) -> str:
+        n = int(self.all_sum(np.array([len(text.encode("utf-8")) if self.rank == 0 else 0]))[0])
+        return _array_to_text(self.all_sum(_text_to_array(text if self.rank == 0 else None, n)))
+
+    def barrier(self) -> None:
+        self.all_sum(np.zeros(1))
+
+
+class TorchComm(_SumComm):
+    """torch.distributed (gloo on CPU, nccl on CUDA): host arrays travel as float64
+    tensors on the collective's device."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+        self.dist, self.device = dist, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        import torch
+        t = torch.as_tensor(np.asarray(values, dtype=np.float64)).to(self.device)
+        self.dist.all_reduce(t)
+        return t.cpu().numpy()
+
+
+class MLXComm(_SumComm):
+    """mx.distributed (ring / MPI / JACCL backends, started by mlx.launch)."""
+
+    def __init__(self, group):
+        self.group = group
+        self.rank, self.world = group.rank(), group.size()
+
+    def all_sum(self, values: np.ndarray) -> np.ndarray:
+        import mlx.core as mx
+        # float32 on the wire (not every MLX device has float64); counts stay exact < 2**24
+        x = mx.distributed.all_sum(mx.array(np.asarray(values, dtype=np.float32)),
+                                   group=self.group, stream=mx.cpu)
+        return np.array(x, dtype=np.float64)
+
+
+def launcher() -> str | None:
+    """'torch' under torchrun, 'mlx' under mlx.launch (or mpirun), None for one process."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    if os.environ.get("MLX_RANK") is not None or os.environ.get("OMPI_COMM_WORLD_SIZE"):
+        return "mlx"
+    return None
+
+
+def init_comm(device: str = "auto") -> Comm:
+    """The Comm for this process: LOCAL unless started by torchrun / mlx.launch.
+
+    torch: initialises the default process group (nccl when CUDA is used, else gloo)."""
+    kind = launcher()
+    if kind is None:
+        return LOCAL
+    if kind == "mlx":
+        import mlx.core as mx
+        group = mx.distributed.init()
+        return MLXComm(group) if group.size() > 1 else LOCAL
+    import torch
+    import torch.distributed as dist
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not dist.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return TorchComm(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu")
+
+
+def shutdown(comm: Comm) -> None:
+    if isinstance(comm, TorchComm) and comm.dist.is_initialized():
+        comm.dist.destroy_process_group()
+
+
+def minibatch_sizes(prompts_per_step: int, per_minibatch: int) -> list[int]:
+    """Prompts in each optimizer update of a step (the last one may be smaller)."""
+    return [min(per_minibatch, prompts_per_step - first)
+            for first in range(0, prompts_per_step, per_minibatch)]
+
+
+def check_divisible(prompts_per_step: int, per_minibatch: int, world: int, where: str) -> None:
+    """Every update's prompts must split evenly over the ranks (groups are never cut)."""
+    for size in minibatch_sizes(prompts_per_step, per_minibatch):
+        if size % world:
+            raise ConfigError(
+                f"{where}: an optimizer update of {size} prompts cannot be split evenly over "
+                f"{world} processes (prompts_per_step={prompts_per_step}, prompts_per_minibatch="
+                f"{per_minibatch}); make both multiples of {world}")
+
+
+def local_positions(prompts_per_step: int, per_minibatch: int, rank: int,
+                    world: int) -> list[int]:
+    """Positions (within the step's prompts) this rank rolls out and trains on: its
+    contiguous share of every mini-batch, so each update has prompts from every rank."""
+    out: list[int] = []
+    first = 0
+    for size in minibatch_sizes(prompts_per_step, per_minibatch):
+        share = size // world
+        out.extend(range(first + rank * share, first + (rank + 1) * share))
+        first += size
+    return out
+
+
+def row_seed(seed: int, index: int) -> int:
+    """A sampling seed for one row, from a call's seed and the row's global index: what a
+    row samples then never depends on which other rows share its batch or its rank."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, index]).generate_state(1)[0])
+
+
+def row_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """Per-row seeds: a list as given, or derived from one seed by position."""
+    if isinstance(seed, (int, np.integer)):
+        return [row_seed(int(seed), i) for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+    return seeds
+
+
+def uniform_table(seeds: Sequence[int], steps: int) -> np.ndarray:
+    """[B, steps] float64 uniforms in [0, 1), row i from its own generator: the draws a
+    sampler uses for row i's tokens, one per position."""
+    table = np.empty((len(seeds), max(steps, 0)), dtype=np.float64)
+    for i, s in enumerate(seeds):
+        table[i] = np.random.default_rng(s).random(max(steps, 0))
+    return table
