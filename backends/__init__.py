@@ -39,6 +39,20 @@ class SamplingConfig:
     batch_size: int = 64
 
 
+class RolloutEngine(Protocol):
+    """What samples a backend's rollouts. The loop never sees it: backend.generate calls
+    it, and calls sync() before the first rollout after an optimizer update, so an engine
+    holding its own copy of the weights (a bfloat16 copy, a vLLM engine) samples from
+    the current policy. torch: backends/torch_sampler.py ROLLOUT_ENGINES."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                 seeds: list[int]) -> list[list[int]]:
+        """One completion per prompt; row i draws from seeds[i] only."""
+
+    def sync(self) -> None:
+        """Take the policy's current weights."""
+
+
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
@@ -111,7 +125,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
-                 comm: Any = None) -> Backend:
+                 comm: Any = None, rollout_engine: str = "policy") -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -119,7 +133,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     given, else the adapter's base_model_name_or_path) with the adapter on it.
     shard_size: saved weights are split into shards above this size.
     parallel / comm: data parallelism when started by torchrun or mlx.launch (a
-    gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch)."""
+    gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
+    rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine)."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
@@ -135,7 +150,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size,
+                       adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
                        **_parallel_kwargs(name, parallel, comm))
 
 

@@ -437,7 +437,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
-         comm=None) -> MlxBackend:
+         comm=None, rollout_engine: str = "policy") -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
     comm: a gft.distributed.MLXComm when started by mlx.launch (data parallel; `parallel`
     is a torch setting and is ignored here).
@@ -451,6 +451,10 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
+    if rollout_engine != "policy":
+        raise ConfigError(f"rollout_engine '{rollout_engine}' is a torch option; the mlx "
+                          "backend samples from the policy itself (set dtype: bfloat16 to "
+                          "train and sample in bfloat16)")
     set_device(device)
     mx.random.seed(seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)

@@ -67,13 +67,32 @@ def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-@torch.no_grad()
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position: [B, L, V] -> [B, L-1]."""
-    logits = logits[:, :-1].float()
-    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - logz)
-    return (logz.squeeze(-1) - (probs * logits).sum(-1))
+def logprobs_and_entropy(logits: torch.Tensor,
+                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T, V] logits at the positions that predict `targets` [B, T] ->
+    (log p of each target [B, T], with gradient; entropy of each position [B, T], without).
+
+    One logsumexp serves both: log p = z_target - logZ, H = logZ - sum(softmax * z)."""
+    logits = logits.float()
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+    with torch.no_grad():
+        z, lz = logits.detach(), logz.detach()
+        entropy = lz - (torch.exp(z - lz[..., None]) * z).sum(-1)
+    return logp, entropy
+
+
+def scored_from(batch: TokenBatch) -> int:
+    """The first position whose logits the loss needs: the one before the earliest
+    response token of the batch (prompt positions before it only feed attention)."""
+    cols = np.flatnonzero(batch.response_mask.any(axis=0))
+    return max(int(cols[0]) - 1, 0) if cols.size else 0
+
+
+def accepts_logits_to_keep(model) -> bool:
+    import inspect
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
 class TorchBackend:
@@ -81,13 +100,20 @@ class TorchBackend:
 
     def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig, *,
                  lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
-                 strategy: str | None = None, world: int = 1, train_module=None):
+                 strategy: str | None = None, world: int = 1, train_module=None,
+                 rollout_engine: str = "policy"):
         """strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
         `train_module` the wrapper the update runs through; `model` stays the bare
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
         self.strategy, self.world = strategy, world
+        from backends.torch_sampler import ROLLOUT_ENGINES
+        # what samples rollouts (a Protocol: generate(prompts, sampling, seeds), sync());
+        # synced lazily, before the first rollout after an optimizer update
+        self.rollout_engine = ROLLOUT_ENGINES[rollout_engine](model, tokenizer, device, strategy)
+        self._engine_stale = False
+        self._keeps_logits = accepts_logits_to_keep(model)
         self.train_module = train_module if train_module is not None else model
         if lora is not None:  # only the adapters train, under their PEFT file names
             from backends.torch_lora import lora_parameters
@@ -102,30 +128,31 @@ class TorchBackend:
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int | Sequence[int]) -> list[list[int]]:
-        """Batched KV-cache sampling (backends/torch_sampler.py: one prefill, a preallocated
-        cache, finished rows leave the batch); greedy equals transformers' generate."""
-        from backends.torch_parallel import full_weights
-        from backends.torch_sampler import sample
+        """Batched KV-cache sampling through the rollout engine (backends/torch_sampler.py:
+        one prefill, a preallocated cache, finished rows leave the batch); greedy equals
+        transformers' generate."""
+        if self._engine_stale:  # the first rollout since an update: hand over the weights
+            self.rollout_engine.sync()
+            self._engine_stale = False
         self.model.eval()
-        tok, out = self.tokenizer, []
-        seeds = row_seeds(seed, len(prompts))  # a row's draws do not depend on its chunk
-        with full_weights(self.model, self.strategy):
-            for start in range(0, len(prompts), sampling.batch_size):
-                end = start + sampling.batch_size
-                out.extend(sample(self.model, list(prompts[start:end]),
-                                  max_new_tokens=sampling.max_new_tokens,
-                                  temperature=sampling.temperature, top_p=sampling.top_p,
-                                  greedy=sampling.greedy, eos_id=tok.eos_token_id,
-                                  pad_id=tok.pad_token_id, seed=seeds[start:end],
-                                  device=self.device))
-        return out
+        # a row's draws depend on its own seed only, not on its chunk or batch
+        return self.rollout_engine.generate(prompts, sampling, row_seeds(seed, len(prompts)))
 
     # ------------------------------------------------------------------ update
-    def _forward(self, batch: TokenBatch):
+    def _forward(self, batch: TokenBatch, trim: bool = False):
+        """(ids, logits, start): logits [B, L - start, V] of positions start..L-1.
+
+        trim: only the positions from scored_from(batch) on get logits — lm_head (the
+        largest matmul for small models with big vocabularies: 21% of SmolLM2's FLOPs)
+        and the softmax then skip the prompt. An index tensor, not an int, so that
+        lm_head sees one contiguous [B, T, H] block (see torch_sampler.last_logits_only)."""
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         att = torch.from_numpy(batch.attention).to(self.device)
-        logits = self.train_module(input_ids=ids, attention_mask=att, use_cache=False).logits
-        return ids, logits
+        start = scored_from(batch) if trim and self._keeps_logits else 0
+        kw = {"logits_to_keep": torch.arange(start, ids.shape[1], device=self.device)} \
+            if start else {}
+        out = self.train_module(input_ids=ids, attention_mask=att, use_cache=False, **kw)
+        return ids, out.logits, start
 
     def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
                              aggregation: str) -> dict[str, float]:
@@ -140,24 +167,24 @@ class TorchBackend:
             sync = self.train_module.no_sync() if self.strategy == "ddp" and i < last \
                 else contextlib.nullcontext()
             with sync:
-                ids, logits, loss = self._micro_batch_loss(mb, tau, aggregate)
+                loss, entropy, mask = self._micro_batch_loss(mb, tau, aggregate)
                 # DDP / FSDP2 average over ranks; each rank's loss already uses the
                 # global denominators, so scaling by world makes the average a sum
                 (loss * self.world if self.world > 1 else loss).backward()
-            mask = torch.from_numpy(mb.response_mask[:, 1:]).to(self.device, torch.float32)
             loss_sum += float(loss.detach())
-            ent_sum += float((token_entropy(logits.detach()) * mask).sum())
+            ent_sum += float((entropy * mask).sum())
             n_tok += float(mask.sum())
         return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
 
     def _micro_batch_loss(self, mb: TokenBatch, tau: float, aggregate):
-        ids, logits = self._forward(mb)
-        mask = torch.from_numpy(mb.response_mask[:, 1:]).to(self.device, torch.float32)
+        """(GFT loss, per-position entropy, response mask) over the scored positions."""
+        ids, logits, start = self._forward(mb, trim=True)
+        mask = torch.from_numpy(mb.response_mask[:, start + 1:]).to(self.device, torch.float32)
         adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
-        logp = target_logprobs(logits, ids)
+        logp, entropy = logprobs_and_entropy(logits[:, :-1], ids[:, start + 1:])
         loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=mb.n_tokens, n_seqs=mb.n_seqs)
-        return ids, logits, loss
+        return loss, entropy, mask
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
@@ -176,6 +203,7 @@ class TorchBackend:
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm, True
         self.optimizer.step()
+        self._engine_stale = True
         return grad_norm, False
 
     def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
@@ -192,7 +220,7 @@ class TorchBackend:
     @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
         self.model.eval()
-        ids, logits = self._forward(batch)
+        ids, logits, _ = self._forward(batch)
         return target_logprobs(logits, ids).cpu().numpy()
 
     # ------------------------------------------------------------------ state
@@ -283,11 +311,13 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
-         world: int = 1) -> TorchBackend:
+         world: int = 1, rollout_engine: str = "policy") -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
-    process group already set up), else None."""
+    process group already set up), else None.
+    rollout_engine: "policy" (sample from the training weights) or "bfloat16" (from a
+    bfloat16 copy refreshed after each update)."""
     from transformers import AutoModelForCausalLM
     from gft.modelfiles import load_tokenizer
     _quiet_transformers()
@@ -317,6 +347,9 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
             raise ConfigError("parallel: fsdp with LoRA is not supported; use parallel: ddp "
                              "(adapters are small: every rank can hold them)")
         train_module = wrap(model, parallel, dev)
+    if rollout_engine == "bfloat16" and parallel == "fsdp" and world > 1:
+        raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
+                          "with parallel: fsdp use rollout_engine: policy")
     return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
                         shard_size=shard_size, strategy=parallel if world > 1 else None,
-                        world=world, train_module=train_module)
+                        world=world, train_module=train_module, rollout_engine=rollout_engine)

@@ -36,6 +36,9 @@ HERE = Path(__file__).resolve().parent
 TRAINERS = {
     "gft-torch:grpo": ("gft", {"backend": "torch", "preset": "grpo"}, "torch", "gft[torch]"),
     "gft-torch:gft": ("gft", {"backend": "torch", "preset": "gft"}, "torch", "gft[torch]"),
+    # the same, rollouts sampled from a bfloat16 copy of the weights (rollout_engine)
+    "gft-torch-bf16roll:grpo": ("gft", {"backend": "torch", "preset": "grpo",
+                                        "rollout_engine": "bfloat16"}, "torch", "gft[torch]"),
     "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
     "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
     "trl:grpo": ("trl", {}, "trl", "trl"),

@@ -15,6 +15,8 @@ from benchmarks.floor import ModelShape, rollout_floor_s, update_floor_s
 
 TARGETS = {  # issue 5's "what it must show", as (description, limit)
     "step_vs_trl": ("gft torch `grpo` step time / TRL GRPOTrainer step time", "≤ 0.6"),
+    "step_bf16roll_vs_trl": ("gft torch `grpo` with `rollout_engine: bfloat16` step time / "
+                             "TRL GRPOTrainer step time (float32 rollouts)", "≤ 0.6"),
     "rss_vs_trl": ("gft torch `grpo` peak RSS / TRL peak RSS", "≤ 1.0"),
     "update_vs_matmul": ("gft torch update: achieved fraction of the matmul-rate floor",
                          "≥ 0.60"),
@@ -72,6 +74,9 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
     if ok(g) and ok(t):
         out["step_vs_trl"] = rows[g]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
         out["rss_vs_trl"] = rows[g]["summary"]["peak_rss"] / rows[t]["summary"]["peak_rss"]
+    b = "gft-torch-bf16roll:grpo"
+    if ok(b) and ok(t):
+        out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
     if ok(g):
         out["update_vs_matmul"] = rows[g]["summary"]["update_frac"]
         out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]

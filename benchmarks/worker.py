@@ -72,6 +72,7 @@ def job_gft(a: dict) -> dict:
         "model": a["model"], "data": str(tmp / "train.jsonl"), "backend": a["backend"],
         "preset": a["preset"], "device": a.get("device", "auto"),
         "dtype": a.get("dtype", "float32"),
+        "rollout_engine": a.get("rollout_engine", "policy"),
         "max_response_tokens": n_new(a), "prompts_per_step": 1, "prompts_per_minibatch": 1,
         "micro_batch_size": W.GROUP, "rollout_batch_size": W.GROUP, "rewards": [W.REWARD_SPEC],
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,

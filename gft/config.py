@@ -80,6 +80,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "Rollout sampling temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold.")
     rollout_batch_size: int = _f(64, "Sequences decoded together in one generate call.")
+    rollout_engine: str = _f("policy", "torch: policy (sample from the training weights) | "
+                             "bfloat16 (from a bfloat16 copy refreshed after each update: "
+                             "faster decoding, rollouts rounded to bfloat16).")
     # ---- optimization
     learning_rate: float = _f(1e-6, "AdamW peak learning rate.")
     lr_schedule: str = _f("constant", "constant | linear | cosine (decay to 0 over max_steps).")
@@ -147,6 +150,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
     "backend": ("auto", "torch", "mlx"),
     "parallel": ("ddp", "fsdp"),
+    "rollout_engine": ("policy", "bfloat16"),
     "dtype": ("float32", "bfloat16"),
     "prompt_overflow": ("error", "truncate", "skip"),
     "preset": tuple(PRESETS),

@@ -7,7 +7,7 @@ import torch
 
 from backends import OptimConfig, SamplingConfig, load_backend
 from gft.groups import Sequence_, micro_batches, pad_batch
-from gft.tiny import TinyModelSpec, write_tiny_model
+from gft.tiny import EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +122,80 @@ def test_non_finite_loss_skips_the_update(model_dir):
     assert stats["skipped"] == 1.0
     after = be.named_parameters()
     assert all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_logits_only_from_the_first_response_position_change_nothing(model_dir):
+    """The update asks the model for logits from the position before the earliest response
+    token on (backends/torch_backend.py scored_from): same loss, entropy and gradients as
+    logits everywhere, up to float rounding."""
+    batches = micro_batches(_seqs(), 4, 256)
+    from backends.torch_backend import scored_from
+    assert scored_from(batches[0]) == 2  # shortest prompt: 3 tokens -> logits from 2 on
+    be = load_backend("torch", str(model_dir))
+    trimmed = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+    g_trim = be.gradients()
+    be._keeps_logits = False  # the reference: full [B, L, V] logits
+    full = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+    g_full = be.gradients()
+    assert trimmed["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    assert trimmed["entropy"] == pytest.approx(full["entropy"], rel=1e-6)
+    assert trimmed["tokens"] == full["tokens"]
+    for name in g_full:
+        np.testing.assert_allclose(g_trim[name], g_full[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
+class FakeEngine:
+    """A rollout engine that answers from a script and records what the backend asks."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, list[int]]] = []  # (syncs so far, seeds) per generate
+        self.syncs = 0
+
+    def generate(self, prompts, sampling, seeds):
+        self.calls.append((self.syncs, list(seeds)))
+        return [[65 + i % 3, EOS_ID] for i in range(len(prompts))]  # "A"/"B"/"C" then EOS
+
+    def sync(self):
+        self.syncs += 1
+
+
+def test_the_rollout_engine_is_a_protocol_synced_after_each_update(model_dir, tmp_path):
+    """The loop does not change with the engine: rollouts come from it, and it is synced
+    once before the first rollout after updates (never before the first step)."""
+    from gft.config import build_config
+    from gft.loop import train_step
+    from gft.rewards import build_rewards
+    from gft.rollout import prepare_prompts
+    from gft.types import Example
+    be = load_backend("torch", str(model_dir))
+    be.rollout_engine = fake = FakeEngine()
+    rows = [Example(f"q{i}", responses=["A"], answer="A") for i in range(4)]
+    data = prepare_prompts(rows, be.tokenizer, chat_template=False, max_prompt_tokens=64,
+                           overflow="error")
+    cfg = build_config({"preset": "gft", "num_offpolicy": 1, "num_rollouts": 3,
+                        "prompts_per_step": 4, "prompts_per_minibatch": 2,
+                        "rewards": ["exact"], "max_response_tokens": 4}, None)
+    scorer = build_rewards(cfg.rewards)
+    m1 = train_step(cfg, be, data, [0, 1, 2, 3], scorer, 0, lambda i: 1e-3)
+    m2 = train_step(cfg, be, data, [0, 1, 2, 3], scorer, 1, lambda i: 1e-3)
+    assert m1["updates"] == m2["updates"] == 2.0            # two updates per step
+    assert [c[0] for c in fake.calls] == [0, 1]             # one sync between the steps
+    assert len(fake.calls[0][1]) == 12 and fake.calls[0][1] != fake.calls[1][1]
+    assert m1["accuracy/rollout"] == pytest.approx(4 / 12)  # "A" in 1 of every 3 rollouts
+
+
+def test_bfloat16_engine_samples_from_the_rounded_current_policy(model_dir):
+    from backends.torch_sampler import sample
+    be = load_backend("torch", str(model_dir), rollout_engine="bfloat16")
+    shadow = be.rollout_engine.shadow
+    assert all(p.dtype == torch.bfloat16 for p in shadow.parameters())
+    assert all(p.dtype == torch.float32 for p in be.model.parameters())
+    be.train_step(micro_batches(_seqs(), 4, 256), 1e-2, tau=0.1, aggregation="token-mean")
+    prompts = [[1, 2, 3], [4, 5]]
+    greedy = SamplingConfig(max_new_tokens=6, greedy=True)
+    out = be.generate(prompts, greedy, 0)  # syncs first: the update reaches the copy
+    for dst, src in zip(shadow.parameters(), be.model.parameters()):
+        torch.testing.assert_close(dst, src.detach().to(torch.bfloat16), rtol=0, atol=0)
+    assert out == sample(shadow, prompts, max_new_tokens=6, greedy=True, eos_id=EOS_ID,
+                         pad_id=PAD_ID)
