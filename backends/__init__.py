@@ -125,7 +125,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
-                 comm: Any = None, rollout_engine: str = "policy") -> Backend:
+                 comm: Any = None, rollout_engine: str = "policy",
+                 mixed_precision: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -134,7 +135,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     shard_size: saved weights are split into shards above this size.
     parallel / comm: data parallelism when started by torchrun or mlx.launch (a
     gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
-    rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine)."""
+    rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
+    mixed_precision: torch only; bfloat16 compute over float32 weights."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
@@ -151,6 +153,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
                        adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
+                       **({"mixed_precision": True} if mixed_precision else {}),
                        **_parallel_kwargs(name, parallel, comm))
 
 

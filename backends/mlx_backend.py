@@ -437,7 +437,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
-         comm=None, rollout_engine: str = "policy") -> MlxBackend:
+         comm=None, rollout_engine: str = "policy",
+         mixed_precision: bool = False) -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
     comm: a gft.distributed.MLXComm when started by mlx.launch (data parallel; `parallel`
     is a torch setting and is ignored here).
@@ -451,6 +452,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
+    if mixed_precision:
+        raise ConfigError("mixed_precision is a torch option; on mlx set dtype: bfloat16")
     if rollout_engine != "policy":
         raise ConfigError(f"rollout_engine '{rollout_engine}' is a torch option; the mlx "
                           "backend samples from the policy itself (set dtype: bfloat16 to "

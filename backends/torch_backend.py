@@ -101,13 +101,16 @@ class TorchBackend:
     def __init__(self, model, tokenizer, device: torch.device, optim: OptimConfig, *,
                  lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                  strategy: str | None = None, world: int = 1, train_module=None,
-                 rollout_engine: str = "policy"):
+                 rollout_engine: str = "policy", mixed_precision: bool = False):
         """strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
         `train_module` the wrapper the update runs through; `model` stays the bare
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
         self.strategy, self.world = strategy, world
+        # bfloat16 compute over float32 weights: autocast here; under FSDP2 the
+        # MixedPrecisionPolicy given to fully_shard does the casting instead
+        self.autocast = mixed_precision and strategy != "fsdp"
         from backends.torch_sampler import ROLLOUT_ENGINES
         # what samples rollouts (a Protocol: generate(prompts, sampling, seeds), sync());
         # synced lazily, before the first rollout after an optimizer update
@@ -136,7 +139,13 @@ class TorchBackend:
             self._engine_stale = False
         self.model.eval()
         # a row's draws depend on its own seed only, not on its chunk or batch
-        return self.rollout_engine.generate(prompts, sampling, row_seeds(seed, len(prompts)))
+        with self._compute_dtype():
+            return self.rollout_engine.generate(prompts, sampling,
+                                                row_seeds(seed, len(prompts)))
+
+    def _compute_dtype(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast \
+            else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ update
     def _forward(self, batch: TokenBatch, trim: bool = False):
@@ -151,7 +160,8 @@ class TorchBackend:
         start = scored_from(batch) if trim and self._keeps_logits else 0
         kw = {"logits_to_keep": torch.arange(start, ids.shape[1], device=self.device)} \
             if start else {}
-        out = self.train_module(input_ids=ids, attention_mask=att, use_cache=False, **kw)
+        with self._compute_dtype():
+            out = self.train_module(input_ids=ids, attention_mask=att, use_cache=False, **kw)
         return ids, out.logits, start
 
     def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
@@ -311,13 +321,18 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          optim: OptimConfig = OptimConfig(), seed: int = 0, trust_remote_code: bool = False,
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
-         world: int = 1, rollout_engine: str = "policy") -> TorchBackend:
+         world: int = 1, rollout_engine: str = "policy",
+         mixed_precision: bool = False) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
     process group already set up), else None.
     rollout_engine: "policy" (sample from the training weights) or "bfloat16" (from a
-    bfloat16 copy refreshed after each update)."""
+    bfloat16 copy refreshed after each update).
+    mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments."""
+    if mixed_precision and dtype != "float32":
+        raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
+                          "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
     from gft.modelfiles import load_tokenizer
     _quiet_transformers()
@@ -346,10 +361,11 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         if parallel == "fsdp" and lora is not None:
             raise ConfigError("parallel: fsdp with LoRA is not supported; use parallel: ddp "
                              "(adapters are small: every rank can hold them)")
-        train_module = wrap(model, parallel, dev)
+        train_module = wrap(model, parallel, dev, mixed_precision=mixed_precision)
     if rollout_engine == "bfloat16" and parallel == "fsdp" and world > 1:
         raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
                           "with parallel: fsdp use rollout_engine: policy")
     return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
                         shard_size=shard_size, strategy=parallel if world > 1 else None,
-                        world=world, train_module=train_module, rollout_engine=rollout_engine)
+                        world=world, train_module=train_module, rollout_engine=rollout_engine,
+                        mixed_precision=mixed_precision)

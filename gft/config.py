@@ -39,6 +39,9 @@ class TrainConfig:
     backend: str = _f("auto", "auto | torch | mlx. auto = mlx on Apple silicon, torch elsewhere.")
     device: str = _f("auto", "torch device: auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps.")
     dtype: str = _f("float32", "Weights and compute dtype: float32 or bfloat16.")
+    mixed_precision: bool = _f(False, "torch: compute in bfloat16, keep float32 weights, gradients "
+                                      "and AdamW moments (autocast; FSDP2's MixedPrecisionPolicy "
+                                      "under parallel: fsdp). Needs dtype: float32. For CUDA.")
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")

@@ -199,3 +199,20 @@ def test_bfloat16_engine_samples_from_the_rounded_current_policy(model_dir):
         torch.testing.assert_close(dst, src.detach().to(torch.bfloat16), rtol=0, atol=0)
     assert out == sample(shadow, prompts, max_new_tokens=6, greedy=True, eos_id=EOS_ID,
                          pad_id=PAD_ID)
+
+
+def test_mixed_precision_computes_in_bfloat16_over_float32_weights(model_dir):
+    batches = micro_batches(_seqs(), 4, 256)
+    ref = load_backend("torch", str(model_dir))
+    mixed = load_backend("torch", str(model_dir), mixed_precision=True)
+    a = ref.train_step(batches, 1e-3, tau=0.1, aggregation="token-mean")
+    b = mixed.train_step(batches, 1e-3, tau=0.1, aggregation="token-mean")
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    assert all(st["exp_avg"].dtype == torch.float32 for st in mixed.optimizer.state.values())
+    assert b["loss"] != a["loss"]                         # bfloat16 matmuls did run
+    assert b["loss"] == pytest.approx(a["loss"], rel=2e-2)  # ... to bfloat16 accuracy
+    out = mixed.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=4, greedy=True), 0)
+    assert len(out[0]) == 4 or out[0][-1] == EOS_ID
+    from gft.errors import ConfigError
+    with pytest.raises(ConfigError, match="float32 master weights"):
+        load_backend("torch", str(model_dir), dtype="bfloat16", mixed_precision=True)
