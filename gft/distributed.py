@@ -123,9 +123,10 @@ class MLXComm(_SumComm):
 
 
 def launcher() -> str | None:
-    """'torch' under torchrun, 'mlx' under mlx.launch (or mpirun), None for one process."""
-    if os.environ.get("TORCHELASTIC_RUN_ID") or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return "torch" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    """'torch' under torchrun (WORLD_SIZE > 1), 'mlx' under mlx.launch (MLX_RANK, or
+    mpirun's rank variables), None for one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "torch"
     if os.environ.get("MLX_RANK") is not None or os.environ.get("OMPI_COMM_WORLD_SIZE"):
         return "mlx"
     return None
