@@ -242,3 +242,17 @@ def test_mlx_two_processes_train_to_the_weights_of_one(setup):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     assert "processes: 2 (data parallel)" in out.stdout
     assert _close(_weights(two), _weights(tmp / "mlx-one")) <= TOL
+
+
+def test_fsdp_mixed_precision_trains_float32_weights(setup):
+    """parallel: fsdp + mixed_precision: FSDP2's MixedPrecisionPolicy (bfloat16 compute,
+    float32 reduction) on 2 gloo processes; the checkpoint keeps float32 weights."""
+    tmp, model, data = setup
+    run = tmp / "fsdp-mixed"
+    _gft(_args(model, data, run, 2), nproc=2,
+         extra=["--set", "parallel=fsdp", "--set", "mixed_precision=true"])
+    weights, init = _weights(run), load_file(str(model / "model.safetensors"))
+    assert all(w.dtype == np.float32 for w in weights.values())
+    assert _close(weights, init) > 1e-3
+    losses = [r["loss"] for r in _metrics(run) if "loss" in r]
+    assert len(losses) == 2 and all(np.isfinite(losses))
