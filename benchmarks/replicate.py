@@ -501,12 +501,6 @@ LIMITS_TINY = """\
   (one seed): at 1e-3 GRPO degenerated (from a weaker, 400-step base its rollouts turned to
   junk within ~100 steps), at 3e-4 and 1e-4 it improved steadily, and SFT and GFT reached
   about the same accuracy at 3e-4 as at 1e-3. No per-method tuning, no schedule.
-- Equal compute is approximate: steps are calibrated from tokens per step at the base
-  model, and a method whose tokens per step fall as it improves (more groups whose
-  rewards are all equal, which gft skips) ends under the budget. The table shows the
-  actual totals; gft has no token-budget stop yet.
-- Token counts leave out prompt tokens (prefill and the prompt part of each forward pass);
-  the per-run wall time is the other measure of compute, on a machine that may be shared.
 """
 
 LIMITS_SMOLLM2 = """\
@@ -520,6 +514,10 @@ LIMITS_SMOLLM2 = """\
   `--seeds 0 1 2 --budget-tokens 1000000`.
 - One learning rate (1e-5; 2e-5 for the 10-step warm-up) for every method and stage, not
   tuned per method, no schedule.
+"""
+
+
+LIMITS_COMMON = """\
 - Equal compute is approximate: steps are calibrated from tokens per step at the base
   model, and a method whose tokens per step fall as it improves (more groups whose
   rewards are all equal, which gft skips) ends under the budget. The table shows the
@@ -530,7 +528,7 @@ LIMITS_SMOLLM2 = """\
 
 
 def limits_text(key: str) -> str:
-    return LIMITS_SMOLLM2 if key == "smollm2" else LIMITS_TINY
+    return (LIMITS_SMOLLM2 if key == "smollm2" else LIMITS_TINY) + LIMITS_COMMON
 
 
 def _stat(results: list[dict[str, Any]], key: str) -> tuple[float, float, float, float] | None:
