@@ -26,16 +26,24 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except Interrupted as e:
-            click.echo(str(e), err=True)
+            click.echo(_rank_prefix() + str(e), err=True)
             sys.exit(e.exit_code)
         except GFTError as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {_rank_prefix()}{e}", err=True)
             sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
-            click.echo(f"error: {e.strerror or e}{where}", err=True)
+            click.echo(f"error: {_rank_prefix()}{e.strerror or e}{where}", err=True)
             sys.exit(1)
     return wrapper
+
+
+def _rank_prefix() -> str:
+    """Under torchrun / mlx.launch every rank reports its own error: say which one."""
+    import os
+    rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 \
+        else os.environ.get("MLX_RANK")
+    return f"[rank {rank}] " if rank is not None else ""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -100,8 +108,13 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
 
 
 def _torchrun(nproc: int) -> int:
-    """Run this same `gft train` command line under torchrun with nproc processes."""
-    import subprocess
+    """Run this same `gft train` command line under torchrun with nproc processes; returns
+    the exit code of the first rank that failed (each rank prints its own one-line error,
+    so torchrun's own traceback is not shown)."""
+    import logging
+    import os
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
     args, skip = [], False
     for a in sys.argv[2:]:  # argv: gft train ...
         if skip:
@@ -110,9 +123,14 @@ def _torchrun(nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             args.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "gft", "train", *args]
-    return subprocess.call(cmd)
+    # torchrun sets 1 thread per process (with a warning) when unset; share the cores instead
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "gft", "train", *args]))
+    except ChildFailedError as e:
+        return next((f.exitcode for f in e.failures.values() if f.exitcode), 1)
+    return 0
 
 
 def _sampling_options(fn):

@@ -212,8 +212,10 @@ def test_uneven_split_is_refused_before_training(setup):
                                                    "--set", "prompts_per_step=3"]
     out = subprocess.run([sys.executable, "-m", "gft", "train", *args, "--nproc", "2"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert out.returncode != 0
-    assert "cannot be split evenly over 2 processes" in out.stdout + out.stderr
+    assert out.returncode == 2  # a user error, as in one process
+    assert "error: [rank 0] " in out.stderr and "[rank 1] " in out.stderr
+    assert "cannot be split evenly over 2 processes" in out.stderr
+    assert "Traceback" not in out.stdout + out.stderr  # each rank's one line, no torchrun dump
 
 
 # --------------------------------------------------------------------------- MLX: mlx.launch
