@@ -16,19 +16,9 @@ import gft.run
 from cli import main
 from gft.groups import Sequence_, pad_batch
 from gft.tiny import TinyModelSpec, write_tiny_model
+from tests.helpers import yes_questions_data
 
 BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.mlx)]
-
-
-def _toy_data(path):
-    # The answer is always "yes": learnable in a few steps from random init, and the
-    # exact-match reward is 0 for the untrained model's random bytes.
-    rows = [{"prompt": f"Question {i}: is {i} a number?\nA:", "completion": "yes", "answer": "yes"}
-            for i in range(40)]
-    path.mkdir()
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
-    return path
 
 
 @pytest.fixture
@@ -50,7 +40,7 @@ def test_train_cli_end_to_end(tmp_path, capture_backend, backend):
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     model = write_tiny_model(tmp_path / "model", TinyModelSpec(seed=0))
-    data = _toy_data(tmp_path / "data")
+    data = yes_questions_data(tmp_path / "data")
     run = tmp_path / "run"
     result = CliRunner().invoke(main, [
         "train", "--model", str(model), "--data", str(data), "-o", str(run),
@@ -93,7 +83,7 @@ def test_train_cli_end_to_end(tmp_path, capture_backend, backend):
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):
     model = write_tiny_model(tmp_path / "model", TinyModelSpec(seed=0))
-    data = _toy_data(tmp_path / "data")
+    data = yes_questions_data(tmp_path / "data")
     common = ["--model", str(model), "--data", str(data), "--backend", "torch",
               "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
               "--set", "learning_rate=1e-2", "--set", "num_offpolicy=1",

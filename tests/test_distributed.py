@@ -27,6 +27,7 @@ from gft.distributed import (LOCAL, check_divisible, local_positions, minibatch_
 from gft.errors import ConfigError
 from gft.groups import Sequence_, micro_batches
 from gft.tiny import TinyModelSpec, write_tiny_model
+from tests.helpers import yes_questions_data
 
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
@@ -101,20 +102,11 @@ def test_a_row_samples_the_same_tokens_in_any_batch(tmp_path, backend):
 
 # --------------------------------------------------------------------------- torchrun runs
 
-def _toy_data(path: Path) -> Path:
-    rows = [{"prompt": f"Question {i}: is {i} a number?\nA:", "completion": "yes",
-             "answer": "yes"} for i in range(40)]
-    path.mkdir()
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:32]))
-    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[32:]))
-    return path
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     model = write_tiny_model(tmp / "model", TinyModelSpec(seed=0))
-    data = _toy_data(tmp / "data")
+    data = yes_questions_data(tmp / "data")
     return tmp, model, data
 
 

@@ -31,8 +31,8 @@ from backends import load_backend  # noqa: E402
 from cli import main  # noqa: E402
 from gft.errors import ModelError  # noqa: E402
 from gft.lora import LoraConfig, mlx_config  # noqa: E402
-from gft.tiny import EOS_ID, TinyModelSpec, init_weights, write_safetensors, write_tiny_model  # noqa: E402
 from gft.types import TokenBatch  # noqa: E402
+from tests.helpers import batch, say_yes_data, scaled_tiny  # noqa: E402
 
 # peft 0.21 asks transformers 5 a deprecated question on every PeftModel: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
@@ -40,27 +40,9 @@ LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "
 LOSS = {"tau": 0.002, "aggregation": "token-mean"}
 
 
-def scaled_tiny(path: Path, arch: str = "qwen2", tied: bool = False) -> Path:
-    spec = TinyModelSpec(arch=arch, tie_word_embeddings=tied)
-    out = write_tiny_model(path, spec)
-    weights = {k: v if k.endswith("norm.weight") else v * 8 for k, v in init_weights(spec).items()}
-    write_safetensors(out / "model.safetensors", weights, "float32")
-    return out
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     return scaled_tiny(tmp_path_factory.mktemp("lora") / "base")
-
-
-def batch(seed: int, B: int = 3, L: int = 14) -> TokenBatch:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 256, size=(B, L))
-    ids[:, -1] = EOS_ID
-    mask = np.zeros((B, L), np.float32)
-    mask[:, 4:] = 1.0
-    return TokenBatch(ids, np.ones((B, L), bool), mask, np.array([1.0, -0.5, 0.8][:B], np.float32),
-                      n_tokens=float(mask.sum()), n_seqs=float(B))
 
 
 def read(path: Path) -> dict[str, np.ndarray]:
@@ -130,15 +112,6 @@ def test_saved_adapter_loads_in_peft_with_the_same_logprobs(base, tmp_path, back
 
 # ------------------------------------------------------------------------- runs
 
-def toy_data(path: Path) -> Path:
-    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes", "answer": "yes"}
-            for i in range(24)]
-    path.mkdir()
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
-    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
-    return path
-
-
 def cli(*args: str) -> str:
     result = CliRunner().invoke(main, list(args))
     assert result.exit_code == 0, result.output
@@ -151,7 +124,7 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     original = gft.run.open_backend
     monkeypatch.setattr(gft.run, "open_backend",
                         lambda cfg, path, *a: seen.append(original(cfg, path, *a)) or seen[-1])
-    data = toy_data(tmp_path / "data")
+    data = say_yes_data(tmp_path / "data")
     common = ["--model", str(base), "--data", str(data), "--preset", "sft",
               "--set", "lora_rank=4", "--set", "lora_alpha=8", "--set", "lora_targets=[q_proj, v_proj]",
               "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",

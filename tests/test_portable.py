@@ -33,9 +33,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from backends import SamplingConfig, load_backend  # noqa: E402
 from cli import main  # noqa: E402
 from gft.modelfiles import write_portable_config  # noqa: E402
-from gft.tiny import (EOS_ID, PAD_ID, TinyModelSpec, init_weights, write_safetensors,  # noqa: E402
-                      write_tiny_model)
-from gft.types import TokenBatch  # noqa: E402
+from gft.tiny import EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
+from tests.helpers import batch, say_yes_data, scaled_tiny  # noqa: E402
 
 IDS = np.random.default_rng(0).integers(0, 256, size=(2, 40))
 SHORT = IDS[:, :16]  # round trips: 1e-5 holds on 16 tokens (40 tokens reach ~1.2e-5)
@@ -70,27 +69,6 @@ def hf_saved_model(path: Path, model_type: str, **config) -> Path:
     model.save_pretrained(path)
     return path
 
-
-def scaled_tiny(path: Path, arch: str, tied: bool, dtype: str = "float32") -> Path:
-    """gft.tiny's model with matrices x8, so greedy decoding does not just repeat."""
-    spec = TinyModelSpec(arch=arch, tie_word_embeddings=tied)
-    out = write_tiny_model(path, spec, dtype=dtype)
-    weights = {k: v if k.endswith("norm.weight") else v * 8 for k, v in init_weights(spec).items()}
-    write_safetensors(out / "model.safetensors", weights, dtype)
-    return out
-
-
-def batch(seed: int, B: int = 3, L: int = 14) -> TokenBatch:
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, 256, size=(B, L))
-    ids[:, -1] = EOS_ID
-    mask = np.zeros((B, L), np.float32)
-    mask[:, 4:] = 1.0
-    return TokenBatch(ids, np.ones((B, L), bool), mask, np.array([1.0, -0.5, 0.8][:B], np.float32),
-                      n_tokens=float(mask.sum()), n_seqs=float(B))
-
-
-# ------------------------------------------------------------------------- config.json
 
 CONFIGS = {
     "llama-theta-untied": ("llama", dict(rope_theta=1e5, tie_word_embeddings=False)),
@@ -276,15 +254,6 @@ def test_both_backends_write_the_same_shards(tmp_path):
 
 # ------------------------------------------------------------------------- resume
 
-def toy_data(path: Path) -> Path:
-    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes", "answer": "yes"}
-            for i in range(24)]
-    path.mkdir()
-    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:20]))
-    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[20:]))
-    return path
-
-
 def train(args: list[str]) -> None:
     result = CliRunner().invoke(main, ["train", *args])
     assert result.exit_code == 0, result.output
@@ -304,7 +273,7 @@ def test_resume_across_backends(tmp_path):
     step's loss within a relative 2e-5 (measured: 4.8e-6 and 6e-6, both directions; the two
     backends' float32 rounding, which Adam's normalisation amplifies in small gradients)."""
     model = write_tiny_model(tmp_path / "model", TinyModelSpec(seed=1))
-    data = toy_data(tmp_path / "data")
+    data = say_yes_data(tmp_path / "data")
     common = ["--model", str(model), "--data", str(data), "--preset", "sft",
               "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=2",
               "--set", "micro_batch_size=2", "--set", "learning_rate=1e-2",

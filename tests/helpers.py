@@ -1,0 +1,53 @@
+"""Small builders shared by several test modules (models, token batches, toy data)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from gft.tiny import EOS_ID, TinyModelSpec, init_weights, write_safetensors, write_tiny_model
+from gft.types import TokenBatch
+
+
+def scaled_tiny(path: Path, arch: str = "qwen2", tied: bool = False,
+                dtype: str = "float32") -> Path:
+    """gft.tiny's model with matrices x8, so greedy decoding does not just repeat."""
+    spec = TinyModelSpec(arch=arch, tie_word_embeddings=tied)
+    out = write_tiny_model(path, spec, dtype=dtype)
+    weights = {k: v if k.endswith("norm.weight") else v * 8 for k, v in init_weights(spec).items()}
+    write_safetensors(out / "model.safetensors", weights, dtype)
+    return out
+
+
+def batch(seed: int, B: int = 3, L: int = 14) -> TokenBatch:
+    """Random ids (EOS last), responses from column 4, advantages 1, -0.5, 0.8."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 256, size=(B, L))
+    ids[:, -1] = EOS_ID
+    mask = np.zeros((B, L), np.float32)
+    mask[:, 4:] = 1.0
+    return TokenBatch(ids, np.ones((B, L), bool), mask, np.array([1.0, -0.5, 0.8][:B], np.float32),
+                      n_tokens=float(mask.sum()), n_seqs=float(B))
+
+
+def _write_split(path: Path, rows: list[dict], n_train: int) -> Path:
+    path.mkdir()
+    (path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    (path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    return path
+
+
+def say_yes_data(path: Path) -> Path:
+    """24 prompts 'Qi: say yes' (20 train, 4 test), completion ' yes'."""
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes", "answer": "yes"}
+            for i in range(24)]
+    return _write_split(path, rows, 20)
+
+
+def yes_questions_data(path: Path) -> Path:
+    """40 questions whose answer is always "yes" (32 train, 8 test): learnable in a few
+    steps from random init, and the exact-match reward is 0 for a random model's bytes."""
+    rows = [{"prompt": f"Question {i}: is {i} a number?\nA:", "completion": "yes",
+             "answer": "yes"} for i in range(40)]
+    return _write_split(path, rows, 32)
