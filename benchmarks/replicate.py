@@ -673,6 +673,7 @@ def plot_tokens(runs: dict[str, list[Path]], path: Path, budget: float) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from gft.metrics import read_metrics
+    from gft.plot import finish_axes, save_figure
     edges = np.linspace(0, budget * 1.1, 45)
     centers = (edges[1:] + edges[:-1]) / 2
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
@@ -708,16 +709,8 @@ def plot_tokens(runs: dict[str, list[Path]], path: Path, budget: float) -> Path:
             ax.plot(centers, y, label=method)
         if reduce is np.nanmax:
             ax.set_yscale("log")
-        ax.set_title(title)
-        ax.set_xlabel("policy tokens processed")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+        finish_axes(ax, title, "policy tokens processed")
+    return save_figure(fig, path, dpi=90)
 
 
 def shrink_png(path: Path, colors: int = 16) -> None:

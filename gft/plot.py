@@ -58,17 +58,28 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) ->
                     ax.plot(steps, _smooth(values, window), marker="o" if window == 1 and
                             key.startswith("eval/") else None, markersize=3, label=f"{run.name} ({key})"
                             if len(group) > 1 else key)
-            ax.set_title(title)
-            ax.set_xlabel("step")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                ax.legend(fontsize=7)
-        fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+            finish_axes(ax, title, "step")
+        written.append(save_figure(fig, path, dpi=110))
     return written
+
+
+def finish_axes(ax, title: str, xlabel: str) -> None:
+    """Title, x label, light grid, and a legend when something was drawn."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG (parent folders made) and free it."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
