@@ -19,9 +19,6 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
-
-STRATEGIES = ("ddp", "fsdp")
 
 
 def wrap(model: torch.nn.Module, strategy: str, device: torch.device,
@@ -127,6 +124,3 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (collective for FSDP2's DTensors)."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0

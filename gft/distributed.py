@@ -75,23 +75,18 @@ def _array_to_text(raw: np.ndarray) -> str:
     return bytes(b[b != 0]).decode("utf-8")
 
 
-class _SumComm:
-    """broadcast_text and barrier written with all_sum alone (strings as byte arrays)."""
-    rank: int
-    world: int
-
-    def all_sum(self, values: np.ndarray) -> np.ndarray:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def broadcast_text(self, text: str) -> str:
-        n = int(self.all_sum(np.array([len(text.encode("utf-8")) if self.rank == 0 else 0]))[0])
-        return _array_to_text(self.all_sum(_text_to_array(text if self.rank == 0 else None, n)))
-
-    def barrier(self) -> None:
-        self.all_sum(np.zeros(1))
+def _broadcast_by_sum(comm: Comm, text: str) -> str:
+    """Rank 0's string on every rank with all_sum alone: the length, then the bytes
+    (zeros everywhere but rank 0)."""
+    n = int(comm.all_sum(np.array([len(text.encode("utf-8")) if comm.rank == 0 else 0]))[0])
+    return _array_to_text(comm.all_sum(_text_to_array(text if comm.rank == 0 else None, n)))
 
 
-class TorchComm(_SumComm):
+def _barrier_by_sum(comm: Comm) -> None:
+    comm.all_sum(np.zeros(1))  # returns only once every rank has contributed
+
+
+class TorchComm:
     """torch.distributed (gloo on CPU, nccl on CUDA): host arrays travel as float64
     tensors on the collective's device."""
 
@@ -106,8 +101,11 @@ class TorchComm(_SumComm):
         self.dist.all_reduce(t)
         return t.cpu().numpy()
 
+    broadcast_text = _broadcast_by_sum
+    barrier = _barrier_by_sum
 
-class MLXComm(_SumComm):
+
+class MLXComm:
     """mx.distributed (ring / MPI / JACCL backends, started by mlx.launch)."""
 
     def __init__(self, group):
@@ -120,6 +118,9 @@ class MLXComm(_SumComm):
         x = mx.distributed.all_sum(mx.array(np.asarray(values, dtype=np.float32)),
                                    group=self.group, stream=mx.cpu)
         return np.array(x, dtype=np.float64)
+
+    broadcast_text = _broadcast_by_sum
+    barrier = _barrier_by_sum
 
 
 def launcher() -> str | None:
