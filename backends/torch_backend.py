@@ -72,14 +72,36 @@ def logprobs_and_entropy(logits: torch.Tensor,
     """[B, T, V] logits at the positions that predict `targets` [B, T] ->
     (log p of each target [B, T], with gradient; entropy of each position [B, T], without).
 
-    One logsumexp serves both: log p = z_target - logZ, H = logZ - sum(softmax * z)."""
-    logits = logits.float()
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
-    with torch.no_grad():
-        z, lz = logits.detach(), logz.detach()
-        entropy = lz - (torch.exp(z - lz[..., None]) * z).sum(-1)
-    return logp, entropy
+    One softmax serves the log-probs, the entropy and the backward (TokenLogProbs)."""
+    return TokenLogProbs.apply(logits.float(), targets)
+
+
+class TokenLogProbs(torch.autograd.Function):
+    """log p = z_target - logZ and H = logZ - sum(p * z), with p = softmax(z) made once.
+
+    The backward is d log p / dz = onehot(target) - p, written into the saved p in place:
+    autograd's own graph for the same formulas would materialize the [B, T, V] softmax
+    again in logsumexp's backward, a zero-filled gather gradient and their sum — ~5 more
+    passes over a 100 MB tensor for SmolLM2 at 8 x 64 positions (0.35 -> 0.23 s here).
+    once_differentiable: the in-place backward cannot be run twice or differentiated."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        logz = torch.logsumexp(logits, dim=-1)
+        p = torch.exp(logits - logz[..., None])
+        entropy = logz - torch.linalg.vecdot(p, logits)  # no [B, T, V] product buffer
+        logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+        ctx.save_for_backward(p, targets)
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp: torch.Tensor, _grad_entropy):
+        p, targets = ctx.saved_tensors
+        grad = p.mul_(-grad_logp[..., None])
+        grad.scatter_add_(-1, targets[..., None], grad_logp[..., None])
+        return grad, None
 
 
 def scored_from(batch: TokenBatch) -> int:
@@ -87,6 +109,18 @@ def scored_from(batch: TokenBatch) -> int:
     response token of the batch (prompt positions before it only feed attention)."""
     cols = np.flatnonzero(batch.response_mask.any(axis=0))
     return max(int(cols[0]) - 1, 0) if cols.size else 0
+
+
+def fused_adamw(device: torch.device, strategy: str | None) -> dict:
+    """AdamW's one-kernel-per-tensor implementation where torch has it (CPU, CUDA, MPS).
+
+    Without it, torch on CPU steps parameter by parameter with ~8 separate elementwise ops
+    each, reading and writing every weight, gradient and moment several times: 0.31 s of a
+    3.2 s SmolLM2 update on 2 cores. Same update rule; results differ from the loop only in
+    rounding. FSDP2's sharded DTensors keep the default implementation."""
+    if strategy == "fsdp" or device.type not in ("cpu", "cuda", "mps"):
+        return {}
+    return {"fused": True}
 
 
 def accepts_logits_to_keep(model) -> bool:
@@ -125,7 +159,7 @@ class TorchBackend:
             self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.optimizer = torch.optim.AdamW(
             self.params.values(), lr=0.0, betas=(optim.beta1, optim.beta2), eps=optim.eps,
-            weight_decay=optim.weight_decay)
+            weight_decay=optim.weight_decay, **fused_adamw(device, strategy))
 
     # ------------------------------------------------------------------ rollouts
     @torch.no_grad()

@@ -1,7 +1,8 @@
 """Batched KV-cache sampling for transformers causal LMs, without `generate`'s per-step machinery.
 
-    prompts (B rows, any lengths) -> left-pad -> ONE prefill forward (explicit position_ids,
-    padding mask, logits of the last column only) -> decode loop: one model call per token
+    prompts (B rows, any lengths) -> left-pad the distinct ones -> ONE prefill forward
+    (explicit position_ids, padding mask, logits of the last column only; rows repeating a
+    prompt get copies of its KV rows) -> decode loop: one model call per token
     on the rows still running, sampled with plain torch ops.
 
 What it does differently from `model.generate` (and why it is faster on CPU):
@@ -157,6 +158,16 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     return ids.to(device), mask.to(device)
 
 
+def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """(the distinct prompts in first-seen order, for each row the index of its prompt).
+
+    GRPO samples G completions of each prompt: prefilling each prompt once and copying its
+    KV rows saves (G - 1) / G of the prefill, as a prefix-caching engine does."""
+    index: dict[tuple[int, ...], int] = {}
+    copies = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], copies
+
+
 def sample(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
            eos_id: int | Sequence[int] | None, pad_id: int | None,
@@ -197,7 +208,8 @@ def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_i
     pad_id = 0 if pad_id is None else pad_id
     stop = None if eos_id is None else torch.tensor(
         [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
-    ids, mask = left_pad(prompts, pad_id, device)
+    distinct, copies = shared_prompts(prompts)
+    ids, mask = left_pad(distinct, pad_id, device)
     padded = bool((mask == 0).any())
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     cache = growing_cache(model, ids.shape[1] + max_new_tokens)
@@ -205,6 +217,10 @@ def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_i
     out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
                 **last_logits_only(model, ids.shape[1]), **kv)
     logits = out.logits[:, -1]
+    if len(distinct) < B:  # one prefill per distinct prompt, its KV rows copied per row
+        copies = torch.tensor(copies, device=device)
+        cache.batch_select_indices(copies)
+        logits, mask, positions = logits[copies], mask[copies], positions[copies]
     next_pos = positions[:, -1:] + 1                     # [b, 1] position of the next token
     rows = torch.arange(B, device=device)                 # original index of each live row
     result = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)

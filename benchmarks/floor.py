@@ -10,7 +10,9 @@ Modelled (from the model's shapes and the tokens each trainer actually processed
   the tied embedding counted once, as the lm_head matrix it also is), over the matmul
   rate. Attention's own FLOPs (≈ 12·layers·hidden·context per token) are added too;
   at 100-token sequences they are ~1% of the total.
-- rollout: a prefill (2 x parameters x prompt tokens FLOPs), then one decode step per
+- rollout: a prefill of each distinct prompt (2 x parameters x prompt tokens FLOPs; rows
+  that repeat a prompt share its KV cache, as a prefix-caching engine does, so GRPO's
+  G copies of one prompt cost one prefill), then one decode step per
   generated position; step t costs at least max(bytes_t / bandwidth, flops_t / rate),
   where bytes_t = every weight read once + the KV cache of the rows still running
   (2·layers·kv_heads·head_dim·dtype bytes per cached position) and
@@ -70,15 +72,19 @@ def update_floor_s(shape: ModelShape, seq_lengths: list[int], matmul_flops: floa
 
 
 def rollout_floor_s(shape: ModelShape, prompt_len: int, completion_lengths: list[int],
-                    matmul_flops: float, bandwidth: float, dtype_bytes: int = 4) -> float:
+                    matmul_flops: float, bandwidth: float, dtype_bytes: int = 4,
+                    distinct_prompts: int | None = None) -> float:
     """Seconds for prefill + a batched decode of these completions at the measured limits.
 
-    Decode step t runs the rows whose completion is longer than t; rows share one read of
-    the weights per step, each reads its own KV cache (prompt + t positions)."""
+    distinct_prompts: how many different prompts the rows come from (None: every row its
+    own); each is prefilled once. Decode step t runs the rows whose completion is longer
+    than t; rows share one read of the weights per step, each reads its own KV cache
+    (prompt + t positions)."""
     rows = len(completion_lengths)
     if rows == 0:
         return 0.0
-    total = 2 * shape.params * prompt_len * rows / matmul_flops
+    prefills = rows if distinct_prompts is None else min(distinct_prompts, rows)
+    total = 2 * shape.params * prompt_len * prefills / matmul_flops
     weights = shape.params * dtype_bytes
     kv = shape.kv_bytes_per_position(dtype_bytes)
     for t in range(1, max(completion_lengths)):

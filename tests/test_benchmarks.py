@@ -38,6 +38,9 @@ def test_rollout_floor_adds_prefill_and_per_step_max_of_bytes_and_flops():
     got = rollout_floor_s(SHAPE, 4, [3, 1], matmul_flops=10.0, bandwidth=100.0, dtype_bytes=4)
     assert got == pytest.approx(20.32)
     assert rollout_floor_s(SHAPE, 4, [], matmul_flops=10.0, bandwidth=100.0) == 0.0
+    # both rows from one prompt: one prefill (80 FLOPs -> 8 s), the decode unchanged
+    assert rollout_floor_s(SHAPE, 4, [3, 1], matmul_flops=10.0, bandwidth=100.0,
+                           distinct_prompts=1) == pytest.approx(12.32)
 
 
 def test_trainer_selection_by_name_or_prefix():

@@ -88,7 +88,8 @@ def test_a_row_samples_the_same_tokens_in_any_batch(tmp_path, backend):
     from backends import SamplingConfig, load_backend
     model = write_tiny_model(tmp_path / "m", TinyModelSpec(seed=3))
     be = load_backend(backend, str(model))
-    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10], [11, 12]]
+    # repeated prompts share one prefill (torch_sampler.shared_prompts): still row by row
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3], [6, 7, 8, 9], [10], [4, 5], [11, 12]]
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, batch_size=8)
     seeds = row_seeds(123, len(prompts))
     together = be.generate(prompts, sampling, seeds)

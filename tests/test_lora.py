@@ -180,7 +180,8 @@ def test_torch_adapter_to_mlx_lm_format_and_back(base, tmp_path):
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), peft_dir).eval()
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits.numpy()
-    assert np.abs(mlx_lm_logits(base, tmp_path / "mlx", ids) - ref).max() < 1e-5
+    # two float32 implementations of the same network: rounding only (logits of size ~3)
+    assert np.abs(mlx_lm_logits(base, tmp_path / "mlx", ids) - ref).max() < 3e-5
 
     cli("convert", str(tmp_path / "mlx"), str(tmp_path / "back"))  # mlx-lm -> PEFT
     back = read(tmp_path / "back" / "adapter_model.safetensors")

@@ -216,3 +216,29 @@ def test_mixed_precision_computes_in_bfloat16_over_float32_weights(model_dir):
     from gft.errors import ConfigError
     with pytest.raises(ConfigError, match="float32 master weights"):
         load_backend("torch", str(model_dir), dtype="bfloat16", mixed_precision=True)
+
+
+def test_token_logprobs_match_autograd_of_the_plain_formulas():
+    """TokenLogProbs' hand-written backward (onehot - softmax, in place) against autograd
+    through log_softmax, in float64; the entropy against its definition."""
+    from backends.torch_backend import TokenLogProbs, logprobs_and_entropy
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64) * 3
+    targets = torch.randint(0, 7, (2, 5), generator=gen)
+    weights = torch.randn(2, 5, generator=gen, dtype=torch.float64)
+
+    z1 = logits.clone().requires_grad_(True)
+    logp, entropy = TokenLogProbs.apply(z1, targets)
+    (logp * weights).sum().backward()
+
+    z2 = logits.clone().requires_grad_(True)
+    ref = torch.log_softmax(z2, -1)
+    (ref.gather(-1, targets[..., None]).squeeze(-1) * weights).sum().backward()
+    probs = ref.detach().exp()
+    assert torch.allclose(logp, ref.gather(-1, targets[..., None]).squeeze(-1), atol=1e-12)
+    assert torch.allclose(entropy, -(probs * ref.detach()).sum(-1), atol=1e-12)
+    assert not entropy.requires_grad
+    assert torch.allclose(z1.grad, z2.grad, atol=1e-12)
+    # the public helper returns the same thing (in float32 for float32 logits)
+    lp32, _ = logprobs_and_entropy(logits.float(), targets)
+    assert torch.allclose(lp32.double(), logp.detach(), atol=1e-5)

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from backends.torch_sampler import (left_pad, pick_tokens, rollout_copy, sample,  # noqa: E402
-                                    sync_weights)
+                                    shared_prompts, sync_weights)
 from gft.tiny import BOS_ID, EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
 
 # Prompts of different lengths, so that left padding and per-row positions matter.
@@ -191,3 +191,21 @@ def test_several_eos_ids_and_no_pad_id(model):
         cut = next((i + 1 for i, t in enumerate(whole) if t in stops), len(whole))
         assert row == whole[:cut]
     assert len(rows[0]) <= 4 and len(rows[2]) <= 6
+
+
+def test_repeated_prompts_are_prefilled_once_and_decode_like_hf(model):
+    """GRPO's G copies of a prompt: one prefill row per distinct prompt, KV rows copied;
+    greedy tokens still equal generate's on the full (repeated, padded) batch."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1], PROMPTS[0]]
+    assert shared_prompts(prompts) == ([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [0, 1, 0, 2, 1, 0])
+    widths = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+        with_kwargs=True)
+    try:
+        ours = sample(model, prompts, max_new_tokens=12, greedy=True, eos_id=EOS_ID,
+                      pad_id=PAD_ID)
+    finally:
+        hook.remove()
+    assert widths[0] == (3, len(PROMPTS[2])), "the prefill should run the 3 distinct prompts"
+    assert ours == hf_generate(model, prompts, max_new_tokens=12, eos_id=EOS_ID)
