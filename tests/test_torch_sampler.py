@@ -209,3 +209,22 @@ def test_repeated_prompts_are_prefilled_once_and_decode_like_hf(model):
         hook.remove()
     assert widths[0] == (3, len(PROMPTS[2])), "the prefill should run the 3 distinct prompts"
     assert ours == hf_generate(model, prompts, max_new_tokens=12, eos_id=EOS_ID)
+
+
+def test_packed_matmuls_sample_the_same_tokens_and_are_undone(model):
+    """MKL-packed weights (CPU float32 rollouts): the same tokens as the plain matmuls,
+    greedy and sampled, whichever row count the batch has; nn.Linear's own forward is
+    back afterwards."""
+    from backends.torch_sampler import can_pack, packed_linears
+    if not can_pack(model):
+        pytest.skip("this torch build has no MKL packed sgemm")
+    kw = dict(max_new_tokens=16, eos_id=EOS_ID, pad_id=PAD_ID)
+    plain = [sample(model, PROMPTS, greedy=True, **kw), sample(model, PROMPTS, seed=7, **kw)]
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    with packed_linears(model, rows=len(PROMPTS)):
+        assert all("forward" in vars(m) for m in linears)
+        packed = [sample(model, PROMPTS, greedy=True, **kw), sample(model, PROMPTS, seed=7, **kw)]
+        fewer = sample(model, PROMPTS[:3], seed=7, **kw)  # another row count: plain path
+    assert packed == plain
+    assert fewer == sample(model, PROMPTS[:3], seed=7, **kw)
+    assert not any("forward" in vars(m) for m in linears)
