@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import inspect
+import sys
 from typing import Sequence
 
 import torch
@@ -286,6 +288,7 @@ def packed_linears(model, rows: int):
     them stale."""
     mods = [m for m in model.modules() if type(m) is torch.nn.Linear
             and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+    trim_heap()  # what the last update freed, before the copies are allocated
     for mod in mods:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows)
         mod.forward = functools.partial(_packed_forward, mod, packed, rows)
@@ -293,7 +296,23 @@ def packed_linears(model, rows: int):
         yield
     finally:
         for mod in mods:
-            del mod.forward  # back to nn.Linear.forward
+            del mod.forward  # back to nn.Linear.forward (the packed copy is freed)
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    The packed copies are a few MB per weight, below glibc's mmap threshold, so freeing
+    them leaves their pages resident in the heap, and memory the update freed stays
+    resident under them: without trimming before and after, the process's peak RSS grows
+    by one copy of the weights (SmolLM2: 3.9 -> 4.35 GiB). Trimming takes a few ms."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass
 
 
 def _packed_forward(mod: torch.nn.Linear, packed: torch.Tensor, rows: int,
