@@ -82,13 +82,21 @@ class GrowingLayer(DynamicLayer or object):
             self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
 
 
+def full_attention_only(model) -> bool:
+    """Every layer attends to the whole past (no sliding windows), and this transformers
+    builds caches from layer objects (>= 4.56)."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None)
+    return DynamicLayer is not None and (
+        layer_types is None or all(t == "full_attention" for t in layer_types))
+
+
 def growing_cache(model, capacity: int) -> DynamicCache:
     """A DynamicCache of GrowingLayers (full attention only), else a plain DynamicCache."""
     config = model.config.get_text_config(decoder=True)
-    layer_types = getattr(config, "layer_types", None)
     if DynamicLayer is None:
         return DynamicCache()
-    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+    if not full_attention_only(model):
         return DynamicCache(config=model.config)  # sliding windows: keep transformers' layers
     cache = DynamicCache()
     cache.layers = [GrowingLayer(capacity) for _ in range(config.num_hidden_layers)]

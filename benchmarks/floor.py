@@ -8,7 +8,7 @@ Measured (in its own subprocess, same run, same machine):
 Modelled (from the model's shapes and the tokens each trainer actually processed):
 - update: forward + backward ≈ 6 x parameters x tokens FLOPs (2 forward, 4 backward;
   the tied embedding counted once, as the lm_head matrix it also is), over the matmul
-  rate. Attention's own FLOPs (≈ 12·layers·hidden·context per token) are added too;
+  rate; a prompt that all of a step's sequences share counts once. Attention's own FLOPs (≈ 12·layers·hidden·context per token) are added too;
   at 100-token sequences they are ~1% of the total.
 - rollout: a prefill of each distinct prompt (2 x parameters x prompt tokens FLOPs; rows
   that repeat a prompt share its KV cache, as a prefix-caching engine does, so GRPO's
@@ -64,10 +64,18 @@ def model_shape(model_dir: Path) -> ModelShape:
                       vocab=cfg["vocab_size"])
 
 
-def update_floor_s(shape: ModelShape, seq_lengths: list[int], matmul_flops: float) -> float:
-    """Seconds for forward + backward over sequences of these lengths at the matmul rate."""
-    tokens = sum(seq_lengths)
-    attention = sum(12 * shape.layers * shape.hidden * n * n / 2 for n in seq_lengths)
+def update_floor_s(shape: ModelShape, seq_lengths: list[int], matmul_flops: float,
+                   shared_prompt: int = 0) -> float:
+    """Seconds for forward + backward over sequences of these lengths at the matmul rate.
+
+    shared_prompt: leading tokens all the sequences have in common (one prompt's group),
+    which a trainer needs to run only once (gft does: TorchBackend._prefix_shared_logits):
+    counted once, in the weights' FLOPs and in their own attention."""
+    rows = len(seq_lengths)
+    p = min([shared_prompt, *seq_lengths]) if rows > 1 else 0
+    tokens = sum(seq_lengths) - (rows - 1) * p
+    per_pos = 12 * shape.layers * shape.hidden / 2
+    attention = sum(per_pos * (n * n - p * p) for n in seq_lengths) + per_pos * p * p
     return (6 * shape.params * tokens + attention) / matmul_flops
 
 

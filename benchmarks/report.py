@@ -35,10 +35,12 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     rate, bw = floor["matmul_gflops"] * 1e9, floor["bandwidth_gbs"] * 1e9
     gen = [sum(s["completion_lengths"]) for s in steps]
     upd = [sum(s["seq_lengths"]) for s in steps]
-    # every row of a step samples the same prompt (benchmarks/workload.py): one prefill
+    # every row of a step samples the same prompt (benchmarks/workload.py): one prefill,
+    # and the update needs that prompt's forward/backward once
     r_floor = [rollout_floor_s(shape, s["prompt_len"], s["completion_lengths"], rate, bw,
                                dtype_bytes, distinct_prompts=1) for s in steps]
-    u_floor = [update_floor_s(shape, s["seq_lengths"], rate) for s in steps]
+    u_floor = [update_floor_s(shape, s["seq_lengths"], rate, shared_prompt=s["prompt_len"])
+               for s in steps]
     step_s = [s["step_s"] for s in steps]
     return {
         "n": len(steps),

@@ -27,6 +27,10 @@ def test_update_floor_is_six_flops_per_parameter_per_token_plus_attention():
     # Two sequences of 3 and 5 tokens: 6·10·8 = 480 FLOPs of weights;
     # attention 12·layers·hidden·n²/2 = 12·2·4·(9 + 25)/2 = 1632. At 100 FLOP/s: 21.12 s.
     assert update_floor_s(SHAPE, [3, 5], matmul_flops=100.0) == pytest.approx(21.12)
+    # the 2 leading tokens both share count once: 6·10·6 = 360 FLOPs of weights; attention
+    # 12·2·4/2·((9 - 4) + (25 - 4) + 4) = 1440. At 100 FLOP/s: 18.0 s.
+    assert update_floor_s(SHAPE, [3, 5], matmul_flops=100.0, shared_prompt=2) == \
+        pytest.approx(18.0)
 
 
 def test_rollout_floor_adds_prefill_and_per_step_max_of_bytes_and_flops():

@@ -242,3 +242,49 @@ def test_token_logprobs_match_autograd_of_the_plain_formulas():
     # the public helper returns the same thing (in float32 for float32 logits)
     lp32, _ = logprobs_and_entropy(logits.float(), targets)
     assert torch.allclose(lp32.double(), logp.detach(), atol=1e-5)
+
+
+def _group(prompt_len: int, response_lens: list[int], advantages: list[float], seed: int = 1):
+    """Sequences that all share one prompt (a GRPO group), responses of different lengths."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 256, prompt_len).tolist()
+    out = []
+    for r, a in zip(response_lens, advantages):
+        s = Sequence_(0, prompt, rng.integers(0, 256, r).tolist(), "", on_policy=True)
+        s.advantage = a
+        out.append(s)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch):
+    """Rows sharing their leading tokens: one row's forward fills a KV cache expanded to
+    all rows (TorchBackend._prefix_shared_logits). Loss, entropy and every gradient equal
+    the plain full-batch forward's; a shared system prompt before different questions
+    counts too, and rows sharing fewer than MIN_SHARED_PREFIX tokens take the plain path."""
+    from backends.torch_backend import MIN_SHARED_PREFIX, shared_prefix
+    model = write_tiny_model(tmp_path / arch, TinyModelSpec(arch=arch, seed=4))
+    seqs = _group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75])
+    other = _group(12, [6, 4], [0.5, -1.0], seed=2)
+    for s in other:  # same first 10 tokens (a "system prompt"), then another question
+        s.prompt_ids = seqs[0].prompt_ids[:10] + s.prompt_ids[10:]
+    mb = micro_batches(seqs + other, 8, 256)
+    assert shared_prefix(mb[0], 100) == 10 >= MIN_SHARED_PREFIX
+    assert shared_prefix(micro_batches(seqs, 8, 256)[0], 11) == 11  # capped at the limit
+    for batches in (mb, micro_batches(seqs, 8, 256)):
+        be = load_backend("torch", str(model))
+        calls = []
+        be.model.register_forward_pre_hook(
+            lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+        g_shared = be.gradients()
+        assert calls[0][0] == 1, "the shared prefix should run as one row"
+        be._share_prefix = False
+        plain = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+        assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
+        assert shared["entropy"] == pytest.approx(plain["entropy"], rel=1e-5)
+        for name, g in be.gradients().items():
+            np.testing.assert_allclose(g_shared[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+    # rows that share less than MIN_SHARED_PREFIX tokens: nothing to share
+    short = _group(MIN_SHARED_PREFIX - 1, [4, 5], [1.0, -1.0])
+    assert shared_prefix(micro_batches(short, 8, 256)[0], 100) < MIN_SHARED_PREFIX
