@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import functools
 import inspect
-import sys
 from typing import Sequence
 
 import torch
@@ -266,8 +264,8 @@ def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_i
 # --------------------------------------------------------------------------- packed CPU matmuls
 
 MIN_TOKENS_TO_PACK = 16
-"""Packing every weight costs about what 10 decode steps save (SmolLM2: 0.16 s vs ~13 ms a
-step): shorter rollouts keep the plain matmuls."""
+"""Packing a weight costs about what a few decode steps save: shorter rollouts keep the
+plain matmuls."""
 
 
 def can_pack(model) -> bool:
@@ -281,22 +279,30 @@ def can_pack(model) -> bool:
             and not torch.is_autocast_enabled("cpu"))
 
 
+PACK_MIN_BYTES = 32 << 20
+"""Only weights this large are packed: glibc serves allocations of 32 MiB and more with
+mmap and hands them back to the OS when freed. Smaller packed copies (a few MB per weight)
+land in the heap, and once freed, the update's allocations fragment around them: peak RSS
+grows by a copy of those weights (SmolLM2: 3.6 -> 4.35 GiB with every weight packed);
+trimming the heap or keeping the copies costs more time or memory than they save."""
+
+
 @contextlib.contextmanager
-def packed_linears(model, rows: int):
-    """Every float32 nn.Linear of `model` computes through MKL's packed sgemm while inside.
+def packed_linears(model, rows: int, min_bytes: int = 0):
+    """Inside, every float32 CPU nn.Linear of `model` whose weight has at least
+    `min_bytes` computes through an MKL-packed copy of it, made for `rows`-row products.
 
     Why: a decode step multiplies `rows` (~8) activations by every weight, and MKL's plain
     sgemm at so few rows reaches about half the memory bandwidth (SmolLM2-135M, 2 cores:
-    ~13 GB/s against a 25 GB/s copy); with the weights reordered once into MKL's packed
-    layout (torch.ops.mkl, what torch.compile's CPU freezing uses) a 64-token rollout of
-    8 rows takes ~20% less time. The results are the plain sgemm's, bit for bit here.
-    Inputs of any other row count (the prefill, a batch after rows finished) fall back to
-    the plain product inside the op. The packed copies (one more copy of the weights) live
-    only for the duration of the `with`, so an optimizer update in between cannot leave
-    them stale."""
+    ~10 GB/s for the 49152 x 576 lm_head against a 25 GB/s copy); reordered once into MKL's
+    packed layout (torch.ops.mkl, what torch.compile's CPU freezing uses) it runs ~1.8x
+    faster. The results are the plain sgemm's, bit for bit here. Inputs of any other row
+    count (the prefill, a batch after rows finished) fall back to the plain product
+    inside the op. The copies live only inside the `with`: an optimizer update between
+    two rollouts cannot leave them stale."""
     mods = [m for m in model.modules() if type(m) is torch.nn.Linear
-            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
-    trim_heap()  # what the last update freed, before the copies are allocated
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+            and m.weight.numel() * 4 >= min_bytes]
     for mod in mods:
         packed = torch.ops.mkl._mkl_reorder_linear_weight(mod.weight.detach(), rows)
         mod.forward = functools.partial(_packed_forward, mod, packed, rows)
@@ -304,23 +310,7 @@ def packed_linears(model, rows: int):
         yield
     finally:
         for mod in mods:
-            del mod.forward  # back to nn.Linear.forward (the packed copy is freed)
-        trim_heap()
-
-
-def trim_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim; elsewhere nothing).
-
-    The packed copies are a few MB per weight, below glibc's mmap threshold, so freeing
-    them leaves their pages resident in the heap, and memory the update freed stays
-    resident under them: without trimming before and after, the process's peak RSS grows
-    by one copy of the weights (SmolLM2: 3.9 -> 4.35 GiB). Trimming takes a few ms."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        pass
+            del mod.forward  # back to nn.Linear.forward; the packed copy is freed
 
 
 def _packed_forward(mod: torch.nn.Linear, packed: torch.Tensor, rows: int,
@@ -367,11 +357,7 @@ class PolicyEngine:
         from backends.torch_parallel import full_weights
         tok, out = self.tokenizer, []
         model = self._model()
-        rows = min(sampling.batch_size, len(prompts))
-        pack = self.strategy != "fsdp" and sampling.max_new_tokens >= MIN_TOKENS_TO_PACK \
-            and can_pack(model)
-        with full_weights(self.model, self.strategy), \
-                (packed_linears(model, rows) if pack else contextlib.nullcontext()):
+        with full_weights(self.model, self.strategy), self._packed(model, prompts, sampling):
             for start in range(0, len(prompts), sampling.batch_size):
                 end = start + sampling.batch_size
                 out.extend(sample(model, list(prompts[start:end]),
@@ -384,6 +370,15 @@ class PolicyEngine:
 
     def _model(self):
         return self.model
+
+    def _packed(self, model, prompts, sampling):
+        """MKL-packed copies of the large weights (packed_linears) for CPU float32
+        rollouts long enough to repay the packing; otherwise nothing."""
+        rows = min(sampling.batch_size, len(prompts))
+        if self.strategy == "fsdp" or sampling.max_new_tokens < MIN_TOKENS_TO_PACK \
+                or not can_pack(model):
+            return contextlib.nullcontext()
+        return packed_linears(model, rows, min_bytes=PACK_MIN_BYTES)
 
     def sync(self) -> None:
         """Nothing to copy: the engine samples from the weights being trained."""
