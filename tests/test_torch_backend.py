@@ -288,3 +288,23 @@ def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, ar
     # rows that share less than MIN_SHARED_PREFIX tokens: nothing to share
     short = _group(MIN_SHARED_PREFIX - 1, [4, 5], [1.0, -1.0])
     assert shared_prefix(micro_batches(short, 8, 256)[0], 100) < MIN_SHARED_PREFIX
+
+
+def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
+    """PEFT passes the cache, positions and logits_to_keep through to the base model."""
+    from gft.lora import LoraConfig
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(seed=4))
+    be = load_backend("torch", str(model), lora=LoraConfig(
+        rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    batches = micro_batches(_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
+    calls = []
+    be.model.get_base_model().register_forward_pre_hook(
+        lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+    g_shared = be.gradients()
+    assert calls[:2] == [(1, 11), (4, 10)]
+    be._share_prefix = False
+    plain = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+    assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
+    for name, g in be.gradients().items():
+        np.testing.assert_allclose(g_shared[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
