@@ -169,12 +169,14 @@ class TorchBackend:
         self.rollout_engine = ROLLOUT_ENGINES[rollout_engine](model, tokenizer, device, strategy)
         self._engine_stale = False
         self._keeps_logits = accepts_logits_to_keep(model)
-        # Running a shared prefix once takes two forwards per backward: one process only
-        # (DDP / FSDP2 hook one forward per backward), full attention only (no sliding
+        # Running a shared prefix once takes two forwards per backward. Under DDP the
+        # prefix runs through the bare model (DDP's reducer prepares once per forward of
+        # the wrapper; each parameter's gradient still arrives once, summed over both
+        # forwards); FSDP2 keeps the plain forward. Full attention only (no sliding
         # windows to reason about), and a KV cache in training (gradient checkpointing
         # turns caching off).
-        self._share_prefix = share_prefix and strategy is None and self._keeps_logits \
-            and full_attention_only(model)
+        self._share_prefix = share_prefix and strategy in (None, "ddp") \
+            and self._keeps_logits and full_attention_only(model)
         self._cache_kw = cache_keyword(model.get_base_model()
                                        if hasattr(model, "get_base_model") else model)
         self.train_module = train_module if train_module is not None else model
@@ -243,7 +245,7 @@ class TorchBackend:
         kv = {self._cache_kw: cache, "use_cache": True}
         nothing = torch.zeros(0, dtype=torch.long, device=self.device)
         with self._compute_dtype():
-            self.train_module(input_ids=ids[:1, :shared], logits_to_keep=nothing, **kv)
+            self.model(input_ids=ids[:1, :shared], logits_to_keep=nothing, **kv)
             for layer in cache.layers:
                 layer.keys = layer.keys.expand(B, -1, -1, -1)
                 layer.values = layer.values.expand(B, -1, -1, -1)
