@@ -46,6 +46,7 @@ from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
+from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
 
@@ -75,6 +76,57 @@ def target_logprobs(logits: mx.array, input_ids: mx.array) -> mx.array:
     logits = logits[:, :-1].astype(mx.float32)
     picked = mx.take_along_axis(logits, input_ids[:, 1:, None], axis=-1).squeeze(-1)
     return picked - mx.logsumexp(logits, axis=-1)
+
+
+HEAD_AFTER_BODY = ("llama", "qwen2", "qwen3")
+"""mlx-lm model types whose Model.__call__ is exactly body, then lm_head (or the tied
+embedding as a linear): nothing else (no logit soft-capping, as in gemma2) in between."""
+
+
+def split_head(model: nn.Module):
+    """(body, head) with model(ids) == head(body(ids)), or None for other model types.
+
+    The update needs logits only from the position before the first response token on
+    (gft.groups.scored_from); with the head apart, lm_head — the largest matrix of a small
+    model with a big vocabulary — and the softmaxes skip the prompt."""
+    if getattr(model, "model_type", None) not in HEAD_AFTER_BODY:
+        return None
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False):
+        return model.model, model.model.embed_tokens.as_linear
+    head = getattr(model, "lm_head", None)
+    return (model.model, head) if head is not None else None
+
+
+class PrefixKV:
+    """A KV cache for training, in mlx-lm's cache interface (offset, update_and_fetch,
+    make_mask): one row's forward over the prefix every row shares fills it, `expand`
+    broadcasts it to B rows, and the forward over the rest attends to it. Unlike mlx-lm's
+    KVCache (a preallocated buffer written by slice), keys grow by concatenation, and the
+    broadcast's gradient sums the rows' gradients into the one prefix computation: the
+    same function of the weights as the full forward. GRPO's G rollouts of one prompt
+    then cost the prompt once (SmolLM2, 45 of 109 tokens)."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset = 0  # positions cached before this call: the RoPE offset
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values, self.offset = keys, values, keys.shape[2]
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        # MLX's "causal" aligns the n queries with the last n keys (bottom right)
+        if return_array:
+            from mlx_lm.models.base import create_causal_mask
+            return create_causal_mask(n, self.offset)
+        return "causal" if n > 1 else None
+
+    def expand(self, rows: int) -> None:
+        self.keys = mx.broadcast_to(self.keys, (rows, *self.keys.shape[1:]))
+        self.values = mx.broadcast_to(self.values, (rows, *self.values.shape[1:]))
 
 
 def token_entropy(logits: mx.array) -> mx.array:
@@ -171,13 +223,21 @@ class MlxBackend:
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
                  optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,
-                 group=None):
-        """group: the mx.distributed group when data parallel (else None)."""
+                 group=None, share_prefix: bool = True):
+        """group: the mx.distributed group when data parallel (else None).
+        share_prefix: run leading tokens common to a micro-batch's rows once (PrefixKV);
+        off under gradient checkpointing."""
         self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
         self.dtype, self.optim_cfg = dtype, optim
         self.lora, self.shard_size = lora, shard_size
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
+        self._head = split_head(model)
+        # a shared prefix runs once through a KV cache: needs the head apart, full
+        # attention in every layer (PrefixKV's mask knows no windows) and no activation
+        # checkpointing (mx.checkpoint cannot carry the caches)
+        self._share_prefix = share_prefix and self._head is not None and not any(
+            getattr(layer, "use_sliding", False) for layer in model.model.layers)
         self._adamw_tensor = mx.compile(adamw_tensor_update(optim))  # one fused kernel
         self._grads: dict[str, mx.array] | None = None  # accumulated, by parameter name
         self._exp_avg: dict[str, mx.array] = {}
@@ -260,11 +320,27 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ update
     def _loss(self, ids: mx.array, mask: mx.array, adv: mx.array, tau: float, aggregate,
-              n_tokens: float, n_seqs: float) -> tuple[mx.array, mx.array]:
-        """(GFT loss, summed response-token entropy) of one right-padded micro-batch.
+              n_tokens: float, n_seqs: float, start: int = 0,
+              shared: int = 0) -> tuple[mx.array, mx.array]:
+        """(GFT loss, summed response-token entropy) of one right-padded micro-batch whose
+        logits are needed from position `start` on (mask: response positions start+1..),
+        and whose rows all begin with the same `shared` (<= start) tokens.
         Padding sits after every real token, so the causal mask alone gives real tokens
         the same logits an attention mask would."""
-        logits = self.model(ids)
+        if shared:  # the rows' common first tokens run once (PrefixKV)
+            body, head = self._head
+            cache = [PrefixKV() for _ in body.layers]
+            body(ids[:1, :shared], cache)  # fills the caches; its output is not needed
+            for c in cache:
+                c.expand(ids.shape[0])
+            logits = head(body(ids[:, shared:], cache)[:, start - shared:])
+            ids = ids[:, start:]
+        elif start:  # lm_head and the softmaxes skip the prompt (see split_head)
+            body, head = self._head
+            logits = head(body(ids)[:, start:])
+            ids = ids[:, start:]
+        else:
+            logits = self.model(ids)
         logp = target_logprobs(logits, ids)
         loss = gft_token_loss(MLX_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=n_tokens, n_seqs=n_seqs)
@@ -278,11 +354,14 @@ class MlxBackend:
         self._grads = None
         loss_sum, ent_sum, n_tok = 0.0, 0.0, 0.0
         for mb in micro_batches:
+            start = scored_from(mb) if self._head is not None else 0
+            shared = shared_prefix(mb, start) if self._share_prefix else 0
+            shared = shared if shared >= MIN_SHARED_PREFIX else 0
             ids = mx.array(mb.input_ids.astype(np.int32))
-            mask = mx.array(mb.response_mask[:, 1:].astype(np.float32))
+            mask = mx.array(mb.response_mask[:, start + 1:].astype(np.float32))
             adv = mx.array(np.asarray(mb.advantages, dtype=np.float32))
             (loss, ent), grads = self._loss_and_grad(ids, mask, adv, tau, aggregate,
-                                                     mb.n_tokens, mb.n_seqs)
+                                                     mb.n_tokens, mb.n_seqs, start, shared)
             grads = dict(tree_flatten(grads))
             self._grads = grads if self._grads is None else {
                 n: self._grads[n] + g for n, g in grads.items()}
@@ -474,4 +553,5 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if gradient_checkpointing:
         checkpoint_layers(model)
     return MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
-                      shard_size=shard_size, group=getattr(comm, "group", None))
+                      shard_size=shard_size, group=getattr(comm, "group", None),
+                      share_prefix=not gradient_checkpointing)

@@ -20,6 +20,7 @@ from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_o
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
+from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
@@ -103,27 +104,6 @@ class TokenLogProbs(torch.autograd.Function):
         grad = p.mul_(-grad_logp[..., None])
         grad.scatter_add_(-1, targets[..., None], grad_logp[..., None])
         return grad, None
-
-
-MIN_SHARED_PREFIX = 8
-"""Leading tokens the rows of a micro-batch must share before they are run once."""
-
-
-def shared_prefix(batch: TokenBatch, limit: int) -> int:
-    """How many leading columns (at most `limit`) hold the same real tokens in every row
-    of the batch; 0 for a batch of one row."""
-    ids, att = batch.input_ids[:, :limit], batch.attention[:, :limit]
-    if ids.shape[0] < 2 or limit <= 0:
-        return 0
-    same = (ids == ids[:1]).all(axis=0) & att.all(axis=0)
-    return limit if same.all() else int(np.argmin(same))
-
-
-def scored_from(batch: TokenBatch) -> int:
-    """The first position whose logits the loss needs: the one before the earliest
-    response token of the batch (prompt positions before it only feed attention)."""
-    cols = np.flatnonzero(batch.response_mask.any(axis=0))
-    return max(int(cols[0]) - 1, 0) if cols.size else 0
 
 
 def fused_adamw(device: torch.device, strategy: str | None) -> dict:

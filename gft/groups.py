@@ -68,3 +68,25 @@ def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int,
     live.sort(key=lambda s: len(s.prompt_ids) + len(s.response_ids))
     return [pad_batch(live[i:i + micro_batch_size], pad_id, n_tokens, n_seqs)
             for i in range(0, len(live), micro_batch_size)]
+
+
+def scored_from(batch: TokenBatch) -> int:
+    """The first position whose logits the loss needs: the one before the earliest
+    response token of the batch (prompt positions before it only feed attention, so a
+    backend may skip their lm_head and softmax)."""
+    cols = np.flatnonzero(batch.response_mask.any(axis=0))
+    return max(int(cols[0]) - 1, 0) if cols.size else 0
+
+
+MIN_SHARED_PREFIX = 8
+"""Leading tokens the rows of a micro-batch must share before they are run once."""
+
+
+def shared_prefix(batch: TokenBatch, limit: int) -> int:
+    """How many leading columns (at most `limit`) hold the same real tokens in every row
+    of the batch; 0 for a batch of one row."""
+    ids, att = batch.input_ids[:, :limit], batch.attention[:, :limit]
+    if ids.shape[0] < 2 or limit <= 0:
+        return 0
+    same = (ids == ids[:1]).all(axis=0) & att.all(axis=0)
+    return limit if same.all() else int(np.argmin(same))

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from gft.tiny import EOS_ID, TinyModelSpec, init_weights, write_safetensors, write_tiny_model
+from gft.groups import Sequence_
 from gft.types import TokenBatch
 
 
@@ -29,6 +30,20 @@ def batch(seed: int, B: int = 3, L: int = 14) -> TokenBatch:
     mask[:, 4:] = 1.0
     return TokenBatch(ids, np.ones((B, L), bool), mask, np.array([1.0, -0.5, 0.8][:B], np.float32),
                       n_tokens=float(mask.sum()), n_seqs=float(B))
+
+
+def shared_prompt_group(prompt_len: int, response_lens: list[int], advantages: list[float],
+                        seed: int = 1) -> list[Sequence_]:
+    """Sequences that all share one random prompt (a GRPO group), responses of the given
+    lengths (random tokens), with these advantages."""
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, 256, prompt_len).tolist()
+    out = []
+    for r, a in zip(response_lens, advantages):
+        s = Sequence_(0, prompt, rng.integers(0, 256, r).tolist(), "", on_policy=True)
+        s.advantage = a
+        out.append(s)
+    return out
 
 
 def _write_split(path: Path, rows: list[dict], n_train: int) -> Path:

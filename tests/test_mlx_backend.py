@@ -123,6 +123,55 @@ def test_logprobs_loss_and_gradients_match_torch(model_dirs, arch, loss):
     assert max_rel_err(m.gradients(), t.gradients()) < RTOL
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_logits_only_from_the_first_response_position_change_nothing(model_dirs, arch):
+    """With the head split off (split_head: tied embedding for llama, lm_head for qwen2)
+    the update computes logits from gft.groups.scored_from on: the same loss, entropy and
+    gradients as logits everywhere."""
+    from backends.mlx_backend import split_head
+    m = load_backend("mlx", str(model_dirs[arch]))
+    assert m._head is not None and split_head(m.model) is not None
+    batch = make_batch()
+    trimmed = m.accumulate_gradients([batch], **LOSS)
+    g_trim = m.gradients()
+    m._head = None  # the reference: full [B, L, V] logits
+    full = m.accumulate_gradients([batch], **LOSS)
+    assert trimmed["loss"] == pytest.approx(full["loss"], rel=1e-5, abs=1e-7)
+    assert trimmed["entropy"] == pytest.approx(full["entropy"], rel=1e-5)
+    assert trimmed["tokens"] == full["tokens"]
+    assert max_rel_err(g_trim, m.gradients()) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch,
+                                                                     monkeypatch):
+    """Rows sharing their first tokens: one row's forward fills PrefixKV caches that are
+    broadcast to every row. Loss, entropy and gradients equal the plain forward's, and
+    torch's (which shares the prefix its own way)."""
+    from backends import mlx_backend
+    from gft.groups import micro_batches
+    from tests.helpers import shared_prompt_group
+    model = write_tiny_model(tmp_path / arch, TinyModelSpec(arch=arch, seed=4))
+    batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]),
+                            8, 256)
+    expanded = []
+    expand = mlx_backend.PrefixKV.expand
+    monkeypatch.setattr(mlx_backend.PrefixKV, "expand",
+                        lambda self, rows: (expanded.append(rows), expand(self, rows)))
+    t, m = both(model)
+    assert m._share_prefix
+    shared = m.accumulate_gradients(batches, **LOSS)
+    g_shared = m.gradients()
+    assert expanded and set(expanded) == {4}, "the prefix should have been run once"
+    m._share_prefix = False
+    plain = m.accumulate_gradients(batches, **LOSS)
+    assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
+    assert shared["entropy"] == pytest.approx(plain["entropy"], rel=1e-5)
+    assert max_rel_err(g_shared, m.gradients()) < 1e-4
+    t.accumulate_gradients(batches, **LOSS)
+    assert max_rel_err(g_shared, t.gradients()) < RTOL
+
+
 def test_two_micro_batches_match_torch_and_one_batch(model_dirs):
     t, m = both(model_dirs["llama"])
     batch = make_batch(seed=1, B=5)

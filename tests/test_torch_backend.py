@@ -8,6 +8,7 @@ import torch
 from backends import OptimConfig, SamplingConfig, load_backend
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.tiny import EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model
+from tests.helpers import shared_prompt_group
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +127,10 @@ def test_non_finite_loss_skips_the_update(model_dir):
 
 def test_logits_only_from_the_first_response_position_change_nothing(model_dir):
     """The update asks the model for logits from the position before the earliest response
-    token on (backends/torch_backend.py scored_from): same loss, entropy and gradients as
+    token on (gft/groups.py scored_from): same loss, entropy and gradients as
     logits everywhere, up to float rounding."""
     batches = micro_batches(_seqs(), 4, 256)
-    from backends.torch_backend import scored_from
+    from gft.groups import scored_from
     assert scored_from(batches[0]) == 2  # shortest prompt: 3 tokens -> logits from 2 on
     be = load_backend("torch", str(model_dir))
     trimmed = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
@@ -244,28 +245,16 @@ def test_token_logprobs_match_autograd_of_the_plain_formulas():
     assert torch.allclose(lp32.double(), logp.detach(), atol=1e-5)
 
 
-def _group(prompt_len: int, response_lens: list[int], advantages: list[float], seed: int = 1):
-    """Sequences that all share one prompt (a GRPO group), responses of different lengths."""
-    rng = np.random.default_rng(seed)
-    prompt = rng.integers(0, 256, prompt_len).tolist()
-    out = []
-    for r, a in zip(response_lens, advantages):
-        s = Sequence_(0, prompt, rng.integers(0, 256, r).tolist(), "", on_policy=True)
-        s.advantage = a
-        out.append(s)
-    return out
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch):
     """Rows sharing their leading tokens: one row's forward fills a KV cache expanded to
     all rows (TorchBackend._prefix_shared_logits). Loss, entropy and every gradient equal
     the plain full-batch forward's; a shared system prompt before different questions
     counts too, and rows sharing fewer than MIN_SHARED_PREFIX tokens take the plain path."""
-    from backends.torch_backend import MIN_SHARED_PREFIX, shared_prefix
+    from gft.groups import MIN_SHARED_PREFIX, shared_prefix
     model = write_tiny_model(tmp_path / arch, TinyModelSpec(arch=arch, seed=4))
-    seqs = _group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75])
-    other = _group(12, [6, 4], [0.5, -1.0], seed=2)
+    seqs = shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75])
+    other = shared_prompt_group(12, [6, 4], [0.5, -1.0], seed=2)
     for s in other:  # same first 10 tokens (a "system prompt"), then another question
         s.prompt_ids = seqs[0].prompt_ids[:10] + s.prompt_ids[10:]
     mb = micro_batches(seqs + other, 8, 256)
@@ -286,7 +275,7 @@ def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, ar
         for name, g in be.gradients().items():
             np.testing.assert_allclose(g_shared[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
     # rows that share less than MIN_SHARED_PREFIX tokens: nothing to share
-    short = _group(MIN_SHARED_PREFIX - 1, [4, 5], [1.0, -1.0])
+    short = shared_prompt_group(MIN_SHARED_PREFIX - 1, [4, 5], [1.0, -1.0])
     assert shared_prefix(micro_batches(short, 8, 256)[0], 100) < MIN_SHARED_PREFIX
 
 
@@ -296,7 +285,7 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
     model = write_tiny_model(tmp_path / "m", TinyModelSpec(seed=4))
     be = load_backend("torch", str(model), lora=LoraConfig(
         rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
-    batches = micro_batches(_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
+    batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
     calls = []
     be.model.get_base_model().register_forward_pre_hook(
         lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
