@@ -46,7 +46,7 @@ from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
-from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix
+from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix, shared_prompts
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
 
@@ -270,7 +270,8 @@ class MlxBackend:
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                         seeds: Sequence[int]) -> list[list[int]]:
-        """Left-pad, prefill, then decode one token per row per forward until every row
+        """Left-pad, prefill (each distinct prompt once, its cache rows copied to the rows
+        that repeat it), then decode one token per row per forward until every row
         has emitted EOS or max_new_tokens is reached. Rows that finish are dropped from
         the batch (and the KV cache), so short answers stop costing compute. The next
         step is queued (async_eval) before the host reads the current tokens, as mlx-lm
@@ -281,13 +282,19 @@ class MlxBackend:
         if sampling.max_new_tokens <= 0:
             return rows
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        width = max(len(p) for p in prompts)
-        pads = [width - len(p) for p in prompts]
-        ids = mx.array([[pad] * n + list(p) for n, p in zip(pads, prompts)], dtype=mx.int32)
+        distinct, copies = shared_prompts(prompts)  # GRPO: G rows of one prompt
+        width = max(len(p) for p in distinct)
+        pads = [width - len(p) for p in distinct]
+        ids = mx.array([[pad] * n + list(p) for n, p in zip(pads, distinct)], dtype=mx.int32)
         cache = batch_cache(self.model, pads)
         for i in range(0, width - 1, PREFILL_STEP):  # all but the last prompt column
             self.model(ids[:, i:min(i + PREFILL_STEP, width - 1)], cache=cache)
             mx.eval([c.state for c in cache])
+        if len(distinct) < len(prompts):  # one prefill per distinct prompt, rows copied
+            idx = mx.array(copies)
+            for c in cache:
+                c.filter(idx)
+            ids = ids[idx]
         draws = mx.array(uniform_table(seeds, sampling.max_new_tokens).astype(np.float32))
 
         def step(tokens: mx.array, i: int) -> mx.array:

@@ -36,6 +36,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from gft.distributed import row_seeds, uniform_table
+from gft.groups import shared_prompts
 
 try:  # transformers >= 4.56 builds caches from layer objects
     from transformers.cache_utils import DynamicLayer
@@ -166,16 +167,6 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
             ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
             mask[i, width - len(p):] = 1
     return ids.to(device), mask.to(device)
-
-
-def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
-    """(the distinct prompts in first-seen order, for each row the index of its prompt).
-
-    GRPO samples G completions of each prompt: prefilling each prompt once and copying its
-    KV rows saves (G - 1) / G of the prefill, as a prefix-caching engine does."""
-    index: dict[tuple[int, ...], int] = {}
-    copies = [index.setdefault(tuple(p), len(index)) for p in prompts]
-    return [list(p) for p in index], copies
 
 
 def sample(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

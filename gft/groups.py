@@ -90,3 +90,13 @@ def shared_prefix(batch: TokenBatch, limit: int) -> int:
         return 0
     same = (ids == ids[:1]).all(axis=0) & att.all(axis=0)
     return limit if same.all() else int(np.argmin(same))
+
+
+def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+    """(the distinct prompts in first-seen order, for each row the index of its prompt).
+
+    GRPO samples G completions of each prompt: prefilling each prompt once and copying its
+    KV rows saves (G - 1) / G of the prefill, as a prefix-caching engine does."""
+    index: dict[tuple[int, ...], int] = {}
+    copies = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], copies

@@ -7,7 +7,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from backends.torch_sampler import (left_pad, pick_tokens, rollout_copy, sample,  # noqa: E402
-                                    shared_prompts, sync_weights)
+                                    sync_weights)
+from gft.groups import shared_prompts  # noqa: E402
 from gft.tiny import BOS_ID, EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
 
 # Prompts of different lengths, so that left padding and per-row positions matter.
