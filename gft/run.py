@@ -173,11 +173,14 @@ def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
     comm = init_comm()  # torchrun / mlx.launch: several ranks; else one process
     if comm.rank != 0:
         console = Console(quiet=True)  # rank 0 speaks for the run
+    finished = False
     try:
         with GracefulStop() as stop:
-            return _run(cfg, resume, overrides, console, stop, comm)
+            final = _run(cfg, resume, overrides, console, stop, comm)
+        finished = True
+        return final
     finally:
-        shutdown(comm)
+        shutdown(comm, finished)  # several torch ranks: a finished rank exits here
 
 
 def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
