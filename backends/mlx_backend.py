@@ -46,7 +46,7 @@ from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
-from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix, shared_prompts
+from gft.groups import scored_from, shared_prefix, shared_prompts
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
 
@@ -334,18 +334,17 @@ class MlxBackend:
         and whose rows all begin with the same `shared` (<= start) tokens.
         Padding sits after every real token, so the causal mask alone gives real tokens
         the same logits an attention mask would."""
-        if shared:  # the rows' common first tokens run once (PrefixKV)
+        if start:  # lm_head and the softmaxes skip the prompt (see split_head)
             body, head = self._head
-            cache = [PrefixKV() for _ in body.layers]
-            body(ids[:1, :shared], cache)  # fills the caches; its output is not needed
-            for c in cache:
-                c.expand(ids.shape[0])
-            logits = head(body(ids[:, shared:], cache)[:, start - shared:])
-            ids = ids[:, start:]
-        elif start:  # lm_head and the softmaxes skip the prompt (see split_head)
-            body, head = self._head
-            logits = head(body(ids)[:, start:])
-            ids = ids[:, start:]
+            if shared:  # the rows' common first tokens run once (PrefixKV)
+                cache = [PrefixKV() for _ in body.layers]
+                body(ids[:1, :shared], cache)  # fills the caches; output not needed
+                for c in cache:
+                    c.expand(ids.shape[0])
+                hidden = body(ids[:, shared:], cache)[:, start - shared:]
+            else:
+                hidden = body(ids)[:, start:]
+            logits, ids = head(hidden), ids[:, start:]
         else:
             logits = self.model(ids)
         logp = target_logprobs(logits, ids)
@@ -363,7 +362,6 @@ class MlxBackend:
         for mb in micro_batches:
             start = scored_from(mb) if self._head is not None else 0
             shared = shared_prefix(mb, start) if self._share_prefix else 0
-            shared = shared if shared >= MIN_SHARED_PREFIX else 0
             ids = mx.array(mb.input_ids.astype(np.int32))
             mask = mx.array(mb.response_mask[:, start + 1:].astype(np.float32))
             adv = mx.array(np.asarray(mb.advantages, dtype=np.float32))

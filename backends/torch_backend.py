@@ -20,7 +20,7 @@ from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_o
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
-from gft.groups import MIN_SHARED_PREFIX, scored_from, shared_prefix
+from gft.groups import scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.types import TokenBatch
@@ -201,7 +201,7 @@ class TorchBackend:
         att = torch.from_numpy(batch.attention).to(self.device)
         start = scored_from(batch) if trim and self._keeps_logits else 0
         shared = shared_prefix(batch, start) if self._share_prefix else 0
-        if shared >= MIN_SHARED_PREFIX:
+        if shared:
             return ids, self._prefix_shared_logits(ids, att, shared, start), start
         kw = {"logits_to_keep": torch.arange(start, ids.shape[1], device=self.device)} \
             if start else {}

@@ -84,12 +84,13 @@ MIN_SHARED_PREFIX = 8
 
 def shared_prefix(batch: TokenBatch, limit: int) -> int:
     """How many leading columns (at most `limit`) hold the same real tokens in every row
-    of the batch; 0 for a batch of one row."""
+    of the batch; 0 for a batch of one row, or when fewer than MIN_SHARED_PREFIX do."""
     ids, att = batch.input_ids[:, :limit], batch.attention[:, :limit]
     if ids.shape[0] < 2 or limit <= 0:
         return 0
     same = (ids == ids[:1]).all(axis=0) & att.all(axis=0)
-    return limit if same.all() else int(np.argmin(same))
+    n = limit if same.all() else int(np.argmin(same))
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def shared_prompts(prompts: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
