@@ -1,8 +1,9 @@
 """PyTorch backend: any transformers causal LM, on CUDA, MPS or CPU.
 
-Rollouts use transformers' `generate` (KV cache, batched, left-padded prompts); the
-update runs the shared GFT token loss (gft/objective.py) through `TORCH_OPS`, with
-gradient accumulation over micro-batches, global grad-norm clipping and torch AdamW.
+Rollouts come from a rollout engine (backends/torch_sampler.py: batched KV-cache
+sampling, one prefill per distinct prompt); the update runs the shared GFT token loss
+(gft/objective.py) through `TORCH_OPS`, with gradient accumulation over micro-batches,
+global grad-norm clipping and torch AdamW.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backends import OptimConfig, SamplingConfig
+from backends.host_memory import keep_freed_memory
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
@@ -89,21 +91,45 @@ class TokenLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
-        logz = torch.logsumexp(logits, dim=-1)
-        p = torch.exp(logits - logz[..., None])
-        entropy = logz - torch.linalg.vecdot(p, logits)  # no [B, T, V] product buffer
-        logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz
+        V = logits.shape[-1]
+        z = logits.reshape(-1, V)                                          # [N, V]
+        p = torch.empty_like(z)
+        logz = z.new_empty(z.shape[0])
+        entropy = z.new_empty(z.shape[0])
+        step = softmax_rows(z)
+        for i in range(0, z.shape[0], step):
+            zc, pc = z[i:i + step], p[i:i + step]
+            lz = torch.logsumexp(zc, dim=-1)
+            torch.sub(zc, lz[:, None], out=pc).exp_()
+            logz[i:i + step] = lz
+            entropy[i:i + step] = lz - torch.linalg.vecdot(pc, zc)  # no [N, V] product
+        logp = z.gather(-1, targets.reshape(-1, 1)).squeeze(-1) - logz
         ctx.save_for_backward(p, targets)
+        ctx.logits_shape = logits.shape
+        entropy = entropy.view(targets.shape)
         ctx.mark_non_differentiable(entropy)
-        return logp, entropy
+        return logp.view(targets.shape), entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp: torch.Tensor, _grad_entropy):
         p, targets = ctx.saved_tensors
-        grad = p.mul_(-grad_logp[..., None])
-        grad.scatter_add_(-1, targets[..., None], grad_logp[..., None])
-        return grad, None
+        g = grad_logp.reshape(-1, 1)
+        grad = p.mul_(-g)
+        grad.scatter_add_(-1, targets.reshape(-1, 1), g)
+        return grad.view(ctx.logits_shape), None
+
+
+def softmax_rows(z: torch.Tensor) -> int:
+    """Rows of [N, V] logits that TokenLogProbs processes at a time.
+
+    On the CPU, ~1 MB at a time: logsumexp and its subtraction then run on data still in
+    cache, and the only [N, V] buffer made is the softmax itself, written once. Over the
+    whole tensor at once, each of those steps allocated and page-faulted its own 100 MB
+    temporary (SmolLM2, 8 x 64 positions). GPUs take it in one piece."""
+    if z.device.type != "cpu":
+        return max(1, z.shape[0])
+    return max(1, (1 << 18) // z.shape[-1])
 
 
 def fused_adamw(device: torch.device, strategy: str | None) -> dict:
@@ -140,6 +166,8 @@ class TorchBackend:
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
         self.strategy, self.world = strategy, world
+        if device.type == "cpu":  # the step's big buffers are reused, not page-faulted in
+            keep_freed_memory()
         # bfloat16 compute over float32 weights: autocast here; under FSDP2 the
         # MixedPrecisionPolicy given to fully_shard does the casting instead
         self.autocast = mixed_precision and strategy != "fsdp"
@@ -191,27 +219,33 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ update
     def _forward(self, batch: TokenBatch, trim: bool = False):
-        """(ids, logits, start): logits [B, L - start, V] of positions start..L-1.
+        """(ids, logits, start).
 
-        trim: only the positions from scored_from(batch) on get logits — lm_head (the
-        largest matmul for small models with big vocabularies: 21% of SmolLM2's FLOPs)
-        and the softmax then skip the prompt. An index tensor, not an int, so that
-        lm_head sees one contiguous [B, T, H] block (see torch_sampler.last_logits_only)."""
+        trim=False: logits [B, L, V] of every position (start = 0).
+        trim=True: logits [B, L - 1 - start, V] of positions start..L-2 only, the ones that
+        predict tokens start+1..L-1 (start = scored_from(batch)). lm_head (the largest
+        matmul for small models with big vocabularies: 21% of SmolLM2's FLOPs) and the
+        softmax then skip the prompt and the last position, and no [B, L, V] slice has to
+        be zero-filled in the backward. An index tensor, not an int, so that lm_head sees
+        one contiguous [B, T, H] block (see torch_sampler.last_logits_only)."""
         ids = torch.from_numpy(batch.input_ids).to(self.device)
         att = torch.from_numpy(batch.attention).to(self.device)
-        start = scored_from(batch) if trim and self._keeps_logits else 0
+        if trim and not self._keeps_logits:  # a model without logits_to_keep: slice after
+            ids, logits, _ = self._forward(batch)
+            return ids, logits[:, :-1], 0
+        start = scored_from(batch) if trim else 0
         shared = shared_prefix(batch, start) if self._share_prefix else 0
         if shared:
             return ids, self._prefix_shared_logits(ids, att, shared, start), start
-        kw = {"logits_to_keep": torch.arange(start, ids.shape[1], device=self.device)} \
-            if start else {}
+        kw = {"logits_to_keep": torch.arange(start, ids.shape[1] - 1, device=self.device)} \
+            if trim else {}
         with self._compute_dtype():
             out = self.train_module(input_ids=ids, attention_mask=att, use_cache=False, **kw)
         return ids, out.logits, start
 
     def _prefix_shared_logits(self, ids: torch.Tensor, att: torch.Tensor, shared: int,
                               start: int) -> torch.Tensor:
-        """The logits of positions start..L-1 with the `shared` leading tokens that every
+        """The logits of positions start..L-2 with the `shared` leading tokens that every
         row has in common run ONCE: one row's forward over them fills a KV cache, whose
         keys/values are expanded (a view) to all B rows for the forward over the rest.
 
@@ -225,13 +259,18 @@ class TorchBackend:
         kv = {self._cache_kw: cache, "use_cache": True}
         nothing = torch.zeros(0, dtype=torch.long, device=self.device)
         with self._compute_dtype():
-            self.model(input_ids=ids[:1, :shared], logits_to_keep=nothing, **kv)
+            # One embedding lookup for both parts: its backward builds a dense [V, H]
+            # gradient (113 MB for SmolLM2), so two lookups would build and add two.
+            embed = self.model.get_input_embeddings()(
+                torch.cat([ids[0, :shared], ids[:, shared:].reshape(-1)]))
+            self.model(inputs_embeds=embed[None, :shared], logits_to_keep=nothing, **kv)
             for layer in cache.layers:
                 layer.keys = layer.keys.expand(B, -1, -1, -1)
                 layer.values = layer.values.expand(B, -1, -1, -1)
             positions = torch.arange(shared, L, device=self.device)[None].expand(B, -1)
-            keep = torch.arange(start - shared, L - shared, device=self.device)
-            out = self.train_module(input_ids=ids[:, shared:], attention_mask=att,
+            keep = torch.arange(start - shared, L - shared - 1, device=self.device)
+            rest = embed[shared:].view(B, L - shared, embed.shape[-1])
+            out = self.train_module(inputs_embeds=rest, attention_mask=att,
                                     position_ids=positions, logits_to_keep=keep, **kv)
         return out.logits
 
@@ -262,7 +301,7 @@ class TorchBackend:
         ids, logits, start = self._forward(mb, trim=True)
         mask = torch.from_numpy(mb.response_mask[:, start + 1:]).to(self.device, torch.float32)
         adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
-        logp, entropy = logprobs_and_entropy(logits[:, :-1], ids[:, start + 1:])
+        logp, entropy = logprobs_and_entropy(logits, ids[:, start + 1:])
         loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=mb.n_tokens, n_seqs=mb.n_seqs)
         return loss, entropy, mask

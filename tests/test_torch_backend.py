@@ -219,10 +219,15 @@ def test_mixed_precision_computes_in_bfloat16_over_float32_weights(model_dir):
         load_backend("torch", str(model_dir), dtype="bfloat16", mixed_precision=True)
 
 
-def test_token_logprobs_match_autograd_of_the_plain_formulas():
+@pytest.mark.parametrize("rows", [None, 3])
+def test_token_logprobs_match_autograd_of_the_plain_formulas(monkeypatch, rows):
     """TokenLogProbs' hand-written backward (onehot - softmax, in place) against autograd
-    through log_softmax, in float64; the entropy against its definition."""
+    through log_softmax, in float64; the entropy against its definition. rows=3: the
+    10 positions go through the softmax in chunks of 3, 3, 3 and 1 (softmax_rows)."""
+    import backends.torch_backend as tb
     from backends.torch_backend import TokenLogProbs, logprobs_and_entropy
+    if rows is not None:
+        monkeypatch.setattr(tb, "softmax_rows", lambda z: rows)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64) * 3
     targets = torch.randint(0, 7, (2, 5), generator=gen)
@@ -245,6 +250,12 @@ def test_token_logprobs_match_autograd_of_the_plain_formulas():
     assert torch.allclose(lp32.double(), logp.detach(), atol=1e-5)
 
 
+def rows_by_tokens(kw: dict) -> tuple[int, int]:
+    """[B, T] of a model call, given ids or embeddings."""
+    x = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+    return tuple(x.shape[:2])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch):
     """Rows sharing their leading tokens: one row's forward fills a KV cache expanded to
@@ -264,7 +275,7 @@ def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, ar
         be = load_backend("torch", str(model))
         calls = []
         be.model.register_forward_pre_hook(
-            lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+            lambda mod, args, kw: calls.append(rows_by_tokens(kw)), with_kwargs=True)
         shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
         g_shared = be.gradients()
         assert calls[0][0] == 1, "the shared prefix should run as one row"
@@ -288,7 +299,7 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
     batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
     calls = []
     be.model.get_base_model().register_forward_pre_hook(
-        lambda mod, args, kw: calls.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+        lambda mod, args, kw: calls.append(rows_by_tokens(kw)), with_kwargs=True)
     shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
     g_shared = be.gradients()
     assert calls[:2] == [(1, 11), (4, 10)]
