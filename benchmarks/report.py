@@ -25,6 +25,19 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
 }
 
 
+def products_line(sm: dict, floor: dict) -> str:
+    """The decode step's matrix products timed alone, against the bandwidth floor's step:
+    the most of the floor a rollout through these kernels could reach."""
+    step = _med(sm["times"]["decode_products_alone"]) / sm["decode_steps"]
+    nbytes = sm["linear_weight_bytes"]
+    floor_step = nbytes / (floor["bandwidth_gbs"] * 1e9)
+    return (f"The decode step's matrix products alone (every weight × {sm['tokens'] // sm['decode_steps']} "
+            f"rows, the sampler's kernels, nothing else): {step * 1e3:.1f} ms per step, "
+            f"{nbytes / step / 1e9:.1f} GB/s of weights read, against {floor_step * 1e3:.1f} ms "
+            f"to read them at the copy bandwidth: with these kernels a rollout reaches at most "
+            f"{floor_step / step:.0%} of the bandwidth floor.")
+
+
 def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -176,6 +189,8 @@ def render_run(run: dict) -> str:
             lines[-1] += (f" The sampler on a bfloat16 copy of the weights (refreshed each call; "
                           f"`rollout_copy`/`sync_weights`): {b:.2f} s, "
                           f"generate / that = {hf / b:.2f}.")
+        if sm["times"].get("decode_products_alone") and run.get("floor"):
+            lines[-1] += " " + products_line(sm, run["floor"])
         lines.append("")
     for note in run.get("notes", []):
         lines.append(f"- {note}")

@@ -10,6 +10,7 @@ the statistics.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -286,7 +287,8 @@ def job_sampler(a: dict) -> dict:
     _quiet()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from backends.torch_sampler import rollout_copy, sample, sync_weights
+    from backends.torch_sampler import (MIN_TOKENS_TO_PACK, PACK_MIN_BYTES, can_pack,
+                                        packed_linears, rollout_copy, sample, sync_weights)
 
     dev = torch.device(a.get("device", "cpu"))
     dt = torch.bfloat16 if a.get("dtype") == "bfloat16" else torch.float32
@@ -317,6 +319,20 @@ def job_sampler(a: dict) -> dict:
             sample(shadow, [prompt] * W.GROUP, max_new_tokens=n_new(a),
                    eos_id=None, pad_id=pad, seed=0, device=dev)
         engines.append(("torch_sampler_bf16_copy", ours_bf16))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(W.GROUP, m.in_features, device=dev, dtype=dt) for m in linears]
+
+    def products_alone():
+        """One rollout's decode-step matrix products and nothing else: every nn.Linear
+        once per step at GROUP rows, through the kernels the sampler uses (the rollout
+        engine's packing included), n_new steps. The rollout's time can go no lower."""
+        packed = packed_linears(model, W.GROUP, min_bytes=PACK_MIN_BYTES) \
+            if can_pack(model) and n_new(a) >= MIN_TOKENS_TO_PACK else contextlib.nullcontext()
+        with torch.inference_mode(), packed:
+            for _ in range(n_new(a)):
+                for m, x in zip(linears, inputs):
+                    m(x)
+    engines.append(("decode_products_alone", products_alone))
     times: dict[str, list[float]] = {name: [] for name, _ in engines}
     for i in range(a["warmup"] + a["reps"]):
         for name, fn in engines:
@@ -326,8 +342,10 @@ def job_sampler(a: dict) -> dict:
             if i >= a["warmup"]:
                 times[name].append(time.perf_counter() - t0)
         print(f"[sampler] round {i + 1}/{a['warmup'] + a['reps']}", file=sys.stderr, flush=True)
-    return {"times": times, "tokens": W.GROUP * n_new(a),
-            "prompt_len": len(prompt)}
+    return {"times": times, "tokens": W.GROUP * n_new(a), "prompt_len": len(prompt),
+            "decode_steps": n_new(a),
+            "linear_weight_bytes": sum(m.weight.numel() * m.weight.element_size()
+                                       for m in linears)}
 
 
 JOBS = {"floor": job_floor, "gft": job_gft, "trl": job_trl, "mlx_lm_lora": job_mlx_lm_lora,

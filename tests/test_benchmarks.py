@@ -79,3 +79,14 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
         assert (out / "results-tiny-cpu-float32.png").stat().st_size > 0
     except ImportError:
         assert "no chart" in text
+
+
+def test_decode_products_alone_are_set_against_reading_the_weights_once_per_step():
+    from benchmarks.report import products_line
+    # 4 decode steps in 0.8 s (median of 0.7, 0.8, 0.9): 0.2 s a step for 2 GB of weights
+    # = 10 GB/s; the copy bandwidth (20 GB/s) reads them in 0.1 s: at most 50% of the floor.
+    sm = {"times": {"decode_products_alone": [0.9, 0.7, 0.8]}, "decode_steps": 4,
+          "tokens": 32, "linear_weight_bytes": 2e9}
+    line = products_line(sm, {"bandwidth_gbs": 20.0})
+    assert "× 8 rows" in line and "200.0 ms per step" in line and "10.0 GB/s" in line
+    assert "100.0 ms" in line and "at most 50% of the bandwidth floor" in line
