@@ -315,6 +315,9 @@ def own_signals():
     """In-process stops leave SIGINT/SIGTERM at their default action (a second signal must
     end the process at once); give pytest its handlers back afterwards."""
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # pytest started in the background (nohup, `&`) inherits an ignored SIGINT, which gft
+    # rightly keeps ignored: start these tests from Python's own handler instead.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
