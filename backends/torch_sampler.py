@@ -304,6 +304,15 @@ def packed_linears(model, rows: int, min_bytes: int = 0):
             del mod.forward  # back to nn.Linear.forward; the packed copy is freed
 
 
+def rollout_packing(model, rows: int, max_new_tokens: int, strategy: str | None = None):
+    """What a rollout engine wraps its decoding in: MKL-packed copies of the large weights
+    (packed_linears) for CPU float32 rollouts long enough to repay the packing (not under
+    FSDP2, whose weights are gathered per layer); otherwise nothing."""
+    if strategy == "fsdp" or max_new_tokens < MIN_TOKENS_TO_PACK or not can_pack(model):
+        return contextlib.nullcontext()
+    return packed_linears(model, rows, min_bytes=PACK_MIN_BYTES)
+
+
 def _packed_forward(mod: torch.nn.Linear, packed: torch.Tensor, rows: int,
                     x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])
@@ -363,13 +372,8 @@ class PolicyEngine:
         return self.model
 
     def _packed(self, model, prompts, sampling):
-        """MKL-packed copies of the large weights (packed_linears) for CPU float32
-        rollouts long enough to repay the packing; otherwise nothing."""
         rows = min(sampling.batch_size, len(prompts))
-        if self.strategy == "fsdp" or sampling.max_new_tokens < MIN_TOKENS_TO_PACK \
-                or not can_pack(model):
-            return contextlib.nullcontext()
-        return packed_linears(model, rows, min_bytes=PACK_MIN_BYTES)
+        return rollout_packing(model, rows, sampling.max_new_tokens, self.strategy)
 
     def sync(self) -> None:
         """Nothing to copy: the engine samples from the weights being trained."""

@@ -29,10 +29,10 @@ def products_line(sm: dict, floor: dict) -> str:
     """The decode step's matrix products timed alone, against the bandwidth floor's step:
     the most of the floor a rollout through these kernels could reach."""
     step = _med(sm["times"]["decode_products_alone"]) / sm["decode_steps"]
-    nbytes = sm["linear_weight_bytes"]
+    nbytes, rows = sm["linear_weight_bytes"], sm["tokens"] // sm["decode_steps"]
     floor_step = nbytes / (floor["bandwidth_gbs"] * 1e9)
-    return (f"The decode step's matrix products alone (every weight × {sm['tokens'] // sm['decode_steps']} "
-            f"rows, the sampler's kernels, nothing else): {step * 1e3:.1f} ms per step, "
+    return (f"The decode step's matrix products alone (every weight × {rows} rows, the "
+            f"sampler's kernels, nothing else): {step * 1e3:.1f} ms per step, "
             f"{nbytes / step / 1e9:.1f} GB/s of weights read, against {floor_step * 1e3:.1f} ms "
             f"to read them at the copy bandwidth: with these kernels a rollout reaches at most "
             f"{floor_step / step:.0%} of the bandwidth floor.")

@@ -10,7 +10,6 @@ the statistics.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import resource
@@ -287,8 +286,7 @@ def job_sampler(a: dict) -> dict:
     _quiet()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from backends.torch_sampler import (MIN_TOKENS_TO_PACK, PACK_MIN_BYTES, can_pack,
-                                        packed_linears, rollout_copy, sample, sync_weights)
+    from backends.torch_sampler import rollout_copy, rollout_packing, sample, sync_weights
 
     dev = torch.device(a.get("device", "cpu"))
     dt = torch.bfloat16 if a.get("dtype") == "bfloat16" else torch.float32
@@ -326,9 +324,7 @@ def job_sampler(a: dict) -> dict:
         """One rollout's decode-step matrix products and nothing else: every nn.Linear
         once per step at GROUP rows, through the kernels the sampler uses (the rollout
         engine's packing included), n_new steps. The rollout's time can go no lower."""
-        packed = packed_linears(model, W.GROUP, min_bytes=PACK_MIN_BYTES) \
-            if can_pack(model) and n_new(a) >= MIN_TOKENS_TO_PACK else contextlib.nullcontext()
-        with torch.inference_mode(), packed:
+        with torch.inference_mode(), rollout_packing(model, W.GROUP, n_new(a)):
             for _ in range(n_new(a)):
                 for m, x in zip(linears, inputs):
                     m(x)
