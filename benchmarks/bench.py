@@ -207,6 +207,10 @@ def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Na
         if summary["info"].get("blas_gflops") is not None:
             run["notes"].append(f"{key}: mlx matmul rate in that process "
                                 f"{summary['info']['blas_gflops']:.0f} GFLOP/s")
+        if summary["info"].get("torch_gflops_after") is not None:
+            run["notes"].append(f"{key}: the floor's matmul rate again, in that process after "
+                                f"its steps: {summary['info']['torch_gflops_after']:.0f} GFLOP/s "
+                                f"(the floor uses {run['floor']['matmul_gflops']:.0f})")
     run.setdefault("prompt_len", "?")
 
 

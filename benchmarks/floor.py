@@ -105,6 +105,36 @@ def rollout_floor_s(shape: ModelShape, prompt_len: int, completion_lengths: list
 
 # --------------------------------------------------------------------------- measuring
 
+def matmul_shapes(device_type: str, quick: bool) -> list[tuple[int, int, int]]:
+    """(M, K, N) of the timed products: a large square one and lm_head's shape."""
+    if quick:
+        return [(512, 512, 512)]
+    if device_type == "cuda":
+        return [(8192, 8192, 8192), (8192, 576, 49152)]
+    return [(2048, 2048, 2048), (1024, 576, 49152)]
+
+
+def measure_matmul(device: str = "cpu", dtype: str = "float32", quick: bool = False,
+                   reps: int = 5) -> float:
+    """The square product's rate alone (GFLOP/s, median of `reps`), as `measure` times it."""
+    import torch
+    dev = torch.device(device)
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    m, k, n = matmul_shapes(dev.type, quick)[0]
+    a = torch.randn(m, k, device=dev, dtype=dt)
+    b = torch.randn(k, n, device=dev, dtype=dt)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * m * k * n / statistics.median(times) / 1e9
+
+
 def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
             reps: int = 5) -> dict:
     """Matmul rates and copy bandwidth with torch, medians over `reps` timed runs."""
@@ -124,11 +154,8 @@ def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
             out.append(time.perf_counter() - t0)
         return out
 
-    shapes = [(512, 512, 512)] if quick else [(2048, 2048, 2048), (1024, 576, 49152)]
-    if dev.type == "cuda" and not quick:
-        shapes = [(8192, 8192, 8192), (8192, 576, 49152)]
     matmul = {}
-    for m, k, n in shapes:
+    for m, k, n in matmul_shapes(dev.type, quick):
         a = torch.randn(m, k, device=dev, dtype=dt)
         b = torch.randn(k, n, device=dev, dtype=dt)
         times = timed(lambda a=a, b=b: a @ b, reps)

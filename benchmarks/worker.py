@@ -114,6 +114,8 @@ def job_gft(a: dict) -> dict:
     info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss}
     if backend.name == "mlx":
         info["blas_gflops"] = _mlx_blas_check()
+    else:
+        info["torch_gflops_after"] = _torch_matmul_rate(a)
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
 
 
@@ -126,6 +128,14 @@ def _mlx_blas_check() -> float:
     for _ in range(3):
         mx.eval(a @ b)
     return 3 * 2 * 512 * 576 * 8192 / (time.perf_counter() - t0) / 1e9
+
+
+def _torch_matmul_rate(a: dict) -> float:
+    """The floor's matmul rate (benchmarks/floor.py) measured again in this process right
+    after its steps: how far this machine drifted from the floor's own measurement."""
+    from benchmarks.floor import measure_matmul
+    return measure_matmul(a.get("device", "cpu"), a.get("dtype", "float32"),
+                          quick=a.get("quick", False))
 
 
 def _accelerator_peak(a: dict) -> dict:
@@ -209,7 +219,8 @@ def job_trl(a: dict) -> dict:
     load_rss = peak_rss_bytes()
     trainer.train()
     info = {"trl": trl.__version__, "loss_type": config.loss_type, "load_peak_rss": load_rss,
-            "gradient_checkpointing": config.gradient_checkpointing}
+            "gradient_checkpointing": config.gradient_checkpointing,
+            "torch_gflops_after": _torch_matmul_rate(a)}
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
 
 

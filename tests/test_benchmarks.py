@@ -72,6 +72,8 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     row = runs["tiny-cpu-float32"]["rows"]["gft-torch:grpo"]["summary"]
     assert row["completions"] == 8 and row["peak_rss"] > 0
     assert row["rollout_floor_s"] > 0 and row["update_floor_s"] > 0
+    assert row["info"]["torch_gflops_after"] > 0  # the drift check, and its note
+    assert "gft-torch:grpo: the floor's matmul rate again, in that process" in text
     gft_row = runs["tiny-cpu-float32"]["rows"]["gft-torch:gft"]["summary"]
     assert gft_row["completions"] == 4  # 4 rollouts + 4 dataset responses
     try:
