@@ -271,11 +271,10 @@ def can_pack(model) -> bool:
 
 
 PACK_MIN_BYTES = 32 << 20
-"""Only weights this large are packed: glibc serves allocations of 32 MiB and more with
-mmap and hands them back to the OS when freed. Smaller packed copies (a few MB per weight)
-land in the heap, and once freed, the update's allocations fragment around them: peak RSS
-grows by a copy of those weights (SmolLM2: 3.6 -> 4.35 GiB with every weight packed);
-trimming the heap or keeping the copies costs more time or memory than they save."""
+"""Only weights this large are packed (for SmolLM2, the 49152 x 576 lm_head). Packing
+every weight as well was measured twice (benchmarks/README.md): 0.7-1.0 GiB more peak RSS
+(a packed copy of the model, which fragments the heap the update then reuses) for a
+rollout that was 0.2 s faster in a long-running process and slower in a fresh one."""
 
 
 @contextlib.contextmanager
@@ -357,7 +356,9 @@ class PolicyEngine:
         from backends.torch_parallel import full_weights
         tok, out = self.tokenizer, []
         model = self._model()
-        with full_weights(self.model, self.strategy), self._packed(model, prompts, sampling):
+        packing = rollout_packing(model, min(sampling.batch_size, len(prompts)),
+                                  sampling.max_new_tokens, self.strategy)
+        with full_weights(self.model, self.strategy), packing:
             for start in range(0, len(prompts), sampling.batch_size):
                 end = start + sampling.batch_size
                 out.extend(sample(model, list(prompts[start:end]),
@@ -370,10 +371,6 @@ class PolicyEngine:
 
     def _model(self):
         return self.model
-
-    def _packed(self, model, prompts, sampling):
-        rows = min(sampling.batch_size, len(prompts))
-        return rollout_packing(model, rows, sampling.max_new_tokens, self.strategy)
 
     def sync(self) -> None:
         """Nothing to copy: the engine samples from the weights being trained."""
