@@ -47,7 +47,8 @@ def _rank_prefix() -> str:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(importlib.metadata.version("gft"), prog_name="gft")
+# looked up when --version is asked for: `python cli.py` from a checkout runs uninstalled
+@click.version_option(package_name="gft", prog_name="gft")
 def main() -> None:
     """gft: Group Fine-Tuning for causal language models (SFT, DFT, GRPO and GFT as presets
     of one objective) on PyTorch and MLX, with portable Hugging Face-layout checkpoints.

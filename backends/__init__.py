@@ -126,7 +126,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
-                 mixed_precision: bool = False) -> Backend:
+                 mixed_precision: bool = False, rollout_graphs: str = "auto") -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -136,6 +136,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     parallel / comm: data parallelism when started by torchrun or mlx.launch (a
     gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
+    rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
     mixed_precision: torch only; bfloat16 compute over float32 weights."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
@@ -153,6 +154,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
                        adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
+                       rollout_graphs=rollout_graphs,
                        **({"mixed_precision": True} if mixed_precision else {}),
                        **_parallel_kwargs(name, parallel, comm))
 

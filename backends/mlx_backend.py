@@ -522,7 +522,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          comm=None, rollout_engine: str = "policy",
-         mixed_precision: bool = False) -> MlxBackend:
+         mixed_precision: bool = False, rollout_graphs: str = "auto") -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
     comm: a gft.distributed.MLXComm when started by mlx.launch (data parallel; `parallel`
     is a torch setting and is ignored here).
@@ -538,6 +538,9 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                           f"(choose {' or '.join(DTYPES)})")
     if mixed_precision:
         raise ConfigError("mixed_precision is a torch option; on mlx set dtype: bfloat16")
+    if rollout_graphs == "on":
+        raise ConfigError("rollout_graphs is a torch option (CUDA graphs); the mlx backend "
+                          "compiles its own decode step")
     if rollout_engine != "policy":
         raise ConfigError(f"rollout_engine '{rollout_engine}' is a torch option; the mlx "
                           "backend samples from the policy itself (set dtype: bfloat16 to "

@@ -157,7 +157,7 @@ class TorchBackend:
                  lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                  strategy: str | None = None, world: int = 1, train_module=None,
                  rollout_engine: str = "policy", mixed_precision: bool = False,
-                 share_prefix: bool = True):
+                 share_prefix: bool = True, rollout_graphs: str = "auto"):
         """share_prefix: run leading tokens common to a micro-batch's rows once
         (_prefix_shared_logits); off under gradient checkpointing.
         strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
@@ -174,7 +174,8 @@ class TorchBackend:
         from backends.torch_sampler import ROLLOUT_ENGINES
         # what samples rollouts (a Protocol: generate(prompts, sampling, seeds), sync());
         # synced lazily, before the first rollout after an optimizer update
-        self.rollout_engine = ROLLOUT_ENGINES[rollout_engine](model, tokenizer, device, strategy)
+        self.rollout_engine = ROLLOUT_ENGINES[rollout_engine](model, tokenizer, device, strategy,
+                                                              rollout_graphs)
         self._engine_stale = False
         self._keeps_logits = accepts_logits_to_keep(model)
         # Running a shared prefix once takes two forwards per backward. Under DDP the
@@ -432,14 +433,16 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
-         mixed_precision: bool = False) -> TorchBackend:
+         mixed_precision: bool = False, rollout_graphs: str = "auto") -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
     process group already set up), else None.
     rollout_engine: "policy" (sample from the training weights) or "bfloat16" (from a
     bfloat16 copy refreshed after each update).
-    mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments."""
+    mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments.
+    rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
+    graphs (torch_sampler.GraphDecoder); auto = on CUDA."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
@@ -479,4 +482,4 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                         shard_size=shard_size, strategy=parallel if world > 1 else None,
                         world=world, train_module=train_module, rollout_engine=rollout_engine,
                         mixed_precision=mixed_precision,
-                        share_prefix=not gradient_checkpointing)
+                        share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs)

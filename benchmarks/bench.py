@@ -39,6 +39,9 @@ TRAINERS = {
     # the same, rollouts sampled from a bfloat16 copy of the weights (rollout_engine)
     "gft-torch-bf16roll:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                         "rollout_engine": "bfloat16"}, "torch", "gft[torch]"),
+    # the same, decoding eagerly: what rollout_graphs (on by default on CUDA) saves there
+    "gft-torch-eager:grpo": ("gft", {"backend": "torch", "preset": "grpo",
+                                     "rollout_graphs": "off"}, "torch", "gft[torch]"),
     "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
     "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
     "trl:grpo": ("trl", {}, "trl", "trl"),
@@ -212,6 +215,10 @@ def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Na
         if summary["info"].get("blas_gflops") is not None:
             run["notes"].append(f"{key}: mlx matmul rate in that process "
                                 f"{summary['info']['blas_gflops']:.0f} GFLOP/s")
+        if summary["info"].get("rollout_graphs"):
+            run["notes"].append(f"{key}: rollout_graphs {summary['info']['rollout_graphs']}; its "
+                                f"first (warm-up) step took {summary['info']['first_step_s']:.1f} s, "
+                                "compiling included")
         if summary["info"].get("torch_gflops_after") is not None:
             run["notes"].append(f"{key}: the floor's matmul rate again, in that process after "
                                 f"its steps: {summary['info']['torch_gflops_after']:.0f} GFLOP/s "
@@ -258,6 +265,11 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
         keys = [k for k in keys if k not in MLX_JOBS]  # do not belong in a GPU section
         run["notes"].append(f"mlx rows skipped on --device {a.device} (mlx runs on Apple "
                             "silicon or CPU; name them in --trainers to run them anyway)")
+    if a.trainers == "all":  # rows that would repeat another row's work
+        same = {"gft-torch-eager:grpo"} if a.device == "cpu" else set()  # graphs: CUDA only
+        if a.dtype == "bfloat16":
+            same.add("gft-torch-bf16roll:grpo")  # the policy is bfloat16 already
+        keys = [k for k in keys if k not in same]
     common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
               "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
     floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},

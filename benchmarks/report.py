@@ -193,6 +193,19 @@ def render_run(run: dict) -> str:
             lines[-1] += (f" The sampler on a bfloat16 copy of the weights (refreshed each call; "
                           f"`rollout_copy`/`sync_weights`): {b:.2f} s, "
                           f"generate / that = {hf / b:.2f}.")
+        if sm.get("graphs_failure"):
+            lines[-1] += f" rollout_graphs failed here, decoding eagerly: {sm['graphs_failure']}."
+        if sm["times"].get("torch_sampler_graphs"):
+            g = _med(sm["times"]["torch_sampler_graphs"])
+            lines[-1] += (f" The sampler through a compiled step replayed as CUDA graphs "
+                          f"(`rollout_graphs`, compiled before the timed rounds): {g:.2f} s "
+                          f"({sm['tokens'] / g:.0f} tok/s), generate / that = {hf / g:.2f}; "
+                          f"its first call, compiling included, took "
+                          f"{sm.get('graphs_first_call_s', float('nan')):.1f} s. With one seed "
+                          f"it sampled the eager loop's tokens in {sm.get('graphs_rows_equal')} "
+                          f"of {run['group']} rows (common prefixes "
+                          f"{sm.get('graphs_common_prefix')} of {sm['tokens'] // run['group']}; "
+                          f"{run['dtype']} rounding can differ between compiled and eager kernels).")
         if sm["times"].get("decode_products_alone") and run.get("floor"):
             lines[-1] += " " + products_line(sm, run["floor"])
         lines.append("")

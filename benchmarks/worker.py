@@ -73,6 +73,7 @@ def job_gft(a: dict) -> dict:
         "preset": a["preset"], "device": a.get("device", "auto"),
         "dtype": a.get("dtype", "float32"),
         "rollout_engine": a.get("rollout_engine", "policy"),
+        "rollout_graphs": a.get("rollout_graphs", "auto"),
         "max_response_tokens": n_new(a), "prompts_per_step": 1, "prompts_per_minibatch": 1,
         "micro_batch_size": W.GROUP, "rollout_batch_size": W.GROUP, "rewards": [W.REWARD_SPEC],
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
@@ -111,7 +112,11 @@ def job_gft(a: dict) -> dict:
                       "seq_lengths": rec.get("seq_lengths", []),
                       "padded_tokens": rec.get("padded_tokens", 0)})
         _progress(a, i, wall)
-    info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss}
+    info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss,
+            "first_step_s": steps[0]["step_s"]}
+    graphs = getattr(getattr(backend, "rollout_engine", None), "graphs", None)
+    if graphs is not None:  # rollout_graphs (auto: on CUDA): compiled, or why not
+        info["rollout_graphs"] = graphs.failure or f"on, {len(graphs.steps)} compiled shape(s)"
     if backend.name == "mlx":
         info["blas_gflops"] = _mlx_blas_check()
     else:
@@ -297,7 +302,8 @@ def job_sampler(a: dict) -> dict:
     _quiet()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from backends.torch_sampler import rollout_copy, rollout_packing, sample, sync_weights
+    from backends.torch_sampler import (GraphDecoder, rollout_copy, rollout_packing, sample,
+                                        sync_weights)
 
     dev = torch.device(a.get("device", "cpu"))
     dt = torch.bfloat16 if a.get("dtype") == "bfloat16" else torch.float32
@@ -320,6 +326,26 @@ def job_sampler(a: dict) -> dict:
                pad_id=pad, seed=0, device=dev)
 
     engines = [("hf_generate", hf), ("torch_sampler", ours)]
+    agreement = {}
+    if dev.type == "cuda":  # rollout_graphs' default there: compiled in the warm-up round
+        graphs = GraphDecoder()
+
+        def ours_graphs():
+            return sample(model, [prompt] * W.GROUP, max_new_tokens=n_new(a), eos_id=None,
+                          pad_id=pad, seed=0, device=dev, graphs=graphs)
+        engines.append(("torch_sampler_graphs", ours_graphs))
+        # the same seed through both loops: the same tokens, up to the rounding of the
+        # compiled kernels (a row that differs once goes its own way from there)
+        t0 = time.perf_counter()
+        compiled = ours_graphs()
+        agreement["graphs_first_call_s"] = time.perf_counter() - t0
+        eager = sample(model, [prompt] * W.GROUP, max_new_tokens=n_new(a), eos_id=None,
+                       pad_id=pad, seed=0, device=dev)
+        agreement["graphs_failure"] = graphs.failure
+        agreement["graphs_rows_equal"] = sum(x == y for x, y in zip(compiled, eager))
+        agreement["graphs_common_prefix"] = [next((i for i, (u, v) in enumerate(zip(x, y))
+                                                   if u != v), len(x))
+                                             for x, y in zip(compiled, eager)]
     if dt == torch.float32:  # rollouts from a bfloat16 copy, refreshed every call as a
         shadow = rollout_copy(model)  # trainer would after each update
 
@@ -350,7 +376,7 @@ def job_sampler(a: dict) -> dict:
                 times[name].append(time.perf_counter() - t0)
         print(f"[sampler] round {i + 1}/{a['warmup'] + a['reps']}", file=sys.stderr, flush=True)
     return {"times": times, "tokens": W.GROUP * n_new(a), "prompt_len": len(prompt),
-            "decode_steps": n_new(a),
+            "decode_steps": n_new(a), **agreement,
             "linear_weight_bytes": sum(m.weight.numel() * m.weight.element_size()
                                        for m in linears)}
 

@@ -86,6 +86,13 @@ class TrainConfig:
     rollout_engine: str = _f("policy", "torch: policy (sample from the training weights) | "
                              "bfloat16 (from a bfloat16 copy refreshed after each update: "
                              "faster decoding, rollouts rounded to bfloat16).")
+    rollout_graphs: str = _f("auto", "torch: auto | on | off. Decode through a step compiled "
+                             "once per batch shape (torch.compile, static KV cache) and "
+                             "replayed as a CUDA graph: a small model's decoding on a GPU is "
+                             "kernel launches, which a graph replays at once. auto = on "
+                             "CUDA; the first rollout of each shape compiles (tens of "
+                             "seconds); a model the compiler cannot take decodes eagerly, "
+                             "with a warning.")
     # ---- optimization
     learning_rate: float = _f(1e-6, "AdamW peak learning rate.")
     lr_schedule: str = _f("constant", "constant | linear | cosine (decay to 0 over max_steps).")
@@ -154,6 +161,7 @@ CHOICES = {
     "backend": ("auto", "torch", "mlx"),
     "parallel": ("ddp", "fsdp"),
     "rollout_engine": ("policy", "bfloat16"),
+    "rollout_graphs": ("auto", "on", "off"),
     "dtype": ("float32", "bfloat16"),
     "prompt_overflow": ("error", "truncate", "skip"),
     "preset": tuple(PRESETS),
@@ -190,6 +198,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
             return value
         if t in (str, bool, list) and isinstance(value, t):
             return value
+        if t is str and isinstance(value, bool) and "on" in CHOICES.get(name, ()):
+            return "on" if value else "off"  # YAML 1.1 reads on / off / yes / no as booleans
     if list in args and isinstance(value, (str, dict)):  # rewards: "math" or {name: weight}
         return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in args)

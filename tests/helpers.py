@@ -66,3 +66,15 @@ def yes_questions_data(path: Path) -> Path:
     rows = [{"prompt": f"Question {i}: is {i} a number?\nA:", "completion": "yes",
              "answer": "yes"} for i in range(40)]
     return _write_split(path, rows, 32)
+
+
+class CountingCompiler:
+    """A torch.compile backend that counts the graphs it is given and runs them as traced
+    (what inductor would compile and a GPU would replay as CUDA graphs)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward

@@ -59,6 +59,21 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         read_yaml(p)
 
 
+def test_on_and_off_settings_read_the_way_yaml_writes_them(tmp_path):
+    """YAML 1.1 reads `on` / `off` as booleans: a setting whose choices are on / off takes
+    them either way, from a file or from --set."""
+    p = tmp_path / "c.yaml"
+    p.write_text("rollout_graphs: on\n")
+    assert build_config(read_yaml(p), source=str(p)).rollout_graphs == "on"
+    key, value = parse_override("rollout_graphs=off")
+    assert build_config(None, {key: value}).rollout_graphs == "off"
+    assert build_config(None, {"rollout_graphs": "auto"}).rollout_graphs == "auto"
+    with pytest.raises(ConfigError, match="'trust_remote_code' must be bool"):
+        build_config(None, {"trust_remote_code": "on"})
+    with pytest.raises(ConfigError, match="'rollout_graphs' must be one of auto, on, off"):
+        build_config(None, {"rollout_graphs": "yes please"})
+
+
 def test_override_parsing():
     assert parse_override("tau=0.2") == ("tau", 0.2)
     assert parse_override("max_steps=null") == ("max_steps", None)

@@ -202,6 +202,26 @@ def test_bfloat16_engine_samples_from_the_rounded_current_policy(model_dir):
                          pad_id=PAD_ID)
 
 
+def test_rollout_graphs_follow_the_optimizer_updates_without_recompiling(model_dir):
+    """rollout_graphs: on: rollouts through the compiled step equal eager ones, before and
+    after an update, from one compiled graph (the update changes weights in place, which
+    the step reads where they are)."""
+    from tests.helpers import CountingCompiler
+    on = load_backend("torch", str(model_dir), rollout_graphs="on")
+    off = load_backend("torch", str(model_dir), rollout_graphs="off")
+    assert off.rollout_engine.graphs is None
+    counter = CountingCompiler()
+    on.rollout_engine.graphs.mode, on.rollout_engine.graphs.backend = None, counter
+    prompts, s = [[1, 2, 3], [4, 5], [6]], SamplingConfig(max_new_tokens=10, temperature=1.0)
+    before = on.generate(prompts, s, 4)
+    assert before == off.generate(prompts, s, 4)
+    for be in (on, off):
+        be.train_step(micro_batches(_seqs(), 4, 256), 5e-2, tau=0.1, aggregation="token-mean")
+    after = on.generate(prompts, s, 4)
+    assert after == off.generate(prompts, s, 4) and after != before
+    assert counter.graphs == 1 and on.rollout_engine.graphs.failure is None
+
+
 def test_mixed_precision_computes_in_bfloat16_over_float32_weights(model_dir):
     batches = micro_batches(_seqs(), 4, 256)
     ref = load_backend("torch", str(model_dir))

@@ -229,3 +229,59 @@ def test_packed_matmuls_sample_the_same_tokens_and_are_undone(model):
     assert packed == plain
     assert fewer == sample(model, PROMPTS[:3], seed=7, **kw)
     assert not any("forward" in vars(m) for m in linears)
+
+
+def test_graph_decoder_samples_the_same_tokens_from_one_compiled_step(model):
+    """The static-cache loop behind rollout_graphs: greedy and sampled tokens equal the
+    eager loop's, with padding, rows ending at different steps (they decode on, their
+    tokens discarded) and top-p; the whole decode step is one graph (fullgraph), compiled
+    once for every call of the same batch shape, again for another row count."""
+    from backends.torch_sampler import GraphDecoder
+    from tests.helpers import CountingCompiler
+    counter = CountingCompiler()
+    graphs = GraphDecoder(mode=None, backend=counter)
+    free = sample(model, PROMPTS, max_new_tokens=20, greedy=True, eos_id=None, pad_id=PAD_ID)
+    eos = free[0][4]
+    for kw in (dict(greedy=True, eos_id=eos), dict(seed=11, eos_id=eos),
+               dict(seed=3, temperature=0.7, top_p=0.9, eos_id=EOS_ID)):
+        eager = sample(model, PROMPTS, max_new_tokens=20, pad_id=PAD_ID, **kw)
+        assert sample(model, PROMPTS, max_new_tokens=20, pad_id=PAD_ID, graphs=graphs,
+                      **kw) == eager
+    assert len(eager := sample(model, PROMPTS, max_new_tokens=20, greedy=True, eos_id=eos,
+                               pad_id=PAD_ID)[0]) <= 5 and eager[-1] == eos
+    longer = [p + [65, 66] for p in PROMPTS]  # another prompt length, the same cache length
+    assert sample(model, longer, max_new_tokens=20, seed=4, eos_id=EOS_ID, pad_id=PAD_ID,
+                  graphs=graphs) == sample(model, longer, max_new_tokens=20, seed=4,
+                                           eos_id=EOS_ID, pad_id=PAD_ID)
+    assert graphs.failure is None and counter.graphs == 1
+    three = sample(model, PROMPTS[:3], max_new_tokens=20, seed=5, eos_id=EOS_ID,
+                   pad_id=PAD_ID, graphs=graphs)
+    assert three == sample(model, PROMPTS[:3], max_new_tokens=20, seed=5, eos_id=EOS_ID,
+                           pad_id=PAD_ID)
+    assert counter.graphs == 2 and len(graphs.steps) == 2
+    assert not model.training
+
+
+def test_graph_decoder_that_cannot_compile_decodes_eagerly_and_says_why(model):
+    from backends.torch_sampler import GraphDecoder
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("this compiler cannot take the model")
+    graphs = GraphDecoder(mode=None, backend=broken)
+    kw = dict(max_new_tokens=12, seed=2, eos_id=EOS_ID, pad_id=PAD_ID)
+    with pytest.warns(RuntimeWarning, match="rollout_graphs: decoding eagerly"):
+        got = sample(model, PROMPTS, graphs=graphs, **kw)
+    assert got == sample(model, PROMPTS, **kw)
+    assert not graphs.enabled and "cannot take the model" in graphs.failure
+    assert sample(model, PROMPTS, graphs=graphs, **kw) == got  # off for good, no new warning
+
+
+def test_rollout_graphs_setting_chooses_the_decoder(model):
+    from backends.torch_sampler import GraphDecoder, graph_cache_len, graphs_for
+    assert [graph_cache_len(n) for n in (1, 256, 257, 600, 1024)] == [256, 256, 512, 1024, 1024]
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert graphs_for(model, cpu, "auto") is None
+    assert isinstance(graphs_for(model, cuda, "auto"), GraphDecoder)
+    assert isinstance(graphs_for(model, cpu, "on"), GraphDecoder)
+    assert graphs_for(model, cuda, "off") is None
+    assert graphs_for(model, cuda, "on", strategy="fsdp") is None
