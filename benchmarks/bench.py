@@ -241,7 +241,9 @@ def save(run: dict, out: Path) -> Path:
     """Chart, then results.json (this run's entry replaced) and RESULTS.md from all runs."""
     key = f"{run['model']}-{run['device']}-{run['dtype']}"
     png = out / f"results-{key}.png"
-    if report.chart(png, run):
+    if not any("summary" in r for r in run["rows"].values()):
+        pass  # no trainer rows (a sampler-only run, say): nothing to chart
+    elif report.chart(png, run):
         run["chart"] = png.name
     else:
         run["notes"].append("no chart: pip install matplotlib")
