@@ -16,6 +16,9 @@ What it does differently from `model.generate` (and why it is faster on CPU):
 - when no row is padded (GRPO's usual case: one prompt repeated G times) no attention
   mask is passed at all, so attention takes the causal fast path.
 
+On CUDA (`rollout_graphs`, GraphDecoder): the same loop over a static KV cache with the
+decode step compiled and replayed as a CUDA graph, all rows decoding to the end.
+
 Sampling: temperature, then nucleus (top-p) by sort + cumsum, then one inverse-CDF draw
 per row and position from a table of uniforms made from that row's own seed
 (gft.distributed.uniform_table): a row samples the same tokens whichever rows share its
@@ -30,6 +33,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import types
 from typing import Sequence
 
 import torch
@@ -320,9 +324,9 @@ class GraphDecoder:
     own, and replayed: on a GPU, `mode="reduce-overhead"` records it as a CUDA graph.
 
     Why: a small model's decode step on a GPU is kernel launches, not arithmetic. On an
-    H200 (benchmarks/RESULTS.md), SmolLM2-135M's eager step took 18 ms for 8 rows, of which
-    the matrix products' kernels were 3.3 ms and reading the weights 0.07 ms; a graph
-    replays the ~500 kernels of a step with one launch.
+    H200 (benchmarks/RESULTS.md), SmolLM2-135M's eager step took 18–35 ms for 8 rows, of which
+    the matrix products' kernels were 3–5 ms and reading the weights 0.07 ms; a graph
+    replays a step's hundreds of kernels with one launch.
 
     Each (rows, cache length) keeps its cache and its graph for the engine's lifetime
     (rollout batches and graph_cache_len's powers of two keep them few); the weights are
@@ -363,6 +367,11 @@ class GraphDecoder:
                             attention_mask=attention_mask, use_cache=True, **{kw: cache})
                 return out.logits[:, -1].float()
 
+            # a code object of its own per shape: dynamo keeps its compiled versions on
+            # the code object and stops compiling one after 8 (recompile_limit), silently
+            # running it uncompiled; a run's shapes and engines must not share that budget
+            decode = types.FunctionType(decode.__code__.replace(), decode.__globals__,
+                                        decode.__name__, None, decode.__closure__)
             compiled = torch.compile(decode, fullgraph=True, dynamic=False,
                                      backend=self.backend,
                                      **({"mode": self.mode} if self.mode else {}))

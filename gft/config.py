@@ -91,8 +91,10 @@ class TrainConfig:
                              "replayed as a CUDA graph: a small model's decoding on a GPU is "
                              "kernel launches, which a graph replays at once. auto = on "
                              "CUDA; the first rollout of each shape compiles (tens of "
-                             "seconds); a model the compiler cannot take decodes eagerly, "
-                             "with a warning.")
+                             "seconds), and each shape's KV cache (rows x cache length, "
+                             "rounded up to a power of two) stays allocated for the run: "
+                             "set off when GPU memory is tight. A model the compiler "
+                             "cannot take decodes eagerly, with a warning.")
     # ---- optimization
     learning_rate: float = _f(1e-6, "AdamW peak learning rate.")
     lr_schedule: str = _f("constant", "constant | linear | cosine (decay to 0 over max_steps).")

@@ -202,13 +202,19 @@ def test_bfloat16_engine_samples_from_the_rounded_current_policy(model_dir):
                          pad_id=PAD_ID)
 
 
-def test_rollout_graphs_follow_the_optimizer_updates_without_recompiling(model_dir):
+@pytest.mark.parametrize("setup", ["plain", "lora", "bfloat16 engine", "mixed precision"])
+def test_rollout_graphs_follow_the_optimizer_updates_without_recompiling(model_dir, setup):
     """rollout_graphs: on: rollouts through the compiled step equal eager ones, before and
     after an update, from one compiled graph (the update changes weights in place, which
-    the step reads where they are)."""
+    the step reads where they are), with adapters, from a bfloat16 copy and under
+    autocast too."""
+    from gft.lora import LoraConfig
     from tests.helpers import CountingCompiler
-    on = load_backend("torch", str(model_dir), rollout_graphs="on")
-    off = load_backend("torch", str(model_dir), rollout_graphs="off")
+    kw = {"plain": {}, "lora": {"lora": LoraConfig(rank=4, alpha=64.0)},
+          "bfloat16 engine": {"rollout_engine": "bfloat16"},
+          "mixed precision": {"mixed_precision": True}}[setup]
+    on = load_backend("torch", str(model_dir), rollout_graphs="on", **kw)
+    off = load_backend("torch", str(model_dir), rollout_graphs="off", **kw)
     assert off.rollout_engine.graphs is None
     counter = CountingCompiler()
     on.rollout_engine.graphs.mode, on.rollout_engine.graphs.backend = None, counter

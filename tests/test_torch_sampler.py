@@ -285,3 +285,16 @@ def test_rollout_graphs_setting_chooses_the_decoder(model):
     assert isinstance(graphs_for(model, cpu, "on"), GraphDecoder)
     assert graphs_for(model, cuda, "off") is None
     assert graphs_for(model, cuda, "on", strategy="fsdp") is None
+
+
+def test_every_batch_shape_compiles_past_dynamos_recompile_limit(model):
+    """Ten row counts: ten compiled steps. Sharing one code object, dynamo would have run
+    the ninth and tenth uncompiled, silently (its recompile_limit is 8 per function)."""
+    from backends.torch_sampler import GraphDecoder
+    from tests.helpers import CountingCompiler
+    counter = CountingCompiler()
+    graphs = GraphDecoder(mode=None, backend=counter)
+    for rows in range(1, 11):
+        sample(model, PROMPTS[:1] * rows, max_new_tokens=3, seed=0, eos_id=None,
+               pad_id=PAD_ID, graphs=graphs)
+    assert counter.graphs == 10 and graphs.failure is None
