@@ -214,6 +214,16 @@ class TorchBackend:
             return self.rollout_engine.generate(prompts, sampling,
                                                 row_seeds(seed, len(prompts)))
 
+    @property
+    def rollout_note(self) -> str | None:
+        """A line for the run's header when rollouts do something the user should expect."""
+        if getattr(self.rollout_engine, "graphs", None) is None:
+            return None
+        how = " and replayed as a CUDA graph" if self.device.type == "cuda" else ""
+        return (f"rollouts: a decode step compiled{how} (rollout_graphs); the first rollout "
+                "of each batch shape compiles for tens of seconds (rollout_graphs: off "
+                "decodes eagerly)")
+
     def _compute_dtype(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast \
             else contextlib.nullcontext()

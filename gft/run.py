@@ -225,6 +225,8 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
+    if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
+        console.print(backend.rollout_note)
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                   comm=comm)
     steps = stages[-1].end

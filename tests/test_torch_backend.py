@@ -228,6 +228,13 @@ def test_rollout_graphs_follow_the_optimizer_updates_without_recompiling(model_d
     assert counter.graphs == 1 and on.rollout_engine.graphs.failure is None
 
 
+def test_the_run_header_says_when_rollouts_compile(model_dir):
+    on = load_backend("torch", str(model_dir), rollout_graphs="on")
+    assert "first rollout of each batch shape compiles" in on.rollout_note
+    assert "CUDA graph" not in on.rollout_note  # on the CPU it is compiled only
+    assert load_backend("torch", str(model_dir)).rollout_note is None  # auto on a CPU: off
+
+
 def test_mixed_precision_computes_in_bfloat16_over_float32_weights(model_dir):
     batches = micro_batches(_seqs(), 4, 256)
     ref = load_backend("torch", str(model_dir))
