@@ -215,14 +215,21 @@ def sample(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
         model.train(was_training)
 
 
+def _loop_inputs(model, rows: int, seed, max_new_tokens: int, eos_id, pad_id, device):
+    """What both decode loops start from: the device, each row's uniforms [rows, T], the
+    padding id and the stop ids (a tensor, or None)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    draws = torch.from_numpy(uniform_table(row_seeds(seed, rows), max_new_tokens)).to(device)
+    stop = None if eos_id is None else torch.tensor(
+        [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    return device, draws, 0 if pad_id is None else pad_id, stop
+
+
 def _sample(model, prompts, *, max_new_tokens, temperature, top_p, greedy, eos_id, pad_id,
             seed, device) -> list[list[int]]:
     B = len(prompts)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    draws = torch.from_numpy(uniform_table(row_seeds(seed, B), max_new_tokens)).to(device)
-    pad_id = 0 if pad_id is None else pad_id
-    stop = None if eos_id is None else torch.tensor(
-        [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    device, draws, pad_id, stop = _loop_inputs(model, B, seed, max_new_tokens, eos_id, pad_id,
+                                               device)
     distinct, copies = shared_prompts(prompts)
     ids, mask = left_pad(distinct, pad_id, device)
     padded = bool((mask == 0).any())
@@ -276,11 +283,8 @@ def _sample_static(model, prompts, *, graphs, max_new_tokens, temperature, top_p
     whole cache with a [B, cache length] padding mask, and the prompt is run for every
     row rather than once per distinct prompt (a static cache has one slot per row)."""
     B = len(prompts)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    draws = torch.from_numpy(uniform_table(row_seeds(seed, B), max_new_tokens)).to(device)
-    pad_id = 0 if pad_id is None else pad_id
-    stop = None if eos_id is None else torch.tensor(
-        [eos_id] if isinstance(eos_id, int) else list(eos_id), dtype=torch.long, device=device)
+    device, draws, pad_id, stop = _loop_inputs(model, B, seed, max_new_tokens, eos_id, pad_id,
+                                               device)
     ids, prompt_mask = left_pad(prompts, pad_id, device)
     P = ids.shape[1]
     cache, length, step = graphs.step(model, B, P + max_new_tokens)
