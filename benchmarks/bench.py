@@ -87,6 +87,14 @@ def selected(spec: str) -> list[str]:
     return out
 
 
+def without_repeats(keys: list[str], device: str, dtype: str) -> list[str]:
+    """The default selection less the rows that would repeat another row's work here."""
+    same = {"gft-torch-eager:grpo"} if device == "cpu" else set()  # graphs are CUDA's
+    if dtype == "bfloat16":
+        same.add("gft-torch-bf16roll:grpo")  # the policy is bfloat16 already
+    return [k for k in keys if k not in same]
+
+
 def run_job(job: str, args: dict, label: str, logs: Path, timeout: float,
             env: dict | None = None) -> dict:
     """Run one worker; its result dict, or {'error': the last line it printed}."""
@@ -267,11 +275,8 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
         keys = [k for k in keys if k not in MLX_JOBS]  # do not belong in a GPU section
         run["notes"].append(f"mlx rows skipped on --device {a.device} (mlx runs on Apple "
                             "silicon or CPU; name them in --trainers to run them anyway)")
-    if a.trainers == "all":  # rows that would repeat another row's work
-        same = {"gft-torch-eager:grpo"} if a.device == "cpu" else set()  # graphs: CUDA only
-        if a.dtype == "bfloat16":
-            same.add("gft-torch-bf16roll:grpo")  # the policy is bfloat16 already
-        keys = [k for k in keys if k not in same]
+    if a.trainers == "all":
+        keys = without_repeats(keys, a.device, a.dtype)
     common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
               "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
     floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},

@@ -40,6 +40,22 @@ def products_line(sm: dict, floor: dict) -> str:
             f"{floor_step / step:.0%} of the bandwidth floor.")
 
 
+def graphs_line(sm: dict, group: int, dtype: str) -> str:
+    """The sampler through rollout_graphs' compiled step (CUDA): its time, its compile, and
+    whether it sampled the eager loop's tokens from the same seed."""
+    hf, g = _med(sm["times"]["hf_generate"]), _med(sm["times"]["torch_sampler_graphs"])
+    if sm.get("graphs_failure"):
+        return (f"rollout_graphs failed here and the sampler decoded eagerly ({g:.2f} s): "
+                f"{sm['graphs_failure']}.")
+    return (f"The sampler through a compiled step replayed as CUDA graphs (`rollout_graphs`, "
+            f"compiled before the timed rounds): {g:.2f} s ({sm['tokens'] / g:.0f} tok/s), "
+            f"generate / that = {hf / g:.2f}; its first call, compiling included, took "
+            f"{sm['graphs_first_call_s']:.1f} s. With one seed it sampled the eager loop's "
+            f"tokens in {sm['graphs_rows_equal']} of {group} rows (common prefixes "
+            f"{sm['graphs_common_prefix']} of {sm['tokens'] // group}; {dtype} rounding can "
+            "differ between compiled and eager kernels).")
+
+
 def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
@@ -193,19 +209,8 @@ def render_run(run: dict) -> str:
             lines[-1] += (f" The sampler on a bfloat16 copy of the weights (refreshed each call; "
                           f"`rollout_copy`/`sync_weights`): {b:.2f} s, "
                           f"generate / that = {hf / b:.2f}.")
-        if sm.get("graphs_failure"):
-            lines[-1] += f" rollout_graphs failed here, decoding eagerly: {sm['graphs_failure']}."
         if sm["times"].get("torch_sampler_graphs"):
-            g = _med(sm["times"]["torch_sampler_graphs"])
-            lines[-1] += (f" The sampler through a compiled step replayed as CUDA graphs "
-                          f"(`rollout_graphs`, compiled before the timed rounds): {g:.2f} s "
-                          f"({sm['tokens'] / g:.0f} tok/s), generate / that = {hf / g:.2f}; "
-                          f"its first call, compiling included, took "
-                          f"{sm.get('graphs_first_call_s', float('nan')):.1f} s. With one seed "
-                          f"it sampled the eager loop's tokens in {sm.get('graphs_rows_equal')} "
-                          f"of {run['group']} rows (common prefixes "
-                          f"{sm.get('graphs_common_prefix')} of {sm['tokens'] // run['group']}; "
-                          f"{run['dtype']} rounding can differ between compiled and eager kernels).")
+            lines[-1] += " " + graphs_line(sm, run["group"], run["dtype"])
         if sm["times"].get("decode_products_alone") and run.get("floor"):
             lines[-1] += " " + products_line(sm, run["floor"])
         lines.append("")

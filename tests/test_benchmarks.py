@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.bench import selected  # noqa: E402
+from benchmarks.bench import selected, without_repeats  # noqa: E402
 from benchmarks.floor import ModelShape, rollout_floor_s, update_floor_s  # noqa: E402
 
 # 10 parameters, 2 layers, 1 KV head of width 2: a KV position costs 2·2·1·2·4 = 32 bytes.
@@ -129,3 +129,24 @@ def test_smollm2_shape_writes_random_weights_beside_carried_config_and_tokenizer
     again = load_file(shape / "model.safetensors")
     assert all((first[k] == again[k]).all() for k in first)
     assert not (tmp_path / "cache" / "smollm2-135m-shape.tmp").exists()
+
+
+def test_default_rows_leave_out_what_repeats_another_row_here():
+    keys = selected("all")
+    assert "gft-torch-eager:grpo" not in without_repeats(keys, "cpu", "float32")
+    assert "gft-torch-bf16roll:grpo" in without_repeats(keys, "cpu", "float32")
+    on_gpu = without_repeats(keys, "cuda", "bfloat16")
+    assert "gft-torch-eager:grpo" in on_gpu and "gft-torch-bf16roll:grpo" not in on_gpu
+    assert "gft-torch:grpo" in on_gpu and "trl:grpo" in on_gpu
+
+
+def test_graph_sampler_line_reports_speed_compile_and_token_agreement():
+    from benchmarks.report import graphs_line
+    sm = {"times": {"hf_generate": [2.0, 2.2, 1.8], "torch_sampler_graphs": [0.2, 0.25, 0.15]},
+          "tokens": 512, "graphs_first_call_s": 31.5, "graphs_rows_equal": 8,
+          "graphs_common_prefix": [64] * 8}
+    line = graphs_line(sm, 8, "float32")
+    assert "0.20 s (2560 tok/s), generate / that = 10.00" in line
+    assert "took 31.5 s" in line and "in 8 of 8 rows" in line and "of 64; float32" in line
+    failed = graphs_line({**sm, "graphs_failure": "BackendCompilerFailed: no"}, 8, "float32")
+    assert failed.startswith("rollout_graphs failed here") and "no." in failed
