@@ -114,58 +114,54 @@ def matmul_shapes(device_type: str, quick: bool) -> list[tuple[int, int, int]]:
     return [(2048, 2048, 2048), (1024, 576, 49152)]
 
 
-def measure_matmul(device: str = "cpu", dtype: str = "float32", quick: bool = False,
-                   reps: int = 5) -> float:
-    """The square product's rate alone (GFLOP/s, median of `reps`), as `measure` times it."""
+def _torch_on(device: str, dtype: str):
+    """(torch, device, dtype, sync): what every timing here needs."""
     import torch
     dev = torch.device(device)
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    return torch, dev, dt, sync
+
+
+def _timed(fn, n: int, sync) -> list[float]:
+    """Seconds of `n` runs of fn after one unmeasured run (device work waited for)."""
+    fn()
+    sync()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_matmul(device: str = "cpu", dtype: str = "float32", quick: bool = False,
+                   reps: int = 5) -> float:
+    """The square product's rate alone (GFLOP/s, median of `reps`), as `measure` times it."""
+    torch, dev, dt, sync = _torch_on(device, dtype)
     m, k, n = matmul_shapes(dev.type, quick)[0]
     a = torch.randn(m, k, device=dev, dtype=dt)
     b = torch.randn(k, n, device=dev, dtype=dt)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    a @ b
-    sync()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+    return 2 * m * k * n / statistics.median(_timed(lambda: a @ b, reps, sync)) / 1e9
 
 
 def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
             reps: int = 5) -> dict:
     """Matmul rates and copy bandwidth with torch, medians over `reps` timed runs."""
-    import torch
-    dev = torch.device(device)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def timed(fn, n):
-        fn()
-        sync()
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - t0)
-        return out
-
+    torch, dev, dt, sync = _torch_on(device, dtype)
     matmul = {}
     for m, k, n in matmul_shapes(dev.type, quick):
         a = torch.randn(m, k, device=dev, dtype=dt)
         b = torch.randn(k, n, device=dev, dtype=dt)
-        times = timed(lambda a=a, b=b: a @ b, reps)
+        times = _timed(lambda a=a, b=b: a @ b, reps, sync)
         matmul[f"{m}x{k}x{n}"] = {"gflops_median": 2 * m * k * n / statistics.median(times) / 1e9,
                                   "gflops_best": 2 * m * k * n / min(times) / 1e9}
         a = b = None  # free before the next shape
     size = (64 << 20) if quick else (1 << 30)
     src = torch.empty(size // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
-    times = timed(lambda: dst.copy_(src), reps)
+    times = _timed(lambda: dst.copy_(src), reps, sync)
     src = dst = None
     best = max(matmul.values(), key=lambda r: r["gflops_median"])
     return {"matmul": matmul, "matmul_gflops": best["gflops_median"],
