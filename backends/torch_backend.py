@@ -80,6 +80,31 @@ def logprobs_and_entropy(logits: torch.Tensor,
     return TokenLogProbs.apply(logits.float(), targets)
 
 
+def clip_gradients_(params, max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_, same coefficient (max_norm / (norm + 1e-6), applied
+    when below 1); returns the global norm before clipping, as a float.
+
+    Float32 CPU gradients take a faster path than torch's, measured on SmolLM2-135M's
+    gradients (2 cores): each tensor's sum of squares is one BLAS dot product, 26 ms
+    against 54 ms for torch's foreach norm (which also read 4e-4 off the float64 norm
+    there, the dots 7e-6); and the gradients are multiplied only when the coefficient is
+    below 1, where torch multiplies always (by 1 when not clipping: on a GPU that spares a
+    device sync, on a CPU it is a pass over every gradient for nothing) — 85 ms in all
+    before, 26 ms after for an update that does not clip. Anything else (GPU, bfloat16,
+    FSDP2's sharded DTensors) goes through torch's own function."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or not all(type(g) is torch.Tensor and g.device.type == "cpu"
+                            and g.dtype == torch.float32 for g in grads):
+        from backends.torch_parallel import local_value  # FSDP2: a DTensor
+        return local_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    squares = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads])
+    norm = float(squares.double().sum().sqrt())
+    coef = max_norm / (norm + 1e-6)
+    if coef < 1.0:
+        torch._foreach_mul_(grads, coef)
+    return norm
+
+
 class TokenLogProbs(torch.autograd.Function):
     """log p = z_target - logZ and H = logZ - sum(p * z), with p = softmax(z) made once.
 
@@ -328,8 +353,7 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         max_norm = self.optim_cfg.max_grad_norm or math.inf
-        from backends.torch_parallel import local_value  # FSDP2: a DTensor
-        grad_norm = local_value(torch.nn.utils.clip_grad_norm_(self.params.values(), max_norm))
+        grad_norm = clip_gradients_(list(self.params.values()), max_norm)
         if not math.isfinite(grad_norm):  # must not touch the weights or the moments
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm, True

@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="smollm2 | smollm2-shape (its shape and tokenizer, random weights) | "
                         "tiny | a model directory; a comma list runs each in turn")
     p.add_argument("--reps", type=int, default=3, help="measured steps per trainer")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before them")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="unmeasured steps before them (two: see benchmarks/README.md)")
     p.add_argument("--trainers", default="all",
                    help="comma list of: " + ", ".join(TRAINERS) + ", sampler; or a prefix "
                         "such as gft-torch, trl; default all")

@@ -341,3 +341,37 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
     assert shared["loss"] == pytest.approx(plain["loss"], rel=1e-5, abs=1e-7)
     for name, g in be.gradients().items():
         np.testing.assert_allclose(g_shared[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9, float("inf")])
+def test_clipping_matches_torch_clip_grad_norm(max_norm):
+    from backends.torch_backend import clip_gradients_
+    g = torch.Generator().manual_seed(0)
+    shapes = [(300, 64), (64,), (1000, 3)]
+    grads = [torch.randn(s, generator=g) * 0.05 for s in shapes]
+
+    def params():
+        ps = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        return ps + [torch.nn.Parameter(torch.zeros(3))]  # one without a gradient
+
+    ours, ref = params(), params()
+    norm = clip_gradients_(ours, max_norm)
+    ref_norm = float(torch.nn.utils.clip_grad_norm_(ref, max_norm))
+    exact = float(torch.cat([x.double().reshape(-1) for x in grads]).norm())
+    assert norm == pytest.approx(exact, rel=1e-6) and norm == pytest.approx(ref_norm, rel=1e-5)
+    assert 0.5 < exact < 1e9  # the first case clips, the others do not
+    for a, b, raw in zip(ours, ref, grads):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        if max_norm > exact:  # not clipping leaves the gradients untouched, bit for bit
+            assert torch.equal(a.grad, raw)
+    assert ours[-1].grad is None
+
+
+def test_clipping_bfloat16_gradients_goes_through_torch():
+    from backends.torch_backend import clip_gradients_
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))
+    p.grad = torch.full((4,), 2.0, dtype=torch.bfloat16)
+    assert clip_gradients_([p], 1.0) == pytest.approx(4.0, rel=1e-2)
+    assert float(p.grad.float().norm()) == pytest.approx(1.0, rel=1e-2)
