@@ -1,7 +1,8 @@
 """The hardware floor: what a step would cost at the machine's measured limits.
 
 Measured (in its own subprocess, same run, same machine):
-- the large matrix-product rate, GFLOP/s: C = A @ B in the compute dtype;
+- the large matrix-product rate, GFLOP/s: C = A @ B in the compute dtype, into a
+  preallocated C;
 - the memory-copy bandwidth, GB/s: dst.copy_(src) of a large tensor, counted as bytes
   read + bytes written.
 
@@ -123,10 +124,19 @@ def _torch_on(device: str, dtype: str):
     return torch, dev, dt, sync
 
 
-def _timed(fn, n: int, sync) -> list[float]:
-    """Seconds of `n` runs of fn after one unmeasured run (device work waited for)."""
-    fn()
-    sync()
+def _timed(fn, n: int, sync, warm_s: float = 0.0) -> list[float]:
+    """Seconds of `n` runs of fn (device work waited for), after unmeasured runs for at
+    least `warm_s` seconds (at least one). Why the warm-up: on this CPU a fresh process's
+    2048^3 product speeds up over its first seconds (blocks of 8 read 294, 300, 324, 329,
+    329 GFLOP/s in a row), so five runs right after one unmeasured run under-read the rate
+    the trainers then get (the re-timing in each trainer's process read 10-20% higher in
+    every earlier run), making the floor lenient."""
+    t_end = time.perf_counter() + warm_s
+    while True:
+        fn()
+        sync()
+        if time.perf_counter() >= t_end:
+            break
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
@@ -136,14 +146,26 @@ def _timed(fn, n: int, sync) -> list[float]:
     return out
 
 
+def _product(torch, dev, dt, m: int, k: int, n: int):
+    """C = A @ B into one preallocated C: the product's own rate (into a fresh C each call
+    it read 4-9% lower here, in alternating blocks in one process)."""
+    a = torch.randn(m, k, device=dev, dtype=dt)
+    b = torch.randn(k, n, device=dev, dtype=dt)
+    c = torch.empty(m, n, device=dev, dtype=dt)
+    return lambda: torch.mm(a, b, out=c)
+
+
+WARM_S = 3.0
+"""Seconds of unmeasured products before each timed matmul shape (not with --quick)."""
+
+
 def measure_matmul(device: str = "cpu", dtype: str = "float32", quick: bool = False,
                    reps: int = 5) -> float:
     """The square product's rate alone (GFLOP/s, median of `reps`), as `measure` times it."""
     torch, dev, dt, sync = _torch_on(device, dtype)
     m, k, n = matmul_shapes(dev.type, quick)[0]
-    a = torch.randn(m, k, device=dev, dtype=dt)
-    b = torch.randn(k, n, device=dev, dtype=dt)
-    return 2 * m * k * n / statistics.median(_timed(lambda: a @ b, reps, sync)) / 1e9
+    times = _timed(_product(torch, dev, dt, m, k, n), reps, sync, 0.0 if quick else WARM_S)
+    return 2 * m * k * n / statistics.median(times) / 1e9
 
 
 def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
@@ -152,12 +174,10 @@ def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
     torch, dev, dt, sync = _torch_on(device, dtype)
     matmul = {}
     for m, k, n in matmul_shapes(dev.type, quick):
-        a = torch.randn(m, k, device=dev, dtype=dt)
-        b = torch.randn(k, n, device=dev, dtype=dt)
-        times = _timed(lambda a=a, b=b: a @ b, reps, sync)
+        times = _timed(_product(torch, dev, dt, m, k, n), reps, sync,
+                       0.0 if quick else WARM_S)  # the tensors are freed after
         matmul[f"{m}x{k}x{n}"] = {"gflops_median": 2 * m * k * n / statistics.median(times) / 1e9,
                                   "gflops_best": 2 * m * k * n / min(times) / 1e9}
-        a = b = None  # free before the next shape
     size = (64 << 20) if quick else (1 << 30)
     src = torch.empty(size // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)

@@ -147,7 +147,9 @@ def render_run(run: dict) -> str:
              f"{run['reps']} measured; model {run['params'] / 1e6:.1f} M parameters.", "",
              "Floor (measured in this run): matmul "
              + ", ".join(f"{k}: {v['gflops_median']:.0f}" for k, v in fl["matmul"].items())
-             + f" GFLOP/s (floor uses {fl['matmul_gflops']:.0f}); memory copy "
+             + f" GFLOP/s (floor uses {fl['matmul_gflops']:.0f}"
+             + (", the highest of these and the torch jobs' re-timings below"
+                if fl.get("retimed_gflops") else "") + "); memory copy "
              f"{fl['bandwidth_gbs']:.1f} GB/s (read + write of {fl['copy_bytes'] >> 20} MiB); "
              f"{fl['threads']} torch threads.", "",
              "| trainer | preset | step s, median [min–max] | CPU s | rollout s | update s | "

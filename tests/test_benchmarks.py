@@ -55,6 +55,25 @@ def test_trainer_selection_by_name_or_prefix():
         selected("nope")
 
 
+def test_the_floor_uses_the_highest_matmul_rate_measured_in_the_run():
+    from benchmarks.bench import settle_floor_rate
+    from benchmarks.floor import ModelShape
+    from benchmarks.report import summarize
+    floor = {"matmul_gflops": 285.0, "bandwidth_gbs": 24.0}
+    settle_floor_rate(floor, [336.0, None, 365.0])
+    assert floor["matmul_gflops"] == 365.0 and floor["job_gflops"] == 285.0
+    assert floor["retimed_gflops"] == [336.0, 365.0]
+    shape = ModelShape(params=1_000_000, layers=2, hidden=64, kv_heads=2, head_dim=16, vocab=100)
+    step = {"warmup": False, "step_s": 1.0, "rollout_s": 0.5, "update_s": 0.5, "prompt_len": 10,
+            "completion_lengths": [20] * 8, "seq_lengths": [30] * 8, "padded_tokens": 240}
+    at_max = summarize({"steps": [step]}, shape, floor, 4)["update_floor_s"]
+    at_job = summarize({"steps": [step]}, shape, {**floor, "matmul_gflops": 285.0},
+                       4)["update_floor_s"]
+    assert at_max == pytest.approx(at_job * 285 / 365)  # a stricter floor, not a looser one
+    settle_floor_rate(floor, [])  # again, with no re-timing: the job's own rate
+    assert floor["matmul_gflops"] == 285.0
+
+
 def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, "benchmarks/bench.py", "--model", "tiny", "--reps", "1",
@@ -74,6 +93,9 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     assert row["rollout_floor_s"] > 0 and row["update_floor_s"] > 0
     assert row["info"]["torch_gflops_after"] > 0  # the drift check, and its note
     assert "gft-torch:grpo: the floor's matmul rate again, in that process" in text
+    floor = runs["tiny-cpu-float32"]["floor"]
+    assert floor["matmul_gflops"] == max(floor["job_gflops"], *floor["retimed_gflops"])
+    assert len(floor["retimed_gflops"]) == 2 and "the highest of these" in text
     gft_row = runs["tiny-cpu-float32"]["rows"]["gft-torch:gft"]["summary"]
     assert gft_row["completions"] == 4  # 4 rollouts + 4 dataset responses
     try:
