@@ -163,21 +163,25 @@ def measure_matmul(device: str = "cpu", dtype: str = "float32", quick: bool = Fa
                    reps: int = 5) -> float:
     """The square product's rate alone (GFLOP/s, median of `reps`), as `measure` times it."""
     torch, dev, dt, sync = _torch_on(device, dtype)
-    m, k, n = matmul_shapes(dev.type, quick)[0]
+    return _product_rates(torch, dev, dt, sync, matmul_shapes(dev.type, quick)[0], reps,
+                          quick)["gflops_median"]
+
+
+def _product_rates(torch, dev, dt, sync, shape: tuple[int, int, int], reps: int,
+                   quick: bool) -> dict:
+    """One shape's product rate, median and best of `reps` (GFLOP/s), after the warm-up."""
+    m, k, n = shape
     times = _timed(_product(torch, dev, dt, m, k, n), reps, sync, 0.0 if quick else WARM_S)
-    return 2 * m * k * n / statistics.median(times) / 1e9
+    return {"gflops_median": 2 * m * k * n / statistics.median(times) / 1e9,
+            "gflops_best": 2 * m * k * n / min(times) / 1e9}
 
 
 def measure(device: str = "cpu", dtype: str = "float32", quick: bool = False,
             reps: int = 5) -> dict:
     """Matmul rates and copy bandwidth with torch, medians over `reps` timed runs."""
     torch, dev, dt, sync = _torch_on(device, dtype)
-    matmul = {}
-    for m, k, n in matmul_shapes(dev.type, quick):
-        times = _timed(_product(torch, dev, dt, m, k, n), reps, sync,
-                       0.0 if quick else WARM_S)  # the tensors are freed after
-        matmul[f"{m}x{k}x{n}"] = {"gflops_median": 2 * m * k * n / statistics.median(times) / 1e9,
-                                  "gflops_best": 2 * m * k * n / min(times) / 1e9}
+    matmul = {"x".join(map(str, shape)): _product_rates(torch, dev, dt, sync, shape, reps, quick)
+              for shape in matmul_shapes(dev.type, quick)}  # each shape's tensors freed after
     size = (64 << 20) if quick else (1 << 30)
     src = torch.empty(size // 4, dtype=torch.float32, device=dev).fill_(1.0)
     dst = torch.empty_like(src)
