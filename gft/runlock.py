@@ -4,7 +4,7 @@
   written to a private file first, then hard-linked to `gft.lock`, which fails if the lock
   exists. A reader never sees a half-written lock, on a local disk or NFS.
 - A lock whose process is gone (same host, pid no longer running) is stale: a killed run
-  left it. It is taken over under an exclusive flock on `gft.lock.guard`, so two
+  left it. It is taken over under an exclusive flock on the run directory, so two
   processes that both find it stale cannot both take it.
 - A lock from another host cannot be checked from here: it is refused, and the message
   says how to remove it by hand.
@@ -79,18 +79,19 @@ def _link_new(path: Path, content: str) -> bool:
 
 @contextlib.contextmanager
 def _guard(run_dir: Path) -> Iterator[None]:
-    """An exclusive flock while a stale lock is examined and replaced (POSIX)."""
+    """An exclusive flock on the run directory itself while a stale lock is examined and
+    replaced (POSIX; nothing extra is written)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    with open(run_dir / f"{LOCK_FILE}.guard", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def _refusal(path: Path, holder: dict) -> RunLockedError:

@@ -322,6 +322,57 @@ def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
                    "final/optimizer.safetensors: optimizer state for", "the model's is")
 
 
+def resume(run: Path, *extra: str):
+    return run_cli(["train", "--resume", str(run), "--set", "max_steps=3", *extra])
+
+
+def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
+    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
+    from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "latest").unlink()
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
+        "latest", "step-000001", "step-000002"]
+
+
+def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
+    (saved_run / "final" / "optimizer.safetensors").unlink()
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+            "resuming from the previous complete checkpoint step-000001") in result.output
+    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
+
+
+def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
+    line = one_line_error(resume(saved_run))
+    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
+                    "safetensors: missing; to continue from step-000001 with fresh optimizer "
+                    "state, add --set reset_optimizer=true")
+    result = resume(saved_run, "--set", "reset_optimizer=true")
+    assert result.exit_code == 0, result.output
+    assert "reset_optimizer=true: continuing from step-000001 with fresh optimizer state" \
+        in result.output
+    import yaml
+    assert yaml.safe_load((saved_run / "config.yaml").read_text())["reset_optimizer"] is False
+
+
+def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
+    one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
+                   f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
+                   " unreadable trainer state", "; no complete checkpoint to resume from")
+
+
 def test_resume_without_a_run(tmp_path):
     one_line_error(run_cli(["train", "--resume", str(tmp_path)]),
                    "no checkpoint and no config.yaml to resume from")
