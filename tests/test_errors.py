@@ -250,6 +250,27 @@ def test_model_with_only_pickle_weights_is_not_loaded(model, tmp_path):
                    "only pickle weights (pytorch_model.bin); gft loads safetensors only")
 
 
+@pytest.mark.parametrize("backend, words", [
+    ("torch", ["the weights do not match the model config.json describes: 29 missing, would be "
+               "randomly initialized (lm_head.weight, transformer.h.0.attn.c_attn.bias, "
+               "transformer.h.0.attn.c_attn.weight, ...); 20 unexpected, would be ignored "
+               "(model.embed_tokens.weight, ",
+               "check config.json (model_type, architectures, sizes) against the weight files"]),
+    ("mlx", ["cannot load the model: Received 20 parameters not in model"]),
+])
+def test_config_naming_another_architecture_than_its_weights(model, tmp_path, backend, words):
+    """A Llama's weights under a GPT-2 config.json: never a randomly initialized model."""
+    broken = copy_model(model, tmp_path / "m")
+    (broken / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "vocab_size": 259, "n_positions": 256, "n_ctx": 256,
+        "layer_norm_epsilon": 1e-5}))
+    args = base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
+    args[args.index("--backend") + 1] = backend
+    one_line_error(run_cli(args), f"error: {broken}: ", *words)
+    assert not (tmp_path / "r" / "final").exists()
+
+
 def test_missing_model_directory(tmp_path):
     result = run_cli(base_args(tmp_path / "nowhere" / "model", jsonl(tmp_path / "d.jsonl", ROWS),
                                tmp_path / "r"))
