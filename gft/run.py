@@ -29,6 +29,7 @@ from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
+from gft.types import Example
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
 # arithmetic task from random init in a few minutes on 2 CPU cores.
@@ -64,9 +65,13 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
     return cfg
 
 
-def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPrompts, PreparedPrompts | None]:
-    """Training rows and the held-out split (eval_split, else valid), prompts tokenized."""
-    train_rows = load_split(cfg.data, "train")
+def load_data(cfg: TrainConfig, tokenizer, console: Console,
+              train_rows: list[Example] | None = None
+              ) -> tuple[PreparedPrompts, PreparedPrompts | None]:
+    """Training rows (read here unless given) and the held-out split (eval_split, else
+    valid), prompts tokenized."""
+    if train_rows is None:
+        train_rows = load_split(cfg.data, "train")
     eval_rows = load_split(cfg.data, cfg.eval_split, required=False)
     if not eval_rows and cfg.eval_split != "valid":
         eval_rows = load_split(cfg.data, "valid", required=False)
@@ -82,6 +87,23 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPr
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
     check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
+    """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
+    no row has one it would make zero updates and still write final/. Said before the
+    model loads."""
+    if any(ex.responses for ex in rows):
+        return
+    for stage in plan_stages(cfg, 1):
+        if stage.cfg.num_rollouts == 0:
+            where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
+                f"preset '{stage.name}'"
+            raise DataError(f"no training row has a response (completion, completions, "
+                            f"responses or a final assistant message), and {where} has "
+                            "num_rollouts=0: it learns only from dataset responses. Add "
+                            "responses, or use a preset that samples rollouts (grpo, gft)",
+                            path=str(cfg.data))
 
 
 def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:
@@ -248,10 +270,12 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     check_model_dir(start_from or str(cfg.model))
     if load_optimizer:
         check_optimizer_state(start_from)
+    train_rows = load_split(cfg.data, "train")
+    check_trainable(cfg, train_rows)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    data, held_out = load_data(cfg, backend.tokenizer, console)
+    data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,

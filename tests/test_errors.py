@@ -139,6 +139,26 @@ def test_missing_answer_when_the_reward_needs_it(model, tmp_path, reward):
     one_line_error(result, f"train.jsonl:3: field 'answer': missing; reward '{reward}' compares")
 
 
+@pytest.mark.parametrize("preset, stages, where", [
+    ("sft", None, "preset 'sft' has num_rollouts=0"),
+    ("dft", None, "preset 'dft' has num_rollouts=0"),
+    (None, "[{grpo: 1}, {sft: 1}]", "stage 2 (sft) has num_rollouts=0"),
+])
+def test_no_row_with_a_response_for_a_preset_without_rollouts(model, tmp_path, monkeypatch,
+                                                              preset, stages, where):
+    import gft.run
+    monkeypatch.setattr(gft.run, "open_backend", lambda *a: pytest.fail("model loaded"))
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ROWS]
+    extra = ["--preset", preset] if preset else ["--set", f"stages={stages}"]
+    result = train(model, tmp_path, rows, *extra, "--set", "num_offpolicy=1",
+                   "--set", "num_rollouts=0") if preset else train(model, tmp_path, rows, *extra)
+    line = one_line_error(result)
+    assert line == (f"error: {tmp_path / 'train.jsonl'}: no training row has a response "
+                    "(completion, completions, responses or a final assistant message), and "
+                    f"{where}: it learns only from dataset responses. Add responses, or use a "
+                    "preset that samples rollouts (grpo, gft)")
+
+
 def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
     result = train(model, tmp_path, rows, "--max-steps", "1",
