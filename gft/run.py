@@ -266,7 +266,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     check_launcher(cfg, comm)
     if lead:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    scorer = RequireApplicableReward(build_rewards(cfg.rewards))
+    scorer = RequireApplicableReward(build_rewards(cfg.rewards, cfg.reward_timeout))
     check_model_dir(start_from or str(cfg.model))
     if load_optimizer:
         check_optimizer_state(start_from)

@@ -187,6 +187,17 @@ def returns_none(prompts, completions, **kw):
 
 def too_few(prompts, completions, **kw):
     return [1.0] * (len(completions) - 1)
+
+def hangs(prompts, completions, **kw):
+    import time
+    time.sleep(3600)
+
+def spins(prompts, completions, **kw):
+    while True:  # even swallowing every Exception, it is stopped
+        try:
+            sum(range(1000))
+        except Exception:
+            pass
 '''
 
 
@@ -203,6 +214,19 @@ def test_bad_reward_function(model, tmp_path, name, words):
     result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
                    "--set", "eval_samples=4")
     one_line_error(result, words.replace("REWARDS", str(module)))
+
+
+@pytest.mark.parametrize("name", ["hangs", "spins"])
+def test_a_reward_that_never_returns_stops_at_reward_timeout(model, tmp_path, name):
+    module = tmp_path / "my_rewards.py"
+    module.write_text(REWARDS)
+    result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
+                   "--set", "reward_timeout=0.5", "--set", "eval_samples=2")
+    data = tmp_path / "train.jsonl"
+    line = one_line_error(result, f"error: reward '{module}:{name}' did not return within "
+                          "reward_timeout=0.5 s on a batch of ", f" responses (rows: {data}:",
+                          "); fix the function, or raise reward_timeout (0 = no limit)")
+    assert "rows: ?" not in line
 
 
 def test_unimportable_reward(model, tmp_path):
