@@ -551,7 +551,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     try:
         model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a config key missing
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     model.set_dtype(DTYPES[dtype])
