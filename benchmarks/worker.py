@@ -52,6 +52,26 @@ def update_peak_rss() -> int | None:
     return None
 
 
+class OpCounter:
+    """Counts the aten operators dispatched while active (a TorchDispatchMode: every op of
+    the forward, the backward, clipping and the optimizer step, as the device would see
+    them). Made lazily so that the mlx jobs need no torch."""
+
+    def __new__(cls):
+        from collections import Counter
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.counts = Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.counts[str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+        return _Mode()
+
+
 def n_new(a: dict) -> int:
     """The completion length cap of this run (workload.MAX_NEW_TOKENS unless overridden)."""
     return a.get("max_new_tokens", W.MAX_NEW_TOKENS)
@@ -101,7 +121,11 @@ def job_gft(a: dict) -> dict:
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
         "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
     backend = open_backend(cfg, cfg.model)
+    if a.get("share_prefix") is False:  # the GPU's update path, on the CPU (--count-ops)
+        backend._share_prefix = False
     data, _ = load_data(cfg, backend.tokenizer, Console(quiet=True))
+    if a.get("budget_rows"):  # micro_batch_tokens: that many full-length rows' tokens
+        cfg.micro_batch_tokens = a["budget_rows"] * (len(data.prompt_ids[0]) + n_new(a))
     scorer = build_rewards(cfg.rewards)
     load_rss = peak_rss_bytes()
     rec: dict = {}
@@ -118,7 +142,12 @@ def job_gft(a: dict) -> dict:
         rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(
             int(b.input_ids.size) for b in batches)
         reset_peak_rss()
-        out = update(batches, lr, **kw)
+        if a.get("count_ops"):
+            with OpCounter() as ops:
+                out = update(batches, lr, **kw)
+            rec["ops"] = dict(ops.counts)
+        else:
+            out = update(batches, lr, **kw)
         rec["update_peak_rss"] = update_peak_rss()
         rec["loss"] = out.get("loss")
         return out
@@ -137,7 +166,8 @@ def job_gft(a: dict) -> dict:
                       "completion_lengths": rec.get("completion_lengths", []),
                       "seq_lengths": rec.get("seq_lengths", []),
                       "padded_tokens": rec.get("padded_tokens", 0),
-                      "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss")})
+                      "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss"),
+                      "ops": rec.get("ops")})
         _progress(a, i, wall)
     info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss,
             "first_step_s": steps[0]["step_s"]}
@@ -215,6 +245,9 @@ def job_trl(a: dict) -> dict:
             rec["seq_lengths"] = [int(x) for x in (pm.sum(1) + cm.sum(1))]
             rec["padded_tokens"] = int(pm.numel() + cm.numel())
             reset_peak_rss()  # the update's peak from here to the end of the step
+            if a.get("count_ops"):  # ... and its operators
+                rec["counter"] = OpCounter()
+                rec["counter"].__enter__()
             return out
 
     class StepTimer(TrainerCallback):
@@ -222,6 +255,9 @@ def job_trl(a: dict) -> dict:
             rec.update(gen_s=0.0, rollout_s=0.0, t0=time.perf_counter(), c0=time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
+            counter = rec.pop("counter", None)
+            if counter is not None:
+                counter.__exit__(None, None, None)
             wall = time.perf_counter() - rec["t0"]
             i = len(steps)
             steps.append({"warmup": i < a["warmup"], "step_s": wall,
@@ -232,7 +268,8 @@ def job_trl(a: dict) -> dict:
                           "completion_lengths": rec.get("completion_lengths", []),
                           "seq_lengths": rec.get("seq_lengths", []),
                           "padded_tokens": rec.get("padded_tokens", 0),
-                          "update_peak_rss": update_peak_rss()})
+                          "update_peak_rss": update_peak_rss(),
+                          "ops": dict(counter.counts) if counter is not None else None})
             _progress(a, i, wall)
 
     cuda = str(a.get("device", "cpu")).startswith("cuda")
