@@ -280,8 +280,11 @@ def run_sampler(run: dict, common: dict, a: argparse.Namespace, logs: Path) -> N
 
 def save(run: dict, out: Path) -> Path:
     """Chart, then results.json (this run's entry replaced) and RESULTS.md from all runs."""
-    key = f"{run['model']}-{run['device']}-{run['dtype']}" + ("-ops" if run.get("count_ops")
-                                                               else "")
+    key = f"{run['model']}-{run['device']}-{run['dtype']}"
+    if run["max_new_tokens"] != workload.MAX_NEW_TOKENS:  # another workload: its own section
+        key += f"-{run['max_new_tokens']}tok"
+    if run.get("count_ops"):
+        key += "-ops"
     png = out / f"results-{key}.png"
     if not any("summary" in r for r in run["rows"].values()):
         pass  # no trainer rows (a sampler-only run, say): nothing to chart
