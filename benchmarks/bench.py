@@ -82,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small floor measurement (smoke tests)")
     p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS for mlx")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per job")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="torch trainers train on the same fixed completions (random bytes, "
+                        "--max-new-tokens each) instead of sampling: the update alone, on "
+                        "the same tokens for gft and TRL")
     p.add_argument("--count-ops", action="store_true",
                    help="count the aten operators each update dispatches (a TorchDispatchMode; "
                         "slows the torch jobs, so the run gets a section of its own)")
@@ -283,6 +287,8 @@ def save(run: dict, out: Path) -> Path:
     key = f"{run['model']}-{run['device']}-{run['dtype']}"
     if run["max_new_tokens"] != workload.MAX_NEW_TOKENS:  # another workload: its own section
         key += f"-{run['max_new_tokens']}tok"
+    if run.get("fixed_batch"):
+        key += "-fixed"
     if run.get("count_ops"):
         key += "-ops"
     png = out / f"results-{key}.png"
@@ -315,7 +321,13 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
     if a.trainers == "all":
         keys = without_repeats(keys, a.device, a.dtype)
     common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
-              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "count_ops": a.count_ops}
+              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "count_ops": a.count_ops,
+              "fixed_batch": a.fixed_batch}
+    if a.fixed_batch:
+        run["fixed_batch"] = True
+        run["notes"].append("--fixed-batch: no sampling; every torch trainer trained on the "
+                            "same fixed completions (random byte ids, the full length each), "
+                            "so the rollout columns are empty and the update is the measure")
     if a.count_ops:
         run["count_ops"] = True
         run["notes"].append("--count-ops: every torch op of the updates went through a Python "

@@ -72,6 +72,16 @@ class OpCounter:
         return _Mode()
 
 
+def fixed_completions(a: dict) -> list[list[int]]:
+    """--fixed-batch: the completions every trainer trains on instead of sampling, GROUP
+    rows of exactly n_new(a) ids, random bytes (ids 0-255, which every tokenizer of these
+    models spells, so rewards and advantages vary) from one seed: the same tokens for gft
+    and TRL, and the update alone is measured (no rollout to wait for)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(W.GROUP, n_new(a))).tolist()
+
+
 def n_new(a: dict) -> int:
     """The completion length cap of this run (workload.MAX_NEW_TOKENS unless overridden)."""
     return a.get("max_new_tokens", W.MAX_NEW_TOKENS)
@@ -132,7 +142,8 @@ def job_gft(a: dict) -> dict:
     generate, update = backend.generate, backend.train_step
 
     def timed_generate(prompts, sampling, seed):
-        out = generate(prompts, sampling, seed)
+        out = fixed_completions(a)[:len(prompts)] if a.get("fixed_batch") \
+            else generate(prompts, sampling, seed)
         rec["completion_lengths"] = [len(o) for o in out]
         return out
 
@@ -237,7 +248,8 @@ def job_trl(a: dict) -> dict:
 
         def _generate_and_score_completions(self, inputs):
             t0 = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
+            out = fixed_trl_batch(self, a) if a.get("fixed_batch") \
+                else super()._generate_and_score_completions(inputs)
             rec["rollout_s"] += time.perf_counter() - t0
             pm, cm = out["prompt_mask"], out["completion_mask"]
             rec["prompt_len"] = int(pm.sum(1).max())
@@ -293,6 +305,27 @@ def job_trl(a: dict) -> dict:
             "gradient_checkpointing": config.gradient_checkpointing,
             "torch_gflops_after": _torch_matmul_rate(a)}
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
+
+
+def fixed_trl_batch(trainer, a: dict) -> dict:
+    """What TRL's _generate_and_score_completions returns, for fixed_completions(a): the
+    prompt's ids on every row, the fixed completions, no padding, and GRPO's advantages
+    ((r - mean) / (std + 1e-4), TRL's scaling) of the benchmark reward."""
+    import numpy as np
+    import torch
+    tok = trainer.processing_class
+    device = trainer.accelerator.device
+    prompt = tok(W.PROMPT, add_special_tokens=False)["input_ids"]
+    done = fixed_completions(a)
+    rewards = np.array(W.bench_reward([W.PROMPT] * len(done), tok.batch_decode(done)))
+    adv = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4)
+    completion_ids = torch.tensor(done, device=device)
+    return {"prompt_ids": torch.tensor([prompt] * len(done), device=device),
+            "prompt_mask": torch.ones(len(done), len(prompt), dtype=torch.long, device=device),
+            "completion_ids": completion_ids,
+            "completion_mask": torch.ones_like(completion_ids),
+            "advantages": torch.tensor(adv, dtype=torch.float32, device=device),
+            "num_items_in_batch": torch.tensor(completion_ids.numel(), device=device)}
 
 
 # --------------------------------------------------------------------------- mlx-lm-lora
