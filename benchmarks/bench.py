@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small floor measurement (smoke tests)")
     p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS for mlx")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per job")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for this run's notes in RESULTS.md (e.g. what else ran)")
     p.add_argument("--fixed-batch", action="store_true",
                    help="torch trainers train on the same fixed completions (random bytes, "
                         "--max-new-tokens each) instead of sampling: the update alone, on "
@@ -323,6 +325,7 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
     common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
               "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "count_ops": a.count_ops,
               "fixed_batch": a.fixed_batch}
+    run["notes"] += a.note
     if a.fixed_batch:
         run["fixed_batch"] = True
         run["notes"].append("--fixed-batch: no sampling; every torch trainer trained on the "
