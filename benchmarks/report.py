@@ -78,6 +78,8 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     u_floor = [update_floor_s(shape, s["seq_lengths"], rate, shared_prompt=s["prompt_len"])
                for s in steps]
     step_s = [s["step_s"] for s in steps]
+    if all(s["rollout_s"] < 0.01 for s in steps):  # --fixed-batch: there was no rollout
+        r_floor = []
     return {
         "n": len(steps),
         "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),
@@ -85,7 +87,7 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
         "rollout_s": _med([s["rollout_s"] for s in steps]),
         "update_s": _med([s["update_s"] for s in steps]),
         "rollout_tok_s": _med([g / s["rollout_s"] for g, s in zip(gen, steps)
-                               if s["rollout_s"] > 0]),
+                               if s["rollout_s"] > 0 and r_floor]),
         "update_tok_s": _med([u / s["update_s"] for u, s in zip(upd, steps) if s["update_s"] > 0]),
         "completions": _med([len(s["completion_lengths"]) for s in steps]),
         "mean_completion": _med([g / max(len(s["completion_lengths"]), 1)
@@ -134,7 +136,8 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
         out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
     if ok(g):
         out["update_vs_matmul"] = rows[g]["summary"]["update_frac"]
-        out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
+        if rows[g]["summary"]["rollout_frac"] == rows[g]["summary"]["rollout_frac"]:  # not nan
+            out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
     if ok(m) and ok(l):
         out["mlx_vs_lora"] = rows[m]["summary"]["step_s"] / rows[l]["summary"]["step_s"]
     return out
