@@ -502,19 +502,25 @@ class MlxBackend:
         return {n: np.array(p.astype(mx.float32)) for n, p in self._neutral(self._params()).items()}
 
 
-def set_device(device: str) -> None:
-    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
-    if device == "auto":
+def check_device(device: str) -> None:
+    """A device MLX has on this machine (ConfigError otherwise), checked before loading."""
+    if device in ("auto", "cpu"):
         return
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-    elif device in ("gpu", "mps", "metal", "cuda"):
+    if device in ("gpu", "mps", "metal", "cuda"):
         if not mx.is_available(mx.gpu):
             raise ConfigError(f"device '{device}': MLX has no GPU on this machine "
                               "(use device: cpu or auto)")
+        return
+    raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
+
+
+def set_device(device: str) -> None:
+    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
+    check_device(device)
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device != "auto":
         mx.set_default_device(mx.gpu)
-    else:
-        raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
 
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",

@@ -50,6 +50,30 @@ TORCH_OPS = _TorchOps()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_device(device: str) -> None:
+    """A device this machine has (ConfigError otherwise), checked before any loading."""
+    try:
+        dev = torch.device("cuda" if device == "gpu" else device) if device != "auto" else None
+    except RuntimeError:
+        raise ConfigError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N, "
+                          "mps)") from None
+    if dev is None or dev.type == "cpu":
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}': CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device: auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{device}': this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{device}': MPS (Apple GPU) is not available on this "
+                          "machine; use device: auto or cpu")
+    if dev.type not in ("cuda", "mps"):
+        raise ConfigError(f"device '{device}' is not supported by gft's torch backend "
+                          "(auto, cpu, cuda, cuda:N, mps)")
+
+
 def pick_device(device: str) -> torch.device:
     """auto = cuda > mps > cpu."""
     if device != "auto":
@@ -483,6 +507,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     from transformers import AutoModelForCausalLM
     from gft.modelfiles import check_loaded_weights, load_tokenizer
     _quiet_transformers()
+    check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU

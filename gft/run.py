@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
 from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
                             clean_leftovers, find_resume_point, has_checkpoints,
                             latest_checkpoint, read_state, save_checkpoint)
@@ -263,6 +263,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         if not lead:  # the files exist now: this only fills in their paths
             cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
