@@ -112,6 +112,11 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer update; a step makes "
                                         "prompts_per_step / prompts_per_minibatch updates.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation).")
+    logits_chunk: int = _f(1024, "Positions whose [positions, vocabulary] logits the update "
+                                 "holds at a time: the LM head, log-softmax and its backward run "
+                                 "in chunks of this many positions (recomputed in the backward), "
+                                 "so memory does not grow with tokens x vocabulary. 0 = all at "
+                                 "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
@@ -240,6 +245,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "rollout_batch_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.logits_chunk < 0:
+        raise ConfigError(f"'logits_chunk' must be >= 0 (0 = off), got {cfg.logits_chunk}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
