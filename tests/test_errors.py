@@ -390,6 +390,29 @@ def test_model_json_files_that_are_not_objects(model, tmp_path, name, text, word
     one_line_error(run_cli(args), f"error: {broken / name}", words)
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"r": "x"}, "adapter_config.json: 'r' must be a positive integer, got 'x'"),
+    ({"r": 4, "lora_alpha": None}, "adapter_config.json: 'lora_alpha' must be a finite number, "
+                                   "got None"),
+    ({"r": 4, "target_modules": 5}, "adapter_config.json: 'target_modules' must be a list of "
+                                    "module names, got 5"),
+    ({"r": 4, "base_model_name_or_path": 7}, "adapter_config.json: 'base_model_name_or_path' "
+                                             "must be a path or hub id, got 7"),
+])
+@pytest.mark.parametrize("command", ["generate", "convert", "fuse"])
+def test_bad_adapter_configs(model, tmp_path, config, words, command):
+    from safetensors.numpy import save_file
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(model), "target_modules": ["q_proj"], **config}))
+    args = {"generate": ["generate", str(adapter), "-p", "hi"],
+            "convert": ["convert", str(adapter), str(tmp_path / "out")],
+            "fuse": ["fuse", str(adapter), str(tmp_path / "out")]}[command]
+    one_line_error(run_cli(args), f"error: {adapter}/{words}")
+
+
 def test_plot_skips_a_damaged_metrics_line_with_a_warning(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
