@@ -548,11 +548,15 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     set_device(device)
     mx.random.seed(seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    from backends.mlx_config import mlx_model_config
+    config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
-        model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+        model, _ = load_model(Path(model_path), strict=True, model_config=config,
+                              trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            AssertionError) as e:  # mlx-lm building an architecture it reads differently
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+        raise ModelError(f"{model_path}: cannot load the model in mlx-lm: {first}") from None
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     if lora is not None:
