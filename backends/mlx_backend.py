@@ -447,6 +447,7 @@ class MlxBackend:
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
             save_adapter(path, self._params(), self.lora, str(self.model_path))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))
         write_weights(path, weights, lambda f, t: mx.save_safetensors(
@@ -532,7 +533,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
     from mlx_lm.utils import load_model
-    from gft.modelfiles import load_tokenizer
+    from gft.modelfiles import load_tokenizer, tokenizer_source
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
@@ -547,7 +548,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                           "train and sample in bfloat16)")
     set_device(device)
     mx.random.seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
     from backends.mlx_config import mlx_model_config
     config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:

@@ -132,6 +132,14 @@ MLX_ACTIVATION = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": 
 _ACT_SAME = {"swish": "silu"}
 
 
+def tokenizer_source(model_path: str, adapter: str | None) -> str:
+    """Where a backend reads the tokenizer: a LoRA checkpoint's own tokenizer files when
+    it has them (it travels with them), else the base model's."""
+    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
+        return str(adapter)
+    return model_path
+
+
 def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token (EOS if none); needs an EOS token."""
     from transformers import AutoTokenizer

@@ -342,8 +342,8 @@ def test_resume_across_backends(tmp_path):
         result = CliRunner().invoke(main, ["train", "--resume", str(part), "--backend", second,
                                            "--set", "max_steps=6"])
         assert result.exit_code == 0, result.output
-        assert "from final (step 3)" in result.output and f"backend: {second}" in result.output
-        state = json.loads((part / "final" / "trainer_state.json").read_text())
+        assert "from step-000003 (step 3)" in result.output and f"backend: {second}" in result.output
+        state = json.loads((part / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
         assert state["backend"] == second and state["config"]["backend"] == second
         a, b = weights(full / "final"), weights(part / "final")
         assert max(np.abs(a[k] - start[k]).max() for k in a) > 0.05  # it trained
