@@ -550,7 +550,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     mx.random.seed(seed)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
                                trust_remote_code=trust_remote_code)
-    from backends.mlx_config import mlx_model_config
+    from backends.mlx_config import check_weight_names, mlx_model_config
     config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
         model, _ = load_model(Path(model_path), strict=True, model_config=config,
@@ -559,6 +559,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
             AssertionError) as e:  # mlx-lm building an architecture it reads differently
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model in mlx-lm: {first}") from None
+    check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     if lora is not None:

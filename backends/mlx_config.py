@@ -69,3 +69,19 @@ def _mlx_args_fields(cfg: dict[str, Any]) -> list[str]:
     except (ValueError, KeyError):
         return []
     return [f.name for f in dataclasses.fields(args)] if dataclasses.is_dataclass(args) else []
+
+
+def check_weight_names(parameters: list[str], model_dir: str | Path) -> None:
+    """Refuse a model whose mlx-lm parameters are not the stored weights under the same
+    names: mlx-lm's `sanitize` stacks or renames them for some architectures (mixture of
+    experts: one switch_mlp tensor for all experts), so gradients, optimizer state and
+    the checkpoints gft writes would not be transformers' any more."""
+    from gft.modelfiles import stored_weight_names
+    stored = stored_weight_names(Path(model_dir))
+    if not stored:
+        return
+    new = sorted(set(parameters) - stored)
+    if new:
+        raise ModelError(f"{model_dir}: mlx-lm holds this model's weights under other names "
+                         f"than the directory ({new[0]}, {len(new)} in all); checkpoints would "
+                         "not load in transformers (use --backend torch)")

@@ -102,6 +102,11 @@ def _stored_weights(model_dir: Path) -> dict[str, str]:
     return out
 
 
+def stored_weight_names(model_dir: Path) -> set[str]:
+    """The tensor names stored in a model directory's safetensors files."""
+    return set(_stored_weights(Path(model_dir)))
+
+
 def _unportable(cfg: dict[str, Any]) -> list[str]:
     """What transformers and mlx-lm would still read differently in this config."""
     kind, out = cfg.get("model_type"), []
