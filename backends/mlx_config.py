@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gft.errors import ModelError
-from gft.modelfiles import transformers_reading, portable_config
+from gft.modelfiles import portable_config
 
 # rope_utils.initialize_rope's types (mlx-lm 0.32); "default" is plain RoPE.
 MLX_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -52,12 +52,28 @@ def mlx_model_config(model_dir: str | Path) -> dict[str, Any]:
     if kind not in MLX_ROPE_TYPES:
         raise ModelError(f"{where}: rope_parameters.rope_type '{kind}' is not implemented by "
                          "mlx-lm; mlx-lm would train another model (use --backend torch)")
-    tf = transformers_reading(model_dir)
+    tf = _transformers_config(model_dir)
     for name in _mlx_args_fields(cfg):
-        if name not in cfg and name not in NOT_COPIED and tf.get(name) is not None:
-            cfg[name] = tf[name]
+        # getattr, not to_dict: it also answers transformers' aliases (attribute_map)
+        value = getattr(tf, name, None) if tf is not None else None
+        if name not in cfg and name not in NOT_COPIED and isinstance(value, _PLAIN):
+            cfg[name] = value
+        if name == "rope_scaling":  # a required field of some ModelArgs: plain RoPE
+            cfg.setdefault(name, None)
     cfg.update({k: None for k in raw if k not in cfg})  # keys portable_config removed
     return cfg
+
+
+_PLAIN = (bool, int, float, str, list, dict)
+
+
+def _transformers_config(model_dir: Path):
+    """transformers' config object for the directory (None when it does not know it)."""
+    try:
+        from transformers import AutoConfig
+        return AutoConfig.from_pretrained(str(model_dir))
+    except (ImportError, ValueError, KeyError, OSError, TypeError):
+        return None
 
 
 def _mlx_args_fields(cfg: dict[str, Any]) -> list[str]:
