@@ -181,6 +181,22 @@ def test_a_transformers_saved_directory_trains_the_same_on_both_backends(tmp_pat
     assert np.abs(mlx_logits(path, SHORT) - hf_logits(path, SHORT)).max() > 0.1  # the trap
 
 
+def test_lora_over_a_transformers_saved_base_trains_the_same_on_both_backends(tmp_path):
+    """The LoRA base is read the same way (rope_theta 1e5 under rope_parameters only)."""
+    from gft.lora import LoraConfig
+    path = hf_saved_model(tmp_path / "base", "llama", rope_theta=1e5, tie_word_embeddings=False)
+    save_tokenizer(path)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    t, m = (load_backend(b, str(path), lora=lora) for b in ("torch", "mlx"))
+    s_t, s_m = t.accumulate_gradients([batch(0)], **LOSS), m.accumulate_gradients([batch(0)], **LOSS)
+    assert s_m["loss"] == pytest.approx(s_t["loss"], rel=1e-5)
+    g_t, g_m = t.gradients(), m.gradients()
+    assert g_t.keys() == g_m.keys()  # lora_A's gradients are 0 (B starts at 0): absolute
+    assert max(np.linalg.norm(g_m[k] - g_t[k]) / max(np.linalg.norm(g_t[k]), 1e-30)
+               for k in g_t) < 1e-5
+    assert any(np.linalg.norm(g) > 0 for g in g_t.values())
+
+
 def test_what_mlx_lm_cannot_express_is_refused_in_one_line(tmp_path):
     """A Qwen2 whose head_dim is not hidden/heads: mlx-lm's qwen2 ignores head_dim."""
     path = hf_saved_model(tmp_path / "q2", "qwen2", head_dim=32)
