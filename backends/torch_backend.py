@@ -482,7 +482,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
-    from gft.modelfiles import load_tokenizer, tokenizer_source
+    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
     _quiet_transformers()
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
@@ -491,11 +491,14 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
                                trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            output_loading_info=True)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+    check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
+                         info.get("mismatched_keys", []))
     model.to(dev)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
         enable = getattr(model, "activation_checkpointing_enable", None) or \

@@ -79,6 +79,9 @@ class TrainConfig:
                                          "token-mean denominator, so the loss is unchanged.")
     rewards: list = _f(["math"], "Reward functions: math | exact | regex | module:function, or "
                                  "[{name, weight, ...options}]. The first one defines accuracy.")
+    reward_timeout: float = _f(60.0, "Seconds one call of a reward function may take before "
+                                     "the run stops with an error naming it and the row "
+                                     "(0 = no limit).")
     # ---- sampling (rollouts)
     temperature: float = _f(1.0, "Rollout sampling temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold.")
@@ -120,6 +123,10 @@ class TrainConfig:
     eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
+                                      "optimizer.safetensors is missing or damaged, with fresh "
+                                      "AdamW moments (the run then differs from an "
+                                      "uninterrupted one). Applies to that resume only.")
     save_shard_size: str | int = _f("5GB", "Split saved weights into model-0000K-of-0000N."
                                            "safetensors shards above this size (e.g. 500MB, 2GB).")
     sample_every: int = _f(10, "Log a sample completion to samples.jsonl every N steps.")
