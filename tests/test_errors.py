@@ -450,7 +450,7 @@ def test_remote_code_is_refused_by_default(model, tmp_path):
 
 @pytest.fixture
 def saved_run(model, tmp_path):
-    """A 2-step run that saved step-000001 and final/."""
+    """A 2-step run that saved step-000001, step-000002 (the last, resumable) and final/."""
     data = jsonl(tmp_path / "d.jsonl", ROWS)
     run = tmp_path / "run"
     result = run_cli(base_args(model, data, run, "--set", "save_every=1"))
@@ -465,17 +465,18 @@ def saved_run(model, tmp_path):
      "which the model does not have (checkpoint from a different model?)"),
 ])
 def test_resume_with_optimizer_state_of_another_model(saved_run, change, words):
-    path = saved_run / "final" / "optimizer.safetensors"
+    path = saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors"
     save_file(change(load_file(str(path))), str(path))
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", words)
+                   "step-000002/optimizer.safetensors: optimizer state for", words)
 
 
 def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
     other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=0, hidden_size=32))
-    (saved_run / "final" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", "the model's is")
+                   "step-000002/optimizer.safetensors: optimizer state for", "the model's is")
 
 
 def resume(run: Path, *extra: str):
