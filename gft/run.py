@@ -22,7 +22,7 @@ from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
@@ -230,7 +230,7 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                   comm=comm)
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
     final = run_dir / "final"
