@@ -26,7 +26,8 @@ HALF = BUDGET // 2
 def inputs(tmp_path_factory):
     pytest.importorskip("torch")
     root = tmp_path_factory.mktemp("budget")
-    return write_tiny_model(root / "model", TinyModelSpec(seed=0)), yes_questions_data(root / "data")
+    model = write_tiny_model(root / "model", TinyModelSpec(seed=0))
+    return model, yes_questions_data(root / "data")
 
 
 def values(inputs, out: Path, **extra) -> dict:
