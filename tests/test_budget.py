@@ -139,3 +139,13 @@ def test_old_loop_states_resume_in_the_planned_stage():
 def test_a_negative_budget_is_a_config_error():
     with pytest.raises(ConfigError, match="max_policy_tokens"):
         build_config({"model": "m", "data": "d", "max_policy_tokens": -1})
+
+
+def test_the_stop_works_the_same_on_mlx(inputs, tmp_path):
+    """The stop lives in the backend-agnostic loop: an MLX run obeys it too."""
+    pytest.importorskip("mlx.core")
+    run = values(inputs, tmp_path / "run", preset="gft", backend="mlx",
+                 max_policy_tokens=BUDGET, **SMALL_GROUPS["gft"])
+    steps = step_tokens(train(run))
+    assert len(steps) >= 2
+    assert_stopped_at([t for _, t in steps], BUDGET)
