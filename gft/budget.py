@@ -42,8 +42,8 @@ def advance(stages: list[Stage], state: State, cfg: Any) -> tuple[Stage | None, 
     run, or the run's `max_policy_tokens` are spent. Pure: `state` is not modified."""
     if cfg.max_policy_tokens and state.policy_tokens >= cfg.max_policy_tokens:
         return None, state
-    if cfg.max_steps is not None and state.step >= cfg.max_steps:
-        return None, state
+    if cfg.max_steps is not None and state.step >= cfg.max_steps or state.stage >= len(stages):
+        return None, state  # the latter: a resume with a lower max_steps dropped stages
     stage = placed(stages, state)
     while _stage_done(stage, state):
         if state.stage + 1 >= len(stages):
