@@ -5,4 +5,5 @@
     plan.py     the base model, the probe, the run specs at equal policy tokens, the sweep
     report.py   tables per split and method, the claims checked, REPLICATION.md
     figures.py  the curves
+    text.py     the fixed text of REPLICATION.md (how to run, what it does, limits)
 """

@@ -2,10 +2,12 @@
 
 Equal compute is by construction: every run carries `max_policy_tokens` = the budget (and
 each stage of a pipeline its share), so gft's loop stops it within one step's tokens of the
-budget (gft/budget.py). The step counts in the specs are only caps that the token stop
-always reaches first (every preset processes at least one policy token per prompt per
-step); a short probe of each preset from the base estimates tokens per step, which sets
-how often a run evaluates during training (the curves), nothing else.
+budget (gft/budget.py). The step counts in the specs are only caps, set at one policy
+token per prompt per step, which the token stop reaches first as long as a step processes
+at least that (a demonstration or a rollout has at least one token); a run that hit its
+cap would show in the tables' token column, under the budget. A short probe of each
+preset from the base estimates tokens per step, which sets how often a run evaluates
+during training (the curves), nothing else.
 
 The learning-rate sweep: with several rates, every (condition, method) is trained at each
 rate with the first seed; the rate with the best greedy accuracy on the validation split
