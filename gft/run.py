@@ -23,7 +23,7 @@ from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
@@ -303,7 +303,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                   comm=comm)
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
                "backend": backend.name}
