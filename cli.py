@@ -188,6 +188,8 @@ def _sampling_options(fn):
         click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                      show_default=True),
         click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--base", help="A LoRA checkpoint's base model (default: the one its "
+                                    "adapter_config.json names)."),
     ]):
         fn = opt(fn)
     return fn
@@ -208,12 +210,13 @@ def _sampling_options(fn):
 @_sampling_options
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
-             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int,
+             base: str | None) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
     from gft.rollout import encode_prompt
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
@@ -240,7 +243,7 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
-          backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+          backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from backends import load_backend
@@ -252,7 +255,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split)[:limit]
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     from gft.config import TrainConfig

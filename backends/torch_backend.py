@@ -379,6 +379,7 @@ class TorchBackend:
         if self.lora is not None:
             from backends.torch_lora import save_adapter
             save_adapter(path, self.params, self.lora, self.base)
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
@@ -476,14 +477,15 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
-    from gft.modelfiles import check_loaded_weights, load_tokenizer
+    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
     _quiet_transformers()
     check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,

@@ -119,6 +119,12 @@ class TrainConfig:
                                  "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
+    max_policy_tokens: int = _f(0, "Stop once the run has processed this many policy tokens "
+                                   "(rollout tokens generated + response tokens trained), "
+                                   "at most one step past it: equal compute across presets "
+                                   "(0 = no limit; steps/epochs still cap the run, and a "
+                                   "linear/cosine decay runs over those). In a stage: that "
+                                   "stage's own budget; see gft/budget.py.")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
                                    "[{preset, steps, ...keys}]; see gft/stages.py.")
     # ---- run, logging, evaluation, checkpoints
@@ -255,6 +261,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
     _check_ranges(cfg)
+    if cfg.max_policy_tokens < 0:
+        raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
+                          f"{cfg.max_policy_tokens}")
     from gft.convert import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)

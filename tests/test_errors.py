@@ -473,7 +473,7 @@ def test_remote_code_is_refused_by_default(model, tmp_path):
 
 @pytest.fixture
 def saved_run(model, tmp_path):
-    """A 2-step run that saved step-000001 and final/."""
+    """A 2-step run that saved step-000001, step-000002 (the last, resumable) and final/."""
     data = jsonl(tmp_path / "d.jsonl", ROWS)
     run = tmp_path / "run"
     result = run_cli(base_args(model, data, run, "--set", "save_every=1"))
@@ -488,17 +488,18 @@ def saved_run(model, tmp_path):
      "which the model does not have (checkpoint from a different model?)"),
 ])
 def test_resume_with_optimizer_state_of_another_model(saved_run, change, words):
-    path = saved_run / "final" / "optimizer.safetensors"
+    path = saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors"
     save_file(change(load_file(str(path))), str(path))
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", words)
+                   "step-000002/optimizer.safetensors: optimizer state for", words)
 
 
 def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
     other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=0, hidden_size=32))
-    (saved_run / "final" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", "the model's is")
+                   "step-000002/optimizer.safetensors: optimizer state for", "the model's is")
 
 
 def resume(run: Path, *extra: str):
@@ -506,38 +507,45 @@ def resume(run: Path, *extra: str):
 
 
 def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
-    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
-    from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
-    import shutil
-    shutil.rmtree(saved_run / "final")
+    """`latest` naming an older step (or missing, or naming one that is gone: see
+    tests/test_checkpoint.py): the newest complete one, step-000002, is used, and no
+    checkpoint is deleted but the one keep_checkpoints=2 prunes."""
+    (saved_run / "checkpoints" / "latest").write_text("step-000001\n")
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
+        "latest", "step-000002", "step-000003"]
+
+
+def test_resume_without_latest_does_not_start_over(saved_run):
     (saved_run / "checkpoints" / "latest").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
-    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
-        "latest", "step-000001", "step-000002"]
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
 
 
 def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
-    (saved_run / "final" / "optimizer.safetensors").unlink()
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "optimizer.safetensors").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+    assert (f"warning: step-000002 is incomplete ({last}/optimizer.safetensors: missing); "
             "resuming from the previous complete checkpoint step-000001") in result.output
     assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
 
 
 def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors").unlink()
     line = one_line_error(resume(saved_run))
-    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
-                    "safetensors: missing; to continue from step-000001 with fresh optimizer "
+    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000002/optimizer."
+                    "safetensors: missing; to continue from step-000002 with fresh optimizer "
                     "state, add --set reset_optimizer=true")
     result = resume(saved_run, "--set", "reset_optimizer=true")
     assert result.exit_code == 0, result.output
-    assert "reset_optimizer=true: continuing from step-000001 with fresh optimizer state" \
+    assert "reset_optimizer=true: continuing from step-000002 with fresh optimizer state" \
         in result.output
     import yaml
     assert yaml.safe_load((saved_run / "config.yaml").read_text())["reset_optimizer"] is False
@@ -545,10 +553,10 @@ def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_
 
 def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{")
     one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
-                   f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
+                   f"error: cannot resume: {saved_run}/checkpoints/step-000002/trainer_state.json:"
                    " unreadable trainer state", "; no complete checkpoint to resume from")
 
 
