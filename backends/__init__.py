@@ -31,12 +31,16 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How rollouts are sampled. greedy=True ignores temperature and top_p."""
+    """How rollouts are sampled. greedy=True ignores temperature and top_p.
+    stop_ids: tokens that end a row (kept as its last token). Callers leave it empty:
+    backend.generate fills it with the model's stops (gft/stops.py: the tokenizer's EOS,
+    generation_config.json's ids and the config's `stop`) before the engine decodes."""
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
     batch_size: int = 64
+    stop_ids: tuple[int, ...] = ()
 
 
 class RolloutEngine(Protocol):
@@ -56,10 +60,12 @@ class RolloutEngine(Protocol):
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
+    stops: Any  # gft.stops.Stops: what ends a completion (set by load_backend)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int | Sequence[int]) -> list[list[int]]:
-        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt.
+        """Completions (token ids, ending with a stop id, or cut after a stop string or at
+        max_new_tokens; see gft/stops.py), one per prompt.
         seed: one per prompt, or one for the call (row i then uses
         gft.distributed.row_seed(seed, i)); a row's draws depend only on its own seed, so
         the same row samples the same tokens in any batch, chunk or rank."""
@@ -126,7 +132,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
-                 mixed_precision: bool = False, rollout_graphs: str = "auto") -> Backend:
+                 mixed_precision: bool = False, rollout_graphs: str = "auto",
+                 stop: Sequence[int | str] = ()) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -137,7 +144,9 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
-    mixed_precision: torch only; bfloat16 compute over float32 weights."""
+    mixed_precision: torch only; bfloat16 compute over float32 weights.
+    stop: token ids or strings that end completions besides the model's own EOS ids
+    (the tokenizer's and every one in generation_config.json; gft/stops.py)."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
@@ -150,13 +159,16 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     except ImportError as e:
         extra = "torch" if name == "torch" else "mlx"
         raise ConfigError(f"backend '{name}' is not installed ({e}); pip install 'gft[{extra}]'") from None
-    return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
-                       trust_remote_code=trust_remote_code,
-                       gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
-                       rollout_graphs=rollout_graphs,
-                       **({"mixed_precision": True} if mixed_precision else {}),
-                       **_parallel_kwargs(name, parallel, comm))
+    backend = module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
+                          trust_remote_code=trust_remote_code,
+                          gradient_checkpointing=gradient_checkpointing, lora=lora,
+                          adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
+                          rollout_graphs=rollout_graphs,
+                          **({"mixed_precision": True} if mixed_precision else {}),
+                          **_parallel_kwargs(name, parallel, comm))
+    from gft.stops import model_stops
+    backend.stops = model_stops(backend.tokenizer, model_path, stop)
+    return backend
 
 
 def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:

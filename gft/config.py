@@ -66,6 +66,10 @@ class TrainConfig:
                                        "(keep its last tokens) | skip (counted and reported).")
     max_response_tokens: int = _f(2048, "Longest response: rollouts stop here and dataset "
                                         "responses are truncated to it.")
+    stop: list = _f([], "More token ids or strings that end rollouts and evaluation, besides "
+                        "the tokenizer's EOS and every eos_token_id in the model's "
+                        "generation_config.json (which always do), e.g. ['<|im_end|>', "
+                        "'\\n\\nQuestion:'].")
     # ---- objective (presets set these four)
     preset: str = _f("gft", "sft | dft | grpo | gft: sets num_offpolicy, num_rollouts, advantage "
                             "and tau as in GFT.md's table; explicit values override it.")

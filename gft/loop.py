@@ -122,7 +122,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     t1 = time.perf_counter()
     seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
                         num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
-                        max_response_tokens=cfg.max_response_tokens)
+                        max_response_tokens=cfg.max_response_tokens,
+                        stops=getattr(backend, "stops", None))
     scored = score_groups(seqs, rows, scorer, cfg.advantage)
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
