@@ -130,6 +130,12 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "Stop after this many steps in a row with a non-finite loss "
                                 "or gradient (each is skipped without an update).")
     progress: bool = _f(True, "Show a progress bar on the terminal.")
+    logging_steps: int = _f(10, "When stdout is not a terminal (a cluster job, nohup, a "
+                                "pipe): print one plain line of metrics every N steps.")
+    report_to: list = _f([], "Experiment trackers: any of tensorboard, wandb, trackio, "
+                             "mlflow (each through its own client; pip install "
+                             "'gft[wandb]' etc.). They get metrics.jsonl's numbers and "
+                             "samples.jsonl's completions as tables. [] or none: no tracker.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -231,9 +237,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.advantage != "constant" and cfg.num_offpolicy + cfg.num_rollouts < 2:
         raise ConfigError(f"advantage '{cfg.advantage}' compares responses within a group; a group "
                           "of one has no baseline (use num_offpolicy + num_rollouts >= 2)")
+    from gft.tracking import tracker_names
+    tracker_names(cfg.report_to)
     for name in ("prompts_per_step", "prompts_per_minibatch", "micro_batch_size",
                  "max_prompt_tokens", "max_response_tokens", "eval_samples", "keep_checkpoints",
-                 "rollout_batch_size", "max_bad_steps"):
+                 "rollout_batch_size", "max_bad_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:

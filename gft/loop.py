@@ -25,10 +25,12 @@ from gft.config import TrainConfig, to_dict
 from gft.evaluate import evaluate
 from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
 from gft.groups import Sequence_, micro_batches, pad_batch
-from gft.metrics import MetricsLog, ProgressBar, group_sums, metrics_from_sums
+from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
+                         peak_memory, step_line)
 from gft.objective import zero_variance_fraction
 from gft.rollout import PreparedPrompts, build_groups, score_groups
 from gft.stages import Stage, plan_stages, stage_at
+from gft.tracking import Trackers
 from gft.types import TokenBatch
 
 
@@ -98,12 +100,15 @@ class LoopState:
 
 def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[int],
                scorer, step: int, lr_fn: Callable[[int], float],
-               comm: Comm = LOCAL) -> dict[str, Any]:
+               comm: Comm = LOCAL, beat: Heartbeat | None = None) -> dict[str, Any]:
     """One GFT step over the prompts `indices`; returns its metrics.
 
     lr_fn(i) is the learning rate of this step's i-th optimizer update. With several
     ranks (gft/distributed.py) this rank rolls out, scores and trains on its share of
-    every update's prompts; the metrics returned are those of the whole step."""
+    every update's prompts; the metrics returned are those of the whole step.
+    beat: told what the step is doing (a long first step shows progress in a
+    non-terminal log)."""
+    phase = beat.phase if beat is not None else (lambda text, **kw: None)
     n_rollouts, per_mb = cfg.num_rollouts, cfg.prompts_per_minibatch
     positions = local_positions(len(indices), per_mb, comm.rank, comm.world)
     rows = [data.rows[indices[p]] for p in positions]
@@ -118,12 +123,15 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         # seeded by the prompt's place in the step, not in this rank's batch
         base = step_seed(cfg.seed, step)
         seeds = [row_seed(base, p * n_rollouts + j) for p in positions for j in range(n_rollouts)]
+        phase(f"step {step + 1}: rollouts ({len(repeated)} sequences, up to "
+              f"{cfg.max_response_tokens} tokens each)", new_step=True)
         rollouts = backend.generate(repeated, sampling, seeds)
     t1 = time.perf_counter()
     seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
                         num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
                         max_response_tokens=cfg.max_response_tokens,
                         stops=getattr(backend, "stops", None))
+    phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
     scored = score_groups(seqs, rows, scorer, cfg.advantage)
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
@@ -133,6 +141,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     stats: list[dict[str, float]] = []
     for i, batches in enumerate(updates):
         if batches:  # all-zero advantages on every rank: no gradient, so no update at all
+            phase(f"step {step + 1}: update {i + 1}/{len(updates)} ({len(batches)} "
+                  "micro-batches)")
             lr = lr_fn(i)
             stats.append({**backend.train_step(batches, lr, tau=cfg.tau,
                                                aggregation=cfg.loss_aggregation), "lr": lr})
@@ -220,14 +230,20 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
 
 def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedPrompts | None,
           scorer, run_dir: Path, state: LoopState, console,
-          stop: Callable[[], bool] = lambda: False, comm: Comm = LOCAL) -> LoopState:
+          stop: Callable[[], bool] = lambda: False, comm: Comm = LOCAL,
+          trackers: Trackers | None = None) -> LoopState:
     """Run steps state.step .. total; log, evaluate and checkpoint along the way.
 
     stop() is checked between steps (gft/signals.py): once it is true the loop saves a
     checkpoint of the last finished step and returns early. With several ranks (comm),
-    every rank runs this loop in step; rank 0 alone writes logs and checkpoints."""
+    every rank runs this loop in step; rank 0 alone writes logs and checkpoints.
+    trackers (gft/tracking.py, rank 0's) get every metrics line and sample. Without a
+    terminal (a cluster job) a plain line every logging_steps stands in for the progress
+    bar, and a long step says what it is doing every 30 s."""
     run_dir = Path(run_dir)
     lead = comm.rank == 0
+    trackers = trackers if trackers is not None and lead else Trackers()
+    plain = lead and not console.is_terminal
     log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
     samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
     log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
@@ -250,9 +266,12 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     if state.step == 0 and not stop():
         ev = run_eval(cfg, backend, eval_data, scorer, 0, comm)
         if ev:
-            log.write({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
+            record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
+            log.write(record)
+            trackers.log(record)
             console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
-    with ProgressBar(steps, state.step, cfg.progress and lead, console) as bar:
+    with ProgressBar(steps, state.step, cfg.progress and lead and not plain, console) as bar, \
+            Heartbeat(console, plain) as beat:
         while state.step < steps and not stop():
             stage = stage_at(stages, state.step)
             if state.step == stage.start and len(stages) > 1:
@@ -261,12 +280,14 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
             indices = sampler.take(stage.cfg.prompts_per_step)
             t0 = time.perf_counter()
             m = train_step(stage.cfg, backend, data, indices, scorer, state.step,
-                           stage_lr(stage, state.step), comm)
+                           stage_lr(stage, state.step), comm, beat)
+            beat.phase("")
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
             sample = m.pop("_sample", None)
             m.update({"step": state.step, "epoch": state.epoch, "stage": stage.index,
-                      "preset": stage.name, "time/step": time.perf_counter() - t0})
+                      "preset": stage.name, "time/step": time.perf_counter() - t0,
+                      **peak_memory()})
             if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == steps:
                 ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})
@@ -274,9 +295,13 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                     bar.console.print(f"step {state.step}: held-out accuracy "
                                       f"{ev['accuracy']:.3f}, reward {ev['reward']:.3f}")
             log.write(m)
+            trackers.log(m)
+            if plain and (state.step % cfg.logging_steps == 0 or state.step in (1, steps)):
+                console.print(step_line(state.step, steps, m), highlight=False)
             _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
             if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
                 samples.write({"step": state.step, **sample})
+                trackers.log_samples([{"step": state.step, **sample}], state.step)
             bar.update(state.step, m)
             if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
                 checkpoint(state.step)

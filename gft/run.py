@@ -23,10 +23,12 @@ from gft.data import load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
 from gft.loop import LoopState, total_steps, train
+from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
+from gft.tracking import Trackers, open_trackers
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
 # arithmetic task from random init in a few minutes on 2 CPU cores.
@@ -186,6 +188,7 @@ def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
 
 def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
          console: Console, stop: GracefulStop, comm: Comm) -> Path:
+    started = time.perf_counter()
     state, start_from = LoopState(), None
     lead = comm.rank == 0
     if resume is not None:
@@ -227,8 +230,12 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
                   f"plan: {describe(stages)}")
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
-                  comm=comm)
+    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
+    try:
+        state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
+                      comm=comm, trackers=trackers)
+    finally:
+        trackers.finish()
     steps = stages[-1].end
     if state.step < steps:  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
@@ -240,7 +247,10 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     else:
         backend.join_save()
     comm.barrier()
-    console.print(f"final checkpoint: {final}")
+    if lead:
+        records = read_metrics(run_dir / "metrics.jsonl")
+        for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
+            console.print(line, highlight=False)
     return final
 
 
