@@ -192,9 +192,9 @@ class Heartbeat:
         while not self._stop.wait(self.every):
             with self._lock:
                 text, since = self._text, self._since
-            if text:
-                self.console.print(f"{text} ({time.perf_counter() - since:.0f} s into the step)",
-                                   highlight=False)
+            elapsed = time.perf_counter() - since
+            if text and elapsed >= self.every:  # only a step that has run that long
+                self.console.print(f"{text} ({elapsed:.0f} s into the step)", highlight=False)
 
 
 def _duration(seconds: float) -> str:
