@@ -138,7 +138,9 @@ class TrackioTracker:
         self.run.log({"samples": table}, step=step)
 
     def finish(self) -> None:
-        self.run.finish()
+        # the module-level finish also clears trackio's current run, which its exit
+        # handler would otherwise finish (and announce) a second time
+        self.trackio.finish()
 
 
 class MlflowTracker:
