@@ -15,8 +15,8 @@ import yaml
 from rich.console import Console
 
 from backends import OptimConfig, check_device, load_backend, resolve_backend_name
-from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
-                            checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
+from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
+                            atomic_write_text, checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
                             latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
@@ -235,7 +235,6 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
         run_dir = Path(resume)
     else:
         run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
-        comm.barrier()  # every rank has looked before rank 0 writes
     lock = lock_run_dir(run_dir, comm)
     try:
         return _run_locked(cfg, run_dir, resume is not None, overrides, console, stop, comm)
@@ -245,16 +244,19 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
 
 
 def lock_run_dir(run_dir: Path, comm: Comm) -> Path | None:
-    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal."""
-    path, refusal = None, ""
+    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal (a
+    busy directory: exit 2; one that cannot be created: exit 1), none waits forever."""
+    path, refusal, failed = None, "", False
     if comm.rank == 0:
         try:
             path = runlock.take(run_dir)
         except runlock.RunLockedError as e:
             refusal = str(e)
-    refusal = comm.broadcast_text(refusal)
-    if refusal:
-        raise runlock.RunLockedError(refusal)
+        except OSError as e:
+            refusal, failed = f"cannot create {run_dir}: {e.strerror or e}", True
+    refusal = comm.broadcast_text(("1" if failed else "2") + refusal)
+    if refusal[1:]:
+        raise (CheckpointError if refusal[0] == "1" else runlock.RunLockedError)(refusal[1:])
     return path
 
 
