@@ -183,8 +183,13 @@ class TorchBackend:
         # forwards); FSDP2 keeps the plain forward. Full attention only (no sliding
         # windows to reason about), and a KV cache in training (gradient checkpointing
         # turns caching off).
-        self._share_prefix = share_prefix and strategy in (None, "ddp") \
-            and self._keeps_logits and full_attention_only(model)
+        # On the CPU only: there the update is compute-bound and the prefix's saved FLOPs
+        # are time saved (SmolLM2, 8 x (45 + 64): ~1/3 of them). On a GPU the same update
+        # is bound by kernel launches, and the second forward nearly doubles them: aten ops
+        # of one update, SmolLM2 shape, counted on the CPU (benchmarks/RESULTS.md,
+        # --count-ops) are above TRL's with the prefix run apart and below without.
+        self._share_prefix = share_prefix and device.type == "cpu" \
+            and strategy in (None, "ddp") and self._keeps_logits and full_attention_only(model)
         # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
         # the wrapper's forward, which the decoder-then-head split would go around)
         self.logits_chunk = logits_chunk

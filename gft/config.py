@@ -116,6 +116,10 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer update; a step makes "
                                         "prompts_per_step / prompts_per_minibatch updates.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation).")
+    micro_batch_tokens: int = _f(0, "Also cap each micro-batch at this many padded tokens (rows "
+                                    "x longest row): sequences sorted by length are packed "
+                                    "greedily, so short demonstrations are not padded to long "
+                                    "rollouts. Same loss. 0 = off (micro_batch_size only).")
     logits_chunk: int = _f(1024, "Positions whose [positions, vocabulary] logits the update "
                                  "holds at a time: the LM head, log-softmax and its backward run "
                                  "in chunks of this many positions (recomputed in the backward), "
@@ -263,8 +267,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "rollout_batch_size", "max_bad_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
-    if cfg.logits_chunk < 0:
-        raise ConfigError(f"'logits_chunk' must be >= 0 (0 = off), got {cfg.logits_chunk}")
+    for name in ("logits_chunk", "micro_batch_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"'{name}' must be >= 0 (0 = off), got {getattr(cfg, name)}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")

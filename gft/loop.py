@@ -198,7 +198,8 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
     local = [(sum(len(s.response_ids) for s in p), len(p)) for p in parts]
     totals = comm.all_sum(np.array(local, dtype=np.float64).reshape(-1)).reshape(-1, 2)
     updates = [micro_batches(p, cfg.micro_batch_size, pad, totals=(float(t[0]), float(t[1])),
-                             skip_zero_advantage=cfg.skip_zero_advantage)
+                             skip_zero_advantage=cfg.skip_zero_advantage,
+                             micro_batch_tokens=cfg.micro_batch_tokens)
                for p, t in zip(parts, totals)]
     if comm.world == 1:
         return updates
