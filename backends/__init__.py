@@ -120,6 +120,16 @@ def resolve_backend_name(name: str) -> str:
     raise ConfigError("no backend installed: pip install 'gft[torch]' or 'gft[mlx]'")
 
 
+def check_device(name: str, device: str) -> None:
+    """ConfigError if the backend `name` (resolved) has no such device on this machine;
+    called before any work. A backend that is not installed is load_backend's to report."""
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except (ImportError, KeyError):
+        return
+    module.check_device(device)
+
+
 def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: str = "auto",
                  optim: OptimConfig = OptimConfig(), seed: int = 0,
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,

@@ -447,6 +447,7 @@ class MlxBackend:
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
             save_adapter(path, self._params(), self.lora, str(self.model_path))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))
         write_weights(path, weights, lambda f, t: mx.save_safetensors(
@@ -502,19 +503,25 @@ class MlxBackend:
         return {n: np.array(p.astype(mx.float32)) for n, p in self._neutral(self._params()).items()}
 
 
-def set_device(device: str) -> None:
-    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
-    if device == "auto":
+def check_device(device: str) -> None:
+    """A device MLX has on this machine (ConfigError otherwise), checked before loading."""
+    if device in ("auto", "cpu"):
         return
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-    elif device in ("gpu", "mps", "metal", "cuda"):
+    if device in ("gpu", "mps", "metal", "cuda"):
         if not mx.is_available(mx.gpu):
             raise ConfigError(f"device '{device}': MLX has no GPU on this machine "
                               "(use device: cpu or auto)")
+        return
+    raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
+
+
+def set_device(device: str) -> None:
+    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
+    check_device(device)
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device != "auto":
         mx.set_default_device(mx.gpu)
-    else:
-        raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
 
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
@@ -533,7 +540,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
     from mlx_lm.utils import load_model
-    from gft.modelfiles import load_tokenizer
+    from gft.modelfiles import load_tokenizer, tokenizer_source
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
@@ -548,12 +555,18 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                           "train and sample in bfloat16)")
     set_device(device)
     mx.random.seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
+    from backends.mlx_config import check_weight_names, mlx_model_config
+    config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
-        model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a config key missing
+        model, _ = load_model(Path(model_path), strict=True, model_config=config,
+                              trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            AssertionError) as e:  # mlx-lm building an architecture it reads differently
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+        raise ModelError(f"{model_path}: cannot load the model in mlx-lm: {first}") from None
+    check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     if lora is not None:

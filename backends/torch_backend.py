@@ -52,6 +52,30 @@ TORCH_OPS = _TorchOps()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_device(device: str) -> None:
+    """A device this machine has (ConfigError otherwise), checked before any loading."""
+    try:
+        dev = torch.device("cuda" if device == "gpu" else device) if device != "auto" else None
+    except RuntimeError:
+        raise ConfigError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N, "
+                          "mps)") from None
+    if dev is None or dev.type == "cpu":
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}': CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device: auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{device}': this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{device}': MPS (Apple GPU) is not available on this "
+                          "machine; use device: auto or cpu")
+    if dev.type not in ("cuda", "mps"):
+        raise ConfigError(f"device '{device}' is not supported by gft's torch backend "
+                          "(auto, cpu, cuda, cuda:N, mps)")
+
+
 def pick_device(device: str) -> torch.device:
     """auto = cuda > mps > cpu."""
     if device != "auto":
@@ -355,6 +379,7 @@ class TorchBackend:
         if self.lora is not None:
             from backends.torch_lora import save_adapter
             save_adapter(path, self.params, self.lora, self.base)
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
@@ -452,13 +477,15 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
-    from gft.modelfiles import check_loaded_weights, load_tokenizer
+    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
     _quiet_transformers()
+    check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,

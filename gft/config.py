@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -259,6 +260,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+    _check_ranges(cfg)
     if cfg.max_policy_tokens < 0:
         raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
                           f"{cfg.max_policy_tokens}")
@@ -270,12 +272,44 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Ranges of the keys `validate` does not check on its own: (test, what it says).
+_AT_LEAST_0 = ("warmup_steps", "eval_every", "save_every", "sample_every", "lora_rank",
+               "weight_decay", "max_grad_norm", "reward_timeout")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "in 0 .. 2**63-1"),
+    **{name: (lambda v: v >= 0, ">= 0") for name in _AT_LEAST_0},
+}
+# torch device names (torch.device's syntax); mlx also takes gpu. Availability is the
+# backend's to check (backends/*.check_device), before it loads anything.
+_DEVICE = re.compile(r"auto|cpu|gpu|mps|metal|cuda(:\d+)?|xpu(:\d+)?")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (ok, text) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(f"'{name}' must be {text}, got {value!r}")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got "
+                          f"{cfg.device!r}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -284,6 +318,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of key: value")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not a name; config keys are names "
+                              "like learning_rate (see gft train --help-config)")
     return raw
 
 

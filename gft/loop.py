@@ -23,6 +23,7 @@ from backends import SamplingConfig
 from gft.budget import advance, step_policy_tokens
 from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
+from gft.runpaths import stored_config
 from gft.evaluate import evaluate
 from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
 from gft.groups import Sequence_, micro_batches, pad_batch
@@ -244,7 +245,8 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
         stop = lambda: bool(comm.all_sum(np.array([float(local_stop())]))[0])  # noqa: E731
 
     def checkpoint(step: int) -> Path | None:
-        payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+        payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+                   "backend": backend.name}
         path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
             if lead else backend.join_save()
         comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint

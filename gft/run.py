@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
 from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
-                            clean_leftovers, find_resume_point, has_checkpoints,
-                            latest_checkpoint, read_state, save_checkpoint)
+                            checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
+                            latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
@@ -26,6 +26,7 @@ from gft.errors import ConfigError, DataError, ModelError, RewardError
 from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.rewards import build_rewards, parse_reward_specs
+from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -180,6 +181,7 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
                              "start the run again with gft train")
         cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
         console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
+        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
         return replace(cfg, reset_optimizer=False), LoopState(), point
     start_from = point.checkpoint
     saved = read_state(start_from)
@@ -189,8 +191,18 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
+    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
     # a one-off instruction for this resume, not a setting the run keeps
     return replace(cfg, reset_optimizer=False), state, point
+
+
+def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
+                      source: str) -> TrainConfig:
+    """The saved model and data paths as found from here (gft/runpaths.py); a path given
+    again on the command line is taken as given."""
+    given = overrides or {}
+    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                           for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -263,9 +275,11 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         if not lead:  # the files exist now: this only fills in their paths
             cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            stored_config(to_dict(cfg), run_dir), sort_keys=False))
     scorer = RequireApplicableReward(build_rewards(cfg.rewards, cfg.reward_timeout))
     check_model_dir(start_from or str(cfg.model))
     if load_optimizer:
@@ -291,15 +305,28 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     steps = stages[-1].end
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+               "backend": backend.name}
     final = run_dir / "final"
     if lead:
-        save_checkpoint(backend, final, payload)
-        clean_leftovers(run_dir / "checkpoints")
+        save_final(backend, run_dir, steps, payload, cfg.keep_checkpoints)
     else:
         backend.join_save()
     comm.barrier()
     console.print(f"final checkpoint: {final}")
+    return final
+
+
+def save_final(backend, run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """The last step as a resumable checkpoint (model, optimizer, trainer state) in
+    checkpoints/, then final/: what users hand on, the model (or adapter) with its
+    tokenizer and generation config and nothing else (AdamW's moments are twice the
+    model). A resume of a finished run reads checkpoints/step-N."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None or latest.parent.name != "checkpoints" or checkpoint_step(latest) != step:
+        save_step_checkpoint(backend, run_dir, step, payload, keep)
+    final = atomic_directory(run_dir / "final", backend.save_model)
+    clean_leftovers(run_dir / "checkpoints")
     return final
 
 
