@@ -393,23 +393,24 @@ def resume(run: Path, *extra: str):
 
 
 def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
-    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
+    """`latest` missing and final/ gone: step-000002 is still found (it used to start over
     from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
     import shutil
     shutil.rmtree(saved_run / "final")
     (saved_run / "checkpoints" / "latest").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
     assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
-        "latest", "step-000001", "step-000002"]
+        "latest", "step-000002", "step-000003"]  # keep_checkpoints: 2
 
 
 def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
-    (saved_run / "final" / "optimizer.safetensors").unlink()
+    last = saved_run / "checkpoints" / "step-000002"  # final/ is an export, not a candidate
+    (last / "optimizer.safetensors").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+    assert (f"warning: step-000002 is incomplete ({last}/optimizer.safetensors: missing); "
             "resuming from the previous complete checkpoint step-000001") in result.output
     assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
 
@@ -417,6 +418,7 @@ def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(sa
 def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
     import shutil
     shutil.rmtree(saved_run / "final")
+    shutil.rmtree(saved_run / "checkpoints" / "step-000002")
     (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
     line = one_line_error(resume(saved_run))
     assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
@@ -433,6 +435,7 @@ def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_
 def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
     import shutil
     shutil.rmtree(saved_run / "final")
+    shutil.rmtree(saved_run / "checkpoints" / "step-000002")
     (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
     one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
                    f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
