@@ -215,10 +215,31 @@ def model_weight_files(model_dir: Path) -> list[Path]:
     return sorted(f for f in model_dir.glob("*.safetensors") if f.name != OPTIMIZER_FILE)
 
 
+# JSON files of a model directory that the loaders read as objects (key: value).
+JSON_FILES = ("config.json", "adapter_config.json", "generation_config.json",
+              "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object: anything else is a one-line ModelError."""
+    try:
+        value = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: must be a JSON object (key: value), got a "
+                         f"{type(value).__name__}")
+    return value
+
+
 def check_model_dir(model: str | Path) -> None:
     """Fail early, in one line, on a local model directory that cannot be loaded: no
-    config.json, no weights, only pickle weights (never loaded), a missing shard, or a
-    corrupted/truncated safetensors file. A name that is not a local path (a hub id) is
+    config.json, a JSON file that is not an object, no weights, only pickle weights (never
+    loaded), a missing shard, or a corrupted/truncated safetensors file. A name that is not a local path (a hub id) is
     left to the backend."""
     path = Path(model)
     if not path.exists():
@@ -232,6 +253,9 @@ def check_model_dir(model: str | Path) -> None:
                          "model.safetensors and tokenizer files)")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         raise ModelError(f"{model}: no config.json; not a Hugging Face-layout model directory")
+    for name in JSON_FILES:
+        if (path / name).is_file():
+            read_json_object(path / name)
     files = model_weight_files(path)
     if not files:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))

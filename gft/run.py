@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
 from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
                             checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
                             latest_checkpoint, read_state, save_step_checkpoint)
@@ -23,7 +23,7 @@ from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
@@ -159,7 +159,7 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs)
+                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk)
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
@@ -275,6 +275,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         if not lead:  # the files exist now: this only fills in their paths
             cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
@@ -302,7 +303,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                   comm=comm)
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
                "backend": backend.name}

@@ -257,10 +257,70 @@ def test_unknown_key_in_the_yaml_file(model, tmp_path):
     (["learning_rate=abc"], "'learning_rate' must be float, got 'abc'"),
     (["prompts_per_step=3"], "must be a multiple of 'prompts_per_minibatch'"),
     (["preset=grop"], "(did you mean 'grpo'?)"),
+    (["device=foo"], "error: 'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got 'foo'"),
+    (["adam_beta1=1.5"], "error: 'adam_beta1' must be in [0, 1), got 1.5"),
+    (["adam_beta2=-0.1"], "error: 'adam_beta2' must be in [0, 1), got -0.1"),
+    (["adam_eps=-1"], "error: 'adam_eps' must be > 0, got -1.0"),
+    (["weight_decay=-1"], "error: 'weight_decay' must be >= 0, got -1.0"),
+    (["seed=-1"], "error: 'seed' must be in 0 .. 2**63-1, got -1"),
+    ([f"seed={2**64}"], f"error: 'seed' must be in 0 .. 2**63-1, got {2**64}"),
+    (["warmup_steps=-1"], "error: 'warmup_steps' must be >= 0, got -1"),
+    (["save_every=-2"], "error: 'save_every' must be >= 0, got -2"),
+    (["epochs=0"], "error: 'epochs' must be > 0, got 0.0"),
+    (["reward_timeout=-1"], "error: 'reward_timeout' must be >= 0, got -1.0"),
+    (["max_grad_norm=-1"], "error: 'max_grad_norm' must be >= 0, got -1.0"),
+    (["lora_dropout=1"], "error: 'lora_dropout' must be in [0, 1), got 1.0"),
+    (["reset_optimizer=maybe"], "error: command line: 'reset_optimizer' must be bool, got 'maybe'"),
 ])
 def test_bad_values(model, tmp_path, sets, words):
     extra = [arg for s in sets for arg in ("--set", s)]
     one_line_error(train(model, tmp_path, ROWS, *extra), words)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it(model, tmp_path, monkeypatch):
+    import gft.run
+    monkeypatch.setattr(gft.run, "open_backend", lambda *a: pytest.fail("model loaded"))
+    line = one_line_error(train(model, tmp_path, ROWS, "--set", "device=cuda"))
+    assert line.startswith("error: device 'cuda': CUDA is not available on this machine (torch ")
+    assert line.endswith("); use device: auto or cpu")
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"1: 2\n", "job.yaml: key 1 is not a name; config keys are names like learning_rate "
+                "(see gft train --help-config)"),
+    (b"seed: 1\n# caf\xe9\n", "job.yaml:2: not UTF-8 text (byte 0xe9); save the config as UTF-8"),
+    (b"- seed: 1\n", "job.yaml: the config must be a mapping of key: value"),
+])
+def test_bad_yaml_config_files(model, tmp_path, text, words):
+    config = tmp_path / "job.yaml"
+    config.write_bytes(text)
+    one_line_error(run_cli(["train", str(config), "--model", str(model), "--data", str(tmp_path)]),
+                   words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--seed", "-1"], "error: Invalid value for '--seed': -1 is not in the range "
+                                "0<=x<=9223372036854775807. (see main train -h)"),
+    (["train", "--max-steps", "0"], "error: Invalid value for '--max-steps': 0 is not in the "
+                                    "range x>=1. (see main train -h)"),
+    (["generate", "M", "-p", ""], "error: Invalid value for '--prompt' / '-p': prompt 1 is empty; "
+                                  "give some text to continue (see main generate -h)"),
+    (["generate", "M", "-p", "x", "-n", "0"], "'--num' / '-n': 0 is not in the range x>=1."),
+    (["generate", "M", "-p", "x", "--temperature", "nan"],
+     "error: Invalid value for '--temperature': 'nan' is not a finite number."),
+    (["generate", "M", "-p", "x", "--top-p", "0"], "'--top-p': 0.0 is not in the range 0.0<x<=1.0."),
+    (["generate", "M", "-p", "x", "--max-new-tokens", "-1"], "is not in the range x>=1."),
+    (["eval", "M", "--limit", "0"], "'--limit': 0 is not in the range x>=1."),
+    (["eval", "M", "-k", "0"], "'-k': 0 is not in the range x>=1."),
+    (["eval", "M", "--temperature", "0"], "'--temperature': 0.0 is not in the range x>0.0."),
+    (["plot", ".", "--smooth", "0"], "'--smooth': 0 is not in the range x>=1."),
+    (["train", "--nproc", "0"], "'--nproc': 0 is not in the range x>=1."),
+    (["generate"], "error: Missing argument 'MODEL'. (see main generate -h)"),
+    (["train", "--no-such-option"], "error: No such option '--no-such-option'. (see main train -h)"),
+])
+def test_bad_command_line_options_are_one_line(args, words):
+    one_line_error(run_cli(args), words)
 
 
 # ---------------------------------------------------------------------------------------
@@ -313,6 +373,37 @@ def test_config_naming_another_architecture_than_its_weights(model, tmp_path, ba
     args[args.index("--backend") + 1] = backend
     one_line_error(run_cli(args), f"error: {broken}: ", *words)
     assert not (tmp_path / "r" / "final").exists()
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("config.json", "[1, 2]", ": must be a JSON object (key: value), got a list"),
+    ("config.json", "{", ":1: invalid JSON: Expecting property name"),
+    ("tokenizer_config.json", "7", ": must be a JSON object (key: value), got a int"),
+    ("adapter_config.json", '"peft"', ": must be a JSON object (key: value), got a str"),
+])
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_model_json_files_that_are_not_objects(model, tmp_path, name, text, words, command):
+    broken = copy_model(model, tmp_path / "m")
+    (broken / name).write_text(text)
+    args = (base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
+            if command == "train" else ["generate", str(broken), "-p", "hi"])
+    one_line_error(run_cli(args), f"error: {broken / name}", words)
+
+
+def test_plot_skips_a_damaged_metrics_line_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = ['{"step": 1, "entropy": 1.0}', '{"step": 2, "entr', '[3]', '{"step": "x"}',
+             '{"step": 4, "entropy": "high"}', '{"step": 5, "entropy": 0.5}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (run / "metrics.jsonl").read_bytes()
+    result = run_cli(["plot", str(run), "-o", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"warning: {run}/metrics.jsonl:{n}: damaged line skipped (not a JSON object with a "
+        "numeric 'step')" for n in (2, 3, 4)]
+    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "metrics.jsonl").read_bytes() == before  # plotting never rewrites it
 
 
 def test_missing_model_directory(tmp_path):
