@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gft.checkpoint import latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 METHODS = ("sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo")
