@@ -142,7 +142,8 @@ class TrainConfig:
     eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding).")
     eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints, at least the last step's "
+                               "(a finished run resumes from it: final/ holds the model only).")
     reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
                                       "optimizer.safetensors is missing or damaged, with fresh "
                                       "AdamW moments (the run then differs from an "

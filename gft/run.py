@@ -5,6 +5,7 @@ This is what `gft train` calls; the loop itself is gft/loop.py.
 from __future__ import annotations
 
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import asdict, replace
@@ -16,8 +17,8 @@ from rich.console import Console
 
 from backends import OptimConfig, check_device, load_backend, resolve_backend_name
 from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
-                            atomic_write_text, checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
-                            latest_checkpoint, read_state, save_step_checkpoint)
+                            atomic_write_text, clean_leftovers, find_resume_point,
+                            has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
@@ -318,9 +319,15 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
                "backend": backend.name}
     final = run_dir / "final"
+    # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
+    # copied from it on rank 0, with no collective of its own
+    last = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
     if lead:
-        save_final(backend, run_dir, steps, payload, cfg.keep_checkpoints)
-    else:
+        if not saved:
+            save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
+        export_final(last, final)
+    elif not saved:
         backend.join_save()
     comm.barrier()
     if lead:
@@ -330,17 +337,17 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     return final
 
 
-def save_final(backend, run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
-    """The last step as a resumable checkpoint (model, optimizer, trainer state) in
-    checkpoints/, then final/: what users hand on, the model (or adapter) with its
-    tokenizer and generation config and nothing else (AdamW's moments are twice the
-    model). A resume of a finished run reads checkpoints/step-N."""
-    latest = latest_checkpoint(run_dir)
-    if latest is None or latest.parent.name != "checkpoints" or checkpoint_step(latest) != step:
-        save_step_checkpoint(backend, run_dir, step, payload, keep)
-    final = atomic_directory(run_dir / "final", backend.save_model)
-    clean_leftovers(run_dir / "checkpoints")
-    return final
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
+    with its tokenizer and generation config and nothing else (AdamW's moments are twice
+    the model). The checkpoint keeps them: a resume of a finished run reads it."""
+    def write(tmp: Path) -> None:
+        for f in sorted(checkpoint.iterdir()):
+            if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)
+    out = atomic_directory(final, write)
+    clean_leftovers(final.parent / "checkpoints")
+    return out
 
 
 def check_launcher(cfg: TrainConfig, comm: Comm) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gft.checkpoint import latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 METHODS = ("sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo")
@@ -76,8 +78,8 @@ def test_every_run_stopped_at_the_policy_token_budget(replicated):
         for split in ("valid", *SPLITS):
             assert 0.0 <= result[f"{split}/accuracy"] <= 1.0
         assert result["test/entropy"] > 0
-        data = json.loads((Path(result["run_dir"]) / "final" / "trainer_state.json")
-                          .read_text())["config"]["data"]
+        last = latest_checkpoint(Path(result["run_dir"]))  # final/ holds the model only
+        data = json.loads((last / "trainer_state.json").read_text())["config"]["data"]
         assert Path(data).name == f"data-{result['condition']}"
     # the flawed condition trains on the generator's train_flawed rows, the clean one on train
     for condition, split in (("clean", "train"), ("flawed", "train_flawed")):
