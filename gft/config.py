@@ -59,6 +59,9 @@ class TrainConfig:
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")
+    answer_column: str = _f("answer", "The data column holding the ground truth that the "
+                                      "built-in rewards compare with (e.g. TRL's \"solution\"); "
+                                      "it is also passed to reward functions under its own name.")
     chat_template: bool | None = _f(None, "Wrap string prompts in the tokenizer's chat template "
                                           "(unset: only chat-message prompts use it).")
     max_prompt_tokens: int = _f(1024, "Longest prompt in tokens; see prompt_overflow.")
@@ -77,8 +80,12 @@ class TrainConfig:
     skip_zero_advantage: bool = _f(True, "Do not run forward/backward on responses with A = 0 "
                                          "(they add no gradient); they still count in the "
                                          "token-mean denominator, so the loss is unchanged.")
-    rewards: list = _f(["math"], "Reward functions: math | exact | regex | module:function, or "
-                                 "[{name, weight, ...options}]. The first one defines accuracy.")
+    rewards: list | None = _f(None, "Reward functions: math | exact | regex | module:function | "
+                                    "file.py:function (TRL's calling convention), or "
+                                    "[{name, weight, ...options}]. The first one defines "
+                                    "accuracy. Unset: math when a stage samples rollouts "
+                                    "or compares responses (grpo, gft); none for sft/dft, "
+                                    "which then report no reward.")
     # ---- sampling (rollouts)
     temperature: float = _f(1.0, "Rollout sampling temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold.")
@@ -116,8 +123,17 @@ class TrainConfig:
     seed: int = _f(0, "Seed for data order, sampling and initialization of the default model.")
     output_dir: str | None = _f(None, "Run directory; unset = runs/<preset>-<timestamp>.")
     eval_every: int = _f(0, "Evaluate held-out accuracy every N steps (0 = only start and end).")
-    eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding).")
-    eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
+    eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding); 0 = no "
+                               "evaluation.")
+    eval_data: str | None = _f(None, "Held-out data: a file, a directory (its eval_split, "
+                                     "else valid), or a split name of `data`. Unset: "
+                                     "eval_split of a `data` directory; a single data file "
+                                     "has none (see eval_holdout).")
+    eval_split: str = _f("test", "Split of a data directory used for held-out evaluation "
+                                 "(test, then valid if absent).")
+    eval_holdout: float = _f(0.0, "When there is no held-out data: set aside this fraction "
+                                  "of the training rows (seeded; never trained on) for "
+                                  "evaluation. 0 = evaluate nothing rather than training rows.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
     save_shard_size: str | int = _f("5GB", "Split saved weights into model-0000K-of-0000N."
@@ -143,6 +159,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     # gradient to DFT's; a short SFT warm-up gives the partial skill the paper starts from.
     # GFT then runs at a lower learning rate: an RL stage at the SFT rate destabilizes.
     "stages": [{"sft": 300}, {"preset": "gft", "steps": 150, "learning_rate": 1e-3}],
+    "rewards": ["math"],  # the task's answers are numbers; also scored during the SFT stage
     "learning_rate": 3e-3,
     "lr_schedule": "constant",
     "warmup_steps": 5,
@@ -228,10 +245,17 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"advantage '{cfg.advantage}' compares responses within a group; a group "
                           "of one has no baseline (use num_offpolicy + num_rollouts >= 2)")
     for name in ("prompts_per_step", "prompts_per_minibatch", "micro_batch_size",
-                 "max_prompt_tokens", "max_response_tokens", "eval_samples", "keep_checkpoints",
+                 "max_prompt_tokens", "max_response_tokens", "keep_checkpoints",
                  "rollout_batch_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_samples < 0:
+        raise ConfigError(f"'eval_samples' must be >= 0 (0 = no evaluation), "
+                          f"got {cfg.eval_samples}")
+    if not 0.0 <= cfg.eval_holdout < 1.0:
+        raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
+    if not cfg.answer_column.strip():
+        raise ConfigError("'answer_column' must name a column")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
