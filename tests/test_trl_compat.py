@@ -364,3 +364,37 @@ def test_prepare_prompts_of_every_type_together(tmp_path, tokenizer):
     expected = chat_ids(tokenizer, CHAT, add_generation_prompt=True)
     assert prepared.prompt_ids[0] == expected == prepared.prompt_ids[2]
     assert np.array_equal(prepared.prompt_ids[1], tokenizer("plain").input_ids)
+
+
+# ---------------------------------------------------------------------------------------
+# TRL and mlx-lm key names
+
+
+@pytest.mark.parametrize("key, words", [
+    ("num_generations", ["'num_generations'", "num_rollouts"]),
+    ("max_completion_length", ["max_response_tokens"]),
+    ("gradient_accumulation_steps", ["prompts_per_minibatch", "micro_batch_size"]),
+    ("per_device_train_batch_size", ["micro_batch_size"]),
+    ("beta", ["no KL"]),
+    ("epsilon", ["no PPO ratio clipping"]),
+    ("iters", ["max_steps"]),
+    ("batch_size", ["prompts_per_step"]),
+    ("adapter_path", ["output_dir"]),
+])
+def test_trl_and_mlx_lm_names_point_at_gft_keys(tmp_path, key, words):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"{key}: 1\n")
+    result = CliRunner().invoke(main, ["train", str(config)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    line = result.stderr.strip()
+    assert "\n" not in line and "unknown key" in line and str(config) in line
+    for word in words:
+        assert word in line, line
+
+
+def test_every_hint_names_real_gft_keys():
+    import re
+    from gft.config import FIELDS, FOREIGN_KEYS
+    for key, hint in FOREIGN_KEYS.items():
+        for name in re.findall(r"gft's (\w+)", hint):
+            assert name in FIELDS, (key, name)
