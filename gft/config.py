@@ -1,7 +1,7 @@
 """Training configuration: one flat dataclass, every field with help.
 
 Values are layered, later layers winning:
-  1. the dataclass defaults (the paper's Qwen2.5-Math-1.5B settings, GFT.md),
+  1. the dataclass defaults (the paper's Qwen2.5-Math-1.5B settings, docs/ALGORITHM.md),
   2. the preset (`sft`, `dft`, `grpo`, `gft`: K, n, advantage estimator, tau),
   3. the embedded default job's settings, only when neither `model` nor `data` is given,
   4. the YAML file,
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +73,8 @@ class TrainConfig:
                                         "responses are truncated to it.")
     # ---- objective (presets set these four)
     preset: str = _f("gft", "sft | dft | grpo | gft: sets num_offpolicy, num_rollouts, advantage "
-                            "and tau as in GFT.md's table; explicit values override it.")
+                            "and tau as in docs/ALGORITHM.md's table; explicit values "
+                            "override it.")
     num_offpolicy: int = _f(4, "K: dataset responses per prompt that enter the group.")
     num_rollouts: int = _f(4, "n: on-policy rollouts sampled per prompt.")
     advantage: str = _f("grpo", "grpo (mean/std, N-1) | dr_grpo (mean only) | rloo | constant (A=1).")
@@ -145,7 +148,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # K dataset responses, n rollouts, advantage estimator, DCR threshold (GFT.md's table).
+    # K dataset responses, n rollouts, advantage estimator, DCR threshold (docs/ALGORITHM.md).
     "sft": {"num_offpolicy": 1, "num_rollouts": 0, "advantage": "constant", "tau": 0.0},
     "dft": {"num_offpolicy": 1, "num_rollouts": 0, "advantage": "constant", "tau": 1.0},
     "grpo": {"num_offpolicy": 0, "num_rollouts": 8, "advantage": "grpo", "tau": 0.0},
@@ -285,6 +288,22 @@ CHOICES = {
 
 def field_help(name: str) -> str:
     return FIELDS[name].metadata.get("help", "")
+
+
+def config_help() -> str:
+    """Every key with its default and help (`gft train --help-config`). The defaults are
+    the dataclass's; a preset, the embedded default job, YAML and --set override them."""
+    defaults = TrainConfig()
+    lines = []
+    for name in FIELDS:
+        value = getattr(defaults, name)
+        shown = "unset" if value is None else json.dumps(value) \
+            if isinstance(value, (list, dict)) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        lines.append(f"  {name} (default: {shown})")
+        lines += textwrap.wrap(field_help(name), 88, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)
 
 
 def _suggest(key: str, options: typing.Iterable[str]) -> str:

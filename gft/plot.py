@@ -39,9 +39,7 @@ def _load(run: Path) -> list[dict]:
 
 def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) -> list[Path]:
     """Write <run>/curves.png for each run, and `out` (overlay) when given several runs."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     loaded = {Path(r): _load(Path(r)) for r in runs}
     written: list[Path] = []
@@ -63,6 +61,19 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) ->
     return written
 
 
+def _pyplot():
+    """matplotlib.pyplot drawing to files only, or a GFTError saying what to install
+    (matplotlib is an optional extra: a training machine does not need it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise GFTError('gft plot needs matplotlib, which is not installed: '
+                       'pip install "gft[plot]"') from exc
+    return plt
+
+
 def finish_axes(ax, title: str, xlabel: str) -> None:
     """Title, x label, light grid, and a legend when something was drawn."""
     ax.set_title(title)
@@ -74,7 +85,7 @@ def finish_axes(ax, title: str, xlabel: str) -> None:
 
 def save_figure(fig, path: Path, dpi: int) -> Path:
     """Write a matplotlib figure as PNG (parent folders made) and free it."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -398,3 +398,38 @@ def test_every_hint_names_real_gft_keys():
     for key, hint in FOREIGN_KEYS.items():
         for name in re.findall(r"gft's (\w+)", hint):
             assert name in FIELDS, (key, name)
+
+
+# ---------------------------------------------------------------------------------------
+# The project's own documents
+
+
+def test_help_config_shows_every_default():
+    from gft.config import FIELDS, TrainConfig
+    text = CliRunner().invoke(main, ["train", "--help-config"]).output
+    defaults = TrainConfig()
+    for name in FIELDS:
+        value = getattr(defaults, name)
+        shown = {None: "unset", True: "true", False: "false"}.get(value, None) \
+            if value is None or isinstance(value, bool) else \
+            json.dumps(value) if isinstance(value, list) else str(value)
+        assert f"  {name} (default: {shown})\n" in text, name
+    assert "GFT.md" not in text
+
+
+def test_plot_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
+    result = CliRunner().invoke(main, ["plot", str(run)])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.stderr.strip() == ('error: gft plot needs matplotlib, which is not '
+                                     'installed: pip install "gft[plot]"')
+
+
+def test_the_documents_cited_are_in_the_repository():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "docs" / "ALGORITHM.md").is_file()
+    for path in [root / "README.md", root / "cli.py", *sorted((root / "gft").glob("*.py"))]:
+        assert "GFT.md" not in path.read_text(), path
