@@ -371,9 +371,10 @@ def _response_text(value: Any, field: str, fail) -> str:
     """A response as text: a string, or a list holding one assistant message."""
     if isinstance(value, str):
         return value
-    if not isinstance(value, list):
-        raise fail(field, "must be a string or a list with one assistant message, "
-                          f"got {_type_name(value)}")
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        got = _type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
+            sorted({_type_name(item) for item in value if not isinstance(item, dict)}))
+        raise fail(field, f"must be a string or a list with one assistant message, got {got}")
     messages = _parse_chat(value, field, fail)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
         roles = ", ".join(m["role"] for m in messages)

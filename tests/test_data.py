@@ -275,7 +275,7 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"messages": "hi"}, "messages", "got string"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "no prompt"),
     ({"messages": [{"role": 1, "content": "x"}]}, "messages[0].role", "got number"),
-    ({"prompt": "p", "completion": ["a"]}, "completion[0]", "got string"),
+    ({"prompt": "p", "completion": ["a"]}, "completion", "got array of string"),
     ({"prompt": "p", "completion": 3}, "completion", "got number"),
     ({"prompt": "p", "completion": [{"role": "user", "content": "a"}]}, "completion",
      "roles [user]"),
