@@ -433,3 +433,53 @@ def test_the_documents_cited_are_in_the_repository():
     assert (root / "docs" / "ALGORITHM.md").is_file()
     for path in [root / "README.md", root / "cli.py", *sorted((root / "gft").glob("*.py"))]:
         assert "GFT.md" not in path.read_text(), path
+
+
+# ---------------------------------------------------------------------------------------
+# Where held-out rows come from (gft.run.held_out_rows), without a model
+
+
+def rows_file(path: Path, n: int, tag: str = "t") -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{tag}{i}", "completion": "x"}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+def held_out(data: Path, **keys):
+    from gft.config import build_config
+    from gft.run import held_out_rows
+    cfg = build_config({"model": "m", "data": str(data), **keys})
+    return held_out_rows(cfg, load_split(cfg.data, "train"))
+
+
+def test_held_out_from_a_directory_split_or_a_split_name(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 6)
+    rows_file(data / "valid.jsonl", 2, "v")
+    rows_file(data / "dev.jsonl", 3, "d")
+    train_rows, rows, note = held_out(data)  # no test split: valid
+    assert len(train_rows) == 6 and [r.prompt for r in rows] == ["v0", "v1"]
+    assert "'valid' split" in note
+    _, rows, note = held_out(data, eval_data="dev")  # a split name of the directory
+    assert [r.prompt for r in rows] == ["d0", "d1", "d2"] and "eval_data dev" in note
+    _, rows, note = held_out(data, eval_samples=0)
+    assert rows == [] and note == "off (eval_samples: 0)"
+
+
+def test_eval_holdout_sets_rows_aside(tmp_path):
+    data = rows_file(tmp_path / "train.jsonl", 20)
+    train_rows, rows, note = held_out(data, eval_holdout=0.25)
+    assert len(rows) == 5 and len(train_rows) == 15
+    assert not {r.prompt for r in rows} & {r.prompt for r in train_rows}  # never trained on
+    assert "5 of 20 training rows set aside" in note
+    assert [r.prompt for r in held_out(data, eval_holdout=0.25)[1]] == [r.prompt for r in rows]
+    _, none, note = held_out(data)
+    assert none == [] and note.startswith("off:") and "no held-out split" in note
+
+
+def test_eval_data_that_names_nothing(tmp_path):
+    from gft.errors import ConfigError
+    data = rows_file(tmp_path / "train.jsonl", 4)
+    with pytest.raises(ConfigError, match="neither a file nor a directory"):
+        held_out(data, eval_data="test")
