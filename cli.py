@@ -207,7 +207,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     be = load_backend(backend, model, dtype=dtype)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
-    scorer = build_rewards(rewards.split(","))
+    from gft.config import TrainConfig
+    scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
                        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
     if as_json:

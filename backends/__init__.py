@@ -126,7 +126,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
-                 mixed_precision: bool = False, rollout_graphs: str = "auto") -> Backend:
+                 mixed_precision: bool = False, rollout_graphs: str = "auto",
+                 logits_chunk: int = 1024) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -137,7 +138,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
-    mixed_precision: torch only; bfloat16 compute over float32 weights."""
+    mixed_precision: torch only; bfloat16 compute over float32 weights.
+    logits_chunk: positions whose logits the update holds at a time (0: all at once)."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
@@ -154,7 +156,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
                        adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
-                       rollout_graphs=rollout_graphs,
+                       rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
                        **({"mixed_precision": True} if mixed_precision else {}),
                        **_parallel_kwargs(name, parallel, comm))
 

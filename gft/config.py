@@ -89,6 +89,9 @@ class TrainConfig:
                                     "accuracy. Unset: math when a stage samples rollouts "
                                     "or compares responses (grpo, gft); none for sft/dft, "
                                     "which then report no reward.")
+    reward_timeout: float = _f(60.0, "Seconds one call of a reward function may take before "
+                                     "the run stops with an error naming it and the row "
+                                     "(0 = no limit).")
     # ---- sampling (rollouts)
     temperature: float = _f(1.0, "Rollout sampling temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold.")
@@ -118,6 +121,11 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer update; a step makes "
                                         "prompts_per_step / prompts_per_minibatch updates.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation).")
+    logits_chunk: int = _f(1024, "Positions whose [positions, vocabulary] logits the update "
+                                 "holds at a time: the LM head, log-softmax and its backward run "
+                                 "in chunks of this many positions (recomputed in the backward), "
+                                 "so memory does not grow with tokens x vocabulary. 0 = all at "
+                                 "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
@@ -139,6 +147,10 @@ class TrainConfig:
                                   "evaluation. 0 = evaluate nothing rather than training rows.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
+                                      "optimizer.safetensors is missing or damaged, with fresh "
+                                      "AdamW moments (the run then differs from an "
+                                      "uninterrupted one). Applies to that resume only.")
     save_shard_size: str | int = _f("5GB", "Split saved weights into model-0000K-of-0000N."
                                            "safetensors shards above this size (e.g. 500MB, 2GB).")
     sample_every: int = _f(10, "Log a sample completion to samples.jsonl every N steps.")
@@ -376,6 +388,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
     if not cfg.answer_column.strip():
         raise ConfigError("'answer_column' must name a column")
+    if cfg.logits_chunk < 0:
+        raise ConfigError(f"'logits_chunk' must be >= 0 (0 = off), got {cfg.logits_chunk}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")

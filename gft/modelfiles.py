@@ -214,6 +214,25 @@ def check_model_dir(model: str | Path) -> None:
         read_safetensors_header(f)
 
 
+def check_loaded_weights(model_path: str, missing: list[str], unexpected: list[str],
+                         mismatched: list[Any] = ()) -> None:
+    """What a loader reported (transformers' loading info): tensors the model has but the
+    files lack would be randomly initialized, tensors the files have but the model lacks
+    would be dropped. Either means config.json describes another model than its weights:
+    an error naming a few of each, never a silently re-initialized model."""
+    if not (missing or unexpected or mismatched):
+        return
+    def few(names: list[Any]) -> str:
+        shown = [str(n[0] if isinstance(n, (tuple, list)) else n) for n in sorted(names, key=str)]
+        return ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+    parts = [f"{len(v)} {label} ({few(v)})" for label, v in (
+        ("missing, would be randomly initialized", missing),
+        ("unexpected, would be ignored", unexpected), ("of another shape", mismatched)) if v]
+    raise ModelError(f"{model_path}: the weights do not match the model config.json describes: "
+                     f"{'; '.join(parts)}; check config.json (model_type, architectures, sizes) "
+                     "against the weight files")
+
+
 def check_optimizer_state(checkpoint: Path) -> None:
     """The AdamW moments in a checkpoint must match its model's parameter names and shapes
     (a checkpoint patched with another model's weights would fail deep in the optimizer)."""

@@ -39,6 +39,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from gft.timeouts import CallTimeout, call_with_timeout
 from gft.errors import ConfigError, RewardError
 
 
@@ -332,7 +333,8 @@ class RewardResult:
 class RewardModel:
     """The configured reward functions, called together on a batch of completions."""
 
-    def __init__(self, specs: Sequence[RewardSpec]):
+    def __init__(self, specs: Sequence[RewardSpec], timeout: float = 0.0):
+        self.timeout = timeout  # seconds per call (reward_timeout), 0 = none
         if not specs:
             raise ConfigError("rewards: empty; name at least one reward")
         self.names = _unique_names([spec.name for spec in specs])
@@ -367,7 +369,7 @@ class RewardModel:
         }
         returned = [self._call(name, function, arguments, sources)
                     for name, function in zip(self.names, self.functions)]
-        returned = _await_all(returned, self.names)
+        returned = _await_all(returned, self.names, self.timeout, sources)
         values = np.stack([_check_values(name, value, len(completions), sources)
                            for name, value in zip(self.names, returned)])  # [F, N]
         applicable = ~np.isnan(values)
@@ -384,7 +386,9 @@ class RewardModel:
         failure named."""
         kwargs = _accepted_arguments(function, arguments)
         try:
-            return function(**kwargs)
+            return call_with_timeout(lambda: function(**kwargs), self.timeout)
+        except CallTimeout:
+            raise RewardError(_timeout_message(name, self.timeout, sources)) from None
         except Exception as exc:
             raise _named_error(name, exc, sources) from exc
 
@@ -403,17 +407,21 @@ def _named_error(name: str, exc: Exception, sources: list[str] | None) -> Reward
     return RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}")
 
 
-def _await_all(returned: list[Any], names: list[str]) -> list[Any]:
+def _await_all(returned: list[Any], names: list[str], timeout: float,
+               sources: list[str] | None) -> list[Any]:
     """Await the coroutines of async reward functions, concurrently (an LLM judge or a
     sandbox call then overlap), on a private event loop: run in a worker thread when the
-    caller already runs one (a notebook), since asyncio.run refuses to nest."""
+    caller already runs one (a notebook), since asyncio.run refuses to nest. Each one
+    may take `timeout` seconds (reward_timeout; 0 = no limit)."""
     pending = [i for i, value in enumerate(returned) if inspect.isawaitable(value)]
     if not pending:
         return returned
 
     async def named(index: int) -> Any:
         try:
-            return await returned[index]
+            return await asyncio.wait_for(returned[index], timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise RewardError(_timeout_message(names[index], timeout, sources)) from None
         except Exception as exc:
             raise _named_error(names[index], exc, None) from exc
 
@@ -434,9 +442,18 @@ def _await_all(returned: list[Any], names: list[str]) -> list[Any]:
     return out
 
 
-def build_rewards(raw: Any) -> RewardModel:
-    """Config value -> ready RewardModel (parse_reward_specs, then resolve)."""
-    return RewardModel(parse_reward_specs(raw))
+def build_rewards(raw: Any, timeout: float = 0.0) -> RewardModel:
+    """Config value -> ready RewardModel (parse_reward_specs, then resolve); `timeout`:
+    seconds one call of a function may take (gft/timeouts.py), 0 = no limit."""
+    return RewardModel(parse_reward_specs(raw), timeout)
+
+
+def _timeout_message(name: str, seconds: float, sources: list[str] | None) -> str:
+    unique = list(dict.fromkeys(sources or []))  # a row's G responses share its source
+    rows = ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
+    return (f"reward '{name}' did not return within reward_timeout={seconds:g} s on a batch "
+            f"of {len(sources or [])} responses (rows: {rows or '?'}); fix the function, or "
+            "raise reward_timeout (0 = no limit)")
 
 
 def _unique_names(names: list[str]) -> list[str]:

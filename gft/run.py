@@ -16,7 +16,8 @@ import yaml
 from rich.console import Console
 
 from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import (STATE_FILE, atomic_directory, atomic_write_text, clean_leftovers,
+from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
+                            clean_leftovers, find_resume_point, has_checkpoints,
                             latest_checkpoint, read_state, save_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
@@ -24,6 +25,7 @@ from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
 from gft.loop import LoopState, total_steps, train
+from gft import runlock
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
@@ -64,9 +66,13 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
     return cfg
 
 
-def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPrompts, PreparedPrompts | None]:
-    """Training rows and the held-out rows (see held_out_rows), prompts tokenized."""
-    train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+def load_data(cfg: TrainConfig, tokenizer, console: Console,
+              train_rows: list[Example] | None = None
+              ) -> tuple[PreparedPrompts, PreparedPrompts | None]:
+    """Training rows (read here unless given) and the held-out rows (see held_out_rows),
+    prompts tokenized."""
+    if train_rows is None:
+        train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
     console.print(f"evaluation: {note}")
     kw = dict(chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
@@ -143,7 +149,25 @@ def rewards_needed(cfg: TrainConfig) -> bool:
 def build_scorer(cfg: TrainConfig):
     """The RewardModel the run scores with, or None: rewards unset and none needed."""
     raw = cfg.rewards if cfg.rewards is not None else (["math"] if rewards_needed(cfg) else None)
-    return RequireApplicableReward(build_rewards(raw)) if raw is not None else None
+    return RequireApplicableReward(build_rewards(raw, cfg.reward_timeout)) \
+        if raw is not None else None
+
+
+def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
+    """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
+    no row has one it would make zero updates and still write final/. Said before the
+    model loads."""
+    if any(ex.responses for ex in rows):
+        return
+    for stage in plan_stages(cfg, 1):
+        if stage.cfg.num_rollouts == 0:
+            where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
+                f"preset '{stage.name}'"
+            raise DataError(f"no training row has a response (completion, completions, "
+                            f"responses or a final assistant message), and {where} has "
+                            "num_rollouts=0: it learns only from dataset responses. Add "
+                            "responses, or use a preset that samples rollouts (grpo, gft)",
+                            path=str(cfg.data))
 
 
 def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:
@@ -199,26 +223,30 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs)
+                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk)
 
 
-def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
-                 console: Console, comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, Path | None]:
-    """(config, loop state, checkpoint) to continue `run_dir` from. A run killed before
-    its first checkpoint starts over from step 0 with its saved config.yaml."""
+def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
+                 comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, ResumePoint]:
+    """(config, loop state, resume point) to continue `run_dir` from: the newest complete
+    checkpoint, whatever `latest` says. A run killed before its first checkpoint starts
+    over from step 0 with its saved config.yaml."""
     if comm.rank == 0:
         clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
         clean_leftovers(run_dir / "checkpoints")
     comm.barrier()
-    start_from = latest_checkpoint(run_dir)
-    if start_from is None:
+    point = find_resume_point(run_dir, (overrides or {}).get("reset_optimizer") is True)
+    for note in point.notes:
+        console.print(f"[yellow]{note}", highlight=False)
+    if point.checkpoint is None:
         saved_config = run_dir / "config.yaml"
         if not saved_config.is_file():
             raise ModelError(f"{run_dir}: no checkpoint and no config.yaml to resume from; "
                              "start the run again with gft train")
         cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
         console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
-        return cfg, LoopState(), None
+        return replace(cfg, reset_optimizer=False), LoopState(), point
+    start_from = point.checkpoint
     saved = read_state(start_from)
     cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
     try:
@@ -226,7 +254,8 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
-    return cfg, state, start_from
+    # a one-off instruction for this resume, not a setting the run keeps
+    return replace(cfg, reset_optimizer=False), state, point
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -251,20 +280,49 @@ def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
 
 def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
          console: Console, stop: GracefulStop, comm: Comm) -> Path:
-    state, start_from = LoopState(), None
-    lead = comm.rank == 0
+    """Lock the run directory (one writer: rank 0 holds it for every rank), then train."""
     if resume is not None:
         run_dir = Path(resume)
-        cfg, state, start_from = resume_point(run_dir, overrides, console, comm)
     else:
         run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
-        if latest_checkpoint(run_dir) is not None:
+        comm.barrier()  # every rank has looked before rank 0 writes
+    lock = lock_run_dir(run_dir, comm)
+    try:
+        return _run_locked(cfg, run_dir, resume is not None, overrides, console, stop, comm)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+
+
+def lock_run_dir(run_dir: Path, comm: Comm) -> Path | None:
+    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal."""
+    path, refusal = None, ""
+    if comm.rank == 0:
+        try:
+            path = runlock.take(run_dir)
+        except runlock.RunLockedError as e:
+            refusal = str(e)
+    refusal = comm.broadcast_text(refusal)
+    if refusal:
+        raise runlock.RunLockedError(refusal)
+    return path
+
+
+def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
+                overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
+                comm: Comm) -> Path:
+    state, start_from, load_optimizer = LoopState(), None, False
+    lead = comm.rank == 0
+    if resuming:
+        cfg, state, point = resume_point(run_dir, overrides, console, comm)
+        start_from, load_optimizer = point.checkpoint, point.load_optimizer
+    else:
+        if has_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
                               f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
                               "--output-dir")
         comm.barrier()  # every rank has looked before rank 0 writes
         if lead:
-            run_dir.mkdir(parents=True, exist_ok=True)
             cfg = materialize_defaults(cfg, run_dir, console)
         comm.barrier()
         if not lead:  # the files exist now: this only fills in their paths
@@ -275,13 +333,14 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     scorer = build_scorer(cfg)
     check_model_dir(start_from or str(cfg.model))
-    has_optimizer = start_from is not None and (start_from / OPTIMIZER_FILE).exists()
-    if has_optimizer:
+    if load_optimizer:
         check_optimizer_state(start_from)
+    train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+    check_trainable(cfg, train_rows)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
-    if has_optimizer:
+    if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    data, held_out = load_data(cfg, backend.tokenizer, console)
+    data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,

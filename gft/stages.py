@@ -9,6 +9,9 @@ Each stage is the run's config with the stage's preset applied, then the stage's
 keys. Steps are counted globally (a checkpoint at step 250 resumes inside stage 2); the
 weights and the AdamW moments carry over; each stage has its own LR schedule and warm-up.
 Without `stages`, a run is a single stage of `max_steps` (or `epochs`) steps.
+With `stages`, `max_steps` below the plan's total cuts the run short there; above it, the
+last stage is extended to reach it (its LR schedule then spans the longer stage), and the
+plan line says so. To continue with another preset instead, add a stage to `stages`.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Stage:
     cfg: TrainConfig    # the config this stage trains with
     start: int          # first global step (0-based)
     end: int            # one past its last global step
+    extended: int = 0   # steps added by a max_steps beyond the plan (last stage only)
 
 
 def _normalize(item: Any, i: int) -> dict[str, Any]:
@@ -70,7 +74,8 @@ def stage_config(base: TrainConfig, values: dict[str, Any], i: int) -> tuple[Tra
 
 
 def plan_stages(cfg: TrainConfig, single_stage_steps: int) -> list[Stage]:
-    """The run's stages with their global step ranges; max_steps caps a staged run."""
+    """The run's stages with their global step ranges; max_steps cuts a staged run short,
+    or extends its last stage."""
     if not cfg.stages:
         return [Stage(0, cfg.preset, cfg, 0, single_stage_steps)]
     if not isinstance(cfg.stages, list):
@@ -81,7 +86,9 @@ def plan_stages(cfg: TrainConfig, single_stage_steps: int) -> list[Stage]:
         stage_cfg, steps = stage_config(cfg, _normalize(item, i), i)
         out.append(Stage(i, stage_cfg.preset, stage_cfg, start, start + steps))
         start += steps
-    if cfg.max_steps is not None:  # e.g. a quick smoke run of a staged config
+    if cfg.max_steps is not None and cfg.max_steps > start:  # e.g. a resumed run made longer
+        out[-1] = replace(out[-1], end=cfg.max_steps, extended=cfg.max_steps - start)
+    elif cfg.max_steps is not None:  # e.g. a quick smoke run of a staged config
         out = [replace(s, end=min(s.end, cfg.max_steps)) for s in out if s.start < cfg.max_steps]
     return out
 
@@ -97,4 +104,6 @@ def describe(stages: list[Stage]) -> str:
     """One line for the terminal: 'sft 300 steps (K=1, n=0, tau=0.0, constant) -> gft ...'."""
     return " -> ".join(
         f"{s.name} {s.end - s.start} steps (K={s.cfg.num_offpolicy}, n={s.cfg.num_rollouts}, "
-        f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})" for s in stages)
+        f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})"
+        + (f", extended by {s.extended} step{'s' * (s.extended > 1)} (max_steps={s.end} is "
+           f"beyond the plan's {s.end - s.extended})" if s.extended else "") for s in stages)

@@ -141,6 +141,26 @@ def test_missing_answer_when_the_reward_needs_it(model, tmp_path, reward):
     one_line_error(result, f"train.jsonl:3: field 'answer': missing; reward '{reward}' compares")
 
 
+@pytest.mark.parametrize("preset, stages, where", [
+    ("sft", None, "preset 'sft' has num_rollouts=0"),
+    ("dft", None, "preset 'dft' has num_rollouts=0"),
+    (None, "[{grpo: 1}, {sft: 1}]", "stage 2 (sft) has num_rollouts=0"),
+])
+def test_no_row_with_a_response_for_a_preset_without_rollouts(model, tmp_path, monkeypatch,
+                                                              preset, stages, where):
+    import gft.run
+    monkeypatch.setattr(gft.run, "open_backend", lambda *a: pytest.fail("model loaded"))
+    rows = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ROWS]
+    extra = ["--preset", preset] if preset else ["--set", f"stages={stages}"]
+    result = train(model, tmp_path, rows, *extra, "--set", "num_offpolicy=1",
+                   "--set", "num_rollouts=0") if preset else train(model, tmp_path, rows, *extra)
+    line = one_line_error(result)
+    assert line == (f"error: {tmp_path / 'train.jsonl'}: no training row has a response "
+                    "(completion, completions, responses or a final assistant message), and "
+                    f"{where}: it learns only from dataset responses. Add responses, or use a "
+                    "preset that samples rollouts (grpo, gft)")
+
+
 def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
     result = train(model, tmp_path, rows, "--max-steps", "1",
@@ -169,6 +189,17 @@ def returns_none(prompts, completions, **kw):
 
 def too_few(prompts, completions, **kw):
     return [1.0] * (len(completions) - 1)
+
+def hangs(prompts, completions, **kw):
+    import time
+    time.sleep(3600)
+
+def spins(prompts, completions, **kw):
+    while True:  # even swallowing every Exception, it is stopped
+        try:
+            sum(range(1000))
+        except Exception:
+            pass
 '''
 
 
@@ -185,6 +216,19 @@ def test_bad_reward_function(model, tmp_path, name, words):
     result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
                    "--set", "eval_samples=4")
     one_line_error(result, words.replace("REWARDS", str(module)))
+
+
+@pytest.mark.parametrize("name", ["hangs", "spins"])
+def test_a_reward_that_never_returns_stops_at_reward_timeout(model, tmp_path, name):
+    module = tmp_path / "my_rewards.py"
+    module.write_text(REWARDS)
+    result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
+                   "--set", "reward_timeout=0.5", "--set", "eval_samples=2")
+    data = tmp_path / "train.jsonl"
+    line = one_line_error(result, f"error: reward '{module}:{name}' did not return within "
+                          "reward_timeout=0.5 s on a batch of ", f" responses (rows: {data}:",
+                          "); fix the function, or raise reward_timeout (0 = no limit)")
+    assert "rows: ?" not in line
 
 
 def test_unimportable_reward(model, tmp_path):
@@ -250,6 +294,27 @@ def test_model_with_only_pickle_weights_is_not_loaded(model, tmp_path):
     (broken / "model.safetensors").rename(broken / "pytorch_model.bin")
     one_line_error(run_cli(base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")),
                    "only pickle weights (pytorch_model.bin); gft loads safetensors only")
+
+
+@pytest.mark.parametrize("backend, words", [
+    ("torch", ["the weights do not match the model config.json describes: 29 missing, would be "
+               "randomly initialized (lm_head.weight, transformer.h.0.attn.c_attn.bias, "
+               "transformer.h.0.attn.c_attn.weight, ...); 20 unexpected, would be ignored "
+               "(model.embed_tokens.weight, ",
+               "check config.json (model_type, architectures, sizes) against the weight files"]),
+    ("mlx", ["cannot load the model: Received 20 parameters not in model"]),
+])
+def test_config_naming_another_architecture_than_its_weights(model, tmp_path, backend, words):
+    """A Llama's weights under a GPT-2 config.json: never a randomly initialized model."""
+    broken = copy_model(model, tmp_path / "m")
+    (broken / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "vocab_size": 259, "n_positions": 256, "n_ctx": 256,
+        "layer_norm_epsilon": 1e-5}))
+    args = base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
+    args[args.index("--backend") + 1] = backend
+    one_line_error(run_cli(args), f"error: {broken}: ", *words)
+    assert not (tmp_path / "r" / "final").exists()
 
 
 def test_missing_model_directory(tmp_path):
@@ -322,6 +387,57 @@ def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
     (saved_run / "final" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
                    "final/optimizer.safetensors: optimizer state for", "the model's is")
+
+
+def resume(run: Path, *extra: str):
+    return run_cli(["train", "--resume", str(run), "--set", "max_steps=3", *extra])
+
+
+def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
+    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
+    from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "latest").unlink()
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
+        "latest", "step-000001", "step-000002"]
+
+
+def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
+    (saved_run / "final" / "optimizer.safetensors").unlink()
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+            "resuming from the previous complete checkpoint step-000001") in result.output
+    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
+
+
+def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
+    line = one_line_error(resume(saved_run))
+    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
+                    "safetensors: missing; to continue from step-000001 with fresh optimizer "
+                    "state, add --set reset_optimizer=true")
+    result = resume(saved_run, "--set", "reset_optimizer=true")
+    assert result.exit_code == 0, result.output
+    assert "reset_optimizer=true: continuing from step-000001 with fresh optimizer state" \
+        in result.output
+    import yaml
+    assert yaml.safe_load((saved_run / "config.yaml").read_text())["reset_optimizer"] is False
+
+
+def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
+    import shutil
+    shutil.rmtree(saved_run / "final")
+    (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
+    one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
+                   f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
+                   " unreadable trainer state", "; no complete checkpoint to resume from")
 
 
 def test_resume_without_a_run(tmp_path):

@@ -192,6 +192,16 @@ def test_async_failure_is_named():
     assert "reward 'judge' raised ValueError: judge unreachable" in str(excinfo.value)
 
 
+def test_async_functions_keep_to_reward_timeout():
+    async def slow(completions, **kwargs):
+        await asyncio.sleep(30)
+
+    model = build_rewards("exact", timeout=0.2)
+    model.functions, model.names = [slow], ["slow_judge"]
+    with pytest.raises(RewardError, match="'slow_judge' did not return within reward_timeout"):
+        model.score(["p"], ["x"], {"answer": ["x"]}, sources=["d.jsonl:1"])
+
+
 def test_metric_names_are_the_function_names(rewards_file):
     model = build_rewards([f"{rewards_file}:reward_len", "exact", "exact"])
     assert model.log_names == ["reward_len", "exact", "exact#2"]
