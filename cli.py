@@ -103,14 +103,14 @@ def main() -> None:
 
 
 def _config_help() -> str:
-    from gft.config import FIELDS, field_help
-    return "\n".join(f"  {name:<24} {field_help(name)}" for name in FIELDS)
+    from gft.config import config_help
+    return config_help()
 
 
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", type=click.Choice(["gft", "sft", "dft", "grpo"]),
-              help="Objective preset (GFT.md's table). Default: gft.")
+              help="Objective preset (docs/ALGORITHM.md's table). Default: gft.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
               help="auto = mlx on Apple silicon, torch elsewhere.")
 @click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
