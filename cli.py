@@ -158,15 +158,18 @@ def _sampling_options(fn):
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True,
               help="Wrap each prompt as a user message in the tokenizer's chat template.")
+@click.option("--base", help="With a LoRA adapter as MODEL: its base model directory "
+                             "(default: the one the adapter names).")
 @_sampling_options
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
-             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+             chat_template: bool, base: str | None, backend: str, max_new_tokens: int,
+             dtype: str, seed: int) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
     from gft.rollout import encode_prompt
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
@@ -244,14 +247,26 @@ def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
               help="Adapter format to write (default: the other one).")
 @click.option("--base", help="The adapter's base model directory (default: the one the "
                              "adapter names), to check which layers it covers.")
+@click.option("--quantize", "quantize", type=click.Choice(["4", "8"]),
+              help="Write an mlx-lm quantized model with this many bits per weight "
+                   "(mlx-lm's own quantization; train LoRA over it with --backend mlx).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]),
+              help="Weights sharing one scale and bias with --quantize (default 64).")
+@click.option("--dequantize", is_flag=True,
+              help="Write an mlx-lm quantized model in full precision (loads in transformers).")
 @friendly_errors
 def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: str | None,
-            base: str | None) -> None:
+            base: str | None, quantize: str | None, group_size: str | None,
+            dequantize: bool) -> None:
     """Rewrite the model or LoRA adapter in SRC as DST: a transformers- or mlx-lm-written
-    model becomes a portable directory (config both libraries read alike; dtype, shards);
+    model becomes a portable directory (config both libraries read alike; dtype, shards),
+    quantized (--quantize) or de-quantized (--dequantize) through mlx-lm;
     an adapter moves between PEFT and mlx-lm formats."""
     from gft.convert import convert as convert_
-    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base):
+    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base,
+                         quantize=int(quantize) if quantize else None,
+                         group_size=int(group_size) if group_size else None,
+                         dequantize=dequantize):
         click.echo(line)
 
 
@@ -262,13 +277,18 @@ def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: s
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast the fused weights (default: the base model's dtype).")
 @click.option("--shard-size", metavar="SIZE", help="Shard size, e.g. 2GB (default 5GB).")
+@click.option("--requantize", is_flag=True,
+              help="Over an mlx-lm quantized base: quantize the fused model again as the base "
+                   "was (default: write it de-quantized, in full precision).")
 @friendly_errors
 def fuse(adapter: str, out: str, base: str | None, dtype: str | None,
-         shard_size: str | None) -> None:
+         shard_size: str | None, requantize: bool) -> None:
     """Merge a LoRA ADAPTER (PEFT or mlx-lm format) into its base model: OUT is a portable
-    model directory with W + (alpha/r)·B·A in every adapted weight."""
+    model directory with W + (alpha/r)·B·A in every adapted weight. Over a quantized base,
+    W is de-quantized first; OUT is full precision unless --requantize."""
     from gft.convert import fuse as fuse_
-    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size):
+    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size,
+                      requantize=requantize):
         click.echo(line)
 
 

@@ -140,9 +140,11 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     mixed_precision: torch only; bfloat16 compute over float32 weights."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
+    from gft.quant import check_loadable
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
+    check_loadable(name, model_path, lora=lora, adapter=adapter)  # quantized bases
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
     try:
