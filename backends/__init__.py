@@ -126,7 +126,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  lora: Any = None, base: str | None = None,
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
-                 mixed_precision: bool = False, rollout_graphs: str = "auto") -> Backend:
+                 mixed_precision: bool = False, rollout_graphs: str = "auto",
+                 load_in_4bit: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -137,14 +138,16 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     gft.distributed Comm with world > 1; parallel "ddp" | "fsdp" for torch).
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
-    mixed_precision: torch only; bfloat16 compute over float32 weights."""
+    mixed_precision: torch only; bfloat16 compute over float32 weights.
+    load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     from gft.quant import check_loadable
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
-    check_loadable(name, model_path, lora=lora, adapter=adapter)  # quantized bases
+    check_loadable(name, model_path, lora=lora, adapter=adapter,  # quantized bases
+                   load_in_4bit=load_in_4bit)
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
     try:
@@ -158,6 +161,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
                        rollout_graphs=rollout_graphs,
                        **({"mixed_precision": True} if mixed_precision else {}),
+                       **({"load_in_4bit": True} if load_in_4bit else {}),
                        **_parallel_kwargs(name, parallel, comm))
 
 

@@ -385,7 +385,8 @@ class TorchBackend:
         path = Path(path)
         if self.lora is not None:
             from backends.torch_lora import save_adapter
-            save_adapter(path, self.params, self.lora, self.base)
+            save_adapter(path, self.params, self.lora, self.base,
+                         getattr(getattr(self.model, "config", None), "quantization_config", None))
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
@@ -467,7 +468,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
-         mixed_precision: bool = False, rollout_graphs: str = "auto") -> TorchBackend:
+         mixed_precision: bool = False, rollout_graphs: str = "auto",
+         load_in_4bit: bool = False) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
@@ -476,7 +478,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     bfloat16 copy refreshed after each update).
     mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments.
     rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
-    graphs (torch_sampler.GraphDecoder); auto = on CUDA."""
+    graphs (torch_sampler.GraphDecoder); auto = on CUDA.
+    load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py)."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
@@ -488,13 +491,18 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    quantized = {}
+    if load_in_4bit:  # bitsandbytes places the 4-bit weights itself: no model.to()
+        from backends.torch_lora import qlora_load_kwargs
+        quantized = qlora_load_kwargs(DTYPES[dtype], dev)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **quantized)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
-    model.to(dev)
+    if not quantized:
+        model.to(dev)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable

@@ -56,6 +56,10 @@ class TrainConfig:
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj"], "Linear layers that get adapters, by name (PEFT's "
                                            "target_modules).")
+    load_in_4bit: bool = _f(False, "torch: QLoRA. Load the frozen base in 4-bit NF4 through "
+                                   "transformers' BitsAndBytesConfig (needs bitsandbytes and "
+                                   "lora_rank); compute in dtype. On mlx, quantize the base "
+                                   "instead: gft convert SRC DST --quantize 4.")
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")

@@ -77,9 +77,17 @@ def describe(q: dict[str, Any]) -> str:
 
 
 def check_loadable(backend: str, model_dir: str | Path, *, lora: Any,
-                   adapter: str | None = None) -> None:
+                   adapter: str | None = None, load_in_4bit: bool = False) -> None:
     """Refuse, before any weight is read, what cannot work on a quantized base:
-    full fine-tuning (on any backend) and mlx-lm's format on torch."""
+    full fine-tuning (on any backend), mlx-lm's format on torch, QLoRA off torch."""
+    if load_in_4bit:
+        if backend != "torch":
+            raise ConfigError("load_in_4bit is bitsandbytes on the torch backend; on mlx "
+                              f"quantize the base instead: gft convert {model_dir} DST "
+                              "--quantize 4, then train with --model DST")
+        if lora is None:
+            raise ConfigError("load_in_4bit loads a frozen 4-bit base for QLoRA: set "
+                              "lora_rank (e.g. --set lora_rank=8)")
     q = mlx_quantization(read_config(model_dir))
     if q is None:
         return

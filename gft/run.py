@@ -134,7 +134,7 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs)
+                        rollout_graphs=cfg.rollout_graphs, load_in_4bit=cfg.load_in_4bit)
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
