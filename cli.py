@@ -80,10 +80,15 @@ def _config_help() -> str:
               help="Data-parallel processes on this machine (torch): starts torchrun "
                    "--nproc-per-node N with the same arguments. See README 'Training on many GPUs'.")
 @click.option("--help-config", is_flag=True, help="List every config key with its help.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory plan (weights, adapters or gradients, AdamW moments, "
+                   "activations, logits, KV cache, available memory) and exit; nothing is "
+                   "loaded. Exit 2 when it cannot fit.")
 @friendly_errors
 def train(config: str | None, preset: str | None, backend: str | None, model: str | None,
           data: str | None, output_dir: str | None, max_steps: int | None, seed: int | None,
-          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool) -> None:
+          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool,
+          dry_run: bool) -> None:
     """Fine-tune a model. CONFIG is an optional YAML file of config keys; options and --set
     override it. With nothing given, trains the embedded default: a tiny model on bundled
     arithmetic word problems, offline, on CPU, in a few minutes."""
@@ -99,13 +104,31 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
              "output_dir": output_dir, "max_steps": max_steps, "seed": seed}
     overrides.update({k: v for k, v in named.items() if v is not None})
     if resume:
+        if dry_run:
+            raise click.UsageError("--dry-run plans a new run; run it without --resume")
         if config:
             raise click.UsageError("--resume takes the run's saved config; pass changes with --set")
         run_training(None, resume=resume, overrides=overrides)  # type: ignore[arg-type]
         return
     yaml_values = read_yaml(config) if config else {}
     cfg = build_config(yaml_values, overrides, source=config or "config")
+    if dry_run:
+        return _dry_run(cfg)
     run_training(cfg)
+
+
+def _dry_run(cfg) -> None:
+    from gft.errors import ConfigError
+    from gft.plan import describe, refusal
+    from gft.run import memory_plan
+    plan = memory_plan(cfg)
+    if plan is None:
+        raise ConfigError(f"{cfg.model}: no local config.json to plan from (a hub id); "
+                          "download the model first")
+    for line in describe(plan):
+        click.echo(line)
+    if not plan.fits():
+        raise ConfigError(refusal(plan))
 
 
 def _torchrun(nproc: int) -> int:

@@ -165,6 +165,46 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        **_parallel_kwargs(name, parallel, comm))
 
 
+def available_memory(name: str, device: str = "auto") -> tuple[float | None, str]:
+    """(bytes the chosen device can give a run, its name), for gft.plan: a CUDA GPU's free
+    memory, Metal's recommended working set, else the host's available memory."""
+    name = resolve_backend_name(name)
+    if name == "torch":
+        import torch
+        if device in ("auto", "cuda") or device.startswith("cuda:"):
+            if torch.cuda.is_available():
+                index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+                return float(torch.cuda.mem_get_info(index)[0]), \
+                    f"torch cuda:{index} {torch.cuda.get_device_name(index)}"
+        mps = getattr(torch.backends, "mps", None)
+        if device in ("auto", "mps") and mps is not None and mps.is_available():
+            return float(torch.mps.recommended_max_memory()), "torch mps"
+    elif name == "mlx":
+        import mlx.core as mx
+        if device != "cpu" and mx.is_available(mx.gpu) and hasattr(mx, "device_info"):
+            info = mx.device_info()
+            size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if size:
+                return float(size), f"mlx gpu {info.get('device_name', '')}".strip()
+    return _host_available(), f"{name} cpu (host memory)"
+
+
+def _host_available() -> float | None:
+    """MemAvailable on Linux; physical memory elsewhere (macOS: no cheap 'available')."""
+    import os
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:
     if comm is None or comm.world == 1:
         return {}

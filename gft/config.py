@@ -45,6 +45,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    check_memory: bool = _f(True, "Before loading, plan the run's peak memory (gft train "
+                                  "--dry-run prints it) and refuse a config that cannot fit "
+                                  "the device, naming the key that shrinks the largest item.")
     parallel: str = _f("ddp", "Under torchrun with several processes: ddp (every rank holds the "
                        "model, gradients all-reduced) | fsdp (FSDP2: weights, gradients and AdamW "
                        "moments sharded over the ranks). One process: ignored.")

@@ -137,6 +137,29 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         rollout_graphs=cfg.rollout_graphs, load_in_4bit=cfg.load_in_4bit)
 
 
+def memory_plan(cfg: TrainConfig, model_path: str | None = None):
+    """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
+    is not on disk (a hub id)."""
+    from backends import available_memory
+    from gft.plan import model_config, plan
+    config = model_config(cfg, model_path)
+    if config is None:
+        return None
+    available, device = available_memory(cfg.backend, cfg.device)
+    return plan(config, cfg, backend=resolve_backend_name(cfg.backend), available=available,
+                device=device)
+
+
+def check_memory(cfg: TrainConfig, model_path: str) -> None:
+    """Refuse, before loading, a run whose planned peak exceeds the device's memory."""
+    if not cfg.check_memory:
+        return
+    from gft.plan import refusal
+    p = memory_plan(cfg, model_path)
+    if p is not None and not p.fits():
+        raise ConfigError(refusal(p))
+
+
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
                  console: Console, comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, Path | None]:
     """(config, loop state, checkpoint) to continue `run_dir` from. A run killed before
@@ -210,6 +233,7 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     scorer = RequireApplicableReward(build_rewards(cfg.rewards))
     check_model_dir(start_from or str(cfg.model))
+    check_memory(cfg, str(start_from or cfg.model))
     has_optimizer = start_from is not None and (start_from / OPTIMIZER_FILE).exists()
     if has_optimizer:
         check_optimizer_state(start_from)
