@@ -46,7 +46,53 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank is not None else ""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+SEED = click.IntRange(0, 2**63 - 1)  # numpy's and torch's seeds
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (click's lets them through)."""
+    name = "finite float range"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import math
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class OneLineErrors(click.Group):
+    """click's own usage errors (a bad option value, a missing argument) as one line,
+    `error: ...`, exit 2, like every other gft error, instead of usage + hint + error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        if not standalone:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+    """Every --prompt has text: an empty prompt has no token to continue from."""
+    for i, value in enumerate(values):
+        if not value.strip():
+            raise click.BadParameter(f"prompt {i + 1} is empty; give some text to continue",
+                                     ctx=ctx, param=param)
+    return values
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 # looked up when --version is asked for: `python cli.py` from a checkout runs uninstalled
 @click.version_option(package_name="gft", prog_name="gft")
 def main() -> None:
@@ -70,8 +116,8 @@ def _config_help() -> str:
 @click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
 @click.option("--data", help="JSONL file or data directory (default: the embedded task).")
 @click.option("--output-dir", "-o", help="Run directory (default: runs/<preset>-<time>).")
-@click.option("--max-steps", type=int, help="Number of training steps.")
-@click.option("--seed", type=int, help="Random seed.")
+@click.option("--max-steps", type=click.IntRange(1), help="Number of training steps.")
+@click.option("--seed", type=SEED, help="Random seed.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue the run in this directory from its latest checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -161,10 +207,12 @@ def _sampling_options(fn):
     for opt in reversed([
         click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
                      show_default=True),
-        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                      show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--base", help="A LoRA checkpoint's base model (default: the one its "
+                                    "adapter_config.json names)."),
     ]):
         fn = opt(fn)
     return fn
@@ -172,22 +220,21 @@ def _sampling_options(fn):
 
 @main.command()
 @click.argument("model")
-@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, callback=_non_empty,
               help="Prompt text (repeatable).")
-@click.option("--num", "-n", type=int, default=1, show_default=True,
+@click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
               help="0 = greedy decoding.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-p", type=FiniteRange(0.0, 1.0, min_open=True), default=1.0,
+              show_default=True)
 @click.option("--chat-template/--no-chat-template", default=False, show_default=True,
               help="Wrap each prompt as a user message in the tokenizer's chat template.")
-@click.option("--base", help="With a LoRA adapter as MODEL: its base model directory "
-                             "(default: the one the adapter names).")
 @_sampling_options
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
-             chat_template: bool, base: str | None, backend: str, max_new_tokens: int,
-             dtype: str, seed: int) -> None:
+             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int,
+             base: str | None) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
     from gft.rollout import encode_prompt
@@ -204,10 +251,11 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 @click.argument("model")
 @click.option("--data", help="Data file or directory (default: the embedded task).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, help="Evaluate only the first N rows.")
-@click.option("-k", "k", type=int, default=1, show_default=True,
+@click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
+@click.option("-k", "k", type=click.IntRange(1), default=1, show_default=True,
               help="Also sample k completions per prompt and report pass@k.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--temperature", type=FiniteRange(0.0, min_open=True), default=1.0,
+              show_default=True,
               help="Sampling temperature for pass@k.")
 @click.option("--rewards", default="math", show_default=True,
               help="Reward functions, comma-separated (the first defines accuracy).")
@@ -218,7 +266,7 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
-          backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+          backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from backends import load_backend
@@ -230,10 +278,11 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split)[:limit]
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
-    scorer = build_rewards(rewards.split(","))
+    from gft.config import TrainConfig
+    scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
                        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
     if as_json:
@@ -247,15 +296,17 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="curves.png",
               show_default=True, help="Overlay figure, written when several runs are given.")
-@click.option("--smooth", type=int, default=1, show_default=True,
+@click.option("--smooth", type=click.IntRange(1), default=1, show_default=True,
               help="Moving-average window over steps.")
 @friendly_errors
 def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
     """PNG curves (reward, held-out accuracy, entropy, grad norm) from RUN directories:
-    RUN/curves.png for each, and an overlay of all of them."""
+    RUN/curves.png for each, and an overlay of all of them. A damaged line of a
+    metrics.jsonl is skipped with a warning naming it."""
     from pathlib import Path
     from gft.plot import plot_runs
-    for path in plot_runs([Path(r) for r in runs], Path(out), smooth):
+    warn = functools.partial(click.echo, err=True)
+    for path in plot_runs([Path(r) for r in runs], Path(out), smooth, warn=warn):
         click.echo(f"wrote {path}")
 
 

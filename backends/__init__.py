@@ -120,6 +120,16 @@ def resolve_backend_name(name: str) -> str:
     raise ConfigError("no backend installed: pip install 'gft[torch]' or 'gft[mlx]'")
 
 
+def check_device(name: str, device: str) -> None:
+    """ConfigError if the backend `name` (resolved) has no such device on this machine;
+    called before any work. A backend that is not installed is load_backend's to report."""
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except (ImportError, KeyError):
+        return
+    module.check_device(device)
+
+
 def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: str = "auto",
                  optim: OptimConfig = OptimConfig(), seed: int = 0,
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,
@@ -127,7 +137,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
-                 load_in_4bit: bool = False) -> Backend:
+                 logits_chunk: int = 1024, load_in_4bit: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -139,6 +149,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
     mixed_precision: torch only; bfloat16 compute over float32 weights.
+    logits_chunk: positions whose logits the update holds at a time (0: all at once).
     load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
@@ -159,7 +170,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                        trust_remote_code=trust_remote_code,
                        gradient_checkpointing=gradient_checkpointing, lora=lora,
                        adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
-                       rollout_graphs=rollout_graphs,
+                       rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
                        **({"mixed_precision": True} if mixed_precision else {}),
                        **({"load_in_4bit": True} if load_in_4bit else {}),
                        **_parallel_kwargs(name, parallel, comm))

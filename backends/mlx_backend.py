@@ -42,6 +42,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from backends import OptimConfig, SamplingConfig
+from backends.mlx_head import head_logprobs, head_weight, target_logprobs, token_entropy
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
@@ -69,13 +70,6 @@ class _MlxOps:
 MLX_OPS = _MlxOps()
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
 PREFILL_STEP = 2048  # prompt tokens per forward during prefill (bounds activation memory)
-
-
-def target_logprobs(logits: mx.array, input_ids: mx.array) -> mx.array:
-    """log p of each next token: [B, L, V] logits, [B, L] ids -> [B, L-1] float32."""
-    logits = logits[:, :-1].astype(mx.float32)
-    picked = mx.take_along_axis(logits, input_ids[:, 1:, None], axis=-1).squeeze(-1)
-    return picked - mx.logsumexp(logits, axis=-1)
 
 
 HEAD_AFTER_BODY = ("llama", "qwen2", "qwen3")
@@ -127,14 +121,6 @@ class PrefixKV:
     def expand(self, rows: int) -> None:
         self.keys = mx.broadcast_to(self.keys, (rows, *self.keys.shape[1:]))
         self.values = mx.broadcast_to(self.values, (rows, *self.values.shape[1:]))
-
-
-def token_entropy(logits: mx.array) -> mx.array:
-    """Entropy of the next-token distribution at each position: [B, L, V] -> [B, L-1]."""
-    logits = mx.stop_gradient(logits[:, :-1].astype(mx.float32))
-    logz = mx.logsumexp(logits, axis=-1, keepdims=True)
-    probs = mx.exp(logits - logz)
-    return logz.squeeze(-1) - mx.sum(probs * logits, axis=-1)
 
 
 def inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
@@ -223,8 +209,10 @@ class MlxBackend:
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
                  optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,
-                 group=None, share_prefix: bool = True):
+                 group=None, share_prefix: bool = True, logits_chunk: int = 1024):
         """group: the mx.distributed group when data parallel (else None).
+        logits_chunk: positions whose logits the update holds at a time (0: all at once;
+        backends/mlx_head.py).
         share_prefix: run leading tokens common to a micro-batch's rows once (PrefixKV);
         off under gradient checkpointing."""
         self.group = group
@@ -233,6 +221,7 @@ class MlxBackend:
         self.lora, self.shard_size = lora, shard_size
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
         self._head = split_head(model)
+        self.logits_chunk = logits_chunk
         # a shared prefix runs once through a KV cache: needs the head apart, full
         # attention in every layer (PrefixKV's mask knows no windows) and no activation
         # checkpointing (mx.checkpoint cannot carry the caches)
@@ -344,13 +333,24 @@ class MlxBackend:
                 hidden = body(ids[:, shared:], cache)[:, start - shared:]
             else:
                 hidden = body(ids)[:, start:]
+            weight = head_weight(self.model) if self.logits_chunk > 0 else None
+            if weight is not None:  # at most logits_chunk positions' logits at a time
+                logp, entropy = head_logprobs(hidden[:, :-1], weight, ids[:, start + 1:],
+                                              self.logits_chunk)
+                return self._token_loss(logp, entropy, mask, adv, tau, aggregate,
+                                        n_tokens, n_seqs)
             logits, ids = head(hidden), ids[:, start:]
         else:
             logits = self.model(ids)
-        logp = target_logprobs(logits, ids)
+        return self._token_loss(target_logprobs(logits, ids), token_entropy(logits), mask,
+                                adv, tau, aggregate, n_tokens, n_seqs)
+
+    @staticmethod
+    def _token_loss(logp, entropy, mask, adv, tau, aggregate, n_tokens, n_seqs):
+        """(GFT loss, summed response-token entropy) from [B, T] log-probs and entropies."""
         loss = gft_token_loss(MLX_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=n_tokens, n_seqs=n_seqs)
-        return loss, mx.sum(token_entropy(logits) * mask)
+        return loss, mx.sum(entropy * mask)
 
     def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
                              aggregation: str) -> dict[str, float]:
@@ -447,6 +447,7 @@ class MlxBackend:
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
             save_adapter(path, self._params(), self.lora, str(self.model_path))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))
         write_weights(path, weights, lambda f, t: mx.save_safetensors(
@@ -502,19 +503,25 @@ class MlxBackend:
         return {n: np.array(p.astype(mx.float32)) for n, p in self._neutral(self._params()).items()}
 
 
-def set_device(device: str) -> None:
-    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
-    if device == "auto":
+def check_device(device: str) -> None:
+    """A device MLX has on this machine (ConfigError otherwise), checked before loading."""
+    if device in ("auto", "cpu"):
         return
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-    elif device in ("gpu", "mps", "metal", "cuda"):
+    if device in ("gpu", "mps", "metal", "cuda"):
         if not mx.is_available(mx.gpu):
             raise ConfigError(f"device '{device}': MLX has no GPU on this machine "
                               "(use device: cpu or auto)")
+        return
+    raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
+
+
+def set_device(device: str) -> None:
+    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
+    check_device(device)
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device != "auto":
         mx.set_default_device(mx.gpu)
-    else:
-        raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
 
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
@@ -522,7 +529,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          gradient_checkpointing: bool = False, lora=None, adapter: str | None = None,
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          comm=None, rollout_engine: str = "policy",
-         mixed_precision: bool = False, rollout_graphs: str = "auto") -> MlxBackend:
+         mixed_precision: bool = False, rollout_graphs: str = "auto",
+         logits_chunk: int = 1024) -> MlxBackend:
     """Load an mlx-lm model and the Hugging Face tokenizer the torch backend would use.
     comm: a gft.distributed.MLXComm when started by mlx.launch (data parallel; `parallel`
     is a torch setting and is ignored here).
@@ -532,7 +540,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
     from mlx_lm.utils import load_model
-    from gft.modelfiles import load_tokenizer
+    from gft.modelfiles import load_tokenizer, tokenizer_source
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
@@ -547,12 +555,18 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                           "train and sample in bfloat16)")
     set_device(device)
     mx.random.seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
+    from backends.mlx_config import check_weight_names, mlx_model_config
+    config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
-        model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+        model, _ = load_model(Path(model_path), strict=True, model_config=config,
+                              trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            AssertionError) as e:  # mlx-lm building an architecture it reads differently
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+        raise ModelError(f"{model_path}: cannot load the model in mlx-lm: {first}") from None
+    check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     if lora is not None:
@@ -562,4 +576,4 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         checkpoint_layers(model)
     return MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
                       shard_size=shard_size, group=getattr(comm, "group", None),
-                      share_prefix=not gradient_checkpointing)
+                      share_prefix=not gradient_checkpointing, logits_chunk=logits_chunk)

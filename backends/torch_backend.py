@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 
 from backends import OptimConfig, SamplingConfig
 from backends.host_memory import keep_freed_memory
+from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_entropy,
+                                 target_logprobs)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
 from gft.modelfiles import write_portable_config
 from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
@@ -50,6 +52,30 @@ TORCH_OPS = _TorchOps()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def check_device(device: str) -> None:
+    """A device this machine has (ConfigError otherwise), checked before any loading."""
+    try:
+        dev = torch.device("cuda" if device == "gpu" else device) if device != "auto" else None
+    except RuntimeError:
+        raise ConfigError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N, "
+                          "mps)") from None
+    if dev is None or dev.type == "cpu":
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}': CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device: auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{device}': this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{device}': MPS (Apple GPU) is not available on this "
+                          "machine; use device: auto or cpu")
+    if dev.type not in ("cuda", "mps"):
+        raise ConfigError(f"device '{device}' is not supported by gft's torch backend "
+                          "(auto, cpu, cuda, cuda:N, mps)")
+
+
 def pick_device(device: str) -> torch.device:
     """auto = cuda > mps > cpu."""
     if device != "auto":
@@ -59,25 +85,6 @@ def pick_device(device: str) -> torch.device:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def target_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """log p of each next token: [B, L, V] logits, [B, L] ids -> [B, L-1].
-
-    Gather minus logsumexp instead of a full log_softmax: one [B, L-1, V] buffer fewer.
-    """
-    logits = logits[:, :-1].float()
-    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
-
-
-def logprobs_and_entropy(logits: torch.Tensor,
-                         targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T, V] logits at the positions that predict `targets` [B, T] ->
-    (log p of each target [B, T], with gradient; entropy of each position [B, T], without).
-
-    One softmax serves the log-probs, the entropy and the backward (TokenLogProbs)."""
-    return TokenLogProbs.apply(logits.float(), targets)
 
 
 def clip_gradients_(params, max_norm: float) -> float:
@@ -105,58 +112,6 @@ def clip_gradients_(params, max_norm: float) -> float:
     return norm
 
 
-class TokenLogProbs(torch.autograd.Function):
-    """log p = z_target - logZ and H = logZ - sum(p * z), with p = softmax(z) made once.
-
-    The backward is d log p / dz = onehot(target) - p, written into the saved p in place:
-    autograd's own graph for the same formulas would materialize the [B, T, V] softmax
-    again in logsumexp's backward, a zero-filled gather gradient and their sum — ~5 more
-    passes over a 100 MB tensor for SmolLM2 at 8 x 64 positions (0.35 -> 0.23 s here).
-    once_differentiable: the in-place backward cannot be run twice or differentiated."""
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
-        V = logits.shape[-1]
-        z = logits.reshape(-1, V)                                          # [N, V]
-        p = torch.empty_like(z)
-        logz = z.new_empty(z.shape[0])
-        entropy = z.new_empty(z.shape[0])
-        step = softmax_rows(z)
-        for i in range(0, z.shape[0], step):
-            zc, pc = z[i:i + step], p[i:i + step]
-            lz = torch.logsumexp(zc, dim=-1)
-            torch.sub(zc, lz[:, None], out=pc).exp_()
-            logz[i:i + step] = lz
-            entropy[i:i + step] = lz - torch.linalg.vecdot(pc, zc)  # no [N, V] product
-        logp = z.gather(-1, targets.reshape(-1, 1)).squeeze(-1) - logz
-        ctx.save_for_backward(p, targets)
-        ctx.logits_shape = logits.shape
-        entropy = entropy.view(targets.shape)
-        ctx.mark_non_differentiable(entropy)
-        return logp.view(targets.shape), entropy
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logp: torch.Tensor, _grad_entropy):
-        p, targets = ctx.saved_tensors
-        g = grad_logp.reshape(-1, 1)
-        grad = p.mul_(-g)
-        grad.scatter_add_(-1, targets.reshape(-1, 1), g)
-        return grad.view(ctx.logits_shape), None
-
-
-def softmax_rows(z: torch.Tensor) -> int:
-    """Rows of [N, V] logits that TokenLogProbs processes at a time.
-
-    On the CPU, ~1 MB at a time: logsumexp and its subtraction then run on data still in
-    cache, and the only [N, V] buffer made is the softmax itself, written once. Over the
-    whole tensor at once, each of those steps allocated and page-faulted its own 100 MB
-    temporary (SmolLM2, 8 x 64 positions). GPUs take it in one piece."""
-    if z.device.type != "cpu":
-        return max(1, z.shape[0])
-    return max(1, (1 << 18) // z.shape[-1])
-
-
 def fused_adamw(device: torch.device, strategy: str | None) -> dict:
     """AdamW's one-kernel-per-tensor implementation where torch has it (CPU, CUDA, MPS).
 
@@ -175,6 +130,18 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(type(inner).forward).parameters
 
 
+def separate_head(model):
+    """(decoder, lm_head) when logits are exactly lm_head(decoder(...).last_hidden_state)
+    with a plain bias-free Linear (not a LoRA-wrapped one), else None: the chunked head
+    (backends/torch_head.py) then takes the hidden states and lm_head's weight."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(inner, "lm_head", None)
+    if getattr(inner.config, "model_type", None) not in HEAD_AFTER_BODY \
+            or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return inner.get_decoder(), head
+
+
 class TorchBackend:
     name = "torch"
 
@@ -182,9 +149,11 @@ class TorchBackend:
                  lora=None, base: str | None = None, shard_size: str | int = DEFAULT_SHARD_SIZE,
                  strategy: str | None = None, world: int = 1, train_module=None,
                  rollout_engine: str = "policy", mixed_precision: bool = False,
-                 share_prefix: bool = True, rollout_graphs: str = "auto"):
+                 share_prefix: bool = True, rollout_graphs: str = "auto",
+                 logits_chunk: int = 1024):
         """share_prefix: run leading tokens common to a micro-batch's rows once
-        (_prefix_shared_logits); off under gradient checkpointing.
+        (_prefix_shared_scores); off under gradient checkpointing.
+        logits_chunk: positions whose logits the update holds at a time (0: all at once).
         strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
         `train_module` the wrapper the update runs through; `model` stays the bare
         transformers model (rollouts, saving)."""
@@ -211,6 +180,11 @@ class TorchBackend:
         # turns caching off).
         self._share_prefix = share_prefix and strategy in (None, "ddp") \
             and self._keeps_logits and full_attention_only(model)
+        # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
+        # the wrapper's forward, which the decoder-then-head split would go around)
+        self.logits_chunk = logits_chunk
+        self._split = separate_head(model) if strategy is None and logits_chunk > 0 \
+            and self._keeps_logits else None
         self._cache_kw = cache_keyword(model.get_base_model()
                                        if hasattr(model, "get_base_model") else model)
         self.train_module = train_module if train_module is not None else model
@@ -254,11 +228,12 @@ class TorchBackend:
             else contextlib.nullcontext()
 
     # ------------------------------------------------------------------ update
-    def _forward(self, batch: TokenBatch, trim: bool = False):
-        """(ids, logits, start).
+    def _forward(self, batch: TokenBatch, trim: bool = False, hidden: bool = False):
+        """(ids, scores, start): scores are logits, or with hidden=True (a model with
+        `_split`) the decoder's last hidden states, from which the chunked head makes them.
 
         trim=False: logits [B, L, V] of every position (start = 0).
-        trim=True: logits [B, L - 1 - start, V] of positions start..L-2 only, the ones that
+        trim=True: [B, L - 1 - start, V or H] at positions start..L-2 only, the ones that
         predict tokens start+1..L-1 (start = scored_from(batch)). lm_head (the largest
         matmul for small models with big vocabularies: 21% of SmolLM2's FLOPs) and the
         softmax then skip the prompt and the last position, and no [B, L, V] slice has to
@@ -272,18 +247,27 @@ class TorchBackend:
         start = scored_from(batch) if trim else 0
         shared = shared_prefix(batch, start) if self._share_prefix else 0
         if shared:
-            return ids, self._prefix_shared_logits(ids, att, shared, start), start
-        kw = {"logits_to_keep": torch.arange(start, ids.shape[1] - 1, device=self.device)} \
-            if trim else {}
+            return ids, self._prefix_shared_scores(ids, att, shared, start, hidden), start
+        keep = torch.arange(start, ids.shape[1] - 1, device=self.device) if trim else None
         with self._compute_dtype():
-            out = self.train_module(input_ids=ids, attention_mask=att, use_cache=False, **kw)
-        return ids, out.logits, start
+            out = self._scores(keep, hidden, input_ids=ids, attention_mask=att,
+                               use_cache=False)
+        return ids, out, start
 
-    def _prefix_shared_logits(self, ids: torch.Tensor, att: torch.Tensor, shared: int,
-                              start: int) -> torch.Tensor:
-        """The logits of positions start..L-2 with the `shared` leading tokens that every
-        row has in common run ONCE: one row's forward over them fills a KV cache, whose
-        keys/values are expanded (a view) to all B rows for the forward over the rest.
+    def _scores(self, keep: torch.Tensor | None, hidden: bool, **kw) -> torch.Tensor:
+        """The training forward's output at positions `keep` (None: all): logits through
+        the (possibly DDP/FSDP-wrapped) model, or the decoder's last hidden states."""
+        if hidden:
+            return self._split[0](**kw).last_hidden_state[:, keep]
+        keep_kw = {} if keep is None else {"logits_to_keep": keep}
+        return self.train_module(**kw, **keep_kw).logits
+
+    def _prefix_shared_scores(self, ids: torch.Tensor, att: torch.Tensor, shared: int,
+                              start: int, hidden: bool) -> torch.Tensor:
+        """The scores (_forward) of positions start..L-2 with the `shared` leading tokens
+        that every row has in common run ONCE: one row's forward over them fills a KV
+        cache, whose keys/values are expanded (a view) to all B rows for the forward over
+        the rest.
 
         The same function of the weights as the full forward, so the same gradient: the
         expand's backward sums the rows' gradients into the one shared computation. GRPO's
@@ -299,16 +283,18 @@ class TorchBackend:
             # gradient (113 MB for SmolLM2), so two lookups would build and add two.
             embed = self.model.get_input_embeddings()(
                 torch.cat([ids[0, :shared], ids[:, shared:].reshape(-1)]))
-            self.model(inputs_embeds=embed[None, :shared], logits_to_keep=nothing, **kv)
+            if hidden:  # the prefix's own outputs are not needed, only its cache
+                self._split[0](inputs_embeds=embed[None, :shared], **kv)
+            else:
+                self.model(inputs_embeds=embed[None, :shared], logits_to_keep=nothing, **kv)
             for layer in cache.layers:
                 layer.keys = layer.keys.expand(B, -1, -1, -1)
                 layer.values = layer.values.expand(B, -1, -1, -1)
             positions = torch.arange(shared, L, device=self.device)[None].expand(B, -1)
             keep = torch.arange(start - shared, L - shared - 1, device=self.device)
             rest = embed[shared:].view(B, L - shared, embed.shape[-1])
-            out = self.train_module(inputs_embeds=rest, attention_mask=att,
-                                    position_ids=positions, logits_to_keep=keep, **kv)
-        return out.logits
+            return self._scores(keep, hidden, inputs_embeds=rest, attention_mask=att,
+                                position_ids=positions, **kv)
 
     def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
                              aggregation: str) -> dict[str, float]:
@@ -334,10 +320,17 @@ class TorchBackend:
 
     def _micro_batch_loss(self, mb: TokenBatch, tau: float, aggregate):
         """(GFT loss, per-position entropy, response mask) over the scored positions."""
-        ids, logits, start = self._forward(mb, trim=True)
+        chunked = self._split is not None and self._keeps_logits
+        ids, scores, start = self._forward(mb, trim=True, hidden=chunked)
         mask = torch.from_numpy(mb.response_mask[:, start + 1:]).to(self.device, torch.float32)
         adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
-        logp, entropy = logprobs_and_entropy(logits, ids[:, start + 1:])
+        targets = ids[:, start + 1:]
+        if chunked:  # at most logits_chunk positions' logits at a time
+            with self._compute_dtype():
+                logp, entropy = head_logprobs(scores, self._split[1].weight, targets,
+                                              self.logits_chunk)
+        else:
+            logp, entropy = logprobs_and_entropy(scores, targets)
         loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=mb.n_tokens, n_seqs=mb.n_seqs)
         return loss, entropy, mask
@@ -387,6 +380,7 @@ class TorchBackend:
             from backends.torch_lora import save_adapter
             save_adapter(path, self.params, self.lora, self.base,
                          getattr(getattr(self.model, "config", None), "quantization_config", None))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
@@ -469,7 +463,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
          mixed_precision: bool = False, rollout_graphs: str = "auto",
-         load_in_4bit: bool = False) -> TorchBackend:
+         logits_chunk: int = 1024, load_in_4bit: bool = False) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
@@ -479,28 +473,34 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments.
     rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
     graphs (torch_sampler.GraphDecoder); auto = on CUDA.
+    logits_chunk: positions whose [., V] logits the update holds at a time (0: all).
     load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py)."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
-    from gft.modelfiles import load_tokenizer
+    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
     _quiet_transformers()
+    check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
     quantized = {}
     if load_in_4bit:  # bitsandbytes places the 4-bit weights itself: no model.to()
         from backends.torch_lora import qlora_load_kwargs
         quantized = qlora_load_kwargs(DTYPES[dtype], dev)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **quantized)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+            output_loading_info=True, **quantized)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+    check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
+                         info.get("mismatched_keys", []))
     if not quantized:
         model.to(dev)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
@@ -524,4 +524,5 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                         shard_size=shard_size, strategy=parallel if world > 1 else None,
                         world=world, train_module=train_module, rollout_engine=rollout_engine,
                         mixed_precision=mixed_precision,
-                        share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs)
+                        share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
+                        logits_chunk=logits_chunk)

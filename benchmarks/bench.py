@@ -42,6 +42,9 @@ TRAINERS = {
     # the same, decoding eagerly: what rollout_graphs (on by default on CUDA) saves there
     "gft-torch-eager:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                      "rollout_graphs": "off"}, "torch", "gft[torch]"),
+    # 4 dataset responses of varied length (workload.mixed_responses) + 4 rollouts
+    "gft-torch-mixed:gft": ("gft", {"backend": "torch", "preset": "gft", "mixed": True},
+                            "torch", "gft[torch]"),
     "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
     "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
     "trl:grpo": ("trl", {}, "trl", "trl"),

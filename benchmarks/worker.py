@@ -31,6 +31,27 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def reset_peak_rss() -> None:
+    """Linux: restart the process's resident-set high-water mark (VmHWM) from the current
+    RSS (`echo 5 > /proc/self/clear_refs`), so that a later update_peak_rss() is the peak
+    of what ran in between. ru_maxrss cannot be reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def update_peak_rss() -> int | None:
+    """VmHWM in bytes since the last reset_peak_rss() (None where /proc is not Linux's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def n_new(a: dict) -> int:
     """The completion length cap of this run (workload.MAX_NEW_TOKENS unless overridden)."""
     return a.get("max_new_tokens", W.MAX_NEW_TOKENS)
@@ -67,7 +88,8 @@ def job_gft(a: dict) -> dict:
     from gft.run import load_data, open_backend
 
     tmp = Path(tempfile.mkdtemp(prefix="gft-bench-"))
-    (tmp / "train.jsonl").write_text(json.dumps(W.gft_row()) + "\n")
+    row = W.gft_row(mixed=a.get("mixed", False))
+    (tmp / "train.jsonl").write_text(json.dumps(row) + "\n")
     cfg = build_config({
         "model": a["model"], "data": str(tmp / "train.jsonl"), "backend": a["backend"],
         "preset": a["preset"], "device": a.get("device", "auto"),
@@ -95,7 +117,11 @@ def job_gft(a: dict) -> dict:
             int(n) for b in batches for n in b.attention.sum(axis=1)]
         rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(
             int(b.input_ids.size) for b in batches)
-        return update(batches, lr, **kw)
+        reset_peak_rss()
+        out = update(batches, lr, **kw)
+        rec["update_peak_rss"] = update_peak_rss()
+        rec["loss"] = out.get("loss")
+        return out
 
     backend.generate, backend.train_step = timed_generate, counted_update
     steps = []
@@ -110,7 +136,8 @@ def job_gft(a: dict) -> dict:
                       "prompt_len": len(data.prompt_ids[0]),
                       "completion_lengths": rec.get("completion_lengths", []),
                       "seq_lengths": rec.get("seq_lengths", []),
-                      "padded_tokens": rec.get("padded_tokens", 0)})
+                      "padded_tokens": rec.get("padded_tokens", 0),
+                      "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss")})
         _progress(a, i, wall)
     info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss,
             "first_step_s": steps[0]["step_s"]}
@@ -187,6 +214,7 @@ def job_trl(a: dict) -> dict:
             rec["completion_lengths"] = [int(x) for x in cm.sum(1)]
             rec["seq_lengths"] = [int(x) for x in (pm.sum(1) + cm.sum(1))]
             rec["padded_tokens"] = int(pm.numel() + cm.numel())
+            reset_peak_rss()  # the update's peak from here to the end of the step
             return out
 
     class StepTimer(TrainerCallback):
@@ -203,7 +231,8 @@ def job_trl(a: dict) -> dict:
                           "prompt_len": rec.get("prompt_len", 0),
                           "completion_lengths": rec.get("completion_lengths", []),
                           "seq_lengths": rec.get("seq_lengths", []),
-                          "padded_tokens": rec.get("padded_tokens", 0)})
+                          "padded_tokens": rec.get("padded_tokens", 0),
+                          "update_peak_rss": update_peak_rss()})
             _progress(a, i, wall)
 
     cuda = str(a.get("device", "cpu")).startswith("cuda")

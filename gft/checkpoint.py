@@ -5,7 +5,9 @@
                                        optimizer.safetensors    (AdamW moments by param name)
                                        trainer_state.json       (step, data position, config)
     RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
-    RUN_DIR/final/                     the last checkpoint of a finished run
+    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer and
+                                       generation config only; its last step stays in
+                                       checkpoints/ (runs before that: a full checkpoint)
 
 Crash safety, step by step (a SIGKILL or power cut may land anywhere):
 - a checkpoint is written into `.step-N.tmp-PID/`, every file fsynced, then renamed to
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from gft.errors import GFTError, ModelError
-from gft.modelfiles import OPTIMIZER_FILE
+from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
 
 STATE_FILE = "trainer_state.json"
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
@@ -214,8 +217,9 @@ def save_step_checkpoint(backend, run_dir: Path, step: int, state: dict[str, Any
                          keep: int) -> Path:
     """checkpoints/step-N, then the `latest` pointer, then prune to the last `keep`.
 
-    Step directories after N are leftovers of a timeline a crash cut short (saved, but
-    never named by `latest`); the run now re-creates them, so they go too."""
+    Step directories after N are never deleted: a resume starts from the newest complete
+    checkpoint, so a newer one is incomplete, kept for the user to look at, and replaced
+    when the run saves that step again."""
     root = Path(run_dir) / "checkpoints"
     path = save_checkpoint(backend, root / f"step-{step:06d}", state)
     try:
@@ -225,7 +229,7 @@ def save_step_checkpoint(backend, run_dir: Path, step: int, state: dict[str, Any
                               + _previous_note(Path(run_dir))) from exc
     steps = sorted(p for p in root.glob("step-*") if p.is_dir())
     older = [p for p in steps if p.name < path.name]
-    for old in older[:max(len(older) - (keep - 1), 0)] + [p for p in steps if p.name > path.name]:
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         _remove_dir(old)
     return path
 
@@ -234,15 +238,76 @@ def save_step_checkpoint(backend, run_dir: Path, step: int, state: dict[str, Any
 # Finding and reading checkpoints
 
 
-def is_complete(checkpoint: Path) -> bool:
-    """A checkpoint directory with everything a resume reads."""
+class ResumePoint(NamedTuple):
+    """Where a resume starts: the checkpoint (None: none saved yet), whether its optimizer
+    state is used, and one line for each newer checkpoint that was passed over."""
+    checkpoint: Path | None
+    load_optimizer: bool
+    notes: list[str]
+
+
+class Problem(NamedTuple):
+    """Why a checkpoint cannot be resumed from, naming the file; optimizer_only: its
+    weights and trainer state are fine, so it can continue with fresh optimizer state."""
+    message: str
+    optimizer_only: bool
+
+
+def _candidates(run_dir: Path) -> list[tuple[float, int, Path]]:
+    """(step, tie-break, path) of every checkpoint directory, newest first. A step
+    directory's step is its name; final/'s is its trainer state's (unreadable: newest, so
+    that it is checked and reported rather than silently passed over)."""
+    run_dir = Path(run_dir)
+    out: list[tuple[float, int, Path]] = []
+    root = run_dir / "checkpoints"
+    if root.is_dir():
+        for path in root.iterdir():
+            match = re.fullmatch(r"step-(\d+)", path.name)
+            if match and path.is_dir():
+                out.append((int(match[1]), 0, path))
+    final = run_dir / "final"
+    # final/ is an export (model and tokenizer; the last step's checkpoint is in
+    # checkpoints/), a resume candidate only in runs written before that layout
+    if final.is_dir() and (final / STATE_FILE).exists():
+        try:
+            step: float = checkpoint_step(final)
+        except GFTError:
+            step = math.inf
+        out.append((step, 1, final))  # final/ wins a tie: it is the finished run
+    return sorted(out, key=lambda c: (c[0], c[1]), reverse=True)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Any checkpoint directory at all, complete or not (a new run must not write over it)."""
+    return bool(_candidates(run_dir))
+
+
+def checkpoint_problem(checkpoint: Path) -> Problem | None:
+    """None if `checkpoint` holds everything a resume reads, each file readable: trainer
+    state, weights (config.json and complete safetensors, or a PEFT adapter) and
+    optimizer state. Else the first problem, naming the file."""
     checkpoint = Path(checkpoint)
-    adapter = all((checkpoint / name).is_file()  # a LoRA run's: the adapter, PEFT format
-                  for name in ("adapter_config.json", "adapter_model.safetensors"))
-    return (checkpoint / STATE_FILE).is_file() and (adapter or (
-        (checkpoint / "config.json").is_file() and (
-            (checkpoint / "model.safetensors").is_file()
-            or (checkpoint / "model.safetensors.index.json").is_file())))
+    try:
+        read_state(checkpoint)
+        if not (checkpoint / "adapter_config.json").is_file() \
+                and not (checkpoint / "config.json").is_file():
+            return Problem(f"{checkpoint / 'config.json'}: missing", False)
+        check_model_dir(checkpoint)
+    except ModelError as e:
+        return Problem(str(e), False)
+    optimizer = checkpoint / OPTIMIZER_FILE
+    if not optimizer.is_file():
+        return Problem(f"{optimizer}: missing", True)
+    try:
+        read_safetensors_header(optimizer)
+    except ModelError as e:
+        return Problem(str(e), True)
+    return None
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """A checkpoint directory with everything a resume reads, every file readable."""
+    return Path(checkpoint).is_dir() and checkpoint_problem(checkpoint) is None
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -250,28 +315,52 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None: final/ or the one `latest`
-    names, whichever holds the later step (final/ on a tie). Temporary and half-deleted
+    """The newest complete checkpoint of a run (step directories and final/, whatever the
+    `latest` pointer says; final/ on a tie), or None. Temporary and half-deleted
     directories (names starting with '.') are never considered."""
-    run_dir = Path(run_dir)
-    candidates = []
-    pointer = run_dir / "checkpoints" / "latest"
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if re.fullmatch(r"step-\d+", name):
-            candidates.append(run_dir / "checkpoints" / name)
-    candidates.append(run_dir / "final")
-    best: tuple[int, Path] | None = None
-    for path in candidates:
-        if is_complete(path):
-            step = checkpoint_step(path)
-            if best is None or step >= best[0]:
-                best = (step, path)
-    return best[1] if best else None
+    for _, _, path in _candidates(run_dir):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def find_resume_point(run_dir: Path, reset_optimizer: bool = False) -> ResumePoint:
+    """The newest complete checkpoint; a newer incomplete one is reported (one line) and
+    left in place. With reset_optimizer, the newest checkpoint whose only problem is its
+    optimizer state is used with fresh optimizer state. No complete checkpoint at all
+    while some exist: ModelError naming the file (and reset_optimizer where it helps)."""
+    notes: list[str] = []
+    skipped: list[tuple[Path, Problem]] = []
+    for _, _, path in _candidates(run_dir):
+        problem = checkpoint_problem(path)
+        if problem is None or (problem.optimizer_only and reset_optimizer):
+            notes += [_passed_over(old, why, path) for old, why in skipped]
+            if problem is not None:
+                notes.append(f"{problem.message}; reset_optimizer=true: continuing from "
+                              f"{path.name} with fresh optimizer state")
+            return ResumePoint(path, problem is None, notes)
+        skipped.append((path, problem))
+    if not skipped:
+        return ResumePoint(None, False, [])
+    path, problem = skipped[0]
+    hint = (f"; to continue from {path.name} with fresh optimizer state, add "
+            "--set reset_optimizer=true" if problem.optimizer_only
+            else "; no complete checkpoint to resume from")
+    raise ModelError(f"cannot resume: {problem.message}{hint}")
+
+
+def _passed_over(path: Path, problem: Problem, used: Path) -> str:
+    extra = (f"; --set reset_optimizer=true would continue from {path.name} with fresh "
+             "optimizer state instead" if problem.optimizer_only else "")
+    return (f"warning: {path.name} is incomplete ({problem.message}); resuming from the "
+            f"previous complete checkpoint {used.name} (the steps after it are re-done; "
+            f"{path.name} is replaced when they are){extra}")
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
     path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise ModelError(f"{path}: missing")
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -86,6 +87,9 @@ class TrainConfig:
                                          "token-mean denominator, so the loss is unchanged.")
     rewards: list = _f(["math"], "Reward functions: math | exact | regex | module:function, or "
                                  "[{name, weight, ...options}]. The first one defines accuracy.")
+    reward_timeout: float = _f(60.0, "Seconds one call of a reward function may take before "
+                                     "the run stops with an error naming it and the row "
+                                     "(0 = no limit).")
     # ---- sampling (rollouts)
     temperature: float = _f(1.0, "Rollout sampling temperature.")
     top_p: float = _f(1.0, "Rollout nucleus sampling threshold.")
@@ -115,8 +119,19 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer update; a step makes "
                                         "prompts_per_step / prompts_per_minibatch updates.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation).")
+    logits_chunk: int = _f(1024, "Positions whose [positions, vocabulary] logits the update "
+                                 "holds at a time: the LM head, log-softmax and its backward run "
+                                 "in chunks of this many positions (recomputed in the backward), "
+                                 "so memory does not grow with tokens x vocabulary. 0 = all at "
+                                 "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
+    max_policy_tokens: int = _f(0, "Stop once the run has processed this many policy tokens "
+                                   "(rollout tokens generated + response tokens trained), "
+                                   "at most one step past it: equal compute across presets "
+                                   "(0 = no limit; steps/epochs still cap the run, and a "
+                                   "linear/cosine decay runs over those). In a stage: that "
+                                   "stage's own budget; see gft/budget.py.")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
                                    "[{preset, steps, ...keys}]; see gft/stages.py.")
     # ---- run, logging, evaluation, checkpoints
@@ -127,6 +142,10 @@ class TrainConfig:
     eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
+                                      "optimizer.safetensors is missing or damaged, with fresh "
+                                      "AdamW moments (the run then differs from an "
+                                      "uninterrupted one). Applies to that resume only.")
     save_shard_size: str | int = _f("5GB", "Split saved weights into model-0000K-of-0000N."
                                            "safetensors shards above this size (e.g. 500MB, 2GB).")
     sample_every: int = _f(10, "Log a sample completion to samples.jsonl every N steps.")
@@ -239,6 +258,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                  "rollout_batch_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    if cfg.logits_chunk < 0:
+        raise ConfigError(f"'logits_chunk' must be >= 0 (0 = off), got {cfg.logits_chunk}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
@@ -246,6 +267,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+    _check_ranges(cfg)
+    if cfg.max_policy_tokens < 0:
+        raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
+                          f"{cfg.max_policy_tokens}")
     from gft.convert import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)
@@ -254,12 +279,44 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Ranges of the keys `validate` does not check on its own: (test, what it says).
+_AT_LEAST_0 = ("warmup_steps", "eval_every", "save_every", "sample_every", "lora_rank",
+               "weight_decay", "max_grad_norm", "reward_timeout")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "in 0 .. 2**63-1"),
+    **{name: (lambda v: v >= 0, ">= 0") for name in _AT_LEAST_0},
+}
+# torch device names (torch.device's syntax); mlx also takes gpu. Availability is the
+# backend's to check (backends/*.check_device), before it loads anything.
+_DEVICE = re.compile(r"auto|cpu|gpu|mps|metal|cuda(:\d+)?|xpu(:\d+)?")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (ok, text) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(f"'{name}' must be {text}, got {value!r}")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got "
+                          f"{cfg.device!r}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -268,6 +325,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of key: value")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not a name; config keys are names "
+                              "like learning_rate (see gft train --help-config)")
     return raw
 
 

@@ -20,15 +20,17 @@ from typing import Any, Callable
 import numpy as np
 
 from backends import SamplingConfig
+from gft.budget import advance, step_policy_tokens
 from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
+from gft.runpaths import stored_config
 from gft.evaluate import evaluate
 from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import MetricsLog, ProgressBar, group_sums, metrics_from_sums
 from gft.objective import zero_variance_fraction
 from gft.rollout import PreparedPrompts, build_groups, score_groups
-from gft.stages import Stage, plan_stages, stage_at
+from gft.stages import Stage, plan_stages
 from gft.types import TokenBatch
 
 
@@ -94,6 +96,10 @@ class LoopState:
     position: int = 0
     bad_steps: int = 0          # consecutive non-finite updates
     skipped_updates: int = 0    # total non-finite updates skipped
+    policy_tokens: float = 0.0  # rollout + update tokens so far (max_policy_tokens; gft/budget.py)
+    stage: int = 0              # the current stage, where it started and its tokens so far:
+    stage_start: int = 0        # a stage with a token budget may end before its planned steps
+    stage_tokens: float = 0.0
 
 
 def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[int],
@@ -232,14 +238,15 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
     samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-    steps = stages[-1].end
+    steps = stages[-1].end  # at most: a policy-token budget may end the run sooner
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
     if comm.world > 1:  # a signal may reach one rank only: stop when any rank was asked
         local_stop = stop
         stop = lambda: bool(comm.all_sum(np.array([float(local_stop())]))[0])  # noqa: E731
 
     def checkpoint(step: int) -> Path | None:
-        payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+        payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+                   "backend": backend.name}
         path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
             if lead else backend.join_save()
         comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
@@ -252,21 +259,29 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
             log.write({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
             console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
     with ProgressBar(steps, state.step, cfg.progress and lead, console) as bar:
-        while state.step < steps and not stop():
-            stage = stage_at(stages, state.step)
+        while not stop():
+            stage, state = advance(stages, state, cfg)
+            if stage is None:
+                break
             if state.step == stage.start and len(stages) > 1:
                 bar.console.print(f"stage {stage.index + 1}/{len(stages)}: {stage.name} for "
-                                  f"{stage.end - stage.start} steps")
+                                  f"{stage.end - stage.start} steps"
+                                  + (f" or {stage.tokens:,} policy tokens" if stage.tokens else ""))
             indices = sampler.take(stage.cfg.prompts_per_step)
             t0 = time.perf_counter()
             m = train_step(stage.cfg, backend, data, indices, scorer, state.step,
                            stage_lr(stage, state.step), comm)
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
+            spent = step_policy_tokens(m)
+            state.policy_tokens += spent
+            state.stage_tokens += spent
+            last = run_over(stages, state, cfg)
             sample = m.pop("_sample", None)
             m.update({"step": state.step, "epoch": state.epoch, "stage": stage.index,
-                      "preset": stage.name, "time/step": time.perf_counter() - t0})
-            if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == steps:
+                      "preset": stage.name, "policy_tokens": state.policy_tokens,
+                      "time/step": time.perf_counter() - t0})
+            if cfg.eval_every and state.step % cfg.eval_every == 0 or last:
                 ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
@@ -277,12 +292,17 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
             if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
                 samples.write({"step": state.step, **sample})
             bar.update(state.step, m)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+            if cfg.save_every and state.step % cfg.save_every == 0 and not last:
                 checkpoint(state.step)
                 saved = state.step
-    if state.step < steps and state.step != saved:  # stopped early: keep what was done
+    if not run_over(stages, state, cfg) and state.step != saved:  # stopped: keep what was done
         checkpoint(state.step)
     return state
+
+
+def run_over(stages: list[Stage], state: LoopState, cfg: TrainConfig) -> bool:
+    """Whether the run has done all its steps or spent its policy-token budget."""
+    return advance(stages, state, cfg)[0] is None
 
 
 class NullLog:

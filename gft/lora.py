@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from gft.errors import ConfigError, ModelError
+from gft.runpaths import adapter_base, base_for_adapter, looks_local
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -154,7 +155,8 @@ def read_peft_config(adapter_dir: Path) -> tuple[LoraConfig, str | None]:
         raise ModelError(f"{path}: target_modules given as a regex is not supported")
     lora = LoraConfig(int(raw["r"]), float(raw.get("lora_alpha", 8)),
                       float(raw.get("lora_dropout", 0.0)), tuple(targets or ()))
-    return lora, raw.get("base_model_name_or_path")
+    base = raw.get("base_model_name_or_path")
+    return lora, adapter_base(base, Path(adapter_dir)) if base else base
 
 
 def is_peft_adapter(path: str | Path) -> bool:
@@ -181,9 +183,12 @@ def resolve_adapter(model_path: str, base: str | None,
                              f"gft convert {model_path} OUT --to peft")
         return model_path, None, lora
     stored, stored_base = read_peft_config(Path(model_path))
+    if not (base or stored_base):
+        raise ModelError(f"{model_path}: the adapter names no base model; pass it with --base PATH")
+    if not base and looks_local(stored_base) and not Path(stored_base).expanduser().exists():
+        raise ModelError(f"{Path(model_path) / PEFT_CONFIG}: base_model_name_or_path "
+                         f"'{stored_base}' is not on this machine; pass it with --base PATH")
     base = base or stored_base
-    if not base:
-        raise ModelError(f"{model_path}: the adapter names no base model; pass one")
     if lora is not None and (lora.rank, lora.alpha, sorted(lora.targets)) != (
             stored.rank, stored.alpha, sorted(stored.targets)):
         raise ConfigError(f"{model_path}: the adapter has rank {stored.rank}, alpha "
@@ -193,8 +198,10 @@ def resolve_adapter(model_path: str, base: str | None,
 
 
 def write_peft_config(path: Path, lora: LoraConfig, base: str | None) -> None:
-    (Path(path) / PEFT_CONFIG).write_text(json.dumps(peft_config(lora, base), indent=2,
-                                                     sort_keys=True) + "\n")
+    """base: as the user gave it (a hub id stays one); a base inside the adapter's run
+    directory is stored relative to the adapter, so the run can move (gft/runpaths.py)."""
+    config = peft_config(lora, base_for_adapter(base, Path(path)))
+    (Path(path) / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------ mlx-lm adapter_config.json

@@ -23,8 +23,8 @@ benchmarks/plan_check.py):
 - saved activations per token per layer: 6h + 3·H·d + 3·KV·d + 4I values, plus the
   attention probabilities (H·L per token) that a non-fused attention backward keeps;
   under gradient checkpointing, one h per layer plus one layer's worth;
-- the update's vocabulary tensors: three float32 [B, R, V] arrays (logits, softmax,
-  their gradient);
+- the update's vocabulary tensors: three float32 [B·R, V] arrays (logits, softmax,
+  their gradient), [logits_chunk, V] when the backend computes them in chunks;
 - allocator slack, the framework's own workspace and Python are not counted.
 """
 from __future__ import annotations
@@ -187,6 +187,15 @@ def kv_cache_bytes(s: Shape, rows: int, length: int, elem: int) -> float:
 
 # ------------------------------------------------------------------ the plan
 
+def logit_positions(cfg, backend: str) -> int:
+    """Scored positions whose [., V] logits the update holds at once: a micro-batch's
+    responses (R per row), or at most logits_chunk of them (both backends chunk
+    llama/qwen2/qwen3-style heads)."""
+    positions = cfg.micro_batch_size * (cfg.max_response_tokens + 1)
+    chunk = getattr(cfg, "logits_chunk", 0)
+    return min(positions, chunk) if chunk else positions
+
+
 def rollout_rows(cfg) -> int:
     """Sequences decoded together: a step's rollouts, or a held-out evaluation's prompts."""
     wanted = max(cfg.prompts_per_step * cfg.num_rollouts, cfg.eval_samples)
@@ -220,8 +229,9 @@ def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: floa
                    activation_bytes(s, rows, length, elem, cfg.gradient_checkpointing,
                                     attention_probs=backend == "mlx"),
                    "micro_batch_size (or gradient_checkpointing: true)"),
-              Item("update logits/softmax", 3 * rows * (cfg.max_response_tokens + 1) * s.vocab * 4,
-                   "micro_batch_size or max_response_tokens")]
+              Item("update logits/softmax", 3 * logit_positions(cfg, backend) * s.vocab * 4,
+                   "logits_chunk" if getattr(cfg, "logits_chunk", 0)
+                   else "micro_batch_size or max_response_tokens")]
     r_rows = rollout_rows(cfg)
     rollout = [Item("KV cache of a rollout batch", kv_cache_bytes(s, r_rows, length, elem),
                     "rollout_batch_size"),

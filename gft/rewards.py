@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from gft.timeouts import CallTimeout, call_with_timeout
 from gft.errors import ConfigError, RewardError
 
 
@@ -304,7 +305,8 @@ class RewardResult:
 class RewardModel:
     """The configured reward functions, called together on a batch of completions."""
 
-    def __init__(self, specs: Sequence[RewardSpec]):
+    def __init__(self, specs: Sequence[RewardSpec], timeout: float = 0.0):
+        self.timeout = timeout  # seconds per call (reward_timeout), 0 = none
         if not specs:
             raise ConfigError("rewards: empty; name at least one reward")
         self.names = _unique_names([spec.name for spec in specs])
@@ -331,7 +333,10 @@ class RewardModel:
         """One reward's values as float64 [N], NaN for None; every failure named."""
         kwargs = _accepted_columns(function, columns)
         try:
-            returned = function(list(prompts), list(completions), **kwargs)
+            returned = call_with_timeout(
+                lambda: function(list(prompts), list(completions), **kwargs), self.timeout)
+        except CallTimeout:
+            raise RewardError(_timeout_message(name, self.timeout, sources)) from None
         except MissingColumnError as exc:
             where = _source(sources, exc.index)
             raise RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
@@ -341,9 +346,18 @@ class RewardModel:
         return _check_values(name, returned, len(completions), sources)
 
 
-def build_rewards(raw: Any) -> RewardModel:
-    """Config value -> ready RewardModel (parse_reward_specs, then resolve)."""
-    return RewardModel(parse_reward_specs(raw))
+def build_rewards(raw: Any, timeout: float = 0.0) -> RewardModel:
+    """Config value -> ready RewardModel (parse_reward_specs, then resolve); `timeout`:
+    seconds one call of a function may take (gft/timeouts.py), 0 = no limit."""
+    return RewardModel(parse_reward_specs(raw), timeout)
+
+
+def _timeout_message(name: str, seconds: float, sources: list[str] | None) -> str:
+    unique = list(dict.fromkeys(sources or []))  # a row's G responses share its source
+    rows = ", ".join(unique[:3]) + (", ..." if len(unique) > 3 else "")
+    return (f"reward '{name}' did not return within reward_timeout={seconds:g} s on a batch "
+            f"of {len(sources or [])} responses (rows: {rows or '?'}); fix the function, or "
+            "raise reward_timeout (0 = no limit)")
 
 
 def _unique_names(names: list[str]) -> list[str]:

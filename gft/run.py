@@ -14,19 +14,23 @@ from typing import Any
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import (STATE_FILE, atomic_directory, atomic_write_text, clean_leftovers,
-                            latest_checkpoint, read_state, save_checkpoint)
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
+from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
+                            checkpoint_step, clean_leftovers, find_resume_point, has_checkpoints,
+                            latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
+from gft import runlock
 from gft.rewards import build_rewards, parse_reward_specs
+from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
+from gft.types import Example
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
 # arithmetic task from random init in a few minutes on 2 CPU cores.
@@ -62,9 +66,13 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
     return cfg
 
 
-def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPrompts, PreparedPrompts | None]:
-    """Training rows and the held-out split (eval_split, else valid), prompts tokenized."""
-    train_rows = load_split(cfg.data, "train")
+def load_data(cfg: TrainConfig, tokenizer, console: Console,
+              train_rows: list[Example] | None = None
+              ) -> tuple[PreparedPrompts, PreparedPrompts | None]:
+    """Training rows (read here unless given) and the held-out split (eval_split, else
+    valid), prompts tokenized."""
+    if train_rows is None:
+        train_rows = load_split(cfg.data, "train")
     eval_rows = load_split(cfg.data, cfg.eval_split, required=False)
     if not eval_rows and cfg.eval_split != "valid":
         eval_rows = load_split(cfg.data, "valid", required=False)
@@ -80,6 +88,23 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console) -> tuple[PreparedPr
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
     check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
+    """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
+    no row has one it would make zero updates and still write final/. Said before the
+    model loads."""
+    if any(ex.responses for ex in rows):
+        return
+    for stage in plan_stages(cfg, 1):
+        if stage.cfg.num_rollouts == 0:
+            where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
+                f"preset '{stage.name}'"
+            raise DataError(f"no training row has a response (completion, completions, "
+                            f"responses or a final assistant message), and {where} has "
+                            "num_rollouts=0: it learns only from dataset responses. Add "
+                            "responses, or use a preset that samples rollouts (grpo, gft)",
+                            path=str(cfg.data))
 
 
 def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:
@@ -134,7 +159,8 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs, load_in_4bit=cfg.load_in_4bit)
+                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
+                        load_in_4bit=cfg.load_in_4bit)
 
 
 def memory_plan(cfg: TrainConfig, model_path: str | None = None):
@@ -160,23 +186,28 @@ def check_memory(cfg: TrainConfig, model_path: str) -> None:
         raise ConfigError(refusal(p))
 
 
-def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
-                 console: Console, comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, Path | None]:
-    """(config, loop state, checkpoint) to continue `run_dir` from. A run killed before
-    its first checkpoint starts over from step 0 with its saved config.yaml."""
+def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
+                 comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, ResumePoint]:
+    """(config, loop state, resume point) to continue `run_dir` from: the newest complete
+    checkpoint, whatever `latest` says. A run killed before its first checkpoint starts
+    over from step 0 with its saved config.yaml."""
     if comm.rank == 0:
         clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
         clean_leftovers(run_dir / "checkpoints")
     comm.barrier()
-    start_from = latest_checkpoint(run_dir)
-    if start_from is None:
+    point = find_resume_point(run_dir, (overrides or {}).get("reset_optimizer") is True)
+    for note in point.notes:
+        console.print(f"[yellow]{note}", highlight=False)
+    if point.checkpoint is None:
         saved_config = run_dir / "config.yaml"
         if not saved_config.is_file():
             raise ModelError(f"{run_dir}: no checkpoint and no config.yaml to resume from; "
                              "start the run again with gft train")
         cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
         console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
-        return cfg, LoopState(), None
+        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
+        return replace(cfg, reset_optimizer=False), LoopState(), point
+    start_from = point.checkpoint
     saved = read_state(start_from)
     cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
     try:
@@ -184,7 +215,18 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None,
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
-    return cfg, state, start_from
+    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
+    # a one-off instruction for this resume, not a setting the run keeps
+    return replace(cfg, reset_optimizer=False), state, point
+
+
+def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
+                      source: str) -> TrainConfig:
+    """The saved model and data paths as found from here (gft/runpaths.py); a path given
+    again on the command line is taken as given."""
+    given = overrides or {}
+    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                           for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -209,38 +251,70 @@ def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
 
 def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str, Any] | None,
          console: Console, stop: GracefulStop, comm: Comm) -> Path:
-    state, start_from = LoopState(), None
-    lead = comm.rank == 0
+    """Lock the run directory (one writer: rank 0 holds it for every rank), then train."""
     if resume is not None:
         run_dir = Path(resume)
-        cfg, state, start_from = resume_point(run_dir, overrides, console, comm)
     else:
         run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
-        if latest_checkpoint(run_dir) is not None:
+        comm.barrier()  # every rank has looked before rank 0 writes
+    lock = lock_run_dir(run_dir, comm)
+    try:
+        return _run_locked(cfg, run_dir, resume is not None, overrides, console, stop, comm)
+    finally:
+        if lock is not None:
+            runlock.release(lock)
+
+
+def lock_run_dir(run_dir: Path, comm: Comm) -> Path | None:
+    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal."""
+    path, refusal = None, ""
+    if comm.rank == 0:
+        try:
+            path = runlock.take(run_dir)
+        except runlock.RunLockedError as e:
+            refusal = str(e)
+    refusal = comm.broadcast_text(refusal)
+    if refusal:
+        raise runlock.RunLockedError(refusal)
+    return path
+
+
+def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
+                overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
+                comm: Comm) -> Path:
+    state, start_from, load_optimizer = LoopState(), None, False
+    lead = comm.rank == 0
+    if resuming:
+        cfg, state, point = resume_point(run_dir, overrides, console, comm)
+        start_from, load_optimizer = point.checkpoint, point.load_optimizer
+    else:
+        if has_checkpoints(run_dir):
             raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
                               f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
                               "--output-dir")
         comm.barrier()  # every rank has looked before rank 0 writes
         if lead:
-            run_dir.mkdir(parents=True, exist_ok=True)
             cfg = materialize_defaults(cfg, run_dir, console)
         comm.barrier()
         if not lead:  # the files exist now: this only fills in their paths
             cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    scorer = RequireApplicableReward(build_rewards(cfg.rewards))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            stored_config(to_dict(cfg), run_dir), sort_keys=False))
+    scorer = RequireApplicableReward(build_rewards(cfg.rewards, cfg.reward_timeout))
     check_model_dir(start_from or str(cfg.model))
     check_memory(cfg, str(start_from or cfg.model))
-    has_optimizer = start_from is not None and (start_from / OPTIMIZER_FILE).exists()
-    if has_optimizer:
+    if load_optimizer:
         check_optimizer_state(start_from)
+    train_rows = load_split(cfg.data, "train")
+    check_trainable(cfg, train_rows)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
-    if has_optimizer:
+    if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    data, held_out = load_data(cfg, backend.tokenizer, console)
+    data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
@@ -254,17 +328,30 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
     state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                   comm=comm)
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+               "backend": backend.name}
     final = run_dir / "final"
     if lead:
-        save_checkpoint(backend, final, payload)
-        clean_leftovers(run_dir / "checkpoints")
+        save_final(backend, run_dir, steps, payload, cfg.keep_checkpoints)
     else:
         backend.join_save()
     comm.barrier()
     console.print(f"final checkpoint: {final}")
+    return final
+
+
+def save_final(backend, run_dir: Path, step: int, payload: dict[str, Any], keep: int) -> Path:
+    """The last step as a resumable checkpoint (model, optimizer, trainer state) in
+    checkpoints/, then final/: what users hand on, the model (or adapter) with its
+    tokenizer and generation config and nothing else (AdamW's moments are twice the
+    model). A resume of a finished run reads checkpoints/step-N."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None or latest.parent.name != "checkpoints" or checkpoint_step(latest) != step:
+        save_step_checkpoint(backend, run_dir, step, payload, keep)
+    final = atomic_directory(run_dir / "final", backend.save_model)
+    clean_leftovers(run_dir / "checkpoints")
     return final
 
 

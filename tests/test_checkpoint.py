@@ -16,7 +16,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from gft.checkpoint import (STATE_FILE, CheckpointError, atomic_directory, clean_leftovers,
-                            latest_checkpoint, read_state, save_checkpoint, save_step_checkpoint)
+                            latest_checkpoint, read_state, save_checkpoint, save_step_checkpoint,
+                            ResumePoint, find_resume_point)
 from gft.modelfiles import (OPTIMIZER_FILE, check_model_dir, check_optimizer_state,
                             read_safetensors_header)
 from gft.errors import ModelError
@@ -173,24 +174,81 @@ def test_latest_prefers_the_later_step_of_final_and_pointer(tmp_path):
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-000006"
 
 
-def test_orphans_after_the_saved_step_are_pruned(tmp_path):
-    """A crash between the rename of step-N and the `latest` update leaves step-N unnamed;
-    the resumed run (from an earlier step) re-creates it, and it is never kept by mistake."""
+def test_checkpoints_after_the_saved_step_are_never_deleted(tmp_path):
+    """A checkpoint numbered after the one being saved is never pruned: resume starts from
+    the newest complete one, so a newer one is incomplete and left for the user."""
     for step in (2, 4):
         save_step_checkpoint(FakeBackend(step), tmp_path, step, state(step), keep=1)
-    (tmp_path / "checkpoints" / "latest").write_text("step-000002\n")  # as if cut short
     save_checkpoint(FakeBackend(9.0), tmp_path / "checkpoints" / "step-000009", state(9))
     save_step_checkpoint(FakeBackend(3.0), tmp_path, 3, state(3), keep=1)
     root = tmp_path / "checkpoints"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000003"]
-    assert latest_checkpoint(tmp_path) == root / "step-000003"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000003", "step-000004",
+                                                       "step-000009"]
+    assert latest_checkpoint(tmp_path) == root / "step-000009"
 
 
-def test_unreadable_trainer_state_is_a_model_error(tmp_path):
-    save_checkpoint(FakeBackend(), tmp_path / "final", state(1))
-    (tmp_path / "final" / STATE_FILE).write_text("{not json")
-    with pytest.raises(ModelError, match="unreadable trainer state"):
-        latest_checkpoint(tmp_path)
+@pytest.mark.parametrize("pointer", [None, "step-000007\n", "step-000001\n", "garbage"])
+def test_latest_is_the_newest_complete_checkpoint_whatever_the_pointer_says(tmp_path, pointer):
+    for step in (1, 2, 3):
+        save_step_checkpoint(FakeBackend(step), tmp_path, step, state(step), keep=5)
+    latest = tmp_path / "checkpoints" / "latest"
+    latest.unlink() if pointer is None else latest.write_text(pointer)
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-000003"
+    point = find_resume_point(tmp_path)
+    assert point == ResumePoint(tmp_path / "checkpoints" / "step-000003", True, [])
+
+
+def _three_steps(tmp_path):
+    for step in (1, 2):
+        save_step_checkpoint(FakeBackend(step), tmp_path, step, state(step), keep=5)
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda c: (c / OPTIMIZER_FILE).unlink(), "step-000002/optimizer.safetensors: missing"),
+    (lambda c: (c / OPTIMIZER_FILE).write_bytes(b"\x00" * 5),
+     "step-000002/optimizer.safetensors: corrupted or truncated safetensors file"),
+    (lambda c: (c / STATE_FILE).unlink(), "step-000002/trainer_state.json: missing"),
+    (lambda c: (c / STATE_FILE).write_text("{not json"),
+     "step-000002/trainer_state.json: unreadable trainer state"),
+    (lambda c: (c / "model.safetensors").unlink(), "no model weights"),
+    (lambda c: (c / "config.json").unlink(), "step-000002/config.json: missing"),
+])
+def test_incomplete_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage,
+                                                                          problem):
+    root = _three_steps(tmp_path)
+    damage(root / "step-000002")
+    point = find_resume_point(tmp_path)
+    assert point.checkpoint == root / "step-000001" and point.load_optimizer
+    assert len(point.notes) == 1 and problem in point.notes[0], point.notes
+    assert point.notes[0].startswith("warning: step-000002 is incomplete (")
+    assert "resuming from the previous complete checkpoint step-000001" in point.notes[0]
+    # the next save of an earlier step leaves it alone
+    save_step_checkpoint(FakeBackend(1.5), tmp_path, 1, state(1), keep=1)
+    assert (root / "step-000002").is_dir()
+
+
+def test_missing_optimizer_with_nothing_older_is_an_error_naming_the_key(tmp_path):
+    save_step_checkpoint(FakeBackend(1.0), tmp_path, 1, state(1), keep=5)
+    (tmp_path / "checkpoints" / "step-000001" / OPTIMIZER_FILE).unlink()
+    with pytest.raises(ModelError) as e:
+        find_resume_point(tmp_path)
+    assert str(e.value) == (f"cannot resume: {tmp_path}/checkpoints/step-000001/"
+                            "optimizer.safetensors: missing; to continue from step-000001 with "
+                            "fresh optimizer state, add --set reset_optimizer=true")
+    point = find_resume_point(tmp_path, reset_optimizer=True)
+    assert point.checkpoint == tmp_path / "checkpoints" / "step-000001"
+    assert not point.load_optimizer
+    assert point.notes == [f"{tmp_path}/checkpoints/step-000001/optimizer.safetensors: missing; "
+                           "reset_optimizer=true: continuing from step-000001 with fresh "
+                           "optimizer state"]
+
+
+def test_reset_optimizer_never_excuses_missing_weights(tmp_path):
+    save_step_checkpoint(FakeBackend(1.0), tmp_path, 1, state(1), keep=5)
+    (tmp_path / "checkpoints" / "step-000001" / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match="no model weights .*; no complete checkpoint to resume"):
+        find_resume_point(tmp_path, reset_optimizer=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -99,8 +99,9 @@ def test_saved_adapter_loads_in_peft_with_the_same_logprobs(base, tmp_path, back
     for i in range(3):
         be.train_step([batch(i)], 3e-2, **LOSS)
     be.save_model(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+    names = {p.name for p in (tmp_path / "adapter").iterdir()}  # the adapter, its tokenizer
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "chat_template.jinja"}
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (4, 8.0, str(base))
     probe = batch(7)
@@ -133,11 +134,16 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
               "--set", "progress=false", "--set", "save_every=2"]
     cli("train", "-o", str(tmp_path / "full"), "--backend", backend, "--max-steps", "4", *common)
     ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == [
+    tokenizer = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
-        "trainer_state.json"]
-    adapter = read(tmp_path / "full" / "final" / "adapter_model.safetensors")
-    assert set(read(tmp_path / "full" / "final" / "optimizer.safetensors")) == {
+        "trainer_state.json", *tokenizer}
+    final = tmp_path / "full" / "final"  # what users hand on: the adapter and its tokenizer
+    assert {p.name for p in final.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", *tokenizer}
+    adapter = read(final / "adapter_model.safetensors")
+    last = tmp_path / "full" / "checkpoints" / "step-000004"  # where a resume reads AdamW
+    assert set(read(last / "optimizer.safetensors")) == {
         f"{s}.{k}" for k in adapter for s in ("exp_avg", "exp_avg_sq")}
     probe = batch(3)
     ours = seen[0].token_logprobs(probe)
@@ -149,7 +155,7 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
         run = tmp_path / f"part-{second}"
         cli("train", "-o", str(run), "--backend", backend, "--max-steps", "2", *common)
         out = cli("train", "--resume", str(run), "--backend", second, "--set", "max_steps=4")
-        assert "from final (step 2)" in out
+        assert "from step-000002 (step 2)" in out
         resumed = read(run / "final" / "adapter_model.safetensors")
         tol = 0.0 if second == backend else 2e-5
         assert max(np.abs(resumed[k] - adapter[k]).max() for k in adapter) <= tol, second

@@ -142,6 +142,61 @@ def test_logits_only_from_the_first_response_position_change_nothing(model_dirs,
     assert max_rel_err(g_trim, m.gradients()) < 1e-4
 
 
+@pytest.mark.parametrize("arch,share", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_chunked_logits_give_the_same_loss_entropy_and_gradients(model_dirs, tmp_path, arch,
+                                                                  share):
+    """The update's head in chunks of 5 positions under mx.checkpoint (logits_chunk=5:
+    several chunks, the last one short) against the whole logits at once (logits_chunk=0),
+    float32: same loss, entropy and gradients — the tied embedding or lm_head included — and the same as torch's chunked head; with a shared prompt too."""
+    from gft.groups import micro_batches
+    from tests.helpers import shared_prompt_group
+    path = model_dirs[arch]
+    batches = [make_batch()]
+    if share:
+        path = write_tiny_model(tmp_path / arch, TinyModelSpec(arch=arch, seed=4))
+        batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7],
+                                                    [1.0, -0.5, 0.25, -0.75]), 8, 256)
+    out = {}
+    for chunk in (5, 0):
+        m = load_backend("mlx", str(path), logits_chunk=chunk)
+        assert m._share_prefix and m._head is not None
+        out[chunk] = m.accumulate_gradients(batches, **LOSS), m.gradients()
+    (s5, g5), (s0, g0) = out[5], out[0]
+    assert s5["loss"] == pytest.approx(s0["loss"], rel=1e-5, abs=1e-7)
+    assert s5["entropy"] == pytest.approx(s0["entropy"], rel=1e-5)
+    assert s5["tokens"] == s0["tokens"]
+    head = "lm_head.weight" if "lm_head.weight" in g0 else "model.embed_tokens.weight"
+    assert np.abs(g0[head]).max() > 0
+    assert max_rel_err(g5, g0) < 1e-4
+    t = load_backend("torch", str(path), logits_chunk=5)
+    t.accumulate_gradients(batches, **LOSS)
+    assert max_rel_err(g5, t.gradients()) < RTOL
+
+
+def test_chunked_head_memory_does_not_grow_with_positions():
+    """Peak memory of the head's forward + backward over a 4,096-token vocabulary: in one
+    piece it grows with the positions (1,024 -> 4,096: x4 logits); in chunks of 128 it
+    stays flat (one chunk's logits alive at a time, mlx_head._chunked) and under a quarter
+    of the one-piece peak."""
+    from backends.mlx_head import head_logprobs
+
+    def peak(n, chunk):
+        h = mx.random.normal((1, n, 64), key=mx.random.key(0))
+        w = mx.random.normal((4096, 64), key=mx.random.key(1)) * 0.1
+        t = mx.random.randint(0, 4096, (1, n), key=mx.random.key(2))
+        mx.eval(h, w, t)
+        loss = lambda h, w: mx.sum(head_logprobs(h, w, t, chunk)[0])  # noqa: E731
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        mx.eval(mx.grad(loss, argnums=(0, 1))(h, w))
+        return mx.get_peak_memory() - base
+    whole = [peak(n, 0) for n in (1024, 4096)]
+    chunked = [peak(n, 128) for n in (1024, 4096)]
+    assert whole[1] > 3 * whole[0]
+    assert chunked[1] < 1.5 * chunked[0], chunked
+    assert chunked[1] < whole[1] / 4, (chunked, whole)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch,
                                                                      monkeypatch):

@@ -22,6 +22,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -241,6 +242,7 @@ def kill_and_resume(args: list[str], run: Path, window: float, rng: random.Rando
         killed_so_far = 0
     assert (run / "final").is_dir()
     assert not leftovers(run), leftovers(run)  # stale temporary directories were cleaned
+    assert not (run / "gft.lock").exists()  # each kill left a stale lock: taken over, released
 
 
 # ---------------------------------------------------------------------------------------
@@ -394,6 +396,101 @@ def test_stop_before_the_first_step_saves_nothing_and_resume_starts_over(tmp_pat
     assert resumed.exit_code == 0, resumed.output
     assert "no checkpoint yet, starting again from step 0" in resumed.output
     assert [r["step"] for r in records(run)] == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------
+# One writer per run directory (gft/runlock.py)
+
+
+def _hold_lock(run: Path) -> subprocess.Popen:
+    """Another process that holds `run`'s lock until killed."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; from gft.runlock import "
+                             "take; take(sys.argv[1]); print('locked', flush=True); "
+                             "time.sleep(120)", str(run)], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_writer_is_refused_in_one_line(tmp_path):
+    from click.testing import CliRunner
+    from cli import main
+    model, data = write_fixture(tmp_path)
+    run = tmp_path / "run"
+    holder = _hold_lock(run)
+    try:
+        for extra in (["-o", str(run)], ["--resume", str(run)]):
+            args = train_args(model, data) + extra if extra[0] == "-o" else ["--resume", str(run)]
+            result = CliRunner().invoke(main, ["train", *args])
+            assert result.exit_code == 2, result.output
+            lines = result.stderr.strip().splitlines()
+            assert len(lines) == 1, result.stderr
+            assert lines[0].startswith(f"error: {run}: another gft process (pid {holder.pid} on "
+                                       f"{socket.gethostname()}, started "), lines[0]
+            assert lines[0].endswith("is writing this run directory; wait for it to finish or "
+                                     "stop it, or choose another --output-dir"), lines[0]
+        assert sorted(p.name for p in run.iterdir()) == ["gft.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from gft.runlock import LOCK_FILE, release, take
+    holder = _hold_lock(tmp_path)
+    holder.kill()
+    holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid
+    path = take(tmp_path)
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    release(path)
+    assert not path.exists()
+
+
+def test_a_lock_of_a_killed_but_unreaped_process_is_stale(tmp_path):
+    """A killed child its parent has not waited for (a zombie) still answers kill -0."""
+    from gft.runlock import take
+    holder = _hold_lock(tmp_path)
+    holder.kill()
+    time.sleep(0.5)  # dead, not reaped
+    try:
+        assert json.loads(take(tmp_path).read_text())["pid"] == os.getpid()
+    finally:
+        holder.wait()
+
+
+def test_a_lock_from_another_host_is_refused(tmp_path):
+    from gft.errors import GFTError
+    from gft.runlock import LOCK_FILE, take
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "elsewhere",
+                                                  "started": "2026-01-01T00:00:00"}))
+    with pytest.raises(GFTError) as e:
+        take(tmp_path)
+    assert str(e.value) == (f"{tmp_path}: another gft process (pid 1 on elsewhere, started "
+                            f"2026-01-01T00:00:00) is writing this run directory; if it is not "
+                            f"running there, delete {tmp_path / LOCK_FILE} and try again")
+
+
+def test_two_processes_taking_over_one_stale_lock_one_wins(tmp_path):
+    from gft.runlock import LOCK_FILE
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for attempt in range(1):
+        run = tmp_path / str(attempt)
+        run.mkdir()
+        (run / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+        # each one dawdles between finding the lock stale and replacing it: without the
+        # flock both would replace it and both would win
+        code = ("import sys, time; import gft.runlock as rl\n"
+                "stale = rl._stale\n"
+                "rl._stale = lambda h: (stale(h), time.sleep(0.5))[0]\n"
+                "try:\n    rl.take(sys.argv[1]); print('won')\n"
+                "except Exception as e:\n    print('lost', type(e).__name__)\n"
+                "time.sleep(1)")  # hold it while the other one tries
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(run)], cwd=ROOT,
+                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
+        assert outs == ["lost RunLockedError", "won"], outs
 
 
 # ---------------------------------------------------------------------------------------

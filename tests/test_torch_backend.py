@@ -257,8 +257,8 @@ def test_token_logprobs_match_autograd_of_the_plain_formulas(monkeypatch, rows):
     """TokenLogProbs' hand-written backward (onehot - softmax, in place) against autograd
     through log_softmax, in float64; the entropy against its definition. rows=3: the
     10 positions go through the softmax in chunks of 3, 3, 3 and 1 (softmax_rows)."""
-    import backends.torch_backend as tb
-    from backends.torch_backend import TokenLogProbs, logprobs_and_entropy
+    import backends.torch_head as tb
+    from backends.torch_head import TokenLogProbs, logprobs_and_entropy
     if rows is not None:
         monkeypatch.setattr(tb, "softmax_rows", lambda z: rows)
     gen = torch.Generator().manual_seed(0)
@@ -292,7 +292,7 @@ def rows_by_tokens(kw: dict) -> tuple[int, int]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, arch):
     """Rows sharing their leading tokens: one row's forward fills a KV cache expanded to
-    all rows (TorchBackend._prefix_shared_logits). Loss, entropy and every gradient equal
+    all rows (TorchBackend._prefix_shared_scores). Loss, entropy and every gradient equal
     the plain full-batch forward's; a shared system prompt before different questions
     counts too, and rows sharing fewer than MIN_SHARED_PREFIX tokens take the plain path."""
     from gft.groups import MIN_SHARED_PREFIX, shared_prefix
@@ -307,7 +307,7 @@ def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, ar
     for batches in (mb, micro_batches(seqs, 8, 256)):
         be = load_backend("torch", str(model))
         calls = []
-        be.model.register_forward_pre_hook(
+        be.model.get_decoder().register_forward_pre_hook(  # both heads call the decoder
             lambda mod, args, kw: calls.append(rows_by_tokens(kw)), with_kwargs=True)
         shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
         g_shared = be.gradients()
@@ -331,7 +331,7 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
         rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
     batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
     calls = []
-    be.model.get_base_model().register_forward_pre_hook(
+    be.model.get_base_model().get_decoder().register_forward_pre_hook(
         lambda mod, args, kw: calls.append(rows_by_tokens(kw)), with_kwargs=True)
     shared = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
     g_shared = be.gradients()
@@ -375,3 +375,55 @@ def test_clipping_bfloat16_gradients_goes_through_torch():
     p.grad = torch.full((4,), 2.0, dtype=torch.bfloat16)
     assert clip_gradients_([p], 1.0) == pytest.approx(4.0, rel=1e-2)
     assert float(p.grad.float().norm()) == pytest.approx(1.0, rel=1e-2)
+
+
+def test_chunked_head_matches_autograd_of_the_plain_formulas():
+    """ChunkedHead (logits made `chunk` rows at a time, again in the backward) against
+    autograd through lm_head and log_softmax, float64: log p, entropy, and the gradients
+    of the hidden states and of the weight. 11 positions in chunks of 4: 4, 4, 3."""
+    from backends.torch_head import head_logprobs
+    gen = torch.Generator().manual_seed(1)
+    h = torch.randn(1, 11, 6, generator=gen, dtype=torch.float64)
+    w = torch.randn(9, 6, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 9, (1, 11), generator=gen)
+    weights = torch.randn(1, 11, generator=gen, dtype=torch.float64)
+    h1, w1 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    logp, entropy = head_logprobs(h1, w1, targets, chunk=4)
+    (logp * weights).sum().backward()
+    h2, w2 = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = torch.log_softmax(h2 @ w2.T, -1)
+    picked = ref.gather(-1, targets[..., None]).squeeze(-1)
+    (picked * weights).sum().backward()
+    assert torch.allclose(logp, picked, atol=1e-12)
+    assert torch.allclose(entropy, -(ref.exp() * ref).sum(-1).detach(), atol=1e-12)
+    assert not entropy.requires_grad
+    assert torch.allclose(h1.grad, h2.grad, atol=1e-12)
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch,tied,share", [("llama", False, False), ("qwen2", True, False),
+                                             ("llama", False, True)])
+def test_chunked_logits_give_the_same_loss_entropy_and_gradients(tmp_path, arch, tied, share):
+    """The update's head in chunks of 5 positions (logits_chunk=5: several chunks per
+    micro-batch, the last one short) against the whole [B, T, V] logits at once
+    (logits_chunk=0), float32: same loss, entropy and every gradient (lm_head's, or the
+    tied embedding's, included); with a shared prompt the prefix path takes chunks too."""
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(arch=arch, seed=5,
+                                                           tie_word_embeddings=tied))
+    seqs = shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]) if share \
+        else _seqs()
+    batches = micro_batches(seqs, 2, 256)
+    out = {}
+    for chunk in (5, 0):
+        be = load_backend("torch", str(model), logits_chunk=chunk)
+        assert (be._split is not None) == (chunk > 0)
+        assert be._share_prefix
+        stats = be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+        out[chunk] = stats, be.gradients()
+    (s5, g5), (s0, g0) = out[5], out[0]
+    assert s5["loss"] == pytest.approx(s0["loss"], rel=1e-5, abs=1e-7)
+    assert s5["entropy"] == pytest.approx(s0["entropy"], rel=1e-5)
+    assert s5["tokens"] == s0["tokens"]
+    for name in g0:
+        assert np.abs(g0[name]).max() > 0, name
+        np.testing.assert_allclose(g5[name], g0[name], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -1,0 +1,59 @@
+"""Staged plans (gft/stages.py): step ranges, max_steps cutting a plan short or extending
+its last stage (never ignored), and a resumed staged run made longer."""
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from cli import main
+from gft.config import build_config
+from gft.stages import describe, plan_stages
+
+STAGES = {"stages": [{"sft": 3}, {"preset": "gft", "steps": 2, "learning_rate": 1e-3}],
+          "model": "m", "data": "d"}
+
+
+def ranges(cfg):
+    return [(s.name, s.start, s.end, s.extended) for s in plan_stages(cfg, 1)]
+
+
+def test_the_plan_as_written():
+    assert ranges(build_config(STAGES)) == [("sft", 0, 3, 0), ("gft", 3, 5, 0)]
+
+
+def test_max_steps_below_the_plan_cuts_it_short():
+    assert ranges(build_config(STAGES, {"max_steps": 2})) == [("sft", 0, 2, 0)]
+    assert ranges(build_config(STAGES, {"max_steps": 4})) == [("sft", 0, 3, 0), ("gft", 3, 4, 0)]
+
+
+def test_max_steps_beyond_the_plan_extends_the_last_stage_and_says_so():
+    stages = plan_stages(build_config(STAGES, {"max_steps": 9}), 1)
+    assert [(s.name, s.start, s.end, s.extended) for s in stages] == [
+        ("sft", 0, 3, 0), ("gft", 3, 9, 4)]
+    assert describe(stages).endswith(
+        "gft 6 steps (K=4, n=4, tau=0.1, grpo, lr=0.001), extended by 4 steps (max_steps=9 is "
+        "beyond the plan's 5)")
+
+
+def test_a_resumed_staged_run_with_more_steps_runs_them(tmp_path):
+    from gft.tiny import TinyModelSpec, write_tiny_model
+    model = write_tiny_model(tmp_path / "model", TinyModelSpec(seed=0))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}?", "completion": "yes",
+                                        "answer": "yes"}) + "\n" for i in range(4)))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(model), "--data", str(data), "-o", str(run),
+            "--backend", "torch", "--set", "stages=[{sft: 1}, {dft: 1}]",
+            "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+            "--set", "max_response_tokens=4", "--set", "eval_samples=1",
+            "--set", "progress=false", "--set", "rewards=[exact]"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    more = CliRunner().invoke(main, ["train", "--resume", str(run), "--max-steps", "3"])
+    assert more.exit_code == 0, more.output
+    assert "dft 2 steps (K=1, n=0, tau=1.0, constant, lr=1e-06), extended by 1 step " \
+           "(max_steps=3 is beyond the plan's 2)" in more.output
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 3
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["loop"]["step"] == 3
