@@ -48,6 +48,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    check_memory: bool = _f(True, "Before loading, plan the run's peak memory (gft train "
+                                  "--dry-run prints it) and refuse a config that cannot fit "
+                                  "the device, naming the key that shrinks the largest item.")
     parallel: str = _f("ddp", "Under torchrun with several processes: ddp (every rank holds the "
                        "model, gradients all-reduced) | fsdp (FSDP2: weights, gradients and AdamW "
                        "moments sharded over the ranks). One process: ignored.")
@@ -59,6 +62,10 @@ class TrainConfig:
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj"], "Linear layers that get adapters, by name (PEFT's "
                                            "target_modules).")
+    load_in_4bit: bool = _f(False, "torch: QLoRA. Load the frozen base in 4-bit NF4 through "
+                                   "transformers' BitsAndBytesConfig (needs bitsandbytes and "
+                                   "lora_rank); compute in dtype. On mlx, quantize the base "
+                                   "instead: gft convert SRC DST --quantize 4.")
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")

@@ -228,7 +228,30 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
                         rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
-                        stop=cfg.stop)
+                        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+
+
+def memory_plan(cfg: TrainConfig, model_path: str | None = None):
+    """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
+    is not on disk (a hub id)."""
+    from backends import available_memory
+    from gft.plan import model_config, plan
+    config = model_config(cfg, model_path)
+    if config is None:
+        return None
+    available, device = available_memory(cfg.backend, cfg.device)
+    return plan(config, cfg, backend=resolve_backend_name(cfg.backend), available=available,
+                device=device)
+
+
+def check_memory(cfg: TrainConfig, model_path: str) -> None:
+    """Refuse, before loading, a run whose planned peak exceeds the device's memory."""
+    if not cfg.check_memory:
+        return
+    from gft.plan import refusal
+    p = memory_plan(cfg, model_path)
+    if p is not None and not p.fits():
+        raise ConfigError(refusal(p))
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
@@ -354,6 +377,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
             stored_config(to_dict(cfg), run_dir), sort_keys=False))
     scorer = build_scorer(cfg)
     check_model_dir(start_from or str(cfg.model))
+    check_memory(cfg, str(start_from or cfg.model))
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
