@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from gft.checkpoint import latest_checkpoint
 from gft.budget import advance
 from gft.config import build_config
 from gft.errors import ConfigError
@@ -122,7 +123,8 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(inputs, tmp_path, m
     resumed = step_tokens(train({}, resume=run))
     assert resumed == whole
     assert_stopped_at([t for _, t in whole], BUDGET - 20)  # the run's budget ends it in stage 2
-    assert json.loads((run / "final" / "trainer_state.json").read_text())["loop"]["policy_tokens"] \
+    last = latest_checkpoint(run)  # the last step's checkpoint: final/ holds the model only
+    assert json.loads((last / "trainer_state.json").read_text())["loop"]["policy_tokens"] \
         == sum(t for _, t in whole)
 
 

@@ -86,8 +86,10 @@ def test_empty_prompt(model, tmp_path):
 
 @pytest.mark.parametrize("row, where", [
     ({"prompt": 7, "answer": "1"}, "field 'prompt': must be a string or a list of chat messages, got number"),
-    ({"prompt": "p", "completion": ["a"]}, "field 'completion': must be a string, got array"),
-    ({"prompt": "p", "completions": ["a", 3]}, "field 'completions[1]': must be a string, got number"),
+    ({"prompt": "p", "completion": ["a"]},
+     "field 'completion': must be a string or a list with one assistant message, got array"),
+    ({"prompt": "p", "completions": ["a", 3]},
+     "field 'completions[1]': must be a string or a list with one assistant message, got number"),
     ({"prompt": "p", "answer": {"x": 1}}, "field 'answer': must be a string or a number, got object"),
     ([1, 2], "a row must be a JSON object, got array"),
 ])
@@ -206,7 +208,7 @@ def spins(prompts, completions, **kw):
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
-    ("too_few", "reward 'REWARDS:too_few' returned 3 values; expected 4 (one per completion)"),
+    ("too_few", "reward 'REWARDS:too_few' returned 5 values; expected 6 (one per completion)"),
 ])
 def test_bad_reward_function(model, tmp_path, name, words):
     module = tmp_path / "my_rewards.py"
