@@ -353,22 +353,13 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                 overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
                 comm: Comm) -> Path:
     started = time.perf_counter()
-    state, start_from, load_optimizer = LoopState(), None, False
     lead = comm.rank == 0
     if resuming:
         cfg, state, point = resume_point(run_dir, overrides, console, comm)
-        start_from, load_optimizer = point.checkpoint, point.load_optimizer
     else:
-        if has_checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
-                              f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
-                              "--output-dir")
-        comm.barrier()  # every rank has looked before rank 0 writes
-        if lead:
-            cfg = materialize_defaults(cfg, run_dir, console)
-        comm.barrier()
-        if not lead:  # the files exist now: this only fills in their paths
-            cfg = materialize_defaults(cfg, run_dir, console)
+        cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
+            None, False, [])
+    start_from, load_optimizer = point.checkpoint, point.load_optimizer
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
     check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
@@ -424,6 +415,22 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
     return final
+
+
+def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
+    """A new run may not write over another's checkpoints; rank 0 writes the embedded
+    model and task when none were given."""
+    if has_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
+                          f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
+                          "--output-dir")
+    comm.barrier()  # every rank has looked before rank 0 writes
+    if comm.rank == 0:
+        cfg = materialize_defaults(cfg, run_dir, console)
+    comm.barrier()
+    if comm.rank != 0:  # the files exist now: this only fills in their paths
+        cfg = materialize_defaults(cfg, run_dir, console)
+    return cfg
 
 
 def export_final(checkpoint: Path, final: Path) -> Path:
