@@ -309,7 +309,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                "backend": backend.name}
     final = run_dir / "final"
     if lead:
-        save_final(backend, run_dir, steps, payload, cfg.keep_checkpoints)
+        save_final(backend, run_dir, state.step, payload, cfg.keep_checkpoints)  # a token stop: < steps
     else:
         backend.join_save()
     comm.barrier()
