@@ -124,6 +124,7 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(inputs, tmp_path, m
     assert resumed == whole
     assert_stopped_at([t for _, t in whole], BUDGET - 20)  # the run's budget ends it in stage 2
     # the finished run's last checkpoint is its actual last step, with the counter in it
+    # (final/ holds the model only)
     last = latest_checkpoint(run)
     assert checkpoint_step(last) == len(whole)
     assert json.loads((last / "trainer_state.json").read_text())["loop"]["policy_tokens"] \

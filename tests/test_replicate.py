@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from gft.checkpoint import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
@@ -77,7 +78,8 @@ def test_every_run_stopped_at_the_policy_token_budget(replicated):
         for split in ("valid", *SPLITS):
             assert 0.0 <= result[f"{split}/accuracy"] <= 1.0
         assert result["test/entropy"] > 0
-        data = yaml.safe_load((Path(result["run_dir"]) / "config.yaml").read_text())["data"]
+        last = latest_checkpoint(Path(result["run_dir"]))  # final/ holds the model only
+        data = json.loads((last / "trainer_state.json").read_text())["config"]["data"]
         assert Path(data).name == f"data-{result['condition']}"
     # the flawed condition trains on the generator's train_flawed rows, the clean one on train
     for condition, split in (("clean", "train"), ("flawed", "train_flawed")):
