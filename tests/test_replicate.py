@@ -94,7 +94,7 @@ def test_every_run_stopped_at_the_policy_token_budget(replicated):
 def test_a_rerun_reuses_every_cached_run(replicated):
     out, _ = replicated
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny-test", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ": start" not in proc.stdout  # nothing trained or evaluated again
 
