@@ -29,7 +29,7 @@ from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
-from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
+from gft.runpaths import RUN_PATH_KEYS, moved_adapter_config, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -444,7 +444,9 @@ def export_final(checkpoint: Path, final: Path) -> Path:
     the model). The checkpoint keeps them: a resume of a finished run reads it."""
     def write(tmp: Path) -> None:
         for f in sorted(checkpoint.iterdir()):
-            if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+            if f.name == "adapter_config.json":  # its base may be relative to the adapter
+                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
                 shutil.copy2(f, tmp / f.name)
     out = atomic_directory(final, write)
     clean_leftovers(final.parent / "checkpoints")
