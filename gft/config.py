@@ -14,11 +14,12 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -47,6 +48,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    check_memory: bool = _f(True, "Before loading, plan the run's peak memory (gft train "
+                                  "--dry-run prints it) and refuse a config that cannot fit "
+                                  "the device, naming the key that shrinks the largest item.")
     parallel: str = _f("ddp", "Under torchrun with several processes: ddp (every rank holds the "
                        "model, gradients all-reduced) | fsdp (FSDP2: weights, gradients and AdamW "
                        "moments sharded over the ranks). One process: ignored.")
@@ -58,6 +62,10 @@ class TrainConfig:
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj"], "Linear layers that get adapters, by name (PEFT's "
                                            "target_modules).")
+    load_in_4bit: bool = _f(False, "torch: QLoRA. Load the frozen base in 4-bit NF4 through "
+                                   "transformers' BitsAndBytesConfig (needs bitsandbytes and "
+                                   "lora_rank); compute in dtype. On mlx, quantize the base "
+                                   "instead: gft convert SRC DST --quantize 4.")
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")
@@ -71,6 +79,10 @@ class TrainConfig:
                                        "(keep its last tokens) | skip (counted and reported).")
     max_response_tokens: int = _f(2048, "Longest response: rollouts stop here and dataset "
                                         "responses are truncated to it.")
+    stop: list = _f([], "More token ids or strings that end rollouts and evaluation, besides "
+                        "the tokenizer's EOS and every eos_token_id in the model's "
+                        "generation_config.json (which always do), e.g. ['<|im_end|>', "
+                        "'\\n\\nQuestion:'].")
     # ---- objective (presets set these four)
     preset: str = _f("gft", "sft | dft | grpo | gft: sets num_offpolicy, num_rollouts, advantage "
                             "and tau as in docs/ALGORITHM.md's table; explicit values "
@@ -121,6 +133,10 @@ class TrainConfig:
     prompts_per_minibatch: int = _f(64, "Prompts per optimizer update; a step makes "
                                         "prompts_per_step / prompts_per_minibatch updates.")
     micro_batch_size: int = _f(8, "Sequences per forward/backward (gradient accumulation).")
+    micro_batch_tokens: int = _f(0, "Also cap each micro-batch at this many padded tokens (rows "
+                                    "x longest row): sequences sorted by length are packed "
+                                    "greedily, so short demonstrations are not padded to long "
+                                    "rollouts. Same loss. 0 = off (micro_batch_size only).")
     logits_chunk: int = _f(1024, "Positions whose [positions, vocabulary] logits the update "
                                  "holds at a time: the LM head, log-softmax and its backward run "
                                  "in chunks of this many positions (recomputed in the backward), "
@@ -128,6 +144,12 @@ class TrainConfig:
                                  "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
+    max_policy_tokens: int = _f(0, "Stop once the run has processed this many policy tokens "
+                                   "(rollout tokens generated + response tokens trained), "
+                                   "at most one step past it: equal compute across presets "
+                                   "(0 = no limit; steps/epochs still cap the run, and a "
+                                   "linear/cosine decay runs over those). In a stage: that "
+                                   "stage's own budget; see gft/budget.py.")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
                                    "[{preset, steps, ...keys}]; see gft/stages.py.")
     # ---- run, logging, evaluation, checkpoints
@@ -146,7 +168,8 @@ class TrainConfig:
                                   "of the training rows (seeded; never trained on) for "
                                   "evaluation. 0 = evaluate nothing rather than training rows.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints, at least the last step's "
+                               "(a finished run resumes from it: final/ holds the model only).")
     reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
                                       "optimizer.safetensors is missing or damaged, with fresh "
                                       "AdamW moments (the run then differs from an "
@@ -157,6 +180,12 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "Stop after this many steps in a row with a non-finite loss "
                                 "or gradient (each is skipped without an update).")
     progress: bool = _f(True, "Show a progress bar on the terminal.")
+    logging_steps: int = _f(10, "When stdout is not a terminal (a cluster job, nohup, a "
+                                "pipe): print one plain line of metrics every N steps.")
+    report_to: list = _f([], "Experiment trackers: any of tensorboard, wandb, trackio, "
+                             "mlflow (each through its own client; pip install "
+                             "'gft[wandb]' etc.). They get metrics.jsonl's numbers and "
+                             "samples.jsonl's completions as tables. [] or none: no tracker.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -376,11 +405,16 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.advantage != "constant" and cfg.num_offpolicy + cfg.num_rollouts < 2:
         raise ConfigError(f"advantage '{cfg.advantage}' compares responses within a group; a group "
                           "of one has no baseline (use num_offpolicy + num_rollouts >= 2)")
+    from gft.tracking import tracker_names
+    tracker_names(cfg.report_to)
     for name in ("prompts_per_step", "prompts_per_minibatch", "micro_batch_size",
                  "max_prompt_tokens", "max_response_tokens", "keep_checkpoints",
-                 "rollout_batch_size", "max_bad_steps"):
+                 "rollout_batch_size", "max_bad_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
+    for name in ("logits_chunk", "micro_batch_tokens"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"'{name}' must be >= 0 (0 = off), got {getattr(cfg, name)}")
     if cfg.eval_samples < 0:
         raise ConfigError(f"'eval_samples' must be >= 0 (0 = no evaluation), "
                           f"got {cfg.eval_samples}")
@@ -388,8 +422,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
     if not cfg.answer_column.strip():
         raise ConfigError("'answer_column' must name a column")
-    if cfg.logits_chunk < 0:
-        raise ConfigError(f"'logits_chunk' must be >= 0 (0 = off), got {cfg.logits_chunk}")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
@@ -397,6 +429,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+    _check_ranges(cfg)
+    if cfg.max_policy_tokens < 0:
+        raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
+                          f"{cfg.max_policy_tokens}")
     from gft.convert import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)
@@ -405,12 +441,44 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Ranges of the keys `validate` does not check on its own: (test, what it says).
+_AT_LEAST_0 = ("warmup_steps", "eval_every", "save_every", "sample_every", "lora_rank",
+               "weight_decay", "max_grad_norm", "reward_timeout")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "in 0 .. 2**63-1"),
+    **{name: (lambda v: v >= 0, ">= 0") for name in _AT_LEAST_0},
+}
+# torch device names (torch.device's syntax); mlx also takes gpu. Availability is the
+# backend's to check (backends/*.check_device), before it loads anything.
+_DEVICE = re.compile(r"auto|cpu|gpu|mps|metal|cuda(:\d+)?|xpu(:\d+)?")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (ok, text) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(f"'{name}' must be {text}, got {value!r}")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got "
+                          f"{cfg.device!r}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -419,6 +487,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of key: value")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not a name; config keys are names "
+                              "like learning_rate (see gft train --help-config)")
     return raw
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,6 +17,7 @@ from gft.data import render_prompt
 from gft.errors import DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
+from gft.stops import Stops
 from gft.types import Example
 
 
@@ -34,6 +36,20 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     text = render_prompt(example, tokenizer, chat_template=chat_template)
     templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
     return tokenizer(text, add_special_tokens=not templated).input_ids
+
+
+def generate_chat_template(model_dir: str, tokenizer) -> bool:
+    """`gft generate`'s default: render prompts as the model was trained when it is a gft
+    checkpoint (its config's chat_template; unset = plain string prompts), else use the
+    tokenizer's chat template where it has one, as mlx-lm's generate does."""
+    from gft.checkpoint import STATE_FILE, read_state
+    from gft.errors import ModelError
+    if (Path(model_dir) / STATE_FILE).is_file():
+        try:
+            return bool(read_state(Path(model_dir))["config"].get("chat_template"))
+        except ModelError:
+            pass  # not readable as a gft checkpoint: treat it as any model directory
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def prepare_prompts(rows: Sequence[Example], tokenizer, *, chat_template: bool | None,
@@ -65,9 +81,11 @@ def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], b
 
 def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
                  rollouts: Sequence[list[int]], *, tokenizer, num_offpolicy: int,
-                 num_rollouts: int, max_response_tokens: int) -> list[Sequence_]:
-    """K dataset responses then n rollouts per prompt; rollouts are prompt-major."""
-    eos = tokenizer.eos_token_id
+                 num_rollouts: int, max_response_tokens: int,
+                 stops: Stops | None = None) -> list[Sequence_]:
+    """K dataset responses then n rollouts per prompt; rollouts are prompt-major.
+    A rollout is truncated when no stop (`stops`, default the tokenizer's EOS) ended it."""
+    stops = stops if stops is not None else Stops(frozenset({tokenizer.eos_token_id}))
     seqs: list[Sequence_] = []
     for g, (ex, pids) in enumerate(zip(rows, prompt_ids)):
         for text in ex.responses[:num_offpolicy]:
@@ -75,8 +93,8 @@ def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
             seqs.append(Sequence_(g, pids, ids, text, on_policy=False, truncated=cut))
         for ids in rollouts[g * num_rollouts:(g + 1) * num_rollouts]:
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            seqs.append(Sequence_(g, pids, list(ids), text, on_policy=True,
-                                  truncated=not ids or ids[-1] != eos))
+            ended = stops.ended(ids, tokenizer.decode)
+            seqs.append(Sequence_(g, pids, list(ids), text, on_policy=True, truncated=not ended))
     return seqs
 
 

@@ -5,6 +5,7 @@ This is what `gft train` calls; the loop itself is gft/loop.py.
 from __future__ import annotations
 
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import asdict, replace
@@ -15,21 +16,24 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
-                            clean_leftovers, find_resume_point, has_checkpoints,
-                            latest_checkpoint, read_state, save_checkpoint)
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
+from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
+                            atomic_write_text, clean_leftovers, find_resume_point,
+                            has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
+from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
+from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
+from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
@@ -223,7 +227,31 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk)
+                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
+                        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+
+
+def memory_plan(cfg: TrainConfig, model_path: str | None = None):
+    """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
+    is not on disk (a hub id)."""
+    from backends import available_memory
+    from gft.plan import model_config, plan
+    config = model_config(cfg, model_path)
+    if config is None:
+        return None
+    available, device = available_memory(cfg.backend, cfg.device)
+    return plan(config, cfg, backend=resolve_backend_name(cfg.backend), available=available,
+                device=device)
+
+
+def check_memory(cfg: TrainConfig, model_path: str) -> None:
+    """Refuse, before loading, a run whose planned peak exceeds the device's memory."""
+    if not cfg.check_memory:
+        return
+    from gft.plan import refusal
+    p = memory_plan(cfg, model_path)
+    if p is not None and not p.fits():
+        raise ConfigError(refusal(p))
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
@@ -245,6 +273,7 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
                              "start the run again with gft train")
         cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
         console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
+        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
         return replace(cfg, reset_optimizer=False), LoopState(), point
     start_from = point.checkpoint
     saved = read_state(start_from)
@@ -254,8 +283,18 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
+    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
     # a one-off instruction for this resume, not a setting the run keeps
     return replace(cfg, reset_optimizer=False), state, point
+
+
+def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
+                      source: str) -> TrainConfig:
+    """The saved model and data paths as found from here (gft/runpaths.py); a path given
+    again on the command line is taken as given."""
+    given = overrides or {}
+    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                           for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -285,7 +324,6 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
         run_dir = Path(resume)
     else:
         run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
-        comm.barrier()  # every rank has looked before rank 0 writes
     lock = lock_run_dir(run_dir, comm)
     try:
         return _run_locked(cfg, run_dir, resume is not None, overrides, console, stop, comm)
@@ -295,22 +333,26 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
 
 
 def lock_run_dir(run_dir: Path, comm: Comm) -> Path | None:
-    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal."""
-    path, refusal = None, ""
+    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal (a
+    busy directory: exit 2; one that cannot be created: exit 1), none waits forever."""
+    path, refusal, failed = None, "", False
     if comm.rank == 0:
         try:
             path = runlock.take(run_dir)
         except runlock.RunLockedError as e:
             refusal = str(e)
-    refusal = comm.broadcast_text(refusal)
-    if refusal:
-        raise runlock.RunLockedError(refusal)
+        except OSError as e:
+            refusal, failed = f"cannot create {run_dir}: {e.strerror or e}", True
+    refusal = comm.broadcast_text(("1" if failed else "2") + refusal)
+    if refusal[1:]:
+        raise (CheckpointError if refusal[0] == "1" else runlock.RunLockedError)(refusal[1:])
     return path
 
 
 def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                 overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
                 comm: Comm) -> Path:
+    started = time.perf_counter()
     state, start_from, load_optimizer = LoopState(), None, False
     lead = comm.rank == 0
     if resuming:
@@ -328,11 +370,14 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         if not lead:  # the files exist now: this only fills in their paths
             cfg = materialize_defaults(cfg, run_dir, console)
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            stored_config(to_dict(cfg), run_dir), sort_keys=False))
     scorer = build_scorer(cfg)
     check_model_dir(start_from or str(cfg.model))
+    check_memory(cfg, str(start_from or cfg.model))
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
@@ -351,21 +396,47 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                   f"plan: {describe(stages)}")
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
-                  comm=comm)
+    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
+    try:
+        state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
+                      comm=comm, trackers=trackers)
+    finally:
+        trackers.finish()
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+               "backend": backend.name}
     final = run_dir / "final"
+    # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
+    # copied from it on rank 0, with no collective of its own
+    last = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
     if lead:
-        save_checkpoint(backend, final, payload)
-        clean_leftovers(run_dir / "checkpoints")
-    else:
+        if not saved:
+            save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
+        export_final(last, final)
+    elif not saved:
         backend.join_save()
     comm.barrier()
-    console.print(f"final checkpoint: {final}")
+    if lead:
+        records = read_metrics(run_dir / "metrics.jsonl")
+        for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
+            console.print(line, highlight=False)
     return final
+
+
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
+    with its tokenizer and generation config and nothing else (AdamW's moments are twice
+    the model). The checkpoint keeps them: a resume of a finished run reads it."""
+    def write(tmp: Path) -> None:
+        for f in sorted(checkpoint.iterdir()):
+            if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)
+    out = atomic_directory(final, write)
+    clean_leftovers(final.parent / "checkpoints")
+    return out
 
 
 def check_launcher(cfg: TrainConfig, comm: Comm) -> None:

@@ -78,7 +78,7 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     cmd = [sys.executable, "benchmarks/bench.py", "--model", "tiny", "--reps", "1",
            "--warmup", "0", "--quick", "--max-new-tokens", "4", "--trainers",
-           "gft-torch", "--out", str(out), "--cache", str(cache)]
+           "gft-torch,gft-torch-mixed", "--out", str(out), "--cache", str(cache)]
     # One thread per job: nothing is timed here, and a shared CI box stays responsive.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
@@ -95,9 +95,14 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     assert "gft-torch:grpo: the floor's matmul rate again, in that process" in text
     floor = runs["tiny-cpu-float32"]["floor"]
     assert floor["matmul_gflops"] == max(floor["job_gflops"], *floor["retimed_gflops"])
-    assert len(floor["retimed_gflops"]) == 2 and "the highest of these" in text
+    assert len(floor["retimed_gflops"]) == 3 and "the highest of these" in text
     gft_row = runs["tiny-cpu-float32"]["rows"]["gft-torch:gft"]["summary"]
     assert gft_row["completions"] == 4  # 4 rollouts + 4 dataset responses
+    if sys.platform.startswith("linux"):  # VmHWM: the update's own peak, below the job's
+        assert 0 < row["update_peak_rss"] <= row["peak_rss"]
+    mixed = runs["tiny-cpu-float32"]["rows"]["gft-torch-mixed:gft"]
+    assert len(mixed["steps"][0]["seq_lengths"]) == 8  # (all cut to the 4-token cap here)
+    assert "| gft-torch-mixed | gft |" in text
     try:
         import matplotlib  # noqa: F401
         assert (out / "results-tiny-cpu-float32.png").stat().st_size > 0
@@ -126,6 +131,30 @@ def test_gpu_memory_is_compared_with_trl_only_where_both_measured_it():
     assert on_gpu["gpu_vs_trl"] == 0.75 and on_gpu["rss_vs_trl"] == 0.5
     on_cpu = ratios({"gft-torch:grpo": row(1.0, 4.0, None), "trl:grpo": row(2.0, 8.0, None)})
     assert "gpu_vs_trl" not in on_cpu and on_cpu["step_vs_trl"] == 0.5
+    assert "update_rss_vs_trl" not in on_cpu  # neither measured the update alone
+
+
+def test_the_update_alone_is_compared_with_trl():
+    """Issue 19's long-response targets: update peak RSS and update time over TRL's."""
+    from benchmarks.report import TARGETS, _meets, ratios
+
+    def row(update_s, update_rss):
+        return {"summary": {"step_s": 3.0, "peak_rss": 9.0, "update_s": update_s,
+                            "update_peak_rss": update_rss, "update_frac": 0.5,
+                            "rollout_frac": 0.5}}
+    got = ratios({"gft-torch:grpo": row(30.0, 2.0), "trl:grpo": row(50.0, 6.0)})
+    assert got["update_vs_trl"] == pytest.approx(0.6)
+    assert got["update_rss_vs_trl"] == pytest.approx(1 / 3)
+    assert _meets(got["update_rss_vs_trl"], TARGETS["update_rss_vs_trl"][1]) == "yes"
+    assert _meets(0.6, TARGETS["update_rss_vs_trl"][1]) == "**no**"
+
+
+def test_mixed_workload_responses_differ_in_length_and_the_last_reaches_any_cap():
+    from benchmarks import workload
+    lengths = [len(r) for r in workload.mixed_responses()]
+    assert lengths == sorted(lengths) and len(set(lengths)) == 4
+    assert lengths[-1] > 4 * 2048  # characters: past a 1,024-token cap for any tokenizer
+    assert workload.gft_row(mixed=True)["completions"] == workload.mixed_responses()
 
 
 def test_smollm2_shape_writes_random_weights_beside_carried_config_and_tokenizer(tmp_path):
@@ -172,3 +201,12 @@ def test_graph_sampler_line_reports_speed_compile_and_token_agreement():
     assert "took 31.5 s" in line and "in 8 of 8 rows" in line and "of 64; float32" in line
     failed = graphs_line({**sm, "graphs_failure": "BackendCompilerFailed: no"}, 8, "float32")
     assert failed.startswith("rollout_graphs failed here") and "no." in failed
+
+
+def test_fixed_completions_are_the_same_full_length_bytes_for_every_trainer():
+    from benchmarks.worker import fixed_completions
+    a = {"max_new_tokens": 12}
+    rows = fixed_completions(a)
+    assert rows == fixed_completions(a) and len(rows) == 8
+    assert all(len(r) == 12 and all(0 <= t < 256 for t in r) for r in rows)
+    assert len({tuple(r) for r in rows}) == 8
