@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gft.checkpoint import latest_checkpoint
 from gft.budget import advance
+from gft.checkpoint import checkpoint_step, latest_checkpoint
 from gft.config import build_config
 from gft.errors import ConfigError
 from gft.signals import Interrupted
@@ -123,7 +123,10 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(inputs, tmp_path, m
     resumed = step_tokens(train({}, resume=run))
     assert resumed == whole
     assert_stopped_at([t for _, t in whole], BUDGET - 20)  # the run's budget ends it in stage 2
-    last = latest_checkpoint(run)  # the last step's checkpoint: final/ holds the model only
+    # the finished run's last checkpoint is its actual last step, with the counter in it
+    # (final/ holds the model only)
+    last = latest_checkpoint(run)
+    assert checkpoint_step(last) == len(whole)
     assert json.loads((last / "trainer_state.json").read_text())["loop"]["policy_tokens"] \
         == sum(t for _, t in whole)
 
