@@ -103,14 +103,14 @@ def main() -> None:
 
 
 def _config_help() -> str:
-    from gft.config import FIELDS, field_help
-    return "\n".join(f"  {name:<24} {field_help(name)}" for name in FIELDS)
+    from gft.config import config_help
+    return config_help()
 
 
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", type=click.Choice(["gft", "sft", "dft", "grpo"]),
-              help="Objective preset (GFT.md's table). Default: gft.")
+              help="Objective preset (docs/ALGORITHM.md's table). Default: gft.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
               help="auto = mlx on Apple silicon, torch elsewhere.")
 @click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
@@ -213,6 +213,10 @@ def _sampling_options(fn):
         click.option("--seed", type=SEED, default=0, show_default=True),
         click.option("--base", help="A LoRA checkpoint's base model (default: the one its "
                                     "adapter_config.json names)."),
+        click.option("--stop", "stop", multiple=True, metavar="TEXT",
+                     help="Also end a completion at this string (repeatable; a number "
+                          "is a token id). The tokenizer's EOS and every eos_token_id in "
+                          "generation_config.json always end it."),
     ]):
         fn = opt(fn)
     return fn
@@ -228,23 +232,32 @@ def _sampling_options(fn):
               help="0 = greedy decoding.")
 @click.option("--top-p", type=FiniteRange(0.0, 1.0, min_open=True), default=1.0,
               show_default=True)
-@click.option("--chat-template/--no-chat-template", default=False, show_default=True,
-              help="Wrap each prompt as a user message in the tokenizer's chat template.")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap each prompt as a user message in the tokenizer's chat template. "
+                   "Default: as the model was trained when MODEL is a gft checkpoint (its "
+                   "chat_template key), else on when the tokenizer has a template.")
 @_sampling_options
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
-             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int,
-             base: str | None) -> None:
+             chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
+             seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
-    from gft.rollout import encode_prompt
+    from gft.rollout import encode_prompt, generate_chat_template
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype, base=base)
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    if chat_template is None:
+        chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
+    """--stop values: a number is a token id, anything else a string."""
+    return [int(s) if s.isdigit() else s for s in stop]
 
 
 @main.command(name="eval")
@@ -266,7 +279,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
-          backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None) -> None:
+          backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None,
+          stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from backends import load_backend
@@ -278,7 +292,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split)[:limit]
-    be = load_backend(backend, model, dtype=dtype, base=base)
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     from gft.config import TrainConfig

@@ -31,12 +31,16 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How rollouts are sampled. greedy=True ignores temperature and top_p."""
+    """How rollouts are sampled. greedy=True ignores temperature and top_p.
+    stop_ids: tokens that end a row (kept as its last token). Callers leave it empty:
+    backend.generate fills it with the model's stops (gft/stops.py: the tokenizer's EOS,
+    generation_config.json's ids and the config's `stop`) before the engine decodes."""
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
     batch_size: int = 64
+    stop_ids: tuple[int, ...] = ()
 
 
 class RolloutEngine(Protocol):
@@ -56,10 +60,12 @@ class RolloutEngine(Protocol):
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
+    stops: Any  # gft.stops.Stops: what ends a completion (set by load_backend)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int | Sequence[int]) -> list[list[int]]:
-        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt.
+        """Completions (token ids, ending with a stop id, or cut after a stop string or at
+        max_new_tokens; see gft/stops.py), one per prompt.
         seed: one per prompt, or one for the call (row i then uses
         gft.distributed.row_seed(seed, i)); a row's draws depend only on its own seed, so
         the same row samples the same tokens in any batch, chunk or rank."""
@@ -137,7 +143,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
-                 logits_chunk: int = 1024, load_in_4bit: bool = False) -> Backend:
+                 stop: Sequence[int | str] = (), logits_chunk: int = 1024,
+                 load_in_4bit: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -149,6 +156,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
     mixed_precision: torch only; bfloat16 compute over float32 weights.
+    stop: token ids or strings that end completions besides the model's own EOS ids
+    (the tokenizer's and every one in generation_config.json; gft/stops.py).
     logits_chunk: positions whose logits the update holds at a time (0: all at once).
     load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
     from gft.lora import resolve_adapter
@@ -166,14 +175,17 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     except ImportError as e:
         extra = "torch" if name == "torch" else "mlx"
         raise ConfigError(f"backend '{name}' is not installed ({e}); pip install 'gft[{extra}]'") from None
-    return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
-                       trust_remote_code=trust_remote_code,
-                       gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
-                       rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
-                       **({"mixed_precision": True} if mixed_precision else {}),
-                       **({"load_in_4bit": True} if load_in_4bit else {}),
-                       **_parallel_kwargs(name, parallel, comm))
+    backend = module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
+                          trust_remote_code=trust_remote_code,
+                          gradient_checkpointing=gradient_checkpointing, lora=lora,
+                          adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
+                          rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
+                          **({"mixed_precision": True} if mixed_precision else {}),
+                          **({"load_in_4bit": True} if load_in_4bit else {}),
+                          **_parallel_kwargs(name, parallel, comm))
+    from gft.stops import model_stops
+    backend.stops = model_stops(backend.tokenizer, model_path, stop)
+    return backend
 
 
 def available_memory(name: str, device: str = "auto") -> tuple[float | None, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
+from gft.stops import Stops, apply_string_stops, model_stops
 from gft.types import TokenBatch
 
 
@@ -159,6 +161,9 @@ class TorchBackend:
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        # what ends a completion; load() adds generation_config.json's ids, load_backend
+        # the config's `stop`
+        self.stops = Stops(frozenset({tokenizer.eos_token_id}))
         self.strategy, self.world = strategy, world
         if device.type == "cpu":  # the step's big buffers are reused, not page-faulted in
             keep_freed_memory()
@@ -178,8 +183,13 @@ class TorchBackend:
         # forwards); FSDP2 keeps the plain forward. Full attention only (no sliding
         # windows to reason about), and a KV cache in training (gradient checkpointing
         # turns caching off).
-        self._share_prefix = share_prefix and strategy in (None, "ddp") \
-            and self._keeps_logits and full_attention_only(model)
+        # On the CPU only: there the update is compute-bound and the prefix's saved FLOPs
+        # are time saved (SmolLM2, 8 x (45 + 64): ~1/3 of them). On a GPU the same update
+        # is bound by kernel launches, and the second forward nearly doubles them: aten ops
+        # of one update, SmolLM2 shape, counted on the CPU (benchmarks/RESULTS.md,
+        # --count-ops) are above TRL's with the prefix run apart and below without.
+        self._share_prefix = share_prefix and device.type == "cpu" \
+            and strategy in (None, "ddp") and self._keeps_logits and full_attention_only(model)
         # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
         # the wrapper's forward, which the decoder-then-head split would go around)
         self.logits_chunk = logits_chunk
@@ -208,10 +218,13 @@ class TorchBackend:
             self.rollout_engine.sync()
             self._engine_stale = False
         self.model.eval()
+        stop_ids = tuple(sorted(self.stops.ids | set(sampling.stop_ids)))
+        sampling = replace(sampling, stop_ids=stop_ids)
         # a row's draws depend on its own seed only, not on its chunk or batch
         with self._compute_dtype():
-            return self.rollout_engine.generate(prompts, sampling,
+            rows = self.rollout_engine.generate(prompts, sampling,
                                                 row_seeds(seed, len(prompts)))
+        return apply_string_stops(rows, self.stops, self.tokenizer.decode)
 
     @property
     def rollout_note(self) -> str | None:
@@ -520,9 +533,11 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if rollout_engine == "bfloat16" and parallel == "fsdp" and world > 1:
         raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
                           "with parallel: fsdp use rollout_engine: policy")
-    return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
-                        shard_size=shard_size, strategy=parallel if world > 1 else None,
-                        world=world, train_module=train_module, rollout_engine=rollout_engine,
-                        mixed_precision=mixed_precision,
-                        share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
-                        logits_chunk=logits_chunk)
+    backend = TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
+                           shard_size=shard_size, strategy=parallel if world > 1 else None,
+                           world=world, train_module=train_module, rollout_engine=rollout_engine,
+                           mixed_precision=mixed_precision,
+                           share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
+                           logits_chunk=logits_chunk)
+    backend.stops = model_stops(tokenizer, model_path)
+    return backend
