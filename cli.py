@@ -103,14 +103,14 @@ def main() -> None:
 
 
 def _config_help() -> str:
-    from gft.config import FIELDS, field_help
-    return "\n".join(f"  {name:<24} {field_help(name)}" for name in FIELDS)
+    from gft.config import config_help
+    return config_help()
 
 
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", type=click.Choice(["gft", "sft", "dft", "grpo"]),
-              help="Objective preset (GFT.md's table). Default: gft.")
+              help="Objective preset (docs/ALGORITHM.md's table). Default: gft.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
               help="auto = mlx on Apple silicon, torch elsewhere.")
 @click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
@@ -126,10 +126,15 @@ def _config_help() -> str:
               help="Data-parallel processes on this machine (torch): starts torchrun "
                    "--nproc-per-node N with the same arguments. See README 'Training on many GPUs'.")
 @click.option("--help-config", is_flag=True, help="List every config key with its help.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory plan (weights, adapters or gradients, AdamW moments, "
+                   "activations, logits, KV cache, available memory) and exit; nothing is "
+                   "loaded. Exit 2 when it cannot fit.")
 @friendly_errors
 def train(config: str | None, preset: str | None, backend: str | None, model: str | None,
           data: str | None, output_dir: str | None, max_steps: int | None, seed: int | None,
-          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool) -> None:
+          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool,
+          dry_run: bool) -> None:
     """Fine-tune a model. CONFIG is an optional YAML file of config keys; options and --set
     override it. With nothing given, trains the embedded default: a tiny model on bundled
     arithmetic word problems, offline, on CPU, in a few minutes."""
@@ -145,13 +150,31 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
              "output_dir": output_dir, "max_steps": max_steps, "seed": seed}
     overrides.update({k: v for k, v in named.items() if v is not None})
     if resume:
+        if dry_run:
+            raise click.UsageError("--dry-run plans a new run; run it without --resume")
         if config:
             raise click.UsageError("--resume takes the run's saved config; pass changes with --set")
         run_training(None, resume=resume, overrides=overrides)  # type: ignore[arg-type]
         return
     yaml_values = read_yaml(config) if config else {}
     cfg = build_config(yaml_values, overrides, source=config or "config")
+    if dry_run:
+        return _dry_run(cfg)
     run_training(cfg)
+
+
+def _dry_run(cfg) -> None:
+    from gft.errors import ConfigError
+    from gft.plan import describe, refusal
+    from gft.run import memory_plan
+    plan = memory_plan(cfg)
+    if plan is None:
+        raise ConfigError(f"{cfg.model}: no local config.json to plan from (a hub id); "
+                          "download the model first")
+    for line in describe(plan):
+        click.echo(line)
+    if not plan.fits():
+        raise ConfigError(refusal(plan))
 
 
 def _torchrun(nproc: int) -> int:
@@ -312,14 +335,26 @@ def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
               help="Adapter format to write (default: the other one).")
 @click.option("--base", help="The adapter's base model directory (default: the one the "
                              "adapter names), to check which layers it covers.")
+@click.option("--quantize", "quantize", type=click.Choice(["4", "8"]),
+              help="Write an mlx-lm quantized model with this many bits per weight "
+                   "(mlx-lm's own quantization; train LoRA over it with --backend mlx).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]),
+              help="Weights sharing one scale and bias with --quantize (default 64).")
+@click.option("--dequantize", is_flag=True,
+              help="Write an mlx-lm quantized model in full precision (loads in transformers).")
 @friendly_errors
 def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: str | None,
-            base: str | None) -> None:
+            base: str | None, quantize: str | None, group_size: str | None,
+            dequantize: bool) -> None:
     """Rewrite the model or LoRA adapter in SRC as DST: a transformers- or mlx-lm-written
-    model becomes a portable directory (config both libraries read alike; dtype, shards);
+    model becomes a portable directory (config both libraries read alike; dtype, shards),
+    quantized (--quantize) or de-quantized (--dequantize) through mlx-lm;
     an adapter moves between PEFT and mlx-lm formats."""
     from gft.convert import convert as convert_
-    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base):
+    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base,
+                         quantize=int(quantize) if quantize else None,
+                         group_size=int(group_size) if group_size else None,
+                         dequantize=dequantize):
         click.echo(line)
 
 
@@ -330,13 +365,18 @@ def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: s
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast the fused weights (default: the base model's dtype).")
 @click.option("--shard-size", metavar="SIZE", help="Shard size, e.g. 2GB (default 5GB).")
+@click.option("--requantize", is_flag=True,
+              help="Over an mlx-lm quantized base: quantize the fused model again as the base "
+                   "was (default: write it de-quantized, in full precision).")
 @friendly_errors
 def fuse(adapter: str, out: str, base: str | None, dtype: str | None,
-         shard_size: str | None) -> None:
+         shard_size: str | None, requantize: bool) -> None:
     """Merge a LoRA ADAPTER (PEFT or mlx-lm format) into its base model: OUT is a portable
-    model directory with W + (alpha/r)·B·A in every adapted weight."""
+    model directory with W + (alpha/r)·B·A in every adapted weight. Over a quantized base,
+    W is de-quantized first; OUT is full precision unless --requantize."""
     from gft.convert import fuse as fuse_
-    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size):
+    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size,
+                      requantize=requantize):
         click.echo(line)
 
 

@@ -143,7 +143,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
-                 stop: Sequence[int | str] = (), logits_chunk: int = 1024) -> Backend:
+                 stop: Sequence[int | str] = (), logits_chunk: int = 1024,
+                 load_in_4bit: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -157,12 +158,16 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     mixed_precision: torch only; bfloat16 compute over float32 weights.
     stop: token ids or strings that end completions besides the model's own EOS ids
     (the tokenizer's and every one in generation_config.json; gft/stops.py).
-    logits_chunk: positions whose logits the update holds at a time (0: all at once)."""
+    logits_chunk: positions whose logits the update holds at a time (0: all at once).
+    load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
+    from gft.quant import check_loadable
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
+    check_loadable(name, model_path, lora=lora, adapter=adapter,  # quantized bases
+                   load_in_4bit=load_in_4bit)
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
     try:
@@ -176,10 +181,51 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                           adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
                           rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
                           **({"mixed_precision": True} if mixed_precision else {}),
+                          **({"load_in_4bit": True} if load_in_4bit else {}),
                           **_parallel_kwargs(name, parallel, comm))
     from gft.stops import model_stops
     backend.stops = model_stops(backend.tokenizer, model_path, stop)
     return backend
+
+
+def available_memory(name: str, device: str = "auto") -> tuple[float | None, str]:
+    """(bytes the chosen device can give a run, its name), for gft.plan: a CUDA GPU's free
+    memory, Metal's recommended working set, else the host's available memory."""
+    name = resolve_backend_name(name)
+    if name == "torch":
+        import torch
+        if device in ("auto", "cuda") or device.startswith("cuda:"):
+            if torch.cuda.is_available():
+                index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+                return float(torch.cuda.mem_get_info(index)[0]), \
+                    f"torch cuda:{index} {torch.cuda.get_device_name(index)}"
+        mps = getattr(torch.backends, "mps", None)
+        if device in ("auto", "mps") and mps is not None and mps.is_available():
+            return float(torch.mps.recommended_max_memory()), "torch mps"
+    elif name == "mlx":
+        import mlx.core as mx
+        if device != "cpu" and mx.is_available(mx.gpu) and hasattr(mx, "device_info"):
+            info = mx.device_info()
+            size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if size:
+                return float(size), f"mlx gpu {info.get('device_name', '')}".strip()
+    return _host_available(), f"{name} cpu (host memory)"
+
+
+def _host_available() -> float | None:
+    """MemAvailable on Linux; physical memory elsewhere (macOS: no cheap 'available')."""
+    import os
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:

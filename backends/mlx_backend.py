@@ -569,8 +569,9 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                               trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
             AssertionError) as e:  # mlx-lm building an architecture it reads differently
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(f"{model_path}: cannot load the model in mlx-lm: {first}") from None
+        # one line, even for mlx-lm's multi-line "Missing N parameters: \n a\n b ..."
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())

@@ -183,8 +183,13 @@ class TorchBackend:
         # forwards); FSDP2 keeps the plain forward. Full attention only (no sliding
         # windows to reason about), and a KV cache in training (gradient checkpointing
         # turns caching off).
-        self._share_prefix = share_prefix and strategy in (None, "ddp") \
-            and self._keeps_logits and full_attention_only(model)
+        # On the CPU only: there the update is compute-bound and the prefix's saved FLOPs
+        # are time saved (SmolLM2, 8 x (45 + 64): ~1/3 of them). On a GPU the same update
+        # is bound by kernel launches, and the second forward nearly doubles them: aten ops
+        # of one update, SmolLM2 shape, counted on the CPU (benchmarks/RESULTS.md,
+        # --count-ops) are above TRL's with the prefix run apart and below without.
+        self._share_prefix = share_prefix and device.type == "cpu" \
+            and strategy in (None, "ddp") and self._keeps_logits and full_attention_only(model)
         # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
         # the wrapper's forward, which the decoder-then-head split would go around)
         self.logits_chunk = logits_chunk
@@ -386,7 +391,8 @@ class TorchBackend:
         path = Path(path)
         if self.lora is not None:
             from backends.torch_lora import save_adapter
-            save_adapter(path, self.params, self.lora, self.base)
+            save_adapter(path, self.params, self.lora, self.base,
+                         getattr(getattr(self.model, "config", None), "quantization_config", None))
             self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         state = self._full_state()
@@ -470,7 +476,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
          mixed_precision: bool = False, rollout_graphs: str = "auto",
-         logits_chunk: int = 1024) -> TorchBackend:
+         logits_chunk: int = 1024, load_in_4bit: bool = False) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
@@ -480,7 +486,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments.
     rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
     graphs (torch_sampler.GraphDecoder); auto = on CUDA.
-    logits_chunk: positions whose [., V] logits the update holds at a time (0: all)."""
+    logits_chunk: positions whose [., V] logits the update holds at a time (0: all).
+    load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py)."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
@@ -494,16 +501,21 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     torch.manual_seed(seed)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
                                trust_remote_code=trust_remote_code)
+    quantized = {}
+    if load_in_4bit:  # bitsandbytes places the 4-bit weights itself: no model.to()
+        from backends.torch_lora import qlora_load_kwargs
+        quantized = qlora_load_kwargs(DTYPES[dtype], dev)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            output_loading_info=True)
+            output_loading_info=True, **quantized)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
                          info.get("mismatched_keys", []))
-    model.to(dev)
+    if not quantized:
+        model.to(dev)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable

@@ -42,9 +42,16 @@ TRAINERS = {
     # the same, decoding eagerly: what rollout_graphs (on by default on CUDA) saves there
     "gft-torch-eager:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                      "rollout_graphs": "off"}, "torch", "gft[torch]"),
+    # the update as a GPU runs it (no shared-prefix forward: TorchBackend._share_prefix),
+    # for --count-ops on the CPU; left out of the default rows
+    "gft-torch-noshare:grpo": ("gft", {"backend": "torch", "preset": "grpo",
+                                       "share_prefix": False}, "torch", "gft[torch]"),
     # 4 dataset responses of varied length (workload.mixed_responses) + 4 rollouts
     "gft-torch-mixed:gft": ("gft", {"backend": "torch", "preset": "gft", "mixed": True},
                             "torch", "gft[torch]"),
+    # the same, micro-batches capped at 4 full-length rows' tokens (micro_batch_tokens)
+    "gft-torch-mixed-tokens:gft": ("gft", {"backend": "torch", "preset": "gft", "mixed": True,
+                                           "budget_rows": 4}, "torch", "gft[torch]"),
     "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
     "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
     "trl:grpo": ("trl", {}, "trl", "trl"),
@@ -75,6 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small floor measurement (smoke tests)")
     p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS for mlx")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per job")
+    p.add_argument("--note", action="append", default=[],
+                   help="a line for this run's notes in RESULTS.md (e.g. what else ran)")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="torch trainers train on the same fixed completions (random bytes, "
+                        "--max-new-tokens each) instead of sampling: the update alone, on "
+                        "the same tokens for gft and TRL")
+    p.add_argument("--count-ops", action="store_true",
+                   help="count the aten operators each update dispatches (a TorchDispatchMode; "
+                        "slows the torch jobs, so the run gets a section of its own)")
     return p.parse_args(argv)
 
 
@@ -94,6 +110,7 @@ def selected(spec: str) -> list[str]:
 def without_repeats(keys: list[str], device: str, dtype: str) -> list[str]:
     """The default selection less the rows that would repeat another row's work here."""
     same = {"gft-torch-eager:grpo"} if device == "cpu" else set()  # graphs are CUDA's
+    same.add("gft-torch-noshare:grpo")  # GPUs do this already; on the CPU for --count-ops
     if dtype == "bfloat16":
         same.add("gft-torch-bf16roll:grpo")  # the policy is bfloat16 already
     return [k for k in keys if k not in same]
@@ -270,6 +287,12 @@ def run_sampler(run: dict, common: dict, a: argparse.Namespace, logs: Path) -> N
 def save(run: dict, out: Path) -> Path:
     """Chart, then results.json (this run's entry replaced) and RESULTS.md from all runs."""
     key = f"{run['model']}-{run['device']}-{run['dtype']}"
+    if run["max_new_tokens"] != workload.MAX_NEW_TOKENS:  # another workload: its own section
+        key += f"-{run['max_new_tokens']}tok"
+    if run.get("fixed_batch"):
+        key += "-fixed"
+    if run.get("count_ops"):
+        key += "-ops"
     png = out / f"results-{key}.png"
     if not any("summary" in r for r in run["rows"].values()):
         pass  # no trainer rows (a sampler-only run, say): nothing to chart
@@ -300,7 +323,19 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
     if a.trainers == "all":
         keys = without_repeats(keys, a.device, a.dtype)
     common = {"model": str(model_dir), "warmup": a.warmup, "reps": a.reps, "device": a.device,
-              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens}
+              "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "count_ops": a.count_ops,
+              "fixed_batch": a.fixed_batch}
+    run["notes"] += a.note
+    if a.fixed_batch:
+        run["fixed_batch"] = True
+        run["notes"].append("--fixed-batch: no sampling; every torch trainer trained on the "
+                            "same fixed completions (random byte ids, the full length each), "
+                            "so the rollout columns are empty and the update is the measure")
+    if a.count_ops:
+        run["count_ops"] = True
+        run["notes"].append("--count-ops: every torch op of the updates went through a Python "
+                            "dispatch mode that counted it, so this run's times are slowed "
+                            "and only its operator counts are measurements")
     floor = run_job("floor", {"device": a.device, "dtype": a.dtype, "quick": a.quick},
                     "floor", logs, a.timeout)
     if "error" in floor:

@@ -27,6 +27,8 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
     # issue 19, meant for the long-response workload (--model qwen-vocab --max-new-tokens 1024)
     "update_rss_vs_trl": ("gft torch `grpo` update peak RSS / TRL's (issue 19)", "≤ 0.5"),
     "update_vs_trl": ("gft torch `grpo` update time / TRL's (issue 19)", "≤ 1.0"),
+    "ops_vs_trl": ("aten operators dispatched by one gft torch `grpo` update / TRL's "
+                   "(issue 19, --count-ops)", "≤ 1.0"),
 }
 
 
@@ -101,6 +103,7 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
         "update_peak_rss": _med([s["update_peak_rss"] for s in steps
                                  if s.get("update_peak_rss")]) or None,
         "loss": _med([s["loss"] for s in steps if s.get("loss") is not None]),
+        "ops": next((s["ops"] for s in reversed(steps) if s.get("ops")), None),
         "gpu_peak": result.get("gpu_peak_bytes"),
         "info": result.get("info", {}),
     }
@@ -121,6 +124,9 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
             "update_peak_rss")
         if gu and tu:
             out["update_rss_vs_trl"] = gu / tu
+        if rows[g]["summary"].get("ops") and rows[t]["summary"].get("ops"):
+            out["ops_vs_trl"] = (sum(rows[g]["summary"]["ops"].values())
+                                 / sum(rows[t]["summary"]["ops"].values()))
         if rows[g]["summary"].get("update_s") and rows[t]["summary"].get("update_s"):
             out["update_vs_trl"] = rows[g]["summary"]["update_s"] / rows[t]["summary"]["update_s"]
     b = "gft-torch-bf16roll:grpo"
@@ -216,6 +222,7 @@ def render_run(run: dict) -> str:
             desc, limit = TARGETS[k]
             lines.append(f"| {desc} | {v:.2f} | {limit} | {_meets(v, limit)} |")
         lines.append("")
+    lines += ops_lines(run["rows"])
     if run.get("sampler"):
         sm = run["sampler"]
         hf, ours = _med(sm["times"]["hf_generate"]), _med(sm["times"]["torch_sampler"])
@@ -241,6 +248,21 @@ def render_run(run: dict) -> str:
     if run.get("chart"):
         lines += [f"![step time and memory]({run['chart']})", ""]
     return "\n".join(lines)
+
+
+def ops_lines(rows: dict[str, dict], top: int = 10) -> list[str]:
+    """--count-ops: the aten operators one update dispatched, per row, with the commonest."""
+    counted = [(k, r["summary"]["ops"]) for k, r in rows.items()
+               if "summary" in r and r["summary"].get("ops")]
+    if not counted:
+        return []
+    out = ["| trainer | aten operators in one update | the most frequent |",
+           "| --- | --- | --- |"]
+    for key, ops in counted:
+        common = sorted(ops.items(), key=lambda kv: -kv[1])[:top]
+        out.append(f"| {key} | {sum(ops.values())} | "
+                   + ", ".join(f"{name} {n}" for name, n in common) + " |")
+    return out + [""]
 
 
 def write_results(path: Path, runs: dict[str, dict]) -> None:

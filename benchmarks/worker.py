@@ -52,6 +52,36 @@ def update_peak_rss() -> int | None:
     return None
 
 
+class OpCounter:
+    """Counts the aten operators dispatched while active (a TorchDispatchMode: every op of
+    the forward, the backward, clipping and the optimizer step, as the device would see
+    them). Made lazily so that the mlx jobs need no torch."""
+
+    def __new__(cls):
+        from collections import Counter
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class _Mode(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.counts = Counter()
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.counts[str(func.overloadpacket)] += 1
+                return func(*args, **(kwargs or {}))
+        return _Mode()
+
+
+def fixed_completions(a: dict) -> list[list[int]]:
+    """--fixed-batch: the completions every trainer trains on instead of sampling, GROUP
+    rows of exactly n_new(a) ids, random bytes (ids 0-255, which every tokenizer of these
+    models spells, so rewards and advantages vary) from one seed: the same tokens for gft
+    and TRL, and the update alone is measured (no rollout to wait for)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(W.GROUP, n_new(a))).tolist()
+
+
 def n_new(a: dict) -> int:
     """The completion length cap of this run (workload.MAX_NEW_TOKENS unless overridden)."""
     return a.get("max_new_tokens", W.MAX_NEW_TOKENS)
@@ -101,14 +131,19 @@ def job_gft(a: dict) -> dict:
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
         "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
     backend = open_backend(cfg, cfg.model)
+    if a.get("share_prefix") is False:  # the GPU's update path, on the CPU (--count-ops)
+        backend._share_prefix = False
     data, _ = load_data(cfg, backend.tokenizer, Console(quiet=True))
+    if a.get("budget_rows"):  # micro_batch_tokens: that many full-length rows' tokens
+        cfg.micro_batch_tokens = a["budget_rows"] * (len(data.prompt_ids[0]) + n_new(a))
     scorer = build_rewards(cfg.rewards)
     load_rss = peak_rss_bytes()
     rec: dict = {}
     generate, update = backend.generate, backend.train_step
 
     def timed_generate(prompts, sampling, seed):
-        out = generate(prompts, sampling, seed)
+        out = fixed_completions(a)[:len(prompts)] if a.get("fixed_batch") \
+            else generate(prompts, sampling, seed)
         rec["completion_lengths"] = [len(o) for o in out]
         return out
 
@@ -118,7 +153,12 @@ def job_gft(a: dict) -> dict:
         rec["padded_tokens"] = rec.get("padded_tokens", 0) + sum(
             int(b.input_ids.size) for b in batches)
         reset_peak_rss()
-        out = update(batches, lr, **kw)
+        if a.get("count_ops"):
+            with OpCounter() as ops:
+                out = update(batches, lr, **kw)
+            rec["ops"] = dict(ops.counts)
+        else:
+            out = update(batches, lr, **kw)
         rec["update_peak_rss"] = update_peak_rss()
         rec["loss"] = out.get("loss")
         return out
@@ -137,7 +177,8 @@ def job_gft(a: dict) -> dict:
                       "completion_lengths": rec.get("completion_lengths", []),
                       "seq_lengths": rec.get("seq_lengths", []),
                       "padded_tokens": rec.get("padded_tokens", 0),
-                      "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss")})
+                      "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss"),
+                      "ops": rec.get("ops")})
         _progress(a, i, wall)
     info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss,
             "first_step_s": steps[0]["step_s"]}
@@ -207,7 +248,8 @@ def job_trl(a: dict) -> dict:
 
         def _generate_and_score_completions(self, inputs):
             t0 = time.perf_counter()
-            out = super()._generate_and_score_completions(inputs)
+            out = fixed_trl_batch(self, a) if a.get("fixed_batch") \
+                else super()._generate_and_score_completions(inputs)
             rec["rollout_s"] += time.perf_counter() - t0
             pm, cm = out["prompt_mask"], out["completion_mask"]
             rec["prompt_len"] = int(pm.sum(1).max())
@@ -215,6 +257,9 @@ def job_trl(a: dict) -> dict:
             rec["seq_lengths"] = [int(x) for x in (pm.sum(1) + cm.sum(1))]
             rec["padded_tokens"] = int(pm.numel() + cm.numel())
             reset_peak_rss()  # the update's peak from here to the end of the step
+            if a.get("count_ops"):  # ... and its operators
+                rec["counter"] = OpCounter()
+                rec["counter"].__enter__()
             return out
 
     class StepTimer(TrainerCallback):
@@ -222,6 +267,9 @@ def job_trl(a: dict) -> dict:
             rec.update(gen_s=0.0, rollout_s=0.0, t0=time.perf_counter(), c0=time.process_time())
 
         def on_step_end(self, args, state, control, **kw):
+            counter = rec.pop("counter", None)
+            if counter is not None:
+                counter.__exit__(None, None, None)
             wall = time.perf_counter() - rec["t0"]
             i = len(steps)
             steps.append({"warmup": i < a["warmup"], "step_s": wall,
@@ -232,7 +280,8 @@ def job_trl(a: dict) -> dict:
                           "completion_lengths": rec.get("completion_lengths", []),
                           "seq_lengths": rec.get("seq_lengths", []),
                           "padded_tokens": rec.get("padded_tokens", 0),
-                          "update_peak_rss": update_peak_rss()})
+                          "update_peak_rss": update_peak_rss(),
+                          "ops": dict(counter.counts) if counter is not None else None})
             _progress(a, i, wall)
 
     cuda = str(a.get("device", "cpu")).startswith("cuda")
@@ -256,6 +305,27 @@ def job_trl(a: dict) -> dict:
             "gradient_checkpointing": config.gradient_checkpointing,
             "torch_gflops_after": _torch_matmul_rate(a)}
     return {"steps": steps, "info": info, **_accelerator_peak(a)}
+
+
+def fixed_trl_batch(trainer, a: dict) -> dict:
+    """What TRL's _generate_and_score_completions returns, for fixed_completions(a): the
+    prompt's ids on every row, the fixed completions, no padding, and GRPO's advantages
+    ((r - mean) / (std + 1e-4), TRL's scaling) of the benchmark reward."""
+    import numpy as np
+    import torch
+    tok = trainer.processing_class
+    device = trainer.accelerator.device
+    prompt = tok(W.PROMPT, add_special_tokens=False)["input_ids"]
+    done = fixed_completions(a)
+    rewards = np.array(W.bench_reward([W.PROMPT] * len(done), tok.batch_decode(done)))
+    adv = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-4)
+    completion_ids = torch.tensor(done, device=device)
+    return {"prompt_ids": torch.tensor([prompt] * len(done), device=device),
+            "prompt_mask": torch.ones(len(done), len(prompt), dtype=torch.long, device=device),
+            "completion_ids": completion_ids,
+            "completion_mask": torch.ones_like(completion_ids),
+            "advantages": torch.tensor(adv, dtype=torch.float32, device=device),
+            "num_items_in_batch": torch.tensor(completion_ids.numel(), device=device)}
 
 
 # --------------------------------------------------------------------------- mlx-lm-lora

@@ -49,7 +49,8 @@ def pad_batch(seqs: Sequence[Sequence_], pad_id: int, n_tokens: float,
 
 def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int, *,
                   skip_zero_advantage: bool = True,
-                  totals: tuple[float, float] | None = None) -> list[TokenBatch]:
+                  totals: tuple[float, float] | None = None,
+                  micro_batch_tokens: int = 0) -> list[TokenBatch]:
     """Split one optimizer update's sequences into padded micro-batches.
 
     The aggregation denominators (response tokens, sequences) are those of ALL the
@@ -59,6 +60,7 @@ def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int,
 
     totals: (response tokens, sequences) of the whole update when `seqs` is only one
     data-parallel rank's share of it.
+    micro_batch_tokens: > 0 also caps each micro-batch's padded tokens (pack_by_tokens).
     """
     n_tokens = float(sum(len(s.response_ids) for s in seqs))
     n_seqs = float(len(seqs))
@@ -66,8 +68,30 @@ def micro_batches(seqs: Sequence[Sequence_], micro_batch_size: int, pad_id: int,
         n_tokens, n_seqs = totals
     live = [s for s in seqs if not (skip_zero_advantage and s.advantage == 0.0)]
     live.sort(key=lambda s: len(s.prompt_ids) + len(s.response_ids))
-    return [pad_batch(live[i:i + micro_batch_size], pad_id, n_tokens, n_seqs)
-            for i in range(0, len(live), micro_batch_size)]
+    return [pad_batch(part, pad_id, n_tokens, n_seqs)
+            for part in pack_by_tokens(live, micro_batch_size, micro_batch_tokens)]
+
+
+def pack_by_tokens(ordered: Sequence[Sequence_], most: int, budget: int = 0
+                   ) -> list[list[Sequence_]]:
+    """Consecutive runs of `ordered` (sorted by length, shortest first): at most `most`
+    sequences each, and with budget > 0 at most `budget` padded tokens each (rows x the
+    longest row; a sequence longer than the budget alone). Greedy: a run grows until the
+    next sequence would break a limit.
+
+    GFT's groups mix short demonstrations with long rollouts: a fixed number of sequences
+    pads every short one to the longest of its micro-batch; a token budget puts the short
+    ones together and the long ones together, so the forward/backward spends less on
+    padding, and the loss is the same (the denominators are the whole update's)."""
+    runs: list[list[Sequence_]] = []
+    for s in ordered:
+        width = len(s.prompt_ids) + len(s.response_ids)  # the longest so far: sorted
+        run = runs[-1] if runs else None
+        if run is None or len(run) >= most or (budget > 0 and (len(run) + 1) * width > budget):
+            runs.append([s])
+        else:
+            run.append(s)
+    return runs
 
 
 def scored_from(batch: TokenBatch) -> int:

@@ -30,6 +30,7 @@ from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
                          peak_memory, step_line)
 from gft.objective import zero_variance_fraction
+from gft.rewards import TrainerState, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
 from gft.stages import Stage, plan_stages
 from gft.tracking import Trackers
@@ -106,9 +107,12 @@ class LoopState:
 
 def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[int],
                scorer, step: int, lr_fn: Callable[[int], float],
-               comm: Comm = LOCAL, beat: Heartbeat | None = None) -> dict[str, Any]:
+               comm: Comm = LOCAL, beat: Heartbeat | None = None,
+               trainer_state: TrainerState | None = None) -> dict[str, Any]:
     """One GFT step over the prompts `indices`; returns its metrics.
 
+    scorer: the RewardModel, or None when no reward is configured (SFT/DFT): reward and
+    accuracy are then not reported. trainer_state: what reward functions receive.
     lr_fn(i) is the learning rate of this step's i-th optimizer update. With several
     ranks (gft/distributed.py) this rank rolls out, scores and trains on its share of
     every update's prompts; the metrics returned are those of the whole step.
@@ -138,11 +142,15 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
                         max_response_tokens=cfg.max_response_tokens,
                         stops=getattr(backend, "stops", None))
     phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
-    scored = score_groups(seqs, rows, scorer, cfg.advantage)
+    scored = score_groups(seqs, rows, scorer, cfg.advantage,
+                          trainer_state or TrainerState(global_step=step))
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
         if scored else 0
     sums = group_sums(seqs, len(rows), flat)
+    if scorer is not None:  # each reward function's mean, for rollouts and dataset apart
+        sums.update(function_sums(scorer.log_names, scored.get("per_function"),
+                                  scored.get("on_policy", np.zeros(0, bool))))
     updates = _update_batches(cfg, backend, seqs, positions, len(indices), comm)
     stats: list[dict[str, float]] = []
     for i, batches in enumerate(updates):
@@ -159,7 +167,11 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     for st in stats:
         local += [st["loss"], st["entropy"] * st["tokens"], st["tokens"]]
     total = comm.all_sum(np.array(local))
-    m: dict[str, Any] = metrics_from_sums(dict(zip(sums, total[:len(sums)])))
+    summed = dict(zip(sums, total[:len(sums)]))
+    m: dict[str, Any] = metrics_from_sums(summed)
+    m.update(function_means(summed))
+    if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
+        m = {k: v for k, v in m.items() if not k.startswith(("reward/", "accuracy/"))}
     rollout_tokens = float(total[len(sums)])
     per_update = total[len(sums) + 1:].reshape(-1, 3)
     update_tokens = float(per_update[:, 2].sum())
@@ -178,7 +190,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     sample = next((s for s in seqs if s.on_policy), seqs[0] if seqs else None)
     if sample is not None:
         m["_sample"] = {"prompt": rows[sample.group].prompt, "completion": sample.text,
-                        "reward": sample.reward, "answer": rows[sample.group].answer}
+                        "reward": sample.reward if scorer is not None else None,
+                        "answer": rows[sample.group].answer}
     return m
 
 
@@ -198,7 +211,8 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
     local = [(sum(len(s.response_ids) for s in p), len(p)) for p in parts]
     totals = comm.all_sum(np.array(local, dtype=np.float64).reshape(-1)).reshape(-1, 2)
     updates = [micro_batches(p, cfg.micro_batch_size, pad, totals=(float(t[0]), float(t[1])),
-                             skip_zero_advantage=cfg.skip_zero_advantage)
+                             skip_zero_advantage=cfg.skip_zero_advantage,
+                             micro_batch_tokens=cfg.micro_batch_tokens)
                for p, t in zip(parts, totals)]
     if comm.world == 1:
         return updates
@@ -214,24 +228,39 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
 
 def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
              step: int, comm: Comm = LOCAL) -> dict[str, float]:
-    """Held-out accuracy on the first eval_samples rows; each rank takes a contiguous
-    share of them and the means are combined weighted by rows."""
-    if data is None or not data.rows:
+    """Held-out metrics on the first eval_samples rows (none when eval_samples is 0); each
+    rank takes a contiguous share of them and the means are combined weighted by rows.
+    The held-out loss needs the same forward passes on every rank, so it is measured in
+    single-process runs only."""
+    if data is None or not data.rows or cfg.eval_samples == 0:
         return {}
     n = min(cfg.eval_samples, len(data.rows))
     lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
     if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers weights in generate)
-        backend.generate([], SamplingConfig(greedy=True), 0)
+        if scorer is not None:
+            backend.generate([], SamplingConfig(greedy=True), 0)
         ev: dict[str, float] = {}
     else:
         ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
                       max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
-                      batch_size=cfg.rollout_batch_size, first_row=lo)
-    if comm.world == 1:
+                      batch_size=cfg.rollout_batch_size, first_row=lo,
+                      loss=comm.world == 1)
+    if comm.world == 1 or scorer is None:
         return ev
     keys = ("accuracy", "reward")
     total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
     return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
+
+
+def describe_eval(ev: dict[str, float]) -> str:
+    """One line of what the evaluation measured, e.g. "held-out accuracy 0.810, reward
+    0.810, loss 1.234 (n=100)"."""
+    parts = [f"{label} {ev[key]:.3f}" for key, label in
+             (("accuracy", "held-out accuracy"), ("reward", "reward"), ("loss", "loss"))
+             if key in ev]
+    if "accuracy" not in ev and parts:
+        parts[0] = "held-out " + parts[0]
+    return ", ".join(parts) + f" (n={int(ev.get('n', 0))})"
 
 
 def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedPrompts | None,
@@ -276,7 +305,7 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
             record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
             log.write(record)
             trackers.log(record)
-            console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
+            console.print(f"step 0: {describe_eval(ev)}")
     with ProgressBar(steps, state.step, cfg.progress and lead and not plain, console) as bar, \
             Heartbeat(console, plain) as beat:
         while not stop():
@@ -287,10 +316,12 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                 bar.console.print(f"stage {stage.index + 1}/{len(stages)}: {stage.name} for "
                                   f"{stage.end - stage.start} steps"
                                   + (f" or {stage.tokens:,} policy tokens" if stage.tokens else ""))
+            progress = TrainerState(global_step=state.step, max_steps=steps,
+                                    epoch=sampler.epoch + sampler.position / len(data.rows))
             indices = sampler.take(stage.cfg.prompts_per_step)
             t0 = time.perf_counter()
             m = train_step(stage.cfg, backend, data, indices, scorer, state.step,
-                           stage_lr(stage, state.step), comm, beat)
+                           stage_lr(stage, state.step), comm, beat, trainer_state=progress)
             beat.phase("")
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
@@ -307,8 +338,7 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                 ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
-                    bar.console.print(f"step {state.step}: held-out accuracy "
-                                      f"{ev['accuracy']:.3f}, reward {ev['reward']:.3f}")
+                    bar.console.print(f"step {state.step}: {describe_eval(ev)}")
             log.write(m)
             trackers.log(m)
             if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):

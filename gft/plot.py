@@ -66,9 +66,7 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1,
               warn: Callable[[str], None] = lambda line: None) -> list[Path]:
     """Write <run>/curves.png for each run, and `out` (overlay) when given several runs;
     `warn` gets one line per damaged metrics line skipped."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     loaded = {Path(r): _load(Path(r), warn) for r in runs}
     written: list[Path] = []
@@ -90,6 +88,19 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1,
     return written
 
 
+def _pyplot():
+    """matplotlib.pyplot drawing to files only, or a GFTError saying what to install
+    (matplotlib is an optional extra: a training machine does not need it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise GFTError('gft plot needs matplotlib, which is not installed: '
+                       'pip install "gft[plot]"') from exc
+    return plt
+
+
 def finish_axes(ax, title: str, xlabel: str) -> None:
     """Title, x label, light grid, and a legend when something was drawn."""
     ax.set_title(title)
@@ -101,7 +112,7 @@ def finish_axes(ax, title: str, xlabel: str) -> None:
 
 def save_figure(fig, path: Path, dpi: int) -> Path:
     """Write a matplotlib figure as PNG (parent folders made) and free it."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gft.data import prompt_text, render_prompt
+from gft.data import render_prompt
 from gft.errors import DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
@@ -99,17 +99,36 @@ def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
 
 
 def score_groups(seqs: list[Sequence_], rows: Sequence[Example], scorer,
-                 advantage: str) -> dict[str, Any]:
-    """Rewards for every response, then advantages within each group (in place)."""
+                 advantage: str, trainer_state=None) -> dict[str, Any]:
+    """Rewards for every response, then advantages within each group (in place).
+
+    Reward functions see each row's prompt as written (a chat keeps its system turn) and
+    each response's token ids. Without a scorer (SFT/DFT with no rewards configured)
+    every reward is 0 and only the constant advantage makes sense."""
     if not seqs:
         return {}
     groups = np.array([s.group for s in seqs])
-    columns: dict[str, list] = {"answer": [rows[s.group].answer for s in seqs]}
-    for key in {k for ex in rows for k in ex.columns}:
-        columns[key] = [rows[s.group].columns.get(key) for s in seqs]
-    result = scorer.score([prompt_text(rows[s.group]) for s in seqs], [s.text for s in seqs],
-                          columns, sources=[rows[s.group].source for s in seqs])
-    adv = group_advantages(result.total, groups, advantage)
-    for s, r, c, a in zip(seqs, result.total, result.correct, adv):
+    on_policy = np.array([s.on_policy for s in seqs], dtype=bool)
+    if scorer is None:
+        total, correct, per_function = np.zeros(len(seqs)), np.zeros(len(seqs), bool), None
+    else:
+        result = scorer.score([rows[s.group].prompt for s in seqs], [s.text for s in seqs],
+                              reward_columns([rows[s.group] for s in seqs]),
+                              sources=[rows[s.group].source for s in seqs],
+                              completion_ids=[s.response_ids for s in seqs],
+                              trainer_state=trainer_state)
+        total, correct = result.total, result.correct
+        per_function = list(result.per_function.values())
+    adv = group_advantages(total, groups, advantage)
+    for s, r, c, a in zip(seqs, total, correct, adv):
         s.reward, s.correct, s.advantage = float(r), bool(c), float(a)
-    return {"rewards": result.total, "groups": groups, "advantages": adv}
+    return {"rewards": total, "groups": groups, "advantages": adv,
+            "per_function": per_function, "on_policy": on_policy}
+
+
+def reward_columns(rows: Sequence[Example]) -> dict[str, list]:
+    """`answer` and every other data column, one value per row (None where absent)."""
+    columns: dict[str, list] = {"answer": [row.answer for row in rows]}
+    for key in sorted({k for row in rows for k in row.columns}):
+        columns[key] = [row.columns.get(key) for row in rows]
+    return columns

@@ -29,7 +29,7 @@ from gft.errors import ConfigError
 RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
             "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
-            "parallel", "rollout_engine", "mixed_precision"}
+            "parallel", "rollout_engine", "mixed_precision", "logits_chunk"}
 
 
 @dataclass(frozen=True)

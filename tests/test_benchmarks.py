@@ -201,3 +201,12 @@ def test_graph_sampler_line_reports_speed_compile_and_token_agreement():
     assert "took 31.5 s" in line and "in 8 of 8 rows" in line and "of 64; float32" in line
     failed = graphs_line({**sm, "graphs_failure": "BackendCompilerFailed: no"}, 8, "float32")
     assert failed.startswith("rollout_graphs failed here") and "no." in failed
+
+
+def test_fixed_completions_are_the_same_full_length_bytes_for_every_trainer():
+    from benchmarks.worker import fixed_completions
+    a = {"max_new_tokens": 12}
+    rows = fixed_completions(a)
+    assert rows == fixed_completions(a) and len(rows) == 8
+    assert all(len(r) == 12 and all(0 <= t < 256 for t in r) for r in rows)
+    assert len({tuple(r) for r in rows}) == 8

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gft.budget import advance
+from gft.checkpoint import checkpoint_step, latest_checkpoint
 from gft.config import build_config
 from gft.errors import ConfigError
 from gft.signals import Interrupted
@@ -122,7 +123,11 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(inputs, tmp_path, m
     resumed = step_tokens(train({}, resume=run))
     assert resumed == whole
     assert_stopped_at([t for _, t in whole], BUDGET - 20)  # the run's budget ends it in stage 2
-    assert json.loads((run / "final" / "trainer_state.json").read_text())["loop"]["policy_tokens"] \
+    # the finished run's last checkpoint is its actual last step, with the counter in it
+    # (final/ holds the model only)
+    last = latest_checkpoint(run)
+    assert checkpoint_step(last) == len(whole)
+    assert json.loads((last / "trainer_state.json").read_text())["loop"]["policy_tokens"] \
         == sum(t for _, t in whole)
 
 

@@ -86,8 +86,10 @@ def test_empty_prompt(model, tmp_path):
 
 @pytest.mark.parametrize("row, where", [
     ({"prompt": 7, "answer": "1"}, "field 'prompt': must be a string or a list of chat messages, got number"),
-    ({"prompt": "p", "completion": ["a"]}, "field 'completion': must be a string, got array"),
-    ({"prompt": "p", "completions": ["a", 3]}, "field 'completions[1]': must be a string, got number"),
+    ({"prompt": "p", "completion": ["a"]},
+     "field 'completion': must be a string or a list with one assistant message, got array"),
+    ({"prompt": "p", "completions": ["a", 3]},
+     "field 'completions[1]': must be a string or a list with one assistant message, got number"),
     ({"prompt": "p", "answer": {"x": 1}}, "field 'answer': must be a string or a number, got object"),
     ([1, 2], "a row must be a JSON object, got array"),
 ])
@@ -206,7 +208,7 @@ def spins(prompts, completions, **kw):
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
-    ("too_few", "reward 'REWARDS:too_few' returned 3 values; expected 4 (one per completion)"),
+    ("too_few", "reward 'REWARDS:too_few' returned 5 values; expected 6 (one per completion)"),
 ])
 def test_bad_reward_function(model, tmp_path, name, words):
     module = tmp_path / "my_rewards.py"
@@ -390,6 +392,29 @@ def test_model_json_files_that_are_not_objects(model, tmp_path, name, text, word
     one_line_error(run_cli(args), f"error: {broken / name}", words)
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"r": "x"}, "adapter_config.json: 'r' must be a positive integer, got 'x'"),
+    ({"r": 4, "lora_alpha": None}, "adapter_config.json: 'lora_alpha' must be a finite number, "
+                                   "got None"),
+    ({"r": 4, "target_modules": 5}, "adapter_config.json: 'target_modules' must be a list of "
+                                    "module names, got 5"),
+    ({"r": 4, "base_model_name_or_path": 7}, "adapter_config.json: 'base_model_name_or_path' "
+                                             "must be a path or hub id, got 7"),
+])
+@pytest.mark.parametrize("command", ["generate", "convert", "fuse"])
+def test_bad_adapter_configs(model, tmp_path, config, words, command):
+    from safetensors.numpy import save_file
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(model), "target_modules": ["q_proj"], **config}))
+    args = {"generate": ["generate", str(adapter), "-p", "hi"],
+            "convert": ["convert", str(adapter), str(tmp_path / "out")],
+            "fuse": ["fuse", str(adapter), str(tmp_path / "out")]}[command]
+    one_line_error(run_cli(args), f"error: {adapter}/{words}")
+
+
 def test_plot_skips_a_damaged_metrics_line_with_a_warning(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
@@ -484,38 +509,45 @@ def resume(run: Path, *extra: str):
 
 
 def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
-    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
-    from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
-    import shutil
-    shutil.rmtree(saved_run / "final")
+    """`latest` naming an older step (or missing, or naming one that is gone: see
+    tests/test_checkpoint.py): the newest complete one, step-000002, is used, and no
+    checkpoint is deleted but the one keep_checkpoints=2 prunes."""
+    (saved_run / "checkpoints" / "latest").write_text("step-000001\n")
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
+        "latest", "step-000002", "step-000003"]
+
+
+def test_resume_without_latest_does_not_start_over(saved_run):
     (saved_run / "checkpoints" / "latest").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
-    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
-        "latest", "step-000001", "step-000002"]
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
 
 
 def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
-    (saved_run / "final" / "optimizer.safetensors").unlink()
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "optimizer.safetensors").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+    assert (f"warning: step-000002 is incomplete ({last}/optimizer.safetensors: missing); "
             "resuming from the previous complete checkpoint step-000001") in result.output
     assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
 
 
 def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors").unlink()
     line = one_line_error(resume(saved_run))
-    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
-                    "safetensors: missing; to continue from step-000001 with fresh optimizer "
+    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000002/optimizer."
+                    "safetensors: missing; to continue from step-000002 with fresh optimizer "
                     "state, add --set reset_optimizer=true")
     result = resume(saved_run, "--set", "reset_optimizer=true")
     assert result.exit_code == 0, result.output
-    assert "reset_optimizer=true: continuing from step-000001 with fresh optimizer state" \
+    assert "reset_optimizer=true: continuing from step-000002 with fresh optimizer state" \
         in result.output
     import yaml
     assert yaml.safe_load((saved_run / "config.yaml").read_text())["reset_optimizer"] is False
@@ -523,10 +555,10 @@ def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_
 
 def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{")
     one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
-                   f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
+                   f"error: cannot resume: {saved_run}/checkpoints/step-000002/trainer_state.json:"
                    " unreadable trainer state", "; no complete checkpoint to resume from")
 
 

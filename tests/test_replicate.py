@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from gft.checkpoint import latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 METHODS = ("sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo")
@@ -76,8 +78,8 @@ def test_every_run_stopped_at_the_policy_token_budget(replicated):
         for split in ("valid", *SPLITS):
             assert 0.0 <= result[f"{split}/accuracy"] <= 1.0
         assert result["test/entropy"] > 0
-        data = json.loads((Path(result["run_dir"]) / "final" / "trainer_state.json")
-                          .read_text())["config"]["data"]
+        last = latest_checkpoint(Path(result["run_dir"]))  # final/ holds the model only
+        data = json.loads((last / "trainer_state.json").read_text())["config"]["data"]
         assert Path(data).name == f"data-{result['condition']}"
     # the flawed condition trains on the generator's train_flawed rows, the clean one on train
     for condition, split in (("clean", "train"), ("flawed", "train_flawed")):
@@ -92,7 +94,7 @@ def test_every_run_stopped_at_the_policy_token_budget(replicated):
 def test_a_rerun_reuses_every_cached_run(replicated):
     out, _ = replicated
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny-test", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ": start" not in proc.stdout  # nothing trained or evaluated again
 

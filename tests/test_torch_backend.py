@@ -427,3 +427,37 @@ def test_chunked_logits_give_the_same_loss_entropy_and_gradients(tmp_path, arch,
     for name in g0:
         assert np.abs(g0[name]).max() > 0, name
         np.testing.assert_allclose(g5[name], g0[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_micro_batches_by_tokens_pack_short_sequences_together():
+    """Sorted by length (prompt + response), packed greedily under both limits."""
+    from gft.groups import pack_by_tokens
+    seqs = shared_prompt_group(4, [2, 30, 3, 28, 1, 29], [1.0] * 6)  # lengths 6..34
+    seqs.sort(key=lambda s: len(s.prompt_ids) + len(s.response_ids))
+    lengths = [[len(s.prompt_ids) + len(s.response_ids) for s in run]
+               for run in pack_by_tokens(seqs, 8, budget=70)]
+    # 3 short rows (3 x 7 = 21 padded tokens), then 32 + 33 (2 x 33 = 66), then 34 alone
+    assert lengths == [[5, 6, 7], [32, 33], [34]]
+    assert [len(r) for r in pack_by_tokens(seqs, 4)] == [4, 2]  # no budget: by count
+    assert [len(r) for r in pack_by_tokens(seqs, 8, budget=10)] == [1, 1, 1, 1, 1, 1]
+
+
+def test_micro_batches_by_tokens_give_the_same_loss_and_gradients(model_dir):
+    """4 short + 4 long sequences: one padded micro-batch of 8 against micro_batch_tokens
+    micro-batches (fewer padded tokens): same loss, entropy and gradients."""
+    seqs = shared_prompt_group(10, [3, 40, 5, 38, 2, 41, 4, 39],
+                               [1.0, -0.5, 0.25, -0.75, 0.5, -1.0, 0.75, -0.25])
+    one = micro_batches(seqs, 8, 256)
+    packed = micro_batches(seqs, 8, 256, micro_batch_tokens=120)
+    assert len(one) == 1 and len(packed) > 1
+    assert sum(b.input_ids.size for b in packed) < one[0].input_ids.size
+    be = load_backend("torch", str(model_dir))
+    s1, g1 = be.accumulate_gradients(one, tau=0.1, aggregation="seq-mean-token-mean"), \
+        be.gradients()
+    s2, g2 = be.accumulate_gradients(packed, tau=0.1, aggregation="seq-mean-token-mean"), \
+        be.gradients()
+    assert s2["loss"] == pytest.approx(s1["loss"], rel=1e-5, abs=1e-7)
+    assert s2["entropy"] == pytest.approx(s1["entropy"], rel=1e-5)
+    assert s2["tokens"] == s1["tokens"]
+    for name in g1:
+        np.testing.assert_allclose(g2[name], g1[name], rtol=1e-4, atol=1e-6, err_msg=name)
