@@ -253,9 +253,6 @@ FOREIGN_KEYS: dict[str, str] = {
     "reward_funcs": "gft's rewards (file.py:function takes TRL reward functions unchanged)",
     "reward_weights": "gft's rewards: [{name: ..., weight: ...}]",
     "use_vllm": "gft samples with the training backend (rollout_engine: policy | bfloat16)",
-    "report_to": "this gft has no experiment trackers; every metric is in the run's "
-                 "metrics.jsonl (gft plot draws it)",
-    "logging_steps": "gft logs every step to the run's metrics.jsonl",
     "mask_truncated_completions": "gft always trains on truncated rollouts (their "
                                   "truncation is logged as truncated/rollout)",
     # TRL SFTConfig and transformers' TrainingArguments
