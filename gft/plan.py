@@ -61,9 +61,20 @@ class Shape:
                 "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h)}
 
 
+def _standard_names(c: dict[str, Any]) -> dict[str, Any]:
+    """config.json with transformers' standard size names added where the architecture's
+    config class renames them (GPT-2's n_embd is hidden_size, ...: its attribute_map)."""
+    try:
+        from transformers import CONFIG_MAPPING
+        amap = getattr(CONFIG_MAPPING[c.get("model_type")], "attribute_map", {})
+    except (KeyError, ImportError):
+        return c
+    return {**{std: c[own] for std, own in amap.items() if own in c}, **c}
+
+
 def shape_of(config: dict[str, Any]) -> Shape:
     """Shape from a config.json (a multimodal config's text_config when present)."""
-    c = config.get("text_config") or config
+    c = _standard_names(config.get("text_config") or config)
     try:
         hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
         return Shape(layers=int(c["num_hidden_layers"]), hidden=hidden,

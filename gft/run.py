@@ -249,7 +249,12 @@ def check_memory(cfg: TrainConfig, model_path: str) -> None:
     if not cfg.check_memory:
         return
     from gft.plan import refusal
-    p = memory_plan(cfg, model_path)
+    try:
+        p = memory_plan(cfg, model_path)
+    except ConfigError:
+        # sizes the plan cannot read (an architecture it does not know, a broken
+        # config.json): no plan, not a refusal; loading the model judges the directory
+        return
     if p is not None and not p.fits():
         raise ConfigError(refusal(p))
 
