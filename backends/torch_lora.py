@@ -12,6 +12,7 @@ peft wraps bitsandbytes' Linear4bit layers as it wraps nn.Linear.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -21,6 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from gft.errors import ConfigError, ModelError
 from gft.lora import PEFT_WEIGHTS, LoraConfig, init_lora_a, parse_peft_key, write_peft_config
+
+# peft imports bitsandbytes when it is installed; on an AVX512-BF16 CPU bitsandbytes 0.50
+# then warns, on every start, that an optional kernel from the Hugging Face hub is missing
+# (its own fallback runs instead), even for runs that quantize nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _ADAPTER_NAME = re.compile(r"\.lora_([AB])\.default\.weight$")
 
