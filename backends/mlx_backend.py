@@ -568,9 +568,13 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         model, _ = load_model(Path(model_path), strict=True, model_config=config,
                               trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
-            AssertionError) as e:  # mlx-lm building an architecture it reads differently
+            AssertionError, ImportError, SystemExit) as e:  # mlx-lm building an architecture
+        # it reads differently, or a model module that exits (olmo without hf_olmo)
         # one line, even for mlx-lm's multi-line "Missing N parameters: \n a\n b ..."
         first = " ".join(str(e).split())[:300] or type(e).__name__
+        if isinstance(e, (SystemExit, ImportError)):
+            first = (f"mlx-lm's {config.get('model_type')} module cannot be imported (it needs "
+                     "a package that is not installed)")
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])

@@ -49,9 +49,10 @@ TRAINERS = {
     # 4 dataset responses of varied length (workload.mixed_responses) + 4 rollouts
     "gft-torch-mixed:gft": ("gft", {"backend": "torch", "preset": "gft", "mixed": True},
                             "torch", "gft[torch]"),
-    # the same, micro-batches capped at 4 full-length rows' tokens (micro_batch_tokens)
+    # the same, micro-batches capped at 3 full-length rows' tokens (micro_batch_tokens): the
+    # 3 short responses together, the 5 full-length ones 3 + 2
     "gft-torch-mixed-tokens:gft": ("gft", {"backend": "torch", "preset": "gft", "mixed": True,
-                                           "budget_rows": 4}, "torch", "gft[torch]"),
+                                           "budget_rows": 3}, "torch", "gft[torch]"),
     "gft-mlx:grpo": ("gft", {"backend": "mlx", "preset": "grpo"}, "mlx", "gft[mlx]"),
     "gft-mlx:gft": ("gft", {"backend": "mlx", "preset": "gft"}, "mlx", "gft[mlx]"),
     "trl:grpo": ("trl", {}, "trl", "trl"),
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small floor measurement (smoke tests)")
     p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS for mlx")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per job")
+    p.add_argument("--section", default="",
+                   help="a name that keeps this run's section apart from others of the same "
+                        "model / device / dtype / workload in RESULTS.md")
     p.add_argument("--note", action="append", default=[],
                    help="a line for this run's notes in RESULTS.md (e.g. what else ran)")
     p.add_argument("--fixed-batch", action="store_true",
@@ -291,6 +295,8 @@ def save(run: dict, out: Path) -> Path:
         key += f"-{run['max_new_tokens']}tok"
     if run.get("fixed_batch"):
         key += "-fixed"
+    if run.get("section"):
+        key += f"-{run['section']}"
     if run.get("count_ops"):
         key += "-ops"
     png = out / f"results-{key}.png"
@@ -326,6 +332,8 @@ def bench_model(a: argparse.Namespace, argv: list[str] | None, model: str) -> Pa
               "dtype": a.dtype, "max_new_tokens": a.max_new_tokens, "count_ops": a.count_ops,
               "fixed_batch": a.fixed_batch}
     run["notes"] += a.note
+    if a.section:
+        run["section"] = a.section
     if a.fixed_batch:
         run["fixed_batch"] = True
         run["notes"].append("--fixed-batch: no sampling; every torch trainer trained on the "

@@ -153,7 +153,11 @@ def _gib(n: float | None) -> str:
 def render_run(run: dict) -> str:
     """One run (one model / device / dtype) as a Markdown section."""
     m, fl = run["machine"], run["floor"]
-    lines = [f"## {run['model']} · {run['device']} · {run['dtype']} · {run['date']}", "",
+    tags = "".join(f" · {t}" for t in (
+        f"{run['max_new_tokens']} new tokens" if run["max_new_tokens"] != 64 else "",
+        "fixed batch" if run.get("fixed_batch") else "",
+        "operator counts" if run.get("count_ops") else "", run.get("section", "")) if t)
+    lines = [f"## {run['model']} · {run['device']} · {run['dtype']}{tags} · {run['date']}", "",
              f"Command: `{run['command']}`", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB RAM"
              + (f", GPU: {m['gpu']}" if m.get("gpu") else "")

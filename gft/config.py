@@ -225,7 +225,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 # or mlx-lm" table says the same). Names gft shares with them (learning_rate, max_steps,
 # seed, temperature, top_p, weight_decay, warmup_steps, max_grad_norm, output_dir, model,
 # data, save_every, ...) need no entry. Keys that name a gft field are never looked up
-# here, so a field added later (e.g. report_to) takes over from its hint.
+# here: TRL's report_to and logging_steps are gft keys too.
 FOREIGN_KEYS: dict[str, str] = {
     # TRL GRPOConfig
     "num_generations": "TRL's num_generations (completions per prompt) is gft's num_rollouts; "
@@ -253,9 +253,6 @@ FOREIGN_KEYS: dict[str, str] = {
     "reward_funcs": "gft's rewards (file.py:function takes TRL reward functions unchanged)",
     "reward_weights": "gft's rewards: [{name: ..., weight: ...}]",
     "use_vllm": "gft samples with the training backend (rollout_engine: policy | bfloat16)",
-    "report_to": "this gft has no experiment trackers; every metric is in the run's "
-                 "metrics.jsonl (gft plot draws it)",
-    "logging_steps": "gft logs every step to the run's metrics.jsonl",
     "mask_truncated_completions": "gft always trains on truncated rollouts (their "
                                   "truncation is logged as truncated/rollout)",
     # TRL SFTConfig and transformers' TrainingArguments
@@ -293,7 +290,8 @@ FOREIGN_KEYS: dict[str, str] = {
     "num_layers": "gft adapts the layers named in lora_targets, in every block",
     "lora_parameters": "gft's lora_rank, lora_alpha (= mlx-lm's scale x rank), "
                        "lora_dropout and lora_targets (mlx-lm's keys)",
-    "steps_per_report": "gft logs every step to the run's metrics.jsonl",
+    "steps_per_report": "mlx-lm's steps_per_report is gft's logging_steps (every step is "
+                        "also in the run's metrics.jsonl)",
     "steps_per_eval": "mlx-lm's steps_per_eval is gft's eval_every",
     "val_batches": "gft's eval_samples (held-out prompts per evaluation; 0 = none)",
     "test_batches": "gft's eval_samples, with eval_split: test",
@@ -305,7 +303,7 @@ FOREIGN_KEYS: dict[str, str] = {
     "mask_prompt": "gft always masks the prompt",
     "optimizer": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
     "optimizer_config": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
-    "wandb": "this gft has no experiment trackers; every metric is in metrics.jsonl",
+    "wandb": "gft's report_to: [wandb] (the project comes from WANDB_PROJECT)",
     "group_size": "mlx-lm-lora's group_size is gft's num_rollouts",
     "reward_functions": "gft's rewards",
     "train_mode": "gft's preset: sft | dft | grpo | gft",

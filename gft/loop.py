@@ -254,9 +254,9 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
 
 def describe_eval(ev: dict[str, float]) -> str:
     """One line of what the evaluation measured, e.g. "held-out accuracy 0.810, reward
-    0.810, loss 1.234 (n=100)"."""
+    0.810, NLL/token 1.234 (n=100)" (eval/loss is the NLL per response token)."""
     parts = [f"{label} {ev[key]:.3f}" for key, label in
-             (("accuracy", "held-out accuracy"), ("reward", "reward"), ("loss", "loss"))
+             (("accuracy", "held-out accuracy"), ("reward", "reward"), ("loss", "NLL/token"))
              if key in ev]
     if "accuracy" not in ev and parts:
         parts[0] = "held-out " + parts[0]

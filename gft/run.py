@@ -29,7 +29,7 @@ from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
-from gft.runpaths import RUN_PATH_KEYS, resolve_stored, stored_config
+from gft.runpaths import RUN_PATH_KEYS, moved_adapter_config, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -358,22 +358,13 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                 overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
                 comm: Comm) -> Path:
     started = time.perf_counter()
-    state, start_from, load_optimizer = LoopState(), None, False
     lead = comm.rank == 0
     if resuming:
         cfg, state, point = resume_point(run_dir, overrides, console, comm)
-        start_from, load_optimizer = point.checkpoint, point.load_optimizer
     else:
-        if has_checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
-                              f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
-                              "--output-dir")
-        comm.barrier()  # every rank has looked before rank 0 writes
-        if lead:
-            cfg = materialize_defaults(cfg, run_dir, console)
-        comm.barrier()
-        if not lead:  # the files exist now: this only fills in their paths
-            cfg = materialize_defaults(cfg, run_dir, console)
+        cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
+            None, False, [])
+    start_from, load_optimizer = point.checkpoint, point.load_optimizer
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
     check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
@@ -431,13 +422,31 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     return final
 
 
+def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
+    """A new run may not write over another's checkpoints; rank 0 writes the embedded
+    model and task when none were given."""
+    if has_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
+                          f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
+                          "--output-dir")
+    comm.barrier()  # every rank has looked before rank 0 writes
+    if comm.rank == 0:
+        cfg = materialize_defaults(cfg, run_dir, console)
+    comm.barrier()
+    if comm.rank != 0:  # the files exist now: this only fills in their paths
+        cfg = materialize_defaults(cfg, run_dir, console)
+    return cfg
+
+
 def export_final(checkpoint: Path, final: Path) -> Path:
     """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
     with its tokenizer and generation config and nothing else (AdamW's moments are twice
     the model). The checkpoint keeps them: a resume of a finished run reads it."""
     def write(tmp: Path) -> None:
         for f in sorted(checkpoint.iterdir()):
-            if f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+            if f.name == "adapter_config.json":  # its base may be relative to the adapter
+                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
                 shutil.copy2(f, tmp / f.name)
     out = atomic_directory(final, write)
     clean_leftovers(final.parent / "checkpoints")

@@ -14,6 +14,7 @@ the key and the option that supplies it.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,15 @@ def adapter_base(stored: str, adapter_dir: Path) -> str:
     if not Path(stored).is_absolute() and looks_local(stored) and inside.exists():
         return os.path.normpath(inside)
     return stored
+
+
+def moved_adapter_config(text: str, source: Path, target: Path) -> str:
+    """adapter_config.json copied from `source` to `target` (final/ from a step
+    checkpoint, one level up): a base stored relative to the adapter is re-stored
+    relative to the new place."""
+    config = json.loads(text)
+    stored = config.get("base_model_name_or_path")
+    if stored and not Path(stored).is_absolute() and stored.startswith("."):
+        base = adapter_base(stored, source)
+        config["base_model_name_or_path"] = base_for_adapter(base, target)
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"

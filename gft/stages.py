@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gft.config import FIELDS, PRESETS, TrainConfig, _coerce, _suggest, validate
+from gft.config import (FIELDS, PRESETS, TrainConfig, _coerce, _suggest, unknown_key,
+                        validate)
 from gft.errors import ConfigError
 
 # Keys a stage may not change: they define the model, the data or the run itself.
@@ -70,7 +71,7 @@ def stage_config(base: TrainConfig, values: dict[str, Any], i: int) -> tuple[Tra
         raise ConfigError(f"stages[{i}]: 'steps' must be a positive integer, got {steps!r}")
     for key in values:
         if key not in FIELDS:
-            raise ConfigError(f"stages[{i}]: unknown key '{key}'" + _suggest(key, FIELDS))
+            raise ConfigError(unknown_key(key, f"stages[{i}]"))
         if key in RUN_KEYS:
             raise ConfigError(f"stages[{i}]: '{key}' is set for the whole run, not per stage")
     own = {k: _coerce(k, v, f"stages[{i}]") for k, v in values.items()}

@@ -370,7 +370,8 @@ def test_config_naming_another_architecture_than_its_weights(model, tmp_path, ba
     (broken / "config.json").write_text(json.dumps({
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
         "n_head": 4, "vocab_size": 259, "n_positions": 256, "n_ctx": 256,
-        "layer_norm_epsilon": 1e-5}))
+        "layer_norm_epsilon": 1e-5, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 256}))
     args = base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
     args[args.index("--backend") + 1] = backend
     one_line_error(run_cli(args), f"error: {broken}: ", *words)

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,8 @@ def wandb_records(run_file: str) -> list:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         chunk += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE/LAST
@@ -133,6 +136,12 @@ def test_offline_wandb_run_holds_the_metrics(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "gft-test")
     log_all(open_trackers(["wandb"], tmp_path, {"tau": 0.1}))
     [run_file] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    # wandb's core process writes the run file behind run.finish(); its last record
+    # ("exit") says it is complete
+    for _ in range(300):
+        if any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)):
+            break
+        time.sleep(0.1)
     numbers, tables = {}, []
     for step, items in wandb_history(run_file):
         numbers.update({(step, k): v for k, v in items.items()

@@ -402,6 +402,15 @@ def test_trl_and_mlx_lm_names_point_at_gft_keys(tmp_path, key, words):
         assert word in line, line
 
 
+def test_a_stage_key_gets_the_hint_too():
+    from gft.config import build_config
+    from gft.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"stages\[0\]: unknown key 'num_generations'.*"
+                                          "num_rollouts"):
+        build_config({"model": "m", "stages": [{"preset": "grpo", "steps": 2,
+                                                 "num_generations": 4}]})
+
+
 def test_every_hint_names_real_gft_keys():
     import re
     from gft.config import FIELDS, FOREIGN_KEYS
