@@ -46,7 +46,53 @@ def _rank_prefix() -> str:
     return f"[rank {rank}] " if rank is not None else ""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+SEED = click.IntRange(0, 2**63 - 1)  # numpy's and torch's seeds
+
+
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf (click's lets them through)."""
+    name = "finite float range"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import math
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
+
+
+class OneLineErrors(click.Group):
+    """click's own usage errors (a bad option value, a missing argument) as one line,
+    `error: ...`, exit 2, like every other gft error, instead of usage + hint + error."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        standalone = kwargs.pop("standalone_mode", True)
+        if not standalone:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see {ctx.command_path} -h)" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+
+
+def _non_empty(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]):
+    """Every --prompt has text: an empty prompt has no token to continue from."""
+    for i, value in enumerate(values):
+        if not value.strip():
+            raise click.BadParameter(f"prompt {i + 1} is empty; give some text to continue",
+                                     ctx=ctx, param=param)
+    return values
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 # looked up when --version is asked for: `python cli.py` from a checkout runs uninstalled
 @click.version_option(package_name="gft", prog_name="gft")
 def main() -> None:
@@ -57,21 +103,21 @@ def main() -> None:
 
 
 def _config_help() -> str:
-    from gft.config import FIELDS, field_help
-    return "\n".join(f"  {name:<24} {field_help(name)}" for name in FIELDS)
+    from gft.config import config_help
+    return config_help()
 
 
 @main.command(context_settings={"max_content_width": 100})
 @click.argument("config", required=False, type=click.Path(dir_okay=False))
 @click.option("--preset", type=click.Choice(["gft", "sft", "dft", "grpo"]),
-              help="Objective preset (GFT.md's table). Default: gft.")
+              help="Objective preset (docs/ALGORITHM.md's table). Default: gft.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
               help="auto = mlx on Apple silicon, torch elsewhere.")
 @click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
 @click.option("--data", help="JSONL file or data directory (default: the embedded task).")
 @click.option("--output-dir", "-o", help="Run directory (default: runs/<preset>-<time>).")
-@click.option("--max-steps", type=int, help="Number of training steps.")
-@click.option("--seed", type=int, help="Random seed.")
+@click.option("--max-steps", type=click.IntRange(1), help="Number of training steps.")
+@click.option("--seed", type=SEED, help="Random seed.")
 @click.option("--resume", type=click.Path(exists=True, file_okay=False),
               help="Continue the run in this directory from its latest checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -80,10 +126,15 @@ def _config_help() -> str:
               help="Data-parallel processes on this machine (torch): starts torchrun "
                    "--nproc-per-node N with the same arguments. See README 'Training on many GPUs'.")
 @click.option("--help-config", is_flag=True, help="List every config key with its help.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory plan (weights, adapters or gradients, AdamW moments, "
+                   "activations, logits, KV cache, available memory) and exit; nothing is "
+                   "loaded. Exit 2 when it cannot fit.")
 @friendly_errors
 def train(config: str | None, preset: str | None, backend: str | None, model: str | None,
           data: str | None, output_dir: str | None, max_steps: int | None, seed: int | None,
-          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool) -> None:
+          resume: str | None, sets: tuple[str, ...], nproc: int, help_config: bool,
+          dry_run: bool) -> None:
     """Fine-tune a model. CONFIG is an optional YAML file of config keys; options and --set
     override it. With nothing given, trains the embedded default: a tiny model on bundled
     arithmetic word problems, offline, on CPU, in a few minutes."""
@@ -99,13 +150,31 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
              "output_dir": output_dir, "max_steps": max_steps, "seed": seed}
     overrides.update({k: v for k, v in named.items() if v is not None})
     if resume:
+        if dry_run:
+            raise click.UsageError("--dry-run plans a new run; run it without --resume")
         if config:
             raise click.UsageError("--resume takes the run's saved config; pass changes with --set")
         run_training(None, resume=resume, overrides=overrides)  # type: ignore[arg-type]
         return
     yaml_values = read_yaml(config) if config else {}
     cfg = build_config(yaml_values, overrides, source=config or "config")
+    if dry_run:
+        return _dry_run(cfg)
     run_training(cfg)
+
+
+def _dry_run(cfg) -> None:
+    from gft.errors import ConfigError
+    from gft.plan import describe, refusal
+    from gft.run import memory_plan
+    plan = memory_plan(cfg)
+    if plan is None:
+        raise ConfigError(f"{cfg.model}: no local config.json to plan from (a hub id); "
+                          "download the model first")
+    for line in describe(plan):
+        click.echo(line)
+    if not plan.fits():
+        raise ConfigError(refusal(plan))
 
 
 def _torchrun(nproc: int) -> int:
@@ -138,10 +207,16 @@ def _sampling_options(fn):
     for opt in reversed([
         click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]), default="auto",
                      show_default=True),
-        click.option("--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True),
         click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32",
                      show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=SEED, default=0, show_default=True),
+        click.option("--base", help="A LoRA checkpoint's base model (default: the one its "
+                                    "adapter_config.json names)."),
+        click.option("--stop", "stop", multiple=True, metavar="TEXT",
+                     help="Also end a completion at this string (repeatable; a number "
+                          "is a token id). The tokenizer's EOS and every eos_token_id in "
+                          "generation_config.json always end it."),
     ]):
         fn = opt(fn)
     return fn
@@ -149,24 +224,30 @@ def _sampling_options(fn):
 
 @main.command()
 @click.argument("model")
-@click.option("--prompt", "-p", "prompts", multiple=True, required=True,
+@click.option("--prompt", "-p", "prompts", multiple=True, required=True, callback=_non_empty,
               help="Prompt text (repeatable).")
-@click.option("--num", "-n", type=int, default=1, show_default=True,
+@click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
-@click.option("--temperature", type=float, default=0.0, show_default=True,
+@click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
               help="0 = greedy decoding.")
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--chat-template/--no-chat-template", default=False, show_default=True,
-              help="Wrap each prompt as a user message in the tokenizer's chat template.")
+@click.option("--top-p", type=FiniteRange(0.0, 1.0, min_open=True), default=1.0,
+              show_default=True)
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap each prompt as a user message in the tokenizer's chat template. "
+                   "Default: as the model was trained when MODEL is a gft checkpoint (its "
+                   "chat_template key), else on when the tokenizer has a template.")
 @_sampling_options
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
-             chat_template: bool, backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+             chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
+             seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
-    from gft.rollout import encode_prompt
+    from gft.rollout import encode_prompt, generate_chat_template
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    if chat_template is None:
+        chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
@@ -174,14 +255,20 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
 
 
+def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
+    """--stop values: a number is a token id, anything else a string."""
+    return [int(s) if s.isdigit() else s for s in stop]
+
+
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--data", help="Data file or directory (default: the embedded task).")
 @click.option("--split", default="test", show_default=True)
-@click.option("--limit", type=int, help="Evaluate only the first N rows.")
-@click.option("-k", "k", type=int, default=1, show_default=True,
+@click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
+@click.option("-k", "k", type=click.IntRange(1), default=1, show_default=True,
               help="Also sample k completions per prompt and report pass@k.")
-@click.option("--temperature", type=float, default=1.0, show_default=True,
+@click.option("--temperature", type=FiniteRange(0.0, min_open=True), default=1.0,
+              show_default=True,
               help="Sampling temperature for pass@k.")
 @click.option("--rewards", default="math", show_default=True,
               help="Reward functions, comma-separated (the first defines accuracy).")
@@ -192,7 +279,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
-          backend: str, max_new_tokens: int, dtype: str, seed: int) -> None:
+          backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None,
+          stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from backends import load_backend
@@ -204,7 +292,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split)[:limit]
-    be = load_backend(backend, model, dtype=dtype)
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     from gft.config import TrainConfig
@@ -222,15 +310,17 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default="curves.png",
               show_default=True, help="Overlay figure, written when several runs are given.")
-@click.option("--smooth", type=int, default=1, show_default=True,
+@click.option("--smooth", type=click.IntRange(1), default=1, show_default=True,
               help="Moving-average window over steps.")
 @friendly_errors
 def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
     """PNG curves (reward, held-out accuracy, entropy, grad norm) from RUN directories:
-    RUN/curves.png for each, and an overlay of all of them."""
+    RUN/curves.png for each, and an overlay of all of them. A damaged line of a
+    metrics.jsonl is skipped with a warning naming it."""
     from pathlib import Path
     from gft.plot import plot_runs
-    for path in plot_runs([Path(r) for r in runs], Path(out), smooth):
+    warn = functools.partial(click.echo, err=True)
+    for path in plot_runs([Path(r) for r in runs], Path(out), smooth, warn=warn):
         click.echo(f"wrote {path}")
 
 
@@ -245,14 +335,26 @@ def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
               help="Adapter format to write (default: the other one).")
 @click.option("--base", help="The adapter's base model directory (default: the one the "
                              "adapter names), to check which layers it covers.")
+@click.option("--quantize", "quantize", type=click.Choice(["4", "8"]),
+              help="Write an mlx-lm quantized model with this many bits per weight "
+                   "(mlx-lm's own quantization; train LoRA over it with --backend mlx).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]),
+              help="Weights sharing one scale and bias with --quantize (default 64).")
+@click.option("--dequantize", is_flag=True,
+              help="Write an mlx-lm quantized model in full precision (loads in transformers).")
 @friendly_errors
 def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: str | None,
-            base: str | None) -> None:
+            base: str | None, quantize: str | None, group_size: str | None,
+            dequantize: bool) -> None:
     """Rewrite the model or LoRA adapter in SRC as DST: a transformers- or mlx-lm-written
-    model becomes a portable directory (config both libraries read alike; dtype, shards);
+    model becomes a portable directory (config both libraries read alike; dtype, shards),
+    quantized (--quantize) or de-quantized (--dequantize) through mlx-lm;
     an adapter moves between PEFT and mlx-lm formats."""
     from gft.convert import convert as convert_
-    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base):
+    for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base,
+                         quantize=int(quantize) if quantize else None,
+                         group_size=int(group_size) if group_size else None,
+                         dequantize=dequantize):
         click.echo(line)
 
 
@@ -263,13 +365,18 @@ def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: s
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Cast the fused weights (default: the base model's dtype).")
 @click.option("--shard-size", metavar="SIZE", help="Shard size, e.g. 2GB (default 5GB).")
+@click.option("--requantize", is_flag=True,
+              help="Over an mlx-lm quantized base: quantize the fused model again as the base "
+                   "was (default: write it de-quantized, in full precision).")
 @friendly_errors
 def fuse(adapter: str, out: str, base: str | None, dtype: str | None,
-         shard_size: str | None) -> None:
+         shard_size: str | None, requantize: bool) -> None:
     """Merge a LoRA ADAPTER (PEFT or mlx-lm format) into its base model: OUT is a portable
-    model directory with W + (alpha/r)·B·A in every adapted weight."""
+    model directory with W + (alpha/r)·B·A in every adapted weight. Over a quantized base,
+    W is de-quantized first; OUT is full precision unless --requantize."""
     from gft.convert import fuse as fuse_
-    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size):
+    for line in fuse_(adapter, out, base=base, dtype=dtype, shard_size=shard_size,
+                      requantize=requantize):
         click.echo(line)
 
 

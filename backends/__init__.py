@@ -31,12 +31,16 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How rollouts are sampled. greedy=True ignores temperature and top_p."""
+    """How rollouts are sampled. greedy=True ignores temperature and top_p.
+    stop_ids: tokens that end a row (kept as its last token). Callers leave it empty:
+    backend.generate fills it with the model's stops (gft/stops.py: the tokenizer's EOS,
+    generation_config.json's ids and the config's `stop`) before the engine decodes."""
     max_new_tokens: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     greedy: bool = False
     batch_size: int = 64
+    stop_ids: tuple[int, ...] = ()
 
 
 class RolloutEngine(Protocol):
@@ -56,10 +60,12 @@ class RolloutEngine(Protocol):
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
+    stops: Any  # gft.stops.Stops: what ends a completion (set by load_backend)
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int | Sequence[int]) -> list[list[int]]:
-        """Completions (token ids, ending with EOS unless cut at max_new_tokens), one per prompt.
+        """Completions (token ids, ending with a stop id, or cut after a stop string or at
+        max_new_tokens; see gft/stops.py), one per prompt.
         seed: one per prompt, or one for the call (row i then uses
         gft.distributed.row_seed(seed, i)); a row's draws depend only on its own seed, so
         the same row samples the same tokens in any batch, chunk or rank."""
@@ -120,6 +126,16 @@ def resolve_backend_name(name: str) -> str:
     raise ConfigError("no backend installed: pip install 'gft[torch]' or 'gft[mlx]'")
 
 
+def check_device(name: str, device: str) -> None:
+    """ConfigError if the backend `name` (resolved) has no such device on this machine;
+    called before any work. A backend that is not installed is load_backend's to report."""
+    try:
+        module = importlib.import_module(BACKEND_MODULES[name])
+    except (ImportError, KeyError):
+        return
+    module.check_device(device)
+
+
 def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: str = "auto",
                  optim: OptimConfig = OptimConfig(), seed: int = 0,
                  trust_remote_code: bool = False, gradient_checkpointing: bool = False,
@@ -127,7 +143,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  shard_size: str | int = "5GB", parallel: str | None = None,
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
-                 logits_chunk: int = 1024) -> Backend:
+                 stop: Sequence[int | str] = (), logits_chunk: int = 1024,
+                 load_in_4bit: bool = False) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -139,12 +156,18 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     rollout_engine: "policy" | "bfloat16" (torch; see RolloutEngine).
     rollout_graphs: "auto" | "on" | "off" (torch: a compiled decode step, CUDA graphs).
     mixed_precision: torch only; bfloat16 compute over float32 weights.
-    logits_chunk: positions whose logits the update holds at a time (0: all at once)."""
+    stop: token ids or strings that end completions besides the model's own EOS ids
+    (the tokenizer's and every one in generation_config.json; gft/stops.py).
+    logits_chunk: positions whose logits the update holds at a time (0: all at once).
+    load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
+    from gft.quant import check_loadable
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
+    check_loadable(name, model_path, lora=lora, adapter=adapter,  # quantized bases
+                   load_in_4bit=load_in_4bit)
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
     try:
@@ -152,13 +175,57 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     except ImportError as e:
         extra = "torch" if name == "torch" else "mlx"
         raise ConfigError(f"backend '{name}' is not installed ({e}); pip install 'gft[{extra}]'") from None
-    return module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
-                       trust_remote_code=trust_remote_code,
-                       gradient_checkpointing=gradient_checkpointing, lora=lora,
-                       adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
-                       rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
-                       **({"mixed_precision": True} if mixed_precision else {}),
-                       **_parallel_kwargs(name, parallel, comm))
+    backend = module.load(model_path, dtype=dtype, device=device, optim=optim, seed=seed,
+                          trust_remote_code=trust_remote_code,
+                          gradient_checkpointing=gradient_checkpointing, lora=lora,
+                          adapter=adapter, shard_size=shard_size, rollout_engine=rollout_engine,
+                          rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
+                          **({"mixed_precision": True} if mixed_precision else {}),
+                          **({"load_in_4bit": True} if load_in_4bit else {}),
+                          **_parallel_kwargs(name, parallel, comm))
+    from gft.stops import model_stops
+    backend.stops = model_stops(backend.tokenizer, model_path, stop)
+    return backend
+
+
+def available_memory(name: str, device: str = "auto") -> tuple[float | None, str]:
+    """(bytes the chosen device can give a run, its name), for gft.plan: a CUDA GPU's free
+    memory, Metal's recommended working set, else the host's available memory."""
+    name = resolve_backend_name(name)
+    if name == "torch":
+        import torch
+        if device in ("auto", "cuda") or device.startswith("cuda:"):
+            if torch.cuda.is_available():
+                index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+                return float(torch.cuda.mem_get_info(index)[0]), \
+                    f"torch cuda:{index} {torch.cuda.get_device_name(index)}"
+        mps = getattr(torch.backends, "mps", None)
+        if device in ("auto", "mps") and mps is not None and mps.is_available():
+            return float(torch.mps.recommended_max_memory()), "torch mps"
+    elif name == "mlx":
+        import mlx.core as mx
+        if device != "cpu" and mx.is_available(mx.gpu) and hasattr(mx, "device_info"):
+            info = mx.device_info()
+            size = info.get("max_recommended_working_set_size") or info.get("memory_size")
+            if size:
+                return float(size), f"mlx gpu {info.get('device_name', '')}".strip()
+    return _host_available(), f"{name} cpu (host memory)"
+
+
+def _host_available() -> float | None:
+    """MemAvailable on Linux; physical memory elsewhere (macOS: no cheap 'available')."""
+    import os
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
 from gft.groups import scored_from, shared_prefix, shared_prompts
 from gft.objective import AGGREGATIONS, gft_token_loss
+from gft.stops import apply_string_stops, model_stops
 from gft.types import TokenBatch
 
 
@@ -217,6 +218,9 @@ class MlxBackend:
         off under gradient checkpointing."""
         self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
+        # what ends a completion: generation_config.json's ids too; load_backend adds the
+        # config's `stop`
+        self.stops = model_stops(tokenizer, model_path)
         self.dtype, self.optim_cfg = dtype, optim
         self.lora, self.shard_size = lora, shard_size
         self._loss_and_grad = nn.value_and_grad(model, self._loss)
@@ -255,13 +259,14 @@ class MlxBackend:
         for start in range(0, len(prompts), sampling.batch_size):
             end = start + sampling.batch_size
             out.extend(self._generate_batch(prompts[start:end], sampling, seeds[start:end]))
-        return out
+        return apply_string_stops(out, self.stops, self.tokenizer.decode)
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                         seeds: Sequence[int]) -> list[list[int]]:
         """Left-pad, prefill (each distinct prompt once, its cache rows copied to the rows
         that repeat it), then decode one token per row per forward until every row
-        has emitted EOS or max_new_tokens is reached. Rows that finish are dropped from
+        has emitted a stop id (self.stops.ids and sampling.stop_ids) or max_new_tokens is
+        reached. Rows that finish are dropped from
         the batch (and the KV cache), so short answers stop costing compute. The next
         step is queued (async_eval) before the host reads the current tokens, as mlx-lm
         does, which keeps the device busy while Python does its bookkeeping."""
@@ -270,7 +275,7 @@ class MlxBackend:
         rows: list[list[int]] = [[] for _ in prompts]
         if sampling.max_new_tokens <= 0:
             return rows
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        stop, pad = self.stops.ids | set(sampling.stop_ids), self.tokenizer.pad_token_id
         distinct, copies = shared_prompts(prompts)  # GRPO: G rows of one prompt
         width = max(len(p) for p in distinct)
         pads = [width - len(p) for p in distinct]
@@ -301,7 +306,7 @@ class MlxBackend:
             keep = []
             for k, t in enumerate(y.tolist()):
                 rows[active[k]].append(t)
-                if t != eos:
+                if t not in stop:
                     keep.append(k)
             if y_next is None or not keep:
                 break
@@ -447,6 +452,7 @@ class MlxBackend:
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
             save_adapter(path, self._params(), self.lora, str(self.model_path))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))
         write_weights(path, weights, lambda f, t: mx.save_safetensors(
@@ -502,19 +508,25 @@ class MlxBackend:
         return {n: np.array(p.astype(mx.float32)) for n, p in self._neutral(self._params()).items()}
 
 
-def set_device(device: str) -> None:
-    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
-    if device == "auto":
+def check_device(device: str) -> None:
+    """A device MLX has on this machine (ConfigError otherwise), checked before loading."""
+    if device in ("auto", "cpu"):
         return
-    if device == "cpu":
-        mx.set_default_device(mx.cpu)
-    elif device in ("gpu", "mps", "metal", "cuda"):
+    if device in ("gpu", "mps", "metal", "cuda"):
         if not mx.is_available(mx.gpu):
             raise ConfigError(f"device '{device}': MLX has no GPU on this machine "
                               "(use device: cpu or auto)")
+        return
+    raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
+
+
+def set_device(device: str) -> None:
+    """auto = MLX's default (the GPU where there is one); cpu; gpu (Metal or CUDA)."""
+    check_device(device)
+    if device == "cpu":
+        mx.set_default_device(mx.cpu)
+    elif device != "auto":
         mx.set_default_device(mx.gpu)
-    else:
-        raise ConfigError(f"device '{device}' is not an MLX device (auto, cpu or gpu)")
 
 
 def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
@@ -533,7 +545,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     trust_remote_code goes to the tokenizer and to mlx-lm, which only uses it for a
     config's custom `model_file`; mlx-lm never runs transformers' remote modeling code."""
     from mlx_lm.utils import load_model
-    from gft.modelfiles import load_tokenizer
+    from gft.modelfiles import load_tokenizer, tokenizer_source
     if dtype not in DTYPES:
         raise ConfigError(f"dtype '{dtype}' is not supported by the mlx backend "
                           f"(choose {' or '.join(DTYPES)})")
@@ -548,12 +560,23 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                           "train and sample in bfloat16)")
     set_device(device)
     mx.random.seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
+    from backends.mlx_config import check_weight_names, mlx_model_config
+    config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
-        model, _ = load_model(Path(model_path), strict=True, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: a config key missing
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        model, _ = load_model(Path(model_path), strict=True, model_config=config,
+                              trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            AssertionError, ImportError, SystemExit) as e:  # mlx-lm building an architecture
+        # it reads differently, or a model module that exits (olmo without hf_olmo)
+        # one line, even for mlx-lm's multi-line "Missing N parameters: \n a\n b ..."
+        first = " ".join(str(e).split())[:300] or type(e).__name__
+        if isinstance(e, (SystemExit, ImportError)):
+            first = (f"mlx-lm's {config.get('model_type')} module cannot be imported (it needs "
+                     "a package that is not installed)")
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
+    check_weight_names([n for n, _ in tree_flatten(model.parameters())], model_path)
     model.set_dtype(DTYPES[dtype])
     mx.eval(model.parameters())
     if lora is not None:

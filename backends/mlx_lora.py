@@ -7,6 +7,9 @@ neutral PEFT names and orientation of gft/lora.py instead (`to_neutral` / `from_
 a rename and a transpose, exact for weights and for AdamW moments alike).
 The base model is frozen first, so only the adapters are trainable; they stay float32 on a
 bfloat16 model, as peft keeps them.
+A quantized base (mlx-lm's 4- or 8-bit QuantizedLinear / QuantizedEmbedding, any group size
+or per-layer recipe) is frozen the same way: mlx-lm's LoRALinear wraps a QuantizedLinear
+as it wraps a Linear, so rollouts and the update both run through the quantized matmul.
 """
 from __future__ import annotations
 
@@ -74,9 +77,12 @@ def apply_lora(model: nn.Module, lora: LoraConfig, seed: int, adapter: str | Non
 
 
 def save_adapter(path: Path, params: dict[str, mx.array], lora: LoraConfig, base: str) -> None:
-    """The PEFT adapter directory the torch backend writes for the same weights."""
+    """The PEFT adapter directory the torch backend writes for the same weights, plus a
+    record of the base's quantization when it is quantized (gft/quant.py)."""
+    from gft.quant import base_record, write_base_record
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_peft_config(path, lora, base)
+    write_base_record(path, base_record(base))
     tensors = {n: mx.contiguous(x) for n, x in to_neutral(params).items()}
     mx.save_safetensors(str(path / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -27,6 +28,7 @@ from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError
 from gft.objective import AGGREGATIONS, gft_token_loss
+from gft.stops import Stops, apply_string_stops, model_stops
 from gft.types import TokenBatch
 
 
@@ -50,6 +52,30 @@ class _TorchOps:
 
 TORCH_OPS = _TorchOps()
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def check_device(device: str) -> None:
+    """A device this machine has (ConfigError otherwise), checked before any loading."""
+    try:
+        dev = torch.device("cuda" if device == "gpu" else device) if device != "auto" else None
+    except RuntimeError:
+        raise ConfigError(f"device '{device}' is not a torch device (auto, cpu, cuda, cuda:N, "
+                          "mps)") from None
+    if dev is None or dev.type == "cpu":
+        return
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}': CUDA is not available on this machine (torch "
+                          f"{torch.__version__}); use device: auto or cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device '{device}': this machine has {torch.cuda.device_count()} "
+                          "CUDA device(s), numbered from 0")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise ConfigError(f"device '{device}': MPS (Apple GPU) is not available on this "
+                          "machine; use device: auto or cpu")
+    if dev.type not in ("cuda", "mps"):
+        raise ConfigError(f"device '{device}' is not supported by gft's torch backend "
+                          "(auto, cpu, cuda, cuda:N, mps)")
 
 
 def pick_device(device: str) -> torch.device:
@@ -135,6 +161,9 @@ class TorchBackend:
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        # what ends a completion; load() adds generation_config.json's ids, load_backend
+        # the config's `stop`
+        self.stops = Stops(frozenset({tokenizer.eos_token_id}))
         self.strategy, self.world = strategy, world
         if device.type == "cpu":  # the step's big buffers are reused, not page-faulted in
             keep_freed_memory()
@@ -189,10 +218,13 @@ class TorchBackend:
             self.rollout_engine.sync()
             self._engine_stale = False
         self.model.eval()
+        stop_ids = tuple(sorted(self.stops.ids | set(sampling.stop_ids)))
+        sampling = replace(sampling, stop_ids=stop_ids)
         # a row's draws depend on its own seed only, not on its chunk or batch
         with self._compute_dtype():
-            return self.rollout_engine.generate(prompts, sampling,
+            rows = self.rollout_engine.generate(prompts, sampling,
                                                 row_seeds(seed, len(prompts)))
+        return apply_string_stops(rows, self.stops, self.tokenizer.decode)
 
     @property
     def rollout_note(self) -> str | None:
@@ -359,7 +391,9 @@ class TorchBackend:
         path = Path(path)
         if self.lora is not None:
             from backends.torch_lora import save_adapter
-            save_adapter(path, self.params, self.lora, self.base)
+            save_adapter(path, self.params, self.lora, self.base,
+                         getattr(getattr(self.model, "config", None), "quantization_config", None))
+            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
@@ -442,7 +476,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
          mixed_precision: bool = False, rollout_graphs: str = "auto",
-         logits_chunk: int = 1024) -> TorchBackend:
+         logits_chunk: int = 1024, load_in_4bit: bool = False) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
@@ -452,28 +486,36 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     mixed_precision: bfloat16 compute, float32 weights, gradients and AdamW moments.
     rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
     graphs (torch_sampler.GraphDecoder); auto = on CUDA.
-    logits_chunk: positions whose [., V] logits the update holds at a time (0: all)."""
+    logits_chunk: positions whose [., V] logits the update holds at a time (0: all).
+    load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py)."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
     from transformers import AutoModelForCausalLM
-    from gft.modelfiles import check_loaded_weights, load_tokenizer
+    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
     _quiet_transformers()
+    check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
+                               trust_remote_code=trust_remote_code)
+    quantized = {}
+    if load_in_4bit:  # bitsandbytes places the 4-bit weights itself: no model.to()
+        from backends.torch_lora import qlora_load_kwargs
+        quantized = qlora_load_kwargs(DTYPES[dtype], dev)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            output_loading_info=True)
+            output_loading_info=True, **quantized)
     except (OSError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
                          info.get("mismatched_keys", []))
-    model.to(dev)
+    if not quantized:
+        model.to(dev)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
@@ -491,9 +533,11 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     if rollout_engine == "bfloat16" and parallel == "fsdp" and world > 1:
         raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
                           "with parallel: fsdp use rollout_engine: policy")
-    return TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
-                        shard_size=shard_size, strategy=parallel if world > 1 else None,
-                        world=world, train_module=train_module, rollout_engine=rollout_engine,
-                        mixed_precision=mixed_precision,
-                        share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
-                        logits_chunk=logits_chunk)
+    backend = TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
+                           shard_size=shard_size, strategy=parallel if world > 1 else None,
+                           world=world, train_module=train_module, rollout_engine=rollout_engine,
+                           mixed_precision=mixed_precision,
+                           share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
+                           logits_chunk=logits_chunk)
+    backend.stops = model_stops(tokenizer, model_path)
+    return backend

@@ -6,9 +6,13 @@ gft/lora.py (the PEFT file keys, `...q_proj.lora_A.weight`), which the optimizer
 named_parameters() and gradients() use on both backends. A (B = 0) is overwritten with
 gft.lora.init_lora_a so that torch and MLX LoRA runs start from the same adapter.
 peft keeps adapters in float32 on a bfloat16 model (autocast_adapter_dtype); so does MLX.
+QLoRA (load_in_4bit): the base is loaded in 4-bit NF4 by transformers' BitsAndBytesConfig;
+peft wraps bitsandbytes' Linear4bit layers as it wraps nn.Linear.
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -18,6 +22,11 @@ from safetensors.torch import load_file, save_file
 
 from gft.errors import ConfigError, ModelError
 from gft.lora import PEFT_WEIGHTS, LoraConfig, init_lora_a, parse_peft_key, write_peft_config
+
+# peft imports bitsandbytes when it is installed; on an AVX512-BF16 CPU bitsandbytes 0.50
+# then warns, on every start, that an optional kernel from the Hugging Face hub is missing
+# (its own fallback runs instead), even for runs that quantize nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 _ADAPTER_NAME = re.compile(r"\.lora_([AB])\.default\.weight$")
 
@@ -47,6 +56,7 @@ def apply_lora(model, lora: LoraConfig, seed: int, adapter: str | None = None):
             model = get_peft_model(model, peft_cfg)
     except ValueError as e:  # e.g. no module matches the targets
         raise ModelError(f"LoRA targets {list(lora.targets)}: {str(e).splitlines()[0]}") from None
+    no_cpu_repacking(model)
     params = lora_parameters(model)
     if adapter is not None:
         load_adapter(params, Path(adapter))
@@ -73,11 +83,47 @@ def load_adapter(params: dict[str, torch.nn.Parameter], adapter: Path) -> None:
             p.copy_(tensors[name].to(p.dtype))
 
 
+def qlora_load_kwargs(dtype: torch.dtype, device: torch.device) -> dict:
+    """from_pretrained's arguments for a 4-bit NF4 base (QLoRA, arXiv 2305.14314): 4-bit
+    NormalFloat with double quantization, computing in `dtype`; bitsandbytes runs it on CUDA,
+    and on CPU from its 0.48 releases."""
+    try:
+        import bitsandbytes  # noqa: F401  (transformers' own message is a paragraph)
+    except ImportError:
+        raise ConfigError("load_in_4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype), "device_map": {"": device}}
+
+
+def no_cpu_repacking(model) -> None:
+    """bitsandbytes (0.50) repacks a Linear4bit's weight for its AVX512-BF16 CPU kernel on
+    the first eval-mode forward, one way: the repacked layer has no backward, so the
+    update after a rollout would fail. Training alternates the two, so keep the trainable
+    layout (the layer's own switch)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def save_adapter(path: Path, params: dict[str, torch.nn.Parameter], lora: LoraConfig,
-                 base: str) -> None:
-    """adapter_config.json + adapter_model.safetensors, as peft's save_pretrained writes."""
+                 base: str, quantization=None) -> None:
+    """adapter_config.json + adapter_model.safetensors, as peft's save_pretrained writes,
+    plus a record of the base's quantization when it was loaded quantized (QLoRA) or is a
+    quantized checkpoint (gft/quant.py)."""
+    from gft.quant import base_record, write_base_record
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_peft_config(path, lora, base)
+    record = base_record(base)
+    if quantization is not None:  # quantized while loading (QLoRA): the base files are float
+        q = quantization.to_dict() if hasattr(quantization, "to_dict") else dict(quantization)
+        q = json.loads(json.dumps(q, default=str))  # enums (a str subclass) and dtypes as text
+        bits = "4-bit" if q.get("load_in_4bit") else "8-bit" if q.get("load_in_8bit") else ""
+        record = {"base_model": str(base), "format": "transformers", "quantization": q,
+                  "description": " ".join(filter(None, [q.get("quant_method"), bits,
+                                                        q.get("bnb_4bit_quant_type")]))}
+    write_base_record(path, record)
     save_file({n: p.detach().cpu().contiguous() for n, p in params.items()},
               str(path / PEFT_WEIGHTS), metadata={"format": "pt"})

@@ -519,7 +519,8 @@ class PolicyEngine:
                 out.extend(sample(model, list(prompts[start:end]),
                                   max_new_tokens=sampling.max_new_tokens,
                                   temperature=sampling.temperature, top_p=sampling.top_p,
-                                  greedy=sampling.greedy, eos_id=tok.eos_token_id,
+                                  greedy=sampling.greedy,
+                                  eos_id=sampling.stop_ids or tok.eos_token_id,
                                   pad_id=tok.pad_token_id, seed=seeds[start:end],
                                   device=self.device, graphs=self.graphs))
         return out

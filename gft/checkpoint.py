@@ -5,7 +5,9 @@
                                        optimizer.safetensors    (AdamW moments by param name)
                                        trainer_state.json       (step, data position, config)
     RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
-    RUN_DIR/final/                     the last checkpoint of a finished run
+    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer and
+                                       generation config only; its last step stays in
+                                       checkpoints/ (runs before that: a full checkpoint)
 
 Crash safety, step by step (a SIGKILL or power cut may land anywhere):
 - a checkpoint is written into `.step-N.tmp-PID/`, every file fsynced, then renamed to
@@ -264,7 +266,9 @@ def _candidates(run_dir: Path) -> list[tuple[float, int, Path]]:
             if match and path.is_dir():
                 out.append((int(match[1]), 0, path))
     final = run_dir / "final"
-    if final.is_dir():
+    # final/ is an export (model and tokenizer; the last step's checkpoint is in
+    # checkpoints/), a resume candidate only in runs written before that layout
+    if final.is_dir() and (final / STATE_FILE).exists():
         try:
             step: float = checkpoint_step(final)
         except GFTError:

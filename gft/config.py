@@ -1,7 +1,7 @@
 """Training configuration: one flat dataclass, every field with help.
 
 Values are layered, later layers winning:
-  1. the dataclass defaults (the paper's Qwen2.5-Math-1.5B settings, GFT.md),
+  1. the dataclass defaults (the paper's Qwen2.5-Math-1.5B settings, docs/ALGORITHM.md),
   2. the preset (`sft`, `dft`, `grpo`, `gft`: K, n, advantage estimator, tau),
   3. the embedded default job's settings, only when neither `model` nor `data` is given,
   4. the YAML file,
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
+import re
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -45,6 +48,9 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    check_memory: bool = _f(True, "Before loading, plan the run's peak memory (gft train "
+                                  "--dry-run prints it) and refuse a config that cannot fit "
+                                  "the device, naming the key that shrinks the largest item.")
     parallel: str = _f("ddp", "Under torchrun with several processes: ddp (every rank holds the "
                        "model, gradients all-reduced) | fsdp (FSDP2: weights, gradients and AdamW "
                        "moments sharded over the ranks). One process: ignored.")
@@ -56,9 +62,16 @@ class TrainConfig:
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj"], "Linear layers that get adapters, by name (PEFT's "
                                            "target_modules).")
+    load_in_4bit: bool = _f(False, "torch: QLoRA. Load the frozen base in 4-bit NF4 through "
+                                   "transformers' BitsAndBytesConfig (needs bitsandbytes and "
+                                   "lora_rank); compute in dtype. On mlx, quantize the base "
+                                   "instead: gft convert SRC DST --quantize 4.")
     # ---- data
     data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
                                 "local datasets files; unset = the embedded arithmetic task.")
+    answer_column: str = _f("answer", "The data column holding the ground truth that the "
+                                      "built-in rewards compare with (e.g. TRL's \"solution\"); "
+                                      "it is also passed to reward functions under its own name.")
     chat_template: bool | None = _f(None, "Wrap string prompts in the tokenizer's chat template "
                                           "(unset: only chat-message prompts use it).")
     max_prompt_tokens: int = _f(1024, "Longest prompt in tokens; see prompt_overflow.")
@@ -66,9 +79,14 @@ class TrainConfig:
                                        "(keep its last tokens) | skip (counted and reported).")
     max_response_tokens: int = _f(2048, "Longest response: rollouts stop here and dataset "
                                         "responses are truncated to it.")
+    stop: list = _f([], "More token ids or strings that end rollouts and evaluation, besides "
+                        "the tokenizer's EOS and every eos_token_id in the model's "
+                        "generation_config.json (which always do), e.g. ['<|im_end|>', "
+                        "'\\n\\nQuestion:'].")
     # ---- objective (presets set these four)
     preset: str = _f("gft", "sft | dft | grpo | gft: sets num_offpolicy, num_rollouts, advantage "
-                            "and tau as in GFT.md's table; explicit values override it.")
+                            "and tau as in docs/ALGORITHM.md's table; explicit values "
+                            "override it.")
     num_offpolicy: int = _f(4, "K: dataset responses per prompt that enter the group.")
     num_rollouts: int = _f(4, "n: on-policy rollouts sampled per prompt.")
     advantage: str = _f("grpo", "grpo (mean/std, N-1) | dr_grpo (mean only) | rloo | constant (A=1).")
@@ -77,8 +95,12 @@ class TrainConfig:
     skip_zero_advantage: bool = _f(True, "Do not run forward/backward on responses with A = 0 "
                                          "(they add no gradient); they still count in the "
                                          "token-mean denominator, so the loss is unchanged.")
-    rewards: list = _f(["math"], "Reward functions: math | exact | regex | module:function, or "
-                                 "[{name, weight, ...options}]. The first one defines accuracy.")
+    rewards: list | None = _f(None, "Reward functions: math | exact | regex | module:function | "
+                                    "file.py:function (TRL's calling convention), or "
+                                    "[{name, weight, ...options}]. The first one defines "
+                                    "accuracy. Unset: math when a stage samples rollouts "
+                                    "or compares responses (grpo, gft); none for sft/dft, "
+                                    "which then report no reward.")
     reward_timeout: float = _f(60.0, "Seconds one call of a reward function may take before "
                                      "the run stops with an error naming it and the row "
                                      "(0 = no limit).")
@@ -122,16 +144,32 @@ class TrainConfig:
                                  "once (llama/qwen2/qwen3/mistral heads; others always all).")
     epochs: float = _f(1.0, "Passes over the training data (used when max_steps is unset).")
     max_steps: int | None = _f(None, "Stop after this many steps (unset: epochs over the data).")
+    max_policy_tokens: int = _f(0, "Stop once the run has processed this many policy tokens "
+                                   "(rollout tokens generated + response tokens trained), "
+                                   "at most one step past it: equal compute across presets "
+                                   "(0 = no limit; steps/epochs still cap the run, and a "
+                                   "linear/cosine decay runs over those). In a stage: that "
+                                   "stage's own budget; see gft/budget.py.")
     stages: list | None = _f(None, "Chain presets in one run: [{sft: 200}, {gft: 300}, ...] or "
                                    "[{preset, steps, ...keys}]; see gft/stages.py.")
     # ---- run, logging, evaluation, checkpoints
     seed: int = _f(0, "Seed for data order, sampling and initialization of the default model.")
     output_dir: str | None = _f(None, "Run directory; unset = runs/<preset>-<timestamp>.")
     eval_every: int = _f(0, "Evaluate held-out accuracy every N steps (0 = only start and end).")
-    eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding).")
-    eval_split: str = _f("test", "Split used for held-out evaluation (test, then valid if absent).")
+    eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding); 0 = no "
+                               "evaluation.")
+    eval_data: str | None = _f(None, "Held-out data: a file, a directory (its eval_split, "
+                                     "else valid), or a split name of `data`. Unset: "
+                                     "eval_split of a `data` directory; a single data file "
+                                     "has none (see eval_holdout).")
+    eval_split: str = _f("test", "Split of a data directory used for held-out evaluation "
+                                 "(test, then valid if absent).")
+    eval_holdout: float = _f(0.0, "When there is no held-out data: set aside this fraction "
+                                  "of the training rows (seeded; never trained on) for "
+                                  "evaluation. 0 = evaluate nothing rather than training rows.")
     save_every: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
-    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints (the final one is kept).")
+    keep_checkpoints: int = _f(2, "Keep the last N step checkpoints, at least the last step's "
+                               "(a finished run resumes from it: final/ holds the model only).")
     reset_optimizer: bool = _f(False, "On --resume: continue from a checkpoint whose "
                                       "optimizer.safetensors is missing or damaged, with fresh "
                                       "AdamW moments (the run then differs from an "
@@ -142,10 +180,16 @@ class TrainConfig:
     max_bad_steps: int = _f(5, "Stop after this many steps in a row with a non-finite loss "
                                 "or gradient (each is skipped without an update).")
     progress: bool = _f(True, "Show a progress bar on the terminal.")
+    logging_steps: int = _f(10, "When stdout is not a terminal (a cluster job, nohup, a "
+                                "pipe): print one plain line of metrics every N steps.")
+    report_to: list = _f([], "Experiment trackers: any of tensorboard, wandb, trackio, "
+                             "mlflow (each through its own client; pip install "
+                             "'gft[wandb]' etc.). They get metrics.jsonl's numbers and "
+                             "samples.jsonl's completions as tables. [] or none: no tracker.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # K dataset responses, n rollouts, advantage estimator, DCR threshold (GFT.md's table).
+    # K dataset responses, n rollouts, advantage estimator, DCR threshold (docs/ALGORITHM.md).
     "sft": {"num_offpolicy": 1, "num_rollouts": 0, "advantage": "constant", "tau": 0.0},
     "dft": {"num_offpolicy": 1, "num_rollouts": 0, "advantage": "constant", "tau": 1.0},
     "grpo": {"num_offpolicy": 0, "num_rollouts": 8, "advantage": "grpo", "tau": 0.0},
@@ -159,6 +203,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     # gradient to DFT's; a short SFT warm-up gives the partial skill the paper starts from.
     # GFT then runs at a lower learning rate: an RL stage at the SFT rate destabilizes.
     "stages": [{"sft": 300}, {"preset": "gft", "steps": 150, "learning_rate": 1e-3}],
+    "rewards": ["math"],  # the task's answers are numbers; also scored during the SFT stage
     "learning_rate": 3e-3,
     "lr_schedule": "constant",
     "warmup_steps": 5,
@@ -173,6 +218,97 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "save_every": 50,
     "rollout_batch_size": 128,
 }
+
+# Keys of TRL's GRPOConfig / SFTConfig (TrainingArguments) and of mlx-lm's (and
+# mlx-lm-lora's) LoRA config that gft spells differently or does not have. An unknown key
+# found here is an error that points at gft's equivalent (the README's "Coming from TRL
+# or mlx-lm" table says the same). Names gft shares with them (learning_rate, max_steps,
+# seed, temperature, top_p, weight_decay, warmup_steps, max_grad_norm, output_dir, model,
+# data, save_every, ...) need no entry. Keys that name a gft field are never looked up
+# here: TRL's report_to and logging_steps are gft keys too.
+FOREIGN_KEYS: dict[str, str] = {
+    # TRL GRPOConfig
+    "num_generations": "TRL's num_generations (completions per prompt) is gft's num_rollouts; "
+                       "a gft group also holds num_offpolicy dataset responses",
+    "max_completion_length": "TRL's max_completion_length is gft's max_response_tokens",
+    "max_prompt_length": "TRL's max_prompt_length is gft's max_prompt_tokens "
+                         "(prompt_overflow says what happens to a longer one)",
+    "gradient_accumulation_steps": "gft sets updates in prompts, not accumulation steps: "
+                                   "prompts_per_minibatch prompts per optimizer update, "
+                                   "micro_batch_size sequences per forward/backward",
+    "per_device_train_batch_size": "gft's micro_batch_size (sequences per forward/backward); "
+                                   "prompts per update are prompts_per_minibatch",
+    "per_device_eval_batch_size": "gft's rollout_batch_size (sequences decoded together)",
+    "generation_batch_size": "gft's prompts_per_step (prompts rolled out per step) and "
+                             "rollout_batch_size (sequences decoded together)",
+    "steps_per_generation": "gft's prompts_per_step / prompts_per_minibatch (updates per step)",
+    "num_iterations": "gft makes exactly one update per batch of rollouts (TRL's default, 1)",
+    "beta": "gft has no KL penalty (TRL's default beta is 0.0); remove the key",
+    "epsilon": "gft has no PPO ratio clipping: with one update per rollout batch the "
+               "ratio is 1; the closest knob is tau, the DCR threshold on off-policy tokens",
+    "epsilon_high": "gft has no PPO ratio clipping (see epsilon)",
+    "loss_type": "gft's loss_aggregation: token-mean (TRL 'dapo'), seq-mean-token-mean "
+                 "(TRL 'grpo'), seq-mean-token-sum (close to TRL 'dr_grpo')",
+    "scale_rewards": "gft's advantage: grpo (scale by the group's std), dr_grpo (no scaling)",
+    "reward_funcs": "gft's rewards (file.py:function takes TRL reward functions unchanged)",
+    "reward_weights": "gft's rewards: [{name: ..., weight: ...}]",
+    "use_vllm": "gft samples with the training backend (rollout_engine: policy | bfloat16)",
+    "mask_truncated_completions": "gft always trains on truncated rollouts (their "
+                                  "truncation is logged as truncated/rollout)",
+    # TRL SFTConfig and transformers' TrainingArguments
+    "num_train_epochs": "TRL's num_train_epochs is gft's epochs",
+    "max_length": "gft caps prompt and response apart: max_prompt_tokens, max_response_tokens",
+    "max_seq_length": "gft caps prompt and response apart: max_prompt_tokens, "
+                      "max_response_tokens",
+    "completion_only_loss": "gft always trains on the responses only (prompt tokens masked)",
+    "assistant_only_loss": "gft always trains on the responses only (prompt tokens masked)",
+    "dataset_text_field": "gft reads prompt / completion / messages columns (a 'text'-only "
+                          "row has no prompt); see the README's Data format",
+    "packing": "gft does not pack sequences",
+    "lr_scheduler_type": "TRL's lr_scheduler_type is gft's lr_schedule (constant | linear | "
+                         "cosine)",
+    "warmup_ratio": "gft's warmup_steps (a number of optimizer updates)",
+    "adam_epsilon": "TRL's adam_epsilon is gft's adam_eps",
+    "save_steps": "TRL's save_steps is gft's save_every",
+    "save_total_limit": "TRL's save_total_limit is gft's keep_checkpoints",
+    "eval_steps": "TRL's eval_steps is gft's eval_every",
+    "eval_strategy": "gft evaluates every eval_every steps (0 = at the start and end)",
+    "eval_dataset": "gft's eval_data (a file, a directory or a split name)",
+    "bf16": "gft's dtype: bfloat16 (bf16 weights) or mixed_precision: true (bf16 compute, "
+            "float32 weights)",
+    "model_init_kwargs": "gft's dtype and trust_remote_code",
+    "peft_config": "gft's lora_rank, lora_alpha, lora_dropout, lora_targets",
+    "resume_from_checkpoint": "gft train --resume RUN_DIR",
+    # mlx-lm lora config (and mlx-lm-lora's GRPO keys)
+    "iters": "mlx-lm's iters is gft's max_steps",
+    "batch_size": "gft counts prompts_per_step per step, prompts_per_minibatch per update "
+                  "and micro_batch_size sequences per forward/backward",
+    "adapter_path": "gft writes the adapter into output_dir (final/ and checkpoints/) when "
+                    "lora_rank > 0",
+    "resume_adapter_file": "gft train --resume RUN_DIR",
+    "fine_tune_type": "gft's lora_rank: 0 = full fine-tune, > 0 = LoRA (no DoRA)",
+    "num_layers": "gft adapts the layers named in lora_targets, in every block",
+    "lora_parameters": "gft's lora_rank, lora_alpha (= mlx-lm's scale x rank), "
+                       "lora_dropout and lora_targets (mlx-lm's keys)",
+    "steps_per_report": "mlx-lm's steps_per_report is gft's logging_steps (every step is "
+                        "also in the run's metrics.jsonl)",
+    "steps_per_eval": "mlx-lm's steps_per_eval is gft's eval_every",
+    "val_batches": "gft's eval_samples (held-out prompts per evaluation; 0 = none)",
+    "test_batches": "gft's eval_samples, with eval_split: test",
+    "test": "gft evaluates during training; gft eval MODEL scores a checkpoint",
+    "train": "gft train is the command; there is no train switch",
+    "grad_checkpoint": "mlx-lm's grad_checkpoint is gft's gradient_checkpointing",
+    "grad_accumulation_steps": "gft's prompts_per_minibatch (per update) and "
+                               "micro_batch_size (per forward/backward)",
+    "mask_prompt": "gft always masks the prompt",
+    "optimizer": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
+    "optimizer_config": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
+    "wandb": "gft's report_to: [wandb] (the project comes from WANDB_PROJECT)",
+    "group_size": "mlx-lm-lora's group_size is gft's num_rollouts",
+    "reward_functions": "gft's rewards",
+    "train_mode": "gft's preset: sft | dft | grpo | gft",
+}
+
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
@@ -193,9 +329,33 @@ def field_help(name: str) -> str:
     return FIELDS[name].metadata.get("help", "")
 
 
+def config_help() -> str:
+    """Every key with its default and help (`gft train --help-config`). The defaults are
+    the dataclass's; a preset, the embedded default job, YAML and --set override them."""
+    defaults = TrainConfig()
+    lines = []
+    for name in FIELDS:
+        value = getattr(defaults, name)
+        shown = "unset" if value is None else json.dumps(value) \
+            if isinstance(value, (list, dict)) else str(value).lower() \
+            if isinstance(value, bool) else str(value)
+        lines.append(f"  {name} (default: {shown})")
+        lines += textwrap.wrap(field_help(name), 88, initial_indent=" " * 6,
+                               subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
 def _suggest(key: str, options: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def unknown_key(key: str, where: str) -> str:
+    """The message for a key gft does not have: TRL's or mlx-lm's name for a gft key
+    points at it; anything else gets a did-you-mean."""
+    if key in FOREIGN_KEYS:
+        return f"{where}: unknown key '{key}': {FOREIGN_KEYS[key]}"
+    return f"{where}: unknown key '{key}'" + _suggest(key, FIELDS)
 
 
 def _coerce(name: str, value: Any, where: str) -> Any:
@@ -243,14 +403,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.advantage != "constant" and cfg.num_offpolicy + cfg.num_rollouts < 2:
         raise ConfigError(f"advantage '{cfg.advantage}' compares responses within a group; a group "
                           "of one has no baseline (use num_offpolicy + num_rollouts >= 2)")
+    from gft.tracking import tracker_names
+    tracker_names(cfg.report_to)
     for name in ("prompts_per_step", "prompts_per_minibatch", "micro_batch_size",
-                 "max_prompt_tokens", "max_response_tokens", "eval_samples", "keep_checkpoints",
-                 "rollout_batch_size", "max_bad_steps"):
+                 "max_prompt_tokens", "max_response_tokens", "keep_checkpoints",
+                 "rollout_batch_size", "max_bad_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"'{name}' must be >= 1, got {getattr(cfg, name)}")
     for name in ("logits_chunk", "micro_batch_tokens"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"'{name}' must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    if cfg.eval_samples < 0:
+        raise ConfigError(f"'eval_samples' must be >= 0 (0 = no evaluation), "
+                          f"got {cfg.eval_samples}")
+    if not 0.0 <= cfg.eval_holdout < 1.0:
+        raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
+    if not cfg.answer_column.strip():
+        raise ConfigError("'answer_column' must name a column")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
@@ -258,6 +427,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+    _check_ranges(cfg)
+    if cfg.max_policy_tokens < 0:
+        raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
+                          f"{cfg.max_policy_tokens}")
     from gft.convert import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)
@@ -266,12 +439,44 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# Ranges of the keys `validate` does not check on its own: (test, what it says).
+_AT_LEAST_0 = ("warmup_steps", "eval_every", "save_every", "sample_every", "lora_rank",
+               "weight_decay", "max_grad_norm", "reward_timeout")
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "> 0"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "lora_alpha": (lambda v: v > 0, "> 0"),
+    "lora_dropout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "seed": (lambda v: 0 <= v < 2**63, "in 0 .. 2**63-1"),
+    **{name: (lambda v: v >= 0, ">= 0") for name in _AT_LEAST_0},
+}
+# torch device names (torch.device's syntax); mlx also takes gpu. Availability is the
+# backend's to check (backends/*.check_device), before it loads anything.
+_DEVICE = re.compile(r"auto|cpu|gpu|mps|metal|cuda(:\d+)?|xpu(:\d+)?")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for name, (ok, text) in _RANGES.items():
+        value = getattr(cfg, name)
+        if not ok(value):
+            raise ConfigError(f"'{name}' must be {text}, got {value!r}")
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got "
+                          f"{cfg.device!r}")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -280,6 +485,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of key: value")
+    for key in raw:
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}: key {key!r} is not a name; config keys are names "
+                              "like learning_rate (see gft train --help-config)")
     return raw
 
 
@@ -302,7 +511,7 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
     for where, layer in ((source, yaml_values), ("command line", overrides)):
         for key, value in layer.items():
             if key not in FIELDS:
-                raise ConfigError(f"{where}: unknown key '{key}'" + _suggest(key, FIELDS))
+                raise ConfigError(unknown_key(key, where))
             merged[key] = _coerce(key, value, where)
     preset = merged.get("preset", "gft")
     if preset not in PRESETS:

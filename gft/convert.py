@@ -6,6 +6,8 @@
     gft convert SRC DST [--to peft|mlx-lm] [--dtype D]  a LoRA adapter, PEFT <-> mlx-lm
         (gft/lora.py describes both formats)
     gft fuse ADAPTER --base BASE OUT                     W + s·B·A into each adapted weight
+    gft convert SRC DST --quantize 4|8 | --dequantize    to and from mlx-lm's quantized
+    gft fuse ... [--requantize]   over a quantized base   format: gft/quantize.py
 
 Tensors are handled by torch or by MLX, whichever is installed (torch first): bfloat16 never
 passes through NumPy, which has no such type. The fused weight is computed in float32 and
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gft.errors import ConfigError, ModelError
+from gft.quant import BASE_QUANT_FILE
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
                       peft_key, read_mlx_config, read_peft_config, write_peft_config)
@@ -191,10 +194,15 @@ def write_model(dst: Path, src: Path, tensors: dict, ar, shard_size: str | int) 
 
 def convert_model(src: Path, dst: Path, *, dtype: str | None, shard_size: str | int,
                   framework: str | None = None) -> list[str]:
+    from gft.quant import describe, hf_quantization, mlx_quantization
     cfg = _read_config(src)
-    if "quantization" in cfg or "quantization_config" in cfg:
-        raise ModelError(f"{src}: a quantized model; gft trains float weights (dequantize it "
-                         "first, e.g. mlx_lm.convert --hf-path SRC --dequantize)")
+    q = mlx_quantization(cfg)
+    if q is not None:
+        raise ModelError(f"{src}: an mlx-lm quantized model ({describe(q)}); to write it in "
+                         "full precision add --dequantize")
+    if hf_quantization(cfg) is not None:
+        raise ModelError(f"{src}: quantized with {hf_quantization(cfg)['quant_method']}; gft "
+                         "convert reads float or mlx-lm quantized models only")
     ar = arrays(framework)
     tensors = load_weights(src, ar)
     if dtype:
@@ -246,6 +254,16 @@ def read_adapter(src: Path, ar) -> tuple[LoraConfig, str | None, dict[str, tuple
     return lora, base, {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}
 
 
+def read_adapter_base(src: Path) -> str | None:
+    """The base model an adapter names, without reading its tensors."""
+    if is_peft_adapter(src):
+        return read_peft_config(src)[1]
+    if is_mlx_adapter(src):
+        return read_mlx_config(src)[1]
+    raise ModelError(f"{src}: not a LoRA adapter directory (adapter_config.json with "
+                     f"{PEFT_WEIGHTS} or {MLX_WEIGHTS})")
+
+
 def write_adapter(dst: Path, to: str, lora: LoraConfig, base: str | None,
                   modules: dict[str, tuple[Any, Any]], ar) -> None:
     """PEFT: lora's own config; mlx-lm: keys and num_layers derived from `modules`."""
@@ -282,44 +300,75 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     if dtype:
         modules = {m: (ar.cast(a, dtype), ar.cast(b, dtype)) for m, (a, b) in modules.items()}
     write_adapter(dst, to, lora, base, modules, ar)
+    if (src / BASE_QUANT_FILE).is_file():  # the record of a quantized base travels along
+        shutil.copyfile(src / BASE_QUANT_FILE, dst / BASE_QUANT_FILE)
     return [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
             f"{len(modules)} modules"]
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
             shard_size: str | int | None = None, to: str | None = None,
-            base: str | None = None, framework: str | None = None) -> list[str]:
-    """`gft convert`: a model directory or an adapter; returns the lines to print."""
+            base: str | None = None, framework: str | None = None,
+            quantize: int | None = None, group_size: int | None = None,
+            dequantize: bool = False) -> list[str]:
+    """`gft convert`: a model directory or an adapter; returns the lines to print.
+    quantize (bits) / dequantize: to and from mlx-lm's quantized format (gft/quantize.py)."""
     src, dst = Path(src), Path(dst)
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if dst.exists() and (dst.resolve() == src.resolve() or any(dst.iterdir())):
         raise ConfigError(f"{dst}: the destination must be a new or empty directory")
+    quant_opts = quantize is not None or group_size is not None or dequantize
     if is_peft_adapter(src) or is_mlx_adapter(src):
-        if shard_size is not None:
-            raise ConfigError("--shard-size applies to models, not adapters")
+        if shard_size is not None or quant_opts:
+            raise ConfigError("--shard-size, --quantize, --group-size and --dequantize apply "
+                              "to models, not adapters")
         return convert_adapter(src, dst, to=to, dtype=dtype, base=base, framework=framework)
     if to is not None:
         raise ConfigError(f"{src}: --to converts adapters; this is a model directory")
     if not (src / "config.json").is_file():
         raise ModelError(f"{src}: neither a model directory (config.json) nor an adapter")
-    return convert_model(src, dst, dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE,
-                         framework=framework)
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
+    if quant_opts:
+        from gft import quantize as q
+        if dequantize:
+            if quantize is not None or group_size is not None:
+                raise ConfigError("choose --quantize or --dequantize, not both")
+            return q.dequantize_dir(src, dst, dtype=dtype, shard_size=shard_size)
+        if quantize is None:
+            raise ConfigError("--group-size goes with --quantize 4|8")
+        return q.quantize_dir(src, dst, bits=quantize, group_size=group_size, dtype=dtype,
+                              shard_size=shard_size)
+    return convert_model(src, dst, dtype=dtype, shard_size=shard_size, framework=framework)
 
 
 def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
          dtype: str | None = None, shard_size: str | int | None = None,
-         framework: str | None = None) -> list[str]:
+         framework: str | None = None, requantize: bool = False) -> list[str]:
     """`gft fuse`: the base model with W + s·B·A in every adapted weight, as a portable
-    model directory."""
+    model directory. Over an mlx-lm quantized base: de-quantized, or (requantize)
+    quantized again as the base was (gft/quantize.py)."""
+    from gft.quant import mlx_quantization, read_base_record
     adapter, out = Path(adapter), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: the destination must be a new or empty directory")
-    ar = arrays(framework)
-    lora, stored_base, modules = read_adapter(adapter, ar)
-    base_dir = Path(base or stored_base or "")
+    base_dir = Path(base or read_adapter_base(adapter) or "")
     if not (base_dir / "config.json").is_file():
         raise ModelError(f"{base_dir}: base model directory not found; pass --base")
+    quantized = mlx_quantization(_read_config(base_dir)) is not None
+    if requantize and not quantized:
+        raise ConfigError(f"{base_dir}: not a quantized model; --requantize applies to "
+                          "adapters over mlx-lm quantized bases")
+    record = read_base_record(adapter)
+    note = ([f"note: the adapter was trained over a {record['description']} base; fused "
+             f"into {base_dir}, which is not quantized"]
+            if record and not quantized else [])
+    ar = arrays("mlx" if quantized else framework)
+    lora, stored_base, modules = read_adapter(adapter, ar)
+    if quantized:
+        from gft.quantize import fuse_quantized
+        return fuse_quantized(base_dir, out, modules, lora.scale, requantize=requantize,
+                              dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
     weights = load_weights(base_dir, ar)
     for module, (a, b) in modules.items():
         name = module + ".weight"
@@ -330,5 +379,5 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)
-    return [f"wrote {out}: {len(modules)} adapted weights fused into {base_dir}"] + [
+    return [f"wrote {out}: {len(modules)} adapted weights fused into {base_dir}"] + note + [
         f"warning: {w}" for w in warnings]

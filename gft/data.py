@@ -8,8 +8,10 @@ Accepted inputs (see `load_split`):
 
 A row holds `prompt` (a string or chat messages) or `messages` (a chat whose final
 assistant turn is the demonstration), optional off-policy responses (`completion`,
-`completions` or `responses`), an optional `answer`, and any other columns, which are
-passed to reward functions by name.
+`completions` or `responses`; each a string, or one assistant message in conversational
+data), an optional `answer` (or the column named by `answer_column`), and any other
+columns, which are passed to reward functions by name. These are TRL's prompt-only,
+prompt-completion and `messages` dataset types, standard and conversational.
 
 Every problem is a one-line `DataError` naming the file, the line (1-based for JSON Lines,
 the 0-based row index for other formats) and the field. No row is ever dropped silently:
@@ -35,6 +37,8 @@ from gft.types import Example
 _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "validation")}
 _EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
+# Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
+_RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state")
 _Row = tuple[int, Any]  # (line number or row index, the decoded row)
 
 
@@ -43,17 +47,18 @@ _Row = tuple[int, Any]  # (line number or row index, the decoded row)
 
 
 def load_split(path: str | os.PathLike, split: str = "train", *,
-               required: bool = True) -> list[Example]:
+               required: bool = True, answer_column: str = "answer") -> list[Example]:
     """Load one split of a data set as a list of `Example`s.
 
     `path` is a data file (the split is then ignored) or a directory holding
     `{split}.jsonl|json|parquet|csv` or a `datasets.save_to_disk` copy. "validation" and
     "valid" name the same split. A missing split raises `DataError` when `required`,
     and gives `[]` otherwise. An existing but empty file is always an error.
+    answer_column: the column holding the ground truth (e.g. TRL's "solution").
     """
     path = Path(path)
     if path.is_dir():
-        return _load_from_directory(path, split, required)
+        return _load_from_directory(path, split, required, answer_column)
     if path.suffix not in _EXTENSIONS:
         if not path.exists():
             raise DataError("no such file or directory", path=str(path))
@@ -63,11 +68,22 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
         if required:
             raise DataError("no such file", path=str(path))
         return []
-    return _examples_from_rows(_read_file(path), str(path))
+    return _examples_from_rows(_read_file(path), str(path), answer_column)
 
 
-def example_from_row(row: Any, *, path: str, line: int) -> Example:
-    """Validate one decoded row and turn it into an `Example` (errors name path:line)."""
+def is_data_file(path: str | os.PathLike) -> bool:
+    """A single data file (one split only), as opposed to a directory of splits."""
+    return Path(path).suffix in _EXTENSIONS and not Path(path).is_dir()
+
+
+def example_from_row(row: Any, *, path: str, line: int,
+                     answer_column: str = "answer") -> Example:
+    """Validate one decoded row and turn it into an `Example` (errors name path:line).
+
+    The TRL dataset types that carry a prompt are accepted, standard (strings) and
+    conversational (chat messages) alike: prompt-only {"prompt"}, prompt-completion
+    {"prompt", "completion"}, and {"messages"} (the final assistant turn is the
+    demonstration)."""
     if not isinstance(row, dict):
         raise DataError(f"a row must be a JSON object, got {_type_name(row)}",
                         path=path, line=line)
@@ -82,6 +98,10 @@ def example_from_row(row: Any, *, path: str, line: int) -> Example:
     elif row.get("messages") is not None:
         prompt, demonstration = _split_messages(row["messages"], fail)
         used.add("messages")
+    elif row.get("text") is not None:
+        raise fail("prompt", "missing: a row with only 'text' (TRL's language-modeling "
+                             "type) has no prompt to answer; give 'prompt' and "
+                             "'completion', or 'messages'")
     else:
         raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
                              "or 'messages' (a chat)")
@@ -89,9 +109,17 @@ def example_from_row(row: Any, *, path: str, line: int) -> Example:
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
         responses = (demonstration, *responses)
+    if answer_column != "answer" and row.get("answer") is not None:
+        raise fail("answer", f"the row has both 'answer' and answer_column "
+                             f"'{answer_column}'; keep one")
+    reserved = sorted(set(row) & set(_RESERVED_COLUMNS))
+    if reserved:
+        raise fail(reserved[0], "this name is what reward functions receive the batch's "
+                                f"{reserved[0]} under; rename the column")
+    # The answer column keeps its own name too: TRL rewards read e.g. `solution`.
     columns = {key: value for key, value in row.items() if key not in used}
     return Example(prompt=prompt, responses=responses,
-                   answer=_parse_answer(row.get("answer"), fail),
+                   answer=_parse_answer(row.get(answer_column), fail, answer_column),
                    columns=columns, source=f"{path}:{line}")
 
 
@@ -128,22 +156,12 @@ def render_prompt(example: Example, tokenizer: Any, *,
     return text
 
 
-def prompt_text(example: Example) -> str:
-    """A plain-string view of the prompt for reward functions: the string itself, or the
-    content of the last user message (the last message if there is no user turn)."""
-    if isinstance(example.prompt, str):
-        return example.prompt
-    for message in reversed(example.prompt):
-        if message["role"] == "user":
-            return message["content"]
-    return example.prompt[-1]["content"]
-
-
 # ---------------------------------------------------------------------------------------
 # Finding and reading files
 
 
-def _load_from_directory(directory: Path, split: str, required: bool) -> list[Example]:
+def _load_from_directory(directory: Path, split: str, required: bool,
+                         answer_column: str = "answer") -> list[Example]:
     """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
     stems = _SPLIT_NAMES.get(split, (split,))
     found = [directory / (stem + ext) for stem in stems for ext in _EXTENSIONS
@@ -153,9 +171,9 @@ def _load_from_directory(directory: Path, split: str, required: bool) -> list[Ex
         raise DataError(f"several files for split '{split}': "
                         + ", ".join(p.name for p in found) + "; keep one", path=str(directory))
     if found:
-        return _examples_from_rows(_read_file(found[0]), str(found[0]))
+        return _examples_from_rows(_read_file(found[0]), str(found[0]), answer_column)
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
-        return _load_saved_dataset(directory, split, stems, required)
+        return _load_saved_dataset(directory, split, stems, required, answer_column)
     if not required:
         return []
     expected = ", ".join(stem + ext for stem in stems for ext in _EXTENSIONS)
@@ -254,7 +272,7 @@ def _read_with_datasets(path: Path, kind: str) -> Iterator[_Row]:
 
 
 def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
-                        required: bool) -> list[Example]:
+                        required: bool, answer_column: str = "answer") -> list[Example]:
     """A `save_to_disk` directory: a DatasetDict's split, or a lone Dataset as "train"."""
     datasets = _import_datasets()
     try:
@@ -272,12 +290,14 @@ def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
         raise DataError(f"no '{split}' split; the saved dataset has: "
                         + ", ".join(sorted(splits)), path=str(directory))
     source = str(directory / names[0])
-    return _examples_from_rows(enumerate(splits[names[0]]), source)
+    return _examples_from_rows(enumerate(splits[names[0]]), source, answer_column)
 
 
-def _examples_from_rows(rows: Iterable[_Row], path: str) -> list[Example]:
+def _examples_from_rows(rows: Iterable[_Row], path: str,
+                        answer_column: str = "answer") -> list[Example]:
     """Validate every row; an empty file is an error (it is almost always a mistake)."""
-    examples = [example_from_row(row, path=path, line=line) for line, row in rows]
+    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column)
+                for line, row in rows]
     if not examples:
         raise DataError("the data file has no rows", path=path)
     return examples
@@ -330,7 +350,9 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
 
 
 def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
-    """Off-policy responses from whichever one response column is present."""
+    """Off-policy responses from whichever one response column is present. Each response
+    is a string, or in conversational data one assistant message (TRL's conversational
+    prompt-completion type: "completion": [{"role": "assistant", "content": ...}])."""
     present = [key for key in _RESPONSE_FIELDS if row.get(key) is not None]
     if len(present) > 1:
         raise fail(present[1], f"give only one of {', '.join(present)}")
@@ -338,23 +360,35 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
         return (), None
     field, value = present[0], row[present[0]]
     if field == "completion":
-        if not isinstance(value, str):
-            raise fail(field, f"must be a string, got {_type_name(value)}")
-        return (value,), field
+        return (_response_text(value, field, fail),), field
     if not isinstance(value, list):
-        raise fail(field, f"must be a list of strings, got {_type_name(value)}")
-    for index, item in enumerate(value):
-        if not isinstance(item, str):
-            raise fail(f"{field}[{index}]", f"must be a string, got {_type_name(item)}")
-    return tuple(value), field
+        raise fail(field, f"must be a list of responses, got {_type_name(value)}")
+    return tuple(_response_text(item, f"{field}[{index}]", fail)
+                 for index, item in enumerate(value)), field
 
 
-def _parse_answer(value: Any, fail) -> str | None:
+def _response_text(value: Any, field: str, fail) -> str:
+    """A response as text: a string, or a list holding one assistant message."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        got = _type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
+            sorted({_type_name(item) for item in value if not isinstance(item, dict)}))
+        raise fail(field, f"must be a string or a list with one assistant message, got {got}")
+    messages = _parse_chat(value, field, fail)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        roles = ", ".join(m["role"] for m in messages)
+        raise fail(field, "a conversational response must be exactly one assistant "
+                          f"message, got roles [{roles}]")
+    return messages[0]["content"]
+
+
+def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer."""
     if value is None:
         return None
     if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
-        raise fail("answer", 'must be a string or a number, got bool (quote it: "true")')
+        raise fail(field, 'must be a string or a number, got bool (quote it: "true")')
     if isinstance(value, str):
         return value
     if isinstance(value, int):
@@ -364,7 +398,7 @@ def _parse_answer(value: Any, fail) -> str | None:
             return None
         # 42.0 (an integer column with gaps becomes float) should read as "42".
         return str(int(value)) if value.is_integer() else repr(value)
-    raise fail("answer", f"must be a string or a number, got {_type_name(value)}")
+    raise fail(field, f"must be a string or a number, got {_type_name(value)}")
 
 
 def _type_name(value: Any) -> str:

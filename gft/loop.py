@@ -20,15 +20,20 @@ from typing import Any, Callable
 import numpy as np
 
 from backends import SamplingConfig
+from gft.budget import advance, step_policy_tokens
 from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
+from gft.runpaths import stored_config
 from gft.evaluate import evaluate
 from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
 from gft.groups import Sequence_, micro_batches, pad_batch
-from gft.metrics import MetricsLog, ProgressBar, group_sums, metrics_from_sums
+from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
+                         peak_memory, step_line)
 from gft.objective import zero_variance_fraction
+from gft.rewards import TrainerState, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
-from gft.stages import Stage, plan_stages, stage_at
+from gft.stages import Stage, plan_stages
+from gft.tracking import Trackers
 from gft.types import TokenBatch
 
 
@@ -94,16 +99,26 @@ class LoopState:
     position: int = 0
     bad_steps: int = 0          # consecutive non-finite updates
     skipped_updates: int = 0    # total non-finite updates skipped
+    policy_tokens: float = 0.0  # rollout + update tokens so far (max_policy_tokens; gft/budget.py)
+    stage: int = 0              # the current stage, where it started and its tokens so far:
+    stage_start: int = 0        # a stage with a token budget may end before its planned steps
+    stage_tokens: float = 0.0
 
 
 def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[int],
                scorer, step: int, lr_fn: Callable[[int], float],
-               comm: Comm = LOCAL) -> dict[str, Any]:
+               comm: Comm = LOCAL, beat: Heartbeat | None = None,
+               trainer_state: TrainerState | None = None) -> dict[str, Any]:
     """One GFT step over the prompts `indices`; returns its metrics.
 
+    scorer: the RewardModel, or None when no reward is configured (SFT/DFT): reward and
+    accuracy are then not reported. trainer_state: what reward functions receive.
     lr_fn(i) is the learning rate of this step's i-th optimizer update. With several
     ranks (gft/distributed.py) this rank rolls out, scores and trains on its share of
-    every update's prompts; the metrics returned are those of the whole step."""
+    every update's prompts; the metrics returned are those of the whole step.
+    beat: told what the step is doing (a long first step shows progress in a
+    non-terminal log)."""
+    phase = beat.phase if beat is not None else (lambda text, **kw: None)
     n_rollouts, per_mb = cfg.num_rollouts, cfg.prompts_per_minibatch
     positions = local_positions(len(indices), per_mb, comm.rank, comm.world)
     rows = [data.rows[indices[p]] for p in positions]
@@ -118,20 +133,30 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         # seeded by the prompt's place in the step, not in this rank's batch
         base = step_seed(cfg.seed, step)
         seeds = [row_seed(base, p * n_rollouts + j) for p in positions for j in range(n_rollouts)]
+        phase(f"step {step + 1}: rollouts ({len(repeated)} sequences, up to "
+              f"{cfg.max_response_tokens} tokens each)", new_step=True)
         rollouts = backend.generate(repeated, sampling, seeds)
     t1 = time.perf_counter()
     seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
                         num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
-                        max_response_tokens=cfg.max_response_tokens)
-    scored = score_groups(seqs, rows, scorer, cfg.advantage)
+                        max_response_tokens=cfg.max_response_tokens,
+                        stops=getattr(backend, "stops", None))
+    phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
+    scored = score_groups(seqs, rows, scorer, cfg.advantage,
+                          trainer_state or TrainerState(global_step=step))
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
         if scored else 0
     sums = group_sums(seqs, len(rows), flat)
+    if scorer is not None:  # each reward function's mean, for rollouts and dataset apart
+        sums.update(function_sums(scorer.log_names, scored.get("per_function"),
+                                  scored.get("on_policy", np.zeros(0, bool))))
     updates = _update_batches(cfg, backend, seqs, positions, len(indices), comm)
     stats: list[dict[str, float]] = []
     for i, batches in enumerate(updates):
         if batches:  # all-zero advantages on every rank: no gradient, so no update at all
+            phase(f"step {step + 1}: update {i + 1}/{len(updates)} ({len(batches)} "
+                  "micro-batches)")
             lr = lr_fn(i)
             stats.append({**backend.train_step(batches, lr, tau=cfg.tau,
                                                aggregation=cfg.loss_aggregation), "lr": lr})
@@ -142,7 +167,11 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     for st in stats:
         local += [st["loss"], st["entropy"] * st["tokens"], st["tokens"]]
     total = comm.all_sum(np.array(local))
-    m: dict[str, Any] = metrics_from_sums(dict(zip(sums, total[:len(sums)])))
+    summed = dict(zip(sums, total[:len(sums)]))
+    m: dict[str, Any] = metrics_from_sums(summed)
+    m.update(function_means(summed))
+    if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
+        m = {k: v for k, v in m.items() if not k.startswith(("reward/", "accuracy/"))}
     rollout_tokens = float(total[len(sums)])
     per_update = total[len(sums) + 1:].reshape(-1, 3)
     update_tokens = float(per_update[:, 2].sum())
@@ -161,7 +190,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     sample = next((s for s in seqs if s.on_policy), seqs[0] if seqs else None)
     if sample is not None:
         m["_sample"] = {"prompt": rows[sample.group].prompt, "completion": sample.text,
-                        "reward": sample.reward, "answer": rows[sample.group].answer}
+                        "reward": sample.reward if scorer is not None else None,
+                        "answer": rows[sample.group].answer}
     return m
 
 
@@ -198,49 +228,71 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
 
 def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
              step: int, comm: Comm = LOCAL) -> dict[str, float]:
-    """Held-out accuracy on the first eval_samples rows; each rank takes a contiguous
-    share of them and the means are combined weighted by rows."""
-    if data is None or not data.rows:
+    """Held-out metrics on the first eval_samples rows (none when eval_samples is 0); each
+    rank takes a contiguous share of them and the means are combined weighted by rows.
+    The held-out loss needs the same forward passes on every rank, so it is measured in
+    single-process runs only."""
+    if data is None or not data.rows or cfg.eval_samples == 0:
         return {}
     n = min(cfg.eval_samples, len(data.rows))
     lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
     if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers weights in generate)
-        backend.generate([], SamplingConfig(greedy=True), 0)
+        if scorer is not None:
+            backend.generate([], SamplingConfig(greedy=True), 0)
         ev: dict[str, float] = {}
     else:
         ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
                       max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
-                      batch_size=cfg.rollout_batch_size, first_row=lo)
-    if comm.world == 1:
+                      batch_size=cfg.rollout_batch_size, first_row=lo,
+                      loss=comm.world == 1)
+    if comm.world == 1 or scorer is None:
         return ev
     keys = ("accuracy", "reward")
     total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
     return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
 
 
+def describe_eval(ev: dict[str, float]) -> str:
+    """One line of what the evaluation measured, e.g. "held-out accuracy 0.810, reward
+    0.810, NLL/token 1.234 (n=100)" (eval/loss is the NLL per response token)."""
+    parts = [f"{label} {ev[key]:.3f}" for key, label in
+             (("accuracy", "held-out accuracy"), ("reward", "reward"), ("loss", "NLL/token"))
+             if key in ev]
+    if "accuracy" not in ev and parts:
+        parts[0] = "held-out " + parts[0]
+    return ", ".join(parts) + f" (n={int(ev.get('n', 0))})"
+
+
 def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedPrompts | None,
           scorer, run_dir: Path, state: LoopState, console,
-          stop: Callable[[], bool] = lambda: False, comm: Comm = LOCAL) -> LoopState:
+          stop: Callable[[], bool] = lambda: False, comm: Comm = LOCAL,
+          trackers: Trackers | None = None) -> LoopState:
     """Run steps state.step .. total; log, evaluate and checkpoint along the way.
 
     stop() is checked between steps (gft/signals.py): once it is true the loop saves a
     checkpoint of the last finished step and returns early. With several ranks (comm),
-    every rank runs this loop in step; rank 0 alone writes logs and checkpoints."""
+    every rank runs this loop in step; rank 0 alone writes logs and checkpoints.
+    trackers (gft/tracking.py, rank 0's) get every metrics line and sample. Without a
+    terminal (a cluster job) a plain line every logging_steps stands in for the progress
+    bar, and a long step says what it is doing every 30 s."""
     run_dir = Path(run_dir)
     lead = comm.rank == 0
+    trackers = trackers if trackers is not None and lead else Trackers()
+    plain = lead and not console.is_terminal
     log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
     samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
     log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
     samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-    steps = stages[-1].end
+    steps = stages[-1].end  # at most: a policy-token budget may end the run sooner
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
     if comm.world > 1:  # a signal may reach one rank only: stop when any rank was asked
         local_stop = stop
         stop = lambda: bool(comm.all_sum(np.array([float(local_stop())]))[0])  # noqa: E731
 
     def checkpoint(step: int) -> Path | None:
-        payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+        payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+                   "backend": backend.name}
         path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
             if lead else backend.join_save()
         comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
@@ -250,40 +302,63 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     if state.step == 0 and not stop():
         ev = run_eval(cfg, backend, eval_data, scorer, 0, comm)
         if ev:
-            log.write({"step": 0, **{f"eval/{k}": v for k, v in ev.items()}})
-            console.print(f"step 0: held-out accuracy {ev['accuracy']:.3f} (n={int(ev['n'])})")
-    with ProgressBar(steps, state.step, cfg.progress and lead, console) as bar:
-        while state.step < steps and not stop():
-            stage = stage_at(stages, state.step)
+            record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
+            log.write(record)
+            trackers.log(record)
+            console.print(f"step 0: {describe_eval(ev)}")
+    with ProgressBar(steps, state.step, cfg.progress and lead and not plain, console) as bar, \
+            Heartbeat(console, plain) as beat:
+        while not stop():
+            stage, state = advance(stages, state, cfg)
+            if stage is None:
+                break
             if state.step == stage.start and len(stages) > 1:
                 bar.console.print(f"stage {stage.index + 1}/{len(stages)}: {stage.name} for "
-                                  f"{stage.end - stage.start} steps")
+                                  f"{stage.end - stage.start} steps"
+                                  + (f" or {stage.tokens:,} policy tokens" if stage.tokens else ""))
+            progress = TrainerState(global_step=state.step, max_steps=steps,
+                                    epoch=sampler.epoch + sampler.position / len(data.rows))
             indices = sampler.take(stage.cfg.prompts_per_step)
             t0 = time.perf_counter()
             m = train_step(stage.cfg, backend, data, indices, scorer, state.step,
-                           stage_lr(stage, state.step), comm)
+                           stage_lr(stage, state.step), comm, beat, trainer_state=progress)
+            beat.phase("")
             state.step += 1
             state.epoch, state.position = sampler.epoch, sampler.position
+            spent = step_policy_tokens(m)
+            state.policy_tokens += spent
+            state.stage_tokens += spent
+            last = run_over(stages, state, cfg)
             sample = m.pop("_sample", None)
             m.update({"step": state.step, "epoch": state.epoch, "stage": stage.index,
-                      "preset": stage.name, "time/step": time.perf_counter() - t0})
-            if cfg.eval_every and state.step % cfg.eval_every == 0 or state.step == steps:
+                      "preset": stage.name, "policy_tokens": state.policy_tokens,
+                      "time/step": time.perf_counter() - t0,
+                      **peak_memory()})
+            if cfg.eval_every and state.step % cfg.eval_every == 0 or last:
                 ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
-                    bar.console.print(f"step {state.step}: held-out accuracy "
-                                      f"{ev['accuracy']:.3f}, reward {ev['reward']:.3f}")
+                    bar.console.print(f"step {state.step}: {describe_eval(ev)}")
             log.write(m)
+            trackers.log(m)
+            if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):
+                console.print(step_line(state.step, steps, m), highlight=False)
             _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
             if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
                 samples.write({"step": state.step, **sample})
+                trackers.log_samples([{"step": state.step, **sample}], state.step)
             bar.update(state.step, m)
-            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < steps:
+            if cfg.save_every and state.step % cfg.save_every == 0 and not last:
                 checkpoint(state.step)
                 saved = state.step
-    if state.step < steps and state.step != saved:  # stopped early: keep what was done
+    if not run_over(stages, state, cfg) and state.step != saved:  # stopped: keep what was done
         checkpoint(state.step)
     return state
+
+
+def run_over(stages: list[Stage], state: LoopState, cfg: TrainConfig) -> bool:
+    """Whether the run has done all its steps or spent its policy-token budget."""
+    return advance(stages, state, cfg)[0] is None
 
 
 class NullLog:

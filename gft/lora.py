@@ -30,6 +30,7 @@ No torch and no mlx here: tensors are moved by the backends and by gft/convert.p
 from __future__ import annotations
 
 import json
+import math
 import re
 import zlib
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from gft.errors import ConfigError, ModelError
+from gft.runpaths import adapter_base, base_for_adapter, looks_local
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -135,10 +137,7 @@ def read_peft_config(adapter_dir: Path) -> tuple[LoraConfig, str | None]:
     """(LoraConfig, base model) of a PEFT adapter directory; ModelError for what gft
     cannot represent (it would otherwise compute something else than PEFT)."""
     path = Path(adapter_dir) / PEFT_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable adapter config: {e}") from None
+    raw = _read_object(path)
     if raw.get("peft_type", "LORA") != "LORA" or "fine_tune_type" in raw:
         raise ModelError(f"{path}: not a PEFT LoRA adapter config")
     for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
@@ -152,9 +151,42 @@ def read_peft_config(adapter_dir: Path) -> tuple[LoraConfig, str | None]:
     targets = raw.get("target_modules")
     if isinstance(targets, str):  # a regex over module paths in PEFT: not a list of names
         raise ModelError(f"{path}: target_modules given as a regex is not supported")
-    lora = LoraConfig(int(raw["r"]), float(raw.get("lora_alpha", 8)),
-                      float(raw.get("lora_dropout", 0.0)), tuple(targets or ()))
-    return lora, raw.get("base_model_name_or_path")
+    if not isinstance(targets, (list, type(None))) or not all(
+            isinstance(t, str) for t in targets or ()):
+        raise ModelError(f"{path}: 'target_modules' must be a list of module names, got "
+                         f"{targets!r}")
+    lora = LoraConfig(_field(path, raw, "r", int, None), _field(path, raw, "lora_alpha", float, 8),
+                      _field(path, raw, "lora_dropout", float, 0.0), tuple(targets or ()))
+    base = _base_name(path, raw, "base_model_name_or_path")
+    return lora, adapter_base(base, Path(adapter_dir)) if base else base
+
+
+def _field(path: Path, raw: dict, key: str, kind: type, default: Any) -> Any:
+    """raw[key] as `kind` (an int is fine for a float), or a ModelError naming it."""
+    value = raw.get(key, default)
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok or (kind is int and value < 1) or (kind is float and not math.isfinite(value)):
+        what = "positive integer" if kind is int else "finite number"
+        raise ModelError(f"{path}: '{key}' must be a {what}, got {value!r}")
+    return kind(value)
+
+
+def _base_name(path: Path, raw: dict, key: str) -> str | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ModelError(f"{path}: '{key}' must be a path or hub id, got {value!r}")
+    return value or None
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable adapter config: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: must be a JSON object (key: value), got a "
+                         f"{type(raw).__name__}")
+    return raw
 
 
 def is_peft_adapter(path: str | Path) -> bool:
@@ -181,9 +213,12 @@ def resolve_adapter(model_path: str, base: str | None,
                              f"gft convert {model_path} OUT --to peft")
         return model_path, None, lora
     stored, stored_base = read_peft_config(Path(model_path))
+    if not (base or stored_base):
+        raise ModelError(f"{model_path}: the adapter names no base model; pass it with --base PATH")
+    if not base and looks_local(stored_base) and not Path(stored_base).expanduser().exists():
+        raise ModelError(f"{Path(model_path) / PEFT_CONFIG}: base_model_name_or_path "
+                         f"'{stored_base}' is not on this machine; pass it with --base PATH")
     base = base or stored_base
-    if not base:
-        raise ModelError(f"{model_path}: the adapter names no base model; pass one")
     if lora is not None and (lora.rank, lora.alpha, sorted(lora.targets)) != (
             stored.rank, stored.alpha, sorted(stored.targets)):
         raise ConfigError(f"{model_path}: the adapter has rank {stored.rank}, alpha "
@@ -193,8 +228,10 @@ def resolve_adapter(model_path: str, base: str | None,
 
 
 def write_peft_config(path: Path, lora: LoraConfig, base: str | None) -> None:
-    (Path(path) / PEFT_CONFIG).write_text(json.dumps(peft_config(lora, base), indent=2,
-                                                     sort_keys=True) + "\n")
+    """base: as the user gave it (a hub id stays one); a base inside the adapter's run
+    directory is stored relative to the adapter, so the run can move (gft/runpaths.py)."""
+    config = peft_config(lora, base_for_adapter(base, Path(path)))
+    (Path(path) / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------ mlx-lm adapter_config.json
@@ -233,14 +270,13 @@ def mlx_config(lora: LoraConfig, modules: list[str], n_layers: int | None,
 def read_mlx_config(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
     """(lora_parameters, base model) of an mlx-lm adapter directory."""
     path = Path(adapter_dir) / PEFT_CONFIG
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable adapter config: {e}") from None
+    raw = _read_object(path)
     if raw.get("fine_tune_type", "lora") != "lora":
         raise ModelError(f"{path}: fine_tune_type '{raw.get('fine_tune_type')}' is not "
                          "supported (LoRA only)")
     params = raw.get("lora_parameters") or {}
-    if "rank" not in params or "scale" not in params:
+    if not isinstance(params, dict) or "rank" not in params or "scale" not in params:
         raise ModelError(f"{path}: lora_parameters needs 'rank' and 'scale'")
-    return params, raw.get("model")
+    _field(path, params, "rank", int, None)
+    _field(path, params, "scale", float, None)
+    return params, _base_name(path, raw, "model")

@@ -115,3 +115,118 @@ class ProgressBar:
             if key in m:
                 parts.append(f"{label} {m[key]:.3f}")
         self.progress.update(self.task, completed=step, info=" ".join(parts))
+
+
+# --------------------------------------------------------------------------- plain logs
+# A cluster job (SLURM, nohup, a pipe) has no terminal: the progress bar is off there, and
+# these plain lines stand in for it (gft/loop.py).
+
+def peak_memory() -> dict[str, float]:
+    """Peak memory so far in GiB: the process's peak RSS (host), and the accelerator's
+    peak allocation when a framework already loaded reports one (torch CUDA, MLX Metal).
+    Looks only at frameworks already imported: gft/ imports no backend."""
+    import resource
+    import sys
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"memory/peak_host_gib": rss / (2**30 if sys.platform == "darwin" else 2**20)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["memory/peak_device_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    mx = sys.modules.get("mlx.core")
+    if mx is not None and hasattr(mx, "get_peak_memory") and mx.metal.is_available():
+        out["memory/peak_device_gib"] = mx.get_peak_memory() / 2**30
+    return out
+
+
+def _fmt(m: dict[str, Any], key: str, label: str, spec: str = ".3f") -> str | None:
+    value = m.get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return f"{label} {value:{spec}}"
+
+
+def step_line(step: int, steps: int, m: dict[str, Any]) -> str:
+    """One plain line per logged step: what a progress bar would show, and more."""
+    tokens = m.get("rollout_tokens", 0.0) + m.get("update_tokens", 0.0)
+    tok_s = tokens / m["time/step"] if m.get("time/step") else float("nan")
+    mem = m.get("memory/peak_device_gib", m.get("memory/peak_host_gib"))
+    parts = [f"step {step}/{steps}", _fmt(m, "loss", "loss", ".4f"),
+             _fmt(m, "reward/rollout", "reward"), _fmt(m, "accuracy/rollout", "acc"),
+             _fmt(m, "reward/dataset", "reward_data"), _fmt(m, "entropy", "entropy"),
+             _fmt(m, "grad_norm", "grad_norm"), _fmt({"t": tok_s}, "t", "tok/s", ".0f"),
+             _fmt({"m": mem}, "m", "peak_mem_gib", ".2f"), _fmt(m, "time/step", "s/step", ".2f")]
+    return "  ".join(p for p in parts if p)
+
+
+class Heartbeat:
+    """Inside a long step (a first step can take minutes: compiling, long rollouts), a line
+    at most every `every` seconds saying what the step is doing, from a background thread.
+    `phase(text)` sets what it is doing; silent when disabled."""
+
+    def __init__(self, console: Console, enabled: bool, every: float = 30.0):
+        import threading
+        self.console, self.enabled, self.every = console, enabled, every
+        self._text, self._since = "", 0.0
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True) if enabled else None
+
+    def __enter__(self) -> "Heartbeat":
+        if self._thread is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def phase(self, text: str, *, new_step: bool = False) -> None:
+        import time
+        with self._lock:
+            self._text = text
+            if new_step:
+                self._since = time.perf_counter()
+
+    def _run(self) -> None:
+        import time
+        while not self._stop.wait(self.every):
+            with self._lock:
+                text, since = self._text, self._since
+            elapsed = time.perf_counter() - since
+            if text and elapsed >= self.every:  # only a step that has run that long
+                self.console.print(f"{text} ({elapsed:.0f} s into the step)", highlight=False)
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def summary_lines(records: list[dict[str, Any]], wall_s: float, memory: dict[str, float],
+                  final: Path | str) -> list[str]:
+    """The end of a run, from its metrics.jsonl records: time, tokens, throughput, peak
+    memory, first and best evaluation, and where the checkpoint is."""
+    train = [r for r in records if "loss" in r]
+    rollout = sum(r.get("rollout_tokens") or 0.0 for r in train)
+    update = sum(r.get("update_tokens") or 0.0 for r in train)
+    busy = sum(r.get("time/step") or 0.0 for r in train)
+    steps = max((r.get("step", 0) for r in train), default=0)
+    lines = [f"done: {steps} steps, wall time {_duration(wall_s)} (this process); "
+             f"{rollout + update:,.0f} tokens (rollouts {rollout:,.0f}, updates {update:,.0f}), "
+             f"{(rollout + update) / busy if busy else 0.0:,.0f} tokens/s over the steps"]
+    mem = [f"host (peak RSS) {memory['memory/peak_host_gib']:.2f} GiB"]
+    if "memory/peak_device_gib" in memory:
+        mem.insert(0, f"device {memory['memory/peak_device_gib']:.2f} GiB")
+    lines.append("peak memory: " + ", ".join(mem))
+    evals = [(r["step"], r["eval/accuracy"]) for r in records
+             if isinstance(r.get("eval/accuracy"), (int, float))]
+    if evals:
+        best = max(evals, key=lambda e: (e[1], -e[0]))
+        lines.append(f"evaluation accuracy: first {evals[0][1]:.3f} (step {evals[0][0]}), "
+                     f"best {best[1]:.3f} (step {best[0]}), last {evals[-1][1]:.3f} "
+                     f"(step {evals[-1][0]})")
+    else:
+        lines.append("evaluation: none")
+    lines.append(f"final checkpoint: {final}")
+    return lines

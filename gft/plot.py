@@ -2,14 +2,19 @@
 
 `gft plot RUN_DIR [RUN_DIR ...]` writes one figure per run (in its directory) and, with
 several runs, one overlaid figure, so presets can be compared at a glance.
+
+A damaged line of metrics.jsonl (cut short by a kill, or edited by hand) is skipped with
+a warning naming the file and line: plotting only reads, and the other lines still make
+a useful figure. Values that are not finite numbers are left out of their curve.
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gft.errors import GFTError
-from gft.metrics import read_metrics
 
 # (title, metric keys tried in order: the first one a run logged is plotted)
 PANELS = [
@@ -23,27 +28,47 @@ PANELS = [
 def series(records: list[dict], keys: Sequence[str]) -> tuple[list[int], list[float], str]:
     """(steps, values, key) for the first key that any record has; NaN-free."""
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        points = [(r["step"], r[key]) for r in records if _number(r.get(key))]
         if points:
             steps, values = zip(*points)
             return list(steps), list(values), key
     return [], [], keys[0]
 
 
-def _load(run: Path) -> list[dict]:
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _load(run: Path, warn: Callable[[str], None]) -> list[dict]:
+    """The records of RUN/metrics.jsonl that have a numeric step; others are skipped,
+    each with one warning naming its line."""
     path = Path(run) / "metrics.jsonl"
-    if not path.exists():
+    if not path.is_file():
         raise GFTError(f"{run}: no metrics.jsonl (is this a gft run directory?)")
-    return read_metrics(path)
+    records = []
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and _number(record.get("step")):
+            records.append(record)
+        else:
+            warn(f"warning: {path}:{number}: damaged line skipped (not a JSON object with a "
+                 "numeric 'step')")
+    return records
 
 
-def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) -> list[Path]:
-    """Write <run>/curves.png for each run, and `out` (overlay) when given several runs."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1,
+              warn: Callable[[str], None] = lambda line: None) -> list[Path]:
+    """Write <run>/curves.png for each run, and `out` (overlay) when given several runs;
+    `warn` gets one line per damaged metrics line skipped."""
+    plt = _pyplot()
 
-    loaded = {Path(r): _load(Path(r)) for r in runs}
+    loaded = {Path(r): _load(Path(r), warn) for r in runs}
     written: list[Path] = []
     targets = [(run, {run: recs}, run / "curves.png") for run, recs in loaded.items()]
     if len(loaded) > 1:
@@ -63,6 +88,19 @@ def plot_runs(runs: Sequence[Path], out: Path | None = None, smooth: int = 1) ->
     return written
 
 
+def _pyplot():
+    """matplotlib.pyplot drawing to files only, or a GFTError saying what to install
+    (matplotlib is an optional extra: a training machine does not need it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise GFTError('gft plot needs matplotlib, which is not installed: '
+                       'pip install "gft[plot]"') from exc
+    return plt
+
+
 def finish_axes(ax, title: str, xlabel: str) -> None:
     """Title, x label, light grid, and a legend when something was drawn."""
     ax.set_title(title)
@@ -74,7 +112,7 @@ def finish_axes(ax, title: str, xlabel: str) -> None:
 
 def save_figure(fig, path: Path, dpi: int) -> Path:
     """Write a matplotlib figure as PNG (parent folders made) and free it."""
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -1,9 +1,18 @@
 """Verifiable rewards: built-in scorers, user callables, and their weighted sum.
 
-A reward function follows TRL's calling convention: it receives the prompts and the
-completions as lists plus every data column as a keyword list aligned with the
-completions (`answer` is always among them), and returns one float per completion, or
-None where the reward does not apply to that sample.
+A reward function follows TRL's GRPOTrainer calling convention, by keyword:
+    f(prompts=..., completions=..., completion_ids=..., trainer_state=..., **columns)
+- prompts: one per completion; the row's prompt as written, i.e. a string, or for
+  conversational data the full list of chat messages (system turn included);
+- completions: a string each, or for conversational data [{"role": "assistant",
+  "content": text}] (TRL's form, so `completion[0]["content"]` works);
+- completion_ids: the response's token ids (a rollout ends with its stop token, a
+  dataset response with the EOS it is trained on);
+- trainer_state: a `TrainerState` (global_step, epoch, max_steps);
+- every other data column by name, aligned with the completions (`answer` always).
+A function receives only the arguments it names unless it takes **kwargs, and returns
+one float per completion, or None where the reward does not apply. `async def`
+functions are awaited, all of a batch's together (as TRL does).
 
 `RewardModel.score` runs every configured function, checks what it returned (the right
 number of finite numbers or None) and combines them:
@@ -15,6 +24,7 @@ reward function, and where it concerns one sample, that sample's source.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import importlib.util
@@ -34,10 +44,22 @@ from gft.errors import ConfigError, RewardError
 
 
 class RewardFunction(Protocol):
-    """What a reward is: one float (or None = "not applicable") per completion."""
+    """What a reward is: one float (or None = "not applicable") per completion, called
+    by keyword (prompts=, completions=, completion_ids=, trainer_state=, columns)."""
 
-    def __call__(self, prompts: list[str], completions: list[str],
-                 **columns: list) -> list[float | None]: ...
+    def __call__(self, *, completions: list, **kwargs: Any) -> list[float | None]: ...
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """What TRL passes as `trainer_state`: the optimizer step reached and the (fractional)
+    epoch, so that a reward can change with training progress."""
+    global_step: int = 0
+    epoch: float = 0.0
+    max_steps: int = 0
+
+
+Prompt = Any  # a string, or a list of {"role", "content"} messages
 
 
 class MissingColumnError(RewardError):
@@ -57,6 +79,14 @@ def _require(values: Sequence[Any], index: int, column: str) -> Any:
     if values[index] is None:
         raise MissingColumnError(column, index)
     return values[index]
+
+
+def _content(completion: Any) -> str:
+    """The text of a completion in either form: a string, or TRL's conversational
+    [{"role": "assistant", "content": text}]."""
+    if isinstance(completion, list):
+        return "".join(str(message.get("content", "")) for message in completion)
+    return completion
 
 
 def _math_timeout() -> int | None:
@@ -86,8 +116,7 @@ def make_math_reward() -> RewardFunction:
     None when the gold answer itself cannot be parsed (nothing to compare against)."""
     from math_verify import parse, verify  # imports sympy: pay for it only when used
 
-    def math_reward(prompts: list[str], completions: list[str], *,
-                    answer: list, **_: list) -> list[float | None]:
+    def math_reward(completions: list, answer: list, **_: Any) -> list[float | None]:
         timeout = _math_timeout()
         scores: list[float | None] = []
         for index, completion in enumerate(completions):
@@ -95,7 +124,7 @@ def make_math_reward() -> RewardFunction:
             if not gold:
                 scores.append(None)
                 continue
-            prediction = parse(completion, parsing_timeout=timeout)
+            prediction = parse(_content(completion), parsing_timeout=timeout)
             scores.append(1.0 if verify(list(gold), prediction,
                                         timeout_seconds=timeout) else 0.0)
         return scores
@@ -106,10 +135,10 @@ def make_math_reward() -> RewardFunction:
 def make_exact_reward() -> RewardFunction:
     """1.0 when the completion equals `answer`, ignoring surrounding whitespace."""
 
-    def exact_reward(prompts: list[str], completions: list[str], *,
-                     answer: list, **_: list) -> list[float | None]:
-        return [1.0 if completion.strip() == str(_require(answer, i, "answer")).strip()
-                else 0.0 for i, completion in enumerate(completions)]
+    def exact_reward(completions: list, answer: list, **_: Any) -> list[float | None]:
+        return [1.0 if _content(completion).strip()
+                == str(_require(answer, i, "answer")).strip() else 0.0
+                for i, completion in enumerate(completions)]
 
     return exact_reward
 
@@ -126,11 +155,10 @@ def make_regex_reward(pattern: str) -> RewardFunction:
         raise ConfigError(f"reward 'regex': bad pattern {pattern!r}: {exc}") from exc
     checks_answer = "answer" in compiled.groupindex
 
-    def regex_reward(prompts: list[str], completions: list[str], *,
-                     answer: list, **_: list) -> list[float | None]:
+    def regex_reward(completions: list, answer: list, **_: Any) -> list[float | None]:
         scores: list[float | None] = []
         for index, completion in enumerate(completions):
-            match = compiled.search(completion)
+            match = compiled.search(_content(completion))
             if match is None or not checks_answer:
                 scores.append(0.0 if match is None else 1.0)
                 continue
@@ -313,12 +341,37 @@ class RewardModel:
         self.weights = np.array([spec.weight for spec in specs], dtype=np.float64)
         self.functions = [resolve_reward(spec) for spec in specs]
 
-    def score(self, prompts: list[str], completions: list[str],
-              columns: dict[str, list], sources: list[str] | None = None) -> RewardResult:
-        """Call every reward on the batch and combine the checked results."""
+    @property
+    def log_names(self) -> list[str]:
+        """Short names for metrics: a user reward 'file.py:reward_len' logs as reward_len."""
+        return _unique_names([name.split("#")[0].rpartition(":")[2] for name in self.names])
+
+    def score(self, prompts: list[Prompt], completions: list[str], columns: dict[str, list],
+              sources: list[str] | None = None, *,
+              completion_ids: list[list[int]] | None = None,
+              trainer_state: TrainerState | None = None) -> RewardResult:
+        """Call every reward on the batch (TRL's keywords) and combine the checked results.
+
+        prompts: each row's prompt as written (string or chat messages); completions:
+        decoded text, handed to the functions as TRL's message form where the prompt
+        is a chat."""
         columns = _check_batch(prompts, completions, columns, sources)
-        values = np.stack([self._call(name, function, prompts, completions, columns, sources)
-                           for name, function in zip(self.names, self.functions)])  # [F, N]
+        arguments = {
+            "prompts": list(prompts),
+            "completions": [[{"role": "assistant", "content": text}]
+                            if isinstance(prompt, list) else text
+                            for prompt, text in zip(prompts, completions)],
+            "completion_ids": [list(ids) for ids in completion_ids]
+            if completion_ids is not None else [[] for _ in completions],
+            "trainer_state": trainer_state or TrainerState(),
+            **{key: list(values) for key, values in columns.items()
+               if key not in _RESERVED},
+        }
+        returned = [self._call(name, function, arguments, sources)
+                    for name, function in zip(self.names, self.functions)]
+        returned = _await_all(returned, self.names, self.timeout, sources)
+        values = np.stack([_check_values(name, value, len(completions), sources)
+                           for name, value in zip(self.names, returned)])  # [F, N]
         applicable = ~np.isnan(values)
         total = np.where(applicable, values * self.weights[:, None], 0.0).sum(axis=0)
         return RewardResult(
@@ -327,23 +380,66 @@ class RewardModel:
             correct=values[0] >= 1.0,  # NaN (None) compares False: not correct
             n_none=int((~applicable.any(axis=0)).sum()))
 
-    def _call(self, name: str, function: RewardFunction, prompts: list[str],
-              completions: list[str], columns: dict[str, list],
-              sources: list[str] | None) -> np.ndarray:
-        """One reward's values as float64 [N], NaN for None; every failure named."""
-        kwargs = _accepted_columns(function, columns)
+    def _call(self, name: str, function: RewardFunction, arguments: dict[str, Any],
+              sources: list[str] | None) -> Any:
+        """One reward's raw return value (a coroutine for an async function); every
+        failure named."""
+        kwargs = _accepted_arguments(function, arguments)
         try:
-            returned = call_with_timeout(
-                lambda: function(list(prompts), list(completions), **kwargs), self.timeout)
+            return call_with_timeout(lambda: function(**kwargs), self.timeout)
         except CallTimeout:
             raise RewardError(_timeout_message(name, self.timeout, sources)) from None
-        except MissingColumnError as exc:
-            where = _source(sources, exc.index)
-            raise RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
-                              "(None); this reward needs it on every row") from exc
         except Exception as exc:
-            raise RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}") from exc
-        return _check_values(name, returned, len(completions), sources)
+            raise _named_error(name, exc, sources) from exc
+
+
+# The names TRL's trainer passes besides the data columns; a column by one of these
+# names would be shadowed, so rows may not use them (gft/data.py refuses them).
+_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def _named_error(name: str, exc: Exception, sources: list[str] | None) -> RewardError:
+    """A reward function's failure as one line naming it (and the row, when known)."""
+    if isinstance(exc, MissingColumnError):
+        where = _source(sources, exc.index)
+        return RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
+                           "(None); this reward needs it on every row")
+    return RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}")
+
+
+def _await_all(returned: list[Any], names: list[str], timeout: float,
+               sources: list[str] | None) -> list[Any]:
+    """Await the coroutines of async reward functions, concurrently (an LLM judge or a
+    sandbox call then overlap), on a private event loop: run in a worker thread when the
+    caller already runs one (a notebook), since asyncio.run refuses to nest. Each one
+    may take `timeout` seconds (reward_timeout; 0 = no limit)."""
+    pending = [i for i, value in enumerate(returned) if inspect.isawaitable(value)]
+    if not pending:
+        return returned
+
+    async def named(index: int) -> Any:
+        try:
+            return await asyncio.wait_for(returned[index], timeout if timeout > 0 else None)
+        except asyncio.TimeoutError:
+            raise RewardError(_timeout_message(names[index], timeout, sources)) from None
+        except Exception as exc:
+            raise _named_error(names[index], exc, None) from exc
+
+    async def gather() -> list[Any]:
+        return await asyncio.gather(*(named(i) for i in pending))
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        results = asyncio.run(gather())
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1) as pool:
+            results = pool.submit(asyncio.run, gather()).result()
+    out = list(returned)
+    for index, value in zip(pending, results):
+        out[index] = value
+    return out
 
 
 def build_rewards(raw: Any, timeout: float = 0.0) -> RewardModel:
@@ -370,7 +466,7 @@ def _unique_names(names: list[str]) -> list[str]:
     return unique
 
 
-def _check_batch(prompts: list[str], completions: list[str], columns: dict[str, list],
+def _check_batch(prompts: list[Prompt], completions: list[str], columns: dict[str, list],
                  sources: list[str] | None) -> dict[str, list]:
     """Aligned inputs; `answer` always present so that rewards can rely on it."""
     n = len(completions)
@@ -386,18 +482,19 @@ def _check_batch(prompts: list[str], completions: list[str], columns: dict[str, 
     return {"answer": [None] * n, **columns}
 
 
-def _accepted_columns(function: Callable, columns: dict[str, list]) -> dict[str, list]:
-    """All columns for functions taking **kwargs; otherwise only the ones they name,
-    so that `def f(prompts, completions, answer)` works without a **kwargs catch-all."""
+def _accepted_arguments(function: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
+    """All arguments for functions taking **kwargs (TRL's own trainer passes them all);
+    otherwise only the ones they name, so that `def f(completions, answer)` works
+    without a **kwargs catch-all."""
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # some builtins and C callables have no signature
-        return columns
+        return arguments
     # Options bound with functools.partial must win over a column of the same name.
     bound = set(function.keywords) if isinstance(function, functools.partial) else set()
     takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
     names = {p.name for p in parameters}
-    return {key: value for key, value in columns.items()
+    return {key: value for key, value in arguments.items()
             if key not in bound and (takes_all or key in names)}
 
 
@@ -429,3 +526,31 @@ def _check_values(name: str, returned: Any, n: int,
 
 def _source(sources: list[str] | None, index: int) -> str:
     return sources[index] if sources is not None else f"row {index}"
+
+
+# ---------------------------------------------------------------------------------------
+# Per-function metrics: each reward's mean, for rollouts and dataset responses apart
+
+
+def function_sums(names: Sequence[str], per_function: Sequence[np.ndarray] | None,
+                  on_policy: np.ndarray) -> dict[str, float]:
+    """Sum and count of each reward's applicable values (None excluded), in a fixed key
+    order from `names`, so that data-parallel ranks add theirs up in one all-reduce.
+    per_function: one [N] array per name (NaN = None), or None when nothing was scored."""
+    out: dict[str, float] = {}
+    for index, name in enumerate(names):
+        values = per_function[index] if per_function is not None else np.zeros(0)
+        for label, mask in (("rollout", on_policy), ("dataset", ~on_policy)):
+            part = values[mask] if len(values) else values
+            applicable = part[~np.isnan(part)]
+            out[f"rewards/{name}/{label}/sum"] = float(applicable.sum())
+            out[f"rewards/{name}/{label}/n"] = float(len(applicable))
+    return out
+
+
+def function_means(sums: dict[str, float]) -> dict[str, float]:
+    """rewards/<name>/<rollout|dataset>: the mean where any value applied."""
+    return {key[:-len("/sum")]: value / sums[key[:-len("/sum")] + "/n"]
+            for key, value in sums.items()
+            if key.startswith("rewards/") and key.endswith("/sum")
+            and sums[key[:-len("/sum")] + "/n"]}

@@ -8,14 +8,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from gft.data import prompt_text, render_prompt
+from gft.data import render_prompt
 from gft.errors import DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
+from gft.stops import Stops
 from gft.types import Example
 
 
@@ -34,6 +36,20 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     text = render_prompt(example, tokenizer, chat_template=chat_template)
     templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
     return tokenizer(text, add_special_tokens=not templated).input_ids
+
+
+def generate_chat_template(model_dir: str, tokenizer) -> bool:
+    """`gft generate`'s default: render prompts as the model was trained when it is a gft
+    checkpoint (its config's chat_template; unset = plain string prompts), else use the
+    tokenizer's chat template where it has one, as mlx-lm's generate does."""
+    from gft.checkpoint import STATE_FILE, read_state
+    from gft.errors import ModelError
+    if (Path(model_dir) / STATE_FILE).is_file():
+        try:
+            return bool(read_state(Path(model_dir))["config"].get("chat_template"))
+        except ModelError:
+            pass  # not readable as a gft checkpoint: treat it as any model directory
+    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def prepare_prompts(rows: Sequence[Example], tokenizer, *, chat_template: bool | None,
@@ -65,9 +81,11 @@ def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], b
 
 def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
                  rollouts: Sequence[list[int]], *, tokenizer, num_offpolicy: int,
-                 num_rollouts: int, max_response_tokens: int) -> list[Sequence_]:
-    """K dataset responses then n rollouts per prompt; rollouts are prompt-major."""
-    eos = tokenizer.eos_token_id
+                 num_rollouts: int, max_response_tokens: int,
+                 stops: Stops | None = None) -> list[Sequence_]:
+    """K dataset responses then n rollouts per prompt; rollouts are prompt-major.
+    A rollout is truncated when no stop (`stops`, default the tokenizer's EOS) ended it."""
+    stops = stops if stops is not None else Stops(frozenset({tokenizer.eos_token_id}))
     seqs: list[Sequence_] = []
     for g, (ex, pids) in enumerate(zip(rows, prompt_ids)):
         for text in ex.responses[:num_offpolicy]:
@@ -75,23 +93,42 @@ def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
             seqs.append(Sequence_(g, pids, ids, text, on_policy=False, truncated=cut))
         for ids in rollouts[g * num_rollouts:(g + 1) * num_rollouts]:
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            seqs.append(Sequence_(g, pids, list(ids), text, on_policy=True,
-                                  truncated=not ids or ids[-1] != eos))
+            ended = stops.ended(ids, tokenizer.decode)
+            seqs.append(Sequence_(g, pids, list(ids), text, on_policy=True, truncated=not ended))
     return seqs
 
 
 def score_groups(seqs: list[Sequence_], rows: Sequence[Example], scorer,
-                 advantage: str) -> dict[str, Any]:
-    """Rewards for every response, then advantages within each group (in place)."""
+                 advantage: str, trainer_state=None) -> dict[str, Any]:
+    """Rewards for every response, then advantages within each group (in place).
+
+    Reward functions see each row's prompt as written (a chat keeps its system turn) and
+    each response's token ids. Without a scorer (SFT/DFT with no rewards configured)
+    every reward is 0 and only the constant advantage makes sense."""
     if not seqs:
         return {}
     groups = np.array([s.group for s in seqs])
-    columns: dict[str, list] = {"answer": [rows[s.group].answer for s in seqs]}
-    for key in {k for ex in rows for k in ex.columns}:
-        columns[key] = [rows[s.group].columns.get(key) for s in seqs]
-    result = scorer.score([prompt_text(rows[s.group]) for s in seqs], [s.text for s in seqs],
-                          columns, sources=[rows[s.group].source for s in seqs])
-    adv = group_advantages(result.total, groups, advantage)
-    for s, r, c, a in zip(seqs, result.total, result.correct, adv):
+    on_policy = np.array([s.on_policy for s in seqs], dtype=bool)
+    if scorer is None:
+        total, correct, per_function = np.zeros(len(seqs)), np.zeros(len(seqs), bool), None
+    else:
+        result = scorer.score([rows[s.group].prompt for s in seqs], [s.text for s in seqs],
+                              reward_columns([rows[s.group] for s in seqs]),
+                              sources=[rows[s.group].source for s in seqs],
+                              completion_ids=[s.response_ids for s in seqs],
+                              trainer_state=trainer_state)
+        total, correct = result.total, result.correct
+        per_function = list(result.per_function.values())
+    adv = group_advantages(total, groups, advantage)
+    for s, r, c, a in zip(seqs, total, correct, adv):
         s.reward, s.correct, s.advantage = float(r), bool(c), float(a)
-    return {"rewards": result.total, "groups": groups, "advantages": adv}
+    return {"rewards": total, "groups": groups, "advantages": adv,
+            "per_function": per_function, "on_policy": on_policy}
+
+
+def reward_columns(rows: Sequence[Example]) -> dict[str, list]:
+    """`answer` and every other data column, one value per row (None where absent)."""
+    columns: dict[str, list] = {"answer": [row.answer for row in rows]}
+    for key in sorted({k for row in rows for k in row.columns}):
+        columns[key] = [row.columns.get(key) for row in rows]
+    return columns

@@ -5,30 +5,35 @@ This is what `gft train` calls; the loop itself is gft/loop.py.
 from __future__ import annotations
 
 import shlex
+import shutil
 import signal
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, load_backend, resolve_backend_name
-from gft.checkpoint import (STATE_FILE, ResumePoint, atomic_directory, atomic_write_text,
-                            clean_leftovers, find_resume_point, has_checkpoints,
-                            latest_checkpoint, read_state, save_checkpoint)
+from backends import OptimConfig, check_device, load_backend, resolve_backend_name
+from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
+                            atomic_write_text, clean_leftovers, find_resume_point,
+                            has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
-from gft.data import load_split
+from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, DataError, ModelError, RewardError
-from gft.loop import LoopState, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
+from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
+from gft.runpaths import RUN_PATH_KEYS, moved_adapter_config, resolve_stored, stored_config
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
+from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
 # The embedded default model: a byte-level Llama small enough to learn the bundled
@@ -68,13 +73,12 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
 def load_data(cfg: TrainConfig, tokenizer, console: Console,
               train_rows: list[Example] | None = None
               ) -> tuple[PreparedPrompts, PreparedPrompts | None]:
-    """Training rows (read here unless given) and the held-out split (eval_split, else
-    valid), prompts tokenized."""
+    """Training rows (read here unless given) and the held-out rows (see held_out_rows),
+    prompts tokenized."""
     if train_rows is None:
-        train_rows = load_split(cfg.data, "train")
-    eval_rows = load_split(cfg.data, cfg.eval_split, required=False)
-    if not eval_rows and cfg.eval_split != "valid":
-        eval_rows = load_split(cfg.data, "valid", required=False)
+        train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+    train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
+    console.print(f"evaluation: {note}")
     kw = dict(chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
               overflow=cfg.prompt_overflow)
     data = prepare_prompts(train_rows, tokenizer, **kw)
@@ -87,6 +91,70 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
     check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
+                  ) -> tuple[list[Example], list[Example], str]:
+    """(training rows, held-out rows, what the evaluation will measure, in words).
+
+    Held-out rows come from eval_data (a file, a directory, or a split name of `data`),
+    else from eval_split (then valid) of a data directory, else from eval_holdout (a
+    seeded fraction of the training rows, removed from training). Training rows are
+    never evaluated on as if they were held out: without any of these there is none."""
+    if cfg.eval_samples == 0:
+        return train_rows, [], "off (eval_samples: 0)"
+    answer = dict(answer_column=cfg.answer_column)
+    if cfg.eval_data is not None:
+        if Path(cfg.eval_data).exists():
+            rows = load_split(cfg.eval_data, cfg.eval_split, required=False, **answer) \
+                or load_split(cfg.eval_data, "valid", **answer)
+        elif is_data_file(cfg.data):
+            raise ConfigError(f"eval_data: '{cfg.eval_data}' is neither a file nor a "
+                              f"directory, and data ({cfg.data}) is a single file with no "
+                              "splits to name")
+        else:  # a split name of the data directory
+            rows = load_split(cfg.data, cfg.eval_data, **answer)
+        return train_rows, rows, _eval_note(cfg, rows, f"eval_data {cfg.eval_data}")
+    if not is_data_file(cfg.data):
+        rows = load_split(cfg.data, cfg.eval_split, required=False, **answer)
+        split = cfg.eval_split
+        if not rows and cfg.eval_split != "valid":
+            rows, split = load_split(cfg.data, "valid", required=False, **answer), "valid"
+        if rows:
+            return train_rows, rows, _eval_note(cfg, rows, f"the '{split}' split of {cfg.data}")
+    if cfg.eval_holdout > 0:
+        order = np.random.default_rng([cfg.seed, 17]).permutation(len(train_rows))
+        n = min(max(1, round(cfg.eval_holdout * len(train_rows))), len(train_rows) - 1)
+        if n < 1:
+            raise ConfigError(f"eval_holdout: {cfg.data} has 1 training row; none to hold out")
+        held = set(order[:n].tolist())
+        rows = [row for i, row in enumerate(train_rows) if i in held]
+        kept = [row for i, row in enumerate(train_rows) if i not in held]
+        return kept, rows, _eval_note(cfg, rows, f"{n} of {len(train_rows)} training rows "
+                                                 f"set aside (eval_holdout={cfg.eval_holdout}; "
+                                                 "not trained on)")
+    return train_rows, [], (f"off: {cfg.data} has no held-out split; set eval_data (a file, "
+                            "directory or split name) or eval_holdout (a fraction of the "
+                            "training rows to set aside)")
+
+
+def _eval_note(cfg: TrainConfig, rows: list[Example], where: str) -> str:
+    n = min(cfg.eval_samples, len(rows))
+    return f"{n} held-out rows from {where}" if rows else f"off: {where} has no rows"
+
+
+def rewards_needed(cfg: TrainConfig) -> bool:
+    """Whether some stage's advantage depends on rewards: it samples rollouts or compares
+    responses (any estimator but constant). SFT and DFT alone do not."""
+    stages = plan_stages(cfg, 1)  # the step counts do not matter here, only the presets
+    return any(s.cfg.num_rollouts > 0 or s.cfg.advantage != "constant" for s in stages)
+
+
+def build_scorer(cfg: TrainConfig):
+    """The RewardModel the run scores with, or None: rewards unset and none needed."""
+    raw = cfg.rewards if cfg.rewards is not None else (["math"] if rewards_needed(cfg) else None)
+    return RequireApplicableReward(build_rewards(raw, cfg.reward_timeout)) \
+        if raw is not None else None
 
 
 def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
@@ -110,7 +178,8 @@ def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None
     """Every row needs `answer` when a built-in reward compares with it; say so before
     training, not when a step first draws the row hours into the run."""
     needs = []
-    for spec in parse_reward_specs(cfg.rewards):
+    raw = cfg.rewards if cfg.rewards is not None else (["math"] if rewards_needed(cfg) else [])
+    for spec in parse_reward_specs(raw) if raw else []:
         pattern = spec.options.get("pattern")
         if spec.name in ("math", "exact") or (
                 spec.name == "regex" and isinstance(pattern, str) and "(?P<answer>" in pattern):
@@ -122,7 +191,7 @@ def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None
             if ex.answer is None:
                 raise DataError(f"missing; reward '{needs[0]}' compares every response with the "
                                 "row's answer (add one, or choose rewards that need none)",
-                                path=ex.source, field="answer")
+                                path=ex.source, field=cfg.answer_column)
 
 
 class RequireApplicableReward:
@@ -136,8 +205,8 @@ class RequireApplicableReward:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
-    def score(self, prompts, completions, columns, sources=None):
-        result = self.model.score(prompts, completions, columns, sources)
+    def score(self, prompts, completions, columns, sources=None, **kwargs):
+        result = self.model.score(prompts, completions, columns, sources, **kwargs)
         if len(completions) and result.n_none == len(completions):
             first = sources[0] if sources else "row 0"
             raise RewardError(f"rewards ({', '.join(self.model.names)}) returned None (not "
@@ -158,7 +227,36 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk)
+                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
+                        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+
+
+def memory_plan(cfg: TrainConfig, model_path: str | None = None):
+    """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
+    is not on disk (a hub id)."""
+    from backends import available_memory
+    from gft.plan import model_config, plan
+    config = model_config(cfg, model_path)
+    if config is None:
+        return None
+    available, device = available_memory(cfg.backend, cfg.device)
+    return plan(config, cfg, backend=resolve_backend_name(cfg.backend), available=available,
+                device=device)
+
+
+def check_memory(cfg: TrainConfig, model_path: str) -> None:
+    """Refuse, before loading, a run whose planned peak exceeds the device's memory."""
+    if not cfg.check_memory:
+        return
+    from gft.plan import refusal
+    try:
+        p = memory_plan(cfg, model_path)
+    except ConfigError:
+        # sizes the plan cannot read (an architecture it does not know, a broken
+        # config.json): no plan, not a refusal; loading the model judges the directory
+        return
+    if p is not None and not p.fits():
+        raise ConfigError(refusal(p))
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
@@ -180,6 +278,7 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
                              "start the run again with gft train")
         cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
         console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
+        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
         return replace(cfg, reset_optimizer=False), LoopState(), point
     start_from = point.checkpoint
     saved = read_state(start_from)
@@ -189,8 +288,18 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
+    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
     # a one-off instruction for this resume, not a setting the run keeps
     return replace(cfg, reset_optimizer=False), state, point
+
+
+def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
+                      source: str) -> TrainConfig:
+    """The saved model and data paths as found from here (gft/runpaths.py); a path given
+    again on the command line is taken as given."""
+    given = overrides or {}
+    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                           for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -220,7 +329,6 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
         run_dir = Path(resume)
     else:
         run_dir = Path(comm.broadcast_text(str(resolve_run_dir(cfg))))  # one timestamp
-        comm.barrier()  # every rank has looked before rank 0 writes
     lock = lock_run_dir(run_dir, comm)
     try:
         return _run_locked(cfg, run_dir, resume is not None, overrides, console, stop, comm)
@@ -230,47 +338,45 @@ def _run(cfg: TrainConfig | None, resume: str | Path | None, overrides: dict[str
 
 
 def lock_run_dir(run_dir: Path, comm: Comm) -> Path | None:
-    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal."""
-    path, refusal = None, ""
+    """Rank 0 takes RUN_DIR/gft.lock (gft/runlock.py); every rank raises its refusal (a
+    busy directory: exit 2; one that cannot be created: exit 1), none waits forever."""
+    path, refusal, failed = None, "", False
     if comm.rank == 0:
         try:
             path = runlock.take(run_dir)
         except runlock.RunLockedError as e:
             refusal = str(e)
-    refusal = comm.broadcast_text(refusal)
-    if refusal:
-        raise runlock.RunLockedError(refusal)
+        except OSError as e:
+            refusal, failed = f"cannot create {run_dir}: {e.strerror or e}", True
+    refusal = comm.broadcast_text(("1" if failed else "2") + refusal)
+    if refusal[1:]:
+        raise (CheckpointError if refusal[0] == "1" else runlock.RunLockedError)(refusal[1:])
     return path
 
 
 def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                 overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
                 comm: Comm) -> Path:
-    state, start_from, load_optimizer = LoopState(), None, False
+    started = time.perf_counter()
     lead = comm.rank == 0
     if resuming:
         cfg, state, point = resume_point(run_dir, overrides, console, comm)
-        start_from, load_optimizer = point.checkpoint, point.load_optimizer
     else:
-        if has_checkpoints(run_dir):
-            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
-                              f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
-                              "--output-dir")
-        comm.barrier()  # every rank has looked before rank 0 writes
-        if lead:
-            cfg = materialize_defaults(cfg, run_dir, console)
-        comm.barrier()
-        if not lead:  # the files exist now: this only fills in their paths
-            cfg = materialize_defaults(cfg, run_dir, console)
+        cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
+            None, False, [])
+    start_from, load_optimizer = point.checkpoint, point.load_optimizer
     cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
+    check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    scorer = RequireApplicableReward(build_rewards(cfg.rewards, cfg.reward_timeout))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+            stored_config(to_dict(cfg), run_dir), sort_keys=False))
+    scorer = build_scorer(cfg)
     check_model_dir(start_from or str(cfg.model))
+    check_memory(cfg, str(start_from or cfg.model))
     if load_optimizer:
         check_optimizer_state(start_from)
-    train_rows = load_split(cfg.data, "train")
+    train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     check_trainable(cfg, train_rows)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
     if load_optimizer:
@@ -286,21 +392,65 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                   f"plan: {describe(stages)}")
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
-                  comm=comm)
+    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
+    try:
+        state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
+                      comm=comm, trackers=trackers)
+    finally:
+        trackers.finish()
     steps = stages[-1].end
-    if state.step < steps:  # the loop only ends early when asked to stop
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": to_dict(cfg), "backend": backend.name}
+    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+               "backend": backend.name}
     final = run_dir / "final"
+    # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
+    # copied from it on rank 0, with no collective of its own
+    last = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
     if lead:
-        save_checkpoint(backend, final, payload)
-        clean_leftovers(run_dir / "checkpoints")
-    else:
+        if not saved:
+            save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
+        export_final(last, final)
+    elif not saved:
         backend.join_save()
     comm.barrier()
-    console.print(f"final checkpoint: {final}")
+    if lead:
+        records = read_metrics(run_dir / "metrics.jsonl")
+        for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
+            console.print(line, highlight=False)
     return final
+
+
+def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
+    """A new run may not write over another's checkpoints; rank 0 writes the embedded
+    model and task when none were given."""
+    if has_checkpoints(run_dir):
+        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
+                          f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
+                          "--output-dir")
+    comm.barrier()  # every rank has looked before rank 0 writes
+    if comm.rank == 0:
+        cfg = materialize_defaults(cfg, run_dir, console)
+    comm.barrier()
+    if comm.rank != 0:  # the files exist now: this only fills in their paths
+        cfg = materialize_defaults(cfg, run_dir, console)
+    return cfg
+
+
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
+    with its tokenizer and generation config and nothing else (AdamW's moments are twice
+    the model). The checkpoint keeps them: a resume of a finished run reads it."""
+    def write(tmp: Path) -> None:
+        for f in sorted(checkpoint.iterdir()):
+            if f.name == "adapter_config.json":  # its base may be relative to the adapter
+                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)
+    out = atomic_directory(final, write)
+    clean_leftovers(final.parent / "checkpoints")
+    return out
 
 
 def check_launcher(cfg: TrainConfig, comm: Comm) -> None:

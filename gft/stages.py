@@ -4,6 +4,7 @@
       - sft: 200                        # shorthand: preset: steps
       - {preset: gft, steps: 300, learning_rate: 1e-5}
       - grpo: 200
+      - {preset: gft, steps: 1000, max_policy_tokens: 500000}   # ends at whichever comes first
 
 Each stage is the run's config with the stage's preset applied, then the stage's own
 keys. Steps are counted globally (a checkpoint at step 250 resumes inside stage 2); the
@@ -12,13 +13,17 @@ Without `stages`, a run is a single stage of `max_steps` (or `epochs`) steps.
 With `stages`, `max_steps` below the plan's total cuts the run short there; above it, the
 last stage is extended to reach it (its LR schedule then spans the longer stage), and the
 plan line says so. To continue with another preset instead, add a stage to `stages`.
+A stage's own `max_policy_tokens` ends it once it has processed that many policy tokens
+(gft/budget.py); the next stage then starts at once, so stages' step ranges are planned
+here as upper bounds and placed by the loop as the run goes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gft.config import FIELDS, PRESETS, TrainConfig, _coerce, _suggest, validate
+from gft.config import (FIELDS, PRESETS, TrainConfig, _coerce, _suggest, unknown_key,
+                        validate)
 from gft.errors import ConfigError
 
 # Keys a stage may not change: they define the model, the data or the run itself.
@@ -34,8 +39,9 @@ class Stage:
     name: str           # the preset, for logs
     cfg: TrainConfig    # the config this stage trains with
     start: int          # first global step (0-based)
-    end: int            # one past its last global step
+    end: int            # one past its last global step (planned: a budget may end it sooner)
     extended: int = 0   # steps added by a max_steps beyond the plan (last stage only)
+    tokens: int = 0     # the stage's own policy-token budget (0: none; gft/budget.py)
 
 
 def _normalize(item: Any, i: int) -> dict[str, Any]:
@@ -65,7 +71,7 @@ def stage_config(base: TrainConfig, values: dict[str, Any], i: int) -> tuple[Tra
         raise ConfigError(f"stages[{i}]: 'steps' must be a positive integer, got {steps!r}")
     for key in values:
         if key not in FIELDS:
-            raise ConfigError(f"stages[{i}]: unknown key '{key}'" + _suggest(key, FIELDS))
+            raise ConfigError(unknown_key(key, f"stages[{i}]"))
         if key in RUN_KEYS:
             raise ConfigError(f"stages[{i}]: '{key}' is set for the whole run, not per stage")
     own = {k: _coerce(k, v, f"stages[{i}]") for k, v in values.items()}
@@ -83,8 +89,10 @@ def plan_stages(cfg: TrainConfig, single_stage_steps: int) -> list[Stage]:
     out: list[Stage] = []
     start = 0
     for i, item in enumerate(cfg.stages):
-        stage_cfg, steps = stage_config(cfg, _normalize(item, i), i)
-        out.append(Stage(i, stage_cfg.preset, stage_cfg, start, start + steps))
+        values = _normalize(item, i)
+        stage_cfg, steps = stage_config(cfg, values, i)
+        tokens = stage_cfg.max_policy_tokens if "max_policy_tokens" in values else 0
+        out.append(Stage(i, stage_cfg.preset, stage_cfg, start, start + steps, tokens=tokens))
         start += steps
     if cfg.max_steps is not None and cfg.max_steps > start:  # e.g. a resumed run made longer
         out[-1] = replace(out[-1], end=cfg.max_steps, extended=cfg.max_steps - start)
@@ -103,7 +111,9 @@ def stage_at(stages: list[Stage], step: int) -> Stage:
 def describe(stages: list[Stage]) -> str:
     """One line for the terminal: 'sft 300 steps (K=1, n=0, tau=0.0, constant) -> gft ...'."""
     return " -> ".join(
-        f"{s.name} {s.end - s.start} steps (K={s.cfg.num_offpolicy}, n={s.cfg.num_rollouts}, "
+        f"{s.name} {s.end - s.start} steps"
+        + (f" or {s.tokens:,} policy tokens" if s.tokens else "")
+        + f" (K={s.cfg.num_offpolicy}, n={s.cfg.num_rollouts}, "
         f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})"
         + (f", extended by {s.extended} step{'s' * (s.extended > 1)} (max_steps={s.end} is "
            f"beyond the plan's {s.end - s.extended})" if s.extended else "") for s in stages)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gft.data import example_from_row, load_split, prompt_text, render_prompt
+from gft.data import example_from_row, load_split, render_prompt
 from gft.errors import DataError, GFTError
 from gft.types import Example
 
@@ -275,7 +275,17 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"messages": "hi"}, "messages", "got string"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "messages", "no prompt"),
     ({"messages": [{"role": 1, "content": "x"}]}, "messages[0].role", "got number"),
-    ({"prompt": "p", "completion": ["a"]}, "completion", "got array"),
+    ({"prompt": "p", "completion": ["a"]}, "completion", "got array of string"),
+    ({"prompt": "p", "completion": 3}, "completion", "got number"),
+    ({"prompt": "p", "completion": [{"role": "user", "content": "a"}]}, "completion",
+     "roles [user]"),
+    ({"prompt": "p", "completion": [{"role": "assistant", "content": "a"}] * 2},
+     "completion", "exactly one assistant message"),
+    ({"prompt": "p", "completions": [[{"role": "tool", "content": "a"}]]}, "completions[0]",
+     "exactly one assistant message"),
+    ({"text": "a whole document"}, "prompt", "language-modeling"),
+    ({"prompt": "p", "trainer_state": 3}, "trainer_state", "rename the column"),
+    ({"prompt": "p", "completion_ids": [3]}, "completion_ids", "rename the column"),
     ({"prompt": "p", "completions": "a"}, "completions", "got string"),
     ({"prompt": "p", "completions": ["a", 2]}, "completions[1]", "got number"),
     ({"prompt": "p", "responses": [None]}, "responses[0]", "got null"),
@@ -456,10 +466,3 @@ def test_render_template_failure_is_a_data_error(tokenizer):
         tokenizer.chat_template = None
     assert_error(excinfo, "d.jsonl:9", "roles must alternate")
     assert isinstance(excinfo.value, GFTError)
-
-
-def test_prompt_text():
-    assert prompt_text(Example(prompt="plain")) == "plain"
-    assert prompt_text(Example(prompt=CHAT + [{"role": "assistant", "content": "4"}])) \
-        == "2+2?"
-    assert prompt_text(Example(prompt=[{"role": "system", "content": "s"}])) == "s"

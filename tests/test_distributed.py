@@ -177,7 +177,7 @@ def test_two_processes_train_to_the_weights_of_one(setup, one_process, parallel)
     # the checkpoint is the single-process layout, loadable by transformers as is
     cfg = json.loads((run / "final" / "config.json").read_text())
     assert cfg["model_type"] == "llama"
-    assert (run / "final" / "optimizer.safetensors").exists()
+    assert (run / "checkpoints" / "step-000002" / "optimizer.safetensors").exists()
     assert not (run / "metrics.jsonl.tmp").exists()
 
 
@@ -188,7 +188,7 @@ def test_resume_two_processes_with_one_and_one_with_two(setup, one_process):
     a = tmp / "two-then-one"
     _gft(_args(model, data, a, 2), nproc=2, extra=["--set", "parallel=fsdp"])
     out = _gft(["--resume", str(a), "--set", "max_steps=3"])
-    assert "from final (step 2)" in out.stdout
+    assert "from step-000002 (step 2)" in out.stdout
     assert _close(_weights(a), base) <= TOL
     # 1 -> 2: one process trains 2 steps; two ranks (DDP, through gft train --nproc) go on
     b = tmp / "one-then-two"

@@ -86,8 +86,10 @@ def test_empty_prompt(model, tmp_path):
 
 @pytest.mark.parametrize("row, where", [
     ({"prompt": 7, "answer": "1"}, "field 'prompt': must be a string or a list of chat messages, got number"),
-    ({"prompt": "p", "completion": ["a"]}, "field 'completion': must be a string, got array"),
-    ({"prompt": "p", "completions": ["a", 3]}, "field 'completions[1]': must be a string, got number"),
+    ({"prompt": "p", "completion": ["a"]},
+     "field 'completion': must be a string or a list with one assistant message, got array"),
+    ({"prompt": "p", "completions": ["a", 3]},
+     "field 'completions[1]': must be a string or a list with one assistant message, got number"),
     ({"prompt": "p", "answer": {"x": 1}}, "field 'answer': must be a string or a number, got object"),
     ([1, 2], "a row must be a JSON object, got array"),
 ])
@@ -206,7 +208,7 @@ def spins(prompts, completions, **kw):
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
-    ("too_few", "reward 'REWARDS:too_few' returned 3 values; expected 4 (one per completion)"),
+    ("too_few", "reward 'REWARDS:too_few' returned 5 values; expected 6 (one per completion)"),
 ])
 def test_bad_reward_function(model, tmp_path, name, words):
     module = tmp_path / "my_rewards.py"
@@ -257,10 +259,70 @@ def test_unknown_key_in_the_yaml_file(model, tmp_path):
     (["learning_rate=abc"], "'learning_rate' must be float, got 'abc'"),
     (["prompts_per_step=3"], "must be a multiple of 'prompts_per_minibatch'"),
     (["preset=grop"], "(did you mean 'grpo'?)"),
+    (["device=foo"], "error: 'device' must be auto, cpu, cuda, cuda:N, mps or gpu, got 'foo'"),
+    (["adam_beta1=1.5"], "error: 'adam_beta1' must be in [0, 1), got 1.5"),
+    (["adam_beta2=-0.1"], "error: 'adam_beta2' must be in [0, 1), got -0.1"),
+    (["adam_eps=-1"], "error: 'adam_eps' must be > 0, got -1.0"),
+    (["weight_decay=-1"], "error: 'weight_decay' must be >= 0, got -1.0"),
+    (["seed=-1"], "error: 'seed' must be in 0 .. 2**63-1, got -1"),
+    ([f"seed={2**64}"], f"error: 'seed' must be in 0 .. 2**63-1, got {2**64}"),
+    (["warmup_steps=-1"], "error: 'warmup_steps' must be >= 0, got -1"),
+    (["save_every=-2"], "error: 'save_every' must be >= 0, got -2"),
+    (["epochs=0"], "error: 'epochs' must be > 0, got 0.0"),
+    (["reward_timeout=-1"], "error: 'reward_timeout' must be >= 0, got -1.0"),
+    (["max_grad_norm=-1"], "error: 'max_grad_norm' must be >= 0, got -1.0"),
+    (["lora_dropout=1"], "error: 'lora_dropout' must be in [0, 1), got 1.0"),
+    (["reset_optimizer=maybe"], "error: command line: 'reset_optimizer' must be bool, got 'maybe'"),
 ])
 def test_bad_values(model, tmp_path, sets, words):
     extra = [arg for s in sets for arg in ("--set", s)]
     one_line_error(train(model, tmp_path, ROWS, *extra), words)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it(model, tmp_path, monkeypatch):
+    import gft.run
+    monkeypatch.setattr(gft.run, "open_backend", lambda *a: pytest.fail("model loaded"))
+    line = one_line_error(train(model, tmp_path, ROWS, "--set", "device=cuda"))
+    assert line.startswith("error: device 'cuda': CUDA is not available on this machine (torch ")
+    assert line.endswith("); use device: auto or cpu")
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"1: 2\n", "job.yaml: key 1 is not a name; config keys are names like learning_rate "
+                "(see gft train --help-config)"),
+    (b"seed: 1\n# caf\xe9\n", "job.yaml:2: not UTF-8 text (byte 0xe9); save the config as UTF-8"),
+    (b"- seed: 1\n", "job.yaml: the config must be a mapping of key: value"),
+])
+def test_bad_yaml_config_files(model, tmp_path, text, words):
+    config = tmp_path / "job.yaml"
+    config.write_bytes(text)
+    one_line_error(run_cli(["train", str(config), "--model", str(model), "--data", str(tmp_path)]),
+                   words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--seed", "-1"], "error: Invalid value for '--seed': -1 is not in the range "
+                                "0<=x<=9223372036854775807. (see main train -h)"),
+    (["train", "--max-steps", "0"], "error: Invalid value for '--max-steps': 0 is not in the "
+                                    "range x>=1. (see main train -h)"),
+    (["generate", "M", "-p", ""], "error: Invalid value for '--prompt' / '-p': prompt 1 is empty; "
+                                  "give some text to continue (see main generate -h)"),
+    (["generate", "M", "-p", "x", "-n", "0"], "'--num' / '-n': 0 is not in the range x>=1."),
+    (["generate", "M", "-p", "x", "--temperature", "nan"],
+     "error: Invalid value for '--temperature': 'nan' is not a finite number."),
+    (["generate", "M", "-p", "x", "--top-p", "0"], "'--top-p': 0.0 is not in the range 0.0<x<=1.0."),
+    (["generate", "M", "-p", "x", "--max-new-tokens", "-1"], "is not in the range x>=1."),
+    (["eval", "M", "--limit", "0"], "'--limit': 0 is not in the range x>=1."),
+    (["eval", "M", "-k", "0"], "'-k': 0 is not in the range x>=1."),
+    (["eval", "M", "--temperature", "0"], "'--temperature': 0.0 is not in the range x>0.0."),
+    (["plot", ".", "--smooth", "0"], "'--smooth': 0 is not in the range x>=1."),
+    (["train", "--nproc", "0"], "'--nproc': 0 is not in the range x>=1."),
+    (["generate"], "error: Missing argument 'MODEL'. (see main generate -h)"),
+    (["train", "--no-such-option"], "error: No such option '--no-such-option'. (see main train -h)"),
+])
+def test_bad_command_line_options_are_one_line(args, words):
+    one_line_error(run_cli(args), words)
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,11 +370,66 @@ def test_config_naming_another_architecture_than_its_weights(model, tmp_path, ba
     (broken / "config.json").write_text(json.dumps({
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 64, "n_layer": 2,
         "n_head": 4, "vocab_size": 259, "n_positions": 256, "n_ctx": 256,
-        "layer_norm_epsilon": 1e-5}))
+        "layer_norm_epsilon": 1e-5, "hidden_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "intermediate_size": 256}))
     args = base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
     args[args.index("--backend") + 1] = backend
     one_line_error(run_cli(args), f"error: {broken}: ", *words)
     assert not (tmp_path / "r" / "final").exists()
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("config.json", "[1, 2]", ": must be a JSON object (key: value), got a list"),
+    ("config.json", "{", ":1: invalid JSON: Expecting property name"),
+    ("tokenizer_config.json", "7", ": must be a JSON object (key: value), got a int"),
+    ("adapter_config.json", '"peft"', ": must be a JSON object (key: value), got a str"),
+])
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_model_json_files_that_are_not_objects(model, tmp_path, name, text, words, command):
+    broken = copy_model(model, tmp_path / "m")
+    (broken / name).write_text(text)
+    args = (base_args(broken, jsonl(tmp_path / "d.jsonl", ROWS), tmp_path / "r")
+            if command == "train" else ["generate", str(broken), "-p", "hi"])
+    one_line_error(run_cli(args), f"error: {broken / name}", words)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"r": "x"}, "adapter_config.json: 'r' must be a positive integer, got 'x'"),
+    ({"r": 4, "lora_alpha": None}, "adapter_config.json: 'lora_alpha' must be a finite number, "
+                                   "got None"),
+    ({"r": 4, "target_modules": 5}, "adapter_config.json: 'target_modules' must be a list of "
+                                    "module names, got 5"),
+    ({"r": 4, "base_model_name_or_path": 7}, "adapter_config.json: 'base_model_name_or_path' "
+                                             "must be a path or hub id, got 7"),
+])
+@pytest.mark.parametrize("command", ["generate", "convert", "fuse"])
+def test_bad_adapter_configs(model, tmp_path, config, words, command):
+    from safetensors.numpy import save_file
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": str(model), "target_modules": ["q_proj"], **config}))
+    args = {"generate": ["generate", str(adapter), "-p", "hi"],
+            "convert": ["convert", str(adapter), str(tmp_path / "out")],
+            "fuse": ["fuse", str(adapter), str(tmp_path / "out")]}[command]
+    one_line_error(run_cli(args), f"error: {adapter}/{words}")
+
+
+def test_plot_skips_a_damaged_metrics_line_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = ['{"step": 1, "entropy": 1.0}', '{"step": 2, "entr', '[3]', '{"step": "x"}',
+             '{"step": 4, "entropy": "high"}', '{"step": 5, "entropy": 0.5}']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    before = (run / "metrics.jsonl").read_bytes()
+    result = run_cli(["plot", str(run), "-o", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"warning: {run}/metrics.jsonl:{n}: damaged line skipped (not a JSON object with a "
+        "numeric 'step')" for n in (2, 3, 4)]
+    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "metrics.jsonl").read_bytes() == before  # plotting never rewrites it
 
 
 def test_missing_model_directory(tmp_path):
@@ -359,7 +476,7 @@ def test_remote_code_is_refused_by_default(model, tmp_path):
 
 @pytest.fixture
 def saved_run(model, tmp_path):
-    """A 2-step run that saved step-000001 and final/."""
+    """A 2-step run that saved step-000001, step-000002 (the last, resumable) and final/."""
     data = jsonl(tmp_path / "d.jsonl", ROWS)
     run = tmp_path / "run"
     result = run_cli(base_args(model, data, run, "--set", "save_every=1"))
@@ -374,17 +491,18 @@ def saved_run(model, tmp_path):
      "which the model does not have (checkpoint from a different model?)"),
 ])
 def test_resume_with_optimizer_state_of_another_model(saved_run, change, words):
-    path = saved_run / "final" / "optimizer.safetensors"
+    path = saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors"
     save_file(change(load_file(str(path))), str(path))
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", words)
+                   "step-000002/optimizer.safetensors: optimizer state for", words)
 
 
 def test_resume_with_the_weights_of_another_model(saved_run, tmp_path):
     other = write_tiny_model(tmp_path / "other", TinyModelSpec(seed=0, hidden_size=32))
-    (saved_run / "final" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
     one_line_error(run_cli(["train", "--resume", str(saved_run), "--set", "max_steps=3"]),
-                   "final/optimizer.safetensors: optimizer state for", "the model's is")
+                   "step-000002/optimizer.safetensors: optimizer state for", "the model's is")
 
 
 def resume(run: Path, *extra: str):
@@ -392,38 +510,45 @@ def resume(run: Path, *extra: str):
 
 
 def test_resume_finds_the_newest_complete_checkpoint_whatever_latest_says(saved_run):
-    """`latest` missing and final/ gone: step-000001 is still found (it used to start over
-    from step 0 and prune it). Other pointers: tests/test_checkpoint.py."""
-    import shutil
-    shutil.rmtree(saved_run / "final")
+    """`latest` naming an older step (or missing, or naming one that is gone: see
+    tests/test_checkpoint.py): the newest complete one, step-000002, is used, and no
+    checkpoint is deleted but the one keep_checkpoints=2 prunes."""
+    (saved_run / "checkpoints" / "latest").write_text("step-000001\n")
+    result = resume(saved_run)
+    assert result.exit_code == 0, result.output
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
+    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
+        "latest", "step-000002", "step-000003"]
+
+
+def test_resume_without_latest_does_not_start_over(saved_run):
     (saved_run / "checkpoints" / "latest").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
-    assert sorted(p.name for p in (saved_run / "checkpoints").iterdir()) == [
-        "latest", "step-000001", "step-000002"]
+    assert f"resuming {saved_run} from step-000002 (step 2)" in result.output
 
 
 def test_resume_skips_a_newest_checkpoint_without_optimizer_state_and_says_so(saved_run):
-    (saved_run / "final" / "optimizer.safetensors").unlink()
+    last = saved_run / "checkpoints" / "step-000002"
+    (last / "optimizer.safetensors").unlink()
     result = resume(saved_run)
     assert result.exit_code == 0, result.output
-    assert (f"warning: final is incomplete ({saved_run}/final/optimizer.safetensors: missing); "
+    assert (f"warning: step-000002 is incomplete ({last}/optimizer.safetensors: missing); "
             "resuming from the previous complete checkpoint step-000001") in result.output
     assert f"resuming {saved_run} from step-000001 (step 1)" in result.output
 
 
 def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "optimizer.safetensors").unlink()
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "optimizer.safetensors").unlink()
     line = one_line_error(resume(saved_run))
-    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000001/optimizer."
-                    "safetensors: missing; to continue from step-000001 with fresh optimizer "
+    assert line == (f"error: cannot resume: {saved_run}/checkpoints/step-000002/optimizer."
+                    "safetensors: missing; to continue from step-000002 with fresh optimizer "
                     "state, add --set reset_optimizer=true")
     result = resume(saved_run, "--set", "reset_optimizer=true")
     assert result.exit_code == 0, result.output
-    assert "reset_optimizer=true: continuing from step-000001 with fresh optimizer state" \
+    assert "reset_optimizer=true: continuing from step-000002 with fresh optimizer state" \
         in result.output
     import yaml
     assert yaml.safe_load((saved_run / "config.yaml").read_text())["reset_optimizer"] is False
@@ -431,10 +556,10 @@ def test_resume_without_optimizer_state_is_refused_unless_reset_optimizer(saved_
 
 def test_resume_with_damaged_trainer_state_names_the_file(saved_run):
     import shutil
-    shutil.rmtree(saved_run / "final")
-    (saved_run / "checkpoints" / "step-000001" / "trainer_state.json").write_text("{")
+    shutil.rmtree(saved_run / "checkpoints" / "step-000001")
+    (saved_run / "checkpoints" / "step-000002" / "trainer_state.json").write_text("{")
     one_line_error(resume(saved_run, "--set", "reset_optimizer=true"),
-                   f"error: cannot resume: {saved_run}/checkpoints/step-000001/trainer_state.json:"
+                   f"error: cannot resume: {saved_run}/checkpoints/step-000002/trainer_state.json:"
                    " unreadable trainer state", "; no complete checkpoint to resume from")
 
 

@@ -99,8 +99,9 @@ def test_saved_adapter_loads_in_peft_with_the_same_logprobs(base, tmp_path, back
     for i in range(3):
         be.train_step([batch(i)], 3e-2, **LOSS)
     be.save_model(tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors"]
+    names = {p.name for p in (tmp_path / "adapter").iterdir()}  # the adapter, its tokenizer
+    assert names == {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json", "chat_template.jinja"}
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["base_model_name_or_path"]) == (4, 8.0, str(base))
     probe = batch(7)
@@ -133,11 +134,16 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
               "--set", "progress=false", "--set", "save_every=2"]
     cli("train", "-o", str(tmp_path / "full"), "--backend", backend, "--max-steps", "4", *common)
     ckpt = tmp_path / "full" / "checkpoints" / "step-000002"
-    assert sorted(p.name for p in ckpt.iterdir()) == [
+    tokenizer = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
+    assert {p.name for p in ckpt.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
-        "trainer_state.json"]
-    adapter = read(tmp_path / "full" / "final" / "adapter_model.safetensors")
-    assert set(read(tmp_path / "full" / "final" / "optimizer.safetensors")) == {
+        "trainer_state.json", *tokenizer}
+    final = tmp_path / "full" / "final"  # what users hand on: the adapter and its tokenizer
+    assert {p.name for p in final.iterdir()} == {
+        "adapter_config.json", "adapter_model.safetensors", *tokenizer}
+    adapter = read(final / "adapter_model.safetensors")
+    last = tmp_path / "full" / "checkpoints" / "step-000004"  # where a resume reads AdamW
+    assert set(read(last / "optimizer.safetensors")) == {
         f"{s}.{k}" for k in adapter for s in ("exp_avg", "exp_avg_sq")}
     probe = batch(3)
     ours = seen[0].token_logprobs(probe)
@@ -149,7 +155,7 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
         run = tmp_path / f"part-{second}"
         cli("train", "-o", str(run), "--backend", backend, "--max-steps", "2", *common)
         out = cli("train", "--resume", str(run), "--backend", second, "--set", "max_steps=4")
-        assert "from final (step 2)" in out
+        assert "from step-000002 (step 2)" in out
         resumed = read(run / "final" / "adapter_model.safetensors")
         tol = 0.0 if second == backend else 2e-5
         assert max(np.abs(resumed[k] - adapter[k]).max() for k in adapter) <= tol, second
@@ -261,3 +267,66 @@ def test_fuse_cli_and_unsupported_adapters(base, tmp_path):
         mlx_config(LORA, ["model.layers.0.self_attn.q_proj"], 2, None)
     with pytest.raises(ModelError, match="match no linear"):
         load_backend("mlx", str(base), lora=LoraConfig(4, 8.0, targets=("nope",)))
+
+
+# ------------------------------------------------------------------------- QLoRA (torch)
+
+def bnb_4bit_reason() -> str | None:
+    """Why QLoRA cannot run here, or None: bitsandbytes missing, or its 4-bit layer failing
+    on this machine's device (CUDA, or CPU from bitsandbytes 0.50)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return "bitsandbytes is not installed (pip install 'gft[qlora]')"
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        layer = bnb.nn.Linear4bit(64, 8, compute_dtype=torch.float32, quant_type="nf4").to(device)
+        layer(torch.ones(1, 64, device=device))
+    except Exception as e:  # noqa: BLE001 - any failure means "not supported here"
+        return f"bitsandbytes {bnb.__version__} has no 4-bit support on this device: {e}"
+    return None
+
+
+def test_qlora_run_on_torch_over_a_4bit_bitsandbytes_base(base, tmp_path, monkeypatch):
+    reason = bnb_4bit_reason()
+    if reason:
+        pytest.skip(reason)
+    seen = []
+    original = gft.run.open_backend
+    monkeypatch.setattr(gft.run, "open_backend",
+                        lambda cfg, path, *a: seen.append(original(cfg, path, *a)) or seen[-1])
+    data = say_yes_data(tmp_path / "data")
+    cli("train", "-o", str(tmp_path / "run"), "--backend", "torch", "--max-steps", "2",
+        "--model", str(base), "--data", str(data), "--preset", "sft",
+        "--set", "load_in_4bit=true", "--set", "lora_rank=4", "--set", "lora_alpha=8",
+        "--set", "lora_targets=[q_proj, v_proj, down_proj]", "--set", "learning_rate=3e-2",
+        "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
+        "--set", "rewards=[exact]", "--set", "max_response_tokens=4",
+        "--set", "eval_samples=2", "--set", "progress=false")
+    import bitsandbytes as bnb
+    be = seen[0]
+    layer = be.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(layer, bnb.nn.Linear4bit)  # transformers' BitsAndBytesConfig built it
+    trained = be.named_parameters()
+    assert len(trained) == 12 and all(np.abs(v).max() > 0 for k, v in trained.items()
+                                      if "lora_B" in k)
+    final = tmp_path / "run" / "final"
+    record = json.loads((final / "base_quantization.json").read_text())
+    assert record["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert record["description"] == "bitsandbytes 4-bit nf4"
+    # the adapter loads in peft over the float base: log-probs move by the NF4 rounding only
+    probe = batch(3)
+    moved = np.abs(peft_logprobs(base, final, probe) - be.token_logprobs(probe)).max()
+    assert 0 < moved < 3.0
+
+
+def test_load_in_4bit_needs_lora_and_torch(base, tmp_path):
+    data = say_yes_data(tmp_path / "data")
+    common = ["--model", str(base), "--data", str(data), "--max-steps", "1",
+              "--set", "load_in_4bit=true"]
+    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "a"), "--backend", "torch",
+                                       *common])
+    assert result.exit_code == 2 and "set lora_rank" in result.output
+    result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / "b"), "--backend", "mlx",
+                                       "--set", "lora_rank=4", *common])
+    assert result.exit_code == 2 and "--quantize 4" in result.output

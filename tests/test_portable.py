@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 from backends import SamplingConfig, load_backend  # noqa: E402
 from cli import main  # noqa: E402
 from gft.modelfiles import write_portable_config  # noqa: E402
-from gft.tiny import EOS_ID, PAD_ID, TinyModelSpec, write_tiny_model  # noqa: E402
+from gft.tiny import EOS_ID, PAD_ID, TinyModelSpec, save_tokenizer, write_tiny_model  # noqa: E402
 from tests.helpers import batch, say_yes_data, scaled_tiny  # noqa: E402
 
 IDS = np.random.default_rng(0).integers(0, 256, size=(2, 40))
@@ -138,6 +138,77 @@ def test_config_dtype_follows_the_stored_weights(tmp_path):
     write_portable_config(path)
     assert json.loads((path / "config.json").read_text())["dtype"] == "bfloat16"
     assert AutoModelForCausalLM.from_pretrained(path).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------- load as transformers reads it
+
+SAVED = {  # transformers' own save_pretrained: rope_theta only under rope_parameters
+    "llama-tied": ("llama", dict(rope_theta=1e5, tie_word_embeddings=True)),
+    "llama-untied": ("llama", dict(rope_theta=1e5, tie_word_embeddings=False)),
+    "qwen2-tied": ("qwen2", dict(rope_theta=1e5, tie_word_embeddings=True)),
+    "qwen2-untied": ("qwen2", dict(rope_theta=1e5, tie_word_embeddings=False)),
+}
+
+
+@pytest.mark.parametrize("name", SAVED)
+def test_a_transformers_saved_directory_trains_the_same_on_both_backends(tmp_path, name):
+    """No `gft convert` first: the MLX backend reads the directory as transformers does
+    (before, mlx-lm used rope_theta 1e4 here, or 1e6 for Qwen2, and trained another
+    model). One step: float32 loss and gradients within the parity tests' 1e-5; the
+    checkpoint each backend then writes loads in transformers and mlx-lm alike."""
+    model_type, config = SAVED[name]
+    path = hf_saved_model(tmp_path / name, model_type, **config)
+    save_tokenizer(path)
+    cfg_before = (path / "config.json").read_bytes()
+    assert "rope_theta" not in json.loads(cfg_before)
+    t, m = load_backend("torch", str(path)), load_backend("mlx", str(path))
+    assert (path / "config.json").read_bytes() == cfg_before  # the user's file is untouched
+    s_t, s_m = t.accumulate_gradients([batch(0)], **LOSS), m.accumulate_gradients([batch(0)], **LOSS)
+    assert s_m["loss"] == pytest.approx(s_t["loss"], rel=1e-5)
+    g_t, g_m = t.gradients(), m.gradients()
+    assert g_t.keys() == g_m.keys()
+    assert max(np.linalg.norm(g_m[k] - g_t[k]) / np.linalg.norm(g_t[k]) for k in g_t) < 1e-5
+    t.apply_update(1e-3)
+    m.apply_update(1e-3)
+    t.save_model(tmp_path / "t")
+    m.save_model(tmp_path / "m")
+    with torch.no_grad():  # each checkpoint against the model its backend holds
+        refs = {"t": t.model(torch.from_numpy(SHORT)).logits.numpy(),
+                "m": np.array(m.model(mx.array(SHORT.astype(np.int32))))}
+    for d, ref in refs.items():
+        assert np.abs(hf_logits(tmp_path / d, SHORT) - ref).max() < 1e-5, d
+        assert np.abs(mlx_logits(tmp_path / d, SHORT) - ref).max() < 1e-5, d
+    assert np.abs(mlx_logits(path, SHORT) - hf_logits(path, SHORT)).max() > 0.1  # the trap
+
+
+def test_lora_over_a_transformers_saved_base_trains_the_same_on_both_backends(tmp_path):
+    """The LoRA base is read the same way (rope_theta 1e5 under rope_parameters only)."""
+    from gft.lora import LoraConfig
+    path = hf_saved_model(tmp_path / "base", "llama", rope_theta=1e5, tie_word_embeddings=False)
+    save_tokenizer(path)
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj"))
+    t, m = (load_backend(b, str(path), lora=lora) for b in ("torch", "mlx"))
+    s_t, s_m = t.accumulate_gradients([batch(0)], **LOSS), m.accumulate_gradients([batch(0)], **LOSS)
+    assert s_m["loss"] == pytest.approx(s_t["loss"], rel=1e-5)
+    g_t, g_m = t.gradients(), m.gradients()
+    assert g_t.keys() == g_m.keys()  # lora_A's gradients are 0 (B starts at 0): absolute
+    assert max(np.linalg.norm(g_m[k] - g_t[k]) / max(np.linalg.norm(g_t[k]), 1e-30)
+               for k in g_t) < 1e-5
+    assert any(np.linalg.norm(g) > 0 for g in g_t.values())
+
+
+def test_what_mlx_lm_cannot_express_is_refused_in_one_line(tmp_path):
+    """A Qwen2 whose head_dim is not hidden/heads: mlx-lm's qwen2 ignores head_dim."""
+    path = hf_saved_model(tmp_path / "q2", "qwen2", head_dim=32)
+    save_tokenizer(path)
+    data = say_yes_data(tmp_path / "data")
+    result = CliRunner().invoke(main, ["train", "--backend", "mlx", "--model", str(path),
+                                       "--data", str(data), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 2
+    line = result.output.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert str(path / "config.json") in line and "head_dim" in line and "--backend torch" in line
+    load_backend("torch", str(path))  # transformers computes it: the torch backend trains it
 
 
 # ------------------------------------------------------------------------- round trips
@@ -287,8 +358,8 @@ def test_resume_across_backends(tmp_path):
         result = CliRunner().invoke(main, ["train", "--resume", str(part), "--backend", second,
                                            "--set", "max_steps=6"])
         assert result.exit_code == 0, result.output
-        assert "from final (step 3)" in result.output and f"backend: {second}" in result.output
-        state = json.loads((part / "final" / "trainer_state.json").read_text())
+        assert "from step-000003 (step 3)" in result.output and f"backend: {second}" in result.output
+        state = json.loads((part / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
         assert state["backend"] == second and state["config"]["backend"] == second
         a, b = weights(full / "final"), weights(part / "final")
         assert max(np.abs(a[k] - start[k]).max() for k in a) > 0.05  # it trained

@@ -1,5 +1,7 @@
 """The replication command (benchmarks/replicate.py) runs end to end with tiny budgets:
-warm-up, probes, the six methods, evaluation, the table, the claims and the figures."""
+warm-up, probes, the six methods in both training conditions, every split's evaluation,
+the tables, the claims and the figures; every run stops at the policy-token budget; the
+learning-rate sweep chooses on the validation split only."""
 import json
 import subprocess
 import sys
@@ -7,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from gft.checkpoint import latest_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 METHODS = ("sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo")
+SPLITS = ("test", "test_big", "test_chain")
 
 
 @pytest.fixture(scope="module")
@@ -24,18 +29,27 @@ def replicated(tmp_path_factory):
     return out, proc.stdout
 
 
-def test_report_has_the_table_and_the_claims(replicated):
+def test_report_has_the_tables_per_split_and_the_claims(replicated):
     out, _ = replicated
     text = (out / "REPLICATION.md").read_text()
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method | steps"))
-    table = lines[start:start + 2 + 1 + len(METHODS)]
-    names = [line.split("|")[1].strip() for line in table[2:]]
-    assert names == ["base", *METHODS]
-    assert "greedy pass@1" in table[0] and "pass@2" in table[0]
+    for head in ("| method | learning rate", "| method | steps per stage"):
+        starts = [i for i, line in enumerate(lines) if line.startswith(head)]
+        assert len(starts) == 2, head  # one table per training condition
+        for start in starts:
+            table = lines[start:start + 2 + 1 + len(METHODS)]
+            assert [line.split("|")[1].strip() for line in table[2:]] == ["base", *METHODS]
+    accuracy = lines[next(i for i, line in enumerate(lines)
+                          if line.startswith("| method | learning rate"))]
+    for split in SPLITS:
+        assert f"{split} pass@1" in accuracy and f"{split} pass@2" in accuracy
+        assert f"On `{split}`:" in text
+    assert "Trained on correct expert" in text and "Trained on flawed expert" in text
     for claim in ("GFT beats SFT and DFT", "keeps policy entropy", "gradient spikes",
                   "SFT→GRPO underperforms", "SFT→GFT→GRPO is best"):
         assert claim in text
+    for name in ("test_big", "test_chain", "train_flawed"):
+        assert f"`{name}`" in text  # what each split measures is stated
     assert "python benchmarks/replicate.py --tiny-test" in text  # the exact command
 
 
@@ -52,26 +66,35 @@ def test_figures_are_written_and_small(replicated):
         assert f"](replication/{p.name})" in text
 
 
-def test_every_run_spent_its_planned_steps_and_counted_tokens(replicated):
+def test_every_run_stopped_at_the_policy_token_budget(replicated):
     out, _ = replicated
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["steps"]) == set(METHODS)
+    assert set(summary["plan"]) == set(METHODS)
+    assert len(summary["results"]) == 2 * len(METHODS)
+    budget = summary["setup"]["budget_tokens"]
     for result in summary["results"]:
-        planned = sum(n for _, n in result["stages"])
-        assert result["steps"] == planned
-        assert result["tokens"] > 0
-        assert 0.0 <= result["test/accuracy"] <= 1.0
+        # stopped by tokens, within its last step's tokens of the budget, whatever the method
+        assert budget <= result["tokens"] < budget + result["last_step_tokens"], result["name"]
+        for split in ("valid", *SPLITS):
+            assert 0.0 <= result[f"{split}/accuracy"] <= 1.0
         assert result["test/entropy"] > 0
-    # the staged pipeline really ran its stages in order
-    metrics = out / "runs" / "sft-gft-grpo-s0" / "metrics.jsonl"
+        last = latest_checkpoint(Path(result["run_dir"]))  # final/ holds the model only
+        data = json.loads((last / "trainer_state.json").read_text())["config"]["data"]
+        assert Path(data).name == f"data-{result['condition']}"
+    # the flawed condition trains on the generator's train_flawed rows, the clean one on train
+    for condition, split in (("clean", "train"), ("flawed", "train_flawed")):
+        assert (out / f"data-{condition}" / "train.jsonl").read_bytes() == \
+            (out / "task" / f"{split}.jsonl").read_bytes()
+    # a staged pipeline ran its stages in order
+    metrics = out / "runs" / "clean" / "sft-grpo-s0-lr0.0003" / "metrics.jsonl"
     presets = [json.loads(line).get("preset") for line in metrics.read_text().splitlines()]
-    assert [p for i, p in enumerate(presets) if p and p != presets[i - 1]] == ["sft", "gft", "grpo"]
+    assert [p for i, p in enumerate(presets) if p and p != presets[i - 1]] == ["sft", "grpo"]
 
 
 def test_a_rerun_reuses_every_cached_run(replicated):
     out, _ = replicated
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny-test", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ": start" not in proc.stdout  # nothing trained or evaluated again
 
@@ -97,3 +120,46 @@ def test_a_cached_run_is_reused_only_for_the_same_spec(tmp_path):
     # another step count (a new --budget-tokens) or another base: stale, deleted
     assert rep.cached({**spec, "values": {"preset": "gft", "max_steps": 12}}) is None
     assert not (tmp_path / "run").exists()
+
+
+class FakeRunner:
+    """Answers specs with made-up accuracies: valid prefers one rate per method, the
+    test splits the opposite, so choosing on a test split would show."""
+
+    def __init__(self, best: dict[str, float]):
+        self.best, self.seen = best, []
+
+    def many(self, specs):
+        self.seen += specs
+        out = []
+        for spec in specs:
+            good = float(spec["lr"] == self.best[spec["method"]])
+            out.append({"name": spec["name"], "method": spec["method"], "lr": spec["lr"],
+                        "seed": spec["seed"], "condition": spec["condition"],
+                        "valid/accuracy": good, "valid/reward": good,
+                        **{f"{s}/accuracy": 1.0 - good for s in SPLITS}})
+        return out
+
+
+def test_the_sweep_chooses_each_methods_rate_on_the_validation_split(tmp_path):
+    rep = _replicate_module()
+    from benchmarks.replication_lib.plan import Base, StagePlan, run_all
+    from benchmarks.replication_lib.setup import SETUPS
+    from dataclasses import replace
+    setup = replace(SETUPS["tiny-test"], lrs=(1e-4, 3e-4, 1e-3), conditions=("clean",))
+    best = {"sft": 1e-3, "dft": 1e-4, "grpo": 3e-4, "gft": 1e-4, "sft>grpo": 3e-4,
+            "sft>gft>grpo": 1e-3}
+    steps = {m: [StagePlan("sft", 100, 10, 5)] for m in best}
+    runner = FakeRunner(best)
+    base = Base(tmp_path / "base", {}, "fp")
+    results, sweep = run_all(setup, runner, steps, [0, 1, 2], base,
+                             {"clean": tmp_path / "data"}, tmp_path)
+    assert len(sweep) == 3 * len(best) and {r["seed"] for r in sweep} == {0}
+    assert sorted((r["method"], r["seed"]) for r in results) == sorted(
+        (m, s) for m in best for s in (0, 1, 2))
+    for r in results:
+        assert r["lr"] == best[r["method"]], r  # the validation winner, for every seed
+    for spec in runner.seen:  # the same sweep for every method; the rate reaches gft
+        assert spec["values"]["learning_rate"] == spec["lr"]
+        assert spec["values"]["max_policy_tokens"] == setup.budget_tokens
+    assert rep.lr_list("1e-5, 3e-5,1e-4") == (1e-5, 3e-5, 1e-4)

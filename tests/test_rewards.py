@@ -227,13 +227,13 @@ def raises(prompts, completions, **columns):
 
 @pytest.mark.parametrize("function, words", [
     (raises, ["raised KeyError", "solution"]),
-    (lambda p, c, **k: 1.0, ["returned float", "expected a list of 2"]),
-    (lambda p, c, **k: (x for x in c), ["returned generator"]),
-    (lambda p, c, **k: [1.0], ["returned 1 values", "expected 2"]),
-    (lambda p, c, **k: [1.0, float("nan")], ["nan", "d.jsonl:2", "finite"]),
-    (lambda p, c, **k: [float("inf"), 1.0], ["inf", "d.jsonl:1"]),
-    (lambda p, c, **k: [1.0, "1.0"], ["returned str", "d.jsonl:2", "float or None"]),
-    (lambda p, c, **k: [[1.0], 1.0], ["returned list", "d.jsonl:1"]),
+    (lambda completions, **k: 1.0, ["returned float", "expected a list of 2"]),
+    (lambda completions, **k: (x for x in completions), ["returned generator"]),
+    (lambda completions, **k: [1.0], ["returned 1 values", "expected 2"]),
+    (lambda completions, **k: [1.0, float("nan")], ["nan", "d.jsonl:2", "finite"]),
+    (lambda completions, **k: [float("inf"), 1.0], ["inf", "d.jsonl:1"]),
+    (lambda completions, **k: [1.0, "1.0"], ["returned str", "d.jsonl:2", "float or None"]),
+    (lambda completions, **k: [[1.0], 1.0], ["returned list", "d.jsonl:1"]),
 ])
 def test_bad_reward_function(function, words):
     with pytest.raises(RewardError) as excinfo:

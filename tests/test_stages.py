@@ -56,4 +56,5 @@ def test_a_resumed_staged_run_with_more_steps_runs_them(tmp_path):
            "(max_steps=3 is beyond the plan's 2)" in more.output
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 3
-    assert json.loads((run / "final" / "trainer_state.json").read_text())["loop"]["step"] == 3
+    last = run / "checkpoints" / "step-000003"  # final/ holds the model only
+    assert json.loads((last / "trainer_state.json").read_text())["loop"]["step"] == 3

@@ -20,6 +20,17 @@ under its other templates — a character model this small cannot infer unseen a
 facts, while it can learn to read a new phrasing of a known one, so held-out accuracy
 measures reading the question and doing the sum, and it visibly rises during training.
 Generation is deterministic in `seed` (Python's `random.Random`, seeded by strings).
+
+Besides train / valid / test, the generator writes splits that measure generalisation and
+robustness to bad demonstrations (SPLITS below says what each one measures):
+  test_big      out of distribution: both operands above max_operand, numbers no training
+                problem has; the same phrasings;
+  test_chain    out of distribution: three operands and two operations ("What is 7 plus 5
+                minus 3?"), while every training problem has two operands and one;
+  train_flawed  training data whose expert demonstration is wrong (off by one, in the
+                equation and the box alike) with probability `expert_error_rate`, otherwise
+                the same rows as train.jsonl; train on it (gft reads train.jsonl: copy it
+                there) and evaluate on the usual test splits.
 """
 from __future__ import annotations
 
@@ -34,9 +45,25 @@ from pathlib import Path
 
 from gft.errors import ConfigError
 
-GENERATOR_VERSION = 1  # bump when templates or sampling change: invalidates cached task dirs
+GENERATOR_VERSION = 2  # bump when templates or sampling change: invalidates cached task dirs
 PROMPT_SUFFIX = "\nA:"  # where the question ends and the answer begins
-SPLIT_FILES = {"train": "train.jsonl", "valid": "valid.jsonl", "test": "test.jsonl"}
+
+# Every split the generator writes, and what a model's accuracy on it measures.
+SPLITS = {
+    "train": "training rows: two operands in 0..max_operand, correct expert demonstrations",
+    "valid": "held-out problems like test, for choosing settings (e.g. the learning rate)",
+    "test": "in distribution: held-out (fact, phrasing) pairs whose facts train teaches "
+            "under other phrasings: reading a new phrasing of a known sum",
+    "test_big": "out of distribution, larger numbers: both operands in max_operand+1.."
+                "2*max_operand+1, never in training: carrying the procedure to new numbers",
+    "test_chain": "out of distribution, composition: three operands and two operations "
+                  "(+/- only), while training has one: chaining steps training never chains",
+    "train_flawed": "training rows as in train, but each expert demonstration is wrong "
+                    "(off by one) with probability expert_error_rate: robustness to "
+                    "imperfect demonstrations (evaluate on the test splits)",
+}
+SPLIT_FILES = {name: f"{name}.jsonl" for name in SPLITS}
+TEST_SPLITS = ("test", "test_big", "test_chain")
 
 NAMES = ("Tom", "Ann", "Sam", "Mia", "Ben", "Eva", "Max", "Zoe")
 ITEMS = ("apples", "pens", "cats", "eggs", "cards", "books")
@@ -71,6 +98,10 @@ class ArithTaskConfig:
     n_teacher: int = field(default=3, metadata={"help": "Teacher answers per row, after the expert demonstration."})
     teacher_error_rate: float = field(default=0.25, metadata={
         "help": "Probability that each teacher answer is wrong (off by one)."})
+    n_ood: int = field(default=100, metadata={
+        "help": "Rows in each out-of-distribution test split (test_big, test_chain)."})
+    expert_error_rate: float = field(default=0.3, metadata={
+        "help": "train_flawed only: probability that a row's expert demonstration is wrong."})
 
 
 Problem = tuple[int, str, int, int]  # (a, op, b, template index)
@@ -83,10 +114,11 @@ def validate_config(cfg: ArithTaskConfig) -> None:
         raise ConfigError(f"arith ops must be a non-empty subset of {sorted(TEMPLATES)}, got {cfg.ops!r}")
     if cfg.max_operand < 1:
         raise ConfigError(f"arith max_operand must be at least 1, got {cfg.max_operand}")
-    if not 0.0 <= cfg.teacher_error_rate <= 1.0:
-        raise ConfigError(f"arith teacher_error_rate must be in [0, 1], got {cfg.teacher_error_rate}")
-    if min(cfg.n_train, cfg.n_valid, cfg.n_test, cfg.n_teacher) < 0:
-        raise ConfigError("arith n_train, n_valid, n_test and n_teacher must be non-negative")
+    for name in ("teacher_error_rate", "expert_error_rate"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"arith {name} must be in [0, 1], got {getattr(cfg, name)}")
+    if min(cfg.n_train, cfg.n_valid, cfg.n_test, cfg.n_teacher, cfg.n_ood) < 0:
+        raise ConfigError("arith n_train, n_valid, n_test, n_teacher and n_ood must be non-negative")
     n_facts = len(all_facts(cfg))
     if cfg.n_test + cfg.n_valid > n_facts:
         raise ConfigError(f"arith n_test + n_valid = {cfg.n_test + cfg.n_valid} exceeds the {n_facts} "
@@ -154,17 +186,30 @@ def make_row(problem: Problem, cfg: ArithTaskConfig, rng: random.Random) -> dict
 
 
 def generate_split(cfg: ArithTaskConfig, split: str) -> list[dict]:
-    """The rows of one split ("train", "valid" or "test"), deterministic in cfg.
+    """The rows of one split (a key of SPLITS), deterministic in cfg.
 
     Train cycles through its shuffled pool (reshuffled each pass) until n_train rows;
-    valid and test have one row per held-out problem.
+    valid and test have one row per held-out problem; test_big and test_chain have up to
+    n_ood rows each (fewer when the config allows fewer such problems).
     """
-    if split not in SPLIT_FILES:
-        raise ConfigError(f"arith split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
-    pool = split_problems(cfg)[split]
+    if split not in SPLITS:
+        raise ConfigError(f"arith split must be one of {sorted(SPLITS)}, got {split!r}")
+    if split in ("train", "train_flawed"):
+        return train_rows(cfg, flawed=split == "train_flawed")
+    if split == "test_big":
+        rng = random.Random(f"arith/{cfg.seed}/test_big")
+        return [make_row(p, cfg, rng) for p in big_problems(cfg)]
+    if split == "test_chain":
+        rng = random.Random(f"arith/{cfg.seed}/test_chain")
+        return [chain_row(p, rng) for p in chain_problems(cfg)]
     rng = random.Random(f"arith/{cfg.seed}/{split}")
-    if split != "train":
-        return [make_row(p, cfg, rng) for p in pool]
+    return [make_row(p, cfg, rng) for p in split_problems(cfg)[split]]
+
+
+def train_order(cfg: ArithTaskConfig) -> tuple[list[Problem], random.Random]:
+    """The n_train training problems in order, and the generator that then writes their rows."""
+    pool = split_problems(cfg)["train"]
+    rng = random.Random(f"arith/{cfg.seed}/train")
     if not pool and cfg.n_train:
         raise ConfigError("arith: every problem is held out; lower n_test/n_valid or raise max_operand")
     order: list[Problem] = []
@@ -172,7 +217,71 @@ def generate_split(cfg: ArithTaskConfig, split: str) -> list[dict]:
         batch = list(pool)
         rng.shuffle(batch)
         order.extend(batch)
-    return [make_row(p, cfg, rng) for p in order[:cfg.n_train]]
+    return order[:cfg.n_train], rng
+
+
+def train_rows(cfg: ArithTaskConfig, flawed: bool = False) -> list[dict]:
+    """train.jsonl's rows; flawed: the same rows, but each expert demonstration is wrong
+    (off by one, throughout) with probability expert_error_rate: only the flaw differs."""
+    order, rng = train_order(cfg)
+    rows = [make_row(p, cfg, rng) for p in order]
+    if flawed:
+        flaw = random.Random(f"arith/{cfg.seed}/train_flawed")
+        for (a, op, b, _), row in zip(order, rows):
+            if flaw.random() < cfg.expert_error_rate:
+                row["completions"][0] = expert_solution(a, op, b, wrong_answer(APPLY[op](a, b), flaw))
+    return rows
+
+
+def big_problems(cfg: ArithTaskConfig) -> list[Problem]:
+    """Up to n_ood problems whose operands both lie above the training range."""
+    validate_config(cfg)
+    r = range(cfg.max_operand + 1, 2 * cfg.max_operand + 2)
+    facts = [(a, op, b) for op in cfg.ops for a in r for b in r if op != "-" or a >= b]
+    rng = random.Random(f"arith/{cfg.seed}/test_big/split")
+    rng.shuffle(facts)
+    return [(a, op, b, rng.randrange(len(TEMPLATES[op]))) for a, op, b in facts[:cfg.n_ood]]
+
+
+# Two-operation questions for test_chain, read left to right (so no '*': no precedence trap).
+CHAIN_WORDS = {"+": "plus", "-": "minus"}
+CHAIN_PHRASES = {"+": "gets {x} more", "-": "gives away {x}"}
+CHAIN_TEMPLATES = ("What is {a} {w1} {b} {w2} {c}?",
+                   "{name} has {a} {item}, {p1}, {p2}. How many now?")
+ChainProblem = tuple[int, str, int, str, int, int]  # (a, op1, b, op2, c, template index)
+
+
+def chain_problems(cfg: ArithTaskConfig) -> list[ChainProblem]:
+    """Up to n_ood distinct three-operand problems with non-negative intermediate results,
+    using the config's '+' and '-' (none when it has neither)."""
+    validate_config(cfg)
+    ops = [op for op in cfg.ops if op in CHAIN_WORDS]
+    if not ops:  # e.g. ops=("*",): nothing to chain left to right; the split is empty
+        return []
+    rng = random.Random(f"arith/{cfg.seed}/test_chain/split")
+    seen: dict[tuple, ChainProblem] = {}
+    for _ in range(50 * cfg.n_ood):  # rejection sampling: the space is (max_operand+1)^3 * 4
+        if len(seen) == cfg.n_ood:
+            break
+        a, b, c = (rng.randrange(cfg.max_operand + 1) for _ in range(3))
+        o1, o2 = rng.choice(ops), rng.choice(ops)
+        first = APPLY[o1](a, b)
+        if first < 0 or APPLY[o2](first, c) < 0:
+            continue
+        seen.setdefault((a, o1, b, o2, c), (a, o1, b, o2, c, rng.randrange(len(CHAIN_TEMPLATES))))
+    return list(seen.values())
+
+
+def chain_row(problem: ChainProblem, rng: random.Random) -> dict:
+    """A test_chain row: the question, the answer and the worked two-step demonstration."""
+    a, o1, b, o2, c, t = problem
+    first = APPLY[o1](a, b)
+    result = APPLY[o2](first, c)
+    prompt = CHAIN_TEMPLATES[t].format(
+        a=a, b=b, c=c, w1=CHAIN_WORDS[o1], w2=CHAIN_WORDS[o2], name=rng.choice(NAMES),
+        item=rng.choice(ITEMS), p1=CHAIN_PHRASES[o1].format(x=b), p2=CHAIN_PHRASES[o2].format(x=c))
+    demo = f" {a}{o1}{b}={first}. {first}{o2}{c}={result}. \\boxed{{{result}}}"
+    return {"prompt": prompt + PROMPT_SUFFIX, "answer": str(result), "completions": [demo]}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -188,7 +297,7 @@ def config_record(cfg: ArithTaskConfig) -> dict:
 
 
 def write_task(directory: str | Path, cfg: ArithTaskConfig = ArithTaskConfig()) -> Path:
-    """Write train.jsonl, valid.jsonl, test.jsonl and task.json into `directory`."""
+    """Write every split in SPLITS (<split>.jsonl) and task.json into `directory`."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     for split, name in SPLIT_FILES.items():

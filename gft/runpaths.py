@@ -1,0 +1,98 @@
+"""Paths a run directory keeps, stored so that the directory can move.
+
+A run directory is copied to another machine or folder as a whole (`cp -r runs/demo ...`),
+then resumed, evaluated or sampled from any working directory. The paths it stores
+(config.yaml's and trainer_state.json's `model` and `data`, an adapter's base model) are
+therefore written as:
+- relative to the run directory when they lie inside it, as `./base-model` (the
+  embedded default's base-model/ and task/, a model or data set kept in the run);
+- absolute when they are local paths elsewhere (the working directory may change);
+- as given when they are not local paths (a hub id stays a hub id).
+On resume a relative path is looked up in the run directory first, then (runs written
+before this layout) in the working directory; a path found nowhere is one line naming
+the key and the option that supplies it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gft.errors import ConfigError
+
+RUN_PATH_KEYS = {"model": "--model", "data": "--data"}
+
+
+def looks_local(text: str) -> bool:
+    """A path on this machine rather than a hub id ('org/name'): it exists, or it is
+    written as a path (absolute, ./ ../ ~, or more than one '/')."""
+    return (Path(text).expanduser().exists() or text.startswith((".", "/", "~", "\\"))
+            or text.count("/") > 1)
+
+
+def stored_path(value: str | None, run_dir: Path) -> str | None:
+    """How a run directory stores a path it uses (see the module docstring)."""
+    if not value or not looks_local(value):
+        return value
+    path = Path(value).expanduser().resolve()
+    root = Path(run_dir).resolve()
+    if path == root or root in path.parents:  # "./": a path, never read as a hub id
+        return "./" + path.relative_to(root).as_posix()
+    return str(path)
+
+
+def stored_config(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A config dict (gft.config.to_dict) as the run directory stores it."""
+    return {**config, **{k: stored_path(config.get(k), run_dir) for k in RUN_PATH_KEYS}}
+
+
+def resolve_stored(value: str | None, run_dir: Path, key: str, source: str) -> str | None:
+    """The path a stored `key` names on this machine, from any working directory."""
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    inside = Path(run_dir) / path
+    if not path.is_absolute() and inside.exists():
+        return str(inside)
+    if path.exists() or not looks_local(value):  # a hub id: the backend resolves it
+        return value
+    where = str(path) if path.is_absolute() else f"{inside} or {path}"
+    raise ConfigError(f"{source}: {key} '{value}' is not on this machine (looked for {where}); "
+                      f"pass it with {RUN_PATH_KEYS[key]} PATH")
+
+
+def base_for_adapter(base: str | None, adapter_dir: Path) -> str | None:
+    """adapter_config.json's base_model_name_or_path: the base as the user gave it, or,
+    for a base inside the same run directory, relative to the adapter directory (so the
+    run can move); `adapter_base` reads it back."""
+    if not base or not looks_local(base):
+        return base
+    adapter_dir = Path(adapter_dir).resolve()
+    run_dir = adapter_dir.parent.parent if adapter_dir.parent.name == "checkpoints" \
+        else adapter_dir.parent
+    path = Path(base).expanduser().resolve()
+    if run_dir in path.parents:
+        return os.path.relpath(path, adapter_dir)
+    return base
+
+
+def adapter_base(stored: str, adapter_dir: Path) -> str:
+    """The base model an adapter's base_model_name_or_path names, from any working
+    directory: relative to the adapter directory first, then as given."""
+    inside = Path(adapter_dir) / stored
+    if not Path(stored).is_absolute() and looks_local(stored) and inside.exists():
+        return os.path.normpath(inside)
+    return stored
+
+
+def moved_adapter_config(text: str, source: Path, target: Path) -> str:
+    """adapter_config.json copied from `source` to `target` (final/ from a step
+    checkpoint, one level up): a base stored relative to the adapter is re-stored
+    relative to the new place."""
+    config = json.loads(text)
+    stored = config.get("base_model_name_or_path")
+    if stored and not Path(stored).is_absolute() and stored.startswith("."):
+        base = adapter_base(stored, source)
+        config["base_model_name_or_path"] = base_for_adapter(base, target)
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"

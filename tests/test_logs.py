@@ -1,0 +1,89 @@
+"""Logs a cluster job can read (gft/metrics.py): without a terminal, a plain line every
+logging_steps, progress inside a long step, and an end-of-run summary."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+
+from click.testing import CliRunner
+from rich.console import Console
+
+from cli import main
+from gft.metrics import Heartbeat, step_line, summary_lines
+
+STEP = {"loss": 0.51234, "reward/rollout": 0.25, "accuracy/rollout": 0.125, "entropy": 1.5,
+        "grad_norm": 0.75, "rollout_tokens": 600.0, "update_tokens": 400.0, "time/step": 2.0,
+        "memory/peak_host_gib": 1.25}
+
+
+def test_step_line_has_the_headline_metrics():
+    line = step_line(10, 450, STEP)
+    for part in ("step 10/450", "loss 0.5123", "reward 0.250", "acc 0.125", "entropy 1.500",
+                 "grad_norm 0.750", "tok/s 500", "peak_mem_gib 1.25", "s/step 2.00"):
+        assert part in line, (part, line)
+    assert "\n" not in line
+    # a metric that a step does not have (SFT: no rollouts; NaN entropy) is left out
+    assert step_line(1, 2, {"loss": 1.0, "entropy": float("nan")}) == "step 1/2  loss 1.0000"
+
+
+def test_summary_has_time_tokens_throughput_memory_evaluations_and_checkpoint():
+    records = [{"step": 0, "eval/accuracy": 0.1},
+               {"step": 1, **STEP}, {"step": 2, **STEP, "eval/accuracy": 0.6},
+               {"step": 3, **STEP, "eval/accuracy": 0.5}]
+    lines = summary_lines(records, 125.0, {"memory/peak_host_gib": 1.5}, "runs/x/final")
+    text = "\n".join(lines)
+    assert "done: 3 steps, wall time 2m05s" in text
+    assert "3,000 tokens (rollouts 1,800, updates 1,200), 500 tokens/s" in text
+    assert "peak memory: host (peak RSS) 1.50 GiB" in text
+    assert "first 0.100 (step 0), best 0.600 (step 2), last 0.500 (step 3)" in text
+    assert lines[-1] == "final checkpoint: runs/x/final"
+
+
+def test_heartbeat_says_what_a_long_step_is_doing():
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    with Heartbeat(console, enabled=True, every=0.05) as beat:
+        beat.phase("step 1: rollouts (64 sequences)", new_step=True)
+        time.sleep(0.3)
+        beat.phase("")
+        time.sleep(0.15)
+        quiet_from = len(out.getvalue())
+        time.sleep(0.15)
+    assert re.search(r"^step 1: rollouts \(64 sequences\) \(\d+ s into the step\)$",
+                     out.getvalue(), re.M), out.getvalue()
+    assert len(out.getvalue()) == quiet_from, "no line once the step is done"
+    out.seek(0)
+    out.truncate(0)
+    with Heartbeat(console, enabled=True, every=1.0) as beat:  # steps shorter than `every`
+        for _ in range(6):
+            beat.phase("step 2: update", new_step=True)
+            time.sleep(0.1)
+    assert out.getvalue() == "", "short steps print nothing"
+    silent = io.StringIO()
+    with Heartbeat(Console(file=silent), enabled=False, every=0.01) as beat:
+        beat.phase("x", new_step=True)
+        time.sleep(0.05)
+    assert silent.getvalue() == ""
+
+
+def test_non_terminal_train_log_has_plain_lines_and_a_summary(tmp_path, monkeypatch):
+    """CliRunner's stdout is not a terminal, as in a SLURM or nohup job."""
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["train", "-o", "run", "--max-steps", "3",
+                                       "--set", "eval_samples=4", "--set", "logging_steps=2"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    lines = out.splitlines()
+    steps = [x.split()[1] for x in lines if re.match(r"step \d+/\d+  ", x)]
+    assert steps == ["1/3", "2/3", "3/3"]  # the first, every 2nd, and the last
+    assert "━" not in out and "\r" not in out, "no progress-bar frames"
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tokens = sum(r.get("rollout_tokens", 0) + r.get("update_tokens", 0) for r in records)
+    assert f"done: 3 steps, wall time" in out and f"{tokens:,.0f} tokens" in out
+    assert "peak memory: host (peak RSS)" in out
+    assert "evaluation accuracy: first" in out
+    assert lines[-1] == f"final checkpoint: {tmp_path / 'run' / 'final'}" or \
+        lines[-1] == "final checkpoint: run/final"
+    assert all("memory/peak_host_gib" in r for r in records if "loss" in r)

@@ -1,0 +1,118 @@
+"""gft/plan.py: the memory plan before training, and `gft train --dry-run`.
+
+What is checked: the weights the plan counts are the bytes the model files hold (float, mlx-lm
+4-bit, 8-bit and a mixed recipe), the LoRA count is what the backend trains, the dry run prints
+every item, and a config that cannot fit is refused before loading, naming the largest item
+and the key that shrinks it. (Measured peaks against the plan: benchmarks/plan_check.py.)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from gft.config import build_config
+from gft.modelfiles import model_weight_files, read_safetensors_header
+from gft.plan import lora_params, param_count, plan, shape_of, weight_bytes
+from gft.tiny import TinyModelSpec, write_tiny_model
+from tests.helpers import say_yes_data
+
+_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "U32": 4}
+
+
+def stored_bytes(model: Path) -> int:
+    total = 0
+    for f in model_weight_files(model):
+        for k, v in read_safetensors_header(f).items():
+            if k != "__metadata__":
+                n = _BYTES[v["dtype"]]
+                for d in v["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+def config(model: Path) -> dict:
+    return json.loads((model / "config.json").read_text())
+
+
+@pytest.mark.parametrize("arch,tied,dtype", [("llama", True, "float32"),
+                                             ("qwen2", False, "bfloat16")])
+def test_weights_are_the_bytes_the_files_hold(tmp_path, arch, tied, dtype):
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(arch=arch, tie_word_embeddings=tied),
+                             dtype=dtype)
+    elem = 4 if dtype == "float32" else 2
+    assert weight_bytes(shape_of(config(model)), elem) == stored_bytes(model)
+    assert param_count(shape_of(config(model))) * elem == stored_bytes(model)
+
+
+def test_quantized_weights_are_the_bytes_mlx_lm_writes(tmp_path):
+    pytest.importorskip("mlx_lm")
+    from mlx_lm.convert import convert as mlx_convert
+    from gft.convert import convert
+    base = write_tiny_model(tmp_path / "base", TinyModelSpec(arch="qwen2", tie_word_embeddings=False))
+    sizes = {}
+    for bits, group in ((4, 32), (8, 64)):
+        convert(base, tmp_path / f"q{bits}", quantize=bits, group_size=group)
+    mlx_convert(str(base), str(tmp_path / "mixed"), quantize=True, q_group_size=32,
+                quant_predicate="mixed_3_6")
+    for name in ("q4", "q8", "mixed"):
+        cfg = config(tmp_path / name)
+        from gft.quant import mlx_quantization
+        sizes[name] = weight_bytes(shape_of(cfg), 4, mlx_quantization(cfg))
+        assert sizes[name] == stored_bytes(tmp_path / name), name
+    assert sizes["q4"] < sizes["q8"] < stored_bytes(base)
+
+
+def test_lora_count_is_what_the_backend_trains(tmp_path):
+    pytest.importorskip("mlx_lm")
+    from backends import load_backend
+    from gft.lora import LoraConfig
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    lora = LoraConfig(4, 8.0, targets=("q_proj", "v_proj", "down_proj"))
+    trained = load_backend("mlx", str(model), lora=lora).named_parameters()
+    assert lora_params(shape_of(config(model)), 4, ["q_proj", "v_proj", "down_proj"]) == sum(
+        v.size for v in trained.values())
+
+
+def test_plan_items_grow_with_the_keys_that_shrink_them(tmp_path):
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    cfg = build_config({}, {"model": str(model), "data": "x"})
+    base = {i.name: i.nbytes for i in plan(config(model), cfg).items}
+    double = {i.name: i.nbytes for i in plan(config(model), replace(
+        cfg, micro_batch_size=2 * cfg.micro_batch_size,
+        rollout_batch_size=2 * cfg.rollout_batch_size)).items}
+    for name in ("activations of one micro-batch", "KV cache of a rollout batch"):
+        assert double[name] == 2 * base[name]
+    chunked = {i.name: i.nbytes for i in plan(config(model), replace(cfg, logits_chunk=64)).items}
+    assert chunked["update logits/softmax"] == 3 * 64 * 259 * 4  # [chunk, V] float32, x3
+    lora = {i.name: i.nbytes for i in plan(config(model), replace(cfg, lora_rank=4)).items}
+    assert lora["AdamW moments"] < base["AdamW moments"] / 10
+    ckpt = {i.name: i.nbytes for i in plan(config(model), replace(
+        cfg, gradient_checkpointing=True)).items}
+    assert ckpt["activations of one micro-batch"] < base["activations of one micro-batch"]
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    data = say_yes_data(tmp_path / "data")
+    common = ["train", "--model", str(model), "--data", str(data), "--backend", "torch"]
+    result = CliRunner().invoke(main, [*common, "--dry-run", "--set", "lora_rank=4"])
+    assert result.exit_code == 0, result.output
+    for item in ("weights (frozen base)", "LoRA adapters", "gradients", "AdamW moments",
+                 "activations of one micro-batch", "update logits/softmax",
+                 "KV cache of a rollout batch", "expected peak", "available on the device"):
+        assert item in result.output
+    assert not (tmp_path / "runs").exists()
+    huge = ["--set", "micro_batch_size=200000", "--set", "prompts_per_step=64"]
+    result = CliRunner().invoke(main, [*common, "--dry-run", *huge])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert "activations of one micro-batch" in last and "micro_batch_size" in last
+    # a real run is refused the same way, before loading; check_memory: false skips that
+    result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "run"), *huge])
+    assert result.exit_code == 2 and "largest item is activations" in result.output

@@ -1,0 +1,119 @@
+"""A run directory moves: copied elsewhere (the original deleted), it resumes, generates,
+evaluates and fuses from another working directory, on both backends, for a full model
+and for LoRA; its final/ holds only what users hand on.
+
+The runs use the embedded default model and task, which gft writes inside the run
+directory (base-model/, task/): the case where stored paths must follow the directory.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cli import main
+from gft.runpaths import adapter_base, base_for_adapter, resolve_stored, stored_path
+from gft.errors import ConfigError
+
+pytest.importorskip("torch")
+pytest.importorskip("mlx_lm")
+
+SMALL = ["--preset", "sft", "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+         "--set", "max_response_tokens=4", "--set", "eval_samples=2", "--set", "progress=false",
+         "--set", "save_every=1"]
+LORA = ["--set", "lora_rank=4", "--set", "lora_alpha=8"]
+TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+
+
+def gft(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def refused(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    return errors[0]
+
+
+@pytest.mark.parametrize("backend,lora", [("torch", False), ("mlx", True),
+                                          pytest.param("mlx", False, marks=pytest.mark.slow),
+                                          pytest.param("torch", True, marks=pytest.mark.slow)])
+def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
+        tmp_path, monkeypatch, backend, lora):
+    first, second = tmp_path / "first", tmp_path / "second" / "cwd"
+    first.mkdir()
+    second.mkdir(parents=True)
+    monkeypatch.chdir(first)
+    gft("train", "-o", "runs/demo", "--backend", backend, "--max-steps", "2", *SMALL,
+        *(LORA if lora else []))
+    saved = yaml.safe_load(Path("runs/demo/config.yaml").read_text())
+    assert (saved["model"], saved["data"]) == ("./base-model", "./task")
+    final = {p.name for p in Path("runs/demo/final").iterdir()}
+    weights = {"adapter_config.json", "adapter_model.safetensors"} if lora else {
+        "config.json", "model.safetensors", "generation_config.json"}
+    assert final == weights | TOKENIZER  # no optimizer, no trainer state
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.copytree("runs/demo", moved)
+    monkeypatch.chdir(second)
+    shutil.rmtree(first)  # the original is gone
+    run = "../../elsewhere/demo"  # a relative path from a new working directory
+    out = gft("train", "--resume", run, "--set", "max_steps=3")
+    assert "(step 2)" in out and f"backend: {backend}" in out
+    if lora:
+        cfg = json.loads((moved / "final" / "adapter_config.json").read_text())
+        assert cfg["base_model_name_or_path"] == "../base-model"
+    text = gft("generate", f"{run}/final", "-p", "What is 1 plus 1?\nA:", "--max-new-tokens",
+               "4", "--backend", backend)
+    assert text.strip() is not None
+    metrics = json.loads(gft("eval", f"{run}/final", "--data", f"{run}/task", "--limit", "2",
+                             "--max-new-tokens", "4", "--backend", backend, "--json"))
+    assert metrics["n"] == 2
+    if lora:
+        gft("fuse", f"{run}/final", "fused")
+        assert (Path("fused") / "model.safetensors").is_file()
+        # the adapter alone, its base elsewhere: --base supplies it, the tokenizer travels
+        shutil.copytree(moved / "final", "adapter")
+        words = refused("generate", "adapter", "-p", "1", "--backend", backend)
+        assert "base_model_name_or_path" in words and "--base" in words
+        alone = gft("generate", "adapter", "--base", f"{run}/base-model", "-p",
+                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend)
+        assert alone == text
+
+
+def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL)
+    shutil.rmtree("run/task")
+    words = refused("train", "--resume", "run", "--set", "max_steps=2")
+    assert "data './task'" in words and "--data" in words
+    shutil.rmtree("run/base-model")
+    words = refused("train", "--resume", "run", "--set", "max_steps=2", "--data", "nowhere")
+    assert "model './base-model'" in words and "--model" in words
+
+
+def test_stored_paths(tmp_path):
+    run = tmp_path / "run"
+    (run / "task").mkdir(parents=True)
+    (tmp_path / "data").mkdir()
+    assert stored_path(str(run / "task"), run) == "./task"
+    assert stored_path(str(tmp_path / "data"), run) == str((tmp_path / "data").resolve())
+    assert stored_path("HuggingFaceTB/SmolLM2-135M", run) == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_stored("./task", run, "data", "x") == str(run / "task")
+    assert resolve_stored("org/hub-model", run, "model", "x") == "org/hub-model"
+    with pytest.raises(ConfigError, match="pass it with --model"):
+        resolve_stored("/no/such/model", run, "model", "x")
+    # an adapter keeps what the user gave, but a base inside its run moves with it
+    assert base_for_adapter("org/hub-model", run / "final") == "org/hub-model"
+    assert base_for_adapter(str(tmp_path / "data"), run / "final") == str(tmp_path / "data")
+    assert base_for_adapter(str(run / "task"), run / "checkpoints" / "step-000001") \
+        == "../../task"
+    (run / "final").mkdir()
+    assert adapter_base("../task", run / "final") == str(run / "task")

@@ -1,0 +1,169 @@
+"""gft/stops.py and the backends' stop handling: every eos_token_id of
+generation_config.json, the tokenizer's EOS and the config's `stop` end rollouts,
+`gft generate` and evaluation on both backends."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from backends import SamplingConfig, load_backend
+from gft.errors import ConfigError
+from gft.stops import Stops, generation_eos_ids, model_stops
+from gft.tiny import BOS_ID, EOS_ID, byte_tokenizer
+from tests.helpers import scaled_tiny
+
+BACKENDS = ["torch", pytest.param("mlx", marks=pytest.mark.skipif(
+    sys.platform == "win32", reason="mlx"))]
+PROMPTS = [[BOS_ID] + list(b"What is 3 plus 5?"), [BOS_ID] + list(b"Hello"),
+           [BOS_ID, 120, 121], [BOS_ID] + list(b"Q: 12+7\nA:")]
+GREEDY = SamplingConfig(max_new_tokens=12, greedy=True)
+
+
+def _set_eos(model_dir: Path, eos) -> None:
+    path = model_dir / "generation_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["eos_token_id"] = eos
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return scaled_tiny(tmp_path_factory.mktemp("stops") / "m", arch="llama")
+
+
+def _two_stop_ids(free: list[list[int]]) -> tuple[int, int, int, int]:
+    """Two rows and two token ids such that row a first emits id A at position i and row b
+    first emits id B at position j, and neither row meets the other id (or EOS) before."""
+    for a, ra in enumerate(free):
+        for b, rb in enumerate(free):
+            if a == b:
+                continue
+            for i in range(1, 6):
+                for j in range(1, 6):
+                    A, B = ra[i], rb[j]
+                    if A == B or EOS_ID in ra[:i + 1] + rb[:j + 1]:
+                        continue
+                    if A not in ra[:i] and B not in ra[:i + 1] and B not in rb[:j] \
+                            and A not in rb[:j + 1]:
+                        return a, i, b, j
+    raise AssertionError(f"the test model's greedy rows offer no two distinct stop ids: {free}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rollouts_stop_at_either_eos_id_of_generation_config(backend, model_dir, tmp_path):
+    """generation_config.json lists two EOS ids (as Llama 3 and Qwen instruct models do):
+    one row ends at the first, another at the second, each kept as its last token."""
+    if backend == "mlx":
+        pytest.importorskip("mlx_lm")
+    free = load_backend(backend, str(model_dir)).generate(PROMPTS, GREEDY, 0)
+    assert all(len(r) == GREEDY.max_new_tokens for r in free), "no row should end by itself"
+    a, i, b, j = _two_stop_ids(free)
+    two = tmp_path / "two-eos"
+    shutil.copytree(model_dir, two)
+    _set_eos(two, [free[a][i], free[b][j]])
+    be = load_backend(backend, str(two))
+    assert be.stops.ids == {EOS_ID, free[a][i], free[b][j]}
+    out = be.generate(PROMPTS, GREEDY, 0)
+    assert out[a] == free[a][:i + 1]
+    assert out[b] == free[b][:j + 1]
+    sampled = be.generate(PROMPTS * 2, SamplingConfig(max_new_tokens=12, temperature=1.0), 3)
+    for row in sampled:  # sampled rollouts end at the first stop id, or run to the limit
+        first = next((k for k, t in enumerate(row) if t in be.stops.ids), None)
+        assert first == len(row) - 1 or (first is None and len(row) == 12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stop_key_ids_and_strings_end_generation(backend, model_dir):
+    """`stop`: an id ends the row in the decode loop; a multi-token string cuts the row
+    after the token that completes it."""
+    if backend == "mlx":
+        pytest.importorskip("mlx_lm")
+    free = load_backend(backend, str(model_dir)).generate(PROMPTS, GREEDY, 0)
+    row = free[0]
+    tok = byte_tokenizer()
+    target = tok.decode(row[1:4])  # three bytes: a string of several tokens
+    be = load_backend(backend, str(model_dir), stop=[row[2]])
+    assert be.generate(PROMPTS[:1], GREEDY, 0)[0] == row[:row.index(row[2]) + 1]
+    if len(set(target)) > 1 and "\ufffd" not in target:  # a cut that decoding can see
+        be = load_backend(backend, str(model_dir), stop=[target])
+        assert be.stops.strings == (target,)
+        cut = be.generate(PROMPTS[:1], GREEDY, 0)[0]
+        assert cut == row[:len(cut)] and len(cut) <= 4 and target in tok.decode(cut)
+
+
+def test_generation_config_eos_ids_int_list_or_absent(tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 7}))
+    assert generation_eos_ids(tmp_path) == [7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert generation_eos_ids(tmp_path) == [7, 9]
+    (tmp_path / "generation_config.json").unlink()
+    assert generation_eos_ids(tmp_path) == []
+
+
+def test_model_stops_joins_tokenizer_generation_config_and_stop_key(tmp_path):
+    tok = byte_tokenizer()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID, 10]}))
+    stops = model_stops(tok, tmp_path, ["</s>", 33, "\n\nQ:"])
+    # "</s>" is one token (the EOS itself), "\n\nQ:" is four: matched on the text
+    assert stops.ids == {EOS_ID, 10, 33}
+    assert stops.strings == ("\n\nQ:",)
+    assert model_stops(tok, tmp_path, "</x>").strings == ("</x>",)  # one string, not chars
+    with pytest.raises(ConfigError, match="'stop'"):
+        model_stops(tok, tmp_path, [3.5])
+    with pytest.raises(ConfigError, match="outside the vocabulary"):
+        model_stops(tok, tmp_path, [10**6])
+
+
+def test_cut_and_ended_on_text():
+    decode = lambda ids: "".join(chr(i) for i in ids)  # noqa: E731
+    stops = Stops(frozenset({0}), ("cd",))
+    ids = [ord(c) for c in "abcdef"]
+    assert stops.cut(ids, decode) == [ord(c) for c in "abcd"]
+    assert stops.cut([ord("x")], decode) == [ord("x")]
+    assert stops.ended([ord("a"), 0], decode) and stops.ended([ord(c) for c in "abcd"], decode)
+    assert not stops.ended([ord("a"), ord("b")], decode) and not stops.ended([], decode)
+
+
+def test_rollouts_ended_by_any_stop_are_not_truncated():
+    from gft.rollout import build_groups
+    from gft.types import Example
+    tok = byte_tokenizer()
+    stops = Stops(frozenset({EOS_ID, 10}), ("!?",))
+    rollouts = [[65, 10], [65, EOS_ID], [65, 33, 63], [65, 66]]
+    seqs = build_groups([Example("p")], [[BOS_ID]], rollouts, tokenizer=tok, num_offpolicy=0,
+                        num_rollouts=4, max_response_tokens=8, stops=stops)
+    assert [s.truncated for s in seqs] == [False, False, False, True]
+
+
+def test_generate_uses_the_chat_template_as_trained_or_where_there_is_one(tmp_path):
+    """`gft generate` wraps prompts in the chat template where the tokenizer has one (as
+    mlx-lm does), except for a gft checkpoint trained on plain string prompts."""
+    from gft.checkpoint import STATE_FILE
+    from gft.rollout import generate_chat_template
+    tok = byte_tokenizer()
+    assert tok.chat_template and generate_chat_template(str(tmp_path), tok) is True
+    no_template = byte_tokenizer()
+    no_template.chat_template = None
+    assert generate_chat_template(str(tmp_path), no_template) is False
+    for trained, expected in ((None, False), (False, False), (True, True)):
+        (tmp_path / STATE_FILE).write_text(json.dumps(
+            {"loop": {"step": 1}, "config": {"chat_template": trained}}))
+        assert generate_chat_template(str(tmp_path), tok) is expected
+
+
+def test_generate_cli_applies_the_template_by_default(model_dir):
+    """The same prompt through `gft generate` with no flag and with --chat-template gives
+    the same completion; --no-chat-template gives the raw prompt's."""
+    from click.testing import CliRunner
+    from cli import main
+    args = ["generate", str(model_dir), "-p", "Hello", "--max-new-tokens", "8",
+            "--backend", "torch"]
+    runs = {flag: CliRunner().invoke(main, args + ([flag] if flag else []))
+            for flag in (None, "--chat-template", "--no-chat-template")}
+    assert all(r.exit_code == 0 for r in runs.values()), {k: r.output for k, r in runs.items()}
+    assert runs[None].output == runs["--chat-template"].output
+    assert runs[None].output != runs["--no-chat-template"].output
