@@ -88,24 +88,24 @@ def test_harness_runs_on_the_tiny_model_and_writes_its_table(tmp_path):
     assert "Command: `python benchmarks/bench.py --model tiny" in text
     assert "| gft-torch | grpo |" in text and "| gft-torch | gft |" in text
     runs = json.loads((out / "results.json").read_text())["runs"]
-    row = runs["tiny-cpu-float32"]["rows"]["gft-torch:grpo"]["summary"]
+    row = runs["tiny-cpu-float32-4tok"]["rows"]["gft-torch:grpo"]["summary"]
     assert row["completions"] == 8 and row["peak_rss"] > 0
     assert row["rollout_floor_s"] > 0 and row["update_floor_s"] > 0
     assert row["info"]["torch_gflops_after"] > 0  # the drift check, and its note
     assert "gft-torch:grpo: the floor's matmul rate again, in that process" in text
-    floor = runs["tiny-cpu-float32"]["floor"]
+    floor = runs["tiny-cpu-float32-4tok"]["floor"]
     assert floor["matmul_gflops"] == max(floor["job_gflops"], *floor["retimed_gflops"])
     assert len(floor["retimed_gflops"]) == 3 and "the highest of these" in text
-    gft_row = runs["tiny-cpu-float32"]["rows"]["gft-torch:gft"]["summary"]
+    gft_row = runs["tiny-cpu-float32-4tok"]["rows"]["gft-torch:gft"]["summary"]
     assert gft_row["completions"] == 4  # 4 rollouts + 4 dataset responses
     if sys.platform.startswith("linux"):  # VmHWM: the update's own peak, below the job's
         assert 0 < row["update_peak_rss"] <= row["peak_rss"]
-    mixed = runs["tiny-cpu-float32"]["rows"]["gft-torch-mixed:gft"]
+    mixed = runs["tiny-cpu-float32-4tok"]["rows"]["gft-torch-mixed:gft"]
     assert len(mixed["steps"][0]["seq_lengths"]) == 8  # (all cut to the 4-token cap here)
     assert "| gft-torch-mixed | gft |" in text
     try:
         import matplotlib  # noqa: F401
-        assert (out / "results-tiny-cpu-float32.png").stat().st_size > 0
+        assert (out / "results-tiny-cpu-float32-4tok.png").stat().st_size > 0
     except ImportError:
         assert "no chart" in text
 
