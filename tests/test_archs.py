@@ -100,6 +100,7 @@ def test_one_step_is_equal_or_refused(tmp_path, model_type):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep  # not in CI: one architecture's "tiny" model filled 23 GB (OOM-killed)
 @pytest.mark.parametrize("model_type", [a for a in both_implement() if a not in FAST])
 def test_every_shared_architecture_is_equal_or_refused(tmp_path, model_type):
     outcome = one_step(model_type, saved_tiny(tmp_path / model_type, model_type))
