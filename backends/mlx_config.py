@@ -16,13 +16,19 @@ The reading, in order:
 - every field of the mlx-lm ModelArgs class that config.json leaves out takes the value
   transformers resolves for it (e.g. Granite's rope_theta, StarCoder2's and Qwen2's RoPE
   base, Gemma's activation), since mlx-lm's defaults are not transformers';
-- RoPE types mlx-lm's rope_utils does not implement are refused.
+- RoPE types mlx-lm's rope_utils does not implement are refused;
+- an architecture tests/test_archs.py has not measured equal to transformers (one step,
+  float32 loss and gradients within 1e-5) is refused unless GFT_MLX_UNVERIFIED=1: mlx-lm
+  implements ~90 architectures and each can differ from transformers in ways no config
+  key shows (an activation, a norm, the order of an addition), so "mlx-lm loads it" is
+  no evidence that it trains the user's model.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+import os
 from typing import Any
 
 from gft.errors import ModelError
@@ -42,6 +48,14 @@ MEASURED_DIFFERENT = {
     "falcon_h1": "mlx-lm's falcon_h1 gives the same loss but other gradients than transformers' "
                  "(relative difference 2.4 on a tiny model)",
 }
+
+# Measured equal to transformers by tests/test_archs.py's sweep (one SFT step on a tiny
+# model saved by transformers: loss and gradients within 1e-5); CI re-measures each.
+MLX_VERIFIED = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "phi3", "olmo2", "cohere",
+    "ernie4_5", "exaone", "helium", "internlm3", "ministral3", "nemotron", "smollm3",
+})
+UNVERIFIED_ENV = "GFT_MLX_UNVERIFIED"  # =1: train an unmeasured architecture anyway
 
 # Keys whose transformers value means something else to mlx-lm (or that mlx-lm derives):
 # never copied from transformers' reading.
@@ -67,6 +81,10 @@ def mlx_model_config(model_dir: str | Path) -> dict[str, Any]:
     if kind not in MLX_ROPE_TYPES:
         raise ModelError(f"{where}: rope_parameters.rope_type '{kind}' is not implemented by "
                          "mlx-lm; mlx-lm would train another model (use --backend torch)")
+    if cfg.get("model_type") not in MLX_VERIFIED and os.environ.get(UNVERIFIED_ENV) != "1":
+        raise ModelError(f"{where}: model_type {cfg.get('model_type')} has not been measured "
+                         "to train the same model on mlx-lm as on transformers; use "
+                         f"--backend torch, or set {UNVERIFIED_ENV}=1 to try MLX anyway")
     tf = _transformers_config(model_dir)
     for name in _mlx_args_fields(cfg):
         # getattr, not to_dict: it also answers transformers' aliases (attribute_map)

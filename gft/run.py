@@ -29,7 +29,8 @@ from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
-from gft.runpaths import RUN_PATH_KEYS, moved_adapter_config, resolve_stored, stored_config
+from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
+                          stored_config)
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -219,11 +220,12 @@ class RequireApplicableReward:
 def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-    from gft.lora import lora_from_train_config
+    from gft.lora import is_peft_adapter, lora_from_train_config
+    base = base_as_stored(model_path, cfg.model) if is_peft_adapter(model_path) else cfg.model
     return load_backend(cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device,
                         optim=optim, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                         gradient_checkpointing=cfg.gradient_checkpointing,
-                        lora=lora_from_train_config(cfg), base=cfg.model,
+                        lora=lora_from_train_config(cfg), base=base,
                         shard_size=cfg.save_shard_size,
                         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
                         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,

@@ -96,3 +96,25 @@ def moved_adapter_config(text: str, source: Path, target: Path) -> str:
         base = adapter_base(stored, source)
         config["base_model_name_or_path"] = base_for_adapter(base, target)
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def base_as_stored(adapter_dir: str | Path, base: str | None) -> str | None:
+    """The base to load under a resumed LoRA checkpoint: the adapter's own
+    base_model_name_or_path (what the user typed, a hub id, a path relative to the
+    adapter) when it names the same model as `base`, the run's resolved path. So a resume
+    does not rewrite the saved adapters' base to an absolute path; a base that moved, or
+    one given again with --model, is taken as `base`."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    try:
+        stored = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return base
+    if not base or not isinstance(stored, str) or not stored or stored == base:
+        return base
+    found = adapter_base(stored, Path(adapter_dir))
+    try:
+        same = os.path.samefile(Path(found).expanduser(), Path(base).expanduser())
+    except OSError:  # either is not on this machine (a hub id, a moved base)
+        return base
+    # relative to the adapter: loaded through the found path, re-stored relative on save
+    return (stored if found == stored else found) if same else base

@@ -149,8 +149,11 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     ours = seen[0].token_logprobs(probe)
     assert np.abs(peft_logprobs(base, tmp_path / "full" / "final", probe) - ours).max() < 1e-5
 
-    # 2 steps, then resumed to 4: on the same backend, and on the other one
+    # 2 steps, then resumed to 4: on the same backend, and on the other one; the base
+    # given as a relative path stays what was typed in every adapter the resume writes
     other = "mlx" if backend == "torch" else "torch"
+    monkeypatch.chdir(base.parent)
+    common[1] = base.name
     for second in (backend, other):
         run = tmp_path / f"part-{second}"
         cli("train", "-o", str(run), "--backend", backend, "--max-steps", "2", *common)
@@ -159,6 +162,9 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
         resumed = read(run / "final" / "adapter_model.safetensors")
         tol = 0.0 if second == backend else 2e-5
         assert max(np.abs(resumed[k] - adapter[k]).max() for k in adapter) <= tol, second
+        for saved in (run / "final", run / "checkpoints" / "step-000004"):
+            cfg = json.loads((saved / "adapter_config.json").read_text())
+            assert cfg["base_model_name_or_path"] == base.name, saved
 
 
 # ------------------------------------------------------------------------- formats
