@@ -54,6 +54,7 @@ MEASURED_DIFFERENT = {
 MLX_VERIFIED = frozenset({
     "llama", "mistral", "qwen2", "qwen3", "granite", "gemma2", "phi3", "olmo2", "cohere",
     "ernie4_5", "exaone", "helium", "internlm3", "ministral3", "nemotron", "smollm3",
+    "hunyuan_v1_dense", "iquestcoder",
 })
 UNVERIFIED_ENV = "GFT_MLX_UNVERIFIED"  # =1: train an unmeasured architecture anyway
 
