@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends import OptimConfig, SamplingConfig
+from gft.backend import OptimConfig, SamplingConfig
 from backends.host_memory import keep_freed_memory
 from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_entropy,
                                  target_logprobs)
