@@ -44,7 +44,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from gft.backend import OptimConfig, SamplingConfig
 from backends.mlx_head import head_logprobs, head_weight, target_logprobs, token_entropy
 from gft.modelfiles import write_portable_config
-from gft.convert import DEFAULT_SHARD_SIZE, write_weights
+from gft.weights import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
 from gft.groups import scored_from, shared_prefix, shared_prompts

@@ -23,7 +23,7 @@ from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_en
                                  target_logprobs)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
 from gft.modelfiles import write_portable_config
-from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
+from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError

@@ -432,7 +432,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.max_policy_tokens < 0:
         raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
                           f"{cfg.max_policy_tokens}")
-    from gft.convert import parse_size  # LoRA keys and the shard size
+    from gft.weights import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)
     if parse_size(cfg.save_shard_size) < 1:

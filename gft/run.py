@@ -39,12 +39,6 @@ from gft.stages import describe, plan_stages
 from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
-# The embedded default model: a byte-level Llama small enough to learn the bundled
-# arithmetic task from random init in a few minutes on 2 CPU cores.
-# (90k parameters: at this scale a smaller model learns faster per CPU second.)
-DEFAULT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=128, max_position_embeddings=256)
-
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir:
@@ -56,7 +50,7 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
     """Write the embedded model and task into the run directory when none were given
     (atomically: a run killed while writing them rewrites them on the next start)."""
     if cfg.model is None:
-        from gft.tiny import TinyModelSpec, write_tiny_model
+        from gft.tiny import DEFAULT_MODEL, TinyModelSpec, write_tiny_model
         path = run_dir / "base-model"
         if not path.exists():
             spec = TinyModelSpec(seed=cfg.seed, **DEFAULT_MODEL)
