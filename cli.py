@@ -1,5 +1,6 @@
 """The `gft` command: train, generate, eval, plot, convert, fuse, env. It only parses and
-dispatches."""
+dispatches, and wires the program together: importing `backends` registers the torch/mlx
+provider with gft.backend, through which gft/run.py loads the chosen backend."""
 from __future__ import annotations
 
 import functools
@@ -11,6 +12,7 @@ from typing import Any
 
 import click
 
+import backends  # noqa: F401  (registers itself as gft.backend's provider; imports no framework)
 from gft.errors import GFTError
 from gft.signals import Interrupted
 

@@ -1,112 +1,27 @@
 """Backends: one module per array framework, imported only when chosen.
 
+This package implements gft's backend port (gft/backend.py: the `Backend` and
+`RolloutEngine` Protocols, `SamplingConfig`, `OptimConfig`) and is its provider: the
+functions below pick and load a backend by name, and importing the package registers it
+with gft.backend, which is how gft/run.py reaches them without importing upward.
+The port's names are re-exported here for code written against `backends`.
+
 A Mac install has no torch and a CUDA install has no mlx, so nothing here imports either
-at module level. The training loop (gft/loop.py) talks to a backend only through the
-`Backend` Protocol below.
+at module level.
 """
 from __future__ import annotations
 
 import importlib
 import platform
 import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
-import numpy as np
-
+import gft.backend
+from gft.backend import Backend, OptimConfig, RolloutEngine, SamplingConfig
 from gft.errors import ConfigError
-from gft.types import TokenBatch
 
-
-@dataclass(frozen=True)
-class OptimConfig:
-    """What a backend needs to build its optimizer (AdamW with torch's semantics)."""
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How rollouts are sampled. greedy=True ignores temperature and top_p.
-    stop_ids: tokens that end a row (kept as its last token). Callers leave it empty:
-    backend.generate fills it with the model's stops (gft/stops.py: the tokenizer's EOS,
-    generation_config.json's ids and the config's `stop`) before the engine decodes."""
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    greedy: bool = False
-    batch_size: int = 64
-    stop_ids: tuple[int, ...] = ()
-
-
-class RolloutEngine(Protocol):
-    """What samples a backend's rollouts. The loop never sees it: backend.generate calls
-    it, and calls sync() before the first rollout after an optimizer update, so an engine
-    holding its own copy of the weights (a bfloat16 copy, a vLLM engine) samples from
-    the current policy. torch: backends/torch_sampler.py ROLLOUT_ENGINES."""
-
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seeds: list[int]) -> list[list[int]]:
-        """One completion per prompt; row i draws from seeds[i] only."""
-
-    def sync(self) -> None:
-        """Take the policy's current weights."""
-
-
-class Backend(Protocol):
-    name: str
-    tokenizer: Any  # a transformers tokenizer; both backends use the same one
-    stops: Any  # gft.stops.Stops: what ends a completion (set by load_backend)
-
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-                 seed: int | Sequence[int]) -> list[list[int]]:
-        """Completions (token ids, ending with a stop id, or cut after a stop string or at
-        max_new_tokens; see gft/stops.py), one per prompt.
-        seed: one per prompt, or one for the call (row i then uses
-        gft.distributed.row_seed(seed, i)); a row's draws depend only on its own seed, so
-        the same row samples the same tokens in any batch, chunk or rank."""
-
-    def train_step(self, micro_batches: Sequence[TokenBatch], lr: float, *, tau: float,
-                   aggregation: str) -> dict[str, float]:
-        """One optimizer update over the micro-batches (gradient accumulation), with clipping.
-        tau and aggregation (a key of gft.objective.AGGREGATIONS) define the GFT loss.
-
-        Returns loss, grad_norm, entropy (mean token entropy over response tokens),
-        tokens, and skipped (1.0 when the loss or gradients were not finite and no
-        update was made)."""
-
-    def accumulate_gradients(self, micro_batches: Sequence[TokenBatch], *, tau: float,
-                             aggregation: str) -> dict[str, float]:
-        """Zero, then add up the gradients of the micro-batches (loss, entropy, tokens)."""
-
-    def gradients(self) -> dict[str, np.ndarray]:
-        """The accumulated gradients as float32 NumPy arrays by parameter name."""
-
-    def apply_update(self, lr: float) -> tuple[float, bool]:
-        """Clip, then AdamW at `lr`: (grad_norm before clipping, skipped if non-finite)."""
-
-    def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
-        """[B, L-1] float32 log-probabilities of input_ids[:, 1:] (no gradient)."""
-
-    def save_model(self, path: Path) -> None:
-        """Hugging Face-layout directory: config.json, model.safetensors, tokenizer files,
-        generation_config.json; transformers and mlx-lm load it unchanged."""
-
-    def save_optimizer(self, path: Path) -> None:
-        """AdamW moments keyed by parameter name, as safetensors (backend-neutral)."""
-
-    def load_optimizer(self, path: Path) -> None: ...
-
-    def join_save(self) -> None:
-        """Data-parallel ranks other than 0: take part in rank 0's save (gathering sharded
-        state), writing nothing."""
-
-    def named_parameters(self) -> dict[str, np.ndarray]:
-        """Trainable parameters as float32 NumPy arrays (tests and metrics)."""
+__all__ = ["Backend", "OptimConfig", "RolloutEngine", "SamplingConfig", "BACKEND_MODULES",
+           "resolve_backend_name", "check_device", "load_backend", "available_memory"]
 
 
 BACKEND_MODULES = {"torch": "backends.torch_backend", "mlx": "backends.mlx_backend"}
@@ -234,3 +149,7 @@ def _parallel_kwargs(name: str, parallel: str | None, comm: Any) -> dict[str, An
     if name == "torch":
         return {"parallel": parallel or "ddp", "world": comm.world}
     return {"comm": comm}
+
+
+# Importing the package makes it the provider gft.run loads backends through.
+gft.backend.register_provider(sys.modules[__name__])

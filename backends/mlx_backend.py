@@ -41,10 +41,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from backends import OptimConfig, SamplingConfig
+from gft.backend import OptimConfig, SamplingConfig
 from backends.mlx_head import head_logprobs, head_weight, target_logprobs, token_entropy
 from gft.modelfiles import write_portable_config
-from gft.convert import DEFAULT_SHARD_SIZE, write_weights
+from gft.weights import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
 from gft.groups import scored_from, shared_prefix, shared_prompts

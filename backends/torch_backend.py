@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from backends import OptimConfig, SamplingConfig
+from gft.backend import OptimConfig, SamplingConfig
 from backends.host_memory import keep_freed_memory
 from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_entropy,
                                  target_logprobs)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
 from gft.modelfiles import write_portable_config
-from gft.convert import DEFAULT_SHARD_SIZE, natural_key, parse_size
+from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
 from gft.errors import ConfigError, ModelError

@@ -112,6 +112,7 @@ def job_gft(a: dict) -> dict:
     """gft's own loop (gft.loop.train_step) on the torch or mlx backend."""
     _quiet()
     from rich.console import Console
+    import backends  # noqa: F401  (registers the provider open_backend loads through)
     from gft.config import build_config
     from gft.loop import train_step
     from gft.rewards import build_rewards

@@ -6,7 +6,8 @@ Values are layered, later layers winning:
   3. the embedded default job's settings, only when neither `model` nor `data` is given,
   4. the YAML file,
   5. command-line overrides.
-Unknown keys and bad values raise ConfigError with a did-you-mean suggestion.
+Unknown keys and bad values raise ConfigError with a did-you-mean suggestion. Each entry of
+`stages` is checked here as well (read_stages); gft/stages.py plans the run from them.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import math
 import re
 import textwrap
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -431,7 +432,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.max_policy_tokens < 0:
         raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
                           f"{cfg.max_policy_tokens}")
-    from gft.convert import parse_size  # LoRA keys and the shard size
+    from gft.weights import parse_size  # LoRA keys and the shard size
     from gft.lora import lora_from_train_config
     lora_from_train_config(cfg)
     if parse_size(cfg.save_shard_size) < 1:
@@ -503,6 +504,70 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+# ------------------------------------------------------------------ stage entries
+# What each entry of `stages` may say is part of the config's schema, so it is checked
+# here, when the config is built (a bad stage is rejected before the run starts, not hours
+# into it); gft/stages.py builds the plan (step ranges) from read_stages and imports this
+# module, never the other way round.
+
+# Keys a stage may not change: they define the model, the data or the run itself.
+RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
+            "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
+            "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
+            "parallel", "rollout_engine", "mixed_precision", "logits_chunk"}
+
+
+def _normalize_stage(item: Any, i: int) -> dict[str, Any]:
+    """`sft: 200`, `"sft:200"` or `{preset: sft, steps: 200, ...}` -> a dict."""
+    if isinstance(item, str) and ":" in item:
+        name, steps = item.split(":", 1)
+        try:
+            return {"preset": name.strip(), "steps": int(steps)}
+        except ValueError:
+            raise ConfigError(f"stages[{i}]: '{item}' must look like preset:steps") from None
+    if isinstance(item, dict) and len(item) == 1 and next(iter(item)) in PRESETS:
+        (name, steps), = item.items()
+        return {"preset": name, "steps": steps}
+    if isinstance(item, dict) and "preset" in item:
+        return dict(item)
+    raise ConfigError(f"stages[{i}]: expected 'preset: steps' or a mapping with 'preset' and "
+                      f"'steps', got {item!r}")
+
+
+def stage_config(base: TrainConfig, values: dict[str, Any], i: int) -> tuple[TrainConfig, int]:
+    """The base config with the stage's preset, then its own keys; and its step count."""
+    preset = values.pop("preset")
+    if preset not in PRESETS:
+        raise ConfigError(f"stages[{i}]: unknown preset {preset!r}" + _suggest(str(preset), PRESETS))
+    steps = values.pop("steps", None)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ConfigError(f"stages[{i}]: 'steps' must be a positive integer, got {steps!r}")
+    for key in values:
+        if key not in FIELDS:
+            raise ConfigError(unknown_key(key, f"stages[{i}]"))
+        if key in RUN_KEYS:
+            raise ConfigError(f"stages[{i}]: '{key}' is set for the whole run, not per stage")
+    own = {k: _coerce(k, v, f"stages[{i}]") for k, v in values.items()}
+    cfg = replace(base, preset=preset, stages=None, **{**PRESETS[preset], **own})
+    return validate(cfg), steps
+
+
+def read_stages(cfg: TrainConfig) -> list[tuple[TrainConfig, int, int]]:
+    """Each entry of cfg.stages, checked: (its config, its steps, its own policy-token
+    budget or 0); [] for a run without stages."""
+    if not cfg.stages:
+        return []
+    if not isinstance(cfg.stages, list):
+        raise ConfigError("'stages' must be a list of 'preset: steps' entries")
+    out = []
+    for i, item in enumerate(cfg.stages):
+        values = _normalize_stage(item, i)
+        stage_cfg, steps = stage_config(cfg, values, i)
+        tokens = stage_cfg.max_policy_tokens if "max_policy_tokens" in values else 0
+        out.append((stage_cfg, steps, tokens))
+    return out
+
+
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
                  *, source: str = "config") -> TrainConfig:
     """Layer defaults < preset < embedded default < YAML < overrides, then validate."""
@@ -524,8 +589,7 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
             values["stages"] = None
     values.update(merged)
     cfg = validate(TrainConfig(**values))
-    from gft.stages import plan_stages  # late: stages builds on this module
-    plan_stages(cfg, 1)  # reject a bad stage now, not hours into the run
+    read_stages(cfg)  # reject a bad stage now, not hours into the run
     return cfg
 
 

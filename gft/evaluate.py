@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from backends import SamplingConfig
+from gft.backend import SamplingConfig
 from gft.distributed import row_seed
 from gft.groups import Sequence_, pad_batch
 from gft.rollout import encode_response, reward_columns

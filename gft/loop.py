@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from backends import SamplingConfig
+from gft.backend import SamplingConfig
 from gft.budget import advance, step_policy_tokens
 from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict

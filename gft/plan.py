@@ -287,8 +287,7 @@ def model_config(cfg, model_path: str | None) -> dict[str, Any] | None:
     from pathlib import Path
     from gft.quant import read_config
     if cfg.model is None:
-        from gft.run import DEFAULT_MODEL
-        from gft.tiny import TinyModelSpec, config_dict
+        from gft.tiny import DEFAULT_MODEL, TinyModelSpec, config_dict
         return config_dict(TinyModelSpec(seed=cfg.seed, **DEFAULT_MODEL), cfg.dtype)
     for candidate in (model_path, cfg.model):
         if candidate and (Path(candidate) / "config.json").is_file():

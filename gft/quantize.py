@@ -8,7 +8,7 @@
 mlx-lm builds the model (`mlx_lm.utils.load_model`), quantizes it (`quantize_model`, which
 is `nn.quantize` plus the config.json entries) or de-quantizes it (`dequantize_model`,
 `mx.dequantize`); the files are then written as every gft model directory is
-(gft.convert.write_model: shards, copied tokenizer, a config both libraries read alike),
+(gft.weights.write_model: shards, copied tokenizer, a config both libraries read alike),
 with mlx-lm's "quantization" / "quantization_config" keys set or removed.
 
 Deliberate choices:
@@ -31,6 +31,7 @@ from typing import Any
 
 from gft.errors import ConfigError, ModelError
 from gft.quant import describe, mlx_quantization, read_config
+from gft.weights import arrays, write_model
 
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -109,7 +110,6 @@ def set_quantization(dst: Path, q: dict[str, Any] | None) -> list[str]:
 
 def _write(dst: Path, src: Path, weights: dict, q: dict[str, Any] | None,
            shard_size: str | int) -> list[str]:
-    from gft.convert import arrays, write_model
     write_model(dst, src, weights, arrays("mlx"), shard_size)
     return [f"warning: {w}" for w in set_quantization(dst, q)]
 
@@ -161,7 +161,6 @@ def fuse_quantized(base_dir: Path, out: Path, modules: dict[str, tuple[Any, Any]
                    shard_size: str | int) -> list[str]:
     """W' = dequant(W) + scale·B·A for every adapted weight of a quantized base; written in
     full precision, or (requantize) quantized again with the base's layout."""
-    from gft.convert import arrays
     q = mlx_quantization(read_config(base_dir))
     model, config = load_mlx_model(base_dir)
     paths = quantized_paths(model)

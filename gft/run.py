@@ -1,6 +1,8 @@
 """Set up a run (model, data, rewards, run directory), train it, or resume it.
 
-This is what `gft train` calls; the loop itself is gft/loop.py.
+This is what `gft train` calls; the loop itself is gft/loop.py. Backends are picked and
+loaded through the provider registered with gft.backend (importing `backends` does it;
+the gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import yaml
 from rich.console import Console
 
-from backends import OptimConfig, check_device, load_backend, resolve_backend_name
+from gft.backend import OptimConfig, provider
 from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
                             atomic_write_text, clean_leftovers, find_resume_point,
                             has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
@@ -37,12 +39,6 @@ from gft.stages import describe, plan_stages
 from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
-# The embedded default model: a byte-level Llama small enough to learn the bundled
-# arithmetic task from random init in a few minutes on 2 CPU cores.
-# (90k parameters: at this scale a smaller model learns faster per CPU second.)
-DEFAULT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                     intermediate_size=128, max_position_embeddings=256)
-
 
 def resolve_run_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir:
@@ -54,7 +50,7 @@ def materialize_defaults(cfg: TrainConfig, run_dir: Path, console: Console) -> T
     """Write the embedded model and task into the run directory when none were given
     (atomically: a run killed while writing them rewrites them on the next start)."""
     if cfg.model is None:
-        from gft.tiny import TinyModelSpec, write_tiny_model
+        from gft.tiny import DEFAULT_MODEL, TinyModelSpec, write_tiny_model
         path = run_dir / "base-model"
         if not path.exists():
             spec = TinyModelSpec(seed=cfg.seed, **DEFAULT_MODEL)
@@ -222,28 +218,28 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import is_peft_adapter, lora_from_train_config
     base = base_as_stored(model_path, cfg.model) if is_peft_adapter(model_path) else cfg.model
-    return load_backend(cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device,
-                        optim=optim, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                        gradient_checkpointing=cfg.gradient_checkpointing,
-                        lora=lora_from_train_config(cfg), base=base,
-                        shard_size=cfg.save_shard_size,
-                        parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
-                        rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
-                        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
-                        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+    return provider().load_backend(
+        cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
+        seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+        gradient_checkpointing=cfg.gradient_checkpointing, lora=lora_from_train_config(cfg),
+        base=base, shard_size=cfg.save_shard_size,
+        parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
+        rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
+        rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
+        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
 
 
 def memory_plan(cfg: TrainConfig, model_path: str | None = None):
     """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
     is not on disk (a hub id)."""
-    from backends import available_memory
     from gft.plan import model_config, plan
     config = model_config(cfg, model_path)
     if config is None:
         return None
-    available, device = available_memory(cfg.backend, cfg.device)
-    return plan(config, cfg, backend=resolve_backend_name(cfg.backend), available=available,
-                device=device)
+    chosen = provider()
+    available, device = chosen.available_memory(cfg.backend, cfg.device)
+    return plan(config, cfg, backend=chosen.resolve_backend_name(cfg.backend),
+                available=available, device=device)
 
 
 def check_memory(cfg: TrainConfig, model_path: str) -> None:
@@ -367,8 +363,9 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
             None, False, [])
     start_from, load_optimizer = point.checkpoint, point.load_optimizer
-    cfg = replace(cfg, backend=resolve_backend_name(cfg.backend))
-    check_device(cfg.backend, cfg.device)
+    chosen = provider()
+    cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
+    chosen.check_device(cfg.backend, cfg.device)
     check_launcher(cfg, comm)
     if lead:
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(

@@ -16,21 +16,15 @@ plan line says so. To continue with another preset instead, add a stage to `stag
 A stage's own `max_policy_tokens` ends it once it has processed that many policy tokens
 (gft/budget.py); the next stage then starts at once, so stages' step ranges are planned
 here as upper bounds and placed by the loop as the run goes.
+What a stage entry may say (its preset, steps and keys; RUN_KEYS stay whole-run) is the
+config's schema, checked by gft/config.py `read_stages` when the config is built; this
+module owns the plan built from those entries.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
-from gft.config import (FIELDS, PRESETS, TrainConfig, _coerce, _suggest, unknown_key,
-                        validate)
-from gft.errors import ConfigError
-
-# Keys a stage may not change: they define the model, the data or the run itself.
-RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
-            "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
-            "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
-            "parallel", "rollout_engine", "mixed_precision", "logits_chunk"}
+from gft.config import TrainConfig, read_stages
 
 
 @dataclass(frozen=True)
@@ -44,54 +38,14 @@ class Stage:
     tokens: int = 0     # the stage's own policy-token budget (0: none; gft/budget.py)
 
 
-def _normalize(item: Any, i: int) -> dict[str, Any]:
-    """`sft: 200`, `"sft:200"` or `{preset: sft, steps: 200, ...}` -> a dict."""
-    if isinstance(item, str) and ":" in item:
-        name, steps = item.split(":", 1)
-        try:
-            return {"preset": name.strip(), "steps": int(steps)}
-        except ValueError:
-            raise ConfigError(f"stages[{i}]: '{item}' must look like preset:steps") from None
-    if isinstance(item, dict) and len(item) == 1 and next(iter(item)) in PRESETS:
-        (name, steps), = item.items()
-        return {"preset": name, "steps": steps}
-    if isinstance(item, dict) and "preset" in item:
-        return dict(item)
-    raise ConfigError(f"stages[{i}]: expected 'preset: steps' or a mapping with 'preset' and "
-                      f"'steps', got {item!r}")
-
-
-def stage_config(base: TrainConfig, values: dict[str, Any], i: int) -> tuple[TrainConfig, int]:
-    """The base config with the stage's preset, then its own keys; and its step count."""
-    preset = values.pop("preset")
-    if preset not in PRESETS:
-        raise ConfigError(f"stages[{i}]: unknown preset {preset!r}" + _suggest(str(preset), PRESETS))
-    steps = values.pop("steps", None)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ConfigError(f"stages[{i}]: 'steps' must be a positive integer, got {steps!r}")
-    for key in values:
-        if key not in FIELDS:
-            raise ConfigError(unknown_key(key, f"stages[{i}]"))
-        if key in RUN_KEYS:
-            raise ConfigError(f"stages[{i}]: '{key}' is set for the whole run, not per stage")
-    own = {k: _coerce(k, v, f"stages[{i}]") for k, v in values.items()}
-    cfg = replace(base, preset=preset, stages=None, **{**PRESETS[preset], **own})
-    return validate(cfg), steps
-
-
 def plan_stages(cfg: TrainConfig, single_stage_steps: int) -> list[Stage]:
     """The run's stages with their global step ranges; max_steps cuts a staged run short,
     or extends its last stage."""
     if not cfg.stages:
         return [Stage(0, cfg.preset, cfg, 0, single_stage_steps)]
-    if not isinstance(cfg.stages, list):
-        raise ConfigError("'stages' must be a list of 'preset: steps' entries")
     out: list[Stage] = []
     start = 0
-    for i, item in enumerate(cfg.stages):
-        values = _normalize(item, i)
-        stage_cfg, steps = stage_config(cfg, values, i)
-        tokens = stage_cfg.max_policy_tokens if "max_policy_tokens" in values else 0
+    for i, (stage_cfg, steps, tokens) in enumerate(read_stages(cfg)):
         out.append(Stage(i, stage_cfg.preset, stage_cfg, start, start + steps, tokens=tokens))
         start += steps
     if cfg.max_steps is not None and cfg.max_steps > start:  # e.g. a resumed run made longer
@@ -99,13 +53,6 @@ def plan_stages(cfg: TrainConfig, single_stage_steps: int) -> list[Stage]:
     elif cfg.max_steps is not None:  # e.g. a quick smoke run of a staged config
         out = [replace(s, end=min(s.end, cfg.max_steps)) for s in out if s.start < cfg.max_steps]
     return out
-
-
-def stage_at(stages: list[Stage], step: int) -> Stage:
-    for stage in stages:
-        if stage.start <= step < stage.end:
-            return stage
-    return stages[-1]
 
 
 def describe(stages: list[Stage]) -> str:

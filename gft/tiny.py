@@ -41,6 +41,13 @@ CHAT_TEMPLATE = (
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 INIT_STD = 0.02  # the initializer_range transformers uses for both architectures
 
+# The default `gft train` job's model (TinyModelSpec fields; gft/run.py writes it, gft/plan.py
+# plans it): a byte-level Llama small enough to learn the bundled arithmetic task from
+# random init in a few minutes on 2 CPU cores.
+# (90k parameters: at this scale a smaller model learns faster per CPU second.)
+DEFAULT_MODEL = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=128, max_position_embeddings=256)
+
 
 # --------------------------------------------------------------------------- tokenizer
 

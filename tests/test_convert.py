@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 from backends import SamplingConfig, load_backend  # noqa: E402
 from cli import main  # noqa: E402
-from gft.convert import convert, natural_key, parse_size  # noqa: E402
+from gft.convert import convert  # noqa: E402
+from gft.weights import natural_key, parse_size  # noqa: E402
 from gft.errors import ConfigError, ModelError  # noqa: E402
 from gft.tiny import TinyModelSpec, init_weights, write_safetensors, write_tiny_model  # noqa: E402
 

@@ -33,6 +33,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     if done is not None:
         return done
     from rich.console import Console
+    import backends  # noqa: F401  (registers the provider run_training loads through)
     from gft.checkpoint import latest_checkpoint
     from gft.config import build_config
     from gft.run import run_training
