@@ -289,10 +289,12 @@ class TorchBackend:
             ids, logits, _ = self._forward(batch)
             return ids, logits[:, :-1], 0
         start = scored_from(batch) if trim else 0
-        shared = shared_prefix(batch, start) if self._share_prefix or self._pack else 0
-        if trim and self._pack and packing_pays(batch.attention, shared, self._pair_cost):
-            return ids, self._packed_scores(batch, shared, start, hidden), start
-        if shared and self._share_prefix:
+        if trim and self._pack:  # the common prefix may run into the scored positions
+            shared = shared_prefix(batch, ids.shape[1])
+            if packing_pays(batch.attention, shared, self._pair_cost):
+                return ids, self._packed_scores(batch, shared, start, hidden), start
+        shared = shared_prefix(batch, start) if self._share_prefix else 0
+        if shared:
             return ids, self._prefix_shared_scores(ids, att, shared, start, hidden), start
         keep = torch.arange(start, ids.shape[1] - 1, device=self.device) if trim else None
         with self._compute_dtype():
