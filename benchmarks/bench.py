@@ -42,8 +42,9 @@ TRAINERS = {
     # the same, decoding eagerly: what rollout_graphs (on by default on CUDA) saves there
     "gft-torch-eager:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                      "rollout_graphs": "off"}, "torch", "gft[torch]"),
-    # the update as a GPU runs it (no shared-prefix forward: TorchBackend._share_prefix),
-    # for --count-ops on the CPU; left out of the default rows
+    # the update as a GPU runs it (padded rows: neither the packed row nor the shared-prefix
+    # forward, TorchBackend._pack / _share_prefix), for --count-ops on the CPU; left out
+    # of the default rows
     "gft-torch-noshare:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                        "share_prefix": False}, "torch", "gft[torch]"),
     # 4 dataset responses of varied length (workload.mixed_responses) + 4 rollouts

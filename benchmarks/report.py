@@ -111,8 +111,9 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     }
 
 
-def ratios(rows: dict[str, dict]) -> dict[str, float]:
-    """The issue's comparisons, where both sides ran."""
+def ratios(rows: dict[str, dict], fixed_batch: bool = False) -> dict[str, float]:
+    """The issue's comparisons, where both sides ran (fixed_batch: no rollout was measured,
+    so none of its comparisons is made)."""
     def ok(k):
         return k in rows and "summary" in rows[k]
     out = {}
@@ -136,11 +137,28 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
         out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
     if ok(g):
         out["update_vs_matmul"] = rows[g]["summary"]["update_frac"]
-        if rows[g]["summary"]["rollout_frac"] == rows[g]["summary"]["rollout_frac"]:  # not nan
+        if not fixed_batch and _number(rows[g]["summary"]["rollout_frac"]):
             out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
     if ok(m) and ok(l):
         out["mlx_vs_lora"] = rows[m]["summary"]["step_s"] / rows[l]["summary"]["step_s"]
     return out
+
+
+def _number(x: float | None) -> bool:
+    return x is not None and x == x  # not None, not nan
+
+
+def _rollout_cells(s: dict, fixed_batch: bool) -> tuple[str, str]:
+    """(rollout tok/s, rollout floor s (achieved)): n/a under --fixed-batch, where no
+    rollout ran (its few microseconds of handing back fixed ids once read as 18 million
+    tok/s and 16,733,327% of the floor), and wherever they are not numbers."""
+    if fixed_batch or not _number(s["rollout_tok_s"]):
+        tok = "n/a"
+    else:
+        tok = f"{s['rollout_tok_s']:.0f}"
+    if fixed_batch or not (_number(s["rollout_floor_s"]) and _number(s["rollout_frac"])):
+        return tok, "n/a"
+    return tok, f"{s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%})"
 
 
 def _meets(value: float, limit: str) -> str:
@@ -195,13 +213,13 @@ def render_run(run: dict) -> str:
         if s.get("gpu_peak"):
             rss += f" (GPU {_gib(s['gpu_peak'])})"
 
+        roll_tok, roll_floor = _rollout_cells(s, bool(run.get("fixed_batch")))
         lines.append(
             f"| {name} | {preset} | {s['step_s']:.2f} [{s['step_min']:.2f}–{s['step_max']:.2f}] "
             f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} "
-            f"| {s['rollout_tok_s']:.0f} "
+            f"| {roll_tok} "
             f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
-            f"| {rss} | {_gib(s.get('update_peak_rss'))} "
-            f"| {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
+            f"| {rss} | {_gib(s.get('update_peak_rss'))} | {roll_floor} "
             f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
     lines += ["", "CPU s is the job's CPU time per step, all threads: on a quiet machine it is "
               "about threads × step s; much less means the job waited for a core "
@@ -215,7 +233,7 @@ def render_run(run: dict) -> str:
               "(workload.mixed_responses). Update peak RSS: the process's resident-set peak "
               "from the end of the rollout to the end of the optimizer step (VmHWM reset "
               "between them), weights and optimizer state included.", ""]
-    got = ratios(run["rows"])
+    got = ratios(run["rows"], bool(run.get("fixed_batch")))
     g, t = run["rows"].get("gft-torch:grpo", {}), run["rows"].get("trl:grpo", {})
     if "summary" in g and "summary" in t:
         lg, lt = g["summary"]["mean_completion"], t["summary"]["mean_completion"]
