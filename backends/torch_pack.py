@@ -37,7 +37,8 @@ import torch
 
 PACKABLE_ATTENTION = ("sdpa", "eager")
 MAX_PACKED = 8192
-"""Most tokens packed in one row: the [T, T] mask is T^2 bytes (64 MiB at 8192)."""
+"""Most tokens packed in one row: the [T, T] additive mask takes 4 T^2 bytes in float32
+(256 MiB at 8192), and its host-side making a few T^2-byte temporaries."""
 
 
 class Packed(NamedTuple):

@@ -137,3 +137,38 @@ def test_packed_forward_under_lora_and_mixed_precision(tmp_path):
             for name in g0:
                 np.testing.assert_allclose(gp[name], g0[name], rtol=1e-4, atol=1e-6,
                                            err_msg=name)
+
+
+class _Ops:
+    """Counts the aten operators dispatched inside it (as benchmarks/worker.OpCounter)."""
+
+    def __new__(cls):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Mode(TorchDispatchMode):
+            n = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                self.n += 1
+                return func(*args, **(kwargs or {}))
+        return Mode()
+
+
+def test_the_packed_update_dispatches_the_operators_of_one_padded_forward(tmp_path):
+    """Operator counts are deterministic (no timing): the packed row's update is within a
+    few operators of the padded forward's (the gather back to [B, S] and the mask), and
+    well under the shared-prefix path's two forwards."""
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(seed=4))
+    batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]),
+                            8, 256)
+    be = load_backend("torch", str(model))
+    counts = {}
+    for name, packed, shared in (("packed", True, False), ("padded", False, False),
+                                 ("shared", False, True)):
+        be._pack, be._pair_cost, be._share_prefix = packed, 0.0, shared
+        be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")  # warm
+        with _Ops() as ops:
+            be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
+        counts[name] = ops.n
+    assert counts["packed"] <= counts["padded"] + 10, counts
+    assert counts["packed"] < 0.7 * counts["shared"], counts
