@@ -318,10 +318,10 @@ class TorchBackend:
         columns and a mask that keeps the rows apart. Same function of the weights as the
         padded forward (so the same loss and gradients, up to rounding); `keep` gathers the
         scored positions back into the padded [B, S] layout."""
-        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") \
-            else self.model
-        p = pack(batch.input_ids, batch.attention, shared, start, self.device,
-                 torch.bfloat16 if self.autocast else next(inner.parameters()).dtype)
+        # the mask in the attention's dtype (the embedding's: never a quantized weight)
+        dtype = torch.bfloat16 if self.autocast \
+            else self.model.get_input_embeddings().weight.dtype
+        p = pack(batch.input_ids, batch.attention, shared, start, self.device, dtype)
         kw = {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.positions,
               "use_cache": False}
         gqa = grouped_query_sdpa() if self._gqa_sdpa else contextlib.nullcontext()
