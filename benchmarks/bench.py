@@ -261,7 +261,7 @@ def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Na
     for key, res in raw.items():
         # a bfloat16 rollout engine reads 2-byte weights: its floor is that much lower
         weight_bytes = 2 if "bf16roll" in key else DTYPE_BYTES[a.dtype]
-        summary = report.summarize(res, shape, run["floor"], weight_bytes)
+        summary = report.summarize(res, shape, run["floor"], weight_bytes, a.fixed_batch)
         run["rows"][key] = {"summary": summary, "steps": res["steps"]}
         run.setdefault("prompt_len", res["steps"][0]["prompt_len"])
         if summary["info"].get("blas_gflops") is not None:

@@ -69,8 +69,10 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) -> dict:
-    """One row's statistics from a worker's per-step records."""
+def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int,
+              fixed_batch: bool = False) -> dict:
+    """One row's statistics from a worker's per-step records (fixed_batch: --fixed-batch,
+    no rollout ran, so it has no rollout figures)."""
     steps = [s for s in result["steps"] if not s["warmup"]] or result["steps"]
     rate, bw = floor["matmul_gflops"] * 1e9, floor["bandwidth_gbs"] * 1e9
     gen = [sum(s["completion_lengths"]) for s in steps]
@@ -82,8 +84,8 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     u_floor = [update_floor_s(shape, s["seq_lengths"], rate, shared_prompt=s["prompt_len"])
                for s in steps]
     step_s = [s["step_s"] for s in steps]
-    if all(s["rollout_s"] < 0.01 for s in steps):  # --fixed-batch: there was no rollout
-        r_floor = []
+    if fixed_batch:  # told, not guessed from the time: a tiny model's rollout of 4
+        r_floor = []  # tokens can take under 10 ms
     return {
         "n": len(steps),
         "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),

@@ -227,3 +227,20 @@ def test_fixed_batch_rollout_columns_say_n_a_and_are_not_counted():
     nan = float("nan")
     assert _rollout_cells({**s, "rollout_tok_s": nan, "rollout_frac": nan}, False) \
         == ("n/a", "n/a")
+
+
+def test_a_fast_rollout_keeps_its_floor_and_only_fixed_batch_drops_it():
+    """A tiny model's rollout of 4 tokens can take under 10 ms: its floor is still made
+    (a rule that guessed --fixed-batch from such times made the harness test flaky)."""
+    from benchmarks.floor import ModelShape
+    from benchmarks.report import summarize
+    shape = ModelShape(params=1_000_000, layers=2, hidden=64, kv_heads=2, head_dim=16, vocab=100)
+    step = {"warmup": False, "step_s": 0.02, "rollout_s": 0.005, "update_s": 0.01,
+            "prompt_len": 10, "completion_lengths": [4] * 8, "seq_lengths": [14] * 8,
+            "padded_tokens": 112}
+    floor = {"matmul_gflops": 100.0, "bandwidth_gbs": 20.0}
+    sampled = summarize({"steps": [step]}, shape, floor, 4)
+    assert sampled["rollout_floor_s"] > 0 and sampled["rollout_tok_s"] == pytest.approx(6400)
+    fixed = summarize({"steps": [step]}, shape, floor, 4, fixed_batch=True)
+    assert fixed["rollout_floor_s"] != fixed["rollout_floor_s"]  # nan: no rollout ran
+    assert fixed["rollout_tok_s"] != fixed["rollout_tok_s"]
