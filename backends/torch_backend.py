@@ -21,6 +21,8 @@ from gft.backend import OptimConfig, SamplingConfig
 from backends.host_memory import keep_freed_memory
 from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_entropy,
                                  target_logprobs)
+from backends.torch_pack import (PACKABLE_ATTENTION, attention_pair_cost, grouped_query_sdpa,
+                                 pack, packing_pays)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
 from gft.modelfiles import write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
@@ -93,25 +95,37 @@ def clip_gradients_(params, max_norm: float) -> float:
     """torch.nn.utils.clip_grad_norm_, same coefficient (max_norm / (norm + 1e-6), applied
     when below 1); returns the global norm before clipping, as a float.
 
-    Float32 CPU gradients take a faster path than torch's, measured on SmolLM2-135M's
-    gradients (2 cores): each tensor's sum of squares is one BLAS dot product, 26 ms
-    against 54 ms for torch's foreach norm (which also read 4e-4 off the float64 norm
-    there, the dots 7e-6); and the gradients are multiplied only when the coefficient is
-    below 1, where torch multiplies always (by 1 when not clipping: on a GPU that spares a
-    device sync, on a CPU it is a pass over every gradient for nothing) — 85 ms in all
-    before, 26 ms after for an update that does not clip. Anything else (GPU, bfloat16,
-    FSDP2's sharded DTensors) goes through torch's own function."""
+    Float32 CPU gradients take a path of a few operators whatever the parameter count
+    (SmolLM2: 272 tensors; one dot product each dispatched 816 operators, half of what one
+    update's head and loss dispatch): torch._foreach_norm over the tensors of at most
+    FOREACH_NORM_MOST elements, one BLAS dot product for each larger one. The larger ones
+    are apart because a float32 norm over tens of millions of elements drifts (SmolLM2's
+    28M-element embedding: 3e-4 off the float64 norm through _foreach_norm, 4e-5 for the
+    whole through this split, as with a dot per tensor; 25 ms, against 80 ms for the dots
+    and 600 ms for a float64 _foreach_norm). The gradients are multiplied only when the
+    coefficient is below 1, where torch multiplies always (by 1 when not clipping: a pass
+    over every gradient for nothing on a CPU). Anything else (GPU, bfloat16, FSDP2's
+    sharded DTensors) goes through torch's own function."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads or not all(type(g) is torch.Tensor and g.device.type == "cpu"
                             and g.dtype == torch.float32 for g in grads):
         from backends.torch_parallel import local_value  # FSDP2: a DTensor
         return local_value(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    squares = torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads])
-    norm = float(squares.double().sum().sqrt())
+    small = [g for g in grads if g.numel() <= FOREACH_NORM_MOST]
+    squares = torch.stack(torch._foreach_norm(small)).double().square().sum() if small \
+        else torch.zeros((), dtype=torch.float64)
+    for g in (g for g in grads if g.numel() > FOREACH_NORM_MOST):
+        flat = g.reshape(-1)
+        squares += torch.dot(flat, flat).double()
+    norm = float(squares.sqrt())
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         torch._foreach_mul_(grads, coef)
     return norm
+
+
+FOREACH_NORM_MOST = 1 << 22
+"""Gradient elements up to which clip_gradients_ takes a tensor's norm in _foreach_norm."""
 
 
 def fused_adamw(device: torch.device, strategy: str | None) -> dict:
@@ -152,9 +166,11 @@ class TorchBackend:
                  strategy: str | None = None, world: int = 1, train_module=None,
                  rollout_engine: str = "policy", mixed_precision: bool = False,
                  share_prefix: bool = True, rollout_graphs: str = "auto",
-                 logits_chunk: int = 1024):
+                 logits_chunk: int = 1024, pack_rows: bool = True):
         """share_prefix: run leading tokens common to a micro-batch's rows once
         (_prefix_shared_scores); off under gradient checkpointing.
+        pack_rows: the update's forward over a micro-batch packed into one row where that
+        pays (_packed_scores, backends/torch_pack.py).
         logits_chunk: positions whose logits the update holds at a time (0: all at once).
         strategy: None (one process), "ddp" or "fsdp" (backends/torch_parallel.py), with
         `train_module` the wrapper the update runs through; `model` stays the bare
@@ -190,6 +206,21 @@ class TorchBackend:
         # --count-ops) are above TRL's with the prefix run apart and below without.
         self._share_prefix = share_prefix and device.type == "cpu" \
             and strategy in (None, "ddp") and self._keeps_logits and full_attention_only(model)
+        # Packing a micro-batch into one row (backends/torch_pack.py): one forward, no
+        # padding, and a shared prefix run once too. CPU only for now: on a GPU the dense
+        # [T, T] mask takes sdpa off its flash kernel, and the padded rows keep it (varlen
+        # flash-attention would be the GPU's way to pack; not done here).
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._pack = pack_rows and device.type == "cpu" and strategy in (None, "ddp") \
+            and self._keeps_logits and full_attention_only(model) \
+            and getattr(inner.config, "model_type", None) in HEAD_AFTER_BODY \
+            and inner.config._attn_implementation in PACKABLE_ATTENTION
+        self._pair_cost = attention_pair_cost(inner.config) if self._pack else 0.0
+        # grouped-query heads unrepeated (torch_pack.grouped_query_sdpa), except under
+        # gradient checkpointing: its recomputation in the backward runs outside the
+        # forward's context and would repeat them, a different layout
+        self._gqa_sdpa = not any(getattr(m, "gradient_checkpointing", False)
+                                 for m in inner.modules())
         # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
         # the wrapper's forward, which the decoder-then-head split would go around)
         self.logits_chunk = logits_chunk
@@ -258,6 +289,10 @@ class TorchBackend:
             ids, logits, _ = self._forward(batch)
             return ids, logits[:, :-1], 0
         start = scored_from(batch) if trim else 0
+        if trim and self._pack:  # the common prefix may run into the scored positions
+            shared = shared_prefix(batch, ids.shape[1])
+            if packing_pays(batch.attention, shared, self._pair_cost):
+                return ids, self._packed_scores(batch, shared, start, hidden), start
         shared = shared_prefix(batch, start) if self._share_prefix else 0
         if shared:
             return ids, self._prefix_shared_scores(ids, att, shared, start, hidden), start
@@ -274,6 +309,27 @@ class TorchBackend:
             return self._split[0](**kw).last_hidden_state[:, keep]
         keep_kw = {} if keep is None else {"logits_to_keep": keep}
         return self.train_module(**kw, **keep_kw).logits
+
+    def _packed_scores(self, batch: TokenBatch, shared: int, start: int,
+                       hidden: bool) -> torch.Tensor:
+        """The scores (_forward) of positions start..L-2, [B, S, V or H], from ONE forward
+        over the micro-batch's real tokens packed into one row (backends/torch_pack.py):
+        the shared prefix once, then each row's own tokens, position ids from the padded
+        columns and a mask that keeps the rows apart. Same function of the weights as the
+        padded forward (so the same loss and gradients, up to rounding); `keep` gathers the
+        scored positions back into the padded [B, S] layout."""
+        # the mask in the attention's dtype (the embedding's: never a quantized weight)
+        dtype = torch.bfloat16 if self.autocast \
+            else self.model.get_input_embeddings().weight.dtype
+        p = pack(batch.input_ids, batch.attention, shared, start, self.device, dtype)
+        kw = {"input_ids": p.ids, "attention_mask": p.mask, "position_ids": p.positions,
+              "use_cache": False}
+        gqa = grouped_query_sdpa() if self._gqa_sdpa else contextlib.nullcontext()
+        with self._compute_dtype(), gqa:
+            if hidden:
+                return self._split[0](**kw).last_hidden_state[0, p.keep]
+            logits = self.train_module(**kw, logits_to_keep=p.keep.reshape(-1)).logits
+        return logits.view(*p.keep.shape, logits.shape[-1])
 
     def _prefix_shared_scores(self, ids: torch.Tensor, att: torch.Tensor, shared: int,
                               start: int, hidden: bool) -> torch.Tensor:

@@ -44,28 +44,31 @@ def logprobs_and_entropy(logits: torch.Tensor,
 def softmax_rows(z: torch.Tensor) -> int:
     """Rows of [N, V] logits that softmax_stats_ processes at a time.
 
-    On the CPU, ~1 MB at a time: logsumexp and its subtraction then run on data still in
-    cache, and the only [N, V] buffer made is the softmax itself, written once. Over the
-    whole tensor at once, each of those steps allocated and page-faulted its own 100 MB
-    temporary (SmolLM2, 8 x 64 positions). GPUs take it in one piece."""
+    On the CPU, ~8 MB at a time: logsumexp's temporary stays that small and is reused,
+    and the only [N, V] buffer made is the softmax itself, written once. Over the whole
+    tensor at once, each step allocated and page-faulted its own 100 MB temporary
+    (SmolLM2, 8 x 64 positions). Not smaller: each chunk dispatches 8 operators, and at
+    1 MB (5 of SmolLM2's 49,152-wide rows) its 512 positions took 103 chunks, ~1,100
+    operators, a seventh of the whole update's (benchmarks/RESULTS.md, --count-ops);
+    timed here (on a busy machine) 1 MB chunks were no faster than 4 or 8 MB ones.
+    GPUs take it in one piece."""
     if z.device.type != "cpu":
         return max(1, z.shape[0])
-    return max(1, (1 << 18) // z.shape[-1])
+    return max(1, (1 << 21) // z.shape[-1])
 
 
 def softmax_stats_(z: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Writes softmax(z) into p ([N, V] each, float32); returns (logZ [N], entropy [N])
     with H = logZ - sum(p * z) (a dot product per row: no [N, V] product is made)."""
     logz = z.new_empty(z.shape[0])
-    entropy = z.new_empty(z.shape[0])
+    pz = z.new_empty(z.shape[0])  # sum(p * z) per row
     step = softmax_rows(z)
     for i in range(0, z.shape[0], step):
-        zc, pc = z[i:i + step], p[i:i + step]
-        lz = torch.logsumexp(zc, dim=-1)
+        zc, pc, lz = z[i:i + step], p[i:i + step], logz[i:i + step]
+        torch.logsumexp(zc, dim=-1, out=lz)
         torch.sub(zc, lz[:, None], out=pc).exp_()
-        logz[i:i + step] = lz
-        entropy[i:i + step] = lz - torch.linalg.vecdot(pc, zc)
-    return logz, entropy
+        torch.linalg.vecdot(pc, zc, out=pz[i:i + step])
+    return logz, logz - pz
 
 
 class TokenLogProbs(torch.autograd.Function):

@@ -42,8 +42,9 @@ TRAINERS = {
     # the same, decoding eagerly: what rollout_graphs (on by default on CUDA) saves there
     "gft-torch-eager:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                      "rollout_graphs": "off"}, "torch", "gft[torch]"),
-    # the update as a GPU runs it (no shared-prefix forward: TorchBackend._share_prefix),
-    # for --count-ops on the CPU; left out of the default rows
+    # the update as a GPU runs it (padded rows: neither the packed row nor the shared-prefix
+    # forward, TorchBackend._pack / _share_prefix), for --count-ops on the CPU; left out
+    # of the default rows
     "gft-torch-noshare:grpo": ("gft", {"backend": "torch", "preset": "grpo",
                                        "share_prefix": False}, "torch", "gft[torch]"),
     # 4 dataset responses of varied length (workload.mixed_responses) + 4 rollouts
@@ -260,7 +261,7 @@ def run_trainers(run: dict, keys: list[str], common: dict, shape, a: argparse.Na
     for key, res in raw.items():
         # a bfloat16 rollout engine reads 2-byte weights: its floor is that much lower
         weight_bytes = 2 if "bf16roll" in key else DTYPE_BYTES[a.dtype]
-        summary = report.summarize(res, shape, run["floor"], weight_bytes)
+        summary = report.summarize(res, shape, run["floor"], weight_bytes, a.fixed_batch)
         run["rows"][key] = {"summary": summary, "steps": res["steps"]}
         run.setdefault("prompt_len", res["steps"][0]["prompt_len"])
         if summary["info"].get("blas_gflops") is not None:

@@ -31,6 +31,10 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
                    "(issue 19, --count-ops)", "≤ 1.0"),
 }
 
+TIMED = {"step_vs_trl", "step_bf16roll_vs_trl", "update_vs_trl", "update_vs_matmul",
+         "rollout_vs_bw", "mlx_vs_lora"}
+"""The targets that compare times (left out of a --count-ops run's table)."""
+
 
 def products_line(sm: dict, floor: dict) -> str:
     """The decode step's matrix products timed alone, against the bandwidth floor's step:
@@ -65,8 +69,10 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) -> dict:
-    """One row's statistics from a worker's per-step records."""
+def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int,
+              fixed_batch: bool = False) -> dict:
+    """One row's statistics from a worker's per-step records (fixed_batch: --fixed-batch,
+    no rollout ran, so it has no rollout figures)."""
     steps = [s for s in result["steps"] if not s["warmup"]] or result["steps"]
     rate, bw = floor["matmul_gflops"] * 1e9, floor["bandwidth_gbs"] * 1e9
     gen = [sum(s["completion_lengths"]) for s in steps]
@@ -78,8 +84,8 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     u_floor = [update_floor_s(shape, s["seq_lengths"], rate, shared_prompt=s["prompt_len"])
                for s in steps]
     step_s = [s["step_s"] for s in steps]
-    if all(s["rollout_s"] < 0.01 for s in steps):  # --fixed-batch: there was no rollout
-        r_floor = []
+    if fixed_batch:  # told, not guessed from the time: a tiny model's rollout of 4
+        r_floor = []  # tokens can take under 10 ms
     return {
         "n": len(steps),
         "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),
@@ -111,8 +117,9 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int) ->
     }
 
 
-def ratios(rows: dict[str, dict]) -> dict[str, float]:
-    """The issue's comparisons, where both sides ran."""
+def ratios(rows: dict[str, dict], fixed_batch: bool = False) -> dict[str, float]:
+    """The issue's comparisons, where both sides ran (fixed_batch: no rollout was measured,
+    so none of its comparisons is made)."""
     def ok(k):
         return k in rows and "summary" in rows[k]
     out = {}
@@ -136,11 +143,28 @@ def ratios(rows: dict[str, dict]) -> dict[str, float]:
         out["step_bf16roll_vs_trl"] = rows[b]["summary"]["step_s"] / rows[t]["summary"]["step_s"]
     if ok(g):
         out["update_vs_matmul"] = rows[g]["summary"]["update_frac"]
-        if rows[g]["summary"]["rollout_frac"] == rows[g]["summary"]["rollout_frac"]:  # not nan
+        if not fixed_batch and _number(rows[g]["summary"]["rollout_frac"]):
             out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
     if ok(m) and ok(l):
         out["mlx_vs_lora"] = rows[m]["summary"]["step_s"] / rows[l]["summary"]["step_s"]
     return out
+
+
+def _number(x: float | None) -> bool:
+    return x is not None and x == x  # not None, not nan
+
+
+def _rollout_cells(s: dict, fixed_batch: bool) -> tuple[str, str]:
+    """(rollout tok/s, rollout floor s (achieved)): n/a under --fixed-batch, where no
+    rollout ran (its few microseconds of handing back fixed ids once read as 18 million
+    tok/s and 16,733,327% of the floor), and wherever they are not numbers."""
+    if fixed_batch or not _number(s["rollout_tok_s"]):
+        tok = "n/a"
+    else:
+        tok = f"{s['rollout_tok_s']:.0f}"
+    if fixed_batch or not (_number(s["rollout_floor_s"]) and _number(s["rollout_frac"])):
+        return tok, "n/a"
+    return tok, f"{s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%})"
 
 
 def _meets(value: float, limit: str) -> str:
@@ -195,13 +219,13 @@ def render_run(run: dict) -> str:
         if s.get("gpu_peak"):
             rss += f" (GPU {_gib(s['gpu_peak'])})"
 
+        roll_tok, roll_floor = _rollout_cells(s, bool(run.get("fixed_batch")))
         lines.append(
             f"| {name} | {preset} | {s['step_s']:.2f} [{s['step_min']:.2f}–{s['step_max']:.2f}] "
             f"| {s['cpu_s']:.1f} | {s['rollout_s']:.2f} | {s['update_s']:.2f} "
-            f"| {s['rollout_tok_s']:.0f} "
+            f"| {roll_tok} "
             f"| {s['update_tok_s']:.0f} | {s['completions']:.0f} × {s['mean_completion']:.1f} "
-            f"| {rss} | {_gib(s.get('update_peak_rss'))} "
-            f"| {s['rollout_floor_s']:.2f} ({s['rollout_frac']:.0%}) "
+            f"| {rss} | {_gib(s.get('update_peak_rss'))} | {roll_floor} "
             f"| {s['update_floor_s']:.2f} ({s['update_frac']:.0%}) |")
     lines += ["", "CPU s is the job's CPU time per step, all threads: on a quiet machine it is "
               "about threads × step s; much less means the job waited for a core "
@@ -215,7 +239,9 @@ def render_run(run: dict) -> str:
               "(workload.mixed_responses). Update peak RSS: the process's resident-set peak "
               "from the end of the rollout to the end of the optimizer step (VmHWM reset "
               "between them), weights and optimizer state included.", ""]
-    got = ratios(run["rows"])
+    got = ratios(run["rows"], bool(run.get("fixed_batch")))
+    if run.get("count_ops"):  # every op went through Python: its times are no measurement
+        got = {k: v for k, v in got.items() if k not in TIMED}
     g, t = run["rows"].get("gft-torch:grpo", {}), run["rows"].get("trl:grpo", {})
     if "summary" in g and "summary" in t:
         lg, lt = g["summary"]["mean_completion"], t["summary"]["mean_completion"]

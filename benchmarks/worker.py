@@ -132,8 +132,8 @@ def job_gft(a: dict) -> dict:
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
         "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
     backend = open_backend(cfg, cfg.model)
-    if a.get("share_prefix") is False:  # the GPU's update path, on the CPU (--count-ops)
-        backend._share_prefix = False
+    if a.get("share_prefix") is False:  # the GPU's update path, on the CPU (--count-ops):
+        backend._share_prefix = backend._pack = False  # padded rows, one forward
     data, _ = load_data(cfg, backend.tokenizer, Console(quiet=True))
     if a.get("budget_rows"):  # micro_batch_tokens: that many full-length rows' tokens
         cfg.micro_batch_tokens = a["budget_rows"] * (len(data.prompt_ids[0]) + n_new(a))

@@ -210,3 +210,37 @@ def test_fixed_completions_are_the_same_full_length_bytes_for_every_trainer():
     assert rows == fixed_completions(a) and len(rows) == 8
     assert all(len(r) == 12 and all(0 <= t < 256 for t in r) for r in rows)
     assert len({tuple(r) for r in rows}) == 8
+
+
+def test_fixed_batch_rollout_columns_say_n_a_and_are_not_counted():
+    """--fixed-batch hands back fixed ids in microseconds: no rollout ran, so its tok/s
+    and floor fraction (once 18,035,075 tok/s, 16,733,327%) are n/a, and its target row
+    is not made (it read 'yes')."""
+    from benchmarks.report import _rollout_cells, ratios
+    s = {"step_s": 3.0, "peak_rss": 9.0, "update_frac": 0.5, "rollout_frac": 167333.27,
+         "rollout_tok_s": 18035075.0, "rollout_floor_s": 76.01}
+    rows = {"gft-torch:grpo": {"summary": s}}
+    assert _rollout_cells(s, fixed_batch=True) == ("n/a", "n/a")
+    assert "rollout_vs_bw" not in ratios(rows, fixed_batch=True)
+    assert ratios(rows)["rollout_vs_bw"] == 167333.27  # a sampled run keeps its comparison
+    assert _rollout_cells(s, fixed_batch=False) == ("18035075", "76.01 (16733327%)")
+    nan = float("nan")
+    assert _rollout_cells({**s, "rollout_tok_s": nan, "rollout_frac": nan}, False) \
+        == ("n/a", "n/a")
+
+
+def test_a_fast_rollout_keeps_its_floor_and_only_fixed_batch_drops_it():
+    """A tiny model's rollout of 4 tokens can take under 10 ms: its floor is still made
+    (a rule that guessed --fixed-batch from such times made the harness test flaky)."""
+    from benchmarks.floor import ModelShape
+    from benchmarks.report import summarize
+    shape = ModelShape(params=1_000_000, layers=2, hidden=64, kv_heads=2, head_dim=16, vocab=100)
+    step = {"warmup": False, "step_s": 0.02, "rollout_s": 0.005, "update_s": 0.01,
+            "prompt_len": 10, "completion_lengths": [4] * 8, "seq_lengths": [14] * 8,
+            "padded_tokens": 112}
+    floor = {"matmul_gflops": 100.0, "bandwidth_gbs": 20.0}
+    sampled = summarize({"steps": [step]}, shape, floor, 4)
+    assert sampled["rollout_floor_s"] > 0 and sampled["rollout_tok_s"] == pytest.approx(6400)
+    fixed = summarize({"steps": [step]}, shape, floor, 4, fixed_batch=True)
+    assert fixed["rollout_floor_s"] != fixed["rollout_floor_s"]  # nan: no rollout ran
+    assert fixed["rollout_tok_s"] != fixed["rollout_tok_s"]

@@ -306,6 +306,7 @@ def test_a_shared_prompt_runs_once_with_the_same_loss_and_gradients(tmp_path, ar
     assert shared_prefix(micro_batches(seqs, 8, 256)[0], 11) == 11  # capped at the limit
     for batches in (mb, micro_batches(seqs, 8, 256)):
         be = load_backend("torch", str(model))
+        be._pack = False  # the two-forward path, where packing does not pay (torch_pack)
         calls = []
         be.model.get_decoder().register_forward_pre_hook(  # both heads call the decoder
             lambda mod, args, kw: calls.append(rows_by_tokens(kw)), with_kwargs=True)
@@ -329,6 +330,7 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
     model = write_tiny_model(tmp_path / "m", TinyModelSpec(seed=4))
     be = load_backend("torch", str(model), lora=LoraConfig(
         rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")))
+    be._pack = False  # the two-forward path (tests/test_torch_pack.py packs under LoRA)
     batches = micro_batches(shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75]), 8, 256)
     calls = []
     be.model.get_base_model().get_decoder().register_forward_pre_hook(
@@ -344,8 +346,13 @@ def test_a_shared_prompt_runs_once_under_lora_too(tmp_path):
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 1e9, float("inf")])
-def test_clipping_matches_torch_clip_grad_norm(max_norm):
+@pytest.mark.parametrize("most", [1 << 22, 1000])
+def test_clipping_matches_torch_clip_grad_norm(monkeypatch, max_norm, most):
+    """most: the size above which a tensor's norm is a dot product (1000: two of the three
+    here) rather than part of the one _foreach_norm."""
+    import backends.torch_backend as tb
     from backends.torch_backend import clip_gradients_
+    monkeypatch.setattr(tb, "FOREACH_NORM_MOST", most)
     g = torch.Generator().manual_seed(0)
     shapes = [(300, 64), (64,), (1000, 3)]
     grads = [torch.randn(s, generator=g) * 0.05 for s in shapes]
@@ -461,3 +468,26 @@ def test_micro_batches_by_tokens_give_the_same_loss_and_gradients(model_dir):
     assert s2["tokens"] == s1["tokens"]
     for name in g1:
         np.testing.assert_allclose(g2[name], g1[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_clipping_dispatches_the_same_few_operators_for_any_number_of_tensors():
+    """A dot product per gradient dispatched 3 operators per tensor (816 for SmolLM2's
+    272); one _foreach_norm does not grow with the tensor count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from backends.torch_backend import clip_gradients_
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(k):
+        ps = [torch.nn.Parameter(torch.zeros(8, 8)) for _ in range(k)]
+        for p in ps:
+            p.grad = torch.ones(8, 8)
+        with Ops() as ops:
+            clip_gradients_(ps, 1.0)
+        return ops.n
+    assert count(3) == count(30) < 15
