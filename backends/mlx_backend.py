@@ -439,9 +439,17 @@ class MlxBackend:
         return {**stats, "grad_norm": grad_norm, "skipped": float(skipped)}
 
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """log p of each next token [B, L-1]; through the head `logits_chunk` positions at
+        a time where the update chunks it (mlx_head.head_logprobs), so evaluation holds
+        one chunk's logits, not B x L x V."""
         self.model.eval()
         ids = mx.array(batch.input_ids.astype(np.int32))
-        return np.array(target_logprobs(self.model(ids), ids))
+        weight = head_weight(self.model) if self.logits_chunk > 0 and self._head else None
+        if weight is None:
+            return np.array(target_logprobs(self.model(ids), ids))
+        logp, _ = head_logprobs(self._head[0](ids)[:, :-1], weight, ids[:, 1:],
+                                self.logits_chunk)
+        return np.array(logp)
 
     # ------------------------------------------------------------------ state
     def save_model(self, path: Path) -> None:

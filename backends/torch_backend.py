@@ -435,10 +435,23 @@ class TorchBackend:
         return {**stats, "grad_norm": grad_norm, "skipped": float(skipped)}
 
     @torch.no_grad()
+    @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
+        """log p of each next token [B, L-1]; with the head apart (`_split`), through it
+        `logits_chunk` positions at a time, as the update does: evaluating long responses
+        over a big vocabulary holds one chunk's logits, not B x L x V."""
         self.model.eval()
-        ids, logits, _ = self._forward(batch)
-        return target_logprobs(logits, ids).cpu().numpy()
+        if self._split is None:
+            ids, logits, _ = self._forward(batch)
+            return target_logprobs(logits, ids).cpu().numpy()
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        att = torch.from_numpy(batch.attention).to(self.device)
+        with self._compute_dtype():
+            hidden = self._split[0](input_ids=ids, attention_mask=att,
+                                    use_cache=False).last_hidden_state
+            logp, _ = head_logprobs(hidden[:, :-1], self._split[1].weight, ids[:, 1:],
+                                    self.logits_chunk)
+        return logp.float().cpu().numpy()
 
     # ------------------------------------------------------------------ state
     def save_model(self, path: Path) -> None:

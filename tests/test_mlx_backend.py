@@ -173,6 +173,20 @@ def test_chunked_logits_give_the_same_loss_entropy_and_gradients(model_dirs, tmp
     assert max_rel_err(g5, t.gradients()) < RTOL
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_chunked_token_logprobs_equal_the_whole_logits(model_dirs, arch):
+    """Evaluation's log-probs through the head in chunks of 5 positions against the whole
+    logits, and against torch's (float32)."""
+    batch = make_batch()
+    a = load_backend("mlx", str(model_dirs[arch]), logits_chunk=5).token_logprobs(batch)
+    b = load_backend("mlx", str(model_dirs[arch]), logits_chunk=0).token_logprobs(batch)
+    t = load_backend("torch", str(model_dirs[arch]), logits_chunk=5).token_logprobs(batch)
+    assert a.shape == b.shape == (4, 15)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    real = batch.attention[:, 1:]  # padding: MLX's causal mask alone, torch's attention mask
+    np.testing.assert_allclose(a[real], t[real], rtol=1e-4, atol=1e-4)
+
+
 def test_chunked_head_memory_does_not_grow_with_positions():
     """Peak memory of the head's forward + backward over a 4,096-token vocabulary: in one
     piece it grows with the positions (1,024 -> 4,096: x4 logits); in chunks of 128 it

@@ -436,6 +436,22 @@ def test_chunked_logits_give_the_same_loss_entropy_and_gradients(tmp_path, arch,
         np.testing.assert_allclose(g5[name], g0[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_token_logprobs_equal_the_whole_logits(tmp_path, tied):
+    """Evaluation's log-probs (token_logprobs) through the head in chunks of 5 positions
+    against the whole [B, L, V] logits: the same numbers (float32)."""
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec(arch="llama", seed=5,
+                                                           tie_word_embeddings=tied))
+    batch = micro_batches(_seqs(), 8, 256)[0]
+    chunked = load_backend("torch", str(model), logits_chunk=5)
+    whole = load_backend("torch", str(model), logits_chunk=0)
+    assert chunked._split is not None and whole._split is None
+    a, b = chunked.token_logprobs(batch), whole.token_logprobs(batch)
+    assert a.shape == b.shape == (batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+    assert batch.input_ids.size > 3 * 5  # several chunks
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_micro_batches_by_tokens_pack_short_sequences_together():
     """Sorted by length (prompt + response), packed greedily under both limits."""
     from gft.groups import pack_by_tokens
