@@ -124,15 +124,23 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
     return out
 
 
-def cpu_torch(name: str, argv: list[str]) -> dict:
-    """Each phase of a torch-on-CPU setting in a process of its own (see the docstring)."""
+def apart(name: str, argv: list[str], phases: tuple[str, ...]) -> dict:
+    """A setting measured in processes of its own: one per phase in `phases`, or one for
+    both phases when phases is ("update+rollout",). MLX's and CUDA's peaks are absolute (every
+    live array counts), so a setting measured after another in one process would count
+    whatever the earlier one left alive (a backend's arrays freed only by the garbage
+    collector's cycle pass: the 4-bit rollout once read 8 MiB high for it); torch on CPU
+    needs one process per phase (see the docstring)."""
     import subprocess
     import sys
     out = {}
-    for phase in ("update", "rollout"):
+    for phase in phases:
         done = subprocess.run([sys.executable, "-m", "benchmarks.plan_check", *argv,
                                "--only", name, "--phase", phase, "--emit"],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+            raise RuntimeError(tail[-1])
         out.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
 
@@ -162,7 +170,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=192)
     ap.add_argument("--only", nargs="*", help="settings to run (default: all)")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--phase", choices=["update", "rollout"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["update", "rollout", "update+rollout"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--emit", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import sys
@@ -181,9 +190,11 @@ def main() -> None:
     cfg = build_config({}, {"model": str(base), "data": "unused", "max_prompt_tokens": args.prompt,
                             "max_response_tokens": args.length - args.prompt,
                             "micro_batch_size": args.micro_batch, "rollout_batch_size": args.rows,
-                            "prompts_per_step": args.rows, "prompts_per_minibatch": args.rows,
-                            "num_rollouts": 1,
-                            "eval_samples": args.rows, "check_memory": False})
+                            # what the rollout phase measures: ROWS rollouts of one prompt
+                            # (GRPO's group), no held-out evaluation
+                            "prompts_per_step": 1, "prompts_per_minibatch": 1,
+                            "num_rollouts": args.rows,
+                            "eval_samples": 0, "check_memory": False})
     results = {}
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; update "
           f"{args.micro_batch} x {args.length} tokens, rollouts {args.rows} x {args.length}")
@@ -198,16 +209,16 @@ def main() -> None:
             if not model.exists():
                 convert(base, model, quantize=bits, group_size=64)
         try:
-            if args.emit:  # one phase, for cpu_torch
+            if args.emit:  # one setting (and phase), for apart()
+                phases = tuple(args.phase.split("+"))
                 r = measure(backend, model, replace(cfg, **over), args.rows, args.prompt,
-                            args.length, phases=(args.phase,))
-                print(json.dumps({k: v for k, v in r.items() if k in (args.phase, f"plan_{args.phase}")}))
+                            args.length, phases=phases)
+                keep = {*phases, *(f"plan_{p}" for p in phases)}
+                print(json.dumps({k: v for k, v in r.items() if k in keep}))
                 return
             import torch
-            if backend == "torch" and not torch.cuda.is_available():
-                r = cpu_torch(name, shape_args)
-            else:
-                r = measure(backend, model, replace(cfg, **over), args.rows, args.prompt, args.length)
+            cpu = backend == "torch" and not torch.cuda.is_available()
+            r = apart(name, shape_args, ("update", "rollout") if cpu else ("update+rollout",))
         except Exception as e:  # noqa: BLE001 - a setting that cannot run here is reported
             print(f"{name:<18}not measured: {str(e).splitlines()[0][:90]}")
             continue

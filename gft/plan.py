@@ -9,7 +9,9 @@ config.json and the TrainConfig alone (no weights read, no backend imported).
     update           activations one micro-batch keeps for its backward pass, plus the
                      logits / softmax over the vocabulary of its response tokens
     rollouts         the KV cache of one rollout batch, one layer's tensors while its
-                     prompts are prefilled, and its last-position logits
+                     distinct prompts are prefilled (both backends prefill a prompt once
+                     and copy its cache rows to its G rollouts), and its last-position
+                     logits
 Rollouts and the update never run at the same time, so only the larger counts.
 
 Shapes: B micro_batch_size, L = max_prompt_tokens + max_response_tokens (the longest
@@ -25,6 +27,8 @@ benchmarks/plan_check.py):
   under gradient checkpointing, one h per layer plus one layer's worth;
 - the update's vocabulary tensors: three float32 [B·R, V] arrays (logits, softmax,
   their gradient), [logits_chunk, V] when the backend computes them in chunks;
+- MLX's KV cache (mlx-lm's BatchKVCache) grows in blocks of 256 positions, so it holds
+  L rounded up to a multiple of 256; torch's grows by the token;
 - allocator slack, the framework's own workspace and Python are not counted.
 """
 from __future__ import annotations
@@ -192,6 +196,18 @@ def prefill_bytes(s: Shape, rows: int, prompt: int, elem: int) -> float:
     return rows * prompt * (4 * s.hidden + 2 * s.heads * s.head_dim + 3 * s.intermediate) * elem
 
 
+MLX_KV_STEP = 256  # mlx-lm's KVCache / BatchKVCache.step: positions allocated at a time
+
+
+def kv_positions(length: int, backend: str) -> int:
+    """Positions the KV cache of a `length`-token sequence holds: mlx-lm allocates its
+    cache MLX_KV_STEP positions at a time (a 77-token rollout holds 256); torch's
+    DynamicCache concatenates one token at a time."""
+    if backend == "mlx":
+        return -(-length // MLX_KV_STEP) * MLX_KV_STEP
+    return length
+
+
 def kv_cache_bytes(s: Shape, rows: int, length: int, elem: int) -> float:
     return rows * length * s.layers * 2 * s.kv_heads * s.head_dim * elem
 
@@ -211,6 +227,18 @@ def rollout_rows(cfg) -> int:
     """Sequences decoded together: a step's rollouts, or a held-out evaluation's prompts."""
     wanted = max(cfg.prompts_per_step * cfg.num_rollouts, cfg.eval_samples)
     return min(cfg.rollout_batch_size, wanted)
+
+
+def prefill_rows(cfg) -> int:
+    """Distinct prompts prefilled together. Both backends prefill each distinct prompt of a
+    generate call once and copy its KV rows to the rows that repeat it (gft.groups.
+    shared_prompts), so a batch of a step's rollouts prefills rollout_batch_size /
+    num_rollouts prompts (one more when a group straddles two batches); a held-out
+    evaluation (eval_samples > 0) decodes one row per prompt."""
+    rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_rollouts)
+    n = max(cfg.num_rollouts, 1)
+    train = min(cfg.prompts_per_step, -(-rows // n) + (1 if rows % n else 0)) if rows else 0
+    return max(train, min(cfg.rollout_batch_size, cfg.eval_samples))
 
 
 def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: float | None = None,
@@ -244,10 +272,11 @@ def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: floa
                    "logits_chunk" if getattr(cfg, "logits_chunk", 0)
                    else "micro_batch_size or max_response_tokens")]
     r_rows = rollout_rows(cfg)
-    rollout = [Item("KV cache of a rollout batch", kv_cache_bytes(s, r_rows, length, elem),
+    rollout = [Item("KV cache of a rollout batch",
+                    kv_cache_bytes(s, r_rows, kv_positions(length, backend), elem),
                     "rollout_batch_size"),
-               Item("prefill of a rollout batch", prefill_bytes(s, r_rows, cfg.max_prompt_tokens,
-                                                                elem),
+               Item("prefill of a rollout batch", prefill_bytes(s, prefill_rows(cfg),
+                                                                cfg.max_prompt_tokens, elem),
                     "rollout_batch_size or max_prompt_tokens"),
                Item("rollout logits", 2 * r_rows * s.vocab * 4, "rollout_batch_size")]
     return MemoryPlan(tuple(resident), tuple(update), tuple(rollout), available, device)
