@@ -24,6 +24,8 @@ benchmarks/plan_check.py):
   architectures are planned as if they were such layers of the config's sizes;
 - saved activations per token per layer: 6h + 3·H·d + 3·KV·d + 4I values, plus the
   attention probabilities (H·L per token) that a non-fused attention backward keeps;
+  the tokens are B·L, or P + B·R when every micro-batch's rows share one prompt that the
+  backend runs once (shares_prompt: one prompt per optimizer update);
   under gradient checkpointing, one h per layer plus one layer's worth;
 - the update's vocabulary tensors: three float32 [B·R, V] arrays (logits, softmax,
   their gradient), [logits_chunk, V] when the backend computes them in chunks;
@@ -178,16 +180,39 @@ def lora_params(s: Shape, rank: int, targets: list[str]) -> int:
 # ------------------------------------------------------------------ activations
 
 def activation_bytes(s: Shape, rows: int, length: int, elem: int, checkpointing: bool,
-                     attention_probs: bool = True) -> float:
+                     attention_probs: bool = True, tokens: int | None = None) -> float:
     """What one micro-batch's forward keeps for its backward pass. attention_probs: the
     attention's backward keeps its [H, L, L] probabilities (MLX's scaled_dot_product_attention
     gradient); torch's fused kernels (flash / memory-efficient, CPU flash) keep only
-    a log-sum-exp per row."""
+    a log-sum-exp per row. tokens: positions the forward runs (default rows x length;
+    fewer when the rows' shared prompt runs once, update_tokens)."""
     per_token = (6 * s.hidden + 3 * s.heads * s.head_dim + 3 * s.kv_heads * s.head_dim
                  + 4 * s.intermediate + (s.heads * length if attention_probs else 0))
+    tokens = rows * length if tokens is None else tokens
     if checkpointing:
-        return rows * length * (s.layers * s.hidden + per_token) * elem
-    return rows * length * s.layers * per_token * elem
+        return tokens * (s.layers * s.hidden + per_token) * elem
+    return tokens * s.layers * per_token * elem
+
+
+def shares_prompt(cfg, backend: str, device: str) -> bool:
+    """Whether every micro-batch's rows run their common prompt once. Both backends run
+    the prefix the rows of a micro-batch share once (MLX always, for llama-style heads;
+    torch on the CPU only: TorchBackend._share_prefix). Micro-batches are cut from an
+    optimizer update's rows sorted by length (gft.groups.micro_batches), so they hold one
+    prompt's group only when the update holds one prompt (prompts_per_minibatch: 1);
+    with more, a micro-batch may mix prompts and the plan takes that worst case."""
+    if cfg.prompts_per_minibatch != 1:
+        return False
+    return backend == "mlx" or (backend == "torch" and "cpu" in device)
+
+
+def update_tokens(cfg, backend: str, device: str) -> int:
+    """Positions one micro-batch's forward runs: B x L, or the prompt once plus B
+    responses when the rows share it (shares_prompt)."""
+    rows, prompt, response = cfg.micro_batch_size, cfg.max_prompt_tokens, cfg.max_response_tokens
+    if shares_prompt(cfg, backend, device):
+        return prompt + rows * response
+    return rows * (prompt + response)
 
 
 def prefill_bytes(s: Shape, rows: int, prompt: int, elem: int) -> float:
@@ -229,13 +254,17 @@ def rollout_rows(cfg) -> int:
     return min(cfg.rollout_batch_size, wanted)
 
 
-def prefill_rows(cfg) -> int:
+def prefill_rows(cfg, static_cache: bool = False) -> int:
     """Distinct prompts prefilled together. Both backends prefill each distinct prompt of a
     generate call once and copy its KV rows to the rows that repeat it (gft.groups.
     shared_prompts), so a batch of a step's rollouts prefills rollout_batch_size /
     num_rollouts prompts (one more when a group straddles two batches); a held-out
-    evaluation (eval_samples > 0) decodes one row per prompt."""
+    evaluation (eval_samples > 0) decodes one row per prompt. static_cache: torch's
+    compiled decode (rollout_graphs on CUDA) has one cache slot per row and prefills
+    every row."""
     rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_rollouts)
+    if static_cache:
+        return rollout_rows(cfg)
     n = max(cfg.num_rollouts, 1)
     train = min(cfg.prompts_per_step, -(-rows // n) + (1 if rows % n else 0)) if rows else 0
     return max(train, min(cfg.rollout_batch_size, cfg.eval_samples))
@@ -266,16 +295,19 @@ def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: floa
     rows = cfg.micro_batch_size
     update = [Item("activations of one micro-batch",
                    activation_bytes(s, rows, length, elem, cfg.gradient_checkpointing,
-                                    attention_probs=backend == "mlx"),
+                                    attention_probs=backend == "mlx",
+                                    tokens=update_tokens(cfg, backend, device)),
                    "micro_batch_size (or gradient_checkpointing: true)"),
               Item("update logits/softmax", 3 * logit_positions(cfg, backend) * s.vocab * 4,
                    "logits_chunk" if getattr(cfg, "logits_chunk", 0)
                    else "micro_batch_size or max_response_tokens")]
     r_rows = rollout_rows(cfg)
+    graphs = getattr(cfg, "rollout_graphs", "off")
+    static = backend == "torch" and (graphs == "on" or (graphs == "auto" and "cuda" in device))
     rollout = [Item("KV cache of a rollout batch",
                     kv_cache_bytes(s, r_rows, kv_positions(length, backend), elem),
                     "rollout_batch_size"),
-               Item("prefill of a rollout batch", prefill_bytes(s, prefill_rows(cfg),
+               Item("prefill of a rollout batch", prefill_bytes(s, prefill_rows(cfg, static),
                                                                 cfg.max_prompt_tokens, elem),
                     "rollout_batch_size or max_prompt_tokens"),
                Item("rollout logits", 2 * r_rows * s.vocab * 4, "rollout_batch_size")]
