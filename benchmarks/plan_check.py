@@ -57,22 +57,56 @@ def make_batch(rows: int, length: int, prompt: int, seed: int = 0) -> TokenBatch
                       n_tokens=float(mask.sum()), n_seqs=float(rows))
 
 
+def held_bytes(be) -> float:
+    """Bytes of the tensors a torch backend holds between phases, each storage once: the
+    model's parameters and buffers (with bitsandbytes' 4-bit quantization state: absmax,
+    code and the nested state of double quantization), their gradients, AdamW's state."""
+    import torch
+    storages: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+
+    def add_quant_state(qs) -> None:
+        if qs is None:
+            return
+        for name in ("absmax", "code", "offset"):
+            add(getattr(qs, name, None))
+        add_quant_state(getattr(qs, "state2", None))
+
+    for t in [*be.model.parameters(), *be.model.buffers()]:
+        add(t)
+        add(t.grad)
+        add_quant_state(getattr(t, "quant_state", None))
+    for state in be.optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return float(sum(storages.values()))
+
+
 class Meter:
-    """Peak bytes of one phase, by the backend's own measure."""
+    """Peak bytes of one phase, by the backend's own measure.
+
+    torch on CPU has no allocator statistics. The phase runs once unmeasured (its code is
+    paged in, its kernels and thread pools initialised, as in every later step of a run),
+    then again: the peak is the tensors held before it (held_bytes, exact) plus the growth
+    of the process's resident set during it (VmHWM, reset through /proc/self/clear_refs,
+    minus VmRSS at its start). apart() runs these processes with glibc's mmap threshold
+    fixed (MALLOC_MMAP_THRESHOLD_), so every tensor above 128 KiB is mapped when made and
+    unmapped when freed: the resident set then follows the live tensors instead of memory
+    glibc kept from the first run."""
 
     def __init__(self, backend: str):
         self.backend = backend
         self.cuda = False
         if backend == "torch":
-            import peft  # noqa: F401
             import torch
-            import transformers  # noqa: F401
             self.cuda = torch.cuda.is_available()
-            x = torch.randn(64, 64, requires_grad=True)
-            torch.nn.functional.softmax(x @ x, -1).sum().backward()
-        self.base = 0.0 if backend == "mlx" or self.cuda else _status("VmRSS")
+        self.held = self.rss0 = 0.0
 
-    def start(self) -> None:
+    def start(self, be=None) -> None:
         if self.backend == "mlx":
             import mlx.core as mx
             mx.clear_cache()
@@ -81,7 +115,9 @@ class Meter:
             import torch
             torch.cuda.reset_peak_memory_stats()
         else:
+            self.held = held_bytes(be)
             _rss_reset()
+            self.rss0 = _status("VmRSS")
 
     def peak(self) -> float:
         if self.backend == "mlx":
@@ -90,7 +126,7 @@ class Meter:
         if self.cuda:
             import torch
             return float(torch.cuda.max_memory_allocated())
-        return _status("VmHWM") - self.base
+        return self.held + _status("VmHWM") - self.rss0
 
 
 def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
@@ -98,23 +134,28 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
     from backends import SamplingConfig, load_backend
     from gft.lora import lora_from_train_config
     from gft.quant import read_config
-    meter = Meter(backend)  # before loading: torch on CPU counts from here
+    meter = Meter(backend)
     be = load_backend(backend, str(model), dtype=cfg.dtype, lora=lora_from_train_config(cfg),
                       load_in_4bit=cfg.load_in_4bit)
     out = {}
     if "update" in phases:  # the first step allocates the AdamW moments; measure the second
         be.train_step([make_batch(cfg.micro_batch_size, length, prompt, 1)], 1e-4, tau=0.1,
                       aggregation="token-mean")
-        meter.start()
+        meter.start(be)
         be.train_step([make_batch(cfg.micro_batch_size, length, prompt)], 1e-4, tau=0.1,
                       aggregation="token-mean")
         out["update"] = meter.peak()
     if "rollout" in phases:
-        meter.start()
         prompts = [list(range(3, 3 + prompt))] * rows
-        be.generate(prompts, SamplingConfig(max_new_tokens=length - prompt, batch_size=rows), 0)
+        sampling = SamplingConfig(max_new_tokens=length - prompt, batch_size=rows)
+        if backend == "torch" and not meter.cuda:  # see Meter: the measured run is the second
+            be.generate(prompts, sampling, 1)
+        meter.start(be)
+        be.generate(prompts, sampling, 0)
         out["rollout"] = meter.peak()
-    p = plan(read_config(model), cfg, backend=backend)
+    # the device as gft.run.memory_plan names it (torch shares a prompt on the CPU only)
+    device = "mlx" if backend == "mlx" else "torch cuda" if meter.cuda else "torch cpu"
+    p = plan(read_config(model), cfg, backend=backend, device=device)
     resident = sum(i.nbytes for i in p.resident)
     # a rollout-only process never made the update: no gradients or moments exist yet
     state = sum(i.nbytes for i in p.resident if i.name in ("gradients", "AdamW moments"))
@@ -137,7 +178,8 @@ def apart(name: str, argv: list[str], phases: tuple[str, ...]) -> dict:
     for phase in phases:
         done = subprocess.run([sys.executable, "-m", "benchmarks.plan_check", *argv,
                                "--only", name, "--phase", phase, "--emit"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True,
+                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
             raise RuntimeError(tail[-1])
