@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(HERE / "MAC.md"), help="the results file")
     p.add_argument("--no-openblas", action="store_true", help="do not preload OpenBLAS")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
+    p.add_argument("--replan", action="store_true",
+                   help="measure nothing: recompute the plan columns of --out's JSON with "
+                        "this checkout's gft.plan and write --out again (the measured "
+                        "figures and the run's record stay; the plan's commit is noted)")
     return p.parse_args(argv)
 
 
@@ -133,28 +137,48 @@ def mib(n: float | None) -> str:
     return "—" if n is None else f"{n / 2**20:,.0f} MiB"
 
 
+def plan_fields(key: str, model: Path, prompt_len: int, new_tokens: int) -> dict:
+    """The plan columns of a row: gft.plan for its config (see the docstring)."""
+    _, job, variant, extra = ROWS[key]
+    dtype, preset = VARIANT_DTYPE[variant], "gft" if job == "gft" else "grpo"
+    p = plan_of(model, preset, extra.get("lora_rank", 0), prompt_len, new_tokens, dtype)
+    return {"plan_peak": p.peak, "plan_resident": sum(i.nbytes for i in p.resident),
+            "plan_update": sum(i.nbytes for i in p.update),
+            "plan_rollout": sum(i.nbytes for i in p.rollout),
+            "plan_items": {i.name: i.nbytes for i in p.items},
+            "dry_run": dry_run_command(model, preset, extra.get("lora_rank", 0), prompt_len,
+                                       new_tokens, dtype)}
+
+
+def replan(out: Path, cache: Path) -> Path:
+    """--replan: the stored rows with their plan columns made again."""
+    data = json.loads(out.with_suffix(".json").read_text())
+    variants = {"bf16": cache / "smollm2-bf16", "q8": cache / "smollm2-q8",
+                "q4": cache / "smollm2-q4"}
+    for r in data["rows"]:
+        r.update(plan_fields(r["key"], variants[ROWS[r["key"]][2]], r["prompt_len"],
+                             data["meta"]["max_new_tokens"]))
+    data["meta"]["plan_commit"] = bench.versions()["gft"]
+    out.write_text(render(data["rows"], data["failed"], data["meta"]))
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    print(f"[mac] re-planned {out}", flush=True)
+    return out
+
+
 def summarize(key: str, res: dict, model: Path, new_tokens: int) -> dict:
     """One row: times, both peaks, the plan and its items."""
-    label, job, variant, extra = ROWS[key]
-    dtype = VARIANT_DTYPE[variant]
+    label, _, variant, _ = ROWS[key]
     steps = res["steps"]
     prompt_len = steps[0]["prompt_len"]
-    preset = "gft" if job == "gft" else "grpo"
-    p = plan_of(model, preset, extra.get("lora_rank", 0), prompt_len, new_tokens, dtype)
-    resident = sum(i.nbytes for i in p.resident)
-    return {"key": key, "label": label, "model": model.name, "dtype": dtype,
+    return {"key": key, "label": label, "model": model.name, "dtype": VARIANT_DTYPE[variant],
             "prompt_len": prompt_len,
             "step_s": median(steps, "step_s"), "rollout_s": median(steps, "rollout_s"),
             "update_s": median(steps, "update_s"),
             "completion_tokens": [s["completion_lengths"] for s in steps if not s["warmup"]],
             "peak_rss": res["peak_rss_bytes"], "load_rss": res["info"].get("load_peak_rss"),
-            "mlx_peak": res.get("mlx_peak_bytes"), "plan_peak": p.peak,
-            "plan_resident": resident, "plan_update": sum(i.nbytes for i in p.update),
-            "plan_rollout": sum(i.nbytes for i in p.rollout),
-            "plan_items": {i.name: i.nbytes for i in p.items},
+            "mlx_peak": res.get("mlx_peak_bytes"),
             "blas_gflops": res["info"].get("blas_gflops"),
-            "dry_run": dry_run_command(model, preset, extra.get("lora_rank", 0), prompt_len,
-                                       new_tokens, dtype)}
+            **plan_fields(key, model, prompt_len, new_tokens)}
 
 
 def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
@@ -205,7 +229,10 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
               f"Python {m['python']}; load average before {m['load_before']}, after "
               f"{m['load_after']}. {meta['openblas']}.",
               "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
-              f"Date: {meta['date']}. Command: `{meta['command']}`.", "",
+              f"Date: {meta['date']}. Command: `{meta['command']}`."
+              + (f" Plan columns recomputed at {meta['plan_commit']} "
+                 "(`python benchmarks/mac.py --replan`; nothing re-measured)."
+                 if meta.get("plan_commit") else ""), "",
               "The same plans, as `gft train --dry-run` prints them:", ""]
     lines += [f"- {r['label']}: `{r['dry_run']}`" for r in rows]
     return "\n".join(lines) + "\n"
@@ -214,6 +241,8 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> Path:
     a = parse_args(argv)
     cache, out = Path(a.cache), Path(a.out)
+    if a.replan:
+        return replan(out, cache)
     (cache / "logs").mkdir(parents=True, exist_ok=True)
     keys = list(ROWS) if a.rows == "all" else [k.strip() for k in a.rows.split(",")]
     for k in keys:
