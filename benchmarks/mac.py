@@ -60,6 +60,11 @@ ROWS = {
                        {"lora_rank": LORA_RANK, "lora_scale": LORA_ALPHA / LORA_RANK}),
 }
 VARIANT_DTYPE = {"bf16": "bfloat16", "q8": "float32", "q4": "float32"}
+# mlx-lm-lora's GRPO differentiates its completions in chunks of as many as it has prompts
+# per batch (grpo_trainer._grpo_microbatches, chunk = batch_size = 1 here): one sequence
+# per forward/backward, gradients accumulated. Its row is set beside gft's plan for the
+# same micro-batching.
+PLAN_MICRO_BATCH = {"mlx-lm-lora-q4": 1}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +100,7 @@ def prepare_variants(cache: Path) -> dict[str, Path]:
 
 
 def gft_config(model: Path, preset: str, lora_rank: int, prompt_len: int, new_tokens: int,
-               dtype: str):
+               dtype: str, micro_batch: int = workload.GROUP):
     """The TrainConfig worker.job_gft runs, with max_prompt_tokens = the prompt's length
     (what `gft train --dry-run --set max_prompt_tokens=...` would plan)."""
     from gft.config import build_config
@@ -103,26 +108,26 @@ def gft_config(model: Path, preset: str, lora_rank: int, prompt_len: int, new_to
         "model": str(model), "data": "unused", "backend": "mlx", "preset": preset,
         "dtype": dtype, "lora_rank": lora_rank, "lora_alpha": LORA_ALPHA,
         "max_prompt_tokens": prompt_len, "max_response_tokens": new_tokens,
-        "prompts_per_step": 1, "prompts_per_minibatch": 1, "micro_batch_size": workload.GROUP,
+        "prompts_per_step": 1, "prompts_per_minibatch": 1, "micro_batch_size": micro_batch,
         "rollout_batch_size": workload.GROUP, "eval_samples": 1, "check_memory": False})
 
 
 def plan_of(model: Path, preset: str, lora_rank: int, prompt_len: int, new_tokens: int,
-            dtype: str):
+            dtype: str, micro_batch: int = workload.GROUP):
     from gft.plan import plan
     from gft.quant import read_config
-    cfg = gft_config(model, preset, lora_rank, prompt_len, new_tokens, dtype)
+    cfg = gft_config(model, preset, lora_rank, prompt_len, new_tokens, dtype, micro_batch)
     return plan(read_config(model), cfg, backend="mlx")
 
 
 def dry_run_command(model: Path, preset: str, lora_rank: int, prompt_len: int,
-                    new_tokens: int, dtype: str) -> str:
+                    new_tokens: int, dtype: str, micro_batch: int = workload.GROUP) -> str:
     """The `gft train --dry-run` that prints the same plan."""
     sets = {"preset": preset, "dtype": dtype, "lora_rank": lora_rank,
             "lora_alpha": LORA_ALPHA, "max_prompt_tokens": prompt_len,
             "max_response_tokens": new_tokens, "prompts_per_step": 1,
-            "micro_batch_size": workload.GROUP, "rollout_batch_size": workload.GROUP,
-            "eval_samples": 1}
+            "prompts_per_minibatch": 1, "micro_batch_size": micro_batch,
+            "rollout_batch_size": workload.GROUP, "eval_samples": 1}
     args = " ".join(f"--set {k}={v:g}" if isinstance(v, float) else f"--set {k}={v}"
                     for k, v in sets.items() if not (k == "lora_rank" and not v)
                     and not (k == "lora_alpha" and not lora_rank))
@@ -141,13 +146,14 @@ def plan_fields(key: str, model: Path, prompt_len: int, new_tokens: int) -> dict
     """The plan columns of a row: gft.plan for its config (see the docstring)."""
     _, job, variant, extra = ROWS[key]
     dtype, preset = VARIANT_DTYPE[variant], "gft" if job == "gft" else "grpo"
-    p = plan_of(model, preset, extra.get("lora_rank", 0), prompt_len, new_tokens, dtype)
+    mb = PLAN_MICRO_BATCH.get(key, workload.GROUP)
+    p = plan_of(model, preset, extra.get("lora_rank", 0), prompt_len, new_tokens, dtype, mb)
     return {"plan_peak": p.peak, "plan_resident": sum(i.nbytes for i in p.resident),
             "plan_update": sum(i.nbytes for i in p.update),
             "plan_rollout": sum(i.nbytes for i in p.rollout),
             "plan_items": {i.name: i.nbytes for i in p.items},
             "dry_run": dry_run_command(model, preset, extra.get("lora_rank", 0), prompt_len,
-                                       new_tokens, dtype)}
+                                       new_tokens, dtype, mb)}
 
 
 def replan(out: Path, cache: Path) -> Path:
@@ -209,7 +215,9 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
     for key, why in failed.items():
         lines.append(f"| {ROWS[key][0]} | not measured: {why} | | | | | | | | |")
     lines += ["", "The plan's items (`gft train --dry-run` prints these; the mlx-lm-lora row "
-              "shows gft's plan for the same model and LoRA under the `grpo` preset):", "",
+              "shows gft's plan for the same model and LoRA under the `grpo` preset with "
+              "micro_batch_size 1, because mlx-lm-lora 5.10.2's GRPO differentiates one "
+              "completion at a time, accumulating gradients):", "",
               "| row | held for the run | update | rollouts | peak |",
               "| --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -11,11 +11,13 @@ when bitsandbytes runs), it loads the backend, then measures
   emits EOS; the plan is for the full length).
 Measured: MLX's own allocator peak (mx.get_peak_memory, reset before each phase);
 torch.cuda.max_memory_allocated on CUDA; torch on CPU has no allocator statistics, so each
-phase runs in its own process and the measure is its peak resident memory (VmHWM) above
-the resident memory after a warm-up (torch, transformers and peft imported, a small
-forward/backward run) and before the model is loaded: it includes what the first
-operations of each kind initialise and glibc's slack, so it over-states the tensors. Printed beside the plan's peak for the same phase, with their ratio. Nothing is
-asserted: this is the measurement the plan's constants are checked against.
+phase runs in its own process, once unmeasured and then again, and the measure is the
+tensors the backend holds (counted from its parameters, buffers, quantization state,
+gradients and optimizer state) plus the resident set's growth during the second run,
+under a fixed glibc mmap threshold so that freed tensors leave the resident set (Meter).
+Every setting runs in processes of its own (apart). Printed beside the plan's peak for the
+same phase, with their ratio. Nothing is asserted: this is the measurement the plan's
+constants are checked against.
 """
 from __future__ import annotations
 

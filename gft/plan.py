@@ -27,8 +27,9 @@ benchmarks/plan_check.py):
   the tokens are B·L, or P + B·R when every micro-batch's rows share one prompt that the
   backend runs once (shares_prompt: one prompt per optimizer update);
   under gradient checkpointing, one h per layer plus one layer's worth;
-- the update's vocabulary tensors: three float32 [B·R, V] arrays (logits, softmax,
-  their gradient), [logits_chunk, V] when the backend computes them in chunks;
+- the update's vocabulary tensors: three float32 [logits_chunk, V] arrays (logits,
+  softmax, their gradient) when the backend computes them in chunks, four [B·R, V] when
+  it cannot (MLX over a quantized head: vocab_arrays, head_chunks);
 - MLX's KV cache (mlx-lm's BatchKVCache) grows in blocks of 256 positions, so it holds
   L rounded up to a multiple of 256; torch's grows by the token;
 - allocator slack, the framework's own workspace and Python are not counted.
@@ -239,13 +240,32 @@ def kv_cache_bytes(s: Shape, rows: int, length: int, elem: int) -> float:
 
 # ------------------------------------------------------------------ the plan
 
-def logit_positions(cfg, backend: str) -> int:
+def head_chunks(s: Shape, backend: str, mlx_q: dict[str, Any] | None) -> bool:
+    """Whether the update computes the head's logits in logits_chunk pieces. Both backends
+    chunk a plain float head (torch's QLoRA keeps lm_head and the embeddings in float);
+    MLX cannot chunk a quantized one (backends/mlx_head.head_weight: mlx-lm's quantized
+    embedding or lm_head), so there the whole micro-batch's logits are made at once."""
+    if backend != "mlx":
+        return True
+    return _bits(mlx_q, "model.embed_tokens" if s.tied else "lm_head") is None
+
+
+def logit_positions(cfg, backend: str, chunked: bool = True) -> int:
     """Scored positions whose [., V] logits the update holds at once: a micro-batch's
     responses (R per row), or at most logits_chunk of them (both backends chunk
-    llama/qwen2/qwen3-style heads)."""
+    llama/qwen2/qwen3-style float heads: head_chunks)."""
     positions = cfg.micro_batch_size * (cfg.max_response_tokens + 1)
-    chunk = getattr(cfg, "logits_chunk", 0)
+    chunk = getattr(cfg, "logits_chunk", 0) if chunked else 0
     return min(positions, chunk) if chunk else positions
+
+
+def vocab_arrays(chunked: bool) -> int:
+    """float32 [positions, V] arrays alive at the update's peak. Chunked (head_logprobs):
+    a chunk's logits, its softmax and their gradient, 3 (MLX measured 2.8 on a 1,032 x
+    8,192 case). Unchunked (MLX over a quantized head: target_logprobs + token_entropy on
+    the whole logits): the logits, their log-sum-exp'd probabilities for the entropy,
+    the log-softmax for the targets and the gradient, 4 (measured 4.0 on the same case)."""
+    return 3 if chunked else 4
 
 
 def rollout_rows(cfg) -> int:
@@ -293,13 +313,15 @@ def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: floa
                  Item("AdamW moments", 2 * n_train * t_elem, "lora_rank")]
     length = cfg.max_prompt_tokens + cfg.max_response_tokens
     rows = cfg.micro_batch_size
+    chunked = head_chunks(s, backend, mlx_q)
     update = [Item("activations of one micro-batch",
                    activation_bytes(s, rows, length, elem, cfg.gradient_checkpointing,
                                     attention_probs=backend == "mlx",
                                     tokens=update_tokens(cfg, backend, device)),
                    "micro_batch_size (or gradient_checkpointing: true)"),
-              Item("update logits/softmax", 3 * logit_positions(cfg, backend) * s.vocab * 4,
-                   "logits_chunk" if getattr(cfg, "logits_chunk", 0)
+              Item("update logits/softmax",
+                   vocab_arrays(chunked) * logit_positions(cfg, backend, chunked) * s.vocab * 4,
+                   "logits_chunk" if getattr(cfg, "logits_chunk", 0) and chunked
                    else "micro_batch_size or max_response_tokens")]
     r_rows = rollout_rows(cfg)
     graphs = getattr(cfg, "rollout_graphs", "off")

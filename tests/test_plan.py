@@ -175,3 +175,23 @@ def test_a_prompt_shared_by_every_micro_batch_runs_once(tmp_path):
     act = {c: {i.name: i.nbytes for i in plan(config(model), cfg, backend="mlx").update}
            ["activations of one micro-batch"] for c, cfg in (("one", one), ("two", two))}
     assert act["one"] == act["two"] * (64 + 8 * 128) / (8 * 192)
+
+
+def test_a_quantized_mlx_head_is_planned_unchunked(tmp_path):
+    """MLX computes a quantized head's logits for the whole micro-batch at once (it cannot
+    chunk mlx-lm's quantized embedding): four float32 [B·R, V] arrays, not three of
+    [logits_chunk, V]; a float head, or torch's QLoRA (float head), is chunked."""
+    pytest.importorskip("mlx_lm")
+    from gft.convert import convert
+    from gft.plan import head_chunks
+    base = write_tiny_model(tmp_path / "base", TinyModelSpec())
+    convert(base, tmp_path / "q4", quantize=4, group_size=32)
+    cfg = build_config({}, {"model": str(base), "data": "x", "micro_batch_size": 8,
+                            "max_response_tokens": 127, "logits_chunk": 256, "lora_rank": 8})
+
+    def logits(model, backend="mlx"):
+        return {i.name: i.nbytes for i in plan(config(model), cfg, backend=backend).update}[
+            "update logits/softmax"]
+    assert logits(base) == 3 * 256 * 259 * 4
+    assert logits(tmp_path / "q4") == 4 * 8 * 128 * 259 * 4
+    assert head_chunks(shape_of(config(tmp_path / "q4")), "torch", None)
