@@ -131,7 +131,9 @@ def dry_run_command(model: Path, preset: str, lora_rank: int, prompt_len: int,
     args = " ".join(f"--set {k}={v:g}" if isinstance(v, float) else f"--set {k}={v}"
                     for k, v in sets.items() if not (k == "lora_rank" and not v)
                     and not (k == "lora_alpha" and not lora_rank))
-    return f"gft train --dry-run --backend mlx --model {model} --data DATA {args}"
+    where = Path(model).resolve()
+    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+    return f"gft train --dry-run --backend mlx --model {where} --data DATA {args}"
 
 
 def median(steps: list[dict], key: str) -> float:
@@ -187,6 +189,19 @@ def summarize(key: str, res: dict, model: Path, new_tokens: int) -> dict:
             **plan_fields(key, model, prompt_len, new_tokens)}
 
 
+def busy_note(m: dict) -> list[str]:
+    """A line when other work shared the CPU (its times are then loose, not its memory)."""
+    try:
+        busiest = max(float(x) for x in f"{m['load_before']} {m['load_after']}".split())
+    except (ValueError, TypeError):
+        return []
+    if busiest <= 0.5 * (m.get("cores") or 1):
+        return []
+    return [f"- Other jobs shared the {m['cores']} cores during this run (load average up to "
+            f"{busiest:.1f}): the times compare loosely, the memory figures do not depend "
+            "on it."]
+
+
 def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
     """MAC.md: the table, the plans' items, the machine, versions and command."""
     lines = ["# Fine-tuning on a Mac's budget: SmolLM2-135M-Instruct on MLX", "",
@@ -232,7 +247,12 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
               "activations, KV cache), which is what a Mac's unified memory must hold and "
               "what the plan models.",
               "- The plan counts tensors only, for the longest sequences the config allows "
-              "(prompt + max new tokens on every row).", "",
+              "(prompt + max new tokens on every row). gft's rows run one micro-batch of 8 "
+              "sequences; mlx-lm-lora 5.10.2's GRPO differentiates one completion at a time "
+              "(`_grpo_microbatches`, as many per chunk as prompts per batch: 1), which is "
+              "what its lower peak buys with its time; gft does the same with "
+              "`micro_batch_size: 1`.",
+              *busy_note(meta["machine"]), "",
               f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB, {m['os']}, "
               f"Python {m['python']}; load average before {m['load_before']}, after "
               f"{m['load_after']}. {meta['openblas']}.",
