@@ -37,7 +37,6 @@ import os
 import shlex
 import statistics
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,7 +223,8 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = f"{r['plan_peak'] / r['mlx_peak']:.2f}" if r["mlx_peak"] else "—"
-        lines.append(f"| {r['label']} | {r['model']} | {r['dtype']} | {r['step_s']:.1f} | {r['rollout_s']:.1f}"
+        lines.append(f"| {r['label']} | {r['model']} | {r['dtype']} | {r['step_s']:.1f} | "
+                     f"{r['rollout_s']:.1f}"
                      f" | {r['update_s']:.1f} | {mib(r['peak_rss'])} ({mib(r['load_rss'])}) | "
                      f"{mib(r['mlx_peak'])} | {mib(r['plan_peak'])} | {ratio} |")
     for key, why in failed.items():
