@@ -11,11 +11,13 @@ when bitsandbytes runs), it loads the backend, then measures
   emits EOS; the plan is for the full length).
 Measured: MLX's own allocator peak (mx.get_peak_memory, reset before each phase);
 torch.cuda.max_memory_allocated on CUDA; torch on CPU has no allocator statistics, so each
-phase runs in its own process and the measure is its peak resident memory (VmHWM) above
-the resident memory after a warm-up (torch, transformers and peft imported, a small
-forward/backward run) and before the model is loaded: it includes what the first
-operations of each kind initialise and glibc's slack, so it over-states the tensors. Printed beside the plan's peak for the same phase, with their ratio. Nothing is
-asserted: this is the measurement the plan's constants are checked against.
+phase runs in its own process, once unmeasured and then again, and the measure is the
+tensors the backend holds (counted from its parameters, buffers, quantization state,
+gradients and optimizer state) plus the resident set's growth during the second run,
+under a fixed glibc mmap threshold so that freed tensors leave the resident set (Meter).
+Every setting runs in processes of its own (apart). Printed beside the plan's peak for the
+same phase, with their ratio. Nothing is asserted: this is the measurement the plan's
+constants are checked against.
 """
 from __future__ import annotations
 
@@ -57,22 +59,56 @@ def make_batch(rows: int, length: int, prompt: int, seed: int = 0) -> TokenBatch
                       n_tokens=float(mask.sum()), n_seqs=float(rows))
 
 
+def held_bytes(be) -> float:
+    """Bytes of the tensors a torch backend holds between phases, each storage once: the
+    model's parameters and buffers (with bitsandbytes' 4-bit quantization state: absmax,
+    code and the nested state of double quantization), their gradients, AdamW's state."""
+    import torch
+    storages: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and t.numel():
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+
+    def add_quant_state(qs) -> None:
+        if qs is None:
+            return
+        for name in ("absmax", "code", "offset"):
+            add(getattr(qs, name, None))
+        add_quant_state(getattr(qs, "state2", None))
+
+    for t in [*be.model.parameters(), *be.model.buffers()]:
+        add(t)
+        add(t.grad)
+        add_quant_state(getattr(t, "quant_state", None))
+    for state in be.optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return float(sum(storages.values()))
+
+
 class Meter:
-    """Peak bytes of one phase, by the backend's own measure."""
+    """Peak bytes of one phase, by the backend's own measure.
+
+    torch on CPU has no allocator statistics. The phase runs once unmeasured (its code is
+    paged in, its kernels and thread pools initialised, as in every later step of a run),
+    then again: the peak is the tensors held before it (held_bytes, exact) plus the growth
+    of the process's resident set during it (VmHWM, reset through /proc/self/clear_refs,
+    minus VmRSS at its start). apart() runs these processes with glibc's mmap threshold
+    fixed (MALLOC_MMAP_THRESHOLD_), so every tensor above 128 KiB is mapped when made and
+    unmapped when freed: the resident set then follows the live tensors instead of memory
+    glibc kept from the first run."""
 
     def __init__(self, backend: str):
         self.backend = backend
         self.cuda = False
         if backend == "torch":
-            import peft  # noqa: F401
             import torch
-            import transformers  # noqa: F401
             self.cuda = torch.cuda.is_available()
-            x = torch.randn(64, 64, requires_grad=True)
-            torch.nn.functional.softmax(x @ x, -1).sum().backward()
-        self.base = 0.0 if backend == "mlx" or self.cuda else _status("VmRSS")
+        self.held = self.rss0 = 0.0
 
-    def start(self) -> None:
+    def start(self, be=None) -> None:
         if self.backend == "mlx":
             import mlx.core as mx
             mx.clear_cache()
@@ -81,7 +117,9 @@ class Meter:
             import torch
             torch.cuda.reset_peak_memory_stats()
         else:
+            self.held = held_bytes(be)
             _rss_reset()
+            self.rss0 = _status("VmRSS")
 
     def peak(self) -> float:
         if self.backend == "mlx":
@@ -90,7 +128,7 @@ class Meter:
         if self.cuda:
             import torch
             return float(torch.cuda.max_memory_allocated())
-        return _status("VmHWM") - self.base
+        return self.held + _status("VmHWM") - self.rss0
 
 
 def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
@@ -98,23 +136,28 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
     from backends import SamplingConfig, load_backend
     from gft.lora import lora_from_train_config
     from gft.quant import read_config
-    meter = Meter(backend)  # before loading: torch on CPU counts from here
+    meter = Meter(backend)
     be = load_backend(backend, str(model), dtype=cfg.dtype, lora=lora_from_train_config(cfg),
                       load_in_4bit=cfg.load_in_4bit)
     out = {}
     if "update" in phases:  # the first step allocates the AdamW moments; measure the second
         be.train_step([make_batch(cfg.micro_batch_size, length, prompt, 1)], 1e-4, tau=0.1,
                       aggregation="token-mean")
-        meter.start()
+        meter.start(be)
         be.train_step([make_batch(cfg.micro_batch_size, length, prompt)], 1e-4, tau=0.1,
                       aggregation="token-mean")
         out["update"] = meter.peak()
     if "rollout" in phases:
-        meter.start()
         prompts = [list(range(3, 3 + prompt))] * rows
-        be.generate(prompts, SamplingConfig(max_new_tokens=length - prompt, batch_size=rows), 0)
+        sampling = SamplingConfig(max_new_tokens=length - prompt, batch_size=rows)
+        if backend == "torch" and not meter.cuda:  # see Meter: the measured run is the second
+            be.generate(prompts, sampling, 1)
+        meter.start(be)
+        be.generate(prompts, sampling, 0)
         out["rollout"] = meter.peak()
-    p = plan(read_config(model), cfg, backend=backend)
+    # the device as gft.run.memory_plan names it (torch shares a prompt on the CPU only)
+    device = "mlx" if backend == "mlx" else "torch cuda" if meter.cuda else "torch cpu"
+    p = plan(read_config(model), cfg, backend=backend, device=device)
     resident = sum(i.nbytes for i in p.resident)
     # a rollout-only process never made the update: no gradients or moments exist yet
     state = sum(i.nbytes for i in p.resident if i.name in ("gradients", "AdamW moments"))
@@ -124,15 +167,24 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
     return out
 
 
-def cpu_torch(name: str, argv: list[str]) -> dict:
-    """Each phase of a torch-on-CPU setting in a process of its own (see the docstring)."""
+def apart(name: str, argv: list[str], phases: tuple[str, ...]) -> dict:
+    """A setting measured in processes of its own: one per phase in `phases`, or one for
+    both phases when phases is ("update+rollout",). MLX's and CUDA's peaks are absolute (every
+    live array counts), so a setting measured after another in one process would count
+    whatever the earlier one left alive (a backend's arrays freed only by the garbage
+    collector's cycle pass: the 4-bit rollout once read 8 MiB high for it); torch on CPU
+    needs one process per phase (see the docstring)."""
     import subprocess
     import sys
     out = {}
-    for phase in ("update", "rollout"):
+    for phase in phases:
         done = subprocess.run([sys.executable, "-m", "benchmarks.plan_check", *argv,
                                "--only", name, "--phase", phase, "--emit"],
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True,
+                              env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines() or [f"exit {done.returncode}"]
+            raise RuntimeError(tail[-1])
         out.update(json.loads(done.stdout.strip().splitlines()[-1]))
     return out
 
@@ -162,7 +214,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=192)
     ap.add_argument("--only", nargs="*", help="settings to run (default: all)")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--phase", choices=["update", "rollout"], help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=["update", "rollout", "update+rollout"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--emit", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import sys
@@ -181,9 +234,11 @@ def main() -> None:
     cfg = build_config({}, {"model": str(base), "data": "unused", "max_prompt_tokens": args.prompt,
                             "max_response_tokens": args.length - args.prompt,
                             "micro_batch_size": args.micro_batch, "rollout_batch_size": args.rows,
-                            "prompts_per_step": args.rows, "prompts_per_minibatch": args.rows,
-                            "num_rollouts": 1,
-                            "eval_samples": args.rows, "check_memory": False})
+                            # what the rollout phase measures: ROWS rollouts of one prompt
+                            # (GRPO's group), no held-out evaluation
+                            "prompts_per_step": 1, "prompts_per_minibatch": 1,
+                            "num_rollouts": args.rows,
+                            "eval_samples": 0, "check_memory": False})
     results = {}
     print(f"model: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; update "
           f"{args.micro_batch} x {args.length} tokens, rollouts {args.rows} x {args.length}")
@@ -198,16 +253,16 @@ def main() -> None:
             if not model.exists():
                 convert(base, model, quantize=bits, group_size=64)
         try:
-            if args.emit:  # one phase, for cpu_torch
+            if args.emit:  # one setting (and phase), for apart()
+                phases = tuple(args.phase.split("+"))
                 r = measure(backend, model, replace(cfg, **over), args.rows, args.prompt,
-                            args.length, phases=(args.phase,))
-                print(json.dumps({k: v for k, v in r.items() if k in (args.phase, f"plan_{args.phase}")}))
+                            args.length, phases=phases)
+                keep = {*phases, *(f"plan_{p}" for p in phases)}
+                print(json.dumps({k: v for k, v in r.items() if k in keep}))
                 return
             import torch
-            if backend == "torch" and not torch.cuda.is_available():
-                r = cpu_torch(name, shape_args)
-            else:
-                r = measure(backend, model, replace(cfg, **over), args.rows, args.prompt, args.length)
+            cpu = backend == "torch" and not torch.cuda.is_available()
+            r = apart(name, shape_args, ("update", "rollout") if cpu else ("update+rollout",))
         except Exception as e:  # noqa: BLE001 - a setting that cannot run here is reported
             print(f"{name:<18}not measured: {str(e).splitlines()[0][:90]}")
             continue

@@ -130,7 +130,8 @@ def job_gft(a: dict) -> dict:
         "max_response_tokens": n_new(a), "prompts_per_step": 1, "prompts_per_minibatch": 1,
         "micro_batch_size": W.GROUP, "rollout_batch_size": W.GROUP, "rewards": [W.REWARD_SPEC],
         "learning_rate": W.LEARNING_RATE, "skip_zero_advantage": False, "progress": False,
-        "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0})
+        "max_prompt_tokens": 4096, "eval_samples": 1, "seed": 0,
+        "lora_rank": a.get("lora_rank", 0), "check_memory": False})
     backend = open_backend(cfg, cfg.model)
     if a.get("share_prefix") is False:  # the GPU's update path, on the CPU (--count-ops):
         backend._share_prefix = backend._pack = False  # padded rows, one forward
@@ -181,6 +182,8 @@ def job_gft(a: dict) -> dict:
                       "update_peak_rss": rec.get("update_peak_rss"), "loss": rec.get("loss"),
                       "ops": rec.get("ops")})
         _progress(a, i, wall)
+    # read before the matmul check below allocates anything
+    peaks = _mlx_peak() if backend.name == "mlx" else _accelerator_peak(a)
     info = {"backend": backend.name, "preset": a["preset"], "load_peak_rss": load_rss,
             "first_step_s": steps[0]["step_s"]}
     graphs = getattr(getattr(backend, "rollout_engine", None), "graphs", None)
@@ -190,7 +193,7 @@ def job_gft(a: dict) -> dict:
         info["blas_gflops"] = _mlx_blas_check()
     else:
         info["torch_gflops_after"] = _torch_matmul_rate(a)
-    return {"steps": steps, "info": info, **_accelerator_peak(a)}
+    return {"steps": steps, "info": info, **peaks}
 
 
 def _mlx_blas_check() -> float:
@@ -217,6 +220,13 @@ def _accelerator_peak(a: dict) -> dict:
         import torch
         return {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated())}
     return {}
+
+
+def _mlx_peak() -> dict:
+    """MLX's own allocator peak over the whole process (loading included): on a Mac the
+    figure that matters (unified memory, not RSS); on Linux it is beside peak RSS."""
+    import mlx.core as mx
+    return {"mlx_peak_bytes": int(mx.get_peak_memory())}
 
 
 def _progress(a: dict, i: int, wall: float) -> None:
@@ -332,7 +342,10 @@ def fixed_trl_batch(trainer, a: dict) -> dict:
 # --------------------------------------------------------------------------- mlx-lm-lora
 
 def job_mlx_lm_lora(a: dict) -> dict:
-    """mlx-lm-lora's train_grpo (full fine-tune, group 8, beta 0), called in-process."""
+    """mlx-lm-lora's train_grpo (group 8, beta 0), called in-process: a full fine-tune, or
+    with a["lora_rank"] LoRA adapters on gft's default targets (every attention and MLP
+    projection of every layer, scale alpha / rank = a["lora_scale"]) through mlx-lm's own
+    linear_to_lora_layers over the frozen (possibly quantized) model, as mlx-lm-lora does."""
     _quiet()
     import mlx.optimizers as optim
     from mlx_lm import load
@@ -340,8 +353,17 @@ def job_mlx_lm_lora(a: dict) -> dict:
     import mlx_lm_lora
     from mlx_lm_lora.trainer import grpo_trainer as G
     from mlx_lm_lora.trainer.datasets import GRPODataset
+    from mlx.utils import tree_flatten
 
     model, tokenizer = load(a["model"])
+    if a.get("lora_rank"):
+        from mlx_lm.tuner.utils import linear_to_lora_layers
+        model.freeze()
+        keys = [f"self_attn.{k}" for k in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+            f"mlp.{k}" for k in ("gate_proj", "up_proj", "down_proj")]
+        linear_to_lora_layers(model, len(model.layers), {
+            "rank": a["lora_rank"], "scale": a.get("lora_scale", 2.0), "dropout": 0.0,
+            "keys": keys})
     load_rss = peak_rss_bytes()
     n_steps = a["warmup"] + a["reps"]
     rec: dict = {}
@@ -389,9 +411,11 @@ def job_mlx_lm_lora(a: dict) -> dict:
                  optimizer=optim.AdamW(learning_rate=W.LEARNING_RATE, weight_decay=0.01),
                  train_dataset=data, val_dataset=None, reward_funcs=[W.bench_reward],
                  args=args, training_callback=Report(), end_answer_token="")
+    peaks = _mlx_peak()  # before the matmul check allocates anything
     info = {"mlx_lm_lora": getattr(mlx_lm_lora, "__version__", "?"), "load_peak_rss": load_rss,
-            "blas_gflops": _mlx_blas_check()}
-    return {"steps": steps, "info": info}
+            "blas_gflops": _mlx_blas_check(),
+            "trainable": sum(v.size for _, v in tree_flatten(model.trainable_parameters()))}
+    return {"steps": steps, "info": info, **peaks}
 
 
 # --------------------------------------------------------------------------- sampler

@@ -9,7 +9,9 @@ config.json and the TrainConfig alone (no weights read, no backend imported).
     update           activations one micro-batch keeps for its backward pass, plus the
                      logits / softmax over the vocabulary of its response tokens
     rollouts         the KV cache of one rollout batch, one layer's tensors while its
-                     prompts are prefilled, and its last-position logits
+                     distinct prompts are prefilled (both backends prefill a prompt once
+                     and copy its cache rows to its G rollouts), and its last-position
+                     logits
 Rollouts and the update never run at the same time, so only the larger counts.
 
 Shapes: B micro_batch_size, L = max_prompt_tokens + max_response_tokens (the longest
@@ -22,9 +24,14 @@ benchmarks/plan_check.py):
   architectures are planned as if they were such layers of the config's sizes;
 - saved activations per token per layer: 6h + 3·H·d + 3·KV·d + 4I values, plus the
   attention probabilities (H·L per token) that a non-fused attention backward keeps;
+  the tokens are B·L, or P + B·R when every micro-batch's rows share one prompt that the
+  backend runs once (shares_prompt: one prompt per optimizer update);
   under gradient checkpointing, one h per layer plus one layer's worth;
-- the update's vocabulary tensors: three float32 [B·R, V] arrays (logits, softmax,
-  their gradient), [logits_chunk, V] when the backend computes them in chunks;
+- the update's vocabulary tensors: three float32 [logits_chunk, V] arrays (logits,
+  softmax, their gradient) when the backend computes them in chunks, four [B·R, V] when
+  it cannot (MLX over a quantized head: vocab_arrays, head_chunks);
+- MLX's KV cache (mlx-lm's BatchKVCache) grows in blocks of 256 positions, so it holds
+  L rounded up to a multiple of 256; torch's grows by the token;
 - allocator slack, the framework's own workspace and Python are not counted.
 """
 from __future__ import annotations
@@ -174,16 +181,39 @@ def lora_params(s: Shape, rank: int, targets: list[str]) -> int:
 # ------------------------------------------------------------------ activations
 
 def activation_bytes(s: Shape, rows: int, length: int, elem: int, checkpointing: bool,
-                     attention_probs: bool = True) -> float:
+                     attention_probs: bool = True, tokens: int | None = None) -> float:
     """What one micro-batch's forward keeps for its backward pass. attention_probs: the
     attention's backward keeps its [H, L, L] probabilities (MLX's scaled_dot_product_attention
     gradient); torch's fused kernels (flash / memory-efficient, CPU flash) keep only
-    a log-sum-exp per row."""
+    a log-sum-exp per row. tokens: positions the forward runs (default rows x length;
+    fewer when the rows' shared prompt runs once, update_tokens)."""
     per_token = (6 * s.hidden + 3 * s.heads * s.head_dim + 3 * s.kv_heads * s.head_dim
                  + 4 * s.intermediate + (s.heads * length if attention_probs else 0))
+    tokens = rows * length if tokens is None else tokens
     if checkpointing:
-        return rows * length * (s.layers * s.hidden + per_token) * elem
-    return rows * length * s.layers * per_token * elem
+        return tokens * (s.layers * s.hidden + per_token) * elem
+    return tokens * s.layers * per_token * elem
+
+
+def shares_prompt(cfg, backend: str, device: str) -> bool:
+    """Whether every micro-batch's rows run their common prompt once. Both backends run
+    the prefix the rows of a micro-batch share once (MLX always, for llama-style heads;
+    torch on the CPU only: TorchBackend._share_prefix). Micro-batches are cut from an
+    optimizer update's rows sorted by length (gft.groups.micro_batches), so they hold one
+    prompt's group only when the update holds one prompt (prompts_per_minibatch: 1);
+    with more, a micro-batch may mix prompts and the plan takes that worst case."""
+    if cfg.prompts_per_minibatch != 1:
+        return False
+    return backend == "mlx" or (backend == "torch" and "cpu" in device)
+
+
+def update_tokens(cfg, backend: str, device: str) -> int:
+    """Positions one micro-batch's forward runs: B x L, or the prompt once plus B
+    responses when the rows share it (shares_prompt)."""
+    rows, prompt, response = cfg.micro_batch_size, cfg.max_prompt_tokens, cfg.max_response_tokens
+    if shares_prompt(cfg, backend, device):
+        return prompt + rows * response
+    return rows * (prompt + response)
 
 
 def prefill_bytes(s: Shape, rows: int, prompt: int, elem: int) -> float:
@@ -192,25 +222,72 @@ def prefill_bytes(s: Shape, rows: int, prompt: int, elem: int) -> float:
     return rows * prompt * (4 * s.hidden + 2 * s.heads * s.head_dim + 3 * s.intermediate) * elem
 
 
+MLX_KV_STEP = 256  # mlx-lm's KVCache / BatchKVCache.step: positions allocated at a time
+
+
+def kv_positions(length: int, backend: str) -> int:
+    """Positions the KV cache of a `length`-token sequence holds: mlx-lm allocates its
+    cache MLX_KV_STEP positions at a time (a 77-token rollout holds 256); torch's
+    DynamicCache concatenates one token at a time."""
+    if backend == "mlx":
+        return -(-length // MLX_KV_STEP) * MLX_KV_STEP
+    return length
+
+
 def kv_cache_bytes(s: Shape, rows: int, length: int, elem: int) -> float:
     return rows * length * s.layers * 2 * s.kv_heads * s.head_dim * elem
 
 
 # ------------------------------------------------------------------ the plan
 
-def logit_positions(cfg, backend: str) -> int:
+def head_chunks(s: Shape, backend: str, mlx_q: dict[str, Any] | None) -> bool:
+    """Whether the update computes the head's logits in logits_chunk pieces. Both backends
+    chunk a plain float head (torch's QLoRA keeps lm_head and the embeddings in float);
+    MLX cannot chunk a quantized one (backends/mlx_head.head_weight: mlx-lm's quantized
+    embedding or lm_head), so there the whole micro-batch's logits are made at once."""
+    if backend != "mlx":
+        return True
+    return _bits(mlx_q, "model.embed_tokens" if s.tied else "lm_head") is None
+
+
+def logit_positions(cfg, backend: str, chunked: bool = True) -> int:
     """Scored positions whose [., V] logits the update holds at once: a micro-batch's
     responses (R per row), or at most logits_chunk of them (both backends chunk
-    llama/qwen2/qwen3-style heads)."""
+    llama/qwen2/qwen3-style float heads: head_chunks)."""
     positions = cfg.micro_batch_size * (cfg.max_response_tokens + 1)
-    chunk = getattr(cfg, "logits_chunk", 0)
+    chunk = getattr(cfg, "logits_chunk", 0) if chunked else 0
     return min(positions, chunk) if chunk else positions
+
+
+def vocab_arrays(chunked: bool) -> int:
+    """float32 [positions, V] arrays alive at the update's peak. Chunked (head_logprobs):
+    a chunk's logits, its softmax and their gradient, 3 (MLX measured 2.8 on a 1,032 x
+    8,192 case). Unchunked (MLX over a quantized head: target_logprobs + token_entropy on
+    the whole logits): the logits, their log-sum-exp'd probabilities for the entropy,
+    the log-softmax for the targets and the gradient, 4 (measured 4.0 on the same case)."""
+    return 3 if chunked else 4
 
 
 def rollout_rows(cfg) -> int:
     """Sequences decoded together: a step's rollouts, or a held-out evaluation's prompts."""
     wanted = max(cfg.prompts_per_step * cfg.num_rollouts, cfg.eval_samples)
     return min(cfg.rollout_batch_size, wanted)
+
+
+def prefill_rows(cfg, static_cache: bool = False) -> int:
+    """Distinct prompts prefilled together. Both backends prefill each distinct prompt of a
+    generate call once and copy its KV rows to the rows that repeat it (gft.groups.
+    shared_prompts), so a batch of a step's rollouts prefills rollout_batch_size /
+    num_rollouts prompts (one more when a group straddles two batches); a held-out
+    evaluation (eval_samples > 0) decodes one row per prompt. static_cache: torch's
+    compiled decode (rollout_graphs on CUDA) has one cache slot per row and prefills
+    every row."""
+    rows = min(cfg.rollout_batch_size, cfg.prompts_per_step * cfg.num_rollouts)
+    if static_cache:
+        return rollout_rows(cfg)
+    n = max(cfg.num_rollouts, 1)
+    train = min(cfg.prompts_per_step, -(-rows // n) + (1 if rows % n else 0)) if rows else 0
+    return max(train, min(cfg.rollout_batch_size, cfg.eval_samples))
 
 
 def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: float | None = None,
@@ -236,18 +313,24 @@ def plan(config: dict[str, Any], cfg, *, backend: str = "torch", available: floa
                  Item("AdamW moments", 2 * n_train * t_elem, "lora_rank")]
     length = cfg.max_prompt_tokens + cfg.max_response_tokens
     rows = cfg.micro_batch_size
+    chunked = head_chunks(s, backend, mlx_q)
     update = [Item("activations of one micro-batch",
                    activation_bytes(s, rows, length, elem, cfg.gradient_checkpointing,
-                                    attention_probs=backend == "mlx"),
+                                    attention_probs=backend == "mlx",
+                                    tokens=update_tokens(cfg, backend, device)),
                    "micro_batch_size (or gradient_checkpointing: true)"),
-              Item("update logits/softmax", 3 * logit_positions(cfg, backend) * s.vocab * 4,
-                   "logits_chunk" if getattr(cfg, "logits_chunk", 0)
+              Item("update logits/softmax",
+                   vocab_arrays(chunked) * logit_positions(cfg, backend, chunked) * s.vocab * 4,
+                   "logits_chunk" if getattr(cfg, "logits_chunk", 0) and chunked
                    else "micro_batch_size or max_response_tokens")]
     r_rows = rollout_rows(cfg)
-    rollout = [Item("KV cache of a rollout batch", kv_cache_bytes(s, r_rows, length, elem),
+    graphs = getattr(cfg, "rollout_graphs", "off")
+    static = backend == "torch" and (graphs == "on" or (graphs == "auto" and "cuda" in device))
+    rollout = [Item("KV cache of a rollout batch",
+                    kv_cache_bytes(s, r_rows, kv_positions(length, backend), elem),
                     "rollout_batch_size"),
-               Item("prefill of a rollout batch", prefill_bytes(s, r_rows, cfg.max_prompt_tokens,
-                                                                elem),
+               Item("prefill of a rollout batch", prefill_bytes(s, prefill_rows(cfg, static),
+                                                                cfg.max_prompt_tokens, elem),
                     "rollout_batch_size or max_prompt_tokens"),
                Item("rollout logits", 2 * r_rows * s.vocab * 4, "rollout_batch_size")]
     return MemoryPlan(tuple(resident), tuple(update), tuple(rollout), available, device)

@@ -116,3 +116,82 @@ def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tmp_path):
     # a real run is refused the same way, before loading; check_memory: false skips that
     result = CliRunner().invoke(main, [*common, "-o", str(tmp_path / "run"), *huge])
     assert result.exit_code == 2 and "largest item is activations" in result.output
+
+
+def test_rollouts_prefill_each_distinct_prompt_once(tmp_path):
+    """Both backends prefill a prompt once and copy its KV rows to its G rollouts
+    (gft.groups.shared_prompts): 16 rollouts of one prompt prefill one row; a held-out
+    evaluation decodes one row per prompt, so it prefills every row."""
+    from gft.plan import prefill_rows
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    grpo = build_config({}, {"model": str(model), "data": "x", "prompts_per_step": 1,
+                             "prompts_per_minibatch": 1, "num_rollouts": 16,
+                             "rollout_batch_size": 16, "eval_samples": 0})
+    assert prefill_rows(grpo) == 1
+    # 4 prompts x 4 rollouts in batches of 6 rows: a batch holds parts of up to 3 prompts
+    assert prefill_rows(replace(grpo, prompts_per_step=4, num_rollouts=4,
+                                rollout_batch_size=6)) == 3
+    assert prefill_rows(replace(grpo, eval_samples=10)) == 10  # evaluation: 10 prompts
+    assert prefill_rows(grpo, static_cache=True) == 16  # torch's CUDA graphs: every row
+    items = {i.name: i.nbytes for i in plan(config(model), grpo).rollout}
+    many = {i.name: i.nbytes for i in plan(config(model), replace(
+        grpo, prompts_per_step=16, num_rollouts=1)).rollout}
+    assert many["prefill of a rollout batch"] == 16 * items["prefill of a rollout batch"]
+    assert many["KV cache of a rollout batch"] == items["KV cache of a rollout batch"]
+    cuda = {i.name: i.nbytes for i in plan(config(model), grpo, device="torch cuda:0 H200"
+                                           ).rollout}
+    assert cuda["prefill of a rollout batch"] == many["prefill of a rollout batch"]
+
+
+def test_mlx_kv_cache_holds_whole_256_position_blocks(tmp_path):
+    """mlx-lm's KV cache grows 256 positions at a time: a 77-token sequence holds 256
+    positions on MLX, 77 on torch; 257 tokens hold 512."""
+    from gft.plan import kv_positions
+    assert (kv_positions(77, "mlx"), kv_positions(77, "torch")) == (256, 77)
+    assert (kv_positions(256, "mlx"), kv_positions(257, "mlx")) == (256, 512)
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    cfg = build_config({}, {"model": str(model), "data": "x", "max_prompt_tokens": 45,
+                            "max_response_tokens": 32})
+    kv = {b: {i.name: i.nbytes for i in plan(config(model), cfg, backend=b).rollout}
+          ["KV cache of a rollout batch"] for b in ("mlx", "torch")}
+    assert kv["mlx"] == kv["torch"] * 256 / 77
+
+
+def test_a_prompt_shared_by_every_micro_batch_runs_once(tmp_path):
+    """With one prompt per optimizer update, every micro-batch holds rows of that prompt's
+    group, and the backends run the prompt once (MLX; torch on the CPU): the update's
+    activations are for P + B·R positions instead of B·(P + R). With more prompts per update,
+    micro-batches sorted by length may mix prompts: the plan keeps B·(P + R)."""
+    from gft.plan import update_tokens
+    model = write_tiny_model(tmp_path / "m", TinyModelSpec())
+    one = build_config({}, {"model": str(model), "data": "x", "prompts_per_step": 1,
+                            "prompts_per_minibatch": 1, "micro_batch_size": 8,
+                            "max_prompt_tokens": 64, "max_response_tokens": 128})
+    assert update_tokens(one, "mlx", "mlx cpu") == 64 + 8 * 128
+    assert update_tokens(one, "torch", "torch cpu (host memory)") == 64 + 8 * 128
+    assert update_tokens(one, "torch", "torch cuda:0 H200") == 8 * 192  # no sharing there
+    two = replace(one, prompts_per_step=2, prompts_per_minibatch=2)
+    assert update_tokens(two, "mlx", "mlx cpu") == 8 * 192
+    act = {c: {i.name: i.nbytes for i in plan(config(model), cfg, backend="mlx").update}
+           ["activations of one micro-batch"] for c, cfg in (("one", one), ("two", two))}
+    assert act["one"] == act["two"] * (64 + 8 * 128) / (8 * 192)
+
+
+def test_a_quantized_mlx_head_is_planned_unchunked(tmp_path):
+    """MLX computes a quantized head's logits for the whole micro-batch at once (it cannot
+    chunk mlx-lm's quantized embedding): four float32 [B·R, V] arrays, not three of
+    [logits_chunk, V]; a float head, or torch's QLoRA (float head), is chunked."""
+    pytest.importorskip("mlx_lm")
+    from gft.convert import convert
+    from gft.plan import head_chunks
+    base = write_tiny_model(tmp_path / "base", TinyModelSpec())
+    convert(base, tmp_path / "q4", quantize=4, group_size=32)
+    cfg = build_config({}, {"model": str(base), "data": "x", "micro_batch_size": 8,
+                            "max_response_tokens": 127, "logits_chunk": 256, "lora_rank": 8})
+
+    def logits(model, backend="mlx"):
+        return {i.name: i.nbytes for i in plan(config(model), cfg, backend=backend).update}[
+            "update logits/softmax"]
+    assert logits(base) == 3 * 256 * 259 * 4
+    assert logits(tmp_path / "q4") == 4 * 8 * 128 * 259 * 4
+    assert head_chunks(shape_of(config(tmp_path / "q4")), "torch", None)
