@@ -221,10 +221,11 @@ class TorchBackend:
         # forward's context and would repeat them, a different layout
         self._gqa_sdpa = not any(getattr(m, "gradient_checkpointing", False)
                                  for m in inner.modules())
-        # Chunked head: one process only (DDP's reducer and FSDP2's hooks are set up by
-        # the wrapper's forward, which the decoder-then-head split would go around)
+        # Chunked head: one process, or DDP with the decoder run through its wrapper
+        # (_decoder); not FSDP2, whose lm_head weight is a sharded DTensor outside the
+        # root's forward (its hooks gather it only for the wrapped model's own forward)
         self.logits_chunk = logits_chunk
-        self._split = separate_head(model) if strategy is None and logits_chunk > 0 \
+        self._split = separate_head(model) if strategy in (None, "ddp") and logits_chunk > 0 \
             and self._keeps_logits else None
         self._cache_kw = cache_keyword(model.get_base_model()
                                        if hasattr(model, "get_base_model") else model)
@@ -306,9 +307,16 @@ class TorchBackend:
         """The training forward's output at positions `keep` (None: all): logits through
         the (possibly DDP/FSDP-wrapped) model, or the decoder's last hidden states."""
         if hidden:
-            return self._split[0](**kw).last_hidden_state[:, keep]
+            return self._decoder(**kw)[:, keep]
         keep_kw = {} if keep is None else {"logits_to_keep": keep}
         return self.train_module(**kw, **keep_kw).logits
+
+    def _decoder(self, **kw) -> torch.Tensor:
+        """The decoder's last hidden states for the chunked head; under DDP through its
+        wrapper (torch_parallel.DecoderOrModel), so that the backward all-reduces."""
+        if self.strategy == "ddp":
+            return self.train_module(decoder=True, **kw)
+        return self._split[0](**kw).last_hidden_state
 
     def _packed_scores(self, batch: TokenBatch, shared: int, start: int,
                        hidden: bool) -> torch.Tensor:
@@ -327,7 +335,7 @@ class TorchBackend:
         gqa = grouped_query_sdpa() if self._gqa_sdpa else contextlib.nullcontext()
         with self._compute_dtype(), gqa:
             if hidden:
-                return self._split[0](**kw).last_hidden_state[0, p.keep]
+                return self._decoder(**kw)[0, p.keep]
             logits = self.train_module(**kw, logits_to_keep=p.keep.reshape(-1)).logits
         return logits.view(*p.keep.shape, logits.shape[-1])
 

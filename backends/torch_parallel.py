@@ -3,7 +3,9 @@
 over the ranks. Started by torchrun; the process group is set up in gft/distributed.py.
 
 - DDP: every rank holds the whole model; gradients are averaged in backward (all-reduce),
-  only on the last micro-batch of an update (`no_sync` before it).
+  only on the last micro-batch of an update (`no_sync` before it). The chunked head works
+  through it (DecoderOrModel); FSDP2 keeps whole logits (lm_head's weight is a sharded
+  DTensor outside the root's forward).
 - FSDP2: each decoder layer and the root are `fully_shard`ed; parameters are DTensors,
   all-gathered per layer in forward/backward and reduce-scattered after it. Rollouts run
   inside `full_weights`: every layer is gathered once and kept until the rollout ends,
@@ -30,7 +32,7 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device,
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        return DDP(DecoderOrModel(model), device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     kw = {}
     if mixed_precision:
@@ -42,6 +44,27 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device,
             fully_shard(module, **kw)
     fully_shard(model, **kw)
     return model
+
+
+class DecoderOrModel(torch.nn.Module):
+    """What DDP wraps: the causal LM, whose forward is the model's own, or with
+    `decoder=True` the decoder's alone -> its last hidden states, which the chunked head
+    (backends/torch_head.py) takes through lm_head `logits_chunk` positions at a time
+    after the forward. So every update forward still goes through DDP (it arms its
+    reducer there), and lm_head's gradient, made in the same backward outside that
+    forward, is all-reduced all the same: DDP's hooks sit on the parameters, wherever
+    they are used."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, decoder: bool = False, **kw):
+        if not decoder:
+            return self.model(*args, **kw)
+        inner = self.model.get_base_model() if hasattr(self.model, "get_base_model") \
+            else self.model
+        return inner.get_decoder()(*args, **kw).last_hidden_state
 
 
 def _fsdp_modules(model: torch.nn.Module) -> list:

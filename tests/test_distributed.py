@@ -156,11 +156,16 @@ def one_process(setup):
     return tmp / "one"
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp-chunk5"])
 def test_two_processes_train_to_the_weights_of_one(setup, one_process, parallel):
+    """ddp-chunk5: DDP with the update's head in chunks of 5 positions (many per
+    micro-batch; DDP runs the decoder through its wrapper and lm_head after it)."""
     tmp, model, data = setup
     run = tmp / f"two-{parallel}"
-    out = _gft(_args(model, data, run, 3), nproc=2, extra=["--set", f"parallel={parallel}"])
+    parallel, _, chunk = parallel.partition("-chunk")
+    extra = ["--set", f"parallel={parallel}"] + (["--set", f"logits_chunk={chunk}"] if chunk
+                                                 else [])
+    out = _gft(_args(model, data, run, 3), nproc=2, extra=extra)
     assert f"processes: 2 ({parallel})" in out.stdout
     base, init = _weights(one_process), load_file(str(model / "model.safetensors"))
     assert _close(base, init) > 1e-3  # training moved the weights
