@@ -29,10 +29,14 @@ TARGETS = {  # issue 5's "what it must show", as (description, limit)
     "update_vs_trl": ("gft torch `grpo` update time / TRL's (issue 19)", "≤ 1.0"),
     "ops_vs_trl": ("aten operators dispatched by one gft torch `grpo` update / TRL's "
                    "(issue 19, --count-ops)", "≤ 1.0"),
+    # issue 19's mixed-length workload (--section mixed): micro_batch_tokens against
+    # micro-batches of 8 sequences, made only when both rows' losses agree (same update)
+    "mixed_tok_s": ("gft `gft` update tok/s, micro_batch_tokens / by sequence count, at "
+                    "equal loss (issue 19, mixed lengths)", "≥ 1.3"),
 }
 
 TIMED = {"step_vs_trl", "step_bf16roll_vs_trl", "update_vs_trl", "update_vs_matmul",
-         "rollout_vs_bw", "mlx_vs_lora"}
+         "rollout_vs_bw", "mlx_vs_lora", "mixed_tok_s"}
 """The targets that compare times (left out of a --count-ops run's table)."""
 
 
@@ -147,7 +151,28 @@ def ratios(rows: dict[str, dict], fixed_batch: bool = False) -> dict[str, float]
             out["rollout_vs_bw"] = rows[g]["summary"]["rollout_frac"]
     if ok(m) and ok(l):
         out["mlx_vs_lora"] = rows[m]["summary"]["step_s"] / rows[l]["summary"]["step_s"]
+    a, b = "gft-torch-mixed:gft", "gft-torch-mixed-tokens:gft"
+    if ok(a) and ok(b) and same_loss(rows[a]["summary"].get("loss"),
+                                     rows[b]["summary"].get("loss")):
+        out["mixed_tok_s"] = rows[b]["summary"]["update_tok_s"] / rows[a]["summary"][
+            "update_tok_s"]
     return out
+
+
+def same_loss(a: float | None, b: float | None, rel: float = 1e-4) -> bool:
+    """Two rows' losses of the last measured step agree (float32 rounding apart)."""
+    return _number(a) and _number(b) and abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def loss_line(rows: dict[str, dict]) -> list[str]:
+    """--fixed-batch: every gft row trained on the same tokens, so their losses must agree;
+    the line shows it (TRL's logged loss is another aggregation: left out)."""
+    got = [(k, r["summary"]["loss"]) for k, r in rows.items() if k.startswith("gft-torch")
+           and "summary" in r and _number(r["summary"].get("loss"))]
+    if len(got) < 2:
+        return []
+    return ["Loss of the last measured step (the same fixed tokens for every gft row): "
+            + ", ".join(f"{k} {v:.10g}" for k, v in got) + ".", ""]
 
 
 def _number(x: float | None) -> bool:
@@ -256,6 +281,8 @@ def render_run(run: dict) -> str:
             lines.append(f"| {desc} | {v:.2f} | {limit} | {_meets(v, limit)} |")
         lines.append("")
     lines += ops_lines(run["rows"])
+    if run.get("fixed_batch"):
+        lines += loss_line(run["rows"])
     if run.get("sampler"):
         sm = run["sampler"]
         hf, ours = _med(sm["times"]["hf_generate"]), _med(sm["times"]["torch_sampler"])
