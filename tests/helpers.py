@@ -78,3 +78,16 @@ class CountingCompiler:
     def __call__(self, gm, example_inputs):
         self.graphs += 1
         return gm.forward
+
+
+def assert_same_update(got, want, rtol: float = 1e-4) -> None:
+    """Two backends' (stats, gradients) of the same update, float32: loss, entropy and token
+    count equal, and every gradient nonzero and equal within rtol (atol 1e-6)."""
+    import pytest
+    (s1, g1), (s0, g0) = got, want
+    assert s1["loss"] == pytest.approx(s0["loss"], rel=1e-5, abs=1e-7)
+    assert s1["entropy"] == pytest.approx(s0["entropy"], rel=1e-5)
+    assert s1["tokens"] == s0["tokens"]
+    for name in g0:
+        assert np.abs(g0[name]).max() > 0, name
+        np.testing.assert_allclose(g1[name], g0[name], rtol=rtol, atol=1e-6, err_msg=name)
