@@ -163,3 +163,23 @@ def test_the_sweep_chooses_each_methods_rate_on_the_validation_split(tmp_path):
         assert spec["values"]["learning_rate"] == spec["lr"]
         assert spec["values"]["max_policy_tokens"] == setup.budget_tokens
     assert rep.lr_list("1e-5, 3e-5,1e-4") == (1e-5, 3e-5, 1e-4)
+
+
+def test_a_claim_holds_only_where_the_seeds_separate_the_methods():
+    """'held' when every seed's run is on the claimed side; higher means whose seeds
+    overlap are 'held on the means only'; lower means 'did not hold'."""
+    from benchmarks.replication_lib.report import accuracy_claims
+
+    def runs(*accs):
+        return [{"test/accuracy": a} for a in accs]
+    groups = {"sft": runs(0.50, 0.55, 0.60), "dft": runs(0.40, 0.45, 0.50),
+              "grpo": runs(0.30, 0.31, 0.32), "sft>grpo": runs(0.60, 0.62, 0.64),
+              "sft>gft>grpo": runs(0.70, 0.71, 0.72)}
+    claims = accuracy_claims({**groups, "gft": runs(0.61, 0.62, 0.63)}, "test")
+    assert claims[0].startswith("**GFT beats SFT and DFT** (greedy pass@1): held (")
+    assert "did not hold (grpo 0.310 vs sft>grpo 0.620" in claims[1]
+    assert "**SFT→GFT→GRPO is best**: held (" in claims[2]
+    claims = accuracy_claims({**groups, "gft": runs(0.45, 0.60, 0.75)}, "test")
+    assert "held on the means only (within the spread over seeds)" in claims[0]
+    claims = accuracy_claims({**groups, "gft": runs(0.30, 0.35, 0.40)}, "test")
+    assert ": did not hold (gft 0.350 vs sft 0.550" in claims[0]

@@ -114,13 +114,27 @@ def sweep_table(sweep: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> st
 
 def _vs(groups, a: str, b: str, key: str) -> tuple[bool, str]:
     """Is a's mean above b's; and a phrase with the numbers and whether seeds separate them."""
+    higher, _, text = _versus(groups, a, b, key)
+    return higher, text
+
+
+def _versus(groups, a: str, b: str, key: str) -> tuple[bool, bool, str]:
+    """(a's mean above b's, every seed's run on the same side — min of one above the max of
+    the other — and a phrase with the numbers saying which)."""
     sa, sb = _stat(groups[a], key), _stat(groups[b], key)
     higher = sa[0] > sb[0]
     apart = sa[2] > sb[3] if higher else sb[2] > sa[3]
     n = min(len(groups[a]), len(groups[b]))
     spread = ("" if n < 2 else " — every seed agrees" if apart else
               " — within the spread over seeds")
-    return higher, f"{a} {sa[0]:.3f} vs {b} {sb[0]:.3f}{spread}"
+    return higher, apart or n < 2, f"{a} {sa[0]:.3f} vs {b} {sb[0]:.3f}{spread}"
+
+
+def _verdict(holds: bool, apart: bool) -> str:
+    """'held' only where the seeds separate the two; on the means alone, said so."""
+    if not holds:
+        return "did not hold"
+    return "held" if apart else "held on the means only (within the spread over seeds)"
 
 
 NEED = {"sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo"}
@@ -133,17 +147,19 @@ def accuracy_claims(groups: dict[str, list[dict[str, Any]]], split: str) -> list
         return ["(not every method ran or was evaluated on this split: no verdicts)"]
     out = []
     acc = f"{split}/accuracy"
-    (g_s, t_s), (g_d, t_d) = _vs(groups, "gft", "sft", acc), _vs(groups, "gft", "dft", acc)
-    verdict = "held" if g_s and g_d else "partly held" if g_s or g_d else "did not hold"
+    (g_s, a_s, t_s) = _versus(groups, "gft", "sft", acc)
+    (g_d, a_d, t_d) = _versus(groups, "gft", "dft", acc)
+    verdict = _verdict(True, a_s and a_d) if g_s and g_d else \
+        "partly held" if g_s or g_d else "did not hold"
     out.append(f"**GFT beats SFT and DFT** (greedy pass@1): {verdict} ({t_s}; {t_d}).")
-    below, t_p = _vs(groups, "grpo", "sft>grpo", acc)
-    out.append(f"**SFT→GRPO underperforms GRPO alone**: {'held' if below else 'did not hold'} "
-               f"({t_p}).")
+    below, a_p, t_p = _versus(groups, "grpo", "sft>grpo", acc)
+    out.append(f"**SFT→GRPO underperforms GRPO alone**: {_verdict(below, a_p)} ({t_p}).")
     means = {m: _stat(rs, acc)[0] for m, rs in groups.items()}
     best = max(means, key=means.get)
     ranking = ", ".join(f"{m} {v:.3f}" for m, v in sorted(means.items(), key=lambda x: -x[1]))
-    _, t_b = _vs(groups, "sft>gft>grpo", "sft>grpo", acc)
-    verdict = "held" if best == "sft>gft>grpo" else "did not hold"
+    runner_up = max((m for m in means if m != "sft>gft>grpo"), key=means.get)
+    _, a_b, t_b = _versus(groups, "sft>gft>grpo", runner_up, acc)
+    verdict = _verdict(best == "sft>gft>grpo", a_b)
     out.append(f"**SFT→GFT→GRPO is best**: {verdict} "
                f"(greedy pass@1 by method: {ranking}; {t_b}).")
     return out
