@@ -183,3 +183,12 @@ def test_a_claim_holds_only_where_the_seeds_separate_the_methods():
     assert "held on the means only (within the spread over seeds)" in claims[0]
     claims = accuracy_claims({**groups, "gft": runs(0.30, 0.35, 0.40)}, "test")
     assert ": did not hold (gft 0.350 vs sft 0.550" in claims[0]
+
+
+def test_what_to_pick_names_the_best_method_and_its_ties():
+    from benchmarks.replication_lib.report import pick_lines
+    runs = lambda *a: [{"test/accuracy": x} for x in a]  # noqa: E731
+    lines = pick_lines({"sft": runs(0.80, 0.85, 0.90), "gft": runs(0.70, 0.84, 0.86),
+                        "grpo": runs(0.10, 0.20, 0.30)})
+    assert lines == ["in distribution (new phrasings of trained facts): **sft** (0.850); "
+                     "not separated from it by the seeds: gft."]

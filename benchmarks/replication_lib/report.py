@@ -165,6 +165,28 @@ def accuracy_claims(groups: dict[str, list[dict[str, Any]]], split: str) -> list
     return out
 
 
+SPLIT_WORDS = {"test": "in distribution (new phrasings of trained facts)",
+               "test_big": "on larger numbers than training had",
+               "test_chain": "on chained operations training never chains"}
+
+
+def pick_lines(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Which method to pick per split, in plain words: the best greedy pass@1, and every
+    method the seeds do not separate from it (a tie at this scale)."""
+    out = []
+    for split in EVAL_SPLITS:
+        acc = f"{split}/accuracy"
+        means = {m: st[0] for m, rs in groups.items() if (st := _stat(rs, acc)) is not None}
+        if not means:
+            continue
+        best = max(means, key=means.get)
+        tied = [m for m in means if m != best and not _versus(groups, best, m, acc)[1]]
+        tie = (f"; not separated from it by the seeds: {', '.join(tied)}" if tied
+               else "; every other method is below it in every seed")
+        out.append(f"{SPLIT_WORDS.get(split, split)}: **{best}** ({means[best]:.3f}){tie}.")
+    return out
+
+
 def signal_claims(groups: dict[str, list[dict[str, Any]]], base: dict[str, Any]) -> list[str]:
     """The paper's entropy and gradient claims, from the test split and the training logs."""
     if not {"sft", "gft"} <= set(groups):
@@ -310,6 +332,9 @@ def condition_lines(setup: Setup, condition: str, groups: dict[str, list[dict[st
              "#### The paper's claims, checked", ""]
     for split in EVAL_SPLITS:
         lines += [f"On `{split}`:", ""] + [f"- {c}" for c in accuracy_claims(groups, split)] + [""]
+    lines += [f"#### What to pick, trained on {what}", "",
+              "The method with the best greedy pass@1 on each split, at this budget and "
+              "scale:", ""] + [f"- {c}" for c in pick_lines(groups)] + [""]
     if condition == "clean":
         lines += ["Training signals:", ""] + [f"- {c}" for c in signal_claims(groups, base)]
         efficiency = sample_efficiency(groups, pps)
