@@ -7,7 +7,7 @@
 What one command does, every step cached in --out so a rerun only does what is missing:
   1. task   the bundled arithmetic word problems (gft/tasks/arith.py) at a harder setting
             than the default job (operands 0..19, + and -), with its splits: test (in
-            distribution), test_big and test_chain (out of distribution), valid (for the
+            distribution), test_big, test_chain and test_reword (out of distribution), valid (for the
             sweep), and two training conditions: clean and flawed expert demonstrations;
   2. base   the model (tiny: gft.tiny's ~90k-parameter byte-level Llama, random init) is
             first trained briefly with SFT on a separate warm-up split, so it starts with

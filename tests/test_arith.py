@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from gft.errors import ConfigError
-from gft.tasks.arith import (PROMPT_SUFFIX, SPLITS, TEST_SPLITS, ArithTaskConfig, big_problems,
-                             chain_problems, default_task_dir, generate_split, split_problems,
-                             train_order, write_task)
+from gft.tasks.arith import (PROMPT_SUFFIX, SPLITS, TEST_SPLITS, ArithTaskConfig, all_facts,
+                             big_problems, chain_problems, default_task_dir, generate_split,
+                             reword_problems, split_problems, train_order, write_task)
 
 # The bounds the default job is sized for (a byte-level model pays per character).
 MAX_PROMPT_CHARS = 60
@@ -103,6 +103,16 @@ def test_no_test_split_holds_a_training_problem(cfg):
     numbers = lambda prompt: len(re.findall(r"\d+", prompt))  # noqa: E731
     assert all(numbers(r["prompt"]) == 3 for r in rows["test_chain"])
     assert all(numbers(r["prompt"]) == 2 for r in rows["train"])
+    # test_reword: facts training teaches, in wording and with nouns no training prompt has
+    reword = reword_problems(cfg)
+    assert len(reword) == min(cfg.n_ood, len(all_facts(cfg)))
+    assert {(a, op, b) for a, op, b, _ in reword} <= train_facts
+    skeleton = lambda prompt: re.sub(r"\d+|[A-Z][a-z]+ |\b[a-z]+s\b", "#", prompt)  # noqa: E731
+    assert not {skeleton(r["prompt"]) for r in rows["train"]} & {skeleton(r["prompt"]) for r in rows["test_reword"]}
+    train_words = {w for r in rows["train"] for w in re.findall(r"[A-Za-z]+", r["prompt"])}
+    for row in rows["test_reword"]:
+        new = set(re.findall(r"[A-Za-z]+", row["prompt"])) - train_words
+        assert new, row  # every question has wording training never showed
 
 
 @pytest.mark.parametrize("split", TEST_SPLITS)
@@ -149,7 +159,7 @@ def test_prompt_and_response_lengths_stay_bounded():
                     assert len(response) <= MAX_RESPONSE_CHARS, response
                     assert response.startswith(" ") and response.isascii()
                 assert 0 <= int(row["answer"])
-        for split in ("test_big", "test_chain"):
+        for split in ("test_big", "test_chain", "test_reword"):
             for row in generate_split(cfg, split):
                 assert len(row["prompt"]) <= OOD_PROMPT_CHARS and row["prompt"].isascii(), row
                 assert all(len(r) <= OOD_RESPONSE_CHARS for r in row["completions"]), row

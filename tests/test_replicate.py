@@ -14,7 +14,7 @@ from gft.checkpoint import latest_checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "replicate.py"
 METHODS = ("sft", "dft", "grpo", "gft", "sft>grpo", "sft>gft>grpo")
-SPLITS = ("test", "test_big", "test_chain")
+SPLITS = ("test", "test_big", "test_chain", "test_reword")
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_report_has_the_tables_per_split_and_the_claims(replicated):
     for claim in ("GFT beats SFT and DFT", "keeps policy entropy", "gradient spikes",
                   "SFT→GRPO underperforms", "SFT→GFT→GRPO is best"):
         assert claim in text
-    for name in ("test_big", "test_chain", "train_flawed"):
+    for name in ("test_big", "test_chain", "test_reword", "train_flawed"):
         assert f"`{name}`" in text  # what each split measures is stated
     assert "python benchmarks/replicate.py --tiny-test" in text  # the exact command
 

@@ -167,7 +167,8 @@ def accuracy_claims(groups: dict[str, list[dict[str, Any]]], split: str) -> list
 
 SPLIT_WORDS = {"test": "in distribution (new phrasings of trained facts)",
                "test_big": "on larger numbers than training had",
-               "test_chain": "on chained operations training never chains"}
+               "test_chain": "on chained operations training never chains",
+               "test_reword": "on trained facts asked in wording training never used"}
 
 
 def pick_lines(groups: dict[str, list[dict[str, Any]]]) -> list[str]:

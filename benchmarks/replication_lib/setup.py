@@ -34,7 +34,7 @@ PRESETS = ("sft", "dft", "grpo", "gft")
 
 # Conditions: which training split a run fine-tunes on (gft reads <data>/train.jsonl).
 CONDITIONS = {"clean": "train", "flawed": "train_flawed"}
-EVAL_SPLITS = ("test", "test_big", "test_chain")  # reported; "valid" chooses learning rates
+EVAL_SPLITS = ("test", "test_big", "test_chain", "test_reword")  # reported; "valid" chooses learning rates
 
 
 @dataclass

@@ -48,7 +48,7 @@ per worker; default cores / jobs).
 
 {splits}
 
-   Every run is evaluated on `test`, `test_big` and `test_chain`; `valid` only chooses
+   Every run is evaluated on `test`, `test_big`, `test_chain` and `test_reword`; `valid` only chooses
    learning rates. Two training conditions: **clean** (train.jsonl) and **flawed**
    (train_flawed: the expert demonstration is wrong with probability 0.3, the rest
    identical), the latter asking whether a method that scores its demonstrations (GFT)

@@ -2,7 +2,8 @@
 
 Each task maps a name to a function `(cache_root) -> Path` that writes (once) and returns
 an mlx-lm style data directory: train.jsonl, valid.jsonl, test.jsonl, and for arith also
-the generalisation splits test_big.jsonl, test_chain.jsonl and train_flawed.jsonl
+the generalisation splits test_big.jsonl, test_chain.jsonl, test_reword.jsonl and
+train_flawed.jsonl
 (gft/tasks/arith.py says what each measures; `gft eval --split test_big` reads one).
 """
 from __future__ import annotations

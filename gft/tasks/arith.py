@@ -27,6 +27,9 @@ robustness to bad demonstrations (SPLITS below says what each one measures):
                 problem has; the same phrasings;
   test_chain    out of distribution: three operands and two operations ("What is 7 plus 5
                 minus 3?"), while every training problem has two operands and one;
+  test_reword   out of distribution, mildly: facts training teaches, asked in sentences and
+                with names and nouns no training problem uses ("Ivy had 6 kites, then got 4
+                more. Total?"): whether a method learned the question or its surface;
   train_flawed  training data whose expert demonstration is wrong (off by one, in the
                 equation and the box alike) with probability `expert_error_rate`, otherwise
                 the same rows as train.jsonl; train on it (gft reads train.jsonl: copy it
@@ -45,7 +48,7 @@ from pathlib import Path
 
 from gft.errors import ConfigError
 
-GENERATOR_VERSION = 2  # bump when templates or sampling change: invalidates cached task dirs
+GENERATOR_VERSION = 3  # bump when templates or sampling change: invalidates cached task dirs
 PROMPT_SUFFIX = "\nA:"  # where the question ends and the answer begins
 
 # Every split the generator writes, and what a model's accuracy on it measures.
@@ -58,12 +61,15 @@ SPLITS = {
                 "2*max_operand+1, never in training: carrying the procedure to new numbers",
     "test_chain": "out of distribution, composition: three operands and two operations "
                   "(+/- only), while training has one: chaining steps training never chains",
+    "test_reword": "out of distribution, mildly: facts training teaches, asked in sentence "
+                   "forms and with names and nouns no training problem uses: whether the "
+                   "method learned the question or the surface it was shown",
     "train_flawed": "training rows as in train, but each expert demonstration is wrong "
                     "(off by one) with probability expert_error_rate: robustness to "
                     "imperfect demonstrations (evaluate on the test splits)",
 }
 SPLIT_FILES = {name: f"{name}.jsonl" for name in SPLITS}
-TEST_SPLITS = ("test", "test_big", "test_chain")
+TEST_SPLITS = ("test", "test_big", "test_chain", "test_reword")
 
 NAMES = ("Tom", "Ann", "Sam", "Mia", "Ben", "Eva", "Max", "Zoe")
 ITEMS = ("apples", "pens", "cats", "eggs", "cards", "books")
@@ -80,6 +86,20 @@ TEMPLATES = {
           "There are {a} rows of {b} {item}. How many in all?",
           "What is {a} times {b}?"),
 }
+# test_reword's phrasings, names and nouns: none occurs in any training prompt. Each keeps
+# one operation word training does use ("more", "plus", "away", "minus"), so the question
+# is answerable by a model that reads for it, not only by one that matched the template.
+REWORD_TEMPLATES = {
+    "+": ("{name} had {a} {item}, then got {b} more. Total?",
+          "{a} plus {b} gives what?"),
+    "-": ("{name} had {a} {item}, then {b} ran away. How many stay?",
+          "{a} minus {b} gives what?"),
+    "*": ("{name} packed {a} boxes of {b} {item}. Total?",
+          "{a} times {b} gives what?"),
+}
+REWORD_NAMES = ("Leo", "Ivy", "Kai", "Ada")
+REWORD_ITEMS = ("kites", "cups", "hats", "shells")
+
 APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -99,7 +119,7 @@ class ArithTaskConfig:
     teacher_error_rate: float = field(default=0.25, metadata={
         "help": "Probability that each teacher answer is wrong (off by one)."})
     n_ood: int = field(default=100, metadata={
-        "help": "Rows in each out-of-distribution test split (test_big, test_chain)."})
+        "help": "Rows in each out-of-distribution test split (test_big, test_chain, test_reword)."})
     expert_error_rate: float = field(default=0.3, metadata={
         "help": "train_flawed only: probability that a row's expert demonstration is wrong."})
 
@@ -202,6 +222,9 @@ def generate_split(cfg: ArithTaskConfig, split: str) -> list[dict]:
     if split == "test_chain":
         rng = random.Random(f"arith/{cfg.seed}/test_chain")
         return [chain_row(p, rng) for p in chain_problems(cfg)]
+    if split == "test_reword":
+        rng = random.Random(f"arith/{cfg.seed}/test_reword")
+        return [reword_row(p, cfg, rng) for p in reword_problems(cfg)]
     rng = random.Random(f"arith/{cfg.seed}/{split}")
     return [make_row(p, cfg, rng) for p in split_problems(cfg)[split]]
 
@@ -241,6 +264,25 @@ def big_problems(cfg: ArithTaskConfig) -> list[Problem]:
     rng = random.Random(f"arith/{cfg.seed}/test_big/split")
     rng.shuffle(facts)
     return [(a, op, b, rng.randrange(len(TEMPLATES[op]))) for a, op, b in facts[:cfg.n_ood]]
+
+
+def reword_problems(cfg: ArithTaskConfig) -> list[Problem]:
+    """Up to n_ood distinct facts from the training range, each with a test_reword template
+    (the index is into REWORD_TEMPLATES, not TEMPLATES)."""
+    validate_config(cfg)
+    facts = all_facts(cfg)
+    rng = random.Random(f"arith/{cfg.seed}/test_reword/split")
+    rng.shuffle(facts)
+    return [(a, op, b, rng.randrange(len(REWORD_TEMPLATES[op]))) for a, op, b in facts[:cfg.n_ood]]
+
+
+def reword_row(problem: Problem, cfg: ArithTaskConfig, rng: random.Random) -> dict:
+    """A test_reword row: new wording, new names and nouns; the same demonstration styles."""
+    a, op, b, t = problem
+    c = APPLY[op](a, b)
+    prompt = REWORD_TEMPLATES[op][t].format(a=a, b=b, name=rng.choice(REWORD_NAMES),
+                                            item=rng.choice(REWORD_ITEMS))
+    return {"prompt": prompt + PROMPT_SUFFIX, "answer": str(c), "completions": [expert_solution(a, op, b, c)]}
 
 
 # Two-operation questions for test_chain, read left to right (so no '*': no precedence trap).
