@@ -222,11 +222,15 @@ class TorchBackend:
         self._gqa_sdpa = not any(getattr(m, "gradient_checkpointing", False)
                                  for m in inner.modules())
         # Chunked head: one process, or DDP with the decoder run through its wrapper
-        # (_decoder); not FSDP2, whose lm_head weight is a sharded DTensor outside the
-        # root's forward (its hooks gather it only for the wrapped model's own forward)
+        # (_decoder); under FSDP2 inside a second forward of the sharded root
+        # (torch_parallel.add_head_method: lm_head's weight is whole only in there)
         self.logits_chunk = logits_chunk
-        self._split = separate_head(model) if strategy in (None, "ddp") and logits_chunk > 0 \
-            and self._keeps_logits else None
+        split = separate_head(model) if logits_chunk > 0 and self._keeps_logits else None
+        self._split = split if strategy in (None, "ddp") else None
+        self._fsdp_head = strategy == "fsdp" and split is not None
+        if self._fsdp_head:
+            from backends.torch_parallel import add_head_method
+            add_head_method(model, *split)
         self._cache_kw = cache_keyword(model.get_base_model()
                                        if hasattr(model, "get_base_model") else model)
         self.train_module = train_module if train_module is not None else model
@@ -397,20 +401,40 @@ class TorchBackend:
 
     def _micro_batch_loss(self, mb: TokenBatch, tau: float, aggregate):
         """(GFT loss, per-position entropy, response mask) over the scored positions."""
-        chunked = self._split is not None and self._keeps_logits
-        ids, scores, start = self._forward(mb, trim=True, hidden=chunked)
+        start, logp, entropy = self._update_logprobs(mb)
         mask = torch.from_numpy(mb.response_mask[:, start + 1:]).to(self.device, torch.float32)
         adv = torch.from_numpy(mb.advantages).to(self.device, torch.float32)
-        targets = ids[:, start + 1:]
-        if chunked:  # at most logits_chunk positions' logits at a time
-            with self._compute_dtype():
-                logp, entropy = head_logprobs(scores, self._split[1].weight, targets,
-                                              self.logits_chunk)
-        else:
-            logp, entropy = logprobs_and_entropy(scores, targets)
         loss = gft_token_loss(TORCH_OPS, logp, mask, adv, tau=tau, aggregation=aggregate,
                               n_tokens=mb.n_tokens, n_seqs=mb.n_seqs)
         return loss, entropy, mask
+
+    def _update_logprobs(self, mb: TokenBatch) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(start, log p [B, T] with gradient, entropy [B, T]) of the tokens start+1..L-1,
+        through whichever head this backend runs: chunked (at most logits_chunk positions'
+        logits at a time) in one process, under DDP or under FSDP2, else whole logits."""
+        if self._fsdp_head:
+            ids, start = torch.from_numpy(mb.input_ids).to(self.device), scored_from(mb)
+            return (start, *self._fsdp_head_logprobs(ids, mb.attention, start))
+        chunked = self._split is not None and self._keeps_logits
+        ids, scores, start = self._forward(mb, trim=True, hidden=chunked)
+        targets = ids[:, start + 1:]
+        if chunked:
+            with self._compute_dtype():
+                return (start, *head_logprobs(scores, self._split[1].weight, targets,
+                                              self.logits_chunk))
+        return (start, *logprobs_and_entropy(scores, targets))
+
+    def _fsdp_head_logprobs(self, ids: torch.Tensor, attention: np.ndarray,
+                            start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FSDP2: (log p, entropy) of tokens start+1..L-1, [B, L-1-start], from the decoder
+        and the chunked head in one forward of the sharded root (add_head_method)."""
+        from backends.torch_parallel import HEAD_METHOD
+        att = torch.from_numpy(attention).to(self.device)
+        keep = torch.arange(start, ids.shape[1] - 1, device=self.device)
+        with self._compute_dtype():
+            return getattr(self.model, HEAD_METHOD)(ids[:, start + 1:], keep, self.logits_chunk,
+                                                    input_ids=ids, attention_mask=att,
+                                                    use_cache=False)
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
@@ -443,12 +467,14 @@ class TorchBackend:
         return {**stats, "grad_norm": grad_norm, "skipped": float(skipped)}
 
     @torch.no_grad()
-    @torch.no_grad()
     def token_logprobs(self, batch: TokenBatch) -> np.ndarray:
         """log p of each next token [B, L-1]; with the head apart (`_split`), through it
         `logits_chunk` positions at a time, as the update does: evaluating long responses
         over a big vocabulary holds one chunk's logits, not B x L x V."""
         self.model.eval()
+        if self._fsdp_head:
+            ids = torch.from_numpy(batch.input_ids).to(self.device)
+            return self._fsdp_head_logprobs(ids, batch.attention, 0)[0].float().cpu().numpy()
         if self._split is None:
             ids, logits, _ = self._forward(batch)
             return target_logprobs(logits, ids).cpu().numpy()

@@ -4,8 +4,10 @@ over the ranks. Started by torchrun; the process group is set up in gft/distribu
 
 - DDP: every rank holds the whole model; gradients are averaged in backward (all-reduce),
   only on the last micro-batch of an update (`no_sync` before it). The chunked head works
-  through it (DecoderOrModel); FSDP2 keeps whole logits (lm_head's weight is a sharded
-  DTensor outside the root's forward).
+  through it (DecoderOrModel).
+- FSDP2 runs the chunked head too, inside a forward of the sharded root (add_head_method):
+  lm_head's weight is a sharded DTensor outside the root's forward and the whole tensor
+  only inside it.
 - FSDP2: each decoder layer and the root are `fully_shard`ed; parameters are DTensors,
   all-gathered per layer in forward/backward and reduce-scattered after it. Rollouts run
   inside `full_weights`: every layer is gathered once and kept until the rollout ends,
@@ -147,3 +149,30 @@ def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (collective for FSDP2's DTensors)."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
 
+
+
+HEAD_METHOD = "gft_head_logprobs"
+
+
+def add_head_method(model: torch.nn.Module, decoder: torch.nn.Module,
+                    head: torch.nn.Linear) -> None:
+    """FSDP2: give the sharded root `model` a second forward, HEAD_METHOD(targets, keep,
+    chunk, **decoder_kwargs) -> (log p, entropy) [B, T], that runs the decoder and then the
+    chunked head (backends/torch_head.head_logprobs) over the hidden states at positions
+    `keep`. Registered with FSDP2 (register_fsdp_forward_method), so its pre-forward gathers
+    the root's parameters (embeddings, final norm, lm_head) and its post-forward arms the
+    backward like the model's own forward: lm_head's weight is read while it is whole, and
+    its gradient, made by the head's backward, is reduce-scattered as usual. The update then
+    holds one chunk x V of logits under FSDP2 as in one process."""
+    import types
+
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    from backends.torch_head import head_logprobs
+
+    def head_forward(self, targets, keep, chunk, **kw):
+        hidden = decoder(**kw).last_hidden_state[:, keep]
+        return head_logprobs(hidden, head.weight, targets, chunk)  # the whole weight, here
+
+    setattr(model, HEAD_METHOD, types.MethodType(head_forward, model))
+    register_fsdp_forward_method(model, HEAD_METHOD)

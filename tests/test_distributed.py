@@ -156,10 +156,12 @@ def one_process(setup):
     return tmp / "one"
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp-chunk5"])
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp", "ddp-chunk5", "fsdp-chunk5"])
 def test_two_processes_train_to_the_weights_of_one(setup, one_process, parallel):
     """ddp-chunk5: DDP with the update's head in chunks of 5 positions (many per
-    micro-batch; DDP runs the decoder through its wrapper and lm_head after it)."""
+    micro-batch; DDP runs the decoder through its wrapper and lm_head after it).
+    fsdp-chunk5: the same under FSDP2, the head inside a second forward of the sharded
+    root (torch_parallel.add_head_method)."""
     tmp, model, data = setup
     run = tmp / f"two-{parallel}"
     parallel, _, chunk = parallel.partition("-chunk")
