@@ -383,7 +383,10 @@ class TorchBackend:
         aggregate = AGGREGATIONS[aggregation]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, ent_sum, n_tok = 0.0, 0.0, 0.0
+        # summed on the device and read once at the end: a float() per micro-batch would
+        # make the host wait for the GPU before it could queue the next micro-batch's work
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS: no float64
+        sums = torch.zeros(3, dtype=wide, device=self.device)  # loss, entropy sum, tokens
         last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
             # DDP all-reduces in backward: only once per update, on the last micro-batch
@@ -394,9 +397,8 @@ class TorchBackend:
                 # DDP / FSDP2 average over ranks; each rank's loss already uses the
                 # global denominators, so scaling by world makes the average a sum
                 (loss * self.world if self.world > 1 else loss).backward()
-            loss_sum += float(loss.detach())
-            ent_sum += float((entropy * mask).sum())
-            n_tok += float(mask.sum())
+            sums += torch.stack([loss.detach(), (entropy * mask).sum(), mask.sum()]).to(sums)
+        loss_sum, ent_sum, n_tok = sums.tolist()
         return {"loss": loss_sum, "entropy": ent_sum / max(n_tok, 1.0), "tokens": n_tok}
 
     def _micro_batch_loss(self, mb: TokenBatch, tau: float, aggregate):
