@@ -192,3 +192,22 @@ def test_what_to_pick_names_the_best_method_and_its_ties():
                         "grpo": runs(0.10, 0.20, 0.30)})
     assert lines == ["in distribution (new phrasings of trained facts): **sft** (0.850); "
                      "not separated from it by the seeds: gft."]
+
+
+def test_flaw_cost_pairs_the_seeds_and_names_the_least_and_most_hurt():
+    from benchmarks.replication_lib.report import flaw_cost_lines
+
+    def runs(method, accs):
+        return [{"method": method, "seed": s, "test/accuracy": a} for s, a in enumerate(accs)]
+    clean = {"sft": runs("sft", [0.9, 0.8]), "gft": runs("gft", [0.5, 0.4]),
+             "grpo": runs("grpo", [0.4, 0.3])}
+    flawed = {"sft": runs("sft", [0.7, 0.7]), "gft": runs("gft", [0.5, 0.3]),
+              "grpo": runs("grpo", [0.4, 0.3])}
+    text = "\n".join(flaw_cost_lines({"clean": clean, "flawed": flawed}))
+    # sft: per-seed drops 0.2 and 0.1 -> mean 0.15, sample sd 0.0707
+    assert "| sft | 0.850 ± 0.071 | 0.700 | +0.150 ± 0.071 |" in text  # no spread: no ±
+    # gft: drops 0.0 and 0.1 -> 0.05; grpo reads no demonstrations and is left out of the pick
+    assert "| gft | 0.450 ± 0.071 | 0.400 ± 0.141 | +0.050 ± 0.071 |" in text
+    assert "least hurt by the flawed ones: **gft** (+0.050); most: **sft** (+0.150)" in text
+    assert "Best on `test` after training on them: **sft** (0.700)" in text
+    assert flaw_cost_lines({"clean": clean}) == []  # one condition: nothing to compare

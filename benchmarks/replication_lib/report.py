@@ -246,6 +246,45 @@ def sample_efficiency(groups: dict[str, list[dict[str, Any]]], pps: int) -> str 
             f"evaluation after as many, {sp:,.0f} prompts, {s_:.3f}).")
 
 
+def flaw_cost_lines(conditions: dict[str, dict[str, list[dict[str, Any]]]],
+                    split: str = "test") -> list[str]:
+    """What flawed demonstrations cost each method on `split`: greedy pass@1 trained on
+    clean minus trained on flawed data, paired by seed (the same seed sees the same prompts
+    in the same order in both conditions, so the pair differs only in the flaw)."""
+    clean, flawed = conditions.get("clean"), conditions.get("flawed")
+    if not clean or not flawed:
+        return []
+    key, rows, drops = f"{split}/accuracy", [], {}
+    for m in (m for m in METHODS if m in clean and m in flawed):
+        a = {r["seed"]: r.get(key) for r in clean[m]}
+        b = {r["seed"]: r.get(key) for r in flawed[m]}
+        d = np.array([a[s] - b[s] for s in sorted(a.keys() & b.keys())
+                      if a[s] is not None and b[s] is not None], dtype=float)
+        if not d.size:
+            continue
+        drops[m] = (float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else 0.0)
+        rows.append(f"| {m} | {_fmt(_stat(clean[m], key))} | {_fmt(_stat(flawed[m], key))} | "
+                    f"{drops[m][0]:+.3f} ± {drops[m][1]:.3f} |")
+    if not rows:
+        return []
+    readers = [m for m in drops if m != "grpo"] or list(drops)  # grpo: K = 0, nothing to read
+    least = min(readers, key=lambda m: drops[m][0])
+    most = max(readers, key=lambda m: drops[m][0])
+    after = {m: st[0] for m, rs in flawed.items() if (st := _stat(rs, key)) is not None}
+    top = max(after, key=after.get)
+    return ["### What flawed demonstrations cost", "",
+            f"Greedy pass@1 on `{split}` trained on correct and on flawed expert "
+            "demonstrations, and the loss (clean − flawed, mean ± standard deviation of the "
+            "per-seed differences; each seed sees the same prompts in both conditions).", "",
+            "| method | clean | flawed | clean − flawed |", "| --- | --- | --- | --- |", *rows, "",
+            "Of the methods that read demonstrations, least hurt by the flawed ones: "
+            f"**{least}** ({drops[least][0]:+.3f}); "
+            f"most: **{most}** ({drops[most][0]:+.3f}). Best on `{split}` after training on "
+            f"them: **{top}** ({after[top]:.3f}). GRPO reads no demonstrations (K = 0), so its "
+            "two conditions are the same runs; GFT scores its demonstrations with the reward, "
+            "SFT and DFT imitate them as they are.", ""]
+
+
 def machine() -> dict[str, str]:
     import importlib.metadata as md
     cpu = platform.processor() or platform.machine()
@@ -387,9 +426,12 @@ def write_report(*, report: Path, out: Path, setup: Setup, key: str, model: str,
     for condition, groups in conditions.items():
         lines += condition_lines(setup, condition, groups, base, seeds)
         figures += make_figures(groups, figdir, setup.budget_tokens, condition)
+    lines += flaw_cost_lines(conditions)
     if sweep:
         lines += ["### Learning-rate sweep", "",
-                  "Greedy pass@1 on `valid` of each rate (first seed); the chosen rate in bold.",
+                  "Greedy pass@1 on `valid` of each rate (first seed); the chosen rate in bold "
+                  "(a tie on accuracy goes to the higher validation reward, then to the lower "
+                  "rate).",
                   "", sweep_table(sweep, results), ""]
     lines += figure_lines(figures, report.parent)
     lines += machine_lines(jobs, threads, walls,

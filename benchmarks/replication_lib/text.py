@@ -19,7 +19,7 @@ by that command; from "Results" on, every number is its measurement.
 
 ```bash
 OMP_NUM_THREADS=2 python benchmarks/replicate.py                 # the default: tiny model, 3 seeds, both conditions
-python benchmarks/replicate.py --lr-sweep 1e-4,3e-4,1e-3         # the same rate sweep for every method, chosen on valid
+python benchmarks/replicate.py --lr-sweep 3e-5,1e-4,3e-4,1e-3   # the same rate sweep for every method, chosen on valid
 python benchmarks/replicate.py --seeds 0 --budget-tokens 500000  # a quicker look (overwrites this file)
 python benchmarks/replicate.py --model smollm2                   # SmolLM2-135M-Instruct (CPU: 1 seed, 20k tokens/run)
 python benchmarks/replicate.py --model smollm2 --seeds 0 1 2 --budget-tokens 1000000   # on a GPU
