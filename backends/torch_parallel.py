@@ -5,13 +5,12 @@ over the ranks. Started by torchrun; the process group is set up in gft/distribu
 - DDP: every rank holds the whole model; gradients are averaged in backward (all-reduce),
   only on the last micro-batch of an update (`no_sync` before it). The chunked head works
   through it (DecoderOrModel).
-- FSDP2 runs the chunked head too, inside a forward of the sharded root (add_head_method):
-  lm_head's weight is a sharded DTensor outside the root's forward and the whole tensor
-  only inside it.
 - FSDP2: each decoder layer and the root are `fully_shard`ed; parameters are DTensors,
   all-gathered per layer in forward/backward and reduce-scattered after it. Rollouts run
   inside `full_weights`: every layer is gathered once and kept until the rollout ends,
   so ranks may run different numbers of decode steps without waiting for each other.
+  The chunked head runs inside a second forward of the sharded root (add_head_method):
+  lm_head's weight is a sharded DTensor outside the root's forward, whole only inside it.
 - Checkpoints hold full tensors gathered with torch.distributed.checkpoint's state-dict
   APIs (`get_model_state_dict` / `get_optimizer_state_dict`, full_state_dict +
   cpu_offload): rank 0 writes the same HF-layout directory and optimizer file as a
@@ -35,7 +34,12 @@ def wrap(model: torch.nn.Module, strategy: str, device: torch.device,
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
         return DDP(DecoderOrModel(model), device_ids=ids)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # FSDP2's public API (and register_fsdp_forward_method): torch 2.6
+        from gft.errors import ConfigError
+        raise ConfigError(f"parallel: fsdp needs torch >= 2.6 (FSDP2's fully_shard); this is "
+                          f"torch {torch.__version__}: upgrade it or use parallel: ddp") from None
     kw = {}
     if mixed_precision:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
@@ -148,7 +152,6 @@ def local_value(x) -> float:
 def full_tensor(p: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value (collective for FSDP2's DTensors)."""
     return p.full_tensor() if hasattr(p, "full_tensor") else p
-
 
 
 HEAD_METHOD = "gft_head_logprobs"
