@@ -21,6 +21,7 @@ from gft.backend import OptimConfig, SamplingConfig
 from backends.host_memory import keep_freed_memory
 from backends.torch_head import (HEAD_AFTER_BODY, head_logprobs, logprobs_and_entropy,
                                  target_logprobs)
+from backends.torch_parallel import HEAD_METHOD
 from backends.torch_pack import (PACKABLE_ATTENTION, attention_pair_cost, grouped_query_sdpa,
                                  pack, packing_pays)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
@@ -415,9 +416,9 @@ class TorchBackend:
         through whichever head this backend runs: chunked (at most logits_chunk positions'
         logits at a time) in one process, under DDP or under FSDP2, else whole logits."""
         if self._fsdp_head:
-            ids, start = torch.from_numpy(mb.input_ids).to(self.device), scored_from(mb)
-            return (start, *self._fsdp_head_logprobs(ids, mb.attention, start))
-        chunked = self._split is not None and self._keeps_logits
+            start = scored_from(mb)
+            return (start, *self._decoder_head_logprobs(mb, start))
+        chunked = self._split is not None and self._keeps_logits  # tests turn the latter off
         ids, scores, start = self._forward(mb, trim=True, hidden=chunked)
         targets = ids[:, start + 1:]
         if chunked:
@@ -426,17 +427,20 @@ class TorchBackend:
                                               self.logits_chunk))
         return (start, *logprobs_and_entropy(scores, targets))
 
-    def _fsdp_head_logprobs(self, ids: torch.Tensor, attention: np.ndarray,
-                            start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """FSDP2: (log p, entropy) of tokens start+1..L-1, [B, L-1-start], from the decoder
-        and the chunked head in one forward of the sharded root (add_head_method)."""
-        from backends.torch_parallel import HEAD_METHOD
-        att = torch.from_numpy(attention).to(self.device)
-        keep = torch.arange(start, ids.shape[1] - 1, device=self.device)
+    def _decoder_head_logprobs(self, batch: TokenBatch,
+                               start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p, entropy) [B, L-1-start] of tokens start+1..L-1 from one plain decoder
+        forward and the chunked head: under FSDP2 both inside one forward of the sharded
+        root (torch_parallel.add_head_method), else the decoder and lm_head of `_split`."""
+        ids = torch.from_numpy(batch.input_ids).to(self.device)
+        kw = {"input_ids": ids, "attention_mask": torch.from_numpy(batch.attention).to(self.device),
+              "use_cache": False}
+        keep, targets = slice(start, ids.shape[1] - 1), ids[:, start + 1:]
         with self._compute_dtype():
-            return getattr(self.model, HEAD_METHOD)(ids[:, start + 1:], keep, self.logits_chunk,
-                                                    input_ids=ids, attention_mask=att,
-                                                    use_cache=False)
+            if self._fsdp_head:
+                return getattr(self.model, HEAD_METHOD)(targets, keep, self.logits_chunk, **kw)
+            hidden = self._split[0](**kw).last_hidden_state[:, keep]
+            return head_logprobs(hidden, self._split[1].weight, targets, self.logits_chunk)
 
     def gradients(self) -> dict[str, np.ndarray]:
         """The accumulated gradients, float32 NumPy, by parameter name (for tests)."""
@@ -474,20 +478,10 @@ class TorchBackend:
         `logits_chunk` positions at a time, as the update does: evaluating long responses
         over a big vocabulary holds one chunk's logits, not B x L x V."""
         self.model.eval()
-        if self._fsdp_head:
-            ids = torch.from_numpy(batch.input_ids).to(self.device)
-            return self._fsdp_head_logprobs(ids, batch.attention, 0)[0].float().cpu().numpy()
-        if self._split is None:
+        if self._split is None and not self._fsdp_head:
             ids, logits, _ = self._forward(batch)
             return target_logprobs(logits, ids).cpu().numpy()
-        ids = torch.from_numpy(batch.input_ids).to(self.device)
-        att = torch.from_numpy(batch.attention).to(self.device)
-        with self._compute_dtype():
-            hidden = self._split[0](input_ids=ids, attention_mask=att,
-                                    use_cache=False).last_hidden_state
-            logp, _ = head_logprobs(hidden[:, :-1], self._split[1].weight, ids[:, 1:],
-                                    self.logits_chunk)
-        return logp.float().cpu().numpy()
+        return self._decoder_head_logprobs(batch, 0)[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------ state
     def save_model(self, path: Path) -> None:

@@ -83,13 +83,14 @@ def summarize(result: dict, shape: ModelShape, floor: dict, dtype_bytes: int,
     upd = [sum(s["seq_lengths"]) for s in steps]
     # every row of a step samples the same prompt (benchmarks/workload.py): one prefill,
     # and the update needs that prompt's forward/backward once
-    r_floor = [rollout_floor_s(shape, s["prompt_len"], s["completion_lengths"], rate, bw,
-                               dtype_bytes, distinct_prompts=1) for s in steps]
+    # fixed_batch: no rollout to floor (told, not guessed from the time: a tiny model's
+    # rollout of 4 tokens can take under 10 ms)
+    r_floor = [] if fixed_batch else [
+        rollout_floor_s(shape, s["prompt_len"], s["completion_lengths"], rate, bw, dtype_bytes,
+                        distinct_prompts=1) for s in steps]
     u_floor = [update_floor_s(shape, s["seq_lengths"], rate, shared_prompt=s["prompt_len"])
                for s in steps]
     step_s = [s["step_s"] for s in steps]
-    if fixed_batch:  # told, not guessed from the time: a tiny model's rollout of 4
-        r_floor = []  # tokens can take under 10 ms
     return {
         "n": len(steps),
         "step_s": _med(step_s), "step_min": min(step_s), "step_max": max(step_s),

@@ -117,4 +117,4 @@ def base_as_stored(adapter_dir: str | Path, base: str | None) -> str | None:
     except OSError:  # either is not on this machine (a hub id, a moved base)
         return base
     # relative to the adapter: loaded through the found path, re-stored relative on save
-    return (stored if found == stored else found) if same else base
+    return found if same else base

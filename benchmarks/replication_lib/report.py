@@ -272,6 +272,8 @@ def flaw_cost_lines(conditions: dict[str, dict[str, list[dict[str, Any]]]],
     most = max(readers, key=lambda m: drops[m][0])
     after = {m: st[0] for m, rs in flawed.items() if (st := _stat(rs, key)) is not None}
     top = max(after, key=after.get)
+    same_grpo = ("GRPO reads no demonstrations (K = 0): its two conditions trained the same. "
+                 if drops.get("grpo") == (0.0, 0.0) else "")
     return ["### What flawed demonstrations cost", "",
             f"Greedy pass@1 on `{split}` trained on correct and on flawed expert "
             "demonstrations, and the loss (clean − flawed, mean ± standard deviation of the "
@@ -280,9 +282,8 @@ def flaw_cost_lines(conditions: dict[str, dict[str, list[dict[str, Any]]]],
             "Of the methods that read demonstrations, least hurt by the flawed ones: "
             f"**{least}** ({drops[least][0]:+.3f}); "
             f"most: **{most}** ({drops[most][0]:+.3f}). Best on `{split}` after training on "
-            f"them: **{top}** ({after[top]:.3f}). GRPO reads no demonstrations (K = 0), so its "
-            "two conditions are the same runs; GFT scores its demonstrations with the reward, "
-            "SFT and DFT imitate them as they are.", ""]
+            f"them: **{top}** ({after[top]:.3f}). " + same_grpo + "GFT scores its demonstrations "
+            "with the reward, SFT and DFT imitate them as they are.", ""]
 
 
 def machine() -> dict[str, str]:

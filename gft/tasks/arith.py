@@ -209,8 +209,8 @@ def generate_split(cfg: ArithTaskConfig, split: str) -> list[dict]:
     """The rows of one split (a key of SPLITS), deterministic in cfg.
 
     Train cycles through its shuffled pool (reshuffled each pass) until n_train rows;
-    valid and test have one row per held-out problem; test_big and test_chain have up to
-    n_ood rows each (fewer when the config allows fewer such problems).
+    valid and test have one row per held-out problem; test_big, test_chain and test_reword
+    have up to n_ood rows each (fewer when the config allows fewer such problems).
     """
     if split not in SPLITS:
         raise ConfigError(f"arith split must be one of {sorted(SPLITS)}, got {split!r}")
@@ -224,7 +224,7 @@ def generate_split(cfg: ArithTaskConfig, split: str) -> list[dict]:
         return [chain_row(p, rng) for p in chain_problems(cfg)]
     if split == "test_reword":
         rng = random.Random(f"arith/{cfg.seed}/test_reword")
-        return [reword_row(p, cfg, rng) for p in reword_problems(cfg)]
+        return [reword_row(p, rng) for p in reword_problems(cfg)]
     rng = random.Random(f"arith/{cfg.seed}/{split}")
     return [make_row(p, cfg, rng) for p in split_problems(cfg)[split]]
 
@@ -261,22 +261,25 @@ def big_problems(cfg: ArithTaskConfig) -> list[Problem]:
     validate_config(cfg)
     r = range(cfg.max_operand + 1, 2 * cfg.max_operand + 2)
     facts = [(a, op, b) for op in cfg.ops for a in r for b in r if op != "-" or a >= b]
-    rng = random.Random(f"arith/{cfg.seed}/test_big/split")
-    rng.shuffle(facts)
-    return [(a, op, b, rng.randrange(len(TEMPLATES[op]))) for a, op, b in facts[:cfg.n_ood]]
+    return sample_problems(facts, cfg, "test_big", TEMPLATES)
 
 
 def reword_problems(cfg: ArithTaskConfig) -> list[Problem]:
     """Up to n_ood distinct facts from the training range, each with a test_reword template
     (the index is into REWORD_TEMPLATES, not TEMPLATES)."""
     validate_config(cfg)
-    facts = all_facts(cfg)
-    rng = random.Random(f"arith/{cfg.seed}/test_reword/split")
+    return sample_problems(all_facts(cfg), cfg, "test_reword", REWORD_TEMPLATES)
+
+
+def sample_problems(facts: list[tuple[int, str, int]], cfg: ArithTaskConfig, split: str,
+                    templates: dict[str, tuple[str, ...]]) -> list[Problem]:
+    """Up to n_ood of `facts` in a seeded shuffle, each with a random template index."""
+    rng = random.Random(f"arith/{cfg.seed}/{split}/split")
     rng.shuffle(facts)
-    return [(a, op, b, rng.randrange(len(REWORD_TEMPLATES[op]))) for a, op, b in facts[:cfg.n_ood]]
+    return [(a, op, b, rng.randrange(len(templates[op]))) for a, op, b in facts[:cfg.n_ood]]
 
 
-def reword_row(problem: Problem, cfg: ArithTaskConfig, rng: random.Random) -> dict:
+def reword_row(problem: Problem, rng: random.Random) -> dict:
     """A test_reword row: new wording, new names and nouns; the same demonstration styles."""
     a, op, b, t = problem
     c = APPLY[op](a, b)
