@@ -98,17 +98,24 @@ def prepare_variants(cache: Path) -> dict[str, Path]:
     return out
 
 
+def plan_settings(preset: str, lora_rank: int, prompt_len: int, new_tokens: int, dtype: str,
+                  micro_batch: int = workload.GROUP) -> dict:
+    """The config keys a row sets beyond model and data, with max_prompt_tokens = the
+    prompt's length: worker.job_gft's config and the `--dry-run` that prints its plan."""
+    return {"preset": preset, "dtype": dtype, "lora_rank": lora_rank,
+            "lora_alpha": LORA_ALPHA, "max_prompt_tokens": prompt_len,
+            "max_response_tokens": new_tokens, "prompts_per_step": 1,
+            "prompts_per_minibatch": 1, "micro_batch_size": micro_batch,
+            "rollout_batch_size": workload.GROUP, "eval_samples": 1}
+
+
 def gft_config(model: Path, preset: str, lora_rank: int, prompt_len: int, new_tokens: int,
                dtype: str, micro_batch: int = workload.GROUP):
-    """The TrainConfig worker.job_gft runs, with max_prompt_tokens = the prompt's length
-    (what `gft train --dry-run --set max_prompt_tokens=...` would plan)."""
+    """The TrainConfig worker.job_gft runs (what `gft train --dry-run` would plan)."""
     from gft.config import build_config
     return build_config({}, {
-        "model": str(model), "data": "unused", "backend": "mlx", "preset": preset,
-        "dtype": dtype, "lora_rank": lora_rank, "lora_alpha": LORA_ALPHA,
-        "max_prompt_tokens": prompt_len, "max_response_tokens": new_tokens,
-        "prompts_per_step": 1, "prompts_per_minibatch": 1, "micro_batch_size": micro_batch,
-        "rollout_batch_size": workload.GROUP, "eval_samples": 1, "check_memory": False})
+        "model": str(model), "data": "unused", "backend": "mlx", "check_memory": False,
+        **plan_settings(preset, lora_rank, prompt_len, new_tokens, dtype, micro_batch)})
 
 
 def plan_of(model: Path, preset: str, lora_rank: int, prompt_len: int, new_tokens: int,
@@ -122,11 +129,7 @@ def plan_of(model: Path, preset: str, lora_rank: int, prompt_len: int, new_token
 def dry_run_command(model: Path, preset: str, lora_rank: int, prompt_len: int,
                     new_tokens: int, dtype: str, micro_batch: int = workload.GROUP) -> str:
     """The `gft train --dry-run` that prints the same plan."""
-    sets = {"preset": preset, "dtype": dtype, "lora_rank": lora_rank,
-            "lora_alpha": LORA_ALPHA, "max_prompt_tokens": prompt_len,
-            "max_response_tokens": new_tokens, "prompts_per_step": 1,
-            "prompts_per_minibatch": 1, "micro_batch_size": micro_batch,
-            "rollout_batch_size": workload.GROUP, "eval_samples": 1}
+    sets = plan_settings(preset, lora_rank, prompt_len, new_tokens, dtype, micro_batch)
     args = " ".join(f"--set {k}={v:g}" if isinstance(v, float) else f"--set {k}={v}"
                     for k, v in sets.items() if not (k == "lora_rank" and not v)
                     and not (k == "lora_alpha" and not lora_rank))
@@ -201,8 +204,20 @@ def busy_note(m: dict) -> list[str]:
             "on it."]
 
 
+def peak_for_time(rows: list[dict]) -> str:
+    """What mlx-lm-lora's one-at-a-time differentiation bought, read from the measured
+    rows: its MLX peak and step time against gft's row on the same 4-bit model."""
+    by_key = {r["key"]: r for r in rows}
+    theirs, ours = by_key.get("mlx-lm-lora-q4"), by_key.get("gft-lora-q4")
+    if not (theirs and ours and theirs["mlx_peak"] and ours["mlx_peak"]):
+        return ""
+    return (f": measured, its MLX peak is {theirs['mlx_peak'] / ours['mlx_peak']:.2f}x and "
+            f"its step {theirs['step_s'] / ours['step_s']:.2f}x gft's LoRA-over-4-bit row")
+
+
 def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
     """MAC.md: the table, the plans' items, the machine, versions and command."""
+    lora = f"mlx-lm-lora {meta['versions'].get('mlx-lm-lora', '(version not recorded)')}"
     lines = ["# Fine-tuning on a Mac's budget: SmolLM2-135M-Instruct on MLX", "",
              "Written by `benchmarks/mac.py` (see its docstring and benchmarks/README.md); "
              "every figure below was measured in the run this file describes.", "",
@@ -231,7 +246,7 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
         lines.append(f"| {ROWS[key][0]} | not measured: {why} | | | | | | | | |")
     lines += ["", "The plan's items (`gft train --dry-run` prints these; the mlx-lm-lora row "
               "shows gft's plan for the same model and LoRA under the `grpo` preset with "
-              "micro_batch_size 1, because mlx-lm-lora 5.10.2's GRPO differentiates one "
+              f"micro_batch_size 1, because {lora}'s GRPO differentiates one "
               "completion at a time, accumulating gradients):", "",
               "| row | held for the run | update | rollouts | peak |",
               "| --- | --- | --- | --- | --- |"]
@@ -248,10 +263,9 @@ def render(rows: list[dict], failed: dict[str, str], meta: dict) -> str:
               "what the plan models.",
               "- The plan counts tensors only, for the longest sequences the config allows "
               "(prompt + max new tokens on every row). gft's rows run one micro-batch of 8 "
-              "sequences; mlx-lm-lora 5.10.2's GRPO differentiates one completion at a time "
-              "(`_grpo_microbatches`, as many per chunk as prompts per batch: 1), which is "
-              "what its lower peak buys with its time; gft does the same with "
-              "`micro_batch_size: 1`.",
+              f"sequences; {lora}'s GRPO differentiates one completion at a time "
+              "(`_grpo_microbatches`, as many per chunk as prompts per batch: 1)"
+              + peak_for_time(rows) + "; gft does the same with `micro_batch_size: 1`.",
               *busy_note(meta["machine"]), "",
               f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']:.0f} GiB, {m['os']}, "
               f"Python {m['python']}; load average before {m['load_before']}, after "

@@ -133,7 +133,7 @@ class Meter:
 
 def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
             phases=("update", "rollout")) -> dict:
-    from backends import SamplingConfig, load_backend
+    from backends import SamplingConfig, available_memory, load_backend
     from gft.lora import lora_from_train_config
     from gft.quant import read_config
     meter = Meter(backend)
@@ -155,8 +155,9 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
         meter.start(be)
         be.generate(prompts, sampling, 0)
         out["rollout"] = meter.peak()
-    # the device as gft.run.memory_plan names it (torch shares a prompt on the CPU only)
-    device = "mlx" if backend == "mlx" else "torch cuda" if meter.cuda else "torch cpu"
+    # the device named as gft.run.memory_plan names it (the plan shares a prompt on torch's
+    # CPU only): the backend's own answer for the device measured on
+    _, device = available_memory(backend, "cuda" if meter.cuda else "auto")
     p = plan(read_config(model), cfg, backend=backend, device=device)
     resident = sum(i.nbytes for i in p.resident)
     # a rollout-only process never made the update: no gradients or moments exist yet

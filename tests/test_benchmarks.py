@@ -244,3 +244,26 @@ def test_a_fast_rollout_keeps_its_floor_and_only_fixed_batch_drops_it():
     fixed = summarize({"steps": [step]}, shape, floor, 4, fixed_batch=True)
     assert fixed["rollout_floor_s"] != fixed["rollout_floor_s"]  # nan: no rollout ran
     assert fixed["rollout_tok_s"] != fixed["rollout_tok_s"]
+
+
+def test_mac_report_reads_its_comparison_from_the_rows():
+    """MAC.md's sentence on mlx-lm-lora's one-at-a-time differentiation is computed from the
+    measured rows (none when either row is missing), and its version from the run's."""
+    from benchmarks.mac import peak_for_time
+    ours = {"key": "gft-lora-q4", "mlx_peak": 800, "step_s": 100.0}
+    theirs = {"key": "mlx-lm-lora-q4", "mlx_peak": 200, "step_s": 250.0}
+    assert peak_for_time([ours, theirs]) == (
+        ": measured, its MLX peak is 0.25x and its step 2.50x gft's LoRA-over-4-bit row")
+    assert peak_for_time([ours]) == ""
+
+
+def test_mac_dry_run_sets_what_the_measured_config_sets(tmp_path):
+    """The `gft train --dry-run` line printed under MAC.md plans the config the row ran:
+    building a config from its --set pairs gives the same TrainConfig."""
+    from benchmarks.mac import dry_run_command, gft_config
+    from gft.config import build_config, parse_override
+    cmd = dry_run_command(tmp_path, "gft", 8, 37, 64, "bfloat16")
+    sets = dict(parse_override(s.strip()) for s in cmd.split("--set ")[1:])
+    from_cli = build_config({}, {"model": str(tmp_path), "data": "unused", "backend": "mlx",
+                                 "check_memory": False, **sets})
+    assert from_cli == gft_config(tmp_path, "gft", 8, 37, 64, "bfloat16")

@@ -483,21 +483,14 @@ def test_micro_batches_by_tokens_give_the_same_loss_and_gradients(model_dir):
 def test_clipping_dispatches_the_same_few_operators_for_any_number_of_tensors():
     """A dot product per gradient dispatched 3 operators per tensor (816 for SmolLM2's
     272); one _foreach_norm does not grow with the tensor count."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from backends.torch_backend import clip_gradients_
-
-    class Ops(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += 1
-            return func(*args, **(kwargs or {}))
+    from benchmarks.worker import OpCounter
 
     def count(k):
         ps = [torch.nn.Parameter(torch.zeros(8, 8)) for _ in range(k)]
         for p in ps:
             p.grad = torch.ones(8, 8)
-        with Ops() as ops:
+        with OpCounter() as ops:
             clip_gradients_(ps, 1.0)
-        return ops.n
+        return ops.counts.total()
     assert count(3) == count(30) < 15

@@ -8,6 +8,7 @@ import pytest
 from backends import load_backend
 from backends.torch_pack import (allowed, attention_pair_cost, grouped_query_sdpa, layout,
                                  packing_pays)
+from benchmarks.worker import OpCounter
 from gft.groups import Sequence_, micro_batches
 from gft.tiny import TinyModelSpec, write_tiny_model
 from tests.helpers import assert_same_update, shared_prompt_group
@@ -133,21 +134,6 @@ def test_packed_forward_under_lora_and_mixed_precision(tmp_path):
                                            err_msg=name)
 
 
-class _Ops:
-    """Counts the aten operators dispatched inside it (as benchmarks/worker.OpCounter)."""
-
-    def __new__(cls):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        class Mode(TorchDispatchMode):
-            n = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                self.n += 1
-                return func(*args, **(kwargs or {}))
-        return Mode()
-
-
 def test_the_packed_update_dispatches_the_operators_of_one_padded_forward(tmp_path):
     """Operator counts are deterministic (no timing): the packed row's update is within a
     few operators of the padded forward's (the gather back to [B, S] and the mask), and
@@ -161,8 +147,8 @@ def test_the_packed_update_dispatches_the_operators_of_one_padded_forward(tmp_pa
                                  ("shared", False, True)):
         be._pack, be._pair_cost, be._share_prefix = packed, 0.0, shared
         be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")  # warm
-        with _Ops() as ops:
+        with OpCounter() as ops:
             be.accumulate_gradients(batches, tau=0.1, aggregation="token-mean")
-        counts[name] = ops.n
+        counts[name] = ops.counts.total()
     assert counts["packed"] <= counts["padded"] + 10, counts
     assert counts["packed"] < 0.7 * counts["shared"], counts
