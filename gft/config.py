@@ -468,10 +468,29 @@ def _check_ranges(cfg: TrainConfig) -> None:
                           f"{cfg.device!r}")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and JSON, and Python) do.
+
+    PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent: `1e-5`,
+    `1e5` and `1.0e5` are strings there. Config files from TRL and mlx-lm write learning
+    rates and reward weights that way, and a string can reach places no type check sees
+    (a reward weight, a reward function's option), so they are read as floats here."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader: builds plain values only
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as e:
@@ -499,7 +518,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value")
     key, value = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _load_yaml(value)
     except yaml.YAMLError:
         return key.strip(), value
 

@@ -92,3 +92,25 @@ def test_any_mapping_loads_or_raises_config_error(values):
     except ConfigError:
         return
     assert isinstance(cfg, TrainConfig)
+
+
+def test_scientific_notation_reads_as_a_number_everywhere(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; TRL and mlx-lm configs write learning
+    rates and weights that way. Top-level keys were coerced, but a reward weight or a
+    stage's value is not checked against a float field: `weight: 1e-1` stopped the run."""
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1e-5\nadam_eps: 1.0e8\n"
+                 "rewards:\n  - {name: math, weight: 1e-1}\n"
+                 "stages:\n  - {preset: sft, steps: 2, learning_rate: 2E-4}\n")
+    raw = read_yaml(p)
+    assert raw["rewards"][0]["weight"] == 0.1
+    assert raw["stages"][0]["learning_rate"] == 2e-4
+    cfg = build_config(raw, source=str(p))
+    assert (cfg.learning_rate, cfg.adam_eps) == (1e-5, 1e8)
+    from gft.rewards import parse_reward_specs
+    assert parse_reward_specs(cfg.rewards)[0].weight == 0.1
+    assert parse_override("rewards=[{name: math, weight: 5e-1}]") == (
+        "rewards", [{"name": "math", "weight": 0.5}])
+    assert parse_override("learning_rate=1e-5") == ("learning_rate", 1e-5)
+    # not numbers: left as text
+    assert parse_override("stop=[1e, e5, .e5, 1e-5x]") == ("stop", ["1e", "e5", ".e5", "1e-5x"])
