@@ -424,8 +424,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
-    if cfg.learning_rate <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
+    for name, ok, text in (("learning_rate", cfg.learning_rate > 0, "> 0"),
+                           ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)"),
+                           ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]")):
+        if not ok:  # name the one key that is wrong, with its value
+            raise ConfigError(f"'{name}' must be {text}, got {getattr(cfg, name)!r}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
     _check_ranges(cfg)

@@ -46,6 +46,10 @@ def test_unknown_key_suggests(tmp_path):
     ({"tau": "high"}, "'tau' must be float"),
     ({"advantage": "grpoo"}, "did you mean 'grpo'"),
     ({"prompts_per_step": 10, "prompts_per_minibatch": 4}, "multiple"),
+    # each names the one key that is wrong and its value (it used to name all three)
+    ({"temperature": 0}, r"^'temperature' must be > 0 \(rollouts sample\), got 0.0$"),
+    ({"learning_rate": -1e-5}, r"^'learning_rate' must be > 0, got -1e-05$"),
+    ({"top_p": 1.5}, r"^'top_p' must be in \(0, 1\], got 1.5$"),
 ])
 def test_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
