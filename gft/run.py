@@ -32,7 +32,7 @@ from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
-                          stored_config)
+                          resolve_stored_extras, stored_config)
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -293,11 +293,14 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
 
 def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
                       source: str) -> TrainConfig:
-    """The saved model and data paths as found from here (gft/runpaths.py); a path given
-    again on the command line is taken as given."""
+    """The saved paths (model, data, eval_data, reward files) as found from here
+    (gft/runpaths.py); a value given again on the command line is taken as given."""
     given = overrides or {}
-    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
-                           for k in RUN_PATH_KEYS if k not in given})
+    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards",
+                                                                 "stages")}, run_dir)
+    return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
+                   **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                      for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
