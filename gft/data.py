@@ -23,6 +23,7 @@ imported only when such a file is read.
 """
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import os
@@ -396,9 +397,15 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
-        # 42.0 (an integer column with gaps becomes float) should read as "42".
-        return str(int(value)) if value.is_integer() else repr(value)
+        # 42.0 (an integer column with gaps becomes float) should read as "42", and
+        # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
+        return str(int(value)) if value.is_integer() else _positional(value)
     raise fail(field, f"must be a string or a number, got {_type_name(value)}")
+
+
+def _positional(value: float) -> str:
+    """A float's shortest round-trip digits (repr's), written without an exponent."""
+    return format(decimal.Decimal(repr(value)), "f")
 
 
 def _type_name(value: Any) -> str:

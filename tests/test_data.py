@@ -84,6 +84,15 @@ def test_integral_float_answer_reads_as_integer():
     assert example.answer == "42"
 
 
+@pytest.mark.parametrize("value, text", [(0.000015, "0.000015"), (1e-07, "0.0000001"),
+                                         (2.5, "2.5"), (-0.1, "-0.1"), (1e20, "100000000000000000000")])
+def test_float_answer_reads_as_written_without_an_exponent(value, text):
+    """A JSON (or CSV/Parquet) answer 0.000015 became repr's "1.5e-05": reward functions
+    got another string than the data held, and math_verify reads 1.5e-05 as 1.5*e - 5."""
+    example = example_from_row({"prompt": "p", "answer": value}, path="f", line=1)
+    assert example.answer == text
+
+
 # ---------------------------------------------------------------------------------------
 # Directories and other formats
 
