@@ -25,6 +25,7 @@ reward function, and where it concerns one sample, that sample's source.
 from __future__ import annotations
 
 import asyncio
+import decimal
 import functools
 import importlib
 import importlib.util
@@ -94,6 +95,21 @@ def _math_timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+# A number in scientific notation, e.g. "1.5e-05" (how Python prints small floats):
+# math_verify reads it as LaTeX, 1.5·e − 5. Gold answers and completions are rewritten
+# positionally ("0.000015") before parsing, so either way of writing it compares equal.
+_SCIENTIFIC = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d{1,3}(?!\w|\.\d)")
+
+
+def _positional(text: str) -> str:
+    """Every number in scientific notation in `text`, written without an exponent."""
+    return _SCIENTIFIC.sub(lambda m: format(decimal.Decimal(m.group()), "f"), text)
+
+# Math delimiters in an answer: a `$` that is not escaped (MATH's "\\$18.90" is a dollar
+# sign, and parsed as written it gives nothing), \\boxed, \\( ... \\).
+_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\\(")
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_gold(answer: str, timeout: int | None) -> tuple:
     """Parse a ground-truth answer once (the same answer is scored against G completions).
@@ -104,7 +120,8 @@ def _parse_gold(answer: str, timeout: int | None) -> tuple:
     """
     from math_verify import parse
     stripped = answer.strip()
-    if "$" in stripped or "\\boxed" in stripped or "\\(" in stripped:
+    stripped = _positional(stripped)
+    if _DELIMITED.search(stripped):
         return tuple(parse(stripped, parsing_timeout=timeout))
     gold = parse(f"${stripped}$", parsing_timeout=timeout)
     return tuple(gold or parse(stripped, parsing_timeout=timeout))
@@ -124,7 +141,7 @@ def make_math_reward() -> RewardFunction:
             if not gold:
                 scores.append(None)
                 continue
-            prediction = parse(_content(completion), parsing_timeout=timeout)
+            prediction = parse(_positional(_content(completion)), parsing_timeout=timeout)
             scores.append(1.0 if verify(list(gold), prediction,
                                         timeout_seconds=timeout) else 0.0)
         return scores

@@ -33,6 +33,17 @@ def score(rewards, completions, answers, sources=None, **columns):
     (r"\boxed{x^2+1}", "x^2+1", 1.0),
     ("no number at all", "7", 0.0),
     (r"\boxed{7}", "$7$", 1.0),  # gold already delimited
+    # MATH writes currency as "\$18.90": an escaped $ is not a delimiter (the gold parsed
+    # to nothing, so the reward did not apply to the row)
+    (r"\boxed{18.90}", r"\$18.90", 1.0),
+    (r"\boxed{\$18.90}", r"\$18.90", 1.0),
+    (r"\boxed{18.91}", r"\$18.90", 0.0),
+    # scientific notation is a number, not 1.5·e − 5 (Python prints 0.000015 as 1.5e-05)
+    (r"\boxed{0.000015}", "1.5e-05", 1.0),
+    (r"\boxed{1.5e-05}", "0.000015", 1.0),
+    (r"\boxed{1.5e-05}", "1.5e-05", 1.0),
+    (r"\boxed{0.00002}", "1.5e-05", 0.0),
+    (r"the answer is 1e5.", "100000", 1.0),
 ])
 def test_math(completion, answer, expected):
     assert score("math", [completion], [answer]).total.tolist() == [expected]
