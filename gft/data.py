@@ -92,6 +92,11 @@ def example_from_row(row: Any, *, path: str, line: int,
     def fail(field: str, message: str) -> DataError:
         return DataError(message, path=path, line=line, field=field)
 
+    preference = [key for key in ("chosen", "rejected") if row.get(key) is not None]
+    if preference:  # read as two extra columns, the row would train on its prompt alone
+        raise fail(preference[0], "a preference row (TRL's chosen / rejected type, for DPO "
+                                  "and reward-model trainers) is not a gft data type; give "
+                                  "the preferred response as 'completion' instead")
     used = set()
     if row.get("prompt") is not None:
         prompt, demonstration = _parse_prompt(row["prompt"], fail), None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 from cli import main
 from gft.data import load_split
 from gft.metrics import read_metrics
-from gft.errors import RewardError
+from gft.errors import DataError, RewardError
 from gft.rewards import TrainerState, build_rewards
 from gft.rollout import build_groups, encode_prompt, prepare_prompts
 from gft.tiny import TinyModelSpec, write_tiny_model
@@ -244,6 +245,19 @@ def test_conversational_types_render_as_the_chat_template(tmp_path, tokenizer, k
     trained = seq.prompt_ids + seq.response_ids
     assert trained[:-1] == full[:len(trained) - 1]
     assert trained[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"},
+    {"prompt": CHAT, "chosen": [REPLY], "rejected": [REPLY]},
+    {"chosen": CHAT + [REPLY], "rejected": CHAT + [REPLY]},
+])
+def test_preference_rows_are_refused(tmp_path, row):
+    """README: preference rows (chosen / rejected) are refused. With an explicit prompt
+    they were read as a prompt-only row plus two columns: gft trained on the prompt
+    alone (GRPO, GFT) and never saw the chosen response."""
+    with pytest.raises(DataError, match=r"rows.jsonl:1: field 'chosen': a preference row"):
+        load_one(tmp_path, row)
 
 
 @pytest.mark.parametrize("row", [
