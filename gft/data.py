@@ -334,11 +334,14 @@ def _split_messages(value: Any, fail) -> tuple[list[dict[str, str]], str | None]
         return messages, None
     if len(messages) == 1:
         raise fail("messages", "holds only an assistant message; there is no prompt")
+    _check_text_reply(messages[-1], f"messages[{len(messages) - 1}]", fail)
     return messages[:-1], messages[-1]["content"]
 
 
 def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
-    """Check each message is a dict with string 'role' and 'content'."""
+    """Check each message is a dict with string 'role' and 'content'. A message with
+    `tool_calls` (TRL's tool-calling rows) may have no content, or null: an assistant
+    turn that only calls a tool has none, and `datasets` fills absent keys with null."""
     if not messages:
         raise fail(field, "empty list of chat messages")
     for index, message in enumerate(messages):
@@ -347,12 +350,23 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
             raise fail(where, f"a chat message must be an object with 'role' and "
                               f"'content', got {_type_name(message)}")
         for key in ("role", "content"):
+            if key == "content" and message.get(key) is None and message.get("tool_calls"):
+                continue
             if key not in message:
                 raise fail(f"{where}.{key}", "missing")
             if not isinstance(message[key], str):
                 raise fail(f"{where}.{key}",
                            f"must be a string, got {_type_name(message[key])}")
     return [dict(message) for message in messages]
+
+
+def _check_text_reply(message: dict, field: str, fail) -> None:
+    """A response gft trains on and scores is text; a final turn that calls a tool is not
+    (its call would be dropped, or the empty content trained on as the answer)."""
+    if message.get("tool_calls"):
+        raise fail(f"{field}.tool_calls", "the response (the final assistant message) calls a "
+                                          "tool; gft trains on text responses: end the row "
+                                          "with the assistant's text reply")
 
 
 def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
@@ -386,6 +400,7 @@ def _response_text(value: Any, field: str, fail) -> str:
         roles = ", ".join(m["role"] for m in messages)
         raise fail(field, "a conversational response must be exactly one assistant "
                           f"message, got roles [{roles}]")
+    _check_text_reply(messages[0], f"{field}[0]", fail)
     return messages[0]["content"]
 
 

@@ -247,6 +247,39 @@ def test_conversational_types_render_as_the_chat_template(tmp_path, tokenizer, k
     assert trained[-1] == tokenizer.eos_token_id
 
 
+# TRL's tool-calling rows: an assistant turn that only calls a tool has no content
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                 "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "name": "get_weather", "content": "22C"}]
+
+
+@pytest.mark.parametrize("null_filled", [False, True])
+def test_tool_calling_messages_render_as_the_chat_template(tmp_path, tokenizer, null_filled):
+    """A tool-call turn without content was refused ('messages[1].content: missing'); a
+    Parquet or save_to_disk copy of the same rows has content null (datasets fills
+    absent keys), refused too."""
+    chat = [dict(m) for m in TOOL_CHAT]
+    if null_filled:
+        chat = [{"content": None, "tool_calls": None, "name": None, **m} for m in chat]
+    example = load_one(tmp_path, {"messages": chat + [{"role": "assistant",
+                                                        "content": "It is 22C."}]})
+    assert example.responses == ("It is 22C.",)
+    assert encode_prompt(example, tokenizer, chat_template=None) == \
+        chat_ids(tokenizer, chat, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"messages": TOOL_CHAT[:1] + TOOL_CHAT[1:2]}, "messages[1].tool_calls"),
+    ({"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:2]}, "completion[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+     "messages[1].content"),
+])
+def test_a_response_that_calls_a_tool_is_refused(tmp_path, row, field):
+    with pytest.raises(DataError, match=rf"rows.jsonl:1: field '{re.escape(field)}': "):
+        load_one(tmp_path, row)
+
+
 @pytest.mark.parametrize("row", [
     {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"},
     {"prompt": CHAT, "chosen": [REPLY], "rejected": [REPLY]},
