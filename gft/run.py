@@ -154,16 +154,26 @@ def build_scorer(cfg: TrainConfig):
         if raw is not None else None
 
 
-def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
+def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console | None = None
+                    ) -> None:
     """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
-    no row has one it would make zero updates and still write final/. Said before the
-    model loads."""
-    if any(ex.responses for ex in rows):
+    no row has one it would make zero updates and still write final/: an error. If only
+    some rows lack one, they are drawn into steps and train nothing: a warning that counts
+    them (no row is left out silently). Said before the model loads."""
+    without = [ex for ex in rows if not ex.responses]
+    if not without:
         return
     for stage in plan_stages(cfg, 1):
         if stage.cfg.num_rollouts == 0:
             where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
                 f"preset '{stage.name}'"
+            if len(without) < len(rows):
+                if console is not None:
+                    console.print(f"[yellow]warning: {len(without)} of {len(rows)} training "
+                                  f"rows have no response (the first: {without[0].source}); "
+                                  f"{where} has num_rollouts=0 and learns nothing from them",
+                                  highlight=False)
+                return
             raise DataError(f"no training row has a response (completion, completions, "
                             f"responses or a final assistant message), and {where} has "
                             "num_rollouts=0: it learns only from dataset responses. Add "
@@ -379,7 +389,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
-    check_trainable(cfg, train_rows)
+    check_trainable(cfg, train_rows, console if lead else None)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)

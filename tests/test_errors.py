@@ -161,6 +161,19 @@ def test_no_row_with_a_response_for_a_preset_without_rollouts(model, tmp_path, m
                     "preset that samples rollouts (grpo, gft)")
 
 
+def test_rows_without_a_response_under_sft_are_counted(model, tmp_path):
+    """Under SFT a row without a response is drawn into a step and trains nothing; when
+    only some rows lacked one, the run said nothing about them."""
+    rows = [r if i % 2 else {"prompt": r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(ROWS)]
+    result = train(model, tmp_path, rows, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: 4 of 8 training rows have no response (the first: "
+            f"{tmp_path / 'train.jsonl'}:1); preset 'sft' has num_rollouts=0 and learns "
+            "nothing from them") in " ".join(result.output.split())
+
+
 def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
     result = train(model, tmp_path, rows, "--max-steps", "1",
