@@ -318,7 +318,7 @@ def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
             raise fail("prompt", "empty prompt")
-        return value
+        return _check_text(value, "prompt", fail)
     if isinstance(value, list):
         return _parse_chat(value, "prompt", fail)
     raise fail("prompt", f"must be a string or a list of chat messages, "
@@ -357,6 +357,7 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
             if not isinstance(message[key], str):
                 raise fail(f"{where}.{key}",
                            f"must be a string, got {_type_name(message[key])}")
+            _check_text(message[key], f"{where}.{key}", fail)
     return [dict(message) for message in messages]
 
 
@@ -390,7 +391,7 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
 def _response_text(value: Any, field: str, fail) -> str:
     """A response as text: a string, or a list holding one assistant message."""
     if isinstance(value, str):
-        return value
+        return _check_text(value, field, fail)
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         got = _type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
             sorted({_type_name(item) for item in value if not isinstance(item, dict)}))
@@ -411,7 +412,7 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
         raise fail(field, 'must be a string or a number, got bool (quote it: "true")')
     if isinstance(value, str):
-        return value
+        return _check_text(value, field, fail)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
@@ -421,6 +422,19 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
         # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
         return str(int(value)) if value.is_integer() else _positional(value)
     raise fail(field, f"must be a string or a number, got {_type_name(value)}")
+
+
+def _check_text(text: str, field: str, fail) -> str:
+    """Text the tokenizer can encode. JSON may escape half of a UTF-16 surrogate pair
+    ("\\ud83d" alone, from text cut in the middle of an emoji); json.loads accepts it, and
+    the tokenizer then fails with a TypeError deep inside the run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise fail(field, f"holds half of a UTF-16 surrogate pair (\\u{ord(text[exc.start]):04x} "
+                          f"at character {exc.start}): the text was cut inside a character; "
+                          "fix or remove it") from None
+    return text
 
 
 def _positional(value: float) -> str:

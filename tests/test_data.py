@@ -302,6 +302,12 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"prompt": "p", "answer": [1]}, "answer", "got array"),
     ({"prompt": "p", "answer": {"x": 1}}, "answer", "got object"),
     ({"prompt": "p", "answer": True}, "answer", "bool"),
+    # JSON may escape half a surrogate pair; the tokenizer then crashed with a TypeError
+    ({"prompt": "x\ud83d"}, "prompt", "half of a UTF-16 surrogate pair (\\ud83d at character 1)"),
+    ({"prompt": "p", "completion": "\udfff"}, "completion", "surrogate"),
+    ({"prompt": "p", "completions": ["a", "b\ud800"]}, "completions[1]", "surrogate"),
+    ({"prompt": [{"role": "user", "content": "\ud800"}]}, "prompt[0].content", "surrogate"),
+    ({"prompt": "p", "answer": "\ud800"}, "answer", "surrogate"),
 ])
 def test_row_errors(tmp_path, row, field, words):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "fine"}, row])
