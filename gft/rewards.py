@@ -327,7 +327,7 @@ def _import_function(target: str) -> Callable:
         if is_file_location(location):
             module = _import_file(Path(location))
         else:
-            module = importlib.import_module(location)
+            module = _import_module(location)
     except RewardError:
         raise
     except Exception as exc:  # ImportError, SyntaxError, or anything the module raises
@@ -340,6 +340,20 @@ def _import_function(target: str) -> Callable:
     if not callable(function):
         raise RewardError(f"reward '{target}': '{attribute}' is not callable")
     return function
+
+
+def _import_module(name: str) -> Any:
+    """Import a module as `python -m gft` would find it: the installed `gft` command's
+    sys.path starts with its own bin directory instead of the working directory, so
+    'my_rewards:f' next to the user's data was found by one and not the other."""
+    cwd = str(Path.cwd())
+    if cwd in sys.path or "" in sys.path:
+        return importlib.import_module(name)
+    sys.path.append(cwd)  # last: a module of the same name elsewhere still wins
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(cwd)
 
 
 def _import_file(path: Path) -> Any:

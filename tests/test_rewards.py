@@ -2,6 +2,7 @@
 semantics, every validation error, and the accepted forms of the rewards config."""
 from __future__ import annotations
 
+import sys
 import threading
 
 import numpy as np
@@ -163,6 +164,21 @@ def test_user_reward_options_become_keywords(user_module):
     rewards = [{"name": "my_rewards:scaled", "scale": 0.5}]
     # an option wins over a data column of the same name
     assert score(rewards, ["abcd"], [None], scale=[100]).total.tolist() == [2.0]
+
+
+def test_a_module_in_the_working_directory_imports_under_the_gft_command(tmp_path,
+                                                                        monkeypatch):
+    """The installed `gft` script's sys.path holds its bin directory, not the working
+    directory (python -m gft's does): 'cwd_rewards_xyz:f' next to the data failed with
+    ModuleNotFoundError under one and worked under the other."""
+    (tmp_path / "cwd_rewards_xyz.py").write_text(
+        "def f(completions, **kwargs):\n    return [0.5 for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_rewards_xyz", raising=False)
+    assert score(["cwd_rewards_xyz:f"], ["a"], [None]).total.tolist() == [0.5]
+    assert str(tmp_path) not in sys.path  # looked up there, not left on the path
 
 
 @pytest.mark.parametrize("name, words", [
