@@ -164,7 +164,7 @@ class TrainConfig:
                                      "eval_split of a `data` directory; a single data file "
                                      "has none (see eval_holdout).")
     eval_split: str = _f("test", "Split of a data directory used for held-out evaluation "
-                                 "(test, then valid if absent).")
+                                 "(test, then valid if absent; another name must exist).")
     eval_holdout: float = _f(0.0, "When there is no held-out data: set aside this fraction "
                                   "of the training rows (seeded; never trained on) for "
                                   "evaluation. 0 = evaluate nothing rather than training rows.")

@@ -113,7 +113,10 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
             rows = load_split(cfg.data, cfg.eval_data, **answer)
         return train_rows, rows, _eval_note(cfg, rows, f"eval_data {cfg.eval_data}")
     if not is_data_file(cfg.data):
-        rows = load_split(cfg.data, cfg.eval_split, required=False, **answer)
+        # a split named on purpose must exist (a typo turned evaluation off in silence);
+        # the default, test, falls back to valid
+        named = cfg.eval_split not in ("test", "valid")
+        rows = load_split(cfg.data, cfg.eval_split, required=named, **answer)
         split = cfg.eval_split
         if not rows and cfg.eval_split != "valid":
             rows, split = load_split(cfg.data, "valid", required=False, **answer), "valid"

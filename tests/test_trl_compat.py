@@ -549,3 +549,18 @@ def test_eval_data_that_names_nothing(tmp_path):
     data = rows_file(tmp_path / "train.jsonl", 4)
     with pytest.raises(ConfigError, match="neither a file nor a directory"):
         held_out(data, eval_data="test")
+
+
+def test_an_eval_split_that_does_not_exist_is_an_error(tmp_path):
+    """eval_split named on purpose but absent turned evaluation off, saying the data had
+    no held-out split although it had one; the default (test) still falls back to valid."""
+    from gft.errors import DataError as Error
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    rows_file(data / "test.jsonl", 2, "h")
+    with pytest.raises(Error, match=r"no 'tset' split"):
+        held_out(data, eval_split="tset")
+    (data / "test.jsonl").rename(data / "valid.jsonl")
+    _, rows, note = held_out(data, eval_split="test")
+    assert [r.prompt for r in rows] == ["h0", "h1"] and "'valid' split" in note
