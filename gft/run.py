@@ -6,6 +6,7 @@ the gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import signal
@@ -76,6 +77,11 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
         train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
     console.print(f"evaluation: {note}")
+    shared = shared_prompts(train_rows, eval_rows)
+    if shared:
+        console.print(f"[yellow]warning: {len(shared)} of {len(eval_rows)} held-out rows ask a "
+                      f"prompt the training rows also ask (the first: {shared[0].source}); "
+                      "on those the evaluation is not held out", highlight=False)
     kw = dict(chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
               overflow=cfg.prompt_overflow)
     data = prepare_prompts(train_rows, tokenizer, **kw)
@@ -136,6 +142,16 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
     return train_rows, [], (f"off: {cfg.data} has no held-out split; set eval_data (a file, "
                             "directory or split name) or eval_holdout (a fraction of the "
                             "training rows to set aside)")
+
+
+def shared_prompts(train_rows: list[Example], eval_rows: list[Example]) -> list[Example]:
+    """Held-out rows whose prompt is also a training row's: eval_split: train, eval_data
+    naming the training file, or duplicates across a data set's splits. Evaluating them
+    measures memory, not generalisation, so the run says how many there are."""
+    def key(example: Example) -> str:
+        return json.dumps(example.prompt, sort_keys=True)
+    trained = {key(example) for example in train_rows}
+    return [example for example in eval_rows if key(example) in trained]
 
 
 def _eval_note(cfg: TrainConfig, rows: list[Example], where: str) -> str:

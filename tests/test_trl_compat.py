@@ -564,3 +564,20 @@ def test_an_eval_split_that_does_not_exist_is_an_error(tmp_path):
     (data / "test.jsonl").rename(data / "valid.jsonl")
     _, rows, note = held_out(data, eval_split="test")
     assert [r.prompt for r in rows] == ["h0", "h1"] and "'valid' split" in note
+
+
+def test_held_out_rows_that_training_also_asks_are_counted(tmp_path, model):
+    """README: training rows are never evaluated on as if they were held out. With
+    eval_split: train (or eval_data naming the training file, or a prompt duplicated
+    across splits) they were, under 'N held-out rows' and nothing else."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    (data / "test.jsonl").write_text(json.dumps({"prompt": "t1", "completion": "x"}) + "\n"
+                                     + json.dumps({"prompt": "new", "completion": "x"}) + "\n")
+    result, _ = train(model, data, tmp_path / "run", "torch", "preset=sft")
+    assert ("warning: 1 of 2 held-out rows ask a prompt the training rows also ask (the "
+            f"first: {data / 'test.jsonl'}:1); on those the evaluation is not held out") \
+        in " ".join(result.output.split())
+    result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", "eval_split=train")
+    assert "warning: 4 of 4 held-out rows ask a prompt" in " ".join(result.output.split())
