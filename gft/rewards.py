@@ -446,12 +446,13 @@ class RewardModel:
         """One reward's raw return value (a coroutine for an async function); every
         failure named."""
         kwargs = _accepted_arguments(function, arguments)
+        _check_required(name, function, kwargs, arguments)
         try:
             return call_with_timeout(lambda: function(**kwargs), self.timeout)
         except CallTimeout:
             raise RewardError(_timeout_message(name, self.timeout, sources)) from None
         except Exception as exc:
-            raise _named_error(name, exc, sources) from exc
+            raise _named_error(name, exc, sources, function) from exc
 
 
 # The names TRL's trainer passes besides the data columns; a column by one of these
@@ -459,13 +460,36 @@ class RewardModel:
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
-def _named_error(name: str, exc: Exception, sources: list[str] | None) -> RewardError:
+def _named_error(name: str, exc: Exception, sources: list[str] | None,
+                 function: Callable | None = None) -> RewardError:
     """A reward function's failure as one line naming it (and the row, when known)."""
     if isinstance(exc, MissingColumnError):
         where = _source(sources, exc.index)
         return RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
                            "(None); this reward needs it on every row")
-    return RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}")
+    message = " ".join(str(exc).split())  # one line, whatever the function raised
+    return RewardError(f"reward '{name}' raised {type(exc).__name__}"
+                       f"{_raised_at(exc, function)}: {message}")
+
+
+def _raised_at(exc: BaseException, function: Callable | None) -> str:
+    """' at file:line' of the code that raised: the innermost traceback frame in the
+    reward function's own file, else the innermost frame outside gft. The error shows no
+    traceback, and 'TypeError: ...' alone does not say which line to fix."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    try:
+        own_file = inspect.getsourcefile(inspect.unwrap(
+            function.func if isinstance(function, functools.partial) else function))
+    except TypeError:  # a builtin, or None
+        own_file = None
+    gft_dir = str(Path(__file__).parent)
+    candidates = [f for f in frames if f[0] == own_file] or \
+        [f for f in frames if not f[0].startswith(gft_dir)]
+    return f" at {candidates[-1][0]}:{candidates[-1][1]}" if candidates else ""
 
 
 def _await_all(returned: list[Any], names: list[str], timeout: float,
@@ -557,6 +581,33 @@ def _accepted_arguments(function: Callable, arguments: dict[str, Any]) -> dict[s
     names = {p.name for p in parameters}
     return {key: value for key, value in arguments.items()
             if key not in bound and (takes_all or key in names)}
+
+
+# What TRL's trainer passes that gft does not (README: Rewards).
+_TRL_ONLY = {"log_extra": "TRL's log_extra callback", "log_metric": "TRL's log_metric callback"}
+
+
+def _check_required(name: str, function: Callable, given: dict[str, Any],
+                    arguments: dict[str, Any]) -> None:
+    """A parameter without a default that nothing supplies, named before the call: a
+    TRL reward reading a column this data lacks (`ground_truth`) would otherwise fail
+    with Python's "missing 1 required positional argument", saying nothing of columns."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return
+    missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not missing:
+        return
+    what = _TRL_ONLY.get(missing[0])
+    if what:
+        raise RewardError(f"reward '{name}' takes '{missing[0]}' ({what}), which gft does not "
+                          "pass; give it a default (e.g. None)")
+    columns = sorted(arguments)
+    raise RewardError(f"reward '{name}' takes '{missing[0]}', which is no column of the data "
+                      f"(it can read: {', '.join(columns)}); add the column, or set "
+                      f"answer_column: {missing[0]} if it holds the ground truth")
 
 
 def _check_values(name: str, returned: Any, n: int,

@@ -197,6 +197,12 @@ def nan(prompts, completions, **kw):
 def none_only(prompts, completions, **kw):
     return [None] * len(completions)
 
+def reads_ground_truth(completions, ground_truth, **kwargs):  # TRL's docs, verbatim
+    return [1.0 if c == gt else 0.0 for c, gt in zip(completions, ground_truth)]
+
+def logs_extra(completions, log_extra, **kwargs):
+    return [0.0] * len(completions)
+
 def returns_none(prompts, completions, **kw):
     return None
 
@@ -217,7 +223,14 @@ def spins(prompts, completions, **kw):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("raises", "reward 'REWARDS:raises' raised ValueError: the grader is down"),
+    # the error names the line that raised, in the user's file (no traceback is shown)
+    ("raises", "reward 'REWARDS:raises' raised ValueError at REWARDS:LINE: the grader is down"),
+    ("reads_ground_truth", "reward 'REWARDS:reads_ground_truth' takes 'ground_truth', which "
+                           "is no column of the data (it can read: answer, completion_ids, "
+                           "completions, prompts, trainer_state); add the column, or set "
+                           "answer_column: ground_truth if it holds the ground truth"),
+    ("logs_extra", "reward 'REWARDS:logs_extra' takes 'log_extra' (TRL's log_extra "
+                   "callback), which gft does not pass; give it a default (e.g. None)"),
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
@@ -228,7 +241,8 @@ def test_bad_reward_function(model, tmp_path, name, words):
     module.write_text(REWARDS)
     result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
                    "--set", "eval_samples=4")
-    one_line_error(result, words.replace("REWARDS", str(module)))
+    line = REWARDS.splitlines().index('    raise ValueError("the grader is down")') + 1
+    one_line_error(result, words.replace("REWARDS", str(module)).replace("LINE", str(line)))
 
 
 @pytest.mark.parametrize("name", ["hangs", "spins"])

@@ -190,7 +190,9 @@ def test_async_failure_is_named():
     model.functions, model.names = [broken], ["judge"]
     with pytest.raises(RewardError) as excinfo:
         model.score(["p"], ["x"], {"answer": ["x"]})
-    assert "reward 'judge' raised ValueError: judge unreachable" in str(excinfo.value)
+    line = broken.__code__.co_firstlineno + 1
+    assert f"reward 'judge' raised ValueError at {__file__}:{line}: judge unreachable" \
+        in str(excinfo.value)
 
 
 def test_async_functions_keep_to_reward_timeout():
