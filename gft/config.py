@@ -375,6 +375,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 pass
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if t is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return int(value)  # `max_steps: 1e4`, as TRL and mlx-lm configs write counts
         if t in (str, bool, list) and isinstance(value, t):
             return value
         if t is str and isinstance(value, bool) and "on" in CHOICES.get(name, ()):

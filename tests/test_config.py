@@ -116,5 +116,9 @@ def test_scientific_notation_reads_as_a_number_everywhere(tmp_path):
     assert parse_override("rewards=[{name: math, weight: 5e-1}]") == (
         "rewards", [{"name": "math", "weight": 0.5}])
     assert parse_override("learning_rate=1e-5") == ("learning_rate", 1e-5)
+    # a count written in scientific notation is a count; a fraction is not
+    assert build_config(None, {"max_steps": 1e4, "seed": 2.0}).max_steps == 10000
+    with pytest.raises(ConfigError, match="'max_steps' must be int or NoneType, got 1.5"):
+        build_config(None, {"max_steps": 1.5})
     # not numbers: left as text
     assert parse_override("stop=[1e, e5, .e5, 1e-5x]") == ("stop", ["1e", "e5", ".e5", "1e-5x"])
