@@ -280,6 +280,22 @@ FOREIGN_KEYS: dict[str, str] = {
     "model_init_kwargs": "gft's dtype and trust_remote_code",
     "peft_config": "gft's lora_rank, lora_alpha, lora_dropout, lora_targets",
     "resume_from_checkpoint": "gft train --resume RUN_DIR",
+    # TRL's example scripts (ModelConfig, ScriptArguments) put these in the same YAML
+    "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
+                          "hub id)",
+    "torch_dtype": "gft's dtype (float32 | bfloat16)",
+    "dataset_name": "gft's data: a local file or directory (JSONL, Parquet, CSV, JSON or a "
+                    "datasets.save_to_disk copy); gft does not download data sets",
+    "dataset_train_split": "gft trains on the 'train' split of a data directory (or the "
+                           "whole of a data file)",
+    "dataset_test_split": "gft's eval_split (a split of the data directory) or eval_data",
+    "use_peft": "gft's lora_rank (> 0 trains LoRA adapters)",
+    "lora_r": "TRL's lora_r is gft's lora_rank",
+    "lora_target_modules": "TRL's lora_target_modules is gft's lora_targets",
+    "top_k": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "min_p": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "repetition_penalty": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "run_name": "gft names a run after its directory: gft's output_dir",
     # mlx-lm lora config (and mlx-lm-lora's GRPO keys)
     "iters": "mlx-lm's iters is gft's max_steps",
     "batch_size": "gft counts prompts_per_step per step, prompts_per_minibatch per update "

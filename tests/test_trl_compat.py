@@ -439,6 +439,14 @@ def test_prepare_prompts_of_every_type_together(tmp_path, tokenizer):
     ("iters", ["max_steps"]),
     ("batch_size", ["prompts_per_step"]),
     ("adapter_path", ["output_dir"]),
+    # keys of TRL's example scripts' YAML (ModelConfig, ScriptArguments): no pointer before
+    ("model_name_or_path", ["gft's model"]),
+    ("dataset_name", ["gft's data", "does not download"]),
+    ("dataset_test_split", ["eval_split"]),
+    ("torch_dtype", ["gft's dtype"]),
+    ("use_peft", ["lora_rank"]),
+    ("lora_r", ["lora_rank"]),
+    ("top_k", ["temperature and top_p only"]),
 ])
 def test_trl_and_mlx_lm_names_point_at_gft_keys(tmp_path, key, words):
     config = tmp_path / "c.yaml"
