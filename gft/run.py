@@ -421,6 +421,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
+    if state.step and run_over(stages, state, cfg):  # a resume that has nothing to do
+        console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
     trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
@@ -451,6 +453,17 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
     return final
+
+
+def nothing_to_train(stages, state: LoopState) -> str:
+    """Why a resumed run has no step left, and the key that gives it more: without this,
+    resuming a finished run loaded the model, trained nothing and re-exported final/."""
+    end = stages[-1].end
+    if state.step < end:
+        return ("nothing to train: the run has spent its max_policy_tokens budget; raise "
+                "max_policy_tokens to train longer")
+    return (f"nothing to train: the run has done {state.step} steps of its {end}; raise "
+            f"max_steps to train longer (e.g. --set max_steps={state.step + 100})")
 
 
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:

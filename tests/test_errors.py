@@ -174,6 +174,16 @@ def test_rows_without_a_response_under_sft_are_counted(model, tmp_path):
             "nothing from them") in " ".join(result.output.split())
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(model, tmp_path):
+    """It loaded the model, trained nothing and re-exported final/, without a word."""
+    result = train(model, tmp_path, ROWS, "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    result = run_cli(["train", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert ("note: nothing to train: the run has done 1 steps of its 1; raise max_steps to "
+            "train longer (e.g. --set max_steps=101)") in " ".join(result.output.split())
+
+
 def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
     result = train(model, tmp_path, rows, "--max-steps", "1",
