@@ -570,6 +570,15 @@ def _normalize_stage(item: Any, i: int) -> dict[str, Any]:
         return {"preset": name, "steps": steps}
     if isinstance(item, dict) and "preset" in item:
         return dict(item)
+    presets = [key for key in item if key in PRESETS] if isinstance(item, dict) else []
+    if len(presets) == 1:  # `- sft: 200` with `learning_rate: ...` under it, in YAML
+        name, keys = presets[0], [k for k in item if k != presets[0]]
+        raise ConfigError(f"stages[{i}]: '{name}: {item[name]}' with other keys "
+                          f"({', '.join(map(str, keys))}); write it as {{preset: {name}, "
+                          f"steps: {item[name]}, {keys[0]}: ...}}")
+    if isinstance(item, dict) and len(item) == 1 and next(iter(item)) not in FIELDS:
+        name = str(next(iter(item)))
+        raise ConfigError(f"stages[{i}]: unknown preset '{name}'" + _suggest(name, PRESETS))
     raise ConfigError(f"stages[{i}]: expected 'preset: steps' or a mapping with 'preset' and "
                       f"'steps', got {item!r}")
 
