@@ -92,8 +92,30 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
                           f"{part.n_truncated} truncated, {part.n_skipped} skipped")
     if not data.rows:
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
+    long = rows_with_long_responses(cfg, data.rows, tokenizer)
+    if long:
+        console.print(f"[yellow]warning: {len(long)} of {len(data.rows)} training rows have a "
+                      f"dataset response over max_response_tokens={cfg.max_response_tokens} "
+                      f"(with its EOS; the first: {long[0].source}): it is trained cut short, "
+                      "without its end", highlight=False)
     check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def rows_with_long_responses(cfg: TrainConfig, rows: list[Example], tokenizer
+                             ) -> list[Example]:
+    """Rows with a dataset response (of the num_offpolicy that enter a group, in any
+    stage) longer than max_response_tokens with its EOS: gft/rollout.py cuts it there, so
+    the model learns it without its end, and never to stop. Counted once, before training,
+    as over-long prompts are."""
+    k = max(stage.cfg.num_offpolicy for stage in plan_stages(cfg, 1))
+    texts = [(i, text) for i, ex in enumerate(rows) for text in ex.responses[:k]]
+    if not texts:
+        return []
+    lengths = [len(ids) for ids in tokenizer([text for _, text in texts],
+                                             add_special_tokens=False).input_ids]
+    long = sorted({i for (i, _), n in zip(texts, lengths) if n + 1 > cfg.max_response_tokens})
+    return [rows[i] for i in long]
 
 
 def held_out_rows(cfg: TrainConfig, train_rows: list[Example]

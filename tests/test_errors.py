@@ -174,6 +174,24 @@ def test_rows_without_a_response_under_sft_are_counted(model, tmp_path):
             "nothing from them") in " ".join(result.output.split())
 
 
+def test_dataset_responses_over_max_response_tokens_are_counted(model, tmp_path):
+    """A demonstration longer than max_response_tokens is cut there and trained without
+    its EOS (the model never learns to stop); the run did it without a word."""
+    rows = [{**r, "completion": "yes, it is" if i < 3 else "yes"} for i, r in enumerate(ROWS)]
+    result = train(model, tmp_path, rows, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0, result.output
+    assert ("warning: 3 of 8 training rows have a dataset response over max_response_tokens=4 "
+            f"(with its EOS; the first: {tmp_path / 'train.jsonl'}:1): it is trained cut "
+            "short, without its end") in " ".join(result.output.split())
+    # "yes" + EOS is 4 tokens: within the limit, nothing said
+    again = tmp_path / "again"
+    again.mkdir()
+    result = train(model, again, ROWS, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0 and "max_response_tokens" not in result.output
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(model, tmp_path):
     """It loaded the model, trained nothing and re-exported final/, without a word."""
     result = train(model, tmp_path, ROWS, "--max-steps", "1")
