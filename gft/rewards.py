@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import decimal
+import fractions
 import functools
 import importlib
 import importlib.util
@@ -613,7 +614,9 @@ def _check_required(name: str, function: Callable, given: dict[str, Any],
 def _check_values(name: str, returned: Any, n: int,
                   sources: list[str] | None) -> np.ndarray:
     """A list/tuple/1-D array of n finite numbers or None -> float64 [n], NaN for None."""
-    if isinstance(returned, np.ndarray) and returned.ndim == 1:
+    # a 1-D array or tensor (numpy, torch, mlx): TRL builds a tensor from whatever the
+    # function returns, so such functions run there and must run here too
+    if getattr(returned, "ndim", None) == 1 and hasattr(returned, "tolist"):
         returned = returned.tolist()
     if not isinstance(returned, (list, tuple)):
         raise RewardError(f"reward '{name}' returned {type(returned).__name__}; expected a "
@@ -625,7 +628,10 @@ def _check_values(name: str, returned: Any, n: int,
     for index, value in enumerate(returned):
         if value is None:
             continue
-        if not isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            value = value.item()  # a 0-d tensor or array in a list
+        if not isinstance(value, (int, float, np.integer, np.floating, np.bool_,
+                                  fractions.Fraction)):
             raise RewardError(f"reward '{name}' returned {type(value).__name__} "
                               f"{value!r:.40} for {_source(sources, index)}; expected a "
                               "float or None")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -236,6 +237,20 @@ def test_numpy_and_bool_values_accepted():
     model = RewardModel([RewardSpec("exact")])
     model.functions, model.names = [as_array], ["as_array"]
     assert score(model, ["y", "n"], [None, None]).total.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda torch, n: torch.ones(n),                        # a 1-D tensor
+    lambda torch, n: [torch.tensor(1.0) for _ in range(n)],  # a list of 0-d tensors
+    lambda torch, n: [np.array(1.0)] * n,                   # a list of 0-d arrays
+    lambda torch, n: [Fraction(1, 1)] * n,
+])
+def test_tensor_values_accepted_as_trl_accepts_them(make):
+    """TRL makes a tensor of whatever a reward returns, so a function returning a torch
+    tensor (or a list of 0-d ones) runs there; here it was 'returned Tensor'."""
+    torch = pytest.importorskip("torch")
+    model = model_with(lambda completions, **kwargs: make(torch, len(completions)))
+    assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------------
