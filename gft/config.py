@@ -164,7 +164,7 @@ class TrainConfig:
                                      "eval_split of a `data` directory; a single data file "
                                      "has none (see eval_holdout).")
     eval_split: str = _f("test", "Split of a data directory used for held-out evaluation "
-                                 "(test, then valid if absent).")
+                                 "(test, then valid if absent; another name must exist).")
     eval_holdout: float = _f(0.0, "When there is no held-out data: set aside this fraction "
                                   "of the training rows (seeded; never trained on) for "
                                   "evaluation. 0 = evaluate nothing rather than training rows.")
@@ -280,6 +280,22 @@ FOREIGN_KEYS: dict[str, str] = {
     "model_init_kwargs": "gft's dtype and trust_remote_code",
     "peft_config": "gft's lora_rank, lora_alpha, lora_dropout, lora_targets",
     "resume_from_checkpoint": "gft train --resume RUN_DIR",
+    # TRL's example scripts (ModelConfig, ScriptArguments) put these in the same YAML
+    "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
+                          "hub id)",
+    "torch_dtype": "gft's dtype (float32 | bfloat16)",
+    "dataset_name": "gft's data: a local file or directory (JSONL, Parquet, CSV, JSON or a "
+                    "datasets.save_to_disk copy); gft does not download data sets",
+    "dataset_train_split": "gft trains on the 'train' split of a data directory (or the "
+                           "whole of a data file)",
+    "dataset_test_split": "gft's eval_split (a split of the data directory) or eval_data",
+    "use_peft": "gft's lora_rank (> 0 trains LoRA adapters)",
+    "lora_r": "TRL's lora_r is gft's lora_rank",
+    "lora_target_modules": "TRL's lora_target_modules is gft's lora_targets",
+    "top_k": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "min_p": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "repetition_penalty": "rollouts sample with temperature and top_p only (gft's top_p)",
+    "run_name": "gft names a run after its directory: gft's output_dir",
     # mlx-lm lora config (and mlx-lm-lora's GRPO keys)
     "iters": "mlx-lm's iters is gft's max_steps",
     "batch_size": "gft counts prompts_per_step per step, prompts_per_minibatch per update "
@@ -375,6 +391,8 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 pass
         if t is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if t is int and isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+            return int(value)  # `max_steps: 1e4`, as TRL and mlx-lm configs write counts
         if t in (str, bool, list) and isinstance(value, t):
             return value
         if t is str and isinstance(value, bool) and "on" in CHOICES.get(name, ()):
@@ -424,8 +442,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
-    if cfg.learning_rate <= 0 or cfg.temperature <= 0 or not 0 < cfg.top_p <= 1:
-        raise ConfigError("'learning_rate' and 'temperature' must be > 0 and 'top_p' in (0, 1]")
+    for name, ok, text in (("learning_rate", cfg.learning_rate > 0, "> 0"),
+                           ("temperature", cfg.temperature > 0, "> 0 (rollouts sample)"),
+                           ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]")):
+        if not ok:  # name the one key that is wrong, with its value
+            raise ConfigError(f"'{name}' must be {text}, got {getattr(cfg, name)!r}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
     _check_ranges(cfg)
@@ -468,10 +489,29 @@ def _check_ranges(cfg: TrainConfig) -> None:
                           f"{cfg.device!r}")
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and JSON, and Python) do.
+
+    PyYAML implements YAML 1.1, where a float needs a dot and a signed exponent: `1e-5`,
+    `1e5` and `1.0e5` are strings there. Config files from TRL and mlx-lm write learning
+    rates and reward weights that way, and a string can reach places no type check sees
+    (a reward weight, a reward function's option), so they are read as floats here."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YAMLLoader)  # a SafeLoader: builds plain values only
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except UnicodeDecodeError as e:
@@ -499,7 +539,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override '{text}' must look like key=value")
     key, value = text.split("=", 1)
     try:
-        return key.strip(), yaml.safe_load(value)
+        return key.strip(), _load_yaml(value)
     except yaml.YAMLError:
         return key.strip(), value
 
@@ -530,6 +570,15 @@ def _normalize_stage(item: Any, i: int) -> dict[str, Any]:
         return {"preset": name, "steps": steps}
     if isinstance(item, dict) and "preset" in item:
         return dict(item)
+    presets = [key for key in item if key in PRESETS] if isinstance(item, dict) else []
+    if len(presets) == 1:  # `- sft: 200` with `learning_rate: ...` under it, in YAML
+        name, keys = presets[0], [k for k in item if k != presets[0]]
+        raise ConfigError(f"stages[{i}]: '{name}: {item[name]}' with other keys "
+                          f"({', '.join(map(str, keys))}); write it as {{preset: {name}, "
+                          f"steps: {item[name]}, {keys[0]}: ...}}")
+    if isinstance(item, dict) and len(item) == 1 and next(iter(item)) not in FIELDS:
+        name = str(next(iter(item)))
+        raise ConfigError(f"stages[{i}]: unknown preset '{name}'" + _suggest(name, PRESETS))
     raise ConfigError(f"stages[{i}]: expected 'preset: steps' or a mapping with 'preset' and "
                       f"'steps', got {item!r}")
 

@@ -23,6 +23,7 @@ imported only when such a file is read.
 """
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import os
@@ -91,6 +92,11 @@ def example_from_row(row: Any, *, path: str, line: int,
     def fail(field: str, message: str) -> DataError:
         return DataError(message, path=path, line=line, field=field)
 
+    preference = [key for key in ("chosen", "rejected") if row.get(key) is not None]
+    if preference:  # read as two extra columns, the row would train on its prompt alone
+        raise fail(preference[0], "a preference row (TRL's chosen / rejected type, for DPO "
+                                  "and reward-model trainers) is not a gft data type; give "
+                                  "the preferred response as 'completion' instead")
     used = set()
     if row.get("prompt") is not None:
         prompt, demonstration = _parse_prompt(row["prompt"], fail), None
@@ -312,7 +318,7 @@ def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
     if isinstance(value, str):
         if not value.strip():
             raise fail("prompt", "empty prompt")
-        return value
+        return _check_text(value, "prompt", fail)
     if isinstance(value, list):
         return _parse_chat(value, "prompt", fail)
     raise fail("prompt", f"must be a string or a list of chat messages, "
@@ -328,11 +334,14 @@ def _split_messages(value: Any, fail) -> tuple[list[dict[str, str]], str | None]
         return messages, None
     if len(messages) == 1:
         raise fail("messages", "holds only an assistant message; there is no prompt")
+    _check_text_reply(messages[-1], f"messages[{len(messages) - 1}]", fail)
     return messages[:-1], messages[-1]["content"]
 
 
 def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
-    """Check each message is a dict with string 'role' and 'content'."""
+    """Check each message is a dict with string 'role' and 'content'. A message with
+    `tool_calls` (TRL's tool-calling rows) may have no content, or null: an assistant
+    turn that only calls a tool has none, and `datasets` fills absent keys with null."""
     if not messages:
         raise fail(field, "empty list of chat messages")
     for index, message in enumerate(messages):
@@ -341,12 +350,24 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
             raise fail(where, f"a chat message must be an object with 'role' and "
                               f"'content', got {_type_name(message)}")
         for key in ("role", "content"):
+            if key == "content" and message.get(key) is None and message.get("tool_calls"):
+                continue
             if key not in message:
                 raise fail(f"{where}.{key}", "missing")
             if not isinstance(message[key], str):
                 raise fail(f"{where}.{key}",
                            f"must be a string, got {_type_name(message[key])}")
+            _check_text(message[key], f"{where}.{key}", fail)
     return [dict(message) for message in messages]
+
+
+def _check_text_reply(message: dict, field: str, fail) -> None:
+    """A response gft trains on and scores is text; a final turn that calls a tool is not
+    (its call would be dropped, or the empty content trained on as the answer)."""
+    if message.get("tool_calls"):
+        raise fail(f"{field}.tool_calls", "the response (the final assistant message) calls a "
+                                          "tool; gft trains on text responses: end the row "
+                                          "with the assistant's text reply")
 
 
 def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
@@ -370,7 +391,7 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
 def _response_text(value: Any, field: str, fail) -> str:
     """A response as text: a string, or a list holding one assistant message."""
     if isinstance(value, str):
-        return value
+        return _check_text(value, field, fail)
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         got = _type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
             sorted({_type_name(item) for item in value if not isinstance(item, dict)}))
@@ -380,6 +401,7 @@ def _response_text(value: Any, field: str, fail) -> str:
         roles = ", ".join(m["role"] for m in messages)
         raise fail(field, "a conversational response must be exactly one assistant "
                           f"message, got roles [{roles}]")
+    _check_text_reply(messages[0], f"{field}[0]", fail)
     return messages[0]["content"]
 
 
@@ -390,15 +412,34 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
         raise fail(field, 'must be a string or a number, got bool (quote it: "true")')
     if isinstance(value, str):
-        return value
+        return _check_text(value, field, fail)
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
         if math.isnan(value):
             return None
-        # 42.0 (an integer column with gaps becomes float) should read as "42".
-        return str(int(value)) if value.is_integer() else repr(value)
+        # 42.0 (an integer column with gaps becomes float) should read as "42", and
+        # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
+        return str(int(value)) if value.is_integer() else _positional(value)
     raise fail(field, f"must be a string or a number, got {_type_name(value)}")
+
+
+def _check_text(text: str, field: str, fail) -> str:
+    """Text the tokenizer can encode. JSON may escape half of a UTF-16 surrogate pair
+    ("\\ud83d" alone, from text cut in the middle of an emoji); json.loads accepts it, and
+    the tokenizer then fails with a TypeError deep inside the run."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise fail(field, f"holds half of a UTF-16 surrogate pair (\\u{ord(text[exc.start]):04x} "
+                          f"at character {exc.start}): the text was cut inside a character; "
+                          "fix or remove it") from None
+    return text
+
+
+def _positional(value: float) -> str:
+    """A float's shortest round-trip digits (repr's), written without an exponent."""
+    return format(decimal.Decimal(repr(value)), "f")
 
 
 def _type_name(value: Any) -> str:

@@ -252,6 +252,10 @@ def check_model_dir(model: str | Path) -> None:
         raise ModelError(f"{model}: not a model directory (expected config.json, "
                          "model.safetensors and tokenizer files)")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if (path / "checkpoints").is_dir() or (path / "config.yaml").is_file():
+            # `gft eval runs/x` for `gft eval runs/x/final`: say which directory is meant
+            raise ModelError(f"{model}: a gft run directory, not a model; its trained model "
+                             f"is {path / 'final'} (a step's: {path / 'checkpoints'}/step-N)")
         raise ModelError(f"{model}: no config.json; not a Hugging Face-layout model directory")
     for name in JSON_FILES:
         if (path / name).is_file():

@@ -25,6 +25,8 @@ reward function, and where it concerns one sample, that sample's source.
 from __future__ import annotations
 
 import asyncio
+import decimal
+import fractions
 import functools
 import importlib
 import importlib.util
@@ -94,6 +96,21 @@ def _math_timeout() -> int | None:
     return 5 if threading.current_thread() is threading.main_thread() else None
 
 
+# A number in scientific notation, e.g. "1.5e-05" (how Python prints small floats):
+# math_verify reads it as LaTeX, 1.5·e − 5. Gold answers and completions are rewritten
+# positionally ("0.000015") before parsing, so either way of writing it compares equal.
+_SCIENTIFIC = re.compile(r"(?<![\w.])[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d{1,3}(?!\w|\.\d)")
+
+
+def _positional(text: str) -> str:
+    """Every number in scientific notation in `text`, written without an exponent."""
+    return _SCIENTIFIC.sub(lambda m: format(decimal.Decimal(m.group()), "f"), text)
+
+# Math delimiters in an answer: a `$` that is not escaped (MATH's "\\$18.90" is a dollar
+# sign, and parsed as written it gives nothing), \\boxed, \\( ... \\).
+_DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\\(")
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_gold(answer: str, timeout: int | None) -> tuple:
     """Parse a ground-truth answer once (the same answer is scored against G completions).
@@ -104,7 +121,8 @@ def _parse_gold(answer: str, timeout: int | None) -> tuple:
     """
     from math_verify import parse
     stripped = answer.strip()
-    if "$" in stripped or "\\boxed" in stripped or "\\(" in stripped:
+    stripped = _positional(stripped)
+    if _DELIMITED.search(stripped):
         return tuple(parse(stripped, parsing_timeout=timeout))
     gold = parse(f"${stripped}$", parsing_timeout=timeout)
     return tuple(gold or parse(stripped, parsing_timeout=timeout))
@@ -124,7 +142,7 @@ def make_math_reward() -> RewardFunction:
             if not gold:
                 scores.append(None)
                 continue
-            prediction = parse(_content(completion), parsing_timeout=timeout)
+            prediction = parse(_positional(_content(completion)), parsing_timeout=timeout)
             scores.append(1.0 if verify(list(gold), prediction,
                                         timeout_seconds=timeout) else 0.0)
         return scores
@@ -273,14 +291,44 @@ def _check_options(spec: RewardSpec, factory: Callable[..., RewardFunction]) -> 
                           + f"it takes: {', '.join(parameters) or 'no options'}")
 
 
+def is_file_location(location: str) -> bool:
+    """Whether the part of a user reward before ':' names a file (else a module)."""
+    return location.endswith(".py") or "/" in location or "\\" in location
+
+
+def map_reward_files(raw: Any, change: Callable[[str], str]) -> Any:
+    """The config's `rewards` value, in any form parse_reward_specs reads, with the file
+    path of each 'path/to/file.py:function' entry replaced by change(path); everything
+    else as it was. A run directory stores these paths so that it can move
+    (gft/runpaths.py), as it does its model and data."""
+    def renamed(name: Any) -> Any:
+        if not isinstance(name, str):
+            return name
+        location, sep, attribute = name.rpartition(":")
+        if not sep or not location or not is_file_location(location):
+            return name
+        return f"{change(location)}:{attribute}"
+
+    def item(value: Any) -> Any:
+        if isinstance(value, dict) and "name" in value:
+            return {**value, "name": renamed(value["name"])}
+        return renamed(value)
+
+    if isinstance(raw, (list, tuple)):
+        return [item(value) for value in raw]
+    if isinstance(raw, dict) and "name" not in raw:  # {name: weight}
+        return {renamed(name): weight for name, weight in raw.items()}
+    return item(raw)
+
+
 def _import_function(target: str) -> Callable:
     """Import "package.module:function" or "path/to/file.py:function"."""
     location, _, attribute = target.rpartition(":")
     try:
-        if location.endswith(".py") or "/" in location or "\\" in location:
+        if is_file_location(location):
             module = _import_file(Path(location))
         else:
-            module = importlib.import_module(location)
+            module = _import_module(location)
     except RewardError:
         raise
     except Exception as exc:  # ImportError, SyntaxError, or anything the module raises
@@ -293,6 +341,20 @@ def _import_function(target: str) -> Callable:
     if not callable(function):
         raise RewardError(f"reward '{target}': '{attribute}' is not callable")
     return function
+
+
+def _import_module(name: str) -> Any:
+    """Import a module as `python -m gft` would find it: the installed `gft` command's
+    sys.path starts with its own bin directory instead of the working directory, so
+    'my_rewards:f' next to the user's data was found by one and not the other."""
+    cwd = str(Path.cwd())
+    if cwd in sys.path or "" in sys.path:
+        return importlib.import_module(name)
+    sys.path.append(cwd)  # last: a module of the same name elsewhere still wins
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(cwd)
 
 
 def _import_file(path: Path) -> Any:
@@ -385,12 +447,13 @@ class RewardModel:
         """One reward's raw return value (a coroutine for an async function); every
         failure named."""
         kwargs = _accepted_arguments(function, arguments)
+        _check_required(name, function, kwargs, arguments)
         try:
             return call_with_timeout(lambda: function(**kwargs), self.timeout)
         except CallTimeout:
             raise RewardError(_timeout_message(name, self.timeout, sources)) from None
         except Exception as exc:
-            raise _named_error(name, exc, sources) from exc
+            raise _named_error(name, exc, sources, function) from exc
 
 
 # The names TRL's trainer passes besides the data columns; a column by one of these
@@ -398,13 +461,36 @@ class RewardModel:
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
-def _named_error(name: str, exc: Exception, sources: list[str] | None) -> RewardError:
+def _named_error(name: str, exc: Exception, sources: list[str] | None,
+                 function: Callable | None = None) -> RewardError:
     """A reward function's failure as one line naming it (and the row, when known)."""
     if isinstance(exc, MissingColumnError):
         where = _source(sources, exc.index)
         return RewardError(f"reward '{name}': {where}: column '{exc.column}' is missing "
                            "(None); this reward needs it on every row")
-    return RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}")
+    message = " ".join(str(exc).split())  # one line, whatever the function raised
+    return RewardError(f"reward '{name}' raised {type(exc).__name__}"
+                       f"{_raised_at(exc, function)}: {message}")
+
+
+def _raised_at(exc: BaseException, function: Callable | None) -> str:
+    """' at file:line' of the code that raised: the innermost traceback frame in the
+    reward function's own file, else the innermost frame outside gft. The error shows no
+    traceback, and 'TypeError: ...' alone does not say which line to fix."""
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    try:
+        own_file = inspect.getsourcefile(inspect.unwrap(
+            function.func if isinstance(function, functools.partial) else function))
+    except TypeError:  # a builtin, or None
+        own_file = None
+    gft_dir = str(Path(__file__).parent)
+    candidates = [f for f in frames if f[0] == own_file] or \
+        [f for f in frames if not f[0].startswith(gft_dir)]
+    return f" at {candidates[-1][0]}:{candidates[-1][1]}" if candidates else ""
 
 
 def _await_all(returned: list[Any], names: list[str], timeout: float,
@@ -498,10 +584,39 @@ def _accepted_arguments(function: Callable, arguments: dict[str, Any]) -> dict[s
             if key not in bound and (takes_all or key in names)}
 
 
+# What TRL's trainer passes that gft does not (README: Rewards).
+_TRL_ONLY = {"log_extra": "TRL's log_extra callback", "log_metric": "TRL's log_metric callback"}
+
+
+def _check_required(name: str, function: Callable, given: dict[str, Any],
+                    arguments: dict[str, Any]) -> None:
+    """A parameter without a default that nothing supplies, named before the call: a
+    TRL reward reading a column this data lacks (`ground_truth`) would otherwise fail
+    with Python's "missing 1 required positional argument", saying nothing of columns."""
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return
+    missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if not missing:
+        return
+    what = _TRL_ONLY.get(missing[0])
+    if what:
+        raise RewardError(f"reward '{name}' takes '{missing[0]}' ({what}), which gft does not "
+                          "pass; give it a default (e.g. None)")
+    columns = sorted(arguments)
+    raise RewardError(f"reward '{name}' takes '{missing[0]}', which is no column of the data "
+                      f"(it can read: {', '.join(columns)}); add the column, or set "
+                      f"answer_column: {missing[0]} if it holds the ground truth")
+
+
 def _check_values(name: str, returned: Any, n: int,
                   sources: list[str] | None) -> np.ndarray:
     """A list/tuple/1-D array of n finite numbers or None -> float64 [n], NaN for None."""
-    if isinstance(returned, np.ndarray) and returned.ndim == 1:
+    # a 1-D array or tensor (numpy, torch, mlx): TRL builds a tensor from whatever the
+    # function returns, so such functions run there and must run here too
+    if getattr(returned, "ndim", None) == 1 and hasattr(returned, "tolist"):
         returned = returned.tolist()
     if not isinstance(returned, (list, tuple)):
         raise RewardError(f"reward '{name}' returned {type(returned).__name__}; expected a "
@@ -513,7 +628,10 @@ def _check_values(name: str, returned: Any, n: int,
     for index, value in enumerate(returned):
         if value is None:
             continue
-        if not isinstance(value, (int, float, np.integer, np.floating, np.bool_)):
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+            value = value.item()  # a 0-d tensor or array in a list
+        if not isinstance(value, (int, float, np.integer, np.floating, np.bool_,
+                                  fractions.Fraction)):
             raise RewardError(f"reward '{name}' returned {type(value).__name__} "
                               f"{value!r:.40} for {_source(sources, index)}; expected a "
                               "float or None")

@@ -6,6 +6,7 @@ the gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
 import signal
@@ -32,7 +33,7 @@ from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
-                          stored_config)
+                          resolve_stored_extras, stored_config)
 from gft.rollout import PreparedPrompts, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -76,6 +77,11 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
         train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
     console.print(f"evaluation: {note}")
+    shared = shared_prompts(train_rows, eval_rows)
+    if shared:
+        console.print(f"[yellow]warning: {len(shared)} of {len(eval_rows)} held-out rows ask a "
+                      f"prompt the training rows also ask (the first: {shared[0].source}); "
+                      "on those the evaluation is not held out", highlight=False)
     kw = dict(chat_template=cfg.chat_template, max_prompt_tokens=cfg.max_prompt_tokens,
               overflow=cfg.prompt_overflow)
     data = prepare_prompts(train_rows, tokenizer, **kw)
@@ -86,8 +92,30 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
                           f"{part.n_truncated} truncated, {part.n_skipped} skipped")
     if not data.rows:
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
+    long = rows_with_long_responses(cfg, data.rows, tokenizer)
+    if long:
+        console.print(f"[yellow]warning: {len(long)} of {len(data.rows)} training rows have a "
+                      f"dataset response over max_response_tokens={cfg.max_response_tokens} "
+                      f"(with its EOS; the first: {long[0].source}): it is trained cut short, "
+                      "without its end", highlight=False)
     check_answers(cfg, [data, held_out])
     return data, held_out
+
+
+def rows_with_long_responses(cfg: TrainConfig, rows: list[Example], tokenizer
+                             ) -> list[Example]:
+    """Rows with a dataset response (of the num_offpolicy that enter a group, in any
+    stage) longer than max_response_tokens with its EOS: gft/rollout.py cuts it there, so
+    the model learns it without its end, and never to stop. Counted once, before training,
+    as over-long prompts are."""
+    k = max(stage.cfg.num_offpolicy for stage in plan_stages(cfg, 1))
+    texts = [(i, text) for i, ex in enumerate(rows) for text in ex.responses[:k]]
+    if not texts:
+        return []
+    lengths = [len(ids) for ids in tokenizer([text for _, text in texts],
+                                             add_special_tokens=False).input_ids]
+    long = sorted({i for (i, _), n in zip(texts, lengths) if n + 1 > cfg.max_response_tokens})
+    return [rows[i] for i in long]
 
 
 def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
@@ -113,7 +141,10 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
             rows = load_split(cfg.data, cfg.eval_data, **answer)
         return train_rows, rows, _eval_note(cfg, rows, f"eval_data {cfg.eval_data}")
     if not is_data_file(cfg.data):
-        rows = load_split(cfg.data, cfg.eval_split, required=False, **answer)
+        # a split named on purpose must exist (a typo turned evaluation off in silence);
+        # the default, test, falls back to valid
+        named = cfg.eval_split not in ("test", "valid")
+        rows = load_split(cfg.data, cfg.eval_split, required=named, **answer)
         split = cfg.eval_split
         if not rows and cfg.eval_split != "valid":
             rows, split = load_split(cfg.data, "valid", required=False, **answer), "valid"
@@ -135,6 +166,16 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
                             "training rows to set aside)")
 
 
+def shared_prompts(train_rows: list[Example], eval_rows: list[Example]) -> list[Example]:
+    """Held-out rows whose prompt is also a training row's: eval_split: train, eval_data
+    naming the training file, or duplicates across a data set's splits. Evaluating them
+    measures memory, not generalisation, so the run says how many there are."""
+    def key(example: Example) -> str:
+        return json.dumps(example.prompt, sort_keys=True)
+    trained = {key(example) for example in train_rows}
+    return [example for example in eval_rows if key(example) in trained]
+
+
 def _eval_note(cfg: TrainConfig, rows: list[Example], where: str) -> str:
     n = min(cfg.eval_samples, len(rows))
     return f"{n} held-out rows from {where}" if rows else f"off: {where} has no rows"
@@ -154,16 +195,26 @@ def build_scorer(cfg: TrainConfig):
         if raw is not None else None
 
 
-def check_trainable(cfg: TrainConfig, rows: list[Example]) -> None:
+def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console | None = None
+                    ) -> None:
     """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
-    no row has one it would make zero updates and still write final/. Said before the
-    model loads."""
-    if any(ex.responses for ex in rows):
+    no row has one it would make zero updates and still write final/: an error. If only
+    some rows lack one, they are drawn into steps and train nothing: a warning that counts
+    them (no row is left out silently). Said before the model loads."""
+    without = [ex for ex in rows if not ex.responses]
+    if not without:
         return
     for stage in plan_stages(cfg, 1):
         if stage.cfg.num_rollouts == 0:
             where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
                 f"preset '{stage.name}'"
+            if len(without) < len(rows):
+                if console is not None:
+                    console.print(f"[yellow]warning: {len(without)} of {len(rows)} training "
+                                  f"rows have no response (the first: {without[0].source}); "
+                                  f"{where} has num_rollouts=0 and learns nothing from them",
+                                  highlight=False)
+                return
             raise DataError(f"no training row has a response (completion, completions, "
                             f"responses or a final assistant message), and {where} has "
                             "num_rollouts=0: it learns only from dataset responses. Add "
@@ -293,11 +344,14 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
 
 def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
                       source: str) -> TrainConfig:
-    """The saved model and data paths as found from here (gft/runpaths.py); a path given
-    again on the command line is taken as given."""
+    """The saved paths (model, data, eval_data, reward files) as found from here
+    (gft/runpaths.py); a value given again on the command line is taken as given."""
     given = overrides or {}
-    return replace(cfg, **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
-                           for k in RUN_PATH_KEYS if k not in given})
+    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards",
+                                                                 "stages")}, run_dir)
+    return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
+                   **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
+                      for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -376,7 +430,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
-    check_trainable(cfg, train_rows)
+    check_trainable(cfg, train_rows, console if lead else None)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
@@ -389,6 +443,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
+    if state.step and run_over(stages, state, cfg):  # a resume that has nothing to do
+        console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
     trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
@@ -419,6 +475,17 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
     return final
+
+
+def nothing_to_train(stages, state: LoopState) -> str:
+    """Why a resumed run has no step left, and the key that gives it more: without this,
+    resuming a finished run loaded the model, trained nothing and re-exported final/."""
+    end = stages[-1].end
+    if state.step < end:
+        return ("nothing to train: the run has spent its max_policy_tokens budget; raise "
+                "max_policy_tokens to train longer")
+    return (f"nothing to train: the run has done {state.step} steps of its {end}; raise "
+            f"max_steps to train longer (e.g. --set max_steps={state.step + 100})")
 
 
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:

@@ -43,8 +43,42 @@ def stored_path(value: str | None, run_dir: Path) -> str | None:
 
 
 def stored_config(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """A config dict (gft.config.to_dict) as the run directory stores it."""
-    return {**config, **{k: stored_path(config.get(k), run_dir) for k in RUN_PATH_KEYS}}
+    """A config dict (gft.config.to_dict) as the run directory stores it: besides model
+    and data, eval_data when it is a path (not a split name) and the files of
+    'file.py:function' rewards, the run's own and each stage's, are stored the same way."""
+    def store(path: str) -> str:
+        return stored_path(path, run_dir) or path
+
+    out = {**config, **{k: stored_path(config.get(k), run_dir) for k in RUN_PATH_KEYS}}
+    out["eval_data"] = stored_path(config.get("eval_data"), run_dir)
+    return _with_reward_files(out, store)
+
+
+def resolve_stored_extras(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """eval_data and reward files as stored_config wrote them, found from any working
+    directory: a relative one inside the run directory when it is there, else as given
+    (a split name, or a run written before these were stored)."""
+    def found(path: str) -> str:
+        inside = Path(run_dir) / path
+        return str(inside) if not Path(path).is_absolute() and inside.exists() else path
+
+    out = dict(config)
+    if out.get("eval_data"):
+        out["eval_data"] = found(out["eval_data"])
+    return _with_reward_files(out, found)
+
+
+def _with_reward_files(config: dict[str, Any], change) -> dict[str, Any]:
+    """`rewards`, and each stage's, with their file paths passed through change()."""
+    from gft.rewards import map_reward_files
+    out = dict(config)
+    if out.get("rewards") is not None:
+        out["rewards"] = map_reward_files(out["rewards"], change)
+    if isinstance(out.get("stages"), list):
+        out["stages"] = [{**stage, "rewards": map_reward_files(stage["rewards"], change)}
+                         if isinstance(stage, dict) and stage.get("rewards") is not None
+                         else stage for stage in out["stages"]]
+    return out
 
 
 def resolve_stored(value: str | None, run_dir: Path, key: str, source: str) -> str | None:

@@ -287,6 +287,16 @@ def test_check_model_dir_errors(tmp_path, damage, words):
     assert "\n" not in str(err.value)
 
 
+def test_a_run_directory_given_as_a_model_names_its_final_model(tmp_path):
+    """`gft eval runs/x` (for runs/x/final) said only 'no config.json'."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("preset: sft\n")
+    with pytest.raises(ModelError, match=rf"a gft run directory, not a model; its trained "
+                                         rf"model is {re.escape(str(run / 'final'))}"):
+        check_model_dir(run)
+
+
 def test_missing_local_directory(tmp_path):
     with pytest.raises(ModelError, match="no such model directory"):
         check_model_dir(tmp_path / "nope" / "model")

@@ -46,6 +46,10 @@ def test_unknown_key_suggests(tmp_path):
     ({"tau": "high"}, "'tau' must be float"),
     ({"advantage": "grpoo"}, "did you mean 'grpo'"),
     ({"prompts_per_step": 10, "prompts_per_minibatch": 4}, "multiple"),
+    # each names the one key that is wrong and its value (it used to name all three)
+    ({"temperature": 0}, r"^'temperature' must be > 0 \(rollouts sample\), got 0.0$"),
+    ({"learning_rate": -1e-5}, r"^'learning_rate' must be > 0, got -1e-05$"),
+    ({"top_p": 1.5}, r"^'top_p' must be in \(0, 1\], got 1.5$"),
 ])
 def test_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
@@ -92,3 +96,29 @@ def test_any_mapping_loads_or_raises_config_error(values):
     except ConfigError:
         return
     assert isinstance(cfg, TrainConfig)
+
+
+def test_scientific_notation_reads_as_a_number_everywhere(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-5` as a string; TRL and mlx-lm configs write learning
+    rates and weights that way. Top-level keys were coerced, but a reward weight or a
+    stage's value is not checked against a float field: `weight: 1e-1` stopped the run."""
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1e-5\nadam_eps: 1.0e8\n"
+                 "rewards:\n  - {name: math, weight: 1e-1}\n"
+                 "stages:\n  - {preset: sft, steps: 2, learning_rate: 2E-4}\n")
+    raw = read_yaml(p)
+    assert raw["rewards"][0]["weight"] == 0.1
+    assert raw["stages"][0]["learning_rate"] == 2e-4
+    cfg = build_config(raw, source=str(p))
+    assert (cfg.learning_rate, cfg.adam_eps) == (1e-5, 1e8)
+    from gft.rewards import parse_reward_specs
+    assert parse_reward_specs(cfg.rewards)[0].weight == 0.1
+    assert parse_override("rewards=[{name: math, weight: 5e-1}]") == (
+        "rewards", [{"name": "math", "weight": 0.5}])
+    assert parse_override("learning_rate=1e-5") == ("learning_rate", 1e-5)
+    # a count written in scientific notation is a count; a fraction is not
+    assert build_config(None, {"max_steps": 1e4, "seed": 2.0}).max_steps == 10000
+    with pytest.raises(ConfigError, match="'max_steps' must be int or NoneType, got 1.5"):
+        build_config(None, {"max_steps": 1.5})
+    # not numbers: left as text
+    assert parse_override("stop=[1e, e5, .e5, 1e-5x]") == ("stop", ["1e", "e5", ".e5", "1e-5x"])

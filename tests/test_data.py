@@ -84,6 +84,15 @@ def test_integral_float_answer_reads_as_integer():
     assert example.answer == "42"
 
 
+@pytest.mark.parametrize("value, text", [(0.000015, "0.000015"), (1e-07, "0.0000001"),
+                                         (2.5, "2.5"), (-0.1, "-0.1"), (1e20, "100000000000000000000")])
+def test_float_answer_reads_as_written_without_an_exponent(value, text):
+    """A JSON (or CSV/Parquet) answer 0.000015 became repr's "1.5e-05": reward functions
+    got another string than the data held, and math_verify reads 1.5e-05 as 1.5*e - 5."""
+    example = example_from_row({"prompt": "p", "answer": value}, path="f", line=1)
+    assert example.answer == text
+
+
 # ---------------------------------------------------------------------------------------
 # Directories and other formats
 
@@ -293,6 +302,12 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"prompt": "p", "answer": [1]}, "answer", "got array"),
     ({"prompt": "p", "answer": {"x": 1}}, "answer", "got object"),
     ({"prompt": "p", "answer": True}, "answer", "bool"),
+    # JSON may escape half a surrogate pair; the tokenizer then crashed with a TypeError
+    ({"prompt": "x\ud83d"}, "prompt", "half of a UTF-16 surrogate pair (\\ud83d at character 1)"),
+    ({"prompt": "p", "completion": "\udfff"}, "completion", "surrogate"),
+    ({"prompt": "p", "completions": ["a", "b\ud800"]}, "completions[1]", "surrogate"),
+    ({"prompt": [{"role": "user", "content": "\ud800"}]}, "prompt[0].content", "surrogate"),
+    ({"prompt": "p", "answer": "\ud800"}, "answer", "surrogate"),
 ])
 def test_row_errors(tmp_path, row, field, words):
     path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "fine"}, row])

@@ -161,6 +161,47 @@ def test_no_row_with_a_response_for_a_preset_without_rollouts(model, tmp_path, m
                     "preset that samples rollouts (grpo, gft)")
 
 
+def test_rows_without_a_response_under_sft_are_counted(model, tmp_path):
+    """Under SFT a row without a response is drawn into a step and trains nothing; when
+    only some rows lacked one, the run said nothing about them."""
+    rows = [r if i % 2 else {"prompt": r["prompt"], "answer": r["answer"]}
+            for i, r in enumerate(ROWS)]
+    result = train(model, tmp_path, rows, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: 4 of 8 training rows have no response (the first: "
+            f"{tmp_path / 'train.jsonl'}:1); preset 'sft' has num_rollouts=0 and learns "
+            "nothing from them") in " ".join(result.output.split())
+
+
+def test_dataset_responses_over_max_response_tokens_are_counted(model, tmp_path):
+    """A demonstration longer than max_response_tokens is cut there and trained without
+    its EOS (the model never learns to stop); the run did it without a word."""
+    rows = [{**r, "completion": "yes, it is" if i < 3 else "yes"} for i, r in enumerate(ROWS)]
+    result = train(model, tmp_path, rows, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0, result.output
+    assert ("warning: 3 of 8 training rows have a dataset response over max_response_tokens=4 "
+            f"(with its EOS; the first: {tmp_path / 'train.jsonl'}:1): it is trained cut "
+            "short, without its end") in " ".join(result.output.split())
+    # "yes" + EOS is 4 tokens: within the limit, nothing said
+    again = tmp_path / "again"
+    again.mkdir()
+    result = train(model, again, ROWS, "--preset", "sft", "--max-steps", "1",
+                   "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
+    assert result.exit_code == 0 and "max_response_tokens" not in result.output
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(model, tmp_path):
+    """It loaded the model, trained nothing and re-exported final/, without a word."""
+    result = train(model, tmp_path, ROWS, "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    result = run_cli(["train", "--resume", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert ("note: nothing to train: the run has done 1 steps of its 1; raise max_steps to "
+            "train longer (e.g. --set max_steps=101)") in " ".join(result.output.split())
+
+
 def test_missing_answer_is_fine_for_rewards_that_need_none(model, tmp_path):
     rows = [{"prompt": r["prompt"], "completion": "yes"} for r in ROWS]
     result = train(model, tmp_path, rows, "--max-steps", "1",
@@ -184,6 +225,12 @@ def nan(prompts, completions, **kw):
 def none_only(prompts, completions, **kw):
     return [None] * len(completions)
 
+def reads_ground_truth(completions, ground_truth, **kwargs):  # TRL's docs, verbatim
+    return [1.0 if c == gt else 0.0 for c, gt in zip(completions, ground_truth)]
+
+def logs_extra(completions, log_extra, **kwargs):
+    return [0.0] * len(completions)
+
 def returns_none(prompts, completions, **kw):
     return None
 
@@ -204,7 +251,14 @@ def spins(prompts, completions, **kw):
 
 
 @pytest.mark.parametrize("name, words", [
-    ("raises", "reward 'REWARDS:raises' raised ValueError: the grader is down"),
+    # the error names the line that raised, in the user's file (no traceback is shown)
+    ("raises", "reward 'REWARDS:raises' raised ValueError at REWARDS:LINE: the grader is down"),
+    ("reads_ground_truth", "reward 'REWARDS:reads_ground_truth' takes 'ground_truth', which "
+                           "is no column of the data (it can read: answer, completion_ids, "
+                           "completions, prompts, trainer_state); add the column, or set "
+                           "answer_column: ground_truth if it holds the ground truth"),
+    ("logs_extra", "reward 'REWARDS:logs_extra' takes 'log_extra' (TRL's log_extra "
+                   "callback), which gft does not pass; give it a default (e.g. None)"),
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),
@@ -215,7 +269,8 @@ def test_bad_reward_function(model, tmp_path, name, words):
     module.write_text(REWARDS)
     result = train(model, tmp_path, ROWS, "--set", f'rewards=["{module}:{name}"]',
                    "--set", "eval_samples=4")
-    one_line_error(result, words.replace("REWARDS", str(module)))
+    line = REWARDS.splitlines().index('    raise ValueError("the grader is down")') + 1
+    one_line_error(result, words.replace("REWARDS", str(module)).replace("LINE", str(line)))
 
 
 @pytest.mark.parametrize("name", ["hangs", "spins"])

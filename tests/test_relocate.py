@@ -117,3 +117,50 @@ def test_stored_paths(tmp_path):
         == "../../task"
     (run / "final").mkdir()
     assert adapter_base("../task", run / "final") == str(run / "task")
+
+
+def test_reward_files_and_eval_data_given_relative_move_with_the_run(tmp_path, monkeypatch):
+    """README: a copied run resumes 'from any working directory'. A reward given as
+    `my_rewards.py:f` and an eval_data file given relative to where the run started were
+    stored as typed, so a resume from elsewhere stopped: 'reward file not found'."""
+    start = tmp_path / "project"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    Path("my_rewards.py").write_text(
+        "def reward_len(completions, **kwargs):\n"
+        "    return [-abs(20 - len(c)) for c in completions]\n")
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes"} for i in range(4)]
+    for name in ("train.jsonl", "held.jsonl"):
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "train.jsonl",
+        *SMALL, "--set", "rewards=[{name: my_rewards.py:reward_len, weight: 1e-1}]",
+        "--set", "eval_data=held.jsonl")
+    saved = yaml.safe_load(Path("run/config.yaml").read_text())
+    assert saved["rewards"] == [{"name": str((start / "my_rewards.py").resolve())
+                                 + ":reward_len", "weight": 0.1}]
+    assert saved["eval_data"] == str((start / "held.jsonl").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(start / "run", elsewhere / "moved")
+    monkeypatch.chdir(elsewhere)
+    out = gft("train", "--resume", "moved", "--set", "max_steps=2")
+    assert "held-out rows from eval_data" in out and "final checkpoint" in out
+
+
+def test_stored_reward_files_inside_the_run_resolve_there(tmp_path):
+    from gft.runpaths import resolve_stored_extras, stored_config
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "r.py").write_text("")
+    stored = stored_config({"model": None, "data": None, "eval_data": "test",
+                            "rewards": {str(run / "r.py") + ":f": 1.0, "math": 0.5},
+                            "stages": [{"sft": 2}, {"preset": "grpo", "steps": 2,
+                                                    "rewards": [str(run / "r.py") + ":g"]}]},
+                           run)
+    assert stored["rewards"] == {"./r.py:f": 1.0, "math": 0.5}
+    assert stored["eval_data"] == "test"  # a split name, not a path
+    assert stored["stages"][1]["rewards"] == ["./r.py:g"]
+    found = resolve_stored_extras(stored, run)
+    assert found["rewards"] == {str(run / "r.py") + ":f": 1.0, "math": 0.5}
+    assert found["stages"][1]["rewards"] == [str(run / "r.py") + ":g"]
+    assert found["eval_data"] == "test"

@@ -2,7 +2,9 @@
 semantics, every validation error, and the accepted forms of the rewards config."""
 from __future__ import annotations
 
+import sys
 import threading
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -33,6 +35,17 @@ def score(rewards, completions, answers, sources=None, **columns):
     (r"\boxed{x^2+1}", "x^2+1", 1.0),
     ("no number at all", "7", 0.0),
     (r"\boxed{7}", "$7$", 1.0),  # gold already delimited
+    # MATH writes currency as "\$18.90": an escaped $ is not a delimiter (the gold parsed
+    # to nothing, so the reward did not apply to the row)
+    (r"\boxed{18.90}", r"\$18.90", 1.0),
+    (r"\boxed{\$18.90}", r"\$18.90", 1.0),
+    (r"\boxed{18.91}", r"\$18.90", 0.0),
+    # scientific notation is a number, not 1.5·e − 5 (Python prints 0.000015 as 1.5e-05)
+    (r"\boxed{0.000015}", "1.5e-05", 1.0),
+    (r"\boxed{1.5e-05}", "0.000015", 1.0),
+    (r"\boxed{1.5e-05}", "1.5e-05", 1.0),
+    (r"\boxed{0.00002}", "1.5e-05", 0.0),
+    (r"the answer is 1e5.", "100000", 1.0),
 ])
 def test_math(completion, answer, expected):
     assert score("math", [completion], [answer]).total.tolist() == [expected]
@@ -154,6 +167,21 @@ def test_user_reward_options_become_keywords(user_module):
     assert score(rewards, ["abcd"], [None], scale=[100]).total.tolist() == [2.0]
 
 
+def test_a_module_in_the_working_directory_imports_under_the_gft_command(tmp_path,
+                                                                        monkeypatch):
+    """The installed `gft` script's sys.path holds its bin directory, not the working
+    directory (python -m gft's does): 'cwd_rewards_xyz:f' next to the data failed with
+    ModuleNotFoundError under one and worked under the other."""
+    (tmp_path / "cwd_rewards_xyz.py").write_text(
+        "def f(completions, **kwargs):\n    return [0.5 for _ in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if p not in ("", ".", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "cwd_rewards_xyz", raising=False)
+    assert score(["cwd_rewards_xyz:f"], ["a"], [None]).total.tolist() == [0.5]
+    assert str(tmp_path) not in sys.path  # looked up there, not left on the path
+
+
 @pytest.mark.parametrize("name, words", [
     ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz'"),
     ("my_rewards:missing", "has no attribute 'missing'"),
@@ -209,6 +237,20 @@ def test_numpy_and_bool_values_accepted():
     model = RewardModel([RewardSpec("exact")])
     model.functions, model.names = [as_array], ["as_array"]
     assert score(model, ["y", "n"], [None, None]).total.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("make", [
+    lambda torch, n: torch.ones(n),                        # a 1-D tensor
+    lambda torch, n: [torch.tensor(1.0) for _ in range(n)],  # a list of 0-d tensors
+    lambda torch, n: [np.array(1.0)] * n,                   # a list of 0-d arrays
+    lambda torch, n: [Fraction(1, 1)] * n,
+])
+def test_tensor_values_accepted_as_trl_accepts_them(make):
+    """TRL makes a tensor of whatever a reward returns, so a function returning a torch
+    tensor (or a list of 0-d ones) runs there; here it was 'returned Tensor'."""
+    torch = pytest.importorskip("torch")
+    model = model_with(lambda completions, **kwargs: make(torch, len(completions)))
+    assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from cli import main
@@ -58,3 +60,19 @@ def test_a_resumed_staged_run_with_more_steps_runs_them(tmp_path):
     assert max(steps) == 3
     last = run / "checkpoints" / "step-000003"  # final/ holds the model only
     assert json.loads((last / "trainer_state.json").read_text())["loop"]["step"] == 3
+
+
+@pytest.mark.parametrize("stage, message", [
+    # YAML `- sft: 200` with `learning_rate: ...` indented under it: the natural mistake
+    ({"sft": 2, "learning_rate": 1e-3},
+     "stages[0]: 'sft: 2' with other keys (learning_rate); write it as {preset: sft, "
+     "steps: 2, learning_rate: ...}"),
+    ({"grpoo": 2}, "stages[0]: unknown preset 'grpoo' (did you mean 'grpo'?)"),
+])
+def test_a_stage_written_wrong_says_how_to_write_it(stage, message):
+    """Both got only "expected 'preset: steps' or a mapping with 'preset' and 'steps'"."""
+    from gft.config import build_config
+    from gft.errors import ConfigError
+    with pytest.raises(ConfigError) as excinfo:
+        build_config({"model": "m", "stages": [stage]})
+    assert str(excinfo.value) == message

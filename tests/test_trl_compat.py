@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 from cli import main
 from gft.data import load_split
 from gft.metrics import read_metrics
-from gft.errors import RewardError
+from gft.errors import DataError, RewardError
 from gft.rewards import TrainerState, build_rewards
 from gft.rollout import build_groups, encode_prompt, prepare_prompts
 from gft.tiny import TinyModelSpec, write_tiny_model
@@ -189,7 +190,9 @@ def test_async_failure_is_named():
     model.functions, model.names = [broken], ["judge"]
     with pytest.raises(RewardError) as excinfo:
         model.score(["p"], ["x"], {"answer": ["x"]})
-    assert "reward 'judge' raised ValueError: judge unreachable" in str(excinfo.value)
+    line = broken.__code__.co_firstlineno + 1
+    assert f"reward 'judge' raised ValueError at {__file__}:{line}: judge unreachable" \
+        in str(excinfo.value)
 
 
 def test_async_functions_keep_to_reward_timeout():
@@ -244,6 +247,52 @@ def test_conversational_types_render_as_the_chat_template(tmp_path, tokenizer, k
     trained = seq.prompt_ids + seq.response_ids
     assert trained[:-1] == full[:len(trained) - 1]
     assert trained[-1] == tokenizer.eos_token_id
+
+
+# TRL's tool-calling rows: an assistant turn that only calls a tool has no content
+TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+                 "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+             {"role": "tool", "name": "get_weather", "content": "22C"}]
+
+
+@pytest.mark.parametrize("null_filled", [False, True])
+def test_tool_calling_messages_render_as_the_chat_template(tmp_path, tokenizer, null_filled):
+    """A tool-call turn without content was refused ('messages[1].content: missing'); a
+    Parquet or save_to_disk copy of the same rows has content null (datasets fills
+    absent keys), refused too."""
+    chat = [dict(m) for m in TOOL_CHAT]
+    if null_filled:
+        chat = [{"content": None, "tool_calls": None, "name": None, **m} for m in chat]
+    example = load_one(tmp_path, {"messages": chat + [{"role": "assistant",
+                                                        "content": "It is 22C."}]})
+    assert example.responses == ("It is 22C.",)
+    assert encode_prompt(example, tokenizer, chat_template=None) == \
+        chat_ids(tokenizer, chat, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"messages": TOOL_CHAT[:1] + TOOL_CHAT[1:2]}, "messages[1].tool_calls"),
+    ({"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:2]}, "completion[0].tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+     "messages[1].content"),
+])
+def test_a_response_that_calls_a_tool_is_refused(tmp_path, row, field):
+    with pytest.raises(DataError, match=rf"rows.jsonl:1: field '{re.escape(field)}': "):
+        load_one(tmp_path, row)
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "What is 2+2?", "chosen": " 4", "rejected": " 5"},
+    {"prompt": CHAT, "chosen": [REPLY], "rejected": [REPLY]},
+    {"chosen": CHAT + [REPLY], "rejected": CHAT + [REPLY]},
+])
+def test_preference_rows_are_refused(tmp_path, row):
+    """README: preference rows (chosen / rejected) are refused. With an explicit prompt
+    they were read as a prompt-only row plus two columns: gft trained on the prompt
+    alone (GRPO, GFT) and never saw the chosen response."""
+    with pytest.raises(DataError, match=r"rows.jsonl:1: field 'chosen': a preference row"):
+        load_one(tmp_path, row)
 
 
 @pytest.mark.parametrize("row", [
@@ -390,6 +439,14 @@ def test_prepare_prompts_of_every_type_together(tmp_path, tokenizer):
     ("iters", ["max_steps"]),
     ("batch_size", ["prompts_per_step"]),
     ("adapter_path", ["output_dir"]),
+    # keys of TRL's example scripts' YAML (ModelConfig, ScriptArguments): no pointer before
+    ("model_name_or_path", ["gft's model"]),
+    ("dataset_name", ["gft's data", "does not download"]),
+    ("dataset_test_split", ["eval_split"]),
+    ("torch_dtype", ["gft's dtype"]),
+    ("use_peft", ["lora_rank"]),
+    ("lora_r", ["lora_rank"]),
+    ("top_k", ["temperature and top_p only"]),
 ])
 def test_trl_and_mlx_lm_names_point_at_gft_keys(tmp_path, key, words):
     config = tmp_path / "c.yaml"
@@ -502,3 +559,35 @@ def test_eval_data_that_names_nothing(tmp_path):
     data = rows_file(tmp_path / "train.jsonl", 4)
     with pytest.raises(ConfigError, match="neither a file nor a directory"):
         held_out(data, eval_data="test")
+
+
+def test_an_eval_split_that_does_not_exist_is_an_error(tmp_path):
+    """eval_split named on purpose but absent turned evaluation off, saying the data had
+    no held-out split although it had one; the default (test) still falls back to valid."""
+    from gft.errors import DataError as Error
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    rows_file(data / "test.jsonl", 2, "h")
+    with pytest.raises(Error, match=r"no 'tset' split"):
+        held_out(data, eval_split="tset")
+    (data / "test.jsonl").rename(data / "valid.jsonl")
+    _, rows, note = held_out(data, eval_split="test")
+    assert [r.prompt for r in rows] == ["h0", "h1"] and "'valid' split" in note
+
+
+def test_held_out_rows_that_training_also_asks_are_counted(tmp_path, model):
+    """README: training rows are never evaluated on as if they were held out. With
+    eval_split: train (or eval_data naming the training file, or a prompt duplicated
+    across splits) they were, under 'N held-out rows' and nothing else."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    (data / "test.jsonl").write_text(json.dumps({"prompt": "t1", "completion": "x"}) + "\n"
+                                     + json.dumps({"prompt": "new", "completion": "x"}) + "\n")
+    result, _ = train(model, data, tmp_path / "run", "torch", "preset=sft")
+    assert ("warning: 1 of 2 held-out rows ask a prompt the training rows also ask (the "
+            f"first: {data / 'test.jsonl'}:1); on those the evaluation is not held out") \
+        in " ".join(result.output.split())
+    result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", "eval_split=train")
+    assert "warning: 4 of 4 held-out rows ask a prompt" in " ".join(result.output.split())
