@@ -217,7 +217,11 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import is_peft_adapter, lora_from_train_config
-    base = base_as_stored(model_path, cfg.model) if is_peft_adapter(model_path) else cfg.model
+    # `model` is the base under a LoRA checkpoint, unless it is itself an adapter (training
+    # on from a PEFT adapter): then its base is the one its adapter_config.json names;
+    # taken as the base, transformers would load base + adapter and LoRA would go on twice
+    model = None if cfg.model and is_peft_adapter(cfg.model) else cfg.model
+    base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
         seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
