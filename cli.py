@@ -289,7 +289,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     from gft.data import load_split
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
-    from gft.rollout import prepare_prompts
+    from gft.rollout import check_context, prepare_prompts
     if data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
@@ -297,6 +297,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
+    check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens")
     from gft.config import TrainConfig
     scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,

@@ -207,6 +207,7 @@ def adamw_tensor_update(c: OptimConfig):
 
 class MlxBackend:
     name = "mlx"
+    max_positions = None  # the architectures MLX trains here all use RoPE: no wall
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
                  optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,

@@ -159,6 +159,21 @@ def separate_head(model):
     return inner.get_decoder(), head
 
 
+def learned_position_limit(model) -> int | None:
+    """How many positions a model with learned absolute position embeddings has rows for
+    (GPT-2's wpe, OPT's embed_positions: an Embedding besides the tokens' sized by
+    max_position_embeddings, OPT's with 2 rows of offset); None for RoPE and ALiBi models,
+    whose positions are computed and run on past the config's figure."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = getattr(inner.config, "max_position_embeddings", None)  # n_positions: aliased
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    tokens = inner.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens
+                  and limit <= m.num_embeddings <= limit + 2 for m in inner.modules())
+    return limit if learned else None
+
+
 class TorchBackend:
     name = "torch"
 
@@ -178,6 +193,7 @@ class TorchBackend:
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        self.max_positions = learned_position_limit(model)  # None: no wall (RoPE, ALiBi)
         # what ends a completion; load() adds generation_config.json's ids, load_backend
         # the config's `stop`
         self.stops = Stops(frozenset({tokenizer.eos_token_id}))

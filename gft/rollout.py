@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gft.data import render_prompt
-from gft.errors import DataError
+from gft.errors import ConfigError, DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
 from gft.stops import Stops
@@ -77,6 +77,27 @@ def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], b
     """A dataset response as ids + EOS (so the model learns to stop); cut at max_tokens."""
     ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return (ids[:max_tokens], True) if len(ids) > max_tokens else (ids, False)
+
+
+def check_context(max_positions: int | None, prompt_ids: Sequence[list[int]],
+                  response_tokens: int, key: str, what: str | None = None) -> None:
+    """Refuse, before any work, sequences longer than a model with learned absolute
+    positions has positions for (GPT-2's wpe, OPT's embed_positions: max_positions, from
+    the backend; None for RoPE or ALiBi, which have no such wall). Past it the forward
+    indexes beyond the table: an IndexError deep in torch, possibly hours into a run.
+    response_tokens: the most response tokens after the longest prompt, `what` they are
+    (default: `key`); key: the option or config key that bounds them, named in the error."""
+    if max_positions is None or not prompt_ids:
+        return
+    longest = max(len(p) for p in prompt_ids)
+    if longest + response_tokens <= max_positions:
+        return
+    fix = (f"lower {key} to at most {max_positions - longest}" if longest < max_positions
+           else "shorten the prompts (max_prompt_tokens, prompt_overflow: truncate)")
+    raise ConfigError(f"the model has learned positions for {max_positions} tokens "
+                      f"(config.json max_position_embeddings or n_positions), but the longest prompt "
+                      f"({longest} tokens) plus {what or key} ({response_tokens} tokens) reaches "
+                      f"{longest + response_tokens}, past them; {fix}")
 
 
 def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],

@@ -33,7 +33,7 @@ from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
                           stored_config)
-from gft.rollout import PreparedPrompts, prepare_prompts
+from gft.rollout import PreparedPrompts, check_context, encode_response, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
 from gft.tracking import Trackers, open_trackers
@@ -233,6 +233,27 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
         stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
 
 
+def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompts | None,
+                        stages, scorer) -> None:
+    """The longest sequence the run can build must fit a model with learned positions
+    (gft.rollout.check_context): longest prompt + max_response_tokens where anything is
+    sampled (rollouts, a held-out evaluation with rewards), else + the longest dataset
+    response as the run cuts it (an SFT run of short demonstrations on GPT-2 fits)."""
+    limit = getattr(backend, "max_positions", None)
+    if limit is None:
+        return
+    cap = max(stage.cfg.max_response_tokens for stage in stages)
+    prompts = data.prompt_ids + (held_out.prompt_ids if held_out else [])
+    samples = any(stage.cfg.num_rollouts > 0 for stage in stages) or \
+        (held_out is not None and scorer is not None)
+    if not samples:
+        rows = data.rows + (held_out.rows if held_out else [])
+        cap = max((len(encode_response(text, backend.tokenizer, cap)[0])
+                   for row in rows for text in row.responses), default=0)
+    check_context(limit, prompts, cap, "max_response_tokens",
+                  None if samples else "the longest dataset response")
+
+
 def memory_plan(cfg: TrainConfig, model_path: str | None = None):
     """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
     is not on disk (a hub id)."""
@@ -386,6 +407,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
+    check_sequences_fit(backend, data, held_out, stages, scorer)
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
                         f"stage {stage.index + 1} ({stage.name})")

@@ -5,6 +5,9 @@ What is checked:
 - a PEFT adapter directory given as --model (as peft writes it: no tokenizer files) trains
   its adapter over the base its adapter_config.json names: LoRA is put on once, training
   starts from the adapter's weights, and the saved adapter names that base;
+- a model with learned absolute positions (GPT-2, OPT) refuses, in one line before any
+  work, a run or an evaluation whose sequences would index past its position table (an
+  IndexError deep in torch, otherwise), and runs right up to it;
 """
 from __future__ import annotations
 
@@ -18,10 +21,12 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 import gft.run  # noqa: E402
+from backends.torch_backend import learned_position_limit  # noqa: E402
 from cli import main  # noqa: E402
+from gft.tiny import BOS_ID, EOS_ID, PAD_ID, save_tokenizer  # noqa: E402
 from tests.helpers import batch, say_yes_data, scaled_tiny  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
@@ -29,10 +34,24 @@ SMALL = ["--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
          "--set", "max_response_tokens=4", "--set", "progress=false"]
 
 
-def cli(*args: str) -> str:
+def cli(*args: str, code: int = 0) -> str:
     result = CliRunner().invoke(main, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == code, result.output
     return result.output
+
+
+def saved_by_transformers(path: Path, model_type: str, dtype=torch.float32, **shape) -> Path:
+    """A tiny random model of `model_type` written by transformers' own save_pretrained,
+    with the byte tokenizer (specials 256-258)."""
+    config = AutoConfig.for_model(model_type, vocab_size=259, bos_token_id=BOS_ID,
+                                  eos_token_id=EOS_ID, pad_token_id=PAD_ID, **shape)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(path)
+    save_tokenizer(path)
+    return path
+
+
+GPT2 = dict(n_embd=32, n_layer=1, n_head=2, n_positions=64)
 
 
 def opened_backends(monkeypatch) -> list:
@@ -86,3 +105,40 @@ def test_a_peft_adapter_as_model_trains_over_its_own_base(tmp_path, monkeypatch)
     cli("train", "--resume", tmp_path / "run", "--set", "max_steps=2")
     saved = json.loads((final / "adapter_config.json").read_text())
     assert Path(saved["base_model_name_or_path"]).resolve() == base.resolve()
+
+
+def test_learned_positions_are_found_where_the_model_has_a_table_of_them(tmp_path):
+    shapes = {"gpt2": GPT2,  # wpe: 64 rows
+              "opt": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64),
+              "llama": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)}  # RoPE
+    found = {kind: learned_position_limit(AutoModelForCausalLM.from_pretrained(
+        saved_by_transformers(tmp_path / kind, kind, **shape))) for kind, shape in shapes.items()}
+    assert found == {"gpt2": 64, "opt": 64, "llama": None}  # OPT's table has 66 rows
+
+
+def test_sequences_past_gpt2s_positions_are_refused_before_any_work(tmp_path):
+    model = saved_by_transformers(tmp_path / "gpt2", "gpt2", **GPT2)
+    data = say_yes_data(tmp_path / "data")  # the longest prompt, 'Q10: say yes\nA:': 15 tokens
+    common = ["--model", model, "--data", data, "--max-steps", "1", "--set", "rewards=[exact]",
+              "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+              "--set", "progress=false", "--set", "eval_samples=0"]
+    out = cli("train", "-o", tmp_path / "long", "--preset", "grpo", *common,
+              "--set", "max_response_tokens=60", code=2)
+    assert out.strip().splitlines()[-1:] == [
+        "error: the model has learned positions for 64 tokens (config.json "
+        "max_position_embeddings or n_positions), but the longest prompt (15 tokens) plus "
+        "max_response_tokens (60 tokens) reaches 75, past them; lower max_response_tokens "
+        "to at most 49"]
+    assert not (tmp_path / "long" / "checkpoints").exists()
+    # right up to the wall (most rollouts of a random model run to max_response_tokens)
+    cli("train", "-o", tmp_path / "fits", "--preset", "grpo", *common,
+        "--set", "max_response_tokens=49")
+    # without sampling only the dataset's responses count (' yes' + EOS: 5 tokens)
+    cli("train", "-o", tmp_path / "sft", "--preset", "sft", *common,
+        "--set", "max_response_tokens=2048")
+    out = cli("eval", model, "--data", data, "--limit", "2", "--max-new-tokens", "50", code=2)
+    assert out.strip().splitlines()[-1].endswith(
+        "plus --max-new-tokens (50 tokens) reaches 65, past them; lower --max-new-tokens "
+        "to at most 49")
