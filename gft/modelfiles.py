@@ -102,6 +102,13 @@ def _stored_weights(model_dir: Path) -> dict[str, str]:
     return out
 
 
+def stored_dtype(model_dir: Path) -> str | None:
+    """The one float dtype a model directory's weights are stored in ('bfloat16', ...), or
+    None (mixed, none, or not float)."""
+    stored = set(_stored_weights(Path(model_dir)).values())
+    return _ST_DTYPES.get(stored.pop()) if len(stored) == 1 else None
+
+
 def stored_weight_names(model_dir: Path) -> set[str]:
     """The tensor names stored in a model directory's safetensors files."""
     return set(_stored_weights(Path(model_dir)))

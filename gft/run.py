@@ -22,7 +22,8 @@ from gft.backend import OptimConfig, provider
 from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
                             atomic_write_text, clean_leftovers, find_resume_point,
                             has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
-from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
+from gft.modelfiles import (OPTIMIZER_FILE, check_model_dir, check_optimizer_state,
+                            stored_dtype)
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
@@ -254,6 +255,22 @@ def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompt
                   None if samples else "the longest dataset response")
 
 
+def dtype_note(cfg: TrainConfig, model_path: str) -> str | None:
+    """One line when the user's weights are stored in another dtype than the run trains
+    and saves them in (a bfloat16 model trained at the default dtype: float32 comes back,
+    twice the size), so that a change of the user's model is never silent."""
+    from gft.lora import is_peft_adapter
+    if cfg.lora_rank or is_peft_adapter(model_path) or not Path(model_path).is_dir():
+        return None  # LoRA saves only its adapters; the base is not written
+    stored = stored_dtype(Path(model_path))
+    if stored is None or stored == cfg.dtype:
+        return None
+    keep = (f"set dtype: {stored} to keep {stored}" if stored in ("float32", "bfloat16")
+            else f"gft trains in float32 or bfloat16, not {stored}")
+    return (f"note: {model_path} is stored in {stored}; this run trains and saves it in "
+            f"{cfg.dtype} (dtype: {cfg.dtype}); {keep}")
+
+
 def memory_plan(cfg: TrainConfig, model_path: str | None = None):
     """The run's gft.plan.MemoryPlan on its device, or None when the model's config.json
     is not on disk (a hub id)."""
@@ -403,6 +420,9 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     check_trainable(cfg, train_rows)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
+    note = dtype_note(cfg, str(start_from or cfg.model))
+    if note:
+        console.print(f"[yellow]{note}", highlight=False)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)

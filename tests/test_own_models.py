@@ -8,6 +8,9 @@ What is checked:
 - a model with learned absolute positions (GPT-2, OPT) refuses, in one line before any
   work, a run or an evaluation whose sequences would index past its position table (an
   IndexError deep in torch, otherwise), and runs right up to it;
+- a model stored in another dtype than the run trains in says so in one line (a
+  bfloat16 model at the default dtype comes back float32), and dtype: bfloat16 keeps it
+  bfloat16, the saved weights exactly gft's in-memory ones;
 """
 from __future__ import annotations
 
@@ -142,3 +145,23 @@ def test_sequences_past_gpt2s_positions_are_refused_before_any_work(tmp_path):
     assert out.strip().splitlines()[-1].endswith(
         "plus --max-new-tokens (50 tokens) reaches 65, past them; lower --max-new-tokens "
         "to at most 49")
+
+
+def test_a_bfloat16_model_says_it_comes_back_float32_unless_dtype_keeps_it(tmp_path,
+                                                                          monkeypatch):
+    model = saved_by_transformers(tmp_path / "bf16", "qwen2", dtype=torch.bfloat16,
+                                  hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64)
+    data = say_yes_data(tmp_path / "data")
+    common = ["--model", model, "--data", data, "--preset", "sft", "--max-steps", "1", *SMALL]
+    out = cli("train", "-o", tmp_path / "f32", *common)
+    assert f"note: {model} is stored in bfloat16; this run trains and saves it in float32 " \
+           "(dtype: float32); set dtype: bfloat16 to keep bfloat16" in out
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "f32" / "final").dtype == torch.float32
+    seen = opened_backends(monkeypatch)
+    out = cli("train", "-o", tmp_path / "bf16run", *common, "--set", "dtype=bfloat16")
+    assert "note:" not in out
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16run" / "final")
+    assert again.dtype == torch.bfloat16
+    ours = seen[0].model.state_dict()
+    assert all(torch.equal(p, ours[n]) for n, p in again.state_dict().items())
