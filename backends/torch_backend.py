@@ -25,7 +25,7 @@ from backends.torch_parallel import HEAD_METHOD
 from backends.torch_pack import (PACKABLE_ATTENTION, attention_pair_cost, grouped_query_sdpa,
                                  pack, packing_pays)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
-from gft.modelfiles import write_portable_config
+from gft.modelfiles import save_tokenizer, write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
@@ -508,12 +508,12 @@ class TorchBackend:
             from backends.torch_lora import save_adapter
             save_adapter(path, self.params, self.lora, self.base,
                          getattr(getattr(self.model, "config", None), "quantization_config", None))
-            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
+            save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
         self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
-        self.tokenizer.save_pretrained(path)
+        save_tokenizer(self.tokenizer, path)
         write_portable_config(path)
 
     def _full_state(self) -> dict[str, torch.Tensor]:

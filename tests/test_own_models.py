@@ -11,6 +11,8 @@ What is checked:
 - a model stored in another dtype than the run trains in says so in one line (a
   bfloat16 model at the default dtype comes back float32), and dtype: bfloat16 keeps it
   bfloat16, the saved weights exactly gft's in-memory ones;
+- a tokenizer without a pad token comes back without one (gft pads with EOS in memory
+  only), for a full model and a LoRA adapter;
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 from click.testing import CliRunner  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import gft.run  # noqa: E402
 from backends.torch_backend import learned_position_limit  # noqa: E402
@@ -165,3 +167,20 @@ def test_a_bfloat16_model_says_it_comes_back_float32_unless_dtype_keeps_it(tmp_p
     assert again.dtype == torch.bfloat16
     ours = seen[0].model.state_dict()
     assert all(torch.equal(p, ours[n]) for n, p in again.state_dict().items())
+
+
+@pytest.mark.parametrize("lora", [0, 4])
+def test_a_tokenizer_without_pad_token_comes_back_without_one(tmp_path, monkeypatch, lora):
+    model = saved_by_transformers(tmp_path / "m", "llama", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(model).pad_token is None
+    seen = opened_backends(monkeypatch)
+    cli("train", "--model", model, "--data", say_yes_data(tmp_path / "data"), "--preset", "sft",
+        "-o", tmp_path / "run", "--max-steps", "1", "--set", f"lora_rank={lora}", *SMALL)
+    assert seen[0].tokenizer.pad_token_id == EOS_ID  # padded with EOS in memory
+    for saved in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoints" / "step-000001"):
+        assert "pad_token" not in json.loads((saved / "tokenizer_config.json").read_text())
+        assert AutoTokenizer.from_pretrained(saved).pad_token is None
