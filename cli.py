@@ -245,12 +245,13 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
-    from gft.rollout import encode_prompt, generate_chat_template
+    from gft.rollout import check_context, encode_prompt, generate_chat_template
     from gft.types import Example
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
+    check_context(be.max_positions, ids, max_new_tokens, "--max-new-tokens")
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):

@@ -184,3 +184,13 @@ def test_a_tokenizer_without_pad_token_comes_back_without_one(tmp_path, monkeypa
     for saved in (tmp_path / "run" / "final", tmp_path / "run" / "checkpoints" / "step-000001"):
         assert "pad_token" not in json.loads((saved / "tokenizer_config.json").read_text())
         assert AutoTokenizer.from_pretrained(saved).pad_token is None
+
+
+def test_gft_generate_past_gpt2s_positions_is_refused_too(tmp_path):
+    model = saved_by_transformers(tmp_path / "gpt2", "gpt2", **GPT2)
+    out = cli("generate", model, "-p", "hello", "--no-chat-template", "--max-new-tokens", "60",
+              code=2)
+    assert out.strip().splitlines()[-1].endswith(
+        "the longest prompt (5 tokens) plus --max-new-tokens (60 tokens) reaches 65, past "
+        "them; lower --max-new-tokens to at most 59")
+    cli("generate", model, "-p", "hello", "--no-chat-template", "--max-new-tokens", "59")
