@@ -290,7 +290,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     from gft.data import load_split
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
-    from gft.rollout import check_context, prepare_prompts
+    from gft.rollout import check_context, check_token_ids, prepare_prompts
     if data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
@@ -299,6 +299,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens")
+    check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
     scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,

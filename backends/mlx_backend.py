@@ -219,6 +219,8 @@ class MlxBackend:
         off under gradient checkpointing."""
         self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
+        # token ids the model embeds (mlx-lm's models keep their ModelArgs as .args)
+        self.vocab_rows = getattr(getattr(model, "args", None), "vocab_size", None)
         # what ends a completion: generation_config.json's ids too; load_backend adds the
         # config's `stop`
         self.stops = model_stops(tokenizer, model_path)

@@ -64,6 +64,7 @@ class Backend(Protocol):
     # tokens a model with learned absolute positions can take (GPT-2, OPT); None: no limit
     # (RoPE, ALiBi). gft.rollout.check_context refuses longer sequences before any work
     max_positions: int | None
+    vocab_rows: int | None  # token ids the model embeds (0 .. vocab_rows-1); None: unknown
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                  seed: int | Sequence[int]) -> list[list[int]]:

@@ -100,6 +100,32 @@ def check_context(max_positions: int | None, prompt_ids: Sequence[list[int]],
                       f"{longest + response_tokens}, past them; {fix}")
 
 
+def check_token_ids(vocab_rows: int | None, tokenizer, parts: Sequence[PreparedPrompts | None],
+                    max_response_tokens: int, model: str) -> None:
+    """Every token id the run feeds the model must have an embedding row. A tokenizer
+    with tokens added after the model was saved (chat markers, without
+    resize_token_embeddings) would otherwise fail as an IndexError deep in the forward.
+    The data is scanned only when the tokenizer is larger than the embedding."""
+    if vocab_rows is None or len(tokenizer) <= vocab_rows:
+        return
+    def first_bad(ids: Sequence[int]) -> int | None:
+        return next((i for i in ids if i >= vocab_rows), None)
+    for part in parts:
+        for ex, ids in zip(part.rows, part.prompt_ids) if part is not None else ():
+            found = [("prompt", first_bad(ids))] + [
+                ("completions", first_bad(encode_response(text, tokenizer, max_response_tokens)[0]))
+                for text in ex.responses]
+            for field, bad in found:
+                if bad is not None:
+                    raise DataError(
+                        f"token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is past the "
+                        f"{vocab_rows} embedding rows of {model}: the tokenizer has "
+                        f"{len(tokenizer)} tokens, more than the model was saved with; "
+                        "resize the model's embeddings to the tokenizer "
+                        "(model.resize_token_embeddings(len(tokenizer))) and save it again",
+                        path=ex.source, field=field)
+
+
 def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],
                  rollouts: Sequence[list[int]], *, tokenizer, num_offpolicy: int,
                  num_rollouts: int, max_response_tokens: int,

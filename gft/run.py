@@ -34,7 +34,8 @@ from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
                           stored_config)
-from gft.rollout import PreparedPrompts, check_context, encode_response, prepare_prompts
+from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_response,
+                         prepare_prompts)
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
 from gft.tracking import Trackers, open_trackers
@@ -428,6 +429,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     check_sequences_fit(backend, data, held_out, stages, scorer)
+    check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
+                    max(stage.cfg.max_response_tokens for stage in stages), str(cfg.model))
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
                         f"stage {stage.index + 1} ({stage.name})")

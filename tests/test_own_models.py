@@ -13,6 +13,9 @@ What is checked:
   bfloat16, the saved weights exactly gft's in-memory ones;
 - a tokenizer without a pad token comes back without one (gft pads with EOS in memory
   only), for a full model and a LoRA adapter;
+- a tokenizer with tokens added after the model was saved (chat markers, embeddings not
+  resized): data that uses them is refused in one line naming the row; data that does
+  not trains;
 """
 from __future__ import annotations
 
@@ -194,3 +197,26 @@ def test_gft_generate_past_gpt2s_positions_is_refused_too(tmp_path):
         "the longest prompt (5 tokens) plus --max-new-tokens (60 tokens) reaches 65, past "
         "them; lower --max-new-tokens to at most 59")
     cli("generate", model, "-p", "hello", "--no-chat-template", "--max-new-tokens", "59")
+
+
+def test_token_ids_past_the_embedding_are_refused_naming_the_row(tmp_path):
+    model = saved_by_transformers(tmp_path / "m", "llama", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    tok = AutoTokenizer.from_pretrained(model)  # 259 tokens, as the model's embedding
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})  # id 259
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}"
+                         "\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant: "
+                         "{% endif %}")
+    tok.save_pretrained(model)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Q{i}: say yes"},
+        {"role": "assistant", "content": "yes"}]}) + "\n" for i in range(4)))
+    common = ["--model", model, "--preset", "sft", "--max-steps", "1", *SMALL]
+    out = cli("train", "--data", chat, "-o", tmp_path / "chat", *common, code=2)
+    assert out.strip().splitlines()[-1] == (
+        f"error: {chat}:1: field 'prompt': token id 259 ('<|im_start|>') is past the 259 "
+        f"embedding rows of {model}: the tokenizer has 260 tokens, more than the model was "
+        "saved with; resize the model's embeddings to the tokenizer "
+        "(model.resize_token_embeddings(len(tokenizer))) and save it again")
+    cli("train", "--data", say_yes_data(tmp_path / "plain"), "-o", tmp_path / "plain-run", *common)
