@@ -507,7 +507,11 @@ class TorchBackend:
         path = Path(path)
         if self.lora is not None:
             from backends.torch_lora import save_adapter
-            save_adapter(path, self.params, self.lora, self.base,
+            # peft turns fan_in_fan_out on where it meets GPT-2's Conv1D ([in, out] weights);
+            # the adapter must say so, or a fuse adds B·A untransposed
+            lora = replace(self.lora, fan_in_fan_out=bool(getattr(
+                self.model.peft_config["default"], "fan_in_fan_out", False)))
+            save_adapter(path, self.params, lora, self.base,
                          getattr(getattr(self.model, "config", None), "quantization_config", None))
             save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return

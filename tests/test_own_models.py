@@ -16,6 +16,10 @@ What is checked:
 - a tokenizer with tokens added after the model was saved (chat markers, embeddings not
   resized): data that uses them is refused in one line naming the row; data that does
   not trains;
+- LoRA over GPT-2's Conv1D layers (weights stored [in, out]): the adapter records
+  fan_in_fan_out as peft does, `gft fuse` adds (B·A)^T (the fused model computes what the
+  adapter does, a square c_proj included), the run resumes, and `gft convert --to mlx-lm`
+  refuses it in one line;
 """
 from __future__ import annotations
 
@@ -220,3 +224,25 @@ def test_token_ids_past_the_embedding_are_refused_naming_the_row(tmp_path):
         "saved with; resize the model's embeddings to the tokenizer "
         "(model.resize_token_embeddings(len(tokenizer))) and save it again")
     cli("train", "--data", say_yes_data(tmp_path / "plain"), "-o", tmp_path / "plain-run", *common)
+
+
+def test_lora_over_gpt2_conv1d_fuses_transposed_and_resumes(tmp_path):
+    model = saved_by_transformers(tmp_path / "gpt2", "gpt2", **GPT2)
+    run = tmp_path / "run"
+    cli("train", "--model", model, "--data", say_yes_data(tmp_path / "data"), "--preset", "sft",
+        "-o", run, "--max-steps", "1", "--set", "lora_rank=4", "--set", "learning_rate=0.05",
+        "--set", "lora_targets=[c_attn, attn.c_proj]", *SMALL)  # [32, 96] and square [32, 32]
+    final = run / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    cli("fuse", final, tmp_path / "fused")
+    ids = torch.from_numpy(batch(2).input_ids)
+    adapted = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), final)
+    with torch.no_grad():
+        want = adapted.eval()(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(model).eval()(ids).logits
+    assert float((want - base).abs().max()) > 1e-2  # the adapter changes the model
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
+    cli("train", "--resume", run, "--set", "max_steps=2")
+    out = cli("convert", final, tmp_path / "mlx", "--to", "mlx-lm", code=2)
+    assert "fan_in_fan_out: GPT-2's Conv1D layers); mlx-lm has no such layers" in out
