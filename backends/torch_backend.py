@@ -174,6 +174,17 @@ def learned_position_limit(model) -> int | None:
     return limit if learned else None
 
 
+def uniform_sliding_window(model) -> int | None:
+    """The window of a model whose config has `sliding_window` but no `layer_types`
+    (Mistral: transformers masks every layer to the last sliding_window tokens); None for
+    full attention, or where layer_types says which layers slide (Qwen2, Gemma)."""
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "layer_types", None) is not None or not isinstance(window, int):
+        return None
+    return window
+
+
 class TorchBackend:
     name = "torch"
 
@@ -234,6 +245,10 @@ class TorchBackend:
             and getattr(inner.config, "model_type", None) in HEAD_AFTER_BODY \
             and inner.config._attn_implementation in PACKABLE_ATTENTION
         self._pair_cost = attention_pair_cost(inner.config) if self._pack else 0.0
+        # the packed row's mask keeps rows apart but knows no window: a model that slides
+        # every layer over `sliding_window` tokens with no per-layer types (Mistral) packs
+        # only micro-batches no longer than its window, where sliding masks nothing
+        self._pack_window = uniform_sliding_window(inner)
         # grouped-query heads unrepeated (torch_pack.grouped_query_sdpa), except under
         # gradient checkpointing: its recomputation in the backward runs outside the
         # forward's context and would repeat them, a different layout
@@ -312,7 +327,9 @@ class TorchBackend:
             ids, logits, _ = self._forward(batch)
             return ids, logits[:, :-1], 0
         start = scored_from(batch) if trim else 0
-        if trim and self._pack:  # the common prefix may run into the scored positions
+        if trim and self._pack and (self._pack_window is None
+                                    or ids.shape[1] <= self._pack_window):
+            # the common prefix may run into the scored positions
             shared = shared_prefix(batch, ids.shape[1])
             if packing_pays(batch.attention, shared, self._pair_cost):
                 return ids, self._packed_scores(batch, shared, start, hidden), start

@@ -20,6 +20,9 @@ What is checked:
   fan_in_fan_out as peft does, `gft fuse` adds (B·A)^T (the fused model computes what the
   adapter does, a square c_proj included), the run resumes, and `gft convert --to mlx-lm`
   refuses it in one line;
+- Mistral with a sliding window shorter than the rows (no layer_types in its config):
+  the update's loss and gradients are transformers' own forward's (the packed row, whose
+  mask knows no window, is used only for micro-batches within the window);
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ import gft.run  # noqa: E402
 from backends.torch_backend import learned_position_limit  # noqa: E402
 from cli import main  # noqa: E402
 from gft.tiny import BOS_ID, EOS_ID, PAD_ID, save_tokenizer  # noqa: E402
-from tests.helpers import batch, say_yes_data, scaled_tiny  # noqa: E402
+from backends import load_backend  # noqa: E402
+from gft.groups import micro_batches  # noqa: E402
+from tests.helpers import batch, say_yes_data, scaled_tiny, shared_prompt_group  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing`:FutureWarning")
 SMALL = ["--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
@@ -246,3 +251,34 @@ def test_lora_over_gpt2_conv1d_fuses_transposed_and_resumes(tmp_path):
     cli("train", "--resume", run, "--set", "max_steps=2")
     out = cli("convert", final, tmp_path / "mlx", "--to", "mlx-lm", code=2)
     assert "fan_in_fan_out: GPT-2's Conv1D layers); mlx-lm has no such layers" in out
+
+
+def reference_update(model_dir: Path, batches) -> tuple[float, dict[str, np.ndarray]]:
+    """The GFT loss at tau = 0 (token-mean of -A·log p over response tokens) and its
+    gradients, from transformers' plain forward over the padded rows."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).train()
+    total = 0.0
+    for b in batches:
+        ids = torch.from_numpy(b.input_ids)
+        logits = model(input_ids=ids, attention_mask=torch.from_numpy(b.attention).long()).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        mask = torch.from_numpy(b.response_mask[:, 1:]).float()
+        loss = -(torch.from_numpy(b.advantages)[:, None] * logp * mask).sum() / b.n_tokens
+        loss.backward()
+        total += float(loss.detach())
+    return total, {n: p.grad.numpy() for n, p in model.named_parameters()}
+
+
+def test_mistral_sliding_window_update_is_transformers_forward(tmp_path):
+    model = saved_by_transformers(tmp_path / "mistral", "mistral", hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64, sliding_window=8)
+    seqs = shared_prompt_group(12, [5, 9, 3, 7], [1.0, -0.5, 0.25, -0.75])  # rows of 15-21
+    batches = micro_batches(seqs, 8, 256)
+    be = load_backend("torch", str(model))
+    assert be._pack  # packing stays on for micro-batches within the window
+    stats = be.accumulate_gradients(batches, tau=0.0, aggregation="token-mean")
+    want_loss, want_grads = reference_update(model, batches)
+    assert stats["loss"] == pytest.approx(want_loss, rel=1e-5)
+    for name, g in be.gradients().items():
+        np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
