@@ -23,6 +23,9 @@ What is checked:
 - Mistral with a sliding window shorter than the rows (no layer_types in its config):
   the update's loss and gradients are transformers' own forward's (the packed row, whose
   mask knows no window, is used only for micro-batches within the window);
+- several architectures as transformers saves them (tied and untied, with a
+  generation_config.json of several EOS ids): after an update the saved model reloads in
+  transformers with gft's in-memory logits, its ties, dtype and generation config.
 """
 from __future__ import annotations
 
@@ -282,3 +285,34 @@ def test_mistral_sliding_window_update_is_transformers_forward(tmp_path):
     assert stats["loss"] == pytest.approx(want_loss, rel=1e-5)
     for name, g in be.gradients().items():
         np.testing.assert_allclose(g, want_grads[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+SMALL_SHAPE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, intermediate_size=64, head_dim=16)
+
+
+@pytest.mark.parametrize("kind, shape", [
+    ("llama", dict(SMALL_SHAPE, tie_word_embeddings=True)),
+    ("gemma2", SMALL_SHAPE), ("phi3", SMALL_SHAPE), ("gpt_neox", SMALL_SHAPE),
+    ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                 word_embed_proj_dim=32))])
+def test_a_trained_model_reloads_in_transformers_as_gft_holds_it(tmp_path, kind, shape):
+    model = saved_by_transformers(tmp_path / kind, kind, **shape)
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation["eos_token_id"] = [EOS_ID, 10]
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    be = load_backend("torch", str(model))
+    be.train_step([batch(0)], 1e-2, tau=0.0, aggregation="token-mean")
+    be.save_model(tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.from_numpy(batch(1).input_ids)
+    with torch.no_grad():
+        want = be.model.eval()(ids).logits
+        got = again(ids).logits
+    assert float((got - want).abs().max()) == 0.0
+    assert again.dtype == torch.float32
+    def tied(m):
+        return m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    assert tied(again) == tied(AutoModelForCausalLM.from_pretrained(model))
+    saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [EOS_ID, 10]
