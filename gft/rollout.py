@@ -35,7 +35,13 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     (BOS, role markers), so only plain prompts get the tokenizer's own special tokens."""
     text = render_prompt(example, tokenizer, chat_template=chat_template)
     templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
-    return tokenizer(text, add_special_tokens=not templated).input_ids
+    ids = tokenizer(text, add_special_tokens=not templated).input_ids
+    # a tokenizer that ends every text with EOS (add_eos_token, a post-processor: it
+    # encodes "" as [.., EOS]) would end the prompt there, and the response would follow
+    # an EOS: the prompt keeps only the special tokens that start a text
+    if not templated and tokenizer("").input_ids[-1:] == [tokenizer.eos_token_id]:
+        ids = ids[:-1]
+    return ids
 
 
 def generate_chat_template(model_dir: str, tokenizer) -> bool:

@@ -23,6 +23,8 @@ What is checked:
 - Mistral with a sliding window shorter than the rows (no layer_types in its config):
   the update's loss and gradients are transformers' own forward's (the packed row, whose
   mask knows no window, is used only for micro-batches within the window);
+- a tokenizer that ends every text with EOS (add_eos_token, a post-processor) does not end
+  the prompts with it: the response would follow an EOS;
 - several architectures as transformers saves them (tied and untied, with a
   generation_config.json of several EOS ids): after an update the saved model reloads in
   transformers with gft's in-memory logits, its ties, dtype and generation config.
@@ -316,3 +318,25 @@ def test_a_trained_model_reloads_in_transformers_as_gft_holds_it(tmp_path, kind,
     assert tied(again) == tied(AutoModelForCausalLM.from_pretrained(model))
     saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
     assert saved["eos_token_id"] == [EOS_ID, 10]
+
+
+def test_a_tokenizer_that_appends_eos_does_not_end_prompts_with_it(tmp_path):
+    from tokenizers import Tokenizer, processors
+    from gft.modelfiles import load_tokenizer
+    from gft.rollout import encode_prompt, prepare_prompts
+    from gft.types import Example
+    model = saved_by_transformers(tmp_path / "m", "llama", hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    core = Tokenizer.from_file(str(model / "tokenizer.json"))
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", BOS_ID), ("</s>", EOS_ID)])
+    core.save(str(model / "tokenizer.json"))
+    tok = load_tokenizer(str(model))
+    assert tok("hi").input_ids == [BOS_ID, 104, 105, EOS_ID]  # what the user's tokenizer does
+    assert encode_prompt(Example("hi"), tok, None) == [BOS_ID, 104, 105]
+    # an EOS the prompt itself writes stays
+    assert encode_prompt(Example("hi</s>"), tok, None) == [BOS_ID, 104, 105, EOS_ID]
+    rows = [Example("Q1: say yes\nA:", responses=(" yes",))]
+    prepared = prepare_prompts(rows, tok, chat_template=None, max_prompt_tokens=64,
+                               overflow="error")
+    assert EOS_ID not in prepared.prompt_ids[0]
