@@ -245,12 +245,13 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig, load_backend
-    from gft.rollout import encode_prompt, generate_chat_template
+    from gft.rollout import check_context, encode_prompt, generate_chat_template
     from gft.types import Example
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
+    check_context(be.max_positions, ids, max_new_tokens, "--max-new-tokens")
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
@@ -289,7 +290,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     from gft.data import load_split
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
-    from gft.rollout import prepare_prompts
+    from gft.rollout import check_context, check_token_ids, prepare_prompts
     if data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
@@ -297,6 +298,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
+    check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens")
+    check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
     scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,

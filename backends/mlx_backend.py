@@ -43,7 +43,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from gft.backend import OptimConfig, SamplingConfig
 from backends.mlx_head import head_logprobs, head_weight, target_logprobs, token_entropy
-from gft.modelfiles import write_portable_config
+from gft.modelfiles import save_tokenizer, write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, write_weights
 from gft.distributed import row_seeds, uniform_table
 from gft.errors import ConfigError, ModelError
@@ -207,6 +207,7 @@ def adamw_tensor_update(c: OptimConfig):
 
 class MlxBackend:
     name = "mlx"
+    max_positions = None  # the architectures MLX trains here all use RoPE: no wall
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
                  optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -218,6 +219,8 @@ class MlxBackend:
         off under gradient checkpointing."""
         self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
+        # token ids the model embeds (mlx-lm's models keep their ModelArgs as .args)
+        self.vocab_rows = getattr(getattr(model, "args", None), "vocab_size", None)
         # what ends a completion: generation_config.json's ids too; load_backend adds the
         # config's `stop`
         self.stops = model_stops(tokenizer, model_path)
@@ -460,7 +463,7 @@ class MlxBackend:
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
             save_adapter(path, self._params(), self.lora, str(self.model_path))
-            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
+            save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))
         write_weights(path, weights, lambda f, t: mx.save_safetensors(
@@ -474,7 +477,7 @@ class MlxBackend:
             cfg["tie_word_embeddings"] = tied  # mlx-lm and transformers default differently
         (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_portable_config(path)
-        self.tokenizer.save_pretrained(str(path))
+        save_tokenizer(self.tokenizer, path)
         gen_src = self.model_path / "generation_config.json"
         if gen_src.exists():
             if gen_src.resolve() != (path / "generation_config.json").resolve():

@@ -25,7 +25,7 @@ from backends.torch_parallel import HEAD_METHOD
 from backends.torch_pack import (PACKABLE_ATTENTION, attention_pair_cost, grouped_query_sdpa,
                                  pack, packing_pays)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
-from gft.modelfiles import write_portable_config
+from gft.modelfiles import save_tokenizer, write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
@@ -159,6 +159,32 @@ def separate_head(model):
     return inner.get_decoder(), head
 
 
+def learned_position_limit(model) -> int | None:
+    """How many positions a model with learned absolute position embeddings has rows for
+    (GPT-2's wpe, OPT's embed_positions: an Embedding besides the tokens' sized by
+    max_position_embeddings, OPT's with 2 rows of offset); None for RoPE and ALiBi models,
+    whose positions are computed and run on past the config's figure."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    limit = getattr(inner.config, "max_position_embeddings", None)  # n_positions: aliased
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return None
+    tokens = inner.get_input_embeddings()
+    learned = any(isinstance(m, torch.nn.Embedding) and m is not tokens
+                  and limit <= m.num_embeddings <= limit + 2 for m in inner.modules())
+    return limit if learned else None
+
+
+def uniform_sliding_window(model) -> int | None:
+    """The window of a model whose config has `sliding_window` but no `layer_types`
+    (Mistral: transformers masks every layer to the last sliding_window tokens); None for
+    full attention, or where layer_types says which layers slide (Qwen2, Gemma)."""
+    config = model.config.get_text_config(decoder=True)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "layer_types", None) is not None or not isinstance(window, int):
+        return None
+    return window
+
+
 class TorchBackend:
     name = "torch"
 
@@ -178,6 +204,8 @@ class TorchBackend:
         transformers model (rollouts, saving)."""
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
+        self.max_positions = learned_position_limit(model)  # None: no wall (RoPE, ALiBi)
+        self.vocab_rows = model.get_input_embeddings().num_embeddings  # ids it can embed
         # what ends a completion; load() adds generation_config.json's ids, load_backend
         # the config's `stop`
         self.stops = Stops(frozenset({tokenizer.eos_token_id}))
@@ -217,6 +245,10 @@ class TorchBackend:
             and getattr(inner.config, "model_type", None) in HEAD_AFTER_BODY \
             and inner.config._attn_implementation in PACKABLE_ATTENTION
         self._pair_cost = attention_pair_cost(inner.config) if self._pack else 0.0
+        # the packed row's mask keeps rows apart but knows no window: a model that slides
+        # every layer over `sliding_window` tokens with no per-layer types (Mistral) packs
+        # only micro-batches no longer than its window, where sliding masks nothing
+        self._pack_window = uniform_sliding_window(inner)
         # grouped-query heads unrepeated (torch_pack.grouped_query_sdpa), except under
         # gradient checkpointing: its recomputation in the backward runs outside the
         # forward's context and would repeat them, a different layout
@@ -295,7 +327,9 @@ class TorchBackend:
             ids, logits, _ = self._forward(batch)
             return ids, logits[:, :-1], 0
         start = scored_from(batch) if trim else 0
-        if trim and self._pack:  # the common prefix may run into the scored positions
+        if trim and self._pack and (self._pack_window is None
+                                    or ids.shape[1] <= self._pack_window):
+            # the common prefix may run into the scored positions
             shared = shared_prefix(batch, ids.shape[1])
             if packing_pays(batch.attention, shared, self._pair_cost):
                 return ids, self._packed_scores(batch, shared, start, hidden), start
@@ -490,14 +524,18 @@ class TorchBackend:
         path = Path(path)
         if self.lora is not None:
             from backends.torch_lora import save_adapter
-            save_adapter(path, self.params, self.lora, self.base,
+            # peft turns fan_in_fan_out on where it meets GPT-2's Conv1D ([in, out] weights);
+            # the adapter must say so, or a fuse adds B·A untransposed
+            lora = replace(self.lora, fan_in_fan_out=bool(getattr(
+                self.model.peft_config["default"], "fan_in_fan_out", False)))
+            save_adapter(path, self.params, lora, self.base,
                          getattr(getattr(self.model, "config", None), "quantization_config", None))
-            self.tokenizer.save_pretrained(str(path))  # the adapter travels with its tokenizer
+            save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
         self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
-        self.tokenizer.save_pretrained(path)
+        save_tokenizer(self.tokenizer, path)
         write_portable_config(path)
 
     def _full_state(self) -> dict[str, torch.Tensor]:

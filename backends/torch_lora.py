@@ -49,10 +49,12 @@ def apply_lora(model, lora: LoraConfig, seed: int, adapter: str | None = None):
         raise ConfigError("LoRA on the torch backend needs peft: pip install peft") from None
     peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none",
-                              task_type="CAUSAL_LM")
+                              task_type="CAUSAL_LM", fan_in_fan_out=lora.fan_in_fan_out)
     try:
         with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question
             warnings.simplefilter("ignore", FutureWarning)
+            # GPT-2's Conv1D: peft turns fan_in_fan_out on itself; the saved adapter says so
+            warnings.filterwarnings("ignore", "fan_in_fan_out is set to False")
             model = get_peft_model(model, peft_cfg)
     except ValueError as e:  # e.g. no module matches the targets
         raise ModelError(f"LoRA targets {list(lora.targets)}: {str(e).splitlines()[0]}") from None

@@ -138,6 +138,9 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     lora, stored_base, modules = read_adapter(src, ar)
     base = base or stored_base
     to = to or ("mlx-lm" if is_peft_adapter(src) else "peft")
+    if to == "mlx-lm" and lora.fan_in_fan_out:
+        raise ModelError(f"{src}: the adapter is over weights stored [in, out] (fan_in_fan_out: "
+                         "GPT-2's Conv1D layers); mlx-lm has no such layers")
     if to == "peft" and is_mlx_adapter(src):
         lora = peft_targets(lora, sorted(modules), base)
     if dtype:
@@ -218,6 +221,12 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
         if name not in weights:
             raise ModelError(f"{base_dir}: the adapter adapts '{module}', which has no weight "
                              "in the base model (tied embeddings?)")
+        if lora.fan_in_fan_out:  # W stored [in, out] (GPT-2's Conv1D): add (B·A)^T = A^T·B^T
+            a, b = ar.t(b), ar.t(a)
+        if tuple(weights[name].shape) != (b.shape[0], a.shape[1]):
+            raise ModelError(f"{base_dir}: '{name}' has shape {tuple(weights[name].shape)}, the "
+                             f"adapter's update {(b.shape[0], a.shape[1])}; is {adapter} an "
+                             "adapter of this base?")
         weights[name] = ar.fuse(weights[name], a, b, lora.scale)
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}

@@ -59,6 +59,9 @@ class LoraConfig:
     alpha: float
     dropout: float = 0.0
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    # the adapted weights are stored [in, out] (GPT-2's Conv1D), so W' = W + s·(B·A)^T;
+    # peft sets it when it meets such a layer
+    fan_in_fan_out: bool = False
 
     @property
     def scale(self) -> float:
@@ -126,7 +129,7 @@ def peft_config(lora: LoraConfig, base: str | None) -> dict[str, Any]:
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
         "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
-        "target_modules": sorted(lora.targets), "bias": "none", "fan_in_fan_out": False,
+        "target_modules": sorted(lora.targets), "bias": "none", "fan_in_fan_out": lora.fan_in_fan_out,
         "use_rslora": False, "use_dora": False, "lora_bias": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
@@ -140,7 +143,7 @@ def read_peft_config(adapter_dir: Path) -> tuple[LoraConfig, str | None]:
     raw = _read_object(path)
     if raw.get("peft_type", "LORA") != "LORA" or "fine_tune_type" in raw:
         raise ModelError(f"{path}: not a PEFT LoRA adapter config")
-    for key in ("use_rslora", "use_dora", "lora_bias", "fan_in_fan_out"):
+    for key in ("use_rslora", "use_dora", "lora_bias"):
         if raw.get(key):
             raise ModelError(f"{path}: '{key}' adapters are not supported")
     for key in ("rank_pattern", "alpha_pattern"):
@@ -156,7 +159,8 @@ def read_peft_config(adapter_dir: Path) -> tuple[LoraConfig, str | None]:
         raise ModelError(f"{path}: 'target_modules' must be a list of module names, got "
                          f"{targets!r}")
     lora = LoraConfig(_field(path, raw, "r", int, None), _field(path, raw, "lora_alpha", float, 8),
-                      _field(path, raw, "lora_dropout", float, 0.0), tuple(targets or ()))
+                      _field(path, raw, "lora_dropout", float, 0.0), tuple(targets or ()),
+                      fan_in_fan_out=raw.get("fan_in_fan_out") is True)
     base = _base_name(path, raw, "base_model_name_or_path")
     return lora, adapter_base(base, Path(adapter_dir)) if base else base
 

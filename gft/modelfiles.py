@@ -102,6 +102,13 @@ def _stored_weights(model_dir: Path) -> dict[str, str]:
     return out
 
 
+def stored_dtype(model_dir: Path) -> str | None:
+    """The one float dtype a model directory's weights are stored in ('bfloat16', ...), or
+    None (mixed, none, or not float)."""
+    stored = set(_stored_weights(Path(model_dir)).values())
+    return _ST_DTYPES.get(stored.pop()) if len(stored) == 1 else None
+
+
 def stored_weight_names(model_dir: Path) -> set[str]:
     """The tensor names stored in a model directory's safetensors files."""
     return set(_stored_weights(Path(model_dir)))
@@ -158,7 +165,22 @@ def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
                          "stop. Set eos_token in tokenizer_config.json")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out everywhere, any id works
+        tok.gft_pad_from_eos = True  # ours, not the user's: save_tokenizer leaves it out
     return tok
+
+
+def save_tokenizer(tok, path: Path) -> None:
+    """The tokenizer as the user gave it: a pad token load_tokenizer filled in is not
+    written (with pad == EOS saved, a later trainer that masks padding out of the labels,
+    as transformers' language-modeling collator does, would never teach EOS)."""
+    ours = getattr(tok, "gft_pad_from_eos", False)
+    if ours:
+        tok.pad_token = None
+    try:
+        tok.save_pretrained(str(path))
+    finally:
+        if ours:
+            tok.pad_token = tok.eos_token
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gft.data import render_prompt
-from gft.errors import DataError
+from gft.errors import ConfigError, DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
 from gft.stops import Stops
@@ -35,7 +35,13 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     (BOS, role markers), so only plain prompts get the tokenizer's own special tokens."""
     text = render_prompt(example, tokenizer, chat_template=chat_template)
     templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
-    return tokenizer(text, add_special_tokens=not templated).input_ids
+    ids = tokenizer(text, add_special_tokens=not templated).input_ids
+    # a tokenizer that ends every text with EOS (add_eos_token, a post-processor: it
+    # encodes "" as [.., EOS]) would end the prompt there, and the response would follow
+    # an EOS: the prompt keeps only the special tokens that start a text
+    if not templated and tokenizer("").input_ids[-1:] == [tokenizer.eos_token_id]:
+        ids = ids[:-1]
+    return ids
 
 
 def generate_chat_template(model_dir: str, tokenizer) -> bool:
@@ -77,6 +83,53 @@ def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], b
     """A dataset response as ids + EOS (so the model learns to stop); cut at max_tokens."""
     ids = tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     return (ids[:max_tokens], True) if len(ids) > max_tokens else (ids, False)
+
+
+def check_context(max_positions: int | None, prompt_ids: Sequence[list[int]],
+                  response_tokens: int, key: str, what: str | None = None) -> None:
+    """Refuse, before any work, sequences longer than a model with learned absolute
+    positions has positions for (GPT-2's wpe, OPT's embed_positions: max_positions, from
+    the backend; None for RoPE or ALiBi, which have no such wall). Past it the forward
+    indexes beyond the table: an IndexError deep in torch, possibly hours into a run.
+    response_tokens: the most response tokens after the longest prompt, `what` they are
+    (default: `key`); key: the option or config key that bounds them, named in the error."""
+    if max_positions is None or not prompt_ids:
+        return
+    longest = max(len(p) for p in prompt_ids)
+    if longest + response_tokens <= max_positions:
+        return
+    fix = (f"lower {key} to at most {max_positions - longest}" if longest < max_positions
+           else "shorten the prompts (max_prompt_tokens, prompt_overflow: truncate)")
+    raise ConfigError(f"the model has learned positions for {max_positions} tokens "
+                      f"(config.json max_position_embeddings or n_positions), but the longest prompt "
+                      f"({longest} tokens) plus {what or key} ({response_tokens} tokens) reaches "
+                      f"{longest + response_tokens}, past them; {fix}")
+
+
+def check_token_ids(vocab_rows: int | None, tokenizer, parts: Sequence[PreparedPrompts | None],
+                    max_response_tokens: int, model: str) -> None:
+    """Every token id the run feeds the model must have an embedding row. A tokenizer
+    with tokens added after the model was saved (chat markers, without
+    resize_token_embeddings) would otherwise fail as an IndexError deep in the forward.
+    The data is scanned only when the tokenizer is larger than the embedding."""
+    if vocab_rows is None or len(tokenizer) <= vocab_rows:
+        return
+    def first_bad(ids: Sequence[int]) -> int | None:
+        return next((i for i in ids if i >= vocab_rows), None)
+    for part in parts:
+        for ex, ids in zip(part.rows, part.prompt_ids) if part is not None else ():
+            found = [("prompt", first_bad(ids))] + [
+                ("completions", first_bad(encode_response(text, tokenizer, max_response_tokens)[0]))
+                for text in ex.responses]
+            for field, bad in found:
+                if bad is not None:
+                    raise DataError(
+                        f"token id {bad} ({tokenizer.convert_ids_to_tokens(bad)!r}) is past the "
+                        f"{vocab_rows} embedding rows of {model}: the tokenizer has "
+                        f"{len(tokenizer)} tokens, more than the model was saved with; "
+                        "resize the model's embeddings to the tokenizer "
+                        "(model.resize_token_embeddings(len(tokenizer))) and save it again",
+                        path=ex.source, field=field)
 
 
 def build_groups(rows: Sequence[Example], prompt_ids: Sequence[list[int]],

@@ -23,7 +23,8 @@ from gft.backend import OptimConfig, provider
 from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
                             atomic_write_text, clean_leftovers, find_resume_point,
                             has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
-from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
+from gft.modelfiles import (OPTIMIZER_FILE, check_model_dir, check_optimizer_state,
+                            stored_dtype)
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, MLXComm, check_divisible, init_comm, shutdown
@@ -34,7 +35,8 @@ from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.rewards import build_rewards, parse_reward_specs
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
                           resolve_stored_extras, stored_config)
-from gft.rollout import PreparedPrompts, prepare_prompts
+from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_response,
+                         prepare_prompts)
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
 from gft.tracking import Trackers, open_trackers
@@ -268,7 +270,11 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import is_peft_adapter, lora_from_train_config
-    base = base_as_stored(model_path, cfg.model) if is_peft_adapter(model_path) else cfg.model
+    # `model` is the base under a LoRA checkpoint, unless it is itself an adapter (training
+    # on from a PEFT adapter): then its base is the one its adapter_config.json names;
+    # taken as the base, transformers would load base + adapter and LoRA would go on twice
+    model = None if cfg.model and is_peft_adapter(cfg.model) else cfg.model
+    base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
         seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
@@ -278,6 +284,43 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
         rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
         stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+
+
+def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompts | None,
+                        stages, scorer) -> None:
+    """The longest sequence the run can build must fit a model with learned positions
+    (gft.rollout.check_context): longest prompt + max_response_tokens where anything is
+    sampled (rollouts, a held-out evaluation with rewards), else + the longest dataset
+    response as the run cuts it (an SFT run of short demonstrations on GPT-2 fits)."""
+    limit = getattr(backend, "max_positions", None)
+    if limit is None:
+        return
+    cap = max(stage.cfg.max_response_tokens for stage in stages)
+    prompts = data.prompt_ids + (held_out.prompt_ids if held_out else [])
+    samples = any(stage.cfg.num_rollouts > 0 for stage in stages) or \
+        (held_out is not None and scorer is not None)
+    if not samples:
+        rows = data.rows + (held_out.rows if held_out else [])
+        cap = max((len(encode_response(text, backend.tokenizer, cap)[0])
+                   for row in rows for text in row.responses), default=0)
+    check_context(limit, prompts, cap, "max_response_tokens",
+                  None if samples else "the longest dataset response")
+
+
+def dtype_note(cfg: TrainConfig, model_path: str) -> str | None:
+    """One line when the user's weights are stored in another dtype than the run trains
+    and saves them in (a bfloat16 model trained at the default dtype: float32 comes back,
+    twice the size), so that a change of the user's model is never silent."""
+    from gft.lora import is_peft_adapter
+    if cfg.lora_rank or is_peft_adapter(model_path) or not Path(model_path).is_dir():
+        return None  # LoRA saves only its adapters; the base is not written
+    stored = stored_dtype(Path(model_path))
+    if stored is None or stored == cfg.dtype:
+        return None
+    keep = (f"set dtype: {stored} to keep {stored}" if stored in ("float32", "bfloat16")
+            else f"gft trains in float32 or bfloat16, not {stored}")
+    return (f"note: {model_path} is stored in {stored}; this run trains and saves it in "
+            f"{cfg.dtype} (dtype: {cfg.dtype}); {keep}")
 
 
 def memory_plan(cfg: TrainConfig, model_path: str | None = None):
@@ -432,10 +475,16 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     check_trainable(cfg, train_rows, console if lead else None)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
+    note = dtype_note(cfg, str(start_from or cfg.model))
+    if note:
+        console.print(f"[yellow]{note}", highlight=False)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
+    check_sequences_fit(backend, data, held_out, stages, scorer)
+    check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
+                    max(stage.cfg.max_response_tokens for stage in stages), str(cfg.model))
     for stage in stages:
         check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
                         f"stage {stage.index + 1} ({stage.name})")
