@@ -137,6 +137,10 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
             raise ConfigError(f"eval_data: '{cfg.eval_data}' is neither a file nor a "
                               f"directory, and data ({cfg.data}) is a single file with no "
                               "splits to name")
+        elif is_data_file(cfg.eval_data) or "/" in cfg.eval_data or "\\" in cfg.eval_data:
+            # written as a path: looking it up as a split name would report a missing
+            # split "held/valid.jsonl" (expected held/valid.jsonl.jsonl, ...)
+            raise ConfigError(f"eval_data: no such file or directory: {cfg.eval_data}")
         else:  # a split name of the data directory
             rows = load_split(cfg.data, cfg.eval_data, **answer)
         return train_rows, rows, _eval_note(cfg, rows, f"eval_data {cfg.eval_data}")

@@ -591,3 +591,16 @@ def test_held_out_rows_that_training_also_asks_are_counted(tmp_path, model):
         in " ".join(result.output.split())
     result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", "eval_split=train")
     assert "warning: 4 of 4 held-out rows ask a prompt" in " ".join(result.output.split())
+
+
+def test_eval_data_written_as_a_missing_path_says_so(tmp_path):
+    """It was looked up as a split name of the data directory: "no 'held/valid.jsonl'
+    split: expected one of held/valid.jsonl.jsonl, ..."."""
+    from gft.errors import ConfigError
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    for missing in ("held/valid.jsonl", "valid.jsonl"):
+        with pytest.raises(ConfigError, match=rf"^eval_data: no such file or directory: "
+                                              rf"{re.escape(missing)}$"):
+            held_out(data, eval_data=missing)
