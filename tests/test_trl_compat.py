@@ -604,3 +604,16 @@ def test_eval_data_written_as_a_missing_path_says_so(tmp_path):
         with pytest.raises(ConfigError, match=rf"^eval_data: no such file or directory: "
                                               rf"{re.escape(missing)}$"):
             held_out(data, eval_data=missing)
+
+
+def test_an_evaluation_that_can_measure_nothing_says_so(tmp_path, model):
+    """SFT without rewards on held-out rows without responses: the run announced 'N
+    held-out rows' and logged only eval/n."""
+    data = rows_file(tmp_path / "train.jsonl", 4)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"h{i}"}) + "\n" for i in range(2)))
+    result, _ = train(model, data, tmp_path / "run", "torch", "preset=sft", f"eval_data={held}")
+    assert "warning: evaluation measures nothing" in result.output
+    result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", f"eval_data={held}",
+                      "rewards=[{name: regex, pattern: 'x'}]")
+    assert "measures nothing" not in result.output
