@@ -116,6 +116,10 @@ def example_from_row(row: Any, *, path: str, line: int,
     if demonstration is not None:
         responses = (demonstration, *responses)
     if answer_column != "answer" and row.get("answer") is not None:
+        if row.get(answer_column) is None:  # it said "has both" of a row without the column
+            raise fail(answer_column, f"missing: answer_column '{answer_column}' reads the "
+                                      "ground truth from this column, and the row has "
+                                      "'answer' instead; unset answer_column to use it")
         raise fail("answer", f"the row has both 'answer' and answer_column "
                              f"'{answer_column}'; keep one")
     reserved = sorted(set(row) & set(_RESERVED_COLUMNS))

@@ -314,6 +314,14 @@ def test_standard_types(tmp_path, tokenizer, row):
 def test_answer_column(tmp_path):
     example = load_one(tmp_path, {"prompt": "p", "solution": "42"}, answer_column="solution")
     assert example.answer == "42" and example.columns["solution"] == "42"
+    # a row with 'answer' but not the named column: it said the row "has both"
+    with pytest.raises(DataError, match=r"rows.jsonl:1: field 'solution': missing: "
+                                        r"answer_column 'solution' reads the ground truth "
+                                        r"from this column, and the row has 'answer' instead"):
+        load_one(tmp_path, {"prompt": "p", "answer": "42"}, answer_column="solution")
+    with pytest.raises(DataError, match=r"field 'answer': the row has both"):
+        load_one(tmp_path, {"prompt": "p", "answer": "4", "solution": "4"},
+                 answer_column="solution")
 
 
 # ---------------------------------------------------------------------------------------
