@@ -275,7 +275,9 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
 @click.option("--rewards", default="math", show_default=True,
               help="Reward functions, comma-separated (the first defines accuracy).")
 @click.option("--chat-template/--no-chat-template", default=None,
-              help="Wrap string prompts in the chat template (default: only chat prompts).")
+              help="Wrap string prompts in the chat template (default: as the model was "
+                   "trained when MODEL is a gft run's final/ or checkpoint, else only chat "
+                   "prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_sampling_options
 @friendly_errors
@@ -295,6 +297,9 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split)[:limit]
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    if chat_template is None:  # a gft run's model: its prompts as it was trained
+        from gft.rollout import trained_chat_template
+        chat_template = trained_chat_template(model)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     from gft.config import TrainConfig

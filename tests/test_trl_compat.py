@@ -625,3 +625,21 @@ def test_an_evaluation_that_can_measure_nothing_says_so(tmp_path, model):
     result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", f"eval_data={held}",
                       "rewards=[{name: regex, pattern: 'x'}]")
     assert "measures nothing" not in result.output
+
+
+@pytest.mark.parametrize("trained", [None, True])
+def test_a_runs_final_model_generates_as_it_was_trained(tmp_path, model, tokenizer, trained):
+    """final/ holds no trainer_state.json, so `gft generate runs/x/final` (the README's
+    example) wrapped plain prompts in the tokenizer's chat template although the run
+    trained on them raw (chat_template unset, the default job's case)."""
+    import shutil
+    from gft.rollout import generate_chat_template, trained_chat_template
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(model, run / "final")
+    (run / "config.yaml").write_text(f"chat_template: {json.dumps(trained)}\n")
+    assert tokenizer.chat_template  # a template the run did not use (when trained is None)
+    assert generate_chat_template(str(run / "final"), tokenizer) is bool(trained)
+    assert trained_chat_template(str(run / "final")) is bool(trained)
+    assert trained_chat_template(str(model)) is None  # not a gft run's model
+    assert generate_chat_template(str(model), tokenizer) is True
