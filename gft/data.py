@@ -156,7 +156,10 @@ def render_prompt(example: Example, tokenizer: Any, *,
                         path=example.source)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True,
+                                             **_template_arguments(example))
+    except DataError:
+        raise
     except Exception as exc:  # a template may raise on data it does not accept
         raise DataError(f"the chat template failed: {type(exc).__name__}: "
                         f"{_one_line(exc)}", path=example.source) from exc
@@ -164,6 +167,35 @@ def render_prompt(example: Example, tokenizer: Any, *,
         raise DataError(f"apply_chat_template returned {_type_name(text)}, not text",
                         path=example.source)
     return text
+
+
+def _template_arguments(example: Example) -> dict[str, Any]:
+    """What a row adds to its chat template, as TRL's SFTTrainer and mlx-lm's chat data
+    read it: `tools` (the tool schemas a tool-calling prompt is written against; a JSON
+    string as datasets often stores them) and `chat_template_kwargs` (e.g.
+    {"enable_thinking": false}). Without them the prompt lacks what the data says."""
+    def fail(field: str, message: str) -> DataError:
+        return DataError(message, path=example.source, field=field)
+
+    out: dict[str, Any] = {}
+    tools = example.columns.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise fail("tools", "a string that is not JSON; give a list of tool schemas") \
+                from None
+    if tools:  # [] as None: some templates render tool boilerplate for an empty list
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise fail("tools", f"must be a list of tool schemas (objects), got "
+                                f"{_type_name(tools)}")
+        out["tools"] = tools
+    kwargs = example.columns.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise fail("chat_template_kwargs", f"must be an object, got {_type_name(kwargs)}")
+        out.update(kwargs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -271,6 +271,42 @@ def test_tool_calling_messages_render_as_the_chat_template(tmp_path, tokenizer, 
         chat_ids(tokenizer, chat, add_generation_prompt=True)
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("columns", [{"tools": TOOLS}, {"tools": json.dumps(TOOLS)},
+                                     {"chat_template_kwargs": {"enable_thinking": False}}])
+def test_tools_and_chat_template_kwargs_columns_reach_the_template(tmp_path, tokenizer,
+                                                                   columns):
+    """TRL's SFTTrainer and mlx-lm's chat data render a row's `tools` (tool schemas, a
+    list or a JSON string) and `chat_template_kwargs` into its prompt; gft left them out,
+    so a tool-calling prompt lost the schemas it was written against."""
+    import copy
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
+                         "{% if enable_thinking is defined %}thinking: {{ enable_thinking }}\n"
+                         "{% endif %}" + tokenizer.chat_template)
+    example = load_one(tmp_path, {"messages": TOOL_CHAT + [{"role": "assistant",
+                                                            "content": "22C."}], **columns})
+    kwargs = dict(columns.get("chat_template_kwargs", {}))
+    if "tools" in columns:
+        kwargs["tools"] = TOOLS
+    expected = chat_ids(tok, TOOL_CHAT, add_generation_prompt=True, **kwargs)
+    assert expected != chat_ids(tok, TOOL_CHAT, add_generation_prompt=True)
+    assert encode_prompt(example, tok, chat_template=None) == expected
+
+
+@pytest.mark.parametrize("columns, field", [({"tools": "not json"}, "tools"),
+                                            ({"tools": [1]}, "tools"),
+                                            ({"chat_template_kwargs": "x"},
+                                             "chat_template_kwargs")])
+def test_bad_tools_or_template_kwargs_name_the_row(tmp_path, tokenizer, columns, field):
+    example = load_one(tmp_path, {"prompt": TOOL_CHAT[:1], **columns})
+    with pytest.raises(DataError, match=rf"rows.jsonl:1: field '{field}': "):
+        encode_prompt(example, tokenizer, chat_template=None)
+
+
 @pytest.mark.parametrize("row, field", [
     ({"messages": TOOL_CHAT[:1] + TOOL_CHAT[1:2]}, "messages[1].tool_calls"),
     ({"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:2]}, "completion[0].tool_calls"),
