@@ -284,6 +284,10 @@ def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if first_line == 1 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            # what Windows PowerShell 5's `>` and Out-File write: name it, not byte 0xff
+            raise DataError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                            "re-save it as UTF-8", path=path, line=1) from exc
         line = first_line + data.count(b"\n", 0, exc.start)
         raise DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the "
                         "file as UTF-8", path=path, line=line) from exc
