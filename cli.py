@@ -274,14 +274,21 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
               show_default=True,
               help="Sampling temperature for pass@k.")
 @click.option("--rewards", default="math", show_default=True,
-              help="Reward functions, comma-separated (the first defines accuracy).")
+              help="Reward functions, comma-separated (the first defines accuracy), or the "
+                   "config's YAML form, e.g. \"[{name: regex, pattern: 'A: (?P<answer>\\d+)'}]\".")
+@click.option("--answer-column", default="answer", show_default=True,
+              help="The data column holding the ground truth (as the config key "
+                   "answer_column, e.g. TRL's solution).")
 @click.option("--chat-template/--no-chat-template", default=None,
-              help="Wrap string prompts in the chat template (default: only chat prompts).")
+              help="Wrap string prompts in the chat template (default: as the model was "
+                   "trained when MODEL is a gft run's final/ or checkpoint, else only chat "
+                   "prompts).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @_sampling_options
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
-          temperature: float, rewards: str, chat_template: bool | None, as_json: bool,
+          temperature: float, rewards: str, answer_column: str, chat_template: bool | None,
+          as_json: bool,
           backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None,
           stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
@@ -294,14 +301,17 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     if data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
-    rows = load_split(data, split)[:limit]
+    rows = load_split(data, split, answer_column=answer_column)[:limit]
     be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    if chat_template is None:  # a gft run's model: its prompts as it was trained
+        from gft.rollout import trained_chat_template
+        chat_template = trained_chat_template(model)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
     check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens")
     check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
-    scorer = build_rewards(rewards.split(","), TrainConfig.reward_timeout)
+    scorer = build_rewards(_reward_option(rewards), TrainConfig.reward_timeout)
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
                        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
     if as_json:
@@ -309,6 +319,15 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     else:
         for key, value in metrics.items():
             click.echo(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
+
+
+def _reward_option(text: str) -> Any:
+    """--rewards: "math,my.py:f", or YAML as the config's rewards key takes it (a list or
+    mapping), so that a built-in with options (regex's pattern) can be named too."""
+    if text.lstrip().startswith(("[", "{")):
+        from gft.config import parse_override
+        return parse_override(f"rewards={text}")[1]
+    return [name for name in text.split(",") if name.strip()]
 
 
 @main.command()

@@ -554,7 +554,16 @@ def parse_override(text: str) -> tuple[str, Any]:
 RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
             "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
-            "parallel", "rollout_engine", "mixed_precision", "logits_chunk"}
+            "parallel", "rollout_engine", "mixed_precision", "logits_chunk",
+            # read once for the whole run (gft/run.py, the loop's own cfg), never from a
+            # stage: a stage setting them was accepted and silently ignored (a stage's
+            # rewards scored nothing; the run's, or math, did)
+            "rewards", "reward_timeout", "answer_column", "chat_template", "max_prompt_tokens",
+            "prompt_overflow", "stop", "eval_data", "eval_split", "eval_holdout",
+            "eval_samples", "eval_every", "save_every", "keep_checkpoints", "sample_every",
+            "logging_steps", "progress", "report_to", "reset_optimizer", "check_memory",
+            "max_bad_steps", "load_in_4bit", "rollout_graphs", "weight_decay", "adam_beta1",
+            "adam_beta2", "adam_eps", "max_grad_norm"}
 
 
 def _normalize_stage(item: Any, i: int) -> dict[str, Any]:

@@ -116,6 +116,10 @@ def example_from_row(row: Any, *, path: str, line: int,
     if demonstration is not None:
         responses = (demonstration, *responses)
     if answer_column != "answer" and row.get("answer") is not None:
+        if row.get(answer_column) is None:  # it said "has both" of a row without the column
+            raise fail(answer_column, f"missing: answer_column '{answer_column}' reads the "
+                                      "ground truth from this column, and the row has "
+                                      "'answer' instead; unset answer_column to use it")
         raise fail("answer", f"the row has both 'answer' and answer_column "
                              f"'{answer_column}'; keep one")
     reserved = sorted(set(row) & set(_RESERVED_COLUMNS))
@@ -152,7 +156,10 @@ def render_prompt(example: Example, tokenizer: Any, *,
                         path=example.source)
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True)
+                                             add_generation_prompt=True,
+                                             **_template_arguments(example))
+    except DataError:
+        raise
     except Exception as exc:  # a template may raise on data it does not accept
         raise DataError(f"the chat template failed: {type(exc).__name__}: "
                         f"{_one_line(exc)}", path=example.source) from exc
@@ -160,6 +167,35 @@ def render_prompt(example: Example, tokenizer: Any, *,
         raise DataError(f"apply_chat_template returned {_type_name(text)}, not text",
                         path=example.source)
     return text
+
+
+def _template_arguments(example: Example) -> dict[str, Any]:
+    """What a row adds to its chat template, as TRL's SFTTrainer and mlx-lm's chat data
+    read it: `tools` (the tool schemas a tool-calling prompt is written against; a JSON
+    string as datasets often stores them) and `chat_template_kwargs` (e.g.
+    {"enable_thinking": false}). Without them the prompt lacks what the data says."""
+    def fail(field: str, message: str) -> DataError:
+        return DataError(message, path=example.source, field=field)
+
+    out: dict[str, Any] = {}
+    tools = example.columns.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except ValueError:
+            raise fail("tools", "a string that is not JSON; give a list of tool schemas") \
+                from None
+    if tools:  # [] as None: some templates render tool boilerplate for an empty list
+        if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+            raise fail("tools", f"must be a list of tool schemas (objects), got "
+                                f"{_type_name(tools)}")
+        out["tools"] = tools
+    kwargs = example.columns.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise fail("chat_template_kwargs", f"must be an object, got {_type_name(kwargs)}")
+        out.update(kwargs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,6 +284,10 @@ def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
+        if first_line == 1 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            # what Windows PowerShell 5's `>` and Out-File write: name it, not byte 0xff
+            raise DataError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                            "re-save it as UTF-8", path=path, line=1) from exc
         line = first_line + data.count(b"\n", 0, exc.start)
         raise DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the "
                         "file as UTF-8", path=path, line=line) from exc

@@ -203,6 +203,20 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _evaluation_line(records: list[dict[str, Any]]) -> str:
+    """First, best and last held-out accuracy; without a reward (SFT, DFT), the held-out
+    loss, which a run without rewards evaluates (it said "evaluation: none")."""
+    for key, what, better in (("eval/accuracy", "evaluation accuracy", max),
+                              ("eval/loss", "evaluation loss (NLL/token)", min)):
+        evals = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        if evals:
+            best = better(evals, key=lambda e: (e[1], -e[0] if better is max else e[0]))
+            return (f"{what}: first {evals[0][1]:.3f} (step {evals[0][0]}), best "
+                    f"{best[1]:.3f} (step {best[0]}), last {evals[-1][1]:.3f} "
+                    f"(step {evals[-1][0]})")
+    return "evaluation: none"
+
+
 def summary_lines(records: list[dict[str, Any]], wall_s: float, memory: dict[str, float],
                   final: Path | str) -> list[str]:
     """The end of a run, from its metrics.jsonl records: time, tokens, throughput, peak
@@ -219,14 +233,6 @@ def summary_lines(records: list[dict[str, Any]], wall_s: float, memory: dict[str
     if "memory/peak_device_gib" in memory:
         mem.insert(0, f"device {memory['memory/peak_device_gib']:.2f} GiB")
     lines.append("peak memory: " + ", ".join(mem))
-    evals = [(r["step"], r["eval/accuracy"]) for r in records
-             if isinstance(r.get("eval/accuracy"), (int, float))]
-    if evals:
-        best = max(evals, key=lambda e: (e[1], -e[0]))
-        lines.append(f"evaluation accuracy: first {evals[0][1]:.3f} (step {evals[0][0]}), "
-                     f"best {best[1]:.3f} (step {best[0]}), last {evals[-1][1]:.3f} "
-                     f"(step {evals[-1][0]})")
-    else:
-        lines.append("evaluation: none")
+    lines.append(_evaluation_line(records))
     lines.append(f"final checkpoint: {final}")
     return lines

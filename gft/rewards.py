@@ -347,20 +347,24 @@ def _import_module(name: str) -> Any:
     """Import a module as `python -m gft` would find it: the installed `gft` command's
     sys.path starts with its own bin directory instead of the working directory, so
     'my_rewards:f' next to the user's data was found by one and not the other."""
-    cwd = str(Path.cwd())
-    if cwd in sys.path or "" in sys.path:
-        return importlib.import_module(name)
-    sys.path.append(cwd)  # last: a module of the same name elsewhere still wins
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(cwd)
+    _on_path(Path.cwd())
+    return importlib.import_module(name)
+
+
+def _on_path(directory: Path) -> None:
+    """Let user reward code import what lies beside it, as `python my_rewards.py` could.
+    Appended, never first: a module of the same name elsewhere (the standard library,
+    gft) still wins. Kept for the run: a function may import lazily, at call time."""
+    directory = str(directory.resolve())
+    if directory not in sys.path and (directory != str(Path.cwd()) or "" not in sys.path):
+        sys.path.append(directory)
 
 
 def _import_file(path: Path) -> Any:
     """Execute a Python file as a module (registered so pickling and imports work)."""
     if not path.is_file():
         raise RewardError(f"reward file not found: {path}")
+    _on_path(path.parent)  # `from helpers import x` beside the reward file
     module_name = f"gft_user_reward_{abs(hash(str(path.resolve())))}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
 from gft.data import render_prompt
 from gft.errors import ConfigError, DataError
@@ -44,17 +45,35 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     return ids
 
 
-def generate_chat_template(model_dir: str, tokenizer) -> bool:
-    """`gft generate`'s default: render prompts as the model was trained when it is a gft
-    checkpoint (its config's chat_template; unset = plain string prompts), else use the
-    tokenizer's chat template where it has one, as mlx-lm's generate does."""
+def trained_chat_template(model_dir: str) -> bool | None:
+    """The chat_template setting a gft model was trained with: a step checkpoint's
+    trainer_state.json, or for a run's final/ (which holds the model only) the run's
+    config.yaml beside it. None when unknown (not a gft run's model, or unreadable)."""
     from gft.checkpoint import STATE_FILE, read_state
     from gft.errors import ModelError
-    if (Path(model_dir) / STATE_FILE).is_file():
-        try:
-            return bool(read_state(Path(model_dir))["config"].get("chat_template"))
-        except ModelError:
-            pass  # not readable as a gft checkpoint: treat it as any model directory
+    path = Path(model_dir)
+    try:
+        if (path / STATE_FILE).is_file():
+            return bool(read_state(path)["config"].get("chat_template"))
+        run_config = path.parent / "config.yaml"
+        if path.name == "final" and run_config.is_file():
+            config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+            if isinstance(config, dict):
+                return bool(config.get("chat_template"))
+    except (ModelError, OSError, ValueError, yaml.YAMLError):
+        pass  # not readable as a gft run: treat it as any model directory
+    return None
+
+
+def generate_chat_template(model_dir: str, tokenizer) -> bool:
+    """`gft generate`'s default: render prompts as the model was trained when it is a gft
+    run's model (trained_chat_template; unset = plain string prompts), else use the
+    tokenizer's chat template where it has one, as mlx-lm's generate does. final/ counts:
+    it is what README's `gft generate runs/x/final` samples from, and the default job
+    trains on plain prompts with a tokenizer that has a template."""
+    trained = trained_chat_template(model_dir)
+    if trained is not None:
+        return trained
     return bool(getattr(tokenizer, "chat_template", None))
 
 

@@ -79,6 +79,12 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
         train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
     console.print(f"evaluation: {note}")
+    if eval_rows and cfg.rewards is None and not rewards_needed(cfg) \
+            and not any(ex.responses for ex in eval_rows):
+        # no reward to score generations and no response to measure the loss on
+        console.print("[yellow]warning: evaluation measures nothing: the held-out rows have "
+                      "no response for the held-out loss and no reward is set; set rewards "
+                      "(e.g. [math]) or give the held-out rows responses", highlight=False)
     shared = shared_prompts(train_rows, eval_rows)
     if shared:
         console.print(f"[yellow]warning: {len(shared)} of {len(eval_rows)} held-out rows ask a "
@@ -139,6 +145,10 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
             raise ConfigError(f"eval_data: '{cfg.eval_data}' is neither a file nor a "
                               f"directory, and data ({cfg.data}) is a single file with no "
                               "splits to name")
+        elif is_data_file(cfg.eval_data) or "/" in cfg.eval_data or "\\" in cfg.eval_data:
+            # written as a path: looking it up as a split name would report a missing
+            # split "held/valid.jsonl" (expected held/valid.jsonl.jsonl, ...)
+            raise ConfigError(f"eval_data: no such file or directory: {cfg.eval_data}")
         else:  # a split name of the data directory
             rows = load_split(cfg.data, cfg.eval_data, **answer)
         return train_rows, rows, _eval_note(cfg, rows, f"eval_data {cfg.eval_data}")

@@ -16,7 +16,9 @@ plan line says so. To continue with another preset instead, add a stage to `stag
 A stage's own `max_policy_tokens` ends it once it has processed that many policy tokens
 (gft/budget.py); the next stage then starts at once, so stages' step ranges are planned
 here as upper bounds and placed by the loop as the run goes.
-What a stage entry may say (its preset, steps and keys; RUN_KEYS stay whole-run) is the
+What a stage entry may say (its preset, steps and keys; RUN_KEYS stay whole-run: the
+model and data, rewards, evaluation, checkpoints, logging and the optimizer's settings
+other than its learning-rate schedule) is the
 config's schema, checked by gft/config.py `read_stages` when the config is built; this
 module owns the plan built from those entries.
 """

@@ -56,6 +56,24 @@ def test_eval_reports_accuracy_and_pass_at_k(model_dir, tmp_path):
     assert metrics["n"] == 6 and 0.0 <= metrics["accuracy"] <= 1.0 and "pass@3" in metrics
 
 
+def test_eval_reads_trl_data_with_a_solution_column_and_rewards_with_options(model_dir,
+                                                                            tmp_path):
+    """A run can train on TRL's `solution` column (answer_column) and a regex reward with
+    its pattern, but gft eval could not score either: 'column answer is missing'."""
+    data = tmp_path / "sol.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: what is {i}+1?\nA:",
+                                        "solution": str(i + 1)}) + "\n" for i in range(3)))
+    args = ["eval", str(model_dir), "--data", str(data), "--max-new-tokens", "4", "--json"]
+    result = CliRunner().invoke(main, [*args, "--answer-column", "solution",
+                                       "--rewards", "math,exact"])
+    assert result.exit_code == 0, result.output
+    assert set(json.loads(result.output.strip().splitlines()[-1])) >= {"rewards/math",
+                                                                       "rewards/exact"}
+    result = CliRunner().invoke(main, [*args, "--rewards", "[{name: regex, pattern: '.'}]"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["rewards/regex"] == 1.0
+
+
 def test_unknown_key_is_one_line_with_suggestion():
     result = CliRunner().invoke(main, ["train", "--set", "learnig_rate=1"])
     assert result.exit_code == 2

@@ -352,6 +352,19 @@ def test_non_utf8_names_the_line(tmp_path):
     assert_error(excinfo, "d.jsonl:3", "UTF-8", "0xe9")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv"])
+def test_a_utf16_file_is_named_as_such(tmp_path, suffix):
+    """Windows PowerShell 5 writes UTF-16 with a byte-order mark; the error said only
+    'not valid UTF-8 (byte 0xff)'."""
+    path = tmp_path / f"d{suffix}"
+    text = 'prompt,answer\nq,1\n' if suffix == ".csv" else '{"prompt": "a"}\n'
+    path.write_text(text, encoding="utf-16")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert str(excinfo.value) == (f"{path}:1: the file is UTF-16 (it starts with a UTF-16 "
+                                  "byte-order mark); re-save it as UTF-8")
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n  \n"])
 def test_empty_file(tmp_path, content):
     path = tmp_path / "empty.jsonl"

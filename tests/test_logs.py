@@ -41,6 +41,18 @@ def test_summary_has_time_tokens_throughput_memory_evaluations_and_checkpoint():
     assert lines[-1] == "final checkpoint: runs/x/final"
 
 
+def test_summary_of_a_run_without_rewards_reports_its_held_out_loss():
+    """An SFT run with no reward evaluates the held-out loss; its summary said
+    'evaluation: none'."""
+    records = [{"step": 0, "eval/loss": 2.5, "eval/n": 4.0}, {"step": 1, **STEP},
+               {"step": 2, **STEP, "eval/loss": 1.25}, {"step": 3, **STEP, "eval/loss": 1.5}]
+    lines = summary_lines(records, 1.0, {"memory/peak_host_gib": 1.5}, "f")
+    assert lines[-2] == ("evaluation loss (NLL/token): first 2.500 (step 0), best 1.250 "
+                         "(step 2), last 1.500 (step 3)")
+    assert summary_lines([{"step": 1, **STEP}], 1.0, {"memory/peak_host_gib": 1.5},
+                         "f")[-2] == "evaluation: none"
+
+
 def test_heartbeat_says_what_a_long_step_is_doing():
     out = io.StringIO()
     console = Console(file=out, width=200)

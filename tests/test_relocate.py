@@ -83,8 +83,11 @@ def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
         shutil.copytree(moved / "final", "adapter")
         words = refused("generate", "adapter", "-p", "1", "--backend", backend)
         assert "base_model_name_or_path" in words and "--base" in words
+        # a lone adapter directory does not record how its run rendered prompts (final/
+        # inside its run does: config.yaml beside it), so it is told: plain, as trained
         alone = gft("generate", "adapter", "--base", f"{run}/base-model", "-p",
-                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend)
+                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend,
+                    "--no-chat-template")
         assert alone == text
 
 

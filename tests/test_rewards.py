@@ -179,7 +179,22 @@ def test_a_module_in_the_working_directory_imports_under_the_gft_command(tmp_pat
                                       if p not in ("", ".", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "cwd_rewards_xyz", raising=False)
     assert score(["cwd_rewards_xyz:f"], ["a"], [None]).total.tolist() == [0.5]
-    assert str(tmp_path) not in sys.path  # looked up there, not left on the path
+    assert sys.path[-1] == str(tmp_path.resolve())  # last: it shadows nothing
+
+
+def test_a_reward_file_imports_modules_beside_it(tmp_path, monkeypatch):
+    """`from helpers import x` in path/to/my_rewards.py, as `python my_rewards.py` runs
+    it: ModuleNotFoundError unless the working directory was that file's directory."""
+    folder = tmp_path / "rewards_dir"
+    folder.mkdir()
+    (folder / "helpers_beside_xyz.py").write_text("def half(c):\n    return 0.5\n")
+    (folder / "scored.py").write_text(
+        "from helpers_beside_xyz import half\n"
+        "def f(completions, **kwargs):\n    return [half(c) for c in completions]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "helpers_beside_xyz", raising=False)
+    assert score([f"{folder / 'scored.py'}:f"], ["a"], [None]).total.tolist() == [0.5]
 
 
 @pytest.mark.parametrize("name, words", [

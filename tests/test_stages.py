@@ -76,3 +76,16 @@ def test_a_stage_written_wrong_says_how_to_write_it(stage, message):
     with pytest.raises(ConfigError) as excinfo:
         build_config({"model": "m", "stages": [stage]})
     assert str(excinfo.value) == message
+
+
+@pytest.mark.parametrize("key, value", [("rewards", ["exact"]), ("save_every", 1),
+                                        ("eval_samples", 3), ("max_grad_norm", 0.5),
+                                        ("chat_template", True)])
+def test_a_stage_cannot_set_what_the_run_reads_once(key, value):
+    """These are read once for the whole run; set in a stage they were accepted and
+    ignored (a stage's rewards: the run scored with math instead)."""
+    from gft.errors import ConfigError
+    with pytest.raises(ConfigError, match=rf"^stages\[1\]: '{key}' is set for the whole "
+                                          r"run, not per stage$"):
+        build_config({"model": "m", "stages": [{"sft": 1}, {"preset": "grpo", "steps": 1,
+                                                             key: value}]})

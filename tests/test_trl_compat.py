@@ -271,6 +271,42 @@ def test_tool_calling_messages_render_as_the_chat_template(tmp_path, tokenizer, 
         chat_ids(tokenizer, chat, add_generation_prompt=True)
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.mark.parametrize("columns", [{"tools": TOOLS}, {"tools": json.dumps(TOOLS)},
+                                     {"chat_template_kwargs": {"enable_thinking": False}}])
+def test_tools_and_chat_template_kwargs_columns_reach_the_template(tmp_path, tokenizer,
+                                                                   columns):
+    """TRL's SFTTrainer and mlx-lm's chat data render a row's `tools` (tool schemas, a
+    list or a JSON string) and `chat_template_kwargs` into its prompt; gft left them out,
+    so a tool-calling prompt lost the schemas it was written against."""
+    import copy
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = ("{% if tools %}tools: {{ tools | tojson }}\n{% endif %}"
+                         "{% if enable_thinking is defined %}thinking: {{ enable_thinking }}\n"
+                         "{% endif %}" + tokenizer.chat_template)
+    example = load_one(tmp_path, {"messages": TOOL_CHAT + [{"role": "assistant",
+                                                            "content": "22C."}], **columns})
+    kwargs = dict(columns.get("chat_template_kwargs", {}))
+    if "tools" in columns:
+        kwargs["tools"] = TOOLS
+    expected = chat_ids(tok, TOOL_CHAT, add_generation_prompt=True, **kwargs)
+    assert expected != chat_ids(tok, TOOL_CHAT, add_generation_prompt=True)
+    assert encode_prompt(example, tok, chat_template=None) == expected
+
+
+@pytest.mark.parametrize("columns, field", [({"tools": "not json"}, "tools"),
+                                            ({"tools": [1]}, "tools"),
+                                            ({"chat_template_kwargs": "x"},
+                                             "chat_template_kwargs")])
+def test_bad_tools_or_template_kwargs_name_the_row(tmp_path, tokenizer, columns, field):
+    example = load_one(tmp_path, {"prompt": TOOL_CHAT[:1], **columns})
+    with pytest.raises(DataError, match=rf"rows.jsonl:1: field '{field}': "):
+        encode_prompt(example, tokenizer, chat_template=None)
+
+
 @pytest.mark.parametrize("row, field", [
     ({"messages": TOOL_CHAT[:1] + TOOL_CHAT[1:2]}, "messages[1].tool_calls"),
     ({"prompt": TOOL_CHAT[:1], "completion": TOOL_CHAT[1:2]}, "completion[0].tool_calls"),
@@ -314,6 +350,14 @@ def test_standard_types(tmp_path, tokenizer, row):
 def test_answer_column(tmp_path):
     example = load_one(tmp_path, {"prompt": "p", "solution": "42"}, answer_column="solution")
     assert example.answer == "42" and example.columns["solution"] == "42"
+    # a row with 'answer' but not the named column: it said the row "has both"
+    with pytest.raises(DataError, match=r"rows.jsonl:1: field 'solution': missing: "
+                                        r"answer_column 'solution' reads the ground truth "
+                                        r"from this column, and the row has 'answer' instead"):
+        load_one(tmp_path, {"prompt": "p", "answer": "42"}, answer_column="solution")
+    with pytest.raises(DataError, match=r"field 'answer': the row has both"):
+        load_one(tmp_path, {"prompt": "p", "answer": "4", "solution": "4"},
+                 answer_column="solution")
 
 
 # ---------------------------------------------------------------------------------------
@@ -591,3 +635,47 @@ def test_held_out_rows_that_training_also_asks_are_counted(tmp_path, model):
         in " ".join(result.output.split())
     result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", "eval_split=train")
     assert "warning: 4 of 4 held-out rows ask a prompt" in " ".join(result.output.split())
+
+
+def test_eval_data_written_as_a_missing_path_says_so(tmp_path):
+    """It was looked up as a split name of the data directory: "no 'held/valid.jsonl'
+    split: expected one of held/valid.jsonl.jsonl, ..."."""
+    from gft.errors import ConfigError
+    data = tmp_path / "data"
+    data.mkdir()
+    rows_file(data / "train.jsonl", 4)
+    for missing in ("held/valid.jsonl", "valid.jsonl"):
+        with pytest.raises(ConfigError, match=rf"^eval_data: no such file or directory: "
+                                              rf"{re.escape(missing)}$"):
+            held_out(data, eval_data=missing)
+
+
+def test_an_evaluation_that_can_measure_nothing_says_so(tmp_path, model):
+    """SFT without rewards on held-out rows without responses: the run announced 'N
+    held-out rows' and logged only eval/n."""
+    data = rows_file(tmp_path / "train.jsonl", 4)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"h{i}"}) + "\n" for i in range(2)))
+    result, _ = train(model, data, tmp_path / "run", "torch", "preset=sft", f"eval_data={held}")
+    assert "warning: evaluation measures nothing" in result.output
+    result, _ = train(model, data, tmp_path / "run2", "torch", "preset=sft", f"eval_data={held}",
+                      "rewards=[{name: regex, pattern: 'x'}]")
+    assert "measures nothing" not in result.output
+
+
+@pytest.mark.parametrize("trained", [None, True])
+def test_a_runs_final_model_generates_as_it_was_trained(tmp_path, model, tokenizer, trained):
+    """final/ holds no trainer_state.json, so `gft generate runs/x/final` (the README's
+    example) wrapped plain prompts in the tokenizer's chat template although the run
+    trained on them raw (chat_template unset, the default job's case)."""
+    import shutil
+    from gft.rollout import generate_chat_template, trained_chat_template
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(model, run / "final")
+    (run / "config.yaml").write_text(f"chat_template: {json.dumps(trained)}\n")
+    assert tokenizer.chat_template  # a template the run did not use (when trained is None)
+    assert generate_chat_template(str(run / "final"), tokenizer) is bool(trained)
+    assert trained_chat_template(str(run / "final")) is bool(trained)
+    assert trained_chat_template(str(model)) is None  # not a gft run's model
+    assert generate_chat_template(str(model), tokenizer) is True
