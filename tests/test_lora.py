@@ -202,8 +202,10 @@ def test_torch_adapter_to_mlx_lm_format_and_back(base, tmp_path):
     assert (cfg["r"], cfg["lora_alpha"]) == (4, 8.0)
 
 
-def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
-    """An adapter as mlx-lm's trainer writes it (num_layers 1 of 2) loads in peft."""
+def last_layer_mlx_lm_adapter(base: Path, out: Path, ids: np.ndarray) -> np.ndarray:
+    """An adapter as mlx-lm's trainer writes it with num_layers 1 of 2 (mlx-lm's default
+    num_layers is 16: a deeper model's adapter covers only its last 16 layers), written to
+    `out`; returns mlx-lm's logits for `ids` with it."""
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -214,13 +216,18 @@ def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
     weights = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
                for k, v in tree_flatten(model.parameters()) if k.endswith(("lora_a", "lora_b"))}
     model.update(tree_unflatten(list(weights.items())))
-    out = tmp_path / "mlx"
     out.mkdir()
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
     (out / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params, "model": str(base)}))
+    return np.array(model(mx.array(ids.astype(np.int32))))
+
+
+def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
+    """An adapter as mlx-lm's trainer writes it (num_layers 1 of 2) loads in peft."""
+    out = tmp_path / "mlx"
     ids = batch(6).input_ids
-    ref = np.array(model(mx.array(ids.astype(np.int32))))
+    ref = last_layer_mlx_lm_adapter(base, out, ids)
     assert np.abs(mlx_lm_logits(base, out, ids) - ref).max() < 1e-6  # mlx-lm reads what we wrote
     cli("convert", str(out), str(tmp_path / "peft"), "--to", "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -230,6 +237,25 @@ def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "peft").eval()
     with torch.no_grad():
         assert np.abs(hf(torch.from_numpy(ids)).logits.numpy() - ref).max() < 1e-5
+
+
+@pytest.mark.mlx
+def test_last_layers_adapter_loads_and_trains_on_mlx(base, tmp_path):
+    """The PEFT adapter gft convert makes of it (target_modules as full module paths, as
+    PEFT writes for layers_to_transform) loads on gft's MLX backend with mlx-lm's logits,
+    only on the last layer, and trains (bug: 'LoRA targets [...] match no linear layer')."""
+    ids = batch(6).input_ids
+    ref = last_layer_mlx_lm_adapter(base, tmp_path / "mlx", ids)
+    cli("convert", str(tmp_path / "mlx"), str(tmp_path / "peft"), "--to", "peft")
+    m = load_backend("mlx", str(tmp_path / "peft"))
+    assert sorted(m.named_parameters()) == sorted(
+        f"base_model.model.model.layers.1.{k}.lora_{w}.weight"
+        for k in ("mlp.up_proj", "self_attn.k_proj") for w in "AB")
+    assert np.abs(np.array(m.model(mx.array(ids.astype(np.int32)))) - ref).max() < 1e-5
+    before = m.named_parameters()
+    m.train_step([batch(1)], 1e-2, **LOSS)
+    after = m.named_parameters()
+    assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
 
 
 @pytest.mark.parametrize("framework", ["torch", "mlx"])
