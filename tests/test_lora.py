@@ -150,7 +150,8 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     assert np.abs(peft_logprobs(base, tmp_path / "full" / "final", probe) - ours).max() < 1e-5
 
     # 2 steps, then resumed to 4: on the same backend, and on the other one; the base
-    # given as a relative path stays what was typed in every adapter the resume writes
+    # given as a relative path is stored absolute, alike in every adapter the first run
+    # and the resume write, so the adapter loads from any other working directory
     other = "mlx" if backend == "torch" else "torch"
     monkeypatch.chdir(base.parent)
     common[1] = base.name
@@ -164,7 +165,11 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
         assert max(np.abs(resumed[k] - adapter[k]).max() for k in adapter) <= tol, second
         for saved in (run / "final", run / "checkpoints" / "step-000004"):
             cfg = json.loads((saved / "adapter_config.json").read_text())
-            assert cfg["base_model_name_or_path"] == base.name, saved
+            assert cfg["base_model_name_or_path"] == str(base.resolve()), saved
+        monkeypatch.chdir(tmp_path)
+        cli("generate", str(run / "final"), "-p", "hi", "--max-new-tokens", "2",
+            "--backend", second)
+        monkeypatch.chdir(base.parent)
 
 
 # ------------------------------------------------------------------------- formats
