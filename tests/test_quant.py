@@ -140,6 +140,27 @@ def test_full_fine_tune_of_a_quantized_model_is_refused(models, tmp_path):
     assert out.count("\n") == 1 and "set lora_rank" in out and "4-bit" in out
 
 
+@pytest.mark.mlx
+def test_quantization_config_alone_loads_as_quantized(models, tmp_path):
+    """A config.json whose mlx-lm quantization is only under "quantization_config" (the
+    copy mlx-lm writes beside "quantization"; the older key name) is the same model: gft
+    reads it as quantized, so the MLX backend must build it so (bug: "cannot load the
+    model: 'quant_method'", mlx-lm's KeyError on that key alone)."""
+    import shutil
+    alone = tmp_path / "q4"
+    shutil.copytree(models["q4"], alone)
+    cfg = read_config(alone)
+    del cfg["quantization"]
+    (alone / "config.json").write_text(json.dumps(cfg))
+    probe = batch(4)
+    want = load_backend("mlx", str(models["q4"]), lora=LORA).token_logprobs(probe)
+    got = load_backend("mlx", str(alone), lora=LORA).token_logprobs(probe)
+    assert np.array_equal(got, want)
+    assert json.loads((alone / "config.json").read_text()) == cfg  # the user's file as it was
+    out = cli("convert", str(alone), str(tmp_path / "dq"), "--dequantize")  # and gft convert
+    assert "de-quantized from 4-bit" in out
+
+
 def test_torch_backend_on_an_mlx_quantized_model_says_what_to_do(models, tmp_path):
     out = cli("generate", str(models["q8"]), "--backend", "torch", "-p", "hi", code=2)
     assert out.count("\n") == 1 and "--dequantize" in out and "--backend mlx" in out
