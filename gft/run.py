@@ -216,8 +216,13 @@ class RequireApplicableReward:
 def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-    from gft.lora import is_peft_adapter, lora_from_train_config
-    base = base_as_stored(model_path, cfg.model) if is_peft_adapter(model_path) else cfg.model
+    from gft.lora import is_peft_adapter, lora_from_train_config, read_peft_config
+    base = cfg.model
+    if base and is_peft_adapter(base):
+        # a run started from an adapter (--model ADAPTER) trains that adapter over the
+        # base it names; the adapter directory is no base model
+        base = read_peft_config(Path(base))[1]
+    base = base_as_stored(model_path, base) if is_peft_adapter(model_path) else base
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
         seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,

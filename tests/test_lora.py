@@ -263,6 +263,31 @@ def test_last_layers_adapter_loads_and_trains_on_mlx(base, tmp_path):
     assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
 
 
+@pytest.mark.mlx
+def test_a_run_starts_from_an_adapter_and_trains_it_further(base, tmp_path):
+    """gft train --model ADAPTER (an mlx-lm adapter made PEFT by gft convert: no tokenizer
+    files, no config.json) loads the adapter's base under it and trains that adapter, and
+    the run resumes (bug: the adapter directory was taken as its own base model: 'No such
+    file or directory: ADAPTER/config.json' or 'cannot load the tokenizer')."""
+    ids = batch(6).input_ids
+    last_layer_mlx_lm_adapter(base, tmp_path / "mlx", ids)
+    cli("convert", str(tmp_path / "mlx"), str(tmp_path / "peft"), "--to", "peft")
+    data = say_yes_data(tmp_path / "data")
+    run = tmp_path / "run"
+    common = ["--backend", "mlx", "--model", str(tmp_path / "peft"), "--data", str(data),
+              "--preset", "sft", "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+              "--set", "learning_rate=1e-2", "--set", "max_response_tokens=4",
+              "--set", "eval_samples=0", "--set", "progress=false", "--set", "save_every=1"]
+    cli("train", "-o", str(run), "--max-steps", "1", *common)
+    start, trained = read(tmp_path / "peft" / "adapter_model.safetensors"), read(
+        run / "final" / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()
+    assert any(not np.array_equal(trained[k], start[k]) for k in start if "lora_B" in k)
+    cfg = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    assert "(step 1)" in cli("train", "--resume", str(run), "--set", "max_steps=2")
+
+
 @pytest.mark.parametrize("framework", ["torch", "mlx"])
 def test_fused_weights_equal_base_plus_scaled_ba(base, tmp_path, framework):
     from gft.convert import fuse
