@@ -216,6 +216,33 @@ def test_fuse_over_a_quantized_base(models, tmp_path):
                                           "--base", str(models["base"]), "--requantize", code=2)
 
 
+@pytest.mark.mlx
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_fuse_and_dequantize_of_a_microscaled_base_stay_in_the_model_dtype(models, tmp_path,
+                                                                          mode):
+    """mx.dequantize gives bfloat16 for mxfp4/nvfp4 (uint8 scales carry no dtype), whatever
+    the model's dtype: a float32 model came back as bfloat16 linears beside float32 norms,
+    and gft fuse rounded W + s·B·A to bfloat16, 0.16 off the adapter's logits on this tiny
+    model (affine bases: 2e-5). Both now write the model's own dtype (its norms')."""
+    from mlx_lm.convert import convert
+    from safetensors import safe_open
+    base = tmp_path / mode
+    convert(str(models["base"]), str(base), quantize=True, q_mode=mode)
+    be = load_backend("mlx", str(base), lora=LORA)
+    for i in range(3):
+        be.train_step([batch(i)], 3e-2, **LOSS)
+    be.save_model(tmp_path / "adapter")
+    probe = batch(4)
+    ours = be.token_logprobs(probe)
+    cli("fuse", str(tmp_path / "adapter"), str(tmp_path / "fused"))
+    cli("convert", str(base), str(tmp_path / "dq"), "--dequantize")
+    for out in ("fused", "dq"):
+        with safe_open(str(tmp_path / out / "model.safetensors"), "np") as fh:
+            kinds = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+        assert kinds == {"F32"}, (out, kinds)
+    assert np.abs(torch_logprobs(tmp_path / "fused", probe.input_ids) - ours).max() < 1e-4
+
+
 # ------------------------------------------------------------------------- to CUDA and back
 
 def test_adapter_moves_between_the_4bit_mlx_base_and_the_full_torch_base(models, tmp_path, capsys):
