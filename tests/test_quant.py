@@ -161,6 +161,23 @@ def test_quantization_config_alone_loads_as_quantized(models, tmp_path):
     assert "de-quantized from 4-bit" in out
 
 
+@pytest.mark.mlx
+def test_a_quantized_model_generates_and_evaluates_without_an_adapter(models, tmp_path):
+    """Sampling and evaluating a 4-bit base trains nothing (the baseline a Mac user
+    measures before fine-tuning): only training refuses a quantized model without LoRA
+    (bug: gft eval/generate said 'its packed weights cannot be trained ... set lora_rank')."""
+    from mlx_lm import generate, load
+    data = say_yes_data(tmp_path / "data")
+    out = cli("eval", str(models["q4"]), "--data", str(data), "--limit", "2",
+              "--max-new-tokens", "4", "--backend", "mlx", "--rewards", "exact", "--json")
+    assert json.loads(out)["n"] == 2
+    text = cli("generate", str(models["q4"]), "-p", "Q1: say yes\nA:", "--no-chat-template",
+               "--max-new-tokens", "8", "--backend", "mlx")
+    model, tok = load(str(models["q4"]))
+    ref = generate(model, tok, prompt=tok.encode("Q1: say yes\nA:"), max_tokens=8)
+    assert text.rstrip("\n").strip() == ref.strip()  # mlx-lm's own greedy decoding
+
+
 def test_torch_backend_on_an_mlx_quantized_model_says_what_to_do(models, tmp_path):
     out = cli("generate", str(models["q8"]), "--backend", "torch", "-p", "hi", code=2)
     assert out.count("\n") == 1 and "--dequantize" in out and "--backend mlx" in out
