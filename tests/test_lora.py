@@ -228,6 +228,28 @@ def last_layer_mlx_lm_adapter(base: Path, out: Path, ids: np.ndarray) -> np.ndar
     return np.array(model(mx.array(ids.astype(np.int32))))
 
 
+@pytest.mark.mlx
+def test_adapter_for_mlx_lm_over_a_base_mlx_lm_misreads_warns(base, tmp_path):
+    """A base whose RoPE base is only under rope_parameters (transformers 5's layout;
+    mlx_lm.convert copies it as is): gft trains it with transformers' rope_theta, but
+    mlx_lm.load(base, adapter_path=...) uses mlx-lm's default 10000, another model
+    (logits ~10 apart on a tiny Llama). gft convert --to mlx-lm says so, with the way out;
+    a base mlx-lm reads right gets no warning."""
+    import shutil
+    adapter = trained_torch_adapter(base, tmp_path / "adapter", steps=1)
+    quiet = cli("convert", str(adapter), str(tmp_path / "ok"), "--to", "mlx-lm")
+    assert "warning" not in quiet
+    trap = tmp_path / "trap"
+    shutil.copytree(base, trap)
+    cfg = json.loads((trap / "config.json").read_text())
+    assert cfg.pop("rope_theta") == cfg["rope_parameters"]["rope_theta"] != 10000
+    (trap / "config.json").write_text(json.dumps(cfg))
+    out = cli("convert", str(adapter), str(tmp_path / "mlx"), "--to", "mlx-lm", "--base", str(trap))
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "rope_theta" in warning[0] and "gft fuse" in warning[0]
+    assert json.loads((trap / "config.json").read_text()) == cfg  # the user's base untouched
+
+
 def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
     """An adapter as mlx-lm's trainer writes it (num_layers 1 of 2) loads in peft."""
     out = tmp_path / "mlx"
