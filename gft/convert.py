@@ -246,7 +246,7 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
         if name not in weights:
             raise ModelError(f"{base_dir}: the adapter adapts '{module}', which has no weight "
                              "in the base model (tied embeddings?)")
-        weights[name] = ar.fuse(weights[name], a, b, lora.scale)
+        weights[name] = ar.fuse(weights[name], a, b, lora.scale, dtype)  # one rounding
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)

@@ -194,7 +194,7 @@ def fuse_quantized(base_dir: Path, out: Path, modules: dict[str, tuple[Any, Any]
         if name not in weights:
             raise ModelError(f"{base_dir}: the adapter adapts '{module}', which has no weight "
                              "in the base model (tied embeddings?)")
-        weights[name] = ar.fuse(weights[name], a, b, scale)
+        weights[name] = ar.fuse(weights[name], a, b, scale, dtype)  # one rounding
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     head = f"wrote {out}: {len(modules)} adapted weights fused into {base_dir} ({describe(q)})"

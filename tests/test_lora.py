@@ -339,6 +339,27 @@ def test_fused_weights_equal_base_plus_scaled_ba(base, tmp_path, framework):
         assert (fused_model(torch.from_numpy(ids)).logits - ref).abs().max() < 1e-5
 
 
+@pytest.mark.mlx
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_fuse_dtype_is_the_precision_of_the_sum(tmp_path, framework):
+    """gft fuse --dtype float32 over a bfloat16 base (mlx-community models are bfloat16):
+    W + s·B·A is kept in float32, not rounded to the base's bfloat16 first and then
+    widened (bug: the fused weights were bfloat16 values in float32 files, the adapter's
+    update rounded away to bfloat16's 8 bits)."""
+    from gft.convert import fuse
+    bf16 = scaled_tiny(tmp_path / "bf16", dtype="bfloat16")
+    adapter = trained_torch_adapter(bf16, tmp_path / "adapter", steps=1)
+    fuse(adapter, tmp_path / "fused", dtype="float32", framework=framework)
+    fused, ad = read(tmp_path / "fused" / "model.safetensors"), read(adapter / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    with safe_open(str(bf16 / "model.safetensors"), "pt") as fh:  # NumPy has no bfloat16
+        w = fh.get_tensor(name + ".weight").double().numpy()
+    a, b = (ad[f"base_model.model.{name}.lora_{x}.weight"].astype(np.float64) for x in "AB")
+    want = w + LORA.scale * (b @ a)
+    assert fused[name + ".weight"].dtype == np.float32
+    assert np.abs(fused[name + ".weight"] - want).max() < 1e-5
+
+
 def test_fuse_cli_and_unsupported_adapters(base, tmp_path):
     adapter = trained_torch_adapter(base, tmp_path / "adapter", steps=1)
     out = cli("fuse", str(adapter), "--base", str(base), str(tmp_path / "fused"))
