@@ -124,7 +124,11 @@ def base_record(base: str | Path) -> dict[str, Any] | None:
 
 
 def write_base_record(adapter_dir: str | Path, record: dict[str, Any] | None) -> None:
+    """The record beside the adapter, its base named as adapter_config.json names it
+    (gft.runpaths.base_for_adapter: never relative to the working directory)."""
+    from gft.runpaths import base_for_adapter
     if record is not None:
+        record = {**record, "base_model": base_for_adapter(record["base_model"], Path(adapter_dir))}
         (Path(adapter_dir) / BASE_QUANT_FILE).write_text(
             json.dumps(record, indent=2, sort_keys=True) + "\n")
 

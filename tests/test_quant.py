@@ -178,6 +178,18 @@ def test_a_quantized_model_generates_and_evaluates_without_an_adapter(models, tm
     assert text.rstrip("\n").strip() == ref.strip()  # mlx-lm's own greedy decoding
 
 
+@pytest.mark.mlx
+def test_the_base_record_names_the_base_as_the_adapter_config_does(models, tmp_path,
+                                                                  monkeypatch):
+    """base_quantization.json's base_model is stored like adapter_config.json's
+    base_model_name_or_path (absolute for a local base given relative), not as typed."""
+    monkeypatch.chdir(models["q4"].parent)
+    load_backend("mlx", "q4", lora=LORA).save_model(tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / BASE_QUANT_FILE).read_text())
+    peft_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert record["base_model"] == peft_cfg["base_model_name_or_path"] == str(models["q4"].resolve())
+
+
 def test_torch_backend_on_an_mlx_quantized_model_says_what_to_do(models, tmp_path):
     out = cli("generate", str(models["q8"]), "--backend", "torch", "-p", "hi", code=2)
     assert out.count("\n") == 1 and "--dequantize" in out and "--backend mlx" in out
