@@ -247,7 +247,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from backends import SamplingConfig, load_backend
     from gft.rollout import check_context, encode_prompt, generate_chat_template
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
+                      train=False)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
@@ -302,7 +303,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split, answer_column=answer_column)[:limit]
-    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop))
+    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
+                      train=False)
     if chat_template is None:  # a gft run's model: its prompts as it was trained
         from gft.rollout import trained_chat_template
         chat_template = trained_chat_template(model)

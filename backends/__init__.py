@@ -59,7 +59,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
                  stop: Sequence[int | str] = (), logits_chunk: int = 1024,
-                 load_in_4bit: bool = False) -> Backend:
+                 load_in_4bit: bool = False, train: bool = True) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -74,7 +74,9 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     stop: token ids or strings that end completions besides the model's own EOS ids
     (the tokenizer's and every one in generation_config.json; gft/stops.py).
     logits_chunk: positions whose logits the update holds at a time (0: all at once).
-    load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes."""
+    load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes.
+    train: False when the model only samples and scores (generate, eval): a quantized
+    model then loads without LoRA adapters, which training over it needs."""
     from gft.lora import resolve_adapter
     from gft.modelfiles import check_model_dir
     from gft.quant import check_loadable
@@ -82,7 +84,7 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
     check_loadable(name, model_path, lora=lora, adapter=adapter,  # quantized bases
-                   load_in_4bit=load_in_4bit)
+                   load_in_4bit=load_in_4bit, train=train)
     if name not in BACKEND_MODULES:
         raise ConfigError(f"unknown backend '{name}' (choose auto, torch or mlx)")
     try:

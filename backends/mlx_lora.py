@@ -34,13 +34,16 @@ def from_neutral(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def target_keys(model: nn.Module, lora: LoraConfig) -> list[str]:
-    """mlx-lm's `keys`: targeted linears as paths inside a decoder layer, and full paths
-    for targeted linears outside the layers (e.g. lm_head)."""
+    """Full module paths of the targeted linears, by PEFT's rule over full paths: a target
+    matches a path that equals it or ends with '.target'. So a target may be a name
+    ('q_proj'), a path inside a layer ('self_attn.q_proj') or one module
+    ('model.layers.23.self_attn.q_proj': how PEFT, and gft convert for an mlx-lm adapter
+    on the last num_layers layers, name adapters that cover only some layers).
+    Full paths, not mlx-lm's paths inside a layer: linear_to_lora_layers wraps the modules
+    its `keys` name anywhere in the model, so only the named layers get an adapter."""
     linear = (nn.Linear, nn.QuantizedLinear)
-    keys = {name for layer in model.layers for name, m in layer.named_modules()
+    keys = {name for name, m in model.named_modules()
             if isinstance(m, linear) and lora.matches(name)}
-    keys |= {name for name, m in model.named_modules()
-             if isinstance(m, linear) and ".layers." not in f".{name}." and lora.matches(name)}
     if not keys:
         raise ModelError(f"LoRA targets {list(lora.targets)} match no linear layer of the model")
     return sorted(keys)

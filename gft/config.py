@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import re
 import textwrap
 import typing
@@ -646,9 +647,21 @@ def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str,
         if "preset" in merged:  # an explicit preset means a single-stage run of it
             values["stages"] = None
     values.update(merged)
+    values.update(_home_expanded(values))
     cfg = validate(TrainConfig(**values))
     read_stages(cfg)  # reject a bad stage now, not hours into the run
     return cfg
+
+
+# Keys that name local files or directories (a hub id or a split name is left as given).
+PATH_KEYS = ("model", "data", "eval_data", "output_dir")
+
+
+def _home_expanded(values: dict[str, Any]) -> dict[str, Any]:
+    """'~/models/m' as the shell would expand it: a YAML file or --set KEY=~/... reaches
+    us unexpanded, and a literal '~' would name a directory in the working directory."""
+    return {k: os.path.expanduser(values[k]) for k in PATH_KEYS
+            if isinstance(values.get(k), str) and values[k].startswith("~")}
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -148,8 +148,36 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     write_adapter(dst, to, lora, base, modules, ar)
     if (src / BASE_QUANT_FILE).is_file():  # the record of a quantized base travels along
         shutil.copyfile(src / BASE_QUANT_FILE, dst / BASE_QUANT_FILE)
-    return [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
-            f"{len(modules)} modules"]
+    lines = [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
+             f"{len(modules)} modules"]
+    if to == "mlx-lm":
+        lines += mlx_lm_misreads(base, src)
+    return lines
+
+
+# config.json keys mlx-lm 0.32 reads only at the top level (gft/modelfiles.py).
+_MLX_LM_KEYS = ("rope_theta", "rope_scaling", "tie_word_embeddings")
+
+
+def mlx_lm_misreads(base: str | None, adapter: Path) -> list[str]:
+    """A warning when mlx-lm alone reads the base's config.json otherwise than
+    transformers (and gft's training on either backend) does: the adapter then runs in
+    another model under mlx_lm.load(base, adapter_path=...). The base is the user's and is
+    not changed; a fused model carries a config both read alike."""
+    if not base or not (Path(base) / "config.json").is_file():
+        return []
+    from gft.modelfiles import portable_config
+    raw, (read, _) = _read_config(Path(base)), portable_config(Path(base))
+    # rope_scaling only when absent: its legacy spelling ("type") reads the same
+    differ = [f"{k} {'absent' if k not in raw else repr(raw[k])} (transformers: {read[k]!r})"
+              for k in _MLX_LM_KEYS if read.get(k) is not None and (
+                  k not in raw or (k != "rope_scaling" and raw[k] != read[k]))]
+    if not differ:
+        return []
+    return [f"warning: {Path(base) / 'config.json'}: {', '.join(differ)}: mlx-lm reads it "
+            "with its own defaults, so mlx_lm.load of this base with the adapter computes "
+            f"another model than the one trained; gft fuse {adapter} OUT (--requantize over "
+            "a quantized base) writes one mlx-lm reads as trained"]
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
@@ -227,7 +255,7 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
             raise ModelError(f"{base_dir}: '{name}' has shape {tuple(weights[name].shape)}, the "
                              f"adapter's update {(b.shape[0], a.shape[1])}; is {adapter} an "
                              "adapter of this base?")
-        weights[name] = ar.fuse(weights[name], a, b, lora.scale)
+        weights[name] = ar.fuse(weights[name], a, b, lora.scale, dtype)  # one rounding
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)

@@ -77,9 +77,11 @@ def describe(q: dict[str, Any]) -> str:
 
 
 def check_loadable(backend: str, model_dir: str | Path, *, lora: Any,
-                   adapter: str | None = None, load_in_4bit: bool = False) -> None:
+                   adapter: str | None = None, load_in_4bit: bool = False,
+                   train: bool = True) -> None:
     """Refuse, before any weight is read, what cannot work on a quantized base:
-    full fine-tuning (on any backend), mlx-lm's format on torch, QLoRA off torch."""
+    full fine-tuning (on any backend), mlx-lm's format on torch, QLoRA off torch.
+    train=False (generate, eval): the model only samples, so no adapter is needed."""
     if load_in_4bit:
         if backend != "torch":
             raise ConfigError("load_in_4bit is bitsandbytes on the torch backend; on mlx "
@@ -99,7 +101,7 @@ def check_loadable(backend: str, model_dir: str | Path, *, lora: Any,
         raise ModelError(f"{where}an mlx-lm quantized model ({describe(q)}) that transformers "
                          f"cannot load: {fix}make a full-precision copy with gft convert "
                          f"{model_dir} DST --dequantize, or use --backend mlx")
-    if lora is None:
+    if lora is None and train:
         raise ConfigError(f"{model_dir} is quantized ({describe(q)}): its packed weights cannot "
                           "be trained, only LoRA adapters over them; set lora_rank "
                           "(e.g. --set lora_rank=8)")
@@ -122,7 +124,11 @@ def base_record(base: str | Path) -> dict[str, Any] | None:
 
 
 def write_base_record(adapter_dir: str | Path, record: dict[str, Any] | None) -> None:
+    """The record beside the adapter, its base named as adapter_config.json names it
+    (gft.runpaths.base_for_adapter: never relative to the working directory)."""
+    from gft.runpaths import base_for_adapter
     if record is not None:
+        record = {**record, "base_model": base_for_adapter(record["base_model"], Path(adapter_dir))}
         (Path(adapter_dir) / BASE_QUANT_FILE).write_text(
             json.dumps(record, indent=2, sort_keys=True) + "\n")
 

@@ -52,8 +52,13 @@ def _mlx():
 def load_mlx_model(src: Path):
     """(mlx-lm model, config) of a model directory, quantized layers built as stored."""
     utils = _mlx()[4]
+    raw = read_config(src)
+    quant = mlx_quantization(raw)
+    # mlx-lm's dict under "quantization_config" alone: mlx-lm reads that key as a
+    # transformers one (KeyError 'quant_method'); hand it over under its own name
+    extra = {"quantization": quant} if quant is not None and "quantization" not in raw else None
     try:
-        return utils.load_model(Path(src), lazy=True)
+        return utils.load_model(Path(src), lazy=True, model_config=extra)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{src}: mlx-lm cannot load the model: {first}") from None
@@ -65,6 +70,23 @@ def quantized_paths(model) -> set[str]:
     kinds = tuple(k for k in (nn.QuantizedLinear, nn.QuantizedEmbedding,
                               getattr(nn, "QQLinear", None)) if k is not None)
     return {p for p, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def dequantize(model):
+    """mlx-lm's dequantize_model, with the de-quantized weights in the model's own dtype
+    (that of its unquantized floating parameters: norms, float layers). mx.dequantize
+    returns the scales' dtype, which for affine is the model's; mxfp4/nvfp4/mxfp8 scales
+    are uint8 and their weights come back bfloat16 whatever the model is, so a float32
+    model would be written half in bfloat16 and a fused LoRA update rounded to bfloat16."""
+    mx, _, tree_flatten, _, utils = _mlx()
+    paths = quantized_paths(model)
+    own = {v.dtype for k, v in tree_flatten(model.parameters())
+           if mx.issubdtype(v.dtype, mx.floating) and k.rsplit(".", 1)[0] not in paths}
+    model = utils.dequantize_model(model)
+    if len(own) == 1:
+        dtype, flat = own.pop(), dict(tree_flatten(model.parameters()))
+        model.update(_tree({f"{p}.weight": flat[f"{p}.weight"].astype(dtype) for p in paths}))
+    return model
 
 
 def quantize(model, config: dict[str, Any], bits: int, group_size: int,
@@ -144,7 +166,7 @@ def dequantize_dir(src: Path, dst: Path, *, dtype: str | None,
         raise ModelError(f"{src}: not an mlx-lm quantized model (no 'quantization' in "
                          "config.json); nothing to de-quantize")
     model, _ = load_mlx_model(src)
-    model = _mlx()[4].dequantize_model(model)
+    model = dequantize(model)
     weights = float_weights(model, dtype)
     lines = _write(dst, src, weights, None, shard_size)
     kinds = sorted({str(v.dtype).rsplit(".", 1)[-1] for v in weights.values()})
@@ -164,7 +186,7 @@ def fuse_quantized(base_dir: Path, out: Path, modules: dict[str, tuple[Any, Any]
     q = mlx_quantization(read_config(base_dir))
     model, config = load_mlx_model(base_dir)
     paths = quantized_paths(model)
-    model = _mlx()[4].dequantize_model(model)
+    model = dequantize(model)
     weights = float_weights(model, None)
     ar = arrays("mlx")
     for module, (a, b) in modules.items():
@@ -172,7 +194,7 @@ def fuse_quantized(base_dir: Path, out: Path, modules: dict[str, tuple[Any, Any]
         if name not in weights:
             raise ModelError(f"{base_dir}: the adapter adapts '{module}', which has no weight "
                              "in the base model (tied embeddings?)")
-        weights[name] = ar.fuse(weights[name], a, b, scale)
+        weights[name] = ar.fuse(weights[name], a, b, scale, dtype)  # one rounding
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     head = f"wrote {out}: {len(modules)} adapted weights fused into {base_dir} ({describe(q)})"

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from gft.errors import ConfigError
 
 RUN_PATH_KEYS = {"model": "--model", "data": "--data"}
+# gft/checkpoint.py writes a directory X atomically as .X.tmp-PID, then renames it
+_ATOMIC_TMP = re.compile(r"^\.(.+)\.tmp-\d+$")
 
 
 def looks_local(text: str) -> bool:
@@ -97,18 +100,24 @@ def resolve_stored(value: str | None, run_dir: Path, key: str, source: str) -> s
 
 
 def base_for_adapter(base: str | None, adapter_dir: Path) -> str | None:
-    """adapter_config.json's base_model_name_or_path: the base as the user gave it, or,
-    for a base inside the same run directory, relative to the adapter directory (so the
-    run can move); `adapter_base` reads it back."""
+    """adapter_config.json's base_model_name_or_path, stored as config.yaml stores a path
+    (stored_path): a hub id as given; a base inside the adapter's run directory relative
+    to the adapter (so the run can move; `adapter_base` reads it back); any other local
+    path absolute. A path relative to the working directory would name the base from
+    that one directory only: `gft generate runs/x/final` from anywhere else, or peft from
+    there, would not find it.
+    Only a run's final/ and checkpoints/step-N/ are inside a run: an adapter written
+    elsewhere (gft convert) has no run directory around it."""
     if not base or not looks_local(base):
         return base
     adapter_dir = Path(adapter_dir).resolve()
-    run_dir = adapter_dir.parent.parent if adapter_dir.parent.name == "checkpoints" \
-        else adapter_dir.parent
     path = Path(base).expanduser().resolve()
-    if run_dir in path.parents:
+    name = _ATOMIC_TMP.sub(r"\1", adapter_dir.name)  # final/ is written as .final.tmp-PID/
+    run_dir = (adapter_dir.parent.parent if adapter_dir.parent.name == "checkpoints"
+               else adapter_dir.parent if name == "final" else None)
+    if run_dir is not None and run_dir in path.parents:
         return os.path.relpath(path, adapter_dir)
-    return base
+    return str(path)
 
 
 def adapter_base(stored: str, adapter_dir: Path) -> str:

@@ -93,8 +93,10 @@ class _TorchArrays:
     def nbytes(self, x) -> int:
         return x.numel() * x.element_size()
 
-    def fuse(self, w, a, b, scale: float):
-        return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+    def fuse(self, w, a, b, scale: float, dtype: str | None = None):
+        """W + scale·B·A summed in float32, rounded once: to `dtype`, else W's dtype."""
+        out = getattr(self.torch, dtype) if dtype else w.dtype
+        return (w.float() + scale * (b.float() @ a.float())).to(out)
 
 
 class _MlxArrays:
@@ -125,9 +127,10 @@ class _MlxArrays:
     def nbytes(self, x) -> int:
         return x.nbytes
 
-    def fuse(self, w, a, b, scale: float):
-        f32 = self.mx.float32
-        return (w.astype(f32) + scale * (b.astype(f32) @ a.astype(f32))).astype(w.dtype)
+    def fuse(self, w, a, b, scale: float, dtype: str | None = None):
+        """W + scale·B·A summed in float32, rounded once: to `dtype`, else W's dtype."""
+        f32, out = self.mx.float32, getattr(self.mx, dtype) if dtype else w.dtype
+        return (w.astype(f32) + scale * (b.astype(f32) @ a.astype(f32))).astype(out)
 
 
 def arrays(framework: str | None = None):

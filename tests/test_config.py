@@ -122,3 +122,19 @@ def test_scientific_notation_reads_as_a_number_everywhere(tmp_path):
         build_config(None, {"max_steps": 1.5})
     # not numbers: left as text
     assert parse_override("stop=[1e, e5, .e5, 1e-5x]") == ("stop", ["1e", "e5", ".e5", "1e-5x"])
+
+
+def test_home_in_config_paths_is_expanded(tmp_path, monkeypatch):
+    """`model: ~/models/m` in a YAML file (or --set model=~/...) is where the shell would
+    have put it: the user's home (bug: 'no such model directory', and output_dir created a
+    directory literally named '~' in the working directory)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    p = tmp_path / "job.yaml"
+    p.write_text("model: ~/models/m\ndata: ~/data\neval_data: ~/held-out.jsonl\n"
+                 "output_dir: ~/runs/x\n")
+    cfg = build_config(read_yaml(p))
+    assert (cfg.model, cfg.data, cfg.eval_data, cfg.output_dir) == (
+        str(tmp_path / "models/m"), str(tmp_path / "data"), str(tmp_path / "held-out.jsonl"),
+        str(tmp_path / "runs/x"))
+    cfg = build_config({"model": "org/name", "data": "d"}, {"eval_data": "valid"})
+    assert (cfg.model, cfg.eval_data) == ("org/name", "valid")  # a hub id, a split name: as given

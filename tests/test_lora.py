@@ -150,7 +150,8 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     assert np.abs(peft_logprobs(base, tmp_path / "full" / "final", probe) - ours).max() < 1e-5
 
     # 2 steps, then resumed to 4: on the same backend, and on the other one; the base
-    # given as a relative path stays what was typed in every adapter the resume writes
+    # given as a relative path is stored absolute, alike in every adapter the first run
+    # and the resume write, so the adapter loads from any other working directory
     other = "mlx" if backend == "torch" else "torch"
     monkeypatch.chdir(base.parent)
     common[1] = base.name
@@ -164,7 +165,11 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
         assert max(np.abs(resumed[k] - adapter[k]).max() for k in adapter) <= tol, second
         for saved in (run / "final", run / "checkpoints" / "step-000004"):
             cfg = json.loads((saved / "adapter_config.json").read_text())
-            assert cfg["base_model_name_or_path"] == base.name, saved
+            assert cfg["base_model_name_or_path"] == str(base.resolve()), saved
+        monkeypatch.chdir(tmp_path)
+        cli("generate", str(run / "final"), "-p", "hi", "--max-new-tokens", "2",
+            "--backend", second)
+        monkeypatch.chdir(base.parent)
 
 
 # ------------------------------------------------------------------------- formats
@@ -202,8 +207,10 @@ def test_torch_adapter_to_mlx_lm_format_and_back(base, tmp_path):
     assert (cfg["r"], cfg["lora_alpha"]) == (4, 8.0)
 
 
-def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
-    """An adapter as mlx-lm's trainer writes it (num_layers 1 of 2) loads in peft."""
+def last_layer_mlx_lm_adapter(base: Path, out: Path, ids: np.ndarray) -> np.ndarray:
+    """An adapter as mlx-lm's trainer writes it with num_layers 1 of 2 (mlx-lm's default
+    num_layers is 16: a deeper model's adapter covers only its last 16 layers), written to
+    `out`; returns mlx-lm's logits for `ids` with it."""
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm import load
     from mlx_lm.tuner.utils import linear_to_lora_layers
@@ -214,13 +221,40 @@ def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
     weights = {k: mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32))
                for k, v in tree_flatten(model.parameters()) if k.endswith(("lora_a", "lora_b"))}
     model.update(tree_unflatten(list(weights.items())))
-    out = tmp_path / "mlx"
     out.mkdir()
     mx.save_safetensors(str(out / "adapters.safetensors"), weights)
     (out / "adapter_config.json").write_text(json.dumps(
         {"fine_tune_type": "lora", "num_layers": 1, "lora_parameters": params, "model": str(base)}))
+    return np.array(model(mx.array(ids.astype(np.int32))))
+
+
+@pytest.mark.mlx
+def test_adapter_for_mlx_lm_over_a_base_mlx_lm_misreads_warns(base, tmp_path):
+    """A base whose RoPE base is only under rope_parameters (transformers 5's layout;
+    mlx_lm.convert copies it as is): gft trains it with transformers' rope_theta, but
+    mlx_lm.load(base, adapter_path=...) uses mlx-lm's default 10000, another model
+    (logits ~10 apart on a tiny Llama). gft convert --to mlx-lm says so, with the way out;
+    a base mlx-lm reads right gets no warning."""
+    import shutil
+    adapter = trained_torch_adapter(base, tmp_path / "adapter", steps=1)
+    quiet = cli("convert", str(adapter), str(tmp_path / "ok"), "--to", "mlx-lm")
+    assert "warning" not in quiet
+    trap = tmp_path / "trap"
+    shutil.copytree(base, trap)
+    cfg = json.loads((trap / "config.json").read_text())
+    assert cfg.pop("rope_theta") == cfg["rope_parameters"]["rope_theta"] != 10000
+    (trap / "config.json").write_text(json.dumps(cfg))
+    out = cli("convert", str(adapter), str(tmp_path / "mlx"), "--to", "mlx-lm", "--base", str(trap))
+    warning = [line for line in out.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "rope_theta" in warning[0] and "gft fuse" in warning[0]
+    assert json.loads((trap / "config.json").read_text()) == cfg  # the user's base untouched
+
+
+def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
+    """An adapter as mlx-lm's trainer writes it (num_layers 1 of 2) loads in peft."""
+    out = tmp_path / "mlx"
     ids = batch(6).input_ids
-    ref = np.array(model(mx.array(ids.astype(np.int32))))
+    ref = last_layer_mlx_lm_adapter(base, out, ids)
     assert np.abs(mlx_lm_logits(base, out, ids) - ref).max() < 1e-6  # mlx-lm reads what we wrote
     cli("convert", str(out), str(tmp_path / "peft"), "--to", "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -230,6 +264,50 @@ def test_mlx_lm_adapter_on_the_last_layers_converts_to_peft(base, tmp_path):
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), tmp_path / "peft").eval()
     with torch.no_grad():
         assert np.abs(hf(torch.from_numpy(ids)).logits.numpy() - ref).max() < 1e-5
+
+
+@pytest.mark.mlx
+def test_last_layers_adapter_loads_and_trains_on_mlx(base, tmp_path):
+    """The PEFT adapter gft convert makes of it (target_modules as full module paths, as
+    PEFT writes for layers_to_transform) loads on gft's MLX backend with mlx-lm's logits,
+    only on the last layer, and trains (bug: 'LoRA targets [...] match no linear layer')."""
+    ids = batch(6).input_ids
+    ref = last_layer_mlx_lm_adapter(base, tmp_path / "mlx", ids)
+    cli("convert", str(tmp_path / "mlx"), str(tmp_path / "peft"), "--to", "peft")
+    m = load_backend("mlx", str(tmp_path / "peft"))
+    assert sorted(m.named_parameters()) == sorted(
+        f"base_model.model.model.layers.1.{k}.lora_{w}.weight"
+        for k in ("mlp.up_proj", "self_attn.k_proj") for w in "AB")
+    assert np.abs(np.array(m.model(mx.array(ids.astype(np.int32)))) - ref).max() < 1e-5
+    before = m.named_parameters()
+    m.train_step([batch(1)], 1e-2, **LOSS)
+    after = m.named_parameters()
+    assert all(not np.array_equal(before[k], after[k]) for k in before if "lora_B" in k)
+
+
+@pytest.mark.mlx
+def test_a_run_starts_from_an_adapter_and_trains_it_further(base, tmp_path):
+    """gft train --model ADAPTER (an mlx-lm adapter made PEFT by gft convert: no tokenizer
+    files, no config.json) loads the adapter's base under it and trains that adapter, and
+    the run resumes (bug: the adapter directory was taken as its own base model: 'No such
+    file or directory: ADAPTER/config.json' or 'cannot load the tokenizer')."""
+    ids = batch(6).input_ids
+    last_layer_mlx_lm_adapter(base, tmp_path / "mlx", ids)
+    cli("convert", str(tmp_path / "mlx"), str(tmp_path / "peft"), "--to", "peft")
+    data = say_yes_data(tmp_path / "data")
+    run = tmp_path / "run"
+    common = ["--backend", "mlx", "--model", str(tmp_path / "peft"), "--data", str(data),
+              "--preset", "sft", "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+              "--set", "learning_rate=1e-2", "--set", "max_response_tokens=4",
+              "--set", "eval_samples=0", "--set", "progress=false", "--set", "save_every=1"]
+    cli("train", "-o", str(run), "--max-steps", "1", *common)
+    start, trained = read(tmp_path / "peft" / "adapter_model.safetensors"), read(
+        run / "final" / "adapter_model.safetensors")
+    assert trained.keys() == start.keys()
+    assert any(not np.array_equal(trained[k], start[k]) for k in start if "lora_B" in k)
+    cfg = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base.resolve())
+    assert "(step 1)" in cli("train", "--resume", str(run), "--set", "max_steps=2")
 
 
 @pytest.mark.parametrize("framework", ["torch", "mlx"])
@@ -259,6 +337,27 @@ def test_fused_weights_equal_base_plus_scaled_ba(base, tmp_path, framework):
     with torch.no_grad():
         ref = model(torch.from_numpy(ids)).logits
         assert (fused_model(torch.from_numpy(ids)).logits - ref).abs().max() < 1e-5
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("framework", ["torch", "mlx"])
+def test_fuse_dtype_is_the_precision_of_the_sum(tmp_path, framework):
+    """gft fuse --dtype float32 over a bfloat16 base (mlx-community models are bfloat16):
+    W + s·B·A is kept in float32, not rounded to the base's bfloat16 first and then
+    widened (bug: the fused weights were bfloat16 values in float32 files, the adapter's
+    update rounded away to bfloat16's 8 bits)."""
+    from gft.convert import fuse
+    bf16 = scaled_tiny(tmp_path / "bf16", dtype="bfloat16")
+    adapter = trained_torch_adapter(bf16, tmp_path / "adapter", steps=1)
+    fuse(adapter, tmp_path / "fused", dtype="float32", framework=framework)
+    fused, ad = read(tmp_path / "fused" / "model.safetensors"), read(adapter / "adapter_model.safetensors")
+    name = "model.layers.0.self_attn.q_proj"
+    with safe_open(str(bf16 / "model.safetensors"), "pt") as fh:  # NumPy has no bfloat16
+        w = fh.get_tensor(name + ".weight").double().numpy()
+    a, b = (ad[f"base_model.model.{name}.lora_{x}.weight"].astype(np.float64) for x in "AB")
+    want = w + LORA.scale * (b @ a)
+    assert fused[name + ".weight"].dtype == np.float32
+    assert np.abs(fused[name + ".weight"] - want).max() < 1e-5
 
 
 def test_fuse_cli_and_unsupported_adapters(base, tmp_path):

@@ -140,6 +140,56 @@ def test_full_fine_tune_of_a_quantized_model_is_refused(models, tmp_path):
     assert out.count("\n") == 1 and "set lora_rank" in out and "4-bit" in out
 
 
+@pytest.mark.mlx
+def test_quantization_config_alone_loads_as_quantized(models, tmp_path):
+    """A config.json whose mlx-lm quantization is only under "quantization_config" (the
+    copy mlx-lm writes beside "quantization"; the older key name) is the same model: gft
+    reads it as quantized, so the MLX backend must build it so (bug: "cannot load the
+    model: 'quant_method'", mlx-lm's KeyError on that key alone)."""
+    import shutil
+    alone = tmp_path / "q4"
+    shutil.copytree(models["q4"], alone)
+    cfg = read_config(alone)
+    del cfg["quantization"]
+    (alone / "config.json").write_text(json.dumps(cfg))
+    probe = batch(4)
+    want = load_backend("mlx", str(models["q4"]), lora=LORA).token_logprobs(probe)
+    got = load_backend("mlx", str(alone), lora=LORA).token_logprobs(probe)
+    assert np.array_equal(got, want)
+    assert json.loads((alone / "config.json").read_text()) == cfg  # the user's file as it was
+    out = cli("convert", str(alone), str(tmp_path / "dq"), "--dequantize")  # and gft convert
+    assert "de-quantized from 4-bit" in out
+
+
+@pytest.mark.mlx
+def test_a_quantized_model_generates_and_evaluates_without_an_adapter(models, tmp_path):
+    """Sampling and evaluating a 4-bit base trains nothing (the baseline a Mac user
+    measures before fine-tuning): only training refuses a quantized model without LoRA
+    (bug: gft eval/generate said 'its packed weights cannot be trained ... set lora_rank')."""
+    from mlx_lm import generate, load
+    data = say_yes_data(tmp_path / "data")
+    out = cli("eval", str(models["q4"]), "--data", str(data), "--limit", "2",
+              "--max-new-tokens", "4", "--backend", "mlx", "--rewards", "exact", "--json")
+    assert json.loads(out)["n"] == 2
+    text = cli("generate", str(models["q4"]), "-p", "Q1: say yes\nA:", "--no-chat-template",
+               "--max-new-tokens", "8", "--backend", "mlx")
+    model, tok = load(str(models["q4"]))
+    ref = generate(model, tok, prompt=tok.encode("Q1: say yes\nA:"), max_tokens=8)
+    assert text.rstrip("\n").strip() == ref.strip()  # mlx-lm's own greedy decoding
+
+
+@pytest.mark.mlx
+def test_the_base_record_names_the_base_as_the_adapter_config_does(models, tmp_path,
+                                                                  monkeypatch):
+    """base_quantization.json's base_model is stored like adapter_config.json's
+    base_model_name_or_path (absolute for a local base given relative), not as typed."""
+    monkeypatch.chdir(models["q4"].parent)
+    load_backend("mlx", "q4", lora=LORA).save_model(tmp_path / "adapter")
+    record = json.loads((tmp_path / "adapter" / BASE_QUANT_FILE).read_text())
+    peft_cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert record["base_model"] == peft_cfg["base_model_name_or_path"] == str(models["q4"].resolve())
+
+
 def test_torch_backend_on_an_mlx_quantized_model_says_what_to_do(models, tmp_path):
     out = cli("generate", str(models["q8"]), "--backend", "torch", "-p", "hi", code=2)
     assert out.count("\n") == 1 and "--dequantize" in out and "--backend mlx" in out
@@ -193,6 +243,33 @@ def test_fuse_over_a_quantized_base(models, tmp_path):
     assert np.abs(requant - ours).max() < base_err  # one more rounding, no more than the base's
     assert "not a quantized model" in cli("fuse", str(tmp_path / "adapter"), str(tmp_path / "n"),
                                           "--base", str(models["base"]), "--requantize", code=2)
+
+
+@pytest.mark.mlx
+@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4"])
+def test_fuse_and_dequantize_of_a_microscaled_base_stay_in_the_model_dtype(models, tmp_path,
+                                                                          mode):
+    """mx.dequantize gives bfloat16 for mxfp4/nvfp4 (uint8 scales carry no dtype), whatever
+    the model's dtype: a float32 model came back as bfloat16 linears beside float32 norms,
+    and gft fuse rounded W + s·B·A to bfloat16, 0.16 off the adapter's logits on this tiny
+    model (affine bases: 2e-5). Both now write the model's own dtype (its norms')."""
+    from mlx_lm.convert import convert
+    from safetensors import safe_open
+    base = tmp_path / mode
+    convert(str(models["base"]), str(base), quantize=True, q_mode=mode)
+    be = load_backend("mlx", str(base), lora=LORA)
+    for i in range(3):
+        be.train_step([batch(i)], 3e-2, **LOSS)
+    be.save_model(tmp_path / "adapter")
+    probe = batch(4)
+    ours = be.token_logprobs(probe)
+    cli("fuse", str(tmp_path / "adapter"), str(tmp_path / "fused"))
+    cli("convert", str(base), str(tmp_path / "dq"), "--dequantize")
+    for out in ("fused", "dq"):
+        with safe_open(str(tmp_path / out / "model.safetensors"), "np") as fh:
+            kinds = {fh.get_slice(k).get_dtype() for k in fh.keys()}
+        assert kinds == {"F32"}, (out, kinds)
+    assert np.abs(torch_logprobs(tmp_path / "fused", probe.input_ids) - ours).max() < 1e-4
 
 
 # ------------------------------------------------------------------------- to CUDA and back

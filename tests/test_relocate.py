@@ -102,7 +102,7 @@ def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
     assert "model './base-model'" in words and "--model" in words
 
 
-def test_stored_paths(tmp_path):
+def test_stored_paths(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "task").mkdir(parents=True)
     (tmp_path / "data").mkdir()
@@ -118,6 +118,14 @@ def test_stored_paths(tmp_path):
     assert base_for_adapter(str(tmp_path / "data"), run / "final") == str(tmp_path / "data")
     assert base_for_adapter(str(run / "task"), run / "checkpoints" / "step-000001") \
         == "../../task"
+    # a path relative to the working directory is stored absolute: read back from any
+    # other directory (bug: '../base' from a run started with --model ../base named
+    # another place everywhere else); an adapter outside any run (gft convert OUT) is not
+    # inside its parent directory's "run"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert base_for_adapter("../data", run / "final") == str((tmp_path / "data").resolve())
+    assert base_for_adapter("../data", tmp_path / "converted") == str((tmp_path / "data").resolve())
     (run / "final").mkdir()
     assert adapter_base("../task", run / "final") == str(run / "task")
 
