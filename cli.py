@@ -252,7 +252,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
-    check_context(be.max_positions, ids, max_new_tokens, "--max-new-tokens")
+    check_context(be.max_positions, ids, max_new_tokens, "--max-new-tokens",
+                  reason=be.positions_reason)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
@@ -310,7 +311,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         chat_template = trained_chat_template(model)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
-    check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens")
+    check_context(be.max_positions, prepared.prompt_ids, max_new_tokens, "--max-new-tokens",
+                  reason=be.positions_reason)
     check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
     scorer = build_rewards(_reward_option(rewards), TrainConfig.reward_timeout)

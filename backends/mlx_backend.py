@@ -207,7 +207,10 @@ def adamw_tensor_update(c: OptimConfig):
 
 class MlxBackend:
     name = "mlx"
-    max_positions = None  # the architectures MLX trains here all use RoPE: no wall
+    # the architectures MLX trains here all use RoPE: no wall of positions, except a
+    # sliding window that mlx-lm does not apply (backends/mlx_config.unslid_window)
+    max_positions: int | None = None
+    positions_reason: str | None = None
 
     def __init__(self, model: nn.Module, tokenizer, model_path: Path, dtype: str,
                  optim: OptimConfig, *, lora=None, shard_size: str | int = DEFAULT_SHARD_SIZE,
@@ -573,7 +576,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     mx.random.seed(seed)
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
                                trust_remote_code=trust_remote_code)
-    from backends.mlx_config import check_weight_names, mlx_model_config
+    from backends.mlx_config import check_weight_names, mlx_model_config, unslid_window
     config = mlx_model_config(model_path)  # as transformers reads it, or a refusal
     try:
         model, _ = load_model(Path(model_path), strict=True, model_config=config,
@@ -595,6 +598,15 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         apply_lora(model, lora, seed, adapter)
     if gradient_checkpointing:
         checkpoint_layers(model)
-    return MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
-                      shard_size=shard_size, group=getattr(comm, "group", None),
-                      share_prefix=not gradient_checkpointing, logits_chunk=logits_chunk)
+    backend = MlxBackend(model, tokenizer, Path(model_path), dtype, optim, lora=lora,
+                         shard_size=shard_size, group=getattr(comm, "group", None),
+                         share_prefix=not gradient_checkpointing, logits_chunk=logits_chunk)
+    window = unslid_window(model_path)
+    if window is not None:
+        backend.max_positions = window
+        backend.positions_reason = (
+            f"transformers slides a {window}-token attention window over every layer of "
+            "this model (config.json sliding_window) and mlx-lm attends over the whole "
+            "context: past the window the two would train different models (--backend "
+            "torch applies the window)")
+    return backend

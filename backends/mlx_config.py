@@ -107,6 +107,22 @@ def mlx_model_config(model_dir: str | Path) -> dict[str, Any]:
 _PLAIN = (bool, int, float, str, list, dict)
 
 
+def unslid_window(model_dir: str | Path) -> int | None:
+    """The attention window transformers slides over every layer of this model and
+    mlx-lm's model does not: `sliding_window` with no per-layer `layer_types` (Mistral,
+    Phi-3), which mlx-lm's llama and phi3 build as full attention. The two differ only on
+    sequences longer than the window, so the backend refuses those (max_positions)
+    instead of the model. None: no window, or one mlx-lm applies per layer (Gemma 2, or
+    Qwen2, whose layer_types transformers derives)."""
+    tf = _transformers_config(Path(model_dir))
+    text = tf.get_text_config(decoder=True) if tf is not None else None
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool) or \
+            getattr(text, "layer_types", None) is not None:
+        return None
+    return window
+
+
 def _transformers_config(model_dir: Path):
     """transformers' config object for the directory (None when it does not know it)."""
     try:

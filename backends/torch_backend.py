@@ -205,6 +205,7 @@ class TorchBackend:
         self.model, self.tokenizer, self.device, self.optim_cfg = model, tokenizer, device, optim
         self.lora, self.base, self.shard_size = lora, base, parse_size(shard_size)
         self.max_positions = learned_position_limit(model)  # None: no wall (RoPE, ALiBi)
+        self.positions_reason = None  # the learned positions (gft.rollout.check_context)
         self.vocab_rows = model.get_input_embeddings().num_embeddings  # ids it can embed
         # what ends a completion; load() adds generation_config.json's ids, load_backend
         # the config's `stop`

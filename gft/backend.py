@@ -61,9 +61,12 @@ class Backend(Protocol):
     name: str
     tokenizer: Any  # a transformers tokenizer; both backends use the same one
     stops: Any  # gft.stops.Stops: what ends a completion (set by load_backend)
-    # tokens a model with learned absolute positions can take (GPT-2, OPT); None: no limit
-    # (RoPE, ALiBi). gft.rollout.check_context refuses longer sequences before any work
+    # tokens a model with learned absolute positions can take (GPT-2, OPT), or a sliding
+    # window mlx-lm does not apply; None: no limit (RoPE, ALiBi). gft.rollout.check_context
+    # refuses longer sequences before any work, saying why (positions_reason; None: the
+    # learned positions)
     max_positions: int | None
+    positions_reason: str | None
     vocab_rows: int | None  # token ids the model embeds (0 .. vocab_rows-1); None: unknown
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,

@@ -105,13 +105,16 @@ def encode_response(text: str, tokenizer, max_tokens: int) -> tuple[list[int], b
 
 
 def check_context(max_positions: int | None, prompt_ids: Sequence[list[int]],
-                  response_tokens: int, key: str, what: str | None = None) -> None:
+                  response_tokens: int, key: str, what: str | None = None,
+                  reason: str | None = None) -> None:
     """Refuse, before any work, sequences longer than a model with learned absolute
     positions has positions for (GPT-2's wpe, OPT's embed_positions: max_positions, from
     the backend; None for RoPE or ALiBi, which have no such wall). Past it the forward
     indexes beyond the table: an IndexError deep in torch, possibly hours into a run.
     response_tokens: the most response tokens after the longest prompt, `what` they are
-    (default: `key`); key: the option or config key that bounds them, named in the error."""
+    (default: `key`); key: the option or config key that bounds them, named in the error;
+    reason: what sets max_positions when it is not learned positions (the backend's
+    positions_reason: MLX over a sliding window mlx-lm does not apply)."""
     if max_positions is None or not prompt_ids:
         return
     longest = max(len(p) for p in prompt_ids)
@@ -119,10 +122,11 @@ def check_context(max_positions: int | None, prompt_ids: Sequence[list[int]],
         return
     fix = (f"lower {key} to at most {max_positions - longest}" if longest < max_positions
            else "shorten the prompts (max_prompt_tokens, prompt_overflow: truncate)")
-    raise ConfigError(f"the model has learned positions for {max_positions} tokens "
-                      f"(config.json max_position_embeddings or n_positions), but the longest prompt "
+    reason = reason or (f"the model has learned positions for {max_positions} tokens "
+                        "(config.json max_position_embeddings or n_positions)")
+    raise ConfigError(f"{reason}, but the longest prompt "
                       f"({longest} tokens) plus {what or key} ({response_tokens} tokens) reaches "
-                      f"{longest + response_tokens}, past them; {fix}")
+                      f"{longest + response_tokens}, past {max_positions}; {fix}")
 
 
 def check_token_ids(vocab_rows: int | None, tokenizer, parts: Sequence[PreparedPrompts | None],

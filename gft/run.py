@@ -314,7 +314,8 @@ def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompt
         cap = max((len(encode_response(text, backend.tokenizer, cap)[0])
                    for row in rows for text in row.responses), default=0)
     check_context(limit, prompts, cap, "max_response_tokens",
-                  None if samples else "the longest dataset response")
+                  None if samples else "the longest dataset response",
+                  getattr(backend, "positions_reason", None))
 
 
 def dtype_note(cfg: TrainConfig, model_path: str) -> str | None:

@@ -151,7 +151,7 @@ def test_sequences_past_gpt2s_positions_are_refused_before_any_work(tmp_path):
     assert out.strip().splitlines()[-1:] == [
         "error: the model has learned positions for 64 tokens (config.json "
         "max_position_embeddings or n_positions), but the longest prompt (15 tokens) plus "
-        "max_response_tokens (60 tokens) reaches 75, past them; lower max_response_tokens "
+        "max_response_tokens (60 tokens) reaches 75, past 64; lower max_response_tokens "
         "to at most 49"]
     assert not (tmp_path / "long" / "checkpoints").exists()
     # right up to the wall (most rollouts of a random model run to max_response_tokens)
@@ -162,7 +162,7 @@ def test_sequences_past_gpt2s_positions_are_refused_before_any_work(tmp_path):
         "--set", "max_response_tokens=2048")
     out = cli("eval", model, "--data", data, "--limit", "2", "--max-new-tokens", "50", code=2)
     assert out.strip().splitlines()[-1].endswith(
-        "plus --max-new-tokens (50 tokens) reaches 65, past them; lower --max-new-tokens "
+        "plus --max-new-tokens (50 tokens) reaches 65, past 64; lower --max-new-tokens "
         "to at most 49")
 
 
@@ -209,7 +209,7 @@ def test_gft_generate_past_gpt2s_positions_is_refused_too(tmp_path):
               code=2)
     assert out.strip().splitlines()[-1].endswith(
         "the longest prompt (5 tokens) plus --max-new-tokens (60 tokens) reaches 65, past "
-        "them; lower --max-new-tokens to at most 59")
+        "64; lower --max-new-tokens to at most 59")
     cli("generate", model, "-p", "hello", "--no-chat-template", "--max-new-tokens", "59")
 
 
@@ -340,3 +340,39 @@ def test_a_tokenizer_that_appends_eos_does_not_end_prompts_with_it(tmp_path):
     prepared = prepare_prompts(rows, tok, chat_template=None, max_prompt_tokens=64,
                                overflow="error")
     assert EOS_ID not in prepared.prompt_ids[0]
+
+
+def test_mlx_refuses_sequences_past_a_window_mlx_lm_does_not_slide(tmp_path):
+    """mlx-lm builds Mistral (and Phi-3) with full attention where transformers slides
+    `sliding_window` over every layer: within the window the two are one model, past it
+    they differ (measured: loss -1.116 on MLX against -1.241 on torch, window 8). MLX
+    refuses the longer sequences before any work, naming the window and the way out;
+    within the window it trains."""
+    pytest.importorskip("mlx_lm")
+    from backends.mlx_config import unslid_window
+    model = saved_by_transformers(tmp_path / "mistral", "mistral", hidden_size=32,
+                                  num_hidden_layers=2, num_attention_heads=2,
+                                  num_key_value_heads=1, intermediate_size=64,
+                                  sliding_window=24)
+    assert unslid_window(model) == 24
+    qwen = saved_by_transformers(tmp_path / "qwen2", "qwen2", sliding_window=24,
+                                 **SMALL_SHAPE)
+    assert unslid_window(qwen) is None  # use_sliding_window off: transformers' layer_types
+    data = say_yes_data(tmp_path / "data")  # prompts of 15 tokens
+    common = ["--backend", "mlx", "--model", model, "--data", data, "--max-steps", "1",
+              "--set", "progress=false", "--set", "eval_samples=0"]
+    out = cli("train", "-o", tmp_path / "long", "--preset", "grpo", *common,
+              "--set", "max_response_tokens=16", code=2)
+    assert out.strip().splitlines()[-1] == (
+        "error: transformers slides a 24-token attention window over every layer of this "
+        "model (config.json sliding_window) and mlx-lm attends over the whole context: past "
+        "the window the two would train different models (--backend torch applies the "
+        "window), but the longest prompt (15 tokens) plus max_response_tokens (16 tokens) "
+        "reaches 31, past 24; lower max_response_tokens to at most 9")
+    cli("train", "-o", tmp_path / "fits", "--preset", "grpo", *common,
+        "--set", "max_response_tokens=9")
+    out = cli("generate", model, "--backend", "mlx", "-p", "Q1: say yes\nA:",
+              "--no-chat-template", "--max-new-tokens", "12", code=2)
+    assert out.strip().splitlines()[-1].endswith(
+        "plus --max-new-tokens (12 tokens) reaches 26, past 24; lower --max-new-tokens to at "
+        "most 10")
