@@ -168,7 +168,7 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
 def _dry_run(cfg) -> None:
     from gft.errors import ConfigError
     from gft.plan import describe, refusal
-    from gft.run import memory_plan
+    from gft.preflight import memory_plan
     plan = memory_plan(cfg)
     if plan is None:
         raise ConfigError(f"{cfg.model}: no local config.json to plan from (a hub id); "

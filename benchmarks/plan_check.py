@@ -155,7 +155,7 @@ def measure(backend: str, model: Path, cfg, rows: int, prompt: int, length: int,
         meter.start(be)
         be.generate(prompts, sampling, 0)
         out["rollout"] = meter.peak()
-    # the device named as gft.run.memory_plan names it (the plan shares a prompt on torch's
+    # the device named as gft.preflight.memory_plan names it (the plan shares a prompt on torch's
     # CPU only): the backend's own answer for the device measured on
     _, device = available_memory(backend, "cuda" if meter.cuda else "auto")
     p = plan(read_config(model), cfg, backend=backend, device=device)
