@@ -244,11 +244,10 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
              chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
-    from backends import SamplingConfig, load_backend
+    from backends import SamplingConfig
     from gft.rollout import check_context, encode_prompt, generate_chat_template
     from gft.types import Example
-    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
-                      train=False)
+    be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
     ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
@@ -258,6 +257,20 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple[str, ...]):
+    """The backend `gft generate` and `gft eval` sample from. --base names a LoRA
+    adapter's base: given with a model that is no adapter it would be ignored, and the
+    user would not be sampling what they think, so it is refused."""
+    from backends import load_backend
+    from gft.errors import ConfigError
+    from gft.lora import is_mlx_adapter, is_peft_adapter
+    if base is not None and not (is_peft_adapter(model) or is_mlx_adapter(model)):
+        raise ConfigError(f"--base {base}: {model} is a model, not a LoRA adapter; --base "
+                          "names the base model under an adapter")
+    return load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
+                        train=False)
 
 
 def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
@@ -295,7 +308,6 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
-    from backends import load_backend
     from gft.data import load_split
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
@@ -304,8 +316,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split, answer_column=answer_column)[:limit]
-    be = load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
-                      train=False)
+    be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:  # a gft run's model: its prompts as it was trained
         from gft.rollout import trained_chat_template
         chat_template = trained_chat_template(model)

@@ -47,6 +47,19 @@ def test_generate_greedy_is_deterministic(model_dir):
     assert a.output == b.output and len(a.output.splitlines()) >= 1
 
 
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_base_with_a_model_that_is_no_adapter_is_refused(model_dir, command):
+    """--base names an adapter's base model; with a full model it was ignored in silence,
+    so the user sampled another model than the one they named."""
+    args = ["-p", "hi"] if command == "generate" else ["--limit", "1"]
+    result = CliRunner().invoke(main, [command, str(model_dir), *args, "--base", "elsewhere",
+                                       "--max-new-tokens", "2"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: --base elsewhere: {model_dir} is a model, not a LoRA adapter; --base names "
+        "the base model under an adapter")
+
+
 def test_eval_reports_accuracy_and_pass_at_k(model_dir, tmp_path):
     data = write_task(tmp_path / "task", ArithTaskConfig(n_train=8, n_test=6, n_valid=2))
     result = CliRunner().invoke(main, ["eval", str(model_dir), "--data", str(data), "-k", "3",
