@@ -20,8 +20,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from gft.errors import ModelError
-from gft.lora import (PEFT_WEIGHTS, LoraConfig, init_lora_a, mlx_key, parse_mlx_key,
-                      parse_peft_key, peft_key, write_peft_config)
+from gft.lora import (PEFT_WEIGHTS, LoraConfig, check_targets, init_lora_a, mlx_key,
+                      parse_mlx_key, parse_peft_key, peft_key, write_peft_config)
 
 
 def to_neutral(tensors: dict[str, mx.array]) -> dict[str, mx.array]:
@@ -42,11 +42,9 @@ def target_keys(model: nn.Module, lora: LoraConfig) -> list[str]:
     Full paths, not mlx-lm's paths inside a layer: linear_to_lora_layers wraps the modules
     its `keys` name anywhere in the model, so only the named layers get an adapter."""
     linear = (nn.Linear, nn.QuantizedLinear)
-    keys = {name for name, m in model.named_modules()
-            if isinstance(m, linear) and lora.matches(name)}
-    if not keys:
-        raise ModelError(f"LoRA targets {list(lora.targets)} match no linear layer of the model")
-    return sorted(keys)
+    names = [name for name, m in model.named_modules() if isinstance(m, linear)]
+    check_targets(lora, names)
+    return sorted(name for name in names if lora.matches(name))
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, seed: int, adapter: str | None = None) -> None:

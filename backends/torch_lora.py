@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from gft.errors import ConfigError, ModelError
-from gft.lora import PEFT_WEIGHTS, LoraConfig, init_lora_a, parse_peft_key, write_peft_config
+from gft.lora import (PEFT_WEIGHTS, LoraConfig, check_targets, init_lora_a, parse_peft_key,
+                      write_peft_config)
 
 # peft imports bitsandbytes when it is installed; on an AVX512-BF16 CPU bitsandbytes 0.50
 # then warns, on every start, that an optional kernel from the Hugging Face hub is missing
@@ -47,6 +48,9 @@ def apply_lora(model, lora: LoraConfig, seed: int, adapter: str | None = None):
         from peft import get_peft_model
     except ImportError:
         raise ConfigError("LoRA on the torch backend needs peft: pip install peft") from None
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linears
+    check_targets(lora, [name for name, m in model.named_modules()
+                         if isinstance(m, (torch.nn.Linear, Conv1D))])
     peft_cfg = PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.targets), bias="none",
                               task_type="CAUSAL_LM", fan_in_fan_out=lora.fan_in_fan_out)

@@ -72,6 +72,19 @@ class LoraConfig:
         return any(module == t or module.endswith("." + t) for t in self.targets)
 
 
+def check_targets(lora: LoraConfig, linear_names: list[str]) -> None:
+    """Every target must name at least one linear layer (PEFT's rule, LoraConfig.matches):
+    gft trains LoRA on linear layers only, so a target such as 'embed_tokens' (or a typo)
+    would otherwise be skipped in silence while the others train. peft's own
+    'all-linear' is left to peft."""
+    missing = [t for t in lora.targets if t != "all-linear"
+               and not any(n == t or n.endswith("." + t) for n in linear_names)]
+    if missing:
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
+        raise ModelError(f"LoRA target(s) {missing} match no linear layer of the model; gft "
+                         f"trains LoRA on linear layers ({', '.join(kinds[:12])})")
+
+
 def lora_from_train_config(cfg) -> LoraConfig | None:
     """The LoRA a TrainConfig asks for (lora_rank 0 = none)."""
     rank = getattr(cfg, "lora_rank", 0)

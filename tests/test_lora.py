@@ -94,6 +94,18 @@ def test_both_backends_train_the_same_adapters_and_only_them(base, tmp_path):
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_target_that_names_no_linear_layer_is_refused(base, backend):
+    """gft puts LoRA on linear layers: 'embed_tokens' beside 'q_proj' was skipped in silence
+    on both backends (peft made an embedding adapter the optimizer never saw; MLX wrapped
+    linears only) while q_proj trained. Every target must name a linear layer."""
+    with pytest.raises(ModelError, match=r"LoRA target\(s\) \['embed_tokens'\] match no "
+                       r"linear layer of the model; gft trains LoRA on linear layers \("
+                       r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
+        load_backend(backend, str(base), lora=LoraConfig(4, 8.0,
+                                                         targets=("q_proj", "embed_tokens")))
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
 def test_saved_adapter_loads_in_peft_with_the_same_logprobs(base, tmp_path, backend):
     be = load_backend(backend, str(base), lora=LORA)
     for i in range(3):
