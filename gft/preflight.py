@@ -24,19 +24,25 @@ from gft.types import Example
 
 
 def rows_with_long_responses(cfg: TrainConfig, rows: list[Example], tokenizer
-                             ) -> list[Example]:
-    """Rows with a dataset response (of the num_offpolicy that enter a group, in any
-    stage) longer than max_response_tokens with its EOS: gft/rollout.py cuts it there, so
-    the model learns it without its end, and never to stop. Counted once, before training,
-    as over-long prompts are."""
-    k = max(stage.cfg.num_offpolicy for stage in plan_stages(cfg, 1))
-    texts = [(i, text) for i, ex in enumerate(rows) for text in ex.responses[:k]]
+                             ) -> tuple[list[Example], int]:
+    """(rows with a dataset response longer than a stage's max_response_tokens with its
+    EOS, the smallest such limit that cuts one): of the num_offpolicy responses that
+    enter that stage's groups. gft/rollout.py cuts them there, so the model learns them
+    without their end, and never to stop. Counted once, before training, as over-long
+    prompts are."""
+    stages = [s.cfg for s in plan_stages(cfg, 1) if s.cfg.num_offpolicy > 0]
+    k = max((s.num_offpolicy for s in stages), default=0)
+    texts = [(i, j, text) for i, ex in enumerate(rows) for j, text in enumerate(ex.responses[:k])]
     if not texts:
-        return []
-    lengths = [len(ids) for ids in tokenizer([text for _, text in texts],
-                                             add_special_tokens=False).input_ids]
-    long = sorted({i for (i, _), n in zip(texts, lengths) if n + 1 > cfg.max_response_tokens})
-    return [rows[i] for i in long]
+        return [], cfg.max_response_tokens
+    lengths = tokenizer([text for *_, text in texts], add_special_tokens=False).input_ids
+    long, limits = set(), []
+    for s in stages:
+        cut = {i for (i, j, _), ids in zip(texts, lengths)
+               if j < s.num_offpolicy and len(ids) + 1 > s.max_response_tokens}
+        long |= cut
+        limits += [s.max_response_tokens] if cut else []
+    return [rows[i] for i in sorted(long)], min(limits, default=cfg.max_response_tokens)
 
 
 def shared_prompts(train_rows: list[Example], eval_rows: list[Example]) -> list[Example]:

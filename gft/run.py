@@ -100,10 +100,10 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
                           f"{part.n_truncated} truncated, {part.n_skipped} skipped")
     if not data.rows:
         raise ConfigError(f"{cfg.data}: no training rows left after prompt_overflow={cfg.prompt_overflow}")
-    long = rows_with_long_responses(cfg, data.rows, tokenizer)
+    long, limit = rows_with_long_responses(cfg, data.rows, tokenizer)
     if long:
         console.print(f"[yellow]warning: {len(long)} of {len(data.rows)} training rows have a "
-                      f"dataset response over max_response_tokens={cfg.max_response_tokens} "
+                      f"dataset response over max_response_tokens={limit} "
                       f"(with its EOS; the first: {long[0].source}): it is trained cut short, "
                       "without its end", highlight=False)
     check_answers(cfg, [data, held_out])

@@ -190,6 +190,14 @@ def test_dataset_responses_over_max_response_tokens_are_counted(model, tmp_path)
     result = train(model, again, ROWS, "--preset", "sft", "--max-steps", "1",
                    "--set", "num_offpolicy=1", "--set", "num_rollouts=0")
     assert result.exit_code == 0 and "max_response_tokens" not in result.output
+    # a stage's own max_response_tokens is the one that cuts its demonstrations
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    result = train(model, staged, ROWS, "--set",
+                   "stages=[{preset: sft, steps: 1, max_response_tokens: 3}]")
+    assert result.exit_code == 0, result.output
+    assert ("warning: 8 of 8 training rows have a dataset response over max_response_tokens=3"
+            ) in " ".join(result.output.split())
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(model, tmp_path):
