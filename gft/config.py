@@ -63,7 +63,7 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "Dropout on the input of the LoRA branch.")
     lora_targets: list = _f(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                              "down_proj"], "Linear layers that get adapters, by name (PEFT's "
-                                           "target_modules).")
+                                           "target_modules); each must name one or more.")
     load_in_4bit: bool = _f(False, "torch: QLoRA. Load the frozen base in 4-bit NF4 through "
                                    "transformers' BitsAndBytesConfig (needs bitsandbytes and "
                                    "lora_rank); compute in dtype. On mlx, quantize the base "
