@@ -69,16 +69,19 @@ class LoraConfig:
 
     def matches(self, module: str) -> bool:
         """PEFT's rule for a list of target names: the path equals one or ends with '.name'."""
-        return any(module == t or module.endswith("." + t) for t in self.targets)
+        return any(self.matches_one(module, t) for t in self.targets)
+
+    @staticmethod
+    def matches_one(module: str, target: str) -> bool:
+        return module == target or module.endswith("." + target)
 
 
 def check_targets(lora: LoraConfig, linear_names: list[str]) -> None:
     """Every target must name at least one linear layer (PEFT's rule, LoraConfig.matches):
     gft trains LoRA on linear layers only, so a target such as 'embed_tokens' (or a typo)
-    would otherwise be skipped in silence while the others train. peft's own
-    'all-linear' is left to peft."""
-    missing = [t for t in lora.targets if t != "all-linear"
-               and not any(n == t or n.endswith("." + t) for n in linear_names)]
+    would otherwise be skipped in silence while the others train (peft's 'all-linear'
+    shorthand is not one of gft's targets: name the layers)."""
+    missing = [t for t in lora.targets if not any(lora.matches_one(n, t) for n in linear_names)]
     if missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in linear_names})
         raise ModelError(f"LoRA target(s) {missing} match no linear layer of the model; gft "

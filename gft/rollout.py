@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,12 +38,21 @@ def encode_prompt(example: Example, tokenizer, chat_template: bool | None) -> li
     text = render_prompt(example, tokenizer, chat_template=chat_template)
     templated = isinstance(example.prompt, list) or (chat_template and tokenizer.chat_template)
     ids = tokenizer(text, add_special_tokens=not templated).input_ids
-    # a tokenizer that ends every text with EOS (add_eos_token, a post-processor: it
-    # encodes "" as [.., EOS]) would end the prompt there, and the response would follow
-    # an EOS: the prompt keeps only the special tokens that start a text
-    if not templated and tokenizer("").input_ids[-1:] == [tokenizer.eos_token_id]:
+    # a tokenizer that ends every text with EOS (add_eos_token, a post-processor) would
+    # end the prompt there, and the response would follow an EOS: the prompt keeps only
+    # the special tokens that start a text
+    if not templated and appends_eos(tokenizer) and ids[-1:] == [tokenizer.eos_token_id]:
         ids = ids[:-1]
     return ids
+
+
+@functools.lru_cache(maxsize=8)
+def appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer's special tokens end a text with EOS: asked of a text, not of
+    "", which a tokenizer whose BOS is its EOS also encodes as [EOS] (at the start)."""
+    eos = tokenizer.eos_token_id
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    return plain[-1:] != [eos] and tokenizer("a").input_ids[-1:] == [eos]
 
 
 def trained_chat_template(model_dir: str) -> bool | None:

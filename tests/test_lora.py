@@ -103,6 +103,8 @@ def test_a_target_that_names_no_linear_layer_is_refused(base, backend):
                        r"down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj\)"):
         load_backend(backend, str(base), lora=LoraConfig(4, 8.0,
                                                          targets=("q_proj", "embed_tokens")))
+    with pytest.raises(ModelError, match=r"\['all-linear'\] match no linear layer"):
+        load_backend(backend, str(base), lora=LoraConfig(4, 8.0, targets=("all-linear",)))
 
 
 @pytest.mark.parametrize("backend", ["torch", "mlx"])

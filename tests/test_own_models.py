@@ -340,6 +340,14 @@ def test_a_tokenizer_that_appends_eos_does_not_end_prompts_with_it(tmp_path):
     prepared = prepare_prompts(rows, tok, chat_template=None, max_prompt_tokens=64,
                                overflow="error")
     assert EOS_ID not in prepared.prompt_ids[0]
+    # a tokenizer whose BOS is its EOS (GPT-2 style '<|endoftext|>' as both), prepended:
+    # the prompt's own last token stays (it was cut: "" encodes as [EOS] there too)
+    core.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", EOS_ID)])
+    core.save(str(model / "tokenizer.json"))
+    tok = load_tokenizer(str(model))
+    assert tok("").input_ids == [EOS_ID]
+    assert encode_prompt(Example("hi"), tok, None) == [EOS_ID, 104, 105]
 
 
 def test_mlx_refuses_sequences_past_a_window_mlx_lm_does_not_slide(tmp_path):
