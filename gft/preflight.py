@@ -113,22 +113,26 @@ def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompt
                         stages, scorer) -> None:
     """The longest sequence the run can build must fit a model with learned positions
     (gft.rollout.check_context): longest prompt + max_response_tokens where anything is
-    sampled (rollouts, a held-out evaluation with rewards), else + the longest dataset
-    response as the run cuts it (an SFT run of short demonstrations on GPT-2 fits)."""
-    limit = getattr(backend, "max_positions", None)
-    if limit is None:
+    sampled (rollouts, a held-out evaluation with rewards), else each row's prompt + its
+    longest dataset response as the run cuts it (an SFT run of short demonstrations on
+    GPT-2 fits, and so does one whose long prompts have short answers)."""
+    if backend.max_positions is None:
         return
     cap = max(stage.cfg.max_response_tokens for stage in stages)
     prompts = data.prompt_ids + (held_out.prompt_ids if held_out else [])
     samples = any(stage.cfg.num_rollouts > 0 for stage in stages) or \
         (held_out is not None and scorer is not None)
-    if not samples:
-        rows = data.rows + (held_out.rows if held_out else [])
-        cap = max((len(encode_response(text, backend.tokenizer, cap)[0])
-                   for row in rows for text in row.responses), default=0)
-    check_context(limit, prompts, cap, "max_response_tokens",
-                  None if samples else "the longest dataset response",
-                  getattr(backend, "positions_reason", None))
+    if samples:
+        check_context(backend.max_positions, prompts, cap, "max_response_tokens",
+                      reason=backend.positions_reason)
+        return
+    rows = data.rows + (held_out.rows if held_out else [])
+    response = [max((len(encode_response(text, backend.tokenizer, cap)[0])
+                     for text in row.responses), default=0) for row in rows]
+    row = max(range(len(rows)), key=lambda i: len(prompts[i]) + response[i], default=None)
+    if row is not None:
+        check_context(backend.max_positions, [prompts[row]], response[row],
+                      "max_response_tokens", "its dataset response", backend.positions_reason)
 
 
 def dtype_note(cfg: TrainConfig, model_path: str) -> str | None:

@@ -160,6 +160,21 @@ def test_sequences_past_gpt2s_positions_are_refused_before_any_work(tmp_path):
     # without sampling only the dataset's responses count (' yes' + EOS: 5 tokens)
     cli("train", "-o", tmp_path / "sft", "--preset", "sft", *common,
         "--set", "max_response_tokens=2048")
+    # ...each with its own prompt: a long prompt with a short answer and a short prompt
+    # with a long answer fit (49 + 5 and 10 + 41 of 64), though the longest prompt plus
+    # the longest answer would not
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"prompt": "x" * 49, "completion": " yes"}) + "\n"
+                     + json.dumps({"prompt": "short", "completion": "y" * 40}) + "\n")
+    cli("train", "-o", tmp_path / "mixed", "--preset", "sft", "--model", model, "--data", mixed,
+        "--max-steps", "1", "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+        "--set", "progress=false", "--set", "max_response_tokens=2048")
+    mixed.write_text(json.dumps({"prompt": "short", "completion": "y" * 60}) + "\n")
+    out = cli("train", "-o", tmp_path / "over", "--preset", "sft", "--model", model,
+              "--data", mixed, "--max-steps", "1", "--set", "prompts_per_step=1",
+              "--set", "prompts_per_minibatch=1", "--set", "progress=false",
+              "--set", "max_response_tokens=2048", code=2)
+    assert "plus its dataset response (61 tokens) reaches 66, past 64" in out
     out = cli("eval", model, "--data", data, "--limit", "2", "--max-new-tokens", "50", code=2)
     assert out.strip().splitlines()[-1].endswith(
         "plus --max-new-tokens (50 tokens) reaches 65, past 64; lower --max-new-tokens "
