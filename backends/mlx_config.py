@@ -32,7 +32,7 @@ import os
 from typing import Any
 
 from gft.errors import ModelError
-from gft.modelfiles import portable_config
+from gft.modelfiles import portable_config, uniform_sliding_window
 from gft.quant import mlx_quantization
 
 # rope_utils.initialize_rope's types (mlx-lm 0.32); "default" is plain RoPE.
@@ -109,18 +109,12 @@ _PLAIN = (bool, int, float, str, list, dict)
 
 def unslid_window(model_dir: str | Path) -> int | None:
     """The attention window transformers slides over every layer of this model and
-    mlx-lm's model does not: `sliding_window` with no per-layer `layer_types` (Mistral,
-    Phi-3), which mlx-lm's llama and phi3 build as full attention. The two differ only on
-    sequences longer than the window, so the backend refuses those (max_positions)
-    instead of the model. None: no window, or one mlx-lm applies per layer (Gemma 2, or
-    Qwen2, whose layer_types transformers derives)."""
+    mlx-lm's model does not (gft.modelfiles.uniform_sliding_window: Mistral, Phi-3, which
+    mlx-lm's llama and phi3 build as full attention). The two differ only on sequences
+    longer than the window, so the backend refuses those (max_positions) instead of the
+    model. None: no such window (mlx-lm applies per-layer windows itself: Gemma 2)."""
     tf = _transformers_config(Path(model_dir))
-    text = tf.get_text_config(decoder=True) if tf is not None else None
-    window = getattr(text, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool) or \
-            getattr(text, "layer_types", None) is not None:
-        return None
-    return window
+    return uniform_sliding_window(tf) if tf is not None else None
 
 
 def _transformers_config(model_dir: Path):

@@ -25,7 +25,7 @@ from backends.torch_parallel import HEAD_METHOD
 from backends.torch_pack import (PACKABLE_ATTENTION, attention_pair_cost, grouped_query_sdpa,
                                  pack, packing_pays)
 from backends.torch_sampler import DynamicCache, cache_keyword, full_attention_only
-from gft.modelfiles import save_tokenizer, write_portable_config
+from gft.modelfiles import save_tokenizer, uniform_sliding_window, write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
@@ -174,17 +174,6 @@ def learned_position_limit(model) -> int | None:
     return limit if learned else None
 
 
-def uniform_sliding_window(model) -> int | None:
-    """The window of a model whose config has `sliding_window` but no `layer_types`
-    (Mistral: transformers masks every layer to the last sliding_window tokens); None for
-    full attention, or where layer_types says which layers slide (Qwen2, Gemma)."""
-    config = model.config.get_text_config(decoder=True)
-    window = getattr(config, "sliding_window", None)
-    if getattr(config, "layer_types", None) is not None or not isinstance(window, int):
-        return None
-    return window
-
-
 class TorchBackend:
     name = "torch"
 
@@ -249,7 +238,7 @@ class TorchBackend:
         # the packed row's mask keeps rows apart but knows no window: a model that slides
         # every layer over `sliding_window` tokens with no per-layer types (Mistral) packs
         # only micro-batches no longer than its window, where sliding masks nothing
-        self._pack_window = uniform_sliding_window(inner)
+        self._pack_window = uniform_sliding_window(inner.config)
         # grouped-query heads unrepeated (torch_pack.grouped_query_sdpa), except under
         # gradient checkpointing: its recomputation in the backward runs outside the
         # forward's context and would repeat them, a different layout

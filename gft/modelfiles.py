@@ -144,6 +144,19 @@ MLX_ACTIVATION = {"llama": "silu", "mistral": "silu", "qwen2": "silu", "qwen3": 
 _ACT_SAME = {"swish": "silu"}
 
 
+def uniform_sliding_window(config) -> int | None:
+    """The window of a model whose transformers config has `sliding_window` but no
+    `layer_types` (Mistral, Phi-3: transformers masks every layer to the last
+    sliding_window tokens); None for full attention, or where layer_types says which
+    layers slide (Qwen2, whose layer_types transformers derives; Gemma 2)."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    if getattr(text, "layer_types", None) is not None or not isinstance(window, int) \
+            or isinstance(window, bool):
+        return None
+    return window
+
+
 def tokenizer_source(model_path: str, adapter: str | None) -> str:
     """Where a backend reads the tokenizer: a LoRA checkpoint's own tokenizer files when
     it has them (it travels with them), else the base model's."""

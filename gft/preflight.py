@@ -62,8 +62,7 @@ def rewards_needed(cfg: TrainConfig) -> bool:
     return any(s.cfg.num_rollouts > 0 or s.cfg.advantage != "constant" for s in stages)
 
 
-def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console | None = None
-                    ) -> None:
+def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> None:
     """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
     no row has one it would make zero updates and still write final/: an error. If only
     some rows lack one, they are drawn into steps and train nothing: a warning that counts
@@ -76,11 +75,10 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console | No
             where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
                 f"preset '{stage.name}'"
             if len(without) < len(rows):
-                if console is not None:
-                    console.print(f"[yellow]warning: {len(without)} of {len(rows)} training "
-                                  f"rows have no response (the first: {without[0].source}); "
-                                  f"{where} has num_rollouts=0 and learns nothing from them",
-                                  highlight=False)
+                console.print(f"[yellow]warning: {len(without)} of {len(rows)} training rows "
+                              f"have no response (the first: {without[0].source}); {where} "
+                              "has num_rollouts=0 and learns nothing from them",
+                              highlight=False)
                 return
             raise DataError(f"no training row has a response (completion, completions, "
                             f"responses or a final assistant message), and {where} has "

@@ -139,7 +139,7 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
     if not is_data_file(cfg.data):
         # a split named on purpose must exist (a typo turned evaluation off in silence);
         # the default, test, falls back to valid
-        named = cfg.eval_split not in ("test", "valid")
+        named = cfg.eval_split != "test"
         rows = load_split(cfg.data, cfg.eval_split, required=named, **answer)
         split = cfg.eval_split
         if not rows and cfg.eval_split != "valid":
@@ -338,7 +338,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
-    check_trainable(cfg, train_rows, console if lead else None)
+    check_trainable(cfg, train_rows, console)
     backend = open_backend(cfg, str(start_from or cfg.model), comm)
     note = dtype_note(cfg, str(start_from or cfg.model))
     if note:

@@ -618,6 +618,9 @@ def test_an_eval_split_that_does_not_exist_is_an_error(tmp_path):
     (data / "test.jsonl").rename(data / "valid.jsonl")
     _, rows, note = held_out(data, eval_split="test")
     assert [r.prompt for r in rows] == ["h0", "h1"] and "'valid' split" in note
+    (data / "valid.jsonl").rename(data / "test.jsonl")
+    with pytest.raises(Error, match=r"no 'valid' split"):  # named, even as the fallback's name
+        held_out(data, eval_split="valid")
 
 
 def test_held_out_rows_that_training_also_asks_are_counted(tmp_path, model):
