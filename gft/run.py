@@ -255,8 +255,8 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any]
     """The saved paths (model, data, eval_data, reward files) as found from here
     (gft/runpaths.py); a value given again on the command line is taken as given."""
     given = overrides or {}
-    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards",
-                                                                 "stages")}, run_dir)
+    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards")},
+                                   run_dir)
     return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
                    **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
                       for k in RUN_PATH_KEYS if k not in given})

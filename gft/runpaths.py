@@ -48,7 +48,7 @@ def stored_path(value: str | None, run_dir: Path) -> str | None:
 def stored_config(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     """A config dict (gft.config.to_dict) as the run directory stores it: besides model
     and data, eval_data when it is a path (not a split name) and the files of
-    'file.py:function' rewards, the run's own and each stage's, are stored the same way."""
+    'file.py:function' rewards are stored the same way."""
     def store(path: str) -> str:
         return stored_path(path, run_dir) or path
 
@@ -72,15 +72,12 @@ def resolve_stored_extras(config: dict[str, Any], run_dir: Path) -> dict[str, An
 
 
 def _with_reward_files(config: dict[str, Any], change) -> dict[str, Any]:
-    """`rewards`, and each stage's, with their file paths passed through change()."""
+    """`rewards` with their file paths passed through change() (a stage cannot set its
+    own: gft.config refuses it, the run scores once)."""
     from gft.rewards import map_reward_files
     out = dict(config)
     if out.get("rewards") is not None:
         out["rewards"] = map_reward_files(out["rewards"], change)
-    if isinstance(out.get("stages"), list):
-        out["stages"] = [{**stage, "rewards": map_reward_files(stage["rewards"], change)}
-                         if isinstance(stage, dict) and stage.get("rewards") is not None
-                         else stage for stage in out["stages"]]
     return out
 
 

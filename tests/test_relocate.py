@@ -164,14 +164,9 @@ def test_stored_reward_files_inside_the_run_resolve_there(tmp_path):
     run.mkdir()
     (run / "r.py").write_text("")
     stored = stored_config({"model": None, "data": None, "eval_data": "test",
-                            "rewards": {str(run / "r.py") + ":f": 1.0, "math": 0.5},
-                            "stages": [{"sft": 2}, {"preset": "grpo", "steps": 2,
-                                                    "rewards": [str(run / "r.py") + ":g"]}]},
-                           run)
+                            "rewards": {str(run / "r.py") + ":f": 1.0, "math": 0.5}}, run)
     assert stored["rewards"] == {"./r.py:f": 1.0, "math": 0.5}
     assert stored["eval_data"] == "test"  # a split name, not a path
-    assert stored["stages"][1]["rewards"] == ["./r.py:g"]
     found = resolve_stored_extras(stored, run)
     assert found["rewards"] == {str(run / "r.py") + ":f": 1.0, "math": 0.5}
-    assert found["stages"][1]["rewards"] == [str(run / "r.py") + ":g"]
     assert found["eval_data"] == "test"
