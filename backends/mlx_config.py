@@ -33,7 +33,7 @@ from typing import Any
 
 from gft.errors import ModelError
 from gft.modelfiles import portable_config, uniform_sliding_window
-from gft.quant import mlx_quantization
+from gft.quant import mlx_load_overrides
 
 # rope_utils.initialize_rope's types (mlx-lm 0.32); "default" is plain RoPE.
 MLX_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
@@ -96,11 +96,7 @@ def mlx_model_config(model_dir: str | Path) -> dict[str, Any]:
         if name == "rope_scaling":  # a required field of some ModelArgs: plain RoPE
             cfg.setdefault(name, None)
     cfg.update({k: None for k in raw if k not in cfg})  # keys portable_config removed
-    quant = mlx_quantization(raw)
-    if quant is not None and "quantization" not in raw:
-        # mlx-lm's dict under its other name only: mlx-lm reads "quantization_config" as
-        # a transformers one (KeyError 'quant_method') and would not build its layers
-        cfg["quantization"] = quant
+    cfg.update(mlx_load_overrides(raw))  # an mlx-lm quantization under its other name
     return cfg
 
 

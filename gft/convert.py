@@ -140,7 +140,8 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     to = to or ("mlx-lm" if is_peft_adapter(src) else "peft")
     if to == "mlx-lm" and lora.fan_in_fan_out:
         raise ModelError(f"{src}: the adapter is over weights stored [in, out] (fan_in_fan_out: "
-                         "GPT-2's Conv1D layers); mlx-lm has no such layers")
+                         "GPT-2's Conv1D layers), an architecture gft does not train on MLX; "
+                         "it stays a PEFT adapter")
     if to == "peft" and is_mlx_adapter(src):
         lora = peft_targets(lora, sorted(modules), base)
     if dtype:

@@ -54,6 +54,15 @@ def mlx_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     return q if isinstance(q, dict) and "bits" in q else None
 
 
+def mlx_load_overrides(config: dict[str, Any]) -> dict[str, Any]:
+    """What to hand mlx-lm's load_model beside a config.json whose mlx-lm quantization
+    sits under "quantization_config" alone: mlx-lm reads that key as a transformers one
+    (KeyError 'quant_method') and would not build its quantized layers, so the dict goes
+    over under its own name, "quantization". Empty otherwise."""
+    q = mlx_quantization(config)
+    return {"quantization": q} if q is not None and "quantization" not in config else {}
+
+
 def hf_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     """A transformers quantization_config (bitsandbytes, GPTQ, ...), or None."""
     q = config.get("quantization_config")

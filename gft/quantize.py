@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gft.errors import ConfigError, ModelError
-from gft.quant import describe, mlx_quantization, read_config
+from gft.quant import describe, mlx_load_overrides, mlx_quantization, read_config
 from gft.weights import arrays, write_model
 
 BITS = (4, 8)
@@ -53,12 +53,9 @@ def load_mlx_model(src: Path):
     """(mlx-lm model, config) of a model directory, quantized layers built as stored."""
     utils = _mlx()[4]
     raw = read_config(src)
-    quant = mlx_quantization(raw)
-    # mlx-lm's dict under "quantization_config" alone: mlx-lm reads that key as a
-    # transformers one (KeyError 'quant_method'); hand it over under its own name
-    extra = {"quantization": quant} if quant is not None and "quantization" not in raw else None
     try:
-        return utils.load_model(Path(src), lazy=True, model_config=extra)
+        return utils.load_model(Path(src), lazy=True,
+                                model_config=mlx_load_overrides(raw) or None)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{src}: mlx-lm cannot load the model: {first}") from None
