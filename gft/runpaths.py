@@ -62,8 +62,7 @@ def resolve_stored_extras(config: dict[str, Any], run_dir: Path) -> dict[str, An
     directory: a relative one inside the run directory when it is there, else as given
     (a split name, or a run written before these were stored)."""
     def found(path: str) -> str:
-        inside = Path(run_dir) / path
-        return str(inside) if not Path(path).is_absolute() and inside.exists() else path
+        return _inside(path, run_dir) or path
 
     out = dict(config)
     if out.get("eval_data"):
@@ -81,17 +80,25 @@ def _with_reward_files(config: dict[str, Any], change) -> dict[str, Any]:
     return out
 
 
+def _inside(value: str, run_dir: Path) -> str | None:
+    """A relative stored path found inside the run directory (where stored_path put it),
+    or None."""
+    path = Path(value).expanduser()
+    inside = Path(run_dir) / path
+    return str(inside) if not path.is_absolute() and inside.exists() else None
+
+
 def resolve_stored(value: str | None, run_dir: Path, key: str, source: str) -> str | None:
     """The path a stored `key` names on this machine, from any working directory."""
     if not value:
         return value
+    found = _inside(value, run_dir)
+    if found:
+        return found
     path = Path(value).expanduser()
-    inside = Path(run_dir) / path
-    if not path.is_absolute() and inside.exists():
-        return str(inside)
     if path.exists() or not looks_local(value):  # a hub id: the backend resolves it
         return value
-    where = str(path) if path.is_absolute() else f"{inside} or {path}"
+    where = str(path) if path.is_absolute() else f"{Path(run_dir) / path} or {path}"
     raise ConfigError(f"{source}: {key} '{value}' is not on this machine (looked for {where}); "
                       f"pass it with {RUN_PATH_KEYS[key]} PATH")
 
