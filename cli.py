@@ -245,14 +245,19 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
     from backends import SamplingConfig
-    from gft.rollout import check_context, encode_prompt, generate_chat_template
+    from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_prompt,
+                             generate_chat_template)
     from gft.types import Example
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
-    ids = [encode_prompt(Example(p), be.tokenizer, chat_template) for p in prompts for _ in range(num)]
-    check_context(be.max_positions, ids, max_new_tokens, "--max-new-tokens",
+    examples = [Example(p, source=f"-p {i + 1}") for i, p in enumerate(prompts)]
+    once = [encode_prompt(ex, be.tokenizer, chat_template) for ex in examples]
+    check_context(be.max_positions, once, max_new_tokens, "--max-new-tokens",
                   reason=be.positions_reason)
+    check_token_ids(be.vocab_rows, be.tokenizer, [PreparedPrompts(examples, once)],
+                    max_new_tokens, model)
+    ids = [p for p in once for _ in range(num)]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature or 1.0,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):

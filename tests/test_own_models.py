@@ -249,6 +249,12 @@ def test_token_ids_past_the_embedding_are_refused_naming_the_row(tmp_path):
         "saved with; resize the model's embeddings to the tokenizer "
         "(model.resize_token_embeddings(len(tokenizer))) and save it again")
     cli("train", "--data", say_yes_data(tmp_path / "plain"), "-o", tmp_path / "plain-run", *common)
+    # gft generate: the same line (it was an IndexError from the embedding), naming the -p
+    out = cli("generate", model, "-p", "hello", "-p", "hi", "--max-new-tokens", "2", code=2)
+    assert out.strip().splitlines()[-1].startswith(
+        "error: -p 1: field 'prompt': token id 259 ('<|im_start|>') is past the 259 embedding "
+        "rows of")
+    cli("generate", model, "-p", "hello", "--no-chat-template", "--max-new-tokens", "2")
 
 
 def test_lora_over_gpt2_conv1d_fuses_transposed_and_resumes(tmp_path):
