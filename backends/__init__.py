@@ -59,7 +59,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                  comm: Any = None, rollout_engine: str = "policy",
                  mixed_precision: bool = False, rollout_graphs: str = "auto",
                  stop: Sequence[int | str] = (), logits_chunk: int = 1024,
-                 load_in_4bit: bool = False, train: bool = True) -> Backend:
+                 load_in_4bit: bool = False, disable_dropout: bool = True,
+                 train: bool = True) -> Backend:
     """Import the chosen backend module lazily and load the model into it.
 
     lora (a gft.lora.LoraConfig): train LoRA adapters instead of the whole model. A PEFT
@@ -75,6 +76,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     (the tokenizer's and every one in generation_config.json; gft/stops.py).
     logits_chunk: positions whose logits the update holds at a time (0: all at once).
     load_in_4bit: torch only; QLoRA, the base in 4-bit through bitsandbytes.
+    disable_dropout: torch; the model's own dropout off in the update (mlx-lm's models
+    have none). LoRA's dropout is lora.dropout.
     train: False when the model only samples and scores (generate, eval): a quantized
     model then loads without LoRA adapters, which training over it needs."""
     from gft.lora import resolve_adapter
@@ -99,6 +102,8 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                           rollout_graphs=rollout_graphs, logits_chunk=logits_chunk,
                           **({"mixed_precision": True} if mixed_precision else {}),
                           **({"load_in_4bit": True} if load_in_4bit else {}),
+                          **({"disable_dropout": False} if name == "torch" and not disable_dropout
+                             else {}),
                           **_parallel_kwargs(name, parallel, comm))
     from gft.stops import model_stops
     backend.stops = model_stops(backend.tokenizer, model_path, stop)

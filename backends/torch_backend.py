@@ -159,6 +159,27 @@ def separate_head(model):
     return inner.get_decoder(), head
 
 
+def switch_off_dropout(model: torch.nn.Module) -> int:
+    """Zero the model's own dropout for the update: every nn.Dropout, and the float rates
+    that transformers' modules read in training (`attention_dropout`, OPT's `dropout`,
+    `activation_dropout`, `layerdrop`, ...). Rollouts and evaluation run in eval mode and
+    mlx-lm's models have no dropout, so with it on the update would score tokens under a
+    different (random) network than the one that sampled them, and the two backends would
+    train different objectives. Applied before LoRA goes on: lora_dropout stays as set.
+    The config is untouched, so a saved model keeps its own rates. Returns how many rates
+    were nonzero."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p, changed = 0.0, changed + 1
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or "layerdrop" in name) and type(value) is float \
+                    and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def learned_position_limit(model) -> int | None:
     """How many positions a model with learned absolute position embeddings has rows for
     (GPT-2's wpe, OPT's embed_positions: an Embedding besides the tokens' sized by
@@ -603,7 +624,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
          shard_size: str | int = DEFAULT_SHARD_SIZE, parallel: str | None = None,
          world: int = 1, rollout_engine: str = "policy",
          mixed_precision: bool = False, rollout_graphs: str = "auto",
-         logits_chunk: int = 1024, load_in_4bit: bool = False) -> TorchBackend:
+         logits_chunk: int = 1024, load_in_4bit: bool = False,
+         disable_dropout: bool = True) -> TorchBackend:
     """lora (a gft.lora.LoraConfig): train adapters on the frozen model at model_path,
     fresh or loaded from the PEFT directory `adapter`.
     parallel: "ddp" or "fsdp" when started by torchrun with world > 1 processes (the
@@ -614,7 +636,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     rollout_graphs: auto | on | off, decoding through a compiled step replayed as CUDA
     graphs (torch_sampler.GraphDecoder); auto = on CUDA.
     logits_chunk: positions whose [., V] logits the update holds at a time (0: all).
-    load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py)."""
+    load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py).
+    disable_dropout: the model's own dropout off in the update (switch_off_dropout)."""
     if mixed_precision and dtype != "float32":
         raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
                           "(or turn mixed_precision off to train in bfloat16 throughout)")
@@ -647,6 +670,8 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
         enable()
+    if disable_dropout:
+        switch_off_dropout(model)
     if lora is not None:
         from backends.torch_lora import apply_lora
         model = apply_lora(model, lora, seed, adapter)

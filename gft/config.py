@@ -50,6 +50,11 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow model code from the model directory (off: only "
                                         "architectures built into transformers/mlx-lm).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    disable_dropout: bool = _f(True, "torch: switch the model's own dropout off in the update "
+                                     "(as TRL's disable_dropout), so that it scores the "
+                                     "network that sampled the rollouts. false keeps the "
+                                     "rates in the model's config (GPT-2, OPT: 0.1). mlx-lm's "
+                                     "models have no dropout. LoRA's is lora_dropout.")
     check_memory: bool = _f(True, "Before loading, plan the run's peak memory (gft train "
                                   "--dry-run prints it) and refuse a config that cannot fit "
                                   "the device, naming the key that shrinks the largest item.")
@@ -555,7 +560,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed", "stages",
             "trust_remote_code", "max_steps", "epochs", "lora_rank", "lora_alpha",
             "lora_dropout", "lora_targets", "save_shard_size", "gradient_checkpointing",
-            "parallel", "rollout_engine", "mixed_precision", "logits_chunk",
+            "disable_dropout", "parallel", "rollout_engine", "mixed_precision", "logits_chunk",
             # read once for the whole run (gft/run.py, the loop's own cfg), never from a
             # stage: a stage setting them was accepted and silently ignored (a stage's
             # rewards scored nothing; the run's, or math, did)

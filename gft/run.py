@@ -213,7 +213,7 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
         parallel=cfg.parallel if comm.world > 1 else None, comm=comm,
         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
         rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
-        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
+        stop=cfg.stop, load_in_4bit=cfg.load_in_4bit, disable_dropout=cfg.disable_dropout)
 
 
 def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,

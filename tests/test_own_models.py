@@ -25,6 +25,10 @@ What is checked:
   mask knows no window, is used only for micro-batches within the window);
 - a tokenizer that ends every text with EOS (add_eos_token, a post-processor) does not end
   the prompts with it: the response would follow an EOS;
+- a model saved with dropout (GPT-2, OPT, Llama's attention_dropout, GPT-NeoX, Phi-3):
+  the update scores tokens under the network that sampled them (dropout off, as in
+  eval mode, as on mlx), unless disable_dropout: false; LoRA's own dropout and the saved
+  config's rates are kept;
 - several architectures as transformers saves them (tied and untied, with a
   generation_config.json of several EOS ids): after an update the saved model reloads in
   transformers with gft's in-memory logits, its ties, dtype and generation config.
@@ -405,3 +409,53 @@ def test_mlx_refuses_sequences_past_a_window_mlx_lm_does_not_slide(tmp_path):
     assert out.strip().splitlines()[-1].endswith(
         "plus --max-new-tokens (12 tokens) reaches 26, past 24; lower --max-new-tokens to at "
         "most 10")
+
+
+DROPOUT = 0.3
+DROPOUT_MODELS = [
+    ("gpt2", dict(GPT2, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)),
+    ("opt", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                 word_embed_proj_dim=32, dropout=DROPOUT, attention_dropout=DROPOUT,
+                 activation_dropout=DROPOUT, layerdrop=DROPOUT)),
+    ("llama", dict(SMALL_SHAPE, attention_dropout=DROPOUT)),
+    ("gpt_neox", dict(SMALL_SHAPE, attention_dropout=DROPOUT, hidden_dropout=DROPOUT)),
+    ("phi3", dict(SMALL_SHAPE, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT,
+                  attention_dropout=DROPOUT))]
+
+
+def update_losses(be, times: int = 2) -> list[float]:
+    """The update's loss on one fixed batch, `times` times, without stepping."""
+    return [be.accumulate_gradients([batch(0)], tau=0.0, aggregation="token-mean")["loss"]
+            for _ in range(times)]
+
+
+@pytest.mark.parametrize("kind, shape", DROPOUT_MODELS, ids=[k for k, _ in DROPOUT_MODELS])
+def test_the_update_scores_without_the_models_dropout(tmp_path, kind, shape):
+    model = saved_by_transformers(tmp_path / kind, kind, **shape)
+    be = load_backend("torch", str(model))
+    first, again = update_losses(be)
+    assert first == again  # no random mask: the same network twice
+    ids = torch.from_numpy(batch(0).input_ids)
+    with torch.no_grad():  # and it is the network rollouts sample from (eval mode)
+        be.model.train()
+        train_logits = be.model(ids).logits
+        eval_logits = be.model.eval()(ids).logits
+    assert float((train_logits - eval_logits).abs().max()) == 0.0
+    be.save_model(tmp_path / "saved")  # the model's own rates are kept for the user
+    def rates(path: Path) -> dict:
+        return {k: v for k, v in json.loads((path / "config.json").read_text()).items()
+                if "drop" in k}
+    assert rates(tmp_path / "saved") == rates(model) and DROPOUT in rates(model).values()
+    kept = load_backend("torch", str(model), disable_dropout=False)
+    first, again = update_losses(kept)
+    assert first != again  # dropout as the config says: a new mask each forward
+
+
+def test_lora_dropout_stays_when_the_models_is_off(tmp_path):
+    from gft.lora import LoraConfig
+    model = saved_by_transformers(tmp_path / "gpt2", "gpt2", **DROPOUT_MODELS[0][1])
+    be = load_backend("torch", str(model), lora=LoraConfig(4, 8.0, 0.5, ("c_attn",)))
+    rates = {n: m.p for n, m in be.model.named_modules()
+             if isinstance(m, torch.nn.Dropout)}
+    assert rates and all(p == (0.5 if "lora_dropout" in n else 0.0)
+                         for n, p in rates.items()), rates
