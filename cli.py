@@ -369,10 +369,10 @@ def plot(runs: tuple[str, ...], out: str, smooth: int) -> None:
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True, file_okay=False))
+@click.argument("src", type=click.Path(exists=True))
 @click.argument("dst", type=click.Path(file_okay=False))
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Cast floating-point weights (default: keep them).")
+              help="Cast floating-point weights (default: keep them; a GGUF file: float32).")
 @click.option("--shard-size", metavar="SIZE",
               help="Split weights into shards above SIZE, e.g. 500MB, 2GB (default 5GB).")
 @click.option("--to", "to", type=click.Choice(["peft", "mlx-lm"]),
@@ -393,7 +393,8 @@ def convert(src: str, dst: str, dtype: str | None, shard_size: str | None, to: s
     """Rewrite the model or LoRA adapter in SRC as DST: a transformers- or mlx-lm-written
     model becomes a portable directory (config both libraries read alike; dtype, shards),
     quantized (--quantize) or de-quantized (--dequantize) through mlx-lm;
-    an adapter moves between PEFT and mlx-lm formats."""
+    an adapter moves between PEFT and mlx-lm formats; a GGUF file (llama.cpp, Ollama,
+    LM Studio) becomes a model directory, de-quantized through transformers."""
     from gft.convert import convert as convert_
     for line in convert_(src, dst, dtype=dtype, shard_size=shard_size, to=to, base=base,
                          quantize=int(quantize) if quantize else None,

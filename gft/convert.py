@@ -8,6 +8,8 @@
     gft fuse ADAPTER --base BASE OUT                     W + s·B·A into each adapted weight
     gft convert SRC DST --quantize 4|8 | --dequantize    to and from mlx-lm's quantized
     gft fuse ... [--requantize]   over a quantized base   format: gft/quantize.py
+    gft convert MODEL.gguf DST [--dtype D]               a GGUF file (llama.cpp, Ollama) as a
+        model directory, de-quantized through transformers: gft/gguf.py
 
 Tensors are handled by torch or by MLX, whichever is installed (torch first): bfloat16 never
 passes through NumPy, which has no such type. The fused weight is computed in float32 and
@@ -194,6 +196,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     if dst.exists() and (dst.resolve() == src.resolve() or any(dst.iterdir())):
         raise ConfigError(f"{dst}: the destination must be a new or empty directory")
     quant_opts = quantize is not None or group_size is not None or dequantize
+    from gft.gguf import convert_gguf, is_gguf
+    if is_gguf(src):
+        if to is not None or quant_opts:
+            raise ConfigError(f"{src}: a GGUF file converts to a full-precision model "
+                              "directory first (--dtype, --shard-size); quantize that "
+                              "directory for mlx-lm with a second gft convert --quantize")
+        return convert_gguf(src, dst, dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
     if is_peft_adapter(src) or is_mlx_adapter(src):
         if shard_size is not None or quant_opts:
             raise ConfigError("--shard-size, --quantize, --group-size and --dequantize apply "

@@ -284,6 +284,11 @@ def check_model_dir(model: str | Path) -> None:
             raise ModelError(f"{model}: no such model directory")
         return  # a hub id: the backend downloads it, or says why not
     if not path.is_dir():
+        from gft.gguf import is_gguf
+        if is_gguf(path):
+            raise ModelError(f"{model}: a GGUF file; gft trains Hugging Face-layout "
+                             f"directories: convert it once with `gft convert {model} DIR` "
+                             "(de-quantized through transformers), then use DIR")
         raise ModelError(f"{model}: not a model directory (expected config.json, "
                          "model.safetensors and tokenizer files)")
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
