@@ -232,14 +232,20 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
     """`gft fuse`: the base model with W + s·B·A in every adapted weight, as a portable
     model directory. Over an mlx-lm quantized base: de-quantized, or (requantize)
     quantized again as the base was (gft/quantize.py)."""
-    from gft.quant import mlx_quantization, read_base_record
+    from gft.quant import describe_hf, hf_quantization, mlx_quantization, read_base_record
     adapter, out = Path(adapter), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out}: the destination must be a new or empty directory")
     base_dir = Path(base or read_adapter_base(adapter) or "")
     if not (base_dir / "config.json").is_file():
         raise ModelError(f"{base_dir}: base model directory not found; pass --base")
-    quantized = mlx_quantization(_read_config(base_dir)) is not None
+    base_config = _read_config(base_dir)
+    if hf_quantization(base_config) is not None:
+        raise ModelError(f"{base_dir}: quantized by transformers "
+                         f"({describe_hf(hf_quantization(base_config))}); gft fuse adds "
+                         "s·B·A to full-precision weights: name the full-precision model "
+                         "the quantized one was made from with --base DIR")
+    quantized = mlx_quantization(base_config) is not None
     if requantize and not quantized:
         raise ConfigError(f"{base_dir}: not a quantized model; --requantize applies to "
                           "adapters over mlx-lm quantized bases")

@@ -69,6 +69,17 @@ def hf_quantization(config: dict[str, Any]) -> dict[str, Any] | None:
     return q if isinstance(q, dict) and "quant_method" in q else None
 
 
+def describe_hf(q: dict[str, Any]) -> str:
+    """'bitsandbytes 4-bit nf4', 'gptq 4-bit', 'awq', ... for a transformers
+    quantization_config."""
+    method = str(q.get("quant_method", "quantized"))
+    if q.get("load_in_4bit"):
+        return f"{method} 4-bit {q.get('bnb_4bit_quant_type', '')}".strip()
+    if q.get("load_in_8bit"):
+        return f"{method} 8-bit"
+    return f"{method} {q['bits']}-bit" if q.get("bits") else method
+
+
 def describe(q: dict[str, Any]) -> str:
     """'4-bit, group size 64 (affine)', plus the per-layer bit widths of a mixed recipe."""
     text = f"{q.get('bits')}-bit, group size {q.get('group_size')} ({q.get('mode', 'affine')})"
@@ -99,7 +110,11 @@ def check_loadable(backend: str, model_dir: str | Path, *, lora: Any,
         if lora is None:
             raise ConfigError("load_in_4bit loads a frozen 4-bit base for QLoRA: set "
                               "lora_rank (e.g. --set lora_rank=8)")
-    q = mlx_quantization(read_config(model_dir))
+    config = read_config(model_dir)
+    hf = hf_quantization(config)
+    if hf is not None:
+        _check_hf_quantized(backend, model_dir, hf, lora=lora, train=train)
+    q = mlx_quantization(config)
     if q is None:
         return
     if backend == "torch":
@@ -116,6 +131,24 @@ def check_loadable(backend: str, model_dir: str | Path, *, lora: Any,
                           "(e.g. --set lora_rank=8)")
 
 
+def _check_hf_quantized(backend: str, model_dir: str | Path, q: dict[str, Any], *,
+                        lora: Any, train: bool) -> None:
+    """A checkpoint quantized by transformers (bitsandbytes as Unsloth's *-bnb-4bit
+    models are saved, GPTQ, AWQ, ...): mlx-lm reads none of these formats, and on torch
+    its integer weights have no gradient: a "full" fine-tune would train the norms and
+    embeddings alone, through kernels that may have no backward, and then fail to save.
+    LoRA over it (QLoRA) on torch is what works."""
+    what = f"{model_dir} is quantized by transformers ({describe_hf(q)})"
+    if backend == "mlx":
+        raise ModelError(f"{what}, a format mlx-lm cannot read: use --backend torch (LoRA "
+                         "over it), or start from the full-precision model and quantize it "
+                         "for mlx-lm with gft convert DIR DST --quantize 4")
+    if lora is None and train:
+        raise ConfigError(f"{what}: its quantized weights cannot be trained, only LoRA "
+                          "adapters over them (QLoRA); set lora_rank (e.g. --set "
+                          "lora_rank=8), or start from the full-precision model")
+
+
 # ------------------------------------------------------------------ the adapter's record
 
 def base_record(base: str | Path) -> dict[str, Any] | None:
@@ -128,7 +161,7 @@ def base_record(base: str | Path) -> dict[str, Any] | None:
     hf = hf_quantization(cfg)
     if hf is not None:
         return {"base_model": str(base), "format": "transformers", "quantization": hf,
-                "description": hf.get("quant_method", "quantized")}
+                "description": describe_hf(hf)}
     return None
 
 

@@ -439,6 +439,46 @@ def test_qlora_run_on_torch_over_a_4bit_bitsandbytes_base(base, tmp_path, monkey
     assert 0 < moved < 3.0
 
 
+def test_a_checkpoint_saved_in_4bit_trains_lora_only_on_torch(base, tmp_path):
+    """A model saved by transformers after BitsAndBytesConfig (as Unsloth's *-bnb-4bit
+    checkpoints are): a full fine-tune trained the norms alone through 4-bit kernels
+    without a backward, then failed to save (a NotImplementedError traceback, the run
+    lost); mlx-lm failed on 42 unknown parameters. Both are now one line before loading;
+    LoRA over it (QLoRA) trains on torch; fuse asks for the full-precision base."""
+    reason = bnb_4bit_reason()
+    if reason:
+        pytest.skip(reason)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    saved = tmp_path / "bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+                                                     bnb_4bit_quant_type="nf4"),
+        device_map={"": "cpu"}).save_pretrained(saved)
+    AutoTokenizer.from_pretrained(base).save_pretrained(saved)
+    data = say_yes_data(tmp_path / "data")
+    common = ["--model", str(saved), "--data", str(data), "--max-steps", "1", "--preset", "sft",
+              "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
+              "--set", "progress=false", "--set", "eval_samples=0"]
+    for backend, lora, says in (("torch", [], "set lora_rank"),
+                                ("mlx", ["--set", "lora_rank=4"], "mlx-lm cannot read")):
+        result = CliRunner().invoke(main, ["train", "-o", str(tmp_path / backend),
+                                           "--backend", backend, *common, *lora])
+        assert result.exit_code == 2, result.output
+        assert "bitsandbytes 4-bit nf4" in result.output and says in result.output
+        assert "Traceback" not in result.output
+        assert not (tmp_path / backend / "checkpoints").exists()
+    cli("train", "-o", str(tmp_path / "qlora"), "--backend", "torch", *common,
+        "--set", "lora_rank=4", "--set", "lora_targets=[q_proj, v_proj]")
+    final = tmp_path / "qlora" / "final"
+    assert json.loads((final / "base_quantization.json").read_text())["description"] == \
+        "bitsandbytes 4-bit nf4"
+    result = CliRunner().invoke(main, ["fuse", str(final), str(tmp_path / "fused")])
+    assert result.exit_code == 2 and "--base DIR" in result.output, result.output
+    out = cli("fuse", str(final), str(tmp_path / "fused"), "--base", str(base))
+    assert "4 adapted weights fused" in out  # q_proj, v_proj in 2 layers
+    assert "trained over a bitsandbytes 4-bit nf4 base" in out
+
+
 def test_load_in_4bit_needs_lora_and_torch(base, tmp_path):
     data = say_yes_data(tmp_path / "data")
     common = ["--model", str(base), "--data", str(data), "--max-steps", "1",
