@@ -196,7 +196,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     if dst.exists() and (dst.resolve() == src.resolve() or any(dst.iterdir())):
         raise ConfigError(f"{dst}: the destination must be a new or empty directory")
     quant_opts = quantize is not None or group_size is not None or dequantize
-    from gft.gguf import convert_gguf, is_gguf
+    from gft.gguf import convert_gguf
+    from gft.modelfiles import is_gguf
     if is_gguf(src):
         if to is not None or quant_opts:
             raise ConfigError(f"{src}: a GGUF file converts to a full-precision model "

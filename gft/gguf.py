@@ -23,19 +23,7 @@ import shutil
 from pathlib import Path
 
 from gft.errors import ConfigError, ModelError
-
-SUFFIX = ".gguf"
-
-
-def is_gguf(path: str | Path) -> bool:
-    """A GGUF file: named *.gguf, or starting with the GGUF magic."""
-    path = Path(path)
-    if not path.is_file():
-        return False
-    if path.suffix.lower() == SUFFIX:
-        return True
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+from gft.modelfiles import write_portable_config
 
 
 def quant_types(path: Path) -> list[str]:
@@ -61,7 +49,6 @@ def convert_gguf(src: Path, dst: Path, *, dtype: str | None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
-    from gft.modelfiles import write_portable_config
     hf_logging.disable_progress_bar()  # one bar per tensor otherwise
     src, dtype = Path(src), dtype or "float32"
     try:

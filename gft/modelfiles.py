@@ -271,6 +271,18 @@ def read_json_object(path: Path) -> dict[str, Any]:
     return value
 
 
+def is_gguf(path: str | Path) -> bool:
+    """A GGUF file (llama.cpp, Ollama, LM Studio; gft/gguf.py converts it): named *.gguf,
+    or starting with the GGUF magic."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".gguf":
+        return True
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def check_model_dir(model: str | Path) -> None:
     """Fail early, in one line, on a local model directory that cannot be loaded: no
     config.json, a JSON file that is not an object, no weights, only pickle weights (never
@@ -284,7 +296,6 @@ def check_model_dir(model: str | Path) -> None:
             raise ModelError(f"{model}: no such model directory")
         return  # a hub id: the backend downloads it, or says why not
     if not path.is_dir():
-        from gft.gguf import is_gguf
         if is_gguf(path):
             raise ModelError(f"{model}: a GGUF file; gft trains Hugging Face-layout "
                              f"directories: convert it once with `gft convert {model} DIR` "
