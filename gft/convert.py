@@ -9,7 +9,9 @@
     gft convert SRC DST --quantize 4|8 | --dequantize    to and from mlx-lm's quantized
     gft fuse ... [--requantize]   over a quantized base   format: gft/quantize.py
     gft convert MODEL.gguf DST [--dtype D]               a GGUF file (llama.cpp, Ollama) as a
-        model directory, de-quantized through transformers: gft/gguf.py
+        model directory, de-quantized through transformers: gft/hf_formats.py
+    gft convert DIR DST --dequantize                     a checkpoint transformers quantized
+        (bitsandbytes), in floating point through transformers: gft/hf_formats.py
 
 Tensors are handled by torch or by MLX, whichever is installed (torch first): bfloat16 never
 passes through NumPy, which has no such type. The fused weight is computed in float32 and
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gft.errors import ConfigError, ModelError
-from gft.quant import BASE_QUANT_FILE
+from gft.quant import BASE_QUANT_FILE, hf_quantization
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
                       peft_key, read_mlx_config, read_peft_config, write_peft_config)
@@ -39,15 +41,15 @@ from gft.weights import DEFAULT_SHARD_SIZE, DTYPES, arrays, load_weights, write_
 
 def convert_model(src: Path, dst: Path, *, dtype: str | None, shard_size: str | int,
                   framework: str | None = None) -> list[str]:
-    from gft.quant import describe, hf_quantization, mlx_quantization
+    from gft.quant import describe, describe_hf, hf_quantization, mlx_quantization
     cfg = _read_config(src)
     q = mlx_quantization(cfg)
     if q is not None:
         raise ModelError(f"{src}: an mlx-lm quantized model ({describe(q)}); to write it in "
                          "full precision add --dequantize")
     if hf_quantization(cfg) is not None:
-        raise ModelError(f"{src}: quantized with {hf_quantization(cfg)['quant_method']}; gft "
-                         "convert reads float or mlx-lm quantized models only")
+        raise ModelError(f"{src}: quantized by transformers ({describe_hf(hf_quantization(cfg))}); "
+                         "add --dequantize to write it in floating point")
     ar = arrays(framework)
     tensors = load_weights(src, ar)
     if dtype:
@@ -196,7 +198,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
     if dst.exists() and (dst.resolve() == src.resolve() or any(dst.iterdir())):
         raise ConfigError(f"{dst}: the destination must be a new or empty directory")
     quant_opts = quantize is not None or group_size is not None or dequantize
-    from gft.gguf import convert_gguf
+    from gft.hf_formats import convert_gguf
     from gft.modelfiles import is_gguf
     if is_gguf(src):
         if to is not None or quant_opts:
@@ -219,6 +221,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str | None = None,
         if dequantize:
             if quantize is not None or group_size is not None:
                 raise ConfigError("choose --quantize or --dequantize, not both")
+            hf = hf_quantization(_read_config(src))
+            if hf is not None:
+                from gft.hf_formats import dequantize_hf
+                from gft.quant import describe_hf
+                return dequantize_hf(src, dst, method=describe_hf(hf), dtype=dtype,
+                                     shard_size=shard_size)
             return q.dequantize_dir(src, dst, dtype=dtype, shard_size=shard_size)
         if quantize is None:
             raise ConfigError("--group-size goes with --quantize 4|8")

@@ -272,7 +272,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def is_gguf(path: str | Path) -> bool:
-    """A GGUF file (llama.cpp, Ollama, LM Studio; gft/gguf.py converts it): named *.gguf,
+    """A GGUF file (llama.cpp, Ollama, LM Studio; gft/hf_formats.py converts it): named *.gguf,
     or starting with the GGUF magic."""
     path = Path(path)
     if not path.is_file():

@@ -141,8 +141,8 @@ def _check_hf_quantized(backend: str, model_dir: str | Path, q: dict[str, Any], 
     what = f"{model_dir} is quantized by transformers ({describe_hf(q)})"
     if backend == "mlx":
         raise ModelError(f"{what}, a format mlx-lm cannot read: use --backend torch (LoRA "
-                         "over it), or start from the full-precision model and quantize it "
-                         "for mlx-lm with gft convert DIR DST --quantize 4")
+                         f"over it), or write it in floating point with gft convert "
+                         f"{model_dir} DST --dequantize (then --quantize 4 for mlx-lm)")
     if lora is None and train:
         raise ConfigError(f"{what}: its quantized weights cannot be trained, only LoRA "
                           "adapters over them (QLoRA); set lora_rank (e.g. --set "

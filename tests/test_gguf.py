@@ -1,5 +1,5 @@
 """A GGUF file (llama.cpp, Ollama, LM Studio) becomes a model directory: `gft convert
-MODEL.gguf DIR` (gft/gguf.py).
+MODEL.gguf DIR` (gft/hf_formats.py).
 
 The GGUF here is written the way llama.cpp's convert_hf_to_gguf.py writes a Llama, with the
 `gguf` package's own writer: llama.cpp's tensor names, Q and K rows permuted for its RoPE

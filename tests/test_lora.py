@@ -477,6 +477,20 @@ def test_a_checkpoint_saved_in_4bit_trains_lora_only_on_torch(base, tmp_path):
     out = cli("fuse", str(final), str(tmp_path / "fused"), "--base", str(base))
     assert "4 adapted weights fused" in out  # q_proj, v_proj in 2 layers
     assert "trained over a bitsandbytes 4-bit nf4 base" in out
+    # the 4-bit checkpoint in floating point: transformers' dequantize(), loadable by
+    # mlx-lm, and NF4's rounding away from the model it was made from (said in a note)
+    out = cli("convert", str(saved), str(tmp_path / "float"), "--dequantize")
+    assert "de-quantized from bitsandbytes 4-bit nf4" in out and "note:" in out
+    config = json.loads((tmp_path / "float" / "config.json").read_text())
+    assert "quantization_config" not in config and "rope_theta" in config
+    ids = torch.from_numpy(batch(2).input_ids)
+    with torch.no_grad():
+        got, want = (AutoModelForCausalLM.from_pretrained(d)(ids).logits
+                     for d in (tmp_path / "float", base))
+    assert 0 < float((got - want).abs().max()) < 3.0  # as QLoRA's NF4 test above
+    np.testing.assert_allclose(
+        load_backend("mlx", str(tmp_path / "float")).token_logprobs(batch(2)),
+        load_backend("torch", str(tmp_path / "float")).token_logprobs(batch(2)), atol=1e-4)
 
 
 def test_load_in_4bit_needs_lora_and_torch(base, tmp_path):

@@ -1,5 +1,8 @@
-"""`gft convert MODEL.gguf DIR`: a GGUF file (llama.cpp, Ollama, LM Studio) as a Hugging
-Face-layout model directory that gft, transformers and mlx-lm train and load.
+"""Models only transformers can read, written as plain Hugging Face-layout directories that
+gft, transformers and mlx-lm train and load:
+- `gft convert MODEL.gguf DIR`: a GGUF file (llama.cpp, Ollama, LM Studio);
+- `gft convert DIR DST --dequantize` over a checkpoint transformers quantized (bitsandbytes,
+  as Unsloth's *-bnb-4bit models are saved; whatever transformers' `dequantize()` takes).
 
 GGUF holds the weights (most often quantized: Q4_K, Q8_0, ...), the tokenizer and the chat
 template in one file. transformers reads it (`from_pretrained(dir, gguf_file=name)`, with
@@ -7,7 +10,8 @@ the `gguf` package): the weights are de-quantized to floating point, the tokeniz
 as a fast tokenizer with its special tokens and chat template. What this module adds:
 - transformers refuses to `save_pretrained` a model it loaded from GGUF ("not
   serializable"): the model is plain floating point by then, so the GGUF marker
-  (`quantization_config`, the quantizer) is dropped and it saves as any model;
+  (`quantization_config`, the quantizer) is dropped and it saves as any model; a
+  bitsandbytes model is made floating point by transformers' own `dequantize()`;
 - config.json is made portable (gft.modelfiles.write_portable_config: mlx-lm reads only a
   top-level rope_theta, which transformers 5 does not write);
 - the directory appears whole or not at all (written beside, then renamed);
@@ -33,12 +37,12 @@ def quant_types(path: Path) -> list[str]:
     return sorted({t.tensor_type.name for t in GGUFReader(str(path)).tensors})
 
 
-def _require_readers() -> None:
-    missing = [name for name in ("gguf", "torch", "transformers")
-               if importlib.util.find_spec(name) is None]
+def _require_readers(gguf: bool = True) -> None:
+    names = ("gguf", "torch", "transformers") if gguf else ("torch", "transformers")
+    missing = [name for name in names if importlib.util.find_spec(name) is None]
     if missing:
-        raise ConfigError(f"reading GGUF goes through transformers and needs "
-                          f"{', '.join(missing)}: pip install 'gft[torch]' gguf")
+        raise ConfigError(f"this conversion goes through transformers and needs "
+                          f"{', '.join(missing)}: pip install 'gft[torch{',gguf' if gguf else ''}]'")
 
 
 def convert_gguf(src: Path, dst: Path, *, dtype: str | None,
@@ -63,6 +67,51 @@ def convert_gguf(src: Path, dst: Path, *, dtype: str | None,
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    notes = _save(model, tokenizer, dst, shard_size)
+    quantized = [t for t in types if t not in ("F32", "F16", "BF16")]
+    lines = [f"wrote {dst}: {model.config.model_type}, {_count(model)} parameters in {dtype}, "
+             f"tokenizer{' and chat template' if tokenizer.chat_template else ''} "
+             f"from the GGUF file"]
+    if quantized:
+        lines.append(f"note: the GGUF weights were quantized ({', '.join(quantized)}): "
+                     f"de-quantized, they keep that rounding; start from the original "
+                     f"full-precision model where you have it")
+    return lines + [f"warning: {n}" for n in notes]
+
+
+def dequantize_hf(src: Path, dst: Path, *, method: str, dtype: str | None,
+                  shard_size: str | int) -> list[str]:
+    """Write the checkpoint `src`, quantized by transformers (`method`, described), in
+    floating point (`dtype`, default float32) through transformers' `dequantize()`."""
+    _require_readers(gguf=False)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    dtype = dtype or "float32"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype),
+                                                     device_map={"": "cpu"})
+        model = model.dequantize()
+        tokenizer = AutoTokenizer.from_pretrained(src)
+    except (OSError, ValueError, RuntimeError, NotImplementedError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{src}: transformers cannot de-quantize this {method} model: "
+                         f"{first}") from None
+    notes = _save(model, tokenizer, dst, shard_size)
+    return [f"wrote {dst}: {model.config.model_type}, {_count(model)} parameters in {dtype}, "
+            f"de-quantized from {method} by transformers",
+            f"note: the weights keep their {method} rounding; start from the original "
+            "full-precision model where you have it"] + [f"warning: {n}" for n in notes]
+
+
+def _count(model) -> str:
+    return f"{sum(p.numel() for p in model.parameters()):,}"
+
+
+def _save(model, tokenizer, dst: Path, shard_size: str | int) -> list[str]:
+    """save_pretrained beside dst, config made portable, then renamed into place: the
+    directory appears whole or not at all. Returns write_portable_config's warnings."""
     tmp = dst.with_name(dst.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, max_shard_size=shard_size)
@@ -71,13 +120,4 @@ def convert_gguf(src: Path, dst: Path, *, dtype: str | None,
     if dst.exists():
         dst.rmdir()  # convert() allows only a new or empty destination
     tmp.rename(dst)
-    quantized = [t for t in types if t not in ("F32", "F16", "BF16")]
-    lines = [f"wrote {dst}: {model.config.model_type}, "
-             f"{sum(p.numel() for p in model.parameters()):,} parameters in {dtype}, "
-             f"tokenizer{' and chat template' if tokenizer.chat_template else ''} "
-             f"from the GGUF file"]
-    if quantized:
-        lines.append(f"note: the GGUF weights were quantized ({', '.join(quantized)}): "
-                     f"de-quantized, they keep that rounding; start from the original "
-                     f"full-precision model where you have it")
-    return lines + [f"warning: {n}" for n in notes]
+    return notes
