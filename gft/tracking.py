@@ -367,10 +367,14 @@ def read_resume(run_dir: Path, step: int) -> Resume:
 
 
 def _save_state(run_dir: Path, trackers: dict[str, Tracker], resume: Resume) -> None:
+    """Each open tracker's run id; a tracker left out of report_to this time keeps its
+    entry, so naming it again on a later resume continues its run."""
     from gft.checkpoint import atomic_write_text
-    state = {name: {"id": t.run_id, "held": resume.held.get(name, -1)
-                    if t.run_id == resume.stored(name) else -1}
-             for name, t in trackers.items()}
+    state = {name: {"id": run_id, "held": resume.held.get(name, -1)}
+             for name, run_id in resume.ids.items() if name not in trackers}
+    state.update({name: {"id": t.run_id, "held": resume.held.get(name, -1)
+                         if t.run_id == resume.stored(name) else -1}
+                  for name, t in trackers.items()})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(run_dir) / STATE_FILE, json.dumps(state, indent=1) + "\n")
 

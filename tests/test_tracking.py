@@ -405,6 +405,18 @@ def test_trackio_resume_continues_the_run_once_per_step(tmp_path):
     assert got["loss"] == [[s, float(s)] for s in range(8)] + [[8, 108.0], [9, 109.0]]
 
 
+def test_a_tracker_left_out_on_one_resume_continues_its_run_when_named_again(tmp_path,
+                                                                              monkeypatch):
+    _wandb_env(monkeypatch, tmp_path)
+    _first_process(tmp_path, ["wandb"])
+    first_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]["id"]
+    open_trackers(["tensorboard"], tmp_path, {}, step=5).finish()  # W&B not named
+    assert json.loads((tmp_path / "trackers.json").read_text())["wandb"]["id"] == first_id
+    trackers = open_trackers(["wandb"], tmp_path, {}, step=5)
+    assert trackers.trackers["wandb"].run_id == first_id
+    trackers.finish()
+
+
 def test_a_run_that_starts_over_from_step_0_starts_new_tracker_runs(tmp_path, monkeypatch):
     """Killed before its first checkpoint, a run starts again at step 0: nothing of the
     earlier attempt is continued (TensorBoard drops all of it, START at step 0)."""
