@@ -17,17 +17,20 @@ arguments override the environment.
 
 Resuming (one rule for every tracker): a resumed run continues the same tracker run, and
 each step appears once in it. The tracker run ids are kept in <run>/trackers.json (W&B's
-run id, offline runs too: `wandb sync` joins them; MLflow's run id; trackio's run name),
-and so is the last step each tracker was sent. Steps after the checkpoint that the stopped
-process had already reported are redone by the resumed one:
+run id, offline runs too: `wandb sync` joins them; MLflow's run id; trackio's run name).
+Steps after the checkpoint that the stopped process had already reported are redone:
 - TensorBoard drops them: the new event file starts with SessionLog(START) at the first
   redone step, TensorBoard's own mark for a restart (torch's SummaryWriter purge_step), so
   it shows the redone values, as metrics.jsonl does;
-- W&B, trackio and MLflow cannot drop logged steps (W&B refuses a step below the run's
-  last; MLflow and trackio would keep both values), so those steps are not sent again: the
-  tracker keeps the values logged before the stop, the redone ones are in metrics.jsonl.
+- W&B, trackio and MLflow cannot drop logged steps (W&B ignores a step below the run's
+  last; MLflow and trackio would keep both values), so each is sent only the steps after
+  the last one it holds, as it says itself (W&B's starting step of the resumed run,
+  trackio's last step, MLflow's metric histories): it keeps the values logged before the
+  stop. Asking the tracker, not metrics.jsonl, matters after a hard kill: the clients
+  buffer, so the last steps reported may never have reached the tracker. W&B offline
+  cannot say (starting step 0): it is sent every redone step, and `wandb sync` decides.
   W&B's rewind (WANDB_RESUME_FROM="<id>?_step=<checkpoint step>", a W&B preview feature)
-  truncates the run on W&B's side instead: gft then sends every redone step.
+  truncates the run on W&B's side instead.
 
 A tracker that fails during the run (a lost connection, a full disk) is reported once and
 dropped; training goes on with the others and metrics.jsonl, as transformers' callbacks
@@ -56,10 +59,9 @@ STATE_FILE = "trackers.json"  # each tracker's run id and the last step it was s
 @dataclass
 class Resume:
     """Where this process starts, for the trackers. first_step: the first step it logs (0
-    for a new run, or for one that restarts from step 0). held: the last step each tracker
-    was sent before (-1: none). ids: the tracker run ids stored in trackers.json."""
+    for a new run, or for one that restarts from step 0). ids: the tracker run ids stored
+    in trackers.json."""
     first_step: int = 0
-    held: dict[str, int] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
 
     def stored(self, tracker: str) -> str | None:
@@ -69,7 +71,7 @@ class Resume:
 
 class Tracker(Protocol):
     run_id: str  # kept in trackers.json, so a resumed run continues this tracker run
-    skip_through: int  # steps <= this are already in the tracker run: not sent again
+    skip_through: int  # the tracker run already holds steps <= this: not sent again
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Numbers of one metrics.jsonl line."""
@@ -179,10 +181,10 @@ class WandbTracker:
         self.run = self.wandb.init(config=config, **wandb_init_args(run_dir, name, stored,
                                                                     dict(os.environ)))
         self.run_id = self.run.id
-        # rewind (WANDB_RESUME_FROM) truncates the run at the checkpoint: send every step
-        rewinds = "WANDB_RESUME_FROM" in os.environ
-        self.skip_through = resume.held.get("wandb", -1) \
-            if stored and self.run_id == stored and not rewinds else -1
+        # a resumed online run starts after the last step W&B holds (after the rewind's
+        # step with WANDB_RESUME_FROM); W&B would drop lower ones with a warning each.
+        # Offline, W&B cannot know (0): every redone step is sent
+        self.skip_through = int(self.run.starting_step) - 1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -207,7 +209,12 @@ class TrackioTracker:
                                      name=stored or name, config=config, embed=False,
                                      resume="allow" if stored else "never")
         self.run_id = stored or name
-        self.skip_through = resume.held.get("trackio", -1) if stored else -1
+        self.skip_through = -1
+        if stored:  # the last step trackio's store holds for the run (None: nothing)
+            from trackio.sqlite_storage import SQLiteStorage
+            last = SQLiteStorage.get_last_step(os.environ.get("TRACKIO_PROJECT", "gft"),
+                                               stored)
+            self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -240,10 +247,16 @@ class MlflowTracker:
         if self.run is None:
             self.run = self.mlflow.start_run(run_name=name)
         self.run_id = self.run.info.run_id
-        self.skip_through = resume.held.get("mlflow", -1) if stored else -1
+        self.skip_through = self._last_step() if stored else -1
         # MLflow params are strings of at most a few thousand characters, set once
         logged = self.run.data.params if stored else {}
         self.mlflow.log_params({k: str(v)[:500] for k, v in config.items() if k not in logged})
+
+    def _last_step(self) -> int:
+        """The last step of any metric the run holds (-1: none)."""
+        client = self.mlflow.MlflowClient()
+        return max((m.step for key in self.mlflow.get_run(self.run_id).data.metrics
+                    for m in client.get_metric_history(self.run_id, key)), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
@@ -332,49 +345,26 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _last_step(path: Path) -> int:
-    """The step of the last readable line of metrics.jsonl (-1: none): what the stopped
-    process sent its trackers last."""
-    last = -1
-    if path.exists():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                step = json.loads(line).get("step")
-            except (json.JSONDecodeError, AttributeError):
-                continue  # a line torn by a kill
-            if isinstance(step, int):
-                last = max(last, step)
-    return last
-
-
 def read_resume(run_dir: Path, step: int) -> Resume:
     """What the trackers need when this process starts at checkpoint `step` of run_dir:
-    the stored tracker run ids and the last step each holds (the most the stopped process,
-    or any before it, sent: metrics.jsonl is not yet cut back to the checkpoint here)."""
+    the tracker run ids stored in trackers.json (unreadable: none, so new runs)."""
     path = Path(run_dir) / STATE_FILE
     try:
         stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     except (OSError, json.JSONDecodeError):
         stored = {}
     stored = stored if isinstance(stored, dict) else {}
-    last = _last_step(Path(run_dir) / "metrics.jsonl")
-    ids, held = {}, {}
-    for name, entry in stored.items():
-        if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-            ids[name] = entry["id"]
-            held[name] = max(last, int(entry.get("held", -1)))
-    return Resume(first_step=step + 1 if step else 0, held=held, ids=ids)
+    ids = {name: entry["id"] for name, entry in stored.items()
+           if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+    return Resume(first_step=step + 1 if step else 0, ids=ids)
 
 
 def _save_state(run_dir: Path, trackers: dict[str, Tracker], resume: Resume) -> None:
     """Each open tracker's run id; a tracker left out of report_to this time keeps its
     entry, so naming it again on a later resume continues its run."""
     from gft.checkpoint import atomic_write_text
-    state = {name: {"id": run_id, "held": resume.held.get(name, -1)}
-             for name, run_id in resume.ids.items() if name not in trackers}
-    state.update({name: {"id": t.run_id, "held": resume.held.get(name, -1)
-                         if t.run_id == resume.stored(name) else -1}
-                  for name, t in trackers.items()})
+    state = {name: {"id": run_id} for name, run_id in resume.ids.items()}
+    state.update({name: {"id": t.run_id} for name, t in trackers.items()})
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(run_dir) / STATE_FILE, json.dumps(state, indent=1) + "\n")
 
