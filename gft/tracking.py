@@ -53,7 +53,7 @@ from gft.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "answer")
-STATE_FILE = "trackers.json"  # each tracker's run id and the last step it was sent
+STATE_FILE = "trackers.json"  # each tracker's run id, for a resume to continue it
 
 
 @dataclass
@@ -204,16 +204,14 @@ class TrackioTracker:
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.trackio = _require("trackio", "trackio")
-        stored = resume.stored("trackio")
-        self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "gft"),
-                                     name=stored or name, config=config, embed=False,
-                                     resume="allow" if stored else "never")
+        project, stored = os.environ.get("TRACKIO_PROJECT", "gft"), resume.stored("trackio")
+        self.run = self.trackio.init(project=project, name=stored or name, config=config,
+                                     embed=False, resume="allow" if stored else "never")
         self.run_id = stored or name
         self.skip_through = -1
-        if stored:  # the last step trackio's store holds for the run (None: nothing)
+        if stored:  # the last step trackio's local store holds for the run (None: none)
             from trackio.sqlite_storage import SQLiteStorage
-            last = SQLiteStorage.get_last_step(os.environ.get("TRACKIO_PROJECT", "gft"),
-                                               stored)
+            last = SQLiteStorage.get_last_step(project, stored)
             self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -247,9 +245,10 @@ class MlflowTracker:
         if self.run is None:
             self.run = self.mlflow.start_run(run_name=name)
         self.run_id = self.run.info.run_id
-        self.skip_through = self._last_step() if stored else -1
+        # a run continued (stored, or MLFLOW_RUN_ID's) holds steps and params already
+        self.skip_through = self._last_step()
         # MLflow params are strings of at most a few thousand characters, set once
-        logged = self.run.data.params if stored else {}
+        logged = self.run.data.params
         self.mlflow.log_params({k: str(v)[:500] for k, v in config.items() if k not in logged})
 
     def _last_step(self) -> int:

@@ -380,6 +380,23 @@ def test_mlflow_resume_continues_the_run_once_per_step_and_a_changed_param(tmp_p
     assert run.data.params == {"tau": "0.1", "run_name": "x"}
 
 
+def test_mlflow_run_id_set_by_the_user_is_continued_once_per_step(tmp_path, monkeypatch):
+    """MLFLOW_RUN_ID (mlflow's own variable) picks the run; gft still sends only the
+    steps after the last one it holds."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    _first_process(tmp_path, ["mlflow"])
+    run_id = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["id"]
+    (tmp_path / "trackers.json").unlink()
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    _resumed_process(tmp_path, ["mlflow"]).finish()
+    history = sorted((m.step, m.value)
+                     for m in mlflow.MlflowClient().get_metric_history(run_id, "loss"))
+    assert history == [(s, float(s)) for s in range(8)] + [(8, 108.0), (9, 109.0)]
+
+
 TRACKIO_RESUME = textwrap.dedent("""
     import json, sys
     from pathlib import Path
