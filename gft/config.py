@@ -569,8 +569,8 @@ RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed",
             "prompt_overflow", "stop", "eval_data", "eval_split", "eval_holdout",
             "eval_samples", "eval_every", "save_every", "keep_checkpoints", "sample_every",
             "logging_steps", "progress", "report_to", "run_name", "reset_optimizer",
-            "check_memory", "max_bad_steps", "load_in_4bit", "rollout_graphs", "weight_decay", "adam_beta1",
-            "adam_beta2", "adam_eps", "max_grad_norm"}
+            "check_memory", "max_bad_steps", "load_in_4bit", "rollout_graphs", "weight_decay",
+            "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm"}
 
 
 def _normalize_stage(item: Any, i: int) -> dict[str, Any]:
