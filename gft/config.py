@@ -193,6 +193,8 @@ class TrainConfig:
                              "mlflow (each through its own client; pip install "
                              "'gft[wandb]' etc.). They get metrics.jsonl's numbers and "
                              "samples.jsonl's completions as tables. [] or none: no tracker.")
+    run_name: str = _f("", "The run's name in the experiment trackers (TRL's run_name); "
+                           "empty: the run directory's name.")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -232,7 +234,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 # or mlx-lm" table says the same). Names gft shares with them (learning_rate, max_steps,
 # seed, temperature, top_p, weight_decay, warmup_steps, max_grad_norm, output_dir, model,
 # data, save_every, ...) need no entry. Keys that name a gft field are never looked up
-# here: TRL's report_to and logging_steps are gft keys too.
+# here: TRL's report_to, logging_steps and run_name are gft keys too.
 FOREIGN_KEYS: dict[str, str] = {
     # TRL GRPOConfig
     "num_generations": "TRL's num_generations (completions per prompt) is gft's num_rollouts; "
@@ -286,6 +288,11 @@ FOREIGN_KEYS: dict[str, str] = {
     "model_init_kwargs": "gft's dtype and trust_remote_code",
     "peft_config": "gft's lora_rank, lora_alpha, lora_dropout, lora_targets",
     "resume_from_checkpoint": "gft train --resume RUN_DIR",
+    "logging_dir": "gft writes TensorBoard event files to <run>/tensorboard with "
+                   "report_to: [tensorboard] (every step is also in <run>/metrics.jsonl)",
+    "logging_strategy": "gft logs every step to metrics.jsonl and report_to's trackers; "
+                        "gft's logging_steps spaces the plain lines of a non-terminal log",
+    "logging_first_step": "gft always logs step 1 (and every step to metrics.jsonl)",
     # TRL's example scripts (ModelConfig, ScriptArguments) put these in the same YAML
     "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
                           "hub id)",
@@ -301,7 +308,6 @@ FOREIGN_KEYS: dict[str, str] = {
     "top_k": "rollouts sample with temperature and top_p only (gft's top_p)",
     "min_p": "rollouts sample with temperature and top_p only (gft's top_p)",
     "repetition_penalty": "rollouts sample with temperature and top_p only (gft's top_p)",
-    "run_name": "gft names a run after its directory: gft's output_dir",
     # mlx-lm lora config (and mlx-lm-lora's GRPO keys)
     "iters": "mlx-lm's iters is gft's max_steps",
     "batch_size": "gft counts prompts_per_step per step, prompts_per_minibatch per update "
@@ -567,9 +573,9 @@ RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed",
             "rewards", "reward_timeout", "answer_column", "chat_template", "max_prompt_tokens",
             "prompt_overflow", "stop", "eval_data", "eval_split", "eval_holdout",
             "eval_samples", "eval_every", "save_every", "keep_checkpoints", "sample_every",
-            "logging_steps", "progress", "report_to", "reset_optimizer", "check_memory",
-            "max_bad_steps", "load_in_4bit", "rollout_graphs", "weight_decay", "adam_beta1",
-            "adam_beta2", "adam_eps", "max_grad_norm"}
+            "logging_steps", "progress", "report_to", "run_name", "reset_optimizer",
+            "check_memory", "max_bad_steps", "load_in_4bit", "rollout_graphs", "weight_decay",
+            "adam_beta1", "adam_beta2", "adam_eps", "max_grad_norm"}
 
 
 def _normalize_stage(item: Any, i: int) -> dict[str, Any]:

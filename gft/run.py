@@ -361,7 +361,11 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg)) if lead else Trackers()
+    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
+                             name=cfg.run_name or None,
+                             warn=lambda text: console.print(f"[yellow]{text}",
+                                                             highlight=False)) \
+        if lead else Trackers()
     try:
         state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                       comm=comm, trackers=trackers)

@@ -5,31 +5,74 @@ Every tracker receives exactly the numbers written to metrics.jsonl (same keys, 
 text fields such as `preset` and non-finite values, which JSON writes as null, are left
 out), and the sample completions of samples.jsonl as a table where the tracker has one
 (W&B, trackio, MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
-tracks (gft/loop.py passes the trackers to rank 0 alone).
+tracks (gft/run.py opens trackers on rank 0 alone).
 
 Offline and local modes are the trackers' own: WANDB_MODE=offline (or `wandb offline`),
-trackio's local database (TRACKIO_DIR), MLFLOW_TRACKING_URI; WANDB_PROJECT and
-MLFLOW_EXPERIMENT_NAME choose the project. Each run is named after its run directory;
-a resumed run starts a new tracker run under the same name (steps continue where the
-checkpoint left off). TensorBoard event files go to <run>/tensorboard, W&B's offline
-files to <run>/wandb.
+trackio's local database (TRACKIO_DIR), MLFLOW_TRACKING_URI; WANDB_PROJECT, TRACKIO_PROJECT
+and MLFLOW_EXPERIMENT_NAME choose the project. A run is named `run_name` (TRL's key), else
+after its run directory. What a W&B user sets in the environment wins over what gft would
+pass (WANDB_NAME, WANDB_RUN_ID, WANDB_RESUME, WANDB_DIR, ...; MLFLOW_RUN_ID for MLflow):
+gft passes an argument to wandb.init only when its variable is unset, because wandb.init's
+arguments override the environment.
+
+Resuming (one rule for every tracker): a resumed run continues the same tracker run, and
+each step appears once in it. The tracker run ids are kept in <run>/trackers.json (W&B's
+run id, offline runs too: `wandb sync` joins them; MLflow's run id; trackio's run name).
+Steps after the checkpoint that the stopped process had already reported are redone:
+- TensorBoard drops them: the new event file starts with SessionLog(START) at the first
+  redone step, TensorBoard's own mark for a restart (torch's SummaryWriter purge_step), so
+  it shows the redone values, as metrics.jsonl does;
+- W&B, trackio and MLflow cannot drop logged steps (W&B ignores a step below the run's
+  last; MLflow and trackio would keep both values), so each is sent only the steps after
+  the last one it holds, as it says itself (W&B's starting step of the resumed run,
+  trackio's last step, MLflow's metric histories): it keeps the values logged before the
+  stop. Asking the tracker, not metrics.jsonl, matters after a hard kill: the clients
+  buffer, so the last steps reported may never have reached the tracker. W&B offline
+  cannot say (starting step 0): it is sent every redone step, and `wandb sync` decides.
+  W&B's rewind (WANDB_RESUME_FROM="<id>?_step=<checkpoint step>", a W&B preview feature)
+  truncates the run on W&B's side instead.
+
+A tracker that fails during the run (a lost connection, a full disk) is reported once and
+dropped; training goes on with the others and metrics.jsonl, as transformers' callbacks
+effectively do. Its setup failing is a ConfigError before training starts.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import math
 import os
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 from gft.errors import ConfigError
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "answer")
+STATE_FILE = "trackers.json"  # each tracker's run id, for a resume to continue it
+
+
+@dataclass
+class Resume:
+    """Where this process starts, for the trackers. first_step: the first step it logs (0
+    for a new run, or for one that restarts from step 0). ids: the tracker run ids stored
+    in trackers.json."""
+    first_step: int = 0
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def stored(self, tracker: str) -> str | None:
+        """The tracker's earlier run id, when continuing a run (not when starting over)."""
+        return self.ids.get(tracker) if self.first_step > 0 else None
 
 
 class Tracker(Protocol):
+    run_id: str  # kept in trackers.json, so a resumed run continues this tracker run
+    skip_through: int  # the tracker run already holds steps <= this: not sent again
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Numbers of one metrics.jsonl line."""
 
@@ -68,16 +111,23 @@ class TensorBoardTracker:
     """Event files in <run>/tensorboard, written with tensorboard's own writer and summary
     protos (no TensorFlow or torch needed); `tensorboard --logdir runs` shows them."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         _require("tensorboard", "tensorboard")
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
         from tensorboard.compat.proto import event_pb2
         from tensorboard.plugins.scalar.summary_v2 import scalar_pb
         from tensorboard.plugins.text.summary_v2 import text_pb
         self._event, self._scalar, self._text = event_pb2.Event, scalar_pb, text_pb
+        self.run_id, self.skip_through = "tensorboard", -1  # it drops what it redoes
         self.writer = EventFileWriter(str(Path(run_dir) / "tensorboard"))
-        self._write(0, text_pb("config", _markdown_table(["key", "value"],
-                                                         [[k, v] for k, v in config.items()])))
+        # START at the first step this process logs: TensorBoard's readers drop the earlier
+        # event files' events of that step and later (a stopped run's steps after its
+        # checkpoint, or a start that died before its first one), so each step shows once
+        self.writer.add_event(self._event(
+            wall_time=time.time(), step=resume.first_step,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._write(resume.first_step, text_pb("config", _markdown_table(
+            ["key", "value"], [[k, v] for k, v in config.items()])))
 
     def _write(self, step: int, summary: Any) -> None:
         self.writer.add_event(self._event(wall_time=time.time(), step=step, summary=summary))
@@ -102,14 +152,39 @@ def _markdown_table(columns: Iterable[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
 
 
-class WandbTracker:
-    """A W&B run (project: WANDB_PROJECT, else "gft"), its files under <run>/wandb;
-    WANDB_MODE=offline keeps it on disk for a later `wandb sync`."""
+def wandb_init_args(run_dir: Path, name: str, stored_id: str | None,
+                    environ: dict[str, str]) -> dict[str, Any]:
+    """wandb.init's arguments, leaving out each one the user set through its environment
+    variable: an explicit argument would override it (wandb's Settings take init's
+    arguments over the environment)."""
+    args: dict[str, Any] = {}
+    if "WANDB_PROJECT" not in environ:
+        args["project"] = "gft"
+    if "WANDB_NAME" not in environ:
+        args["name"] = name
+    if "WANDB_DIR" not in environ:
+        args["dir"] = str(run_dir)
+    # the user's own choice of run, resume mode, rewind or fork wins over gft's stored id
+    own = ("WANDB_RUN_ID", "WANDB_RESUME", "WANDB_RESUME_FROM", "WANDB_FORK_FROM")
+    if stored_id and not any(k in environ for k in own):
+        args.update(id=stored_id, resume="allow")
+    return args
 
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any]):
+
+class WandbTracker:
+    """A W&B run (project: WANDB_PROJECT, else "gft"), its files under <run>/wandb unless
+    WANDB_DIR says otherwise; WANDB_MODE=offline keeps it on disk for a later `wandb sync`."""
+
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.wandb = _require("wandb", "wandb")
-        self.run = self.wandb.init(project=os.environ.get("WANDB_PROJECT", "gft"), name=name,
-                                   config=config, dir=str(run_dir))
+        stored = resume.stored("wandb")
+        self.run = self.wandb.init(config=config, **wandb_init_args(run_dir, name, stored,
+                                                                    dict(os.environ)))
+        self.run_id = self.run.id
+        # a resumed online run starts after the last step W&B holds (after the rewind's
+        # step with WANDB_RESUME_FROM); W&B would drop lower ones with a warning each.
+        # Offline, W&B cannot know (0): every redone step is sent
+        self.skip_through = int(self.run.starting_step) - 1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -123,12 +198,21 @@ class WandbTracker:
 
 
 class TrackioTracker:
-    """A trackio run in project "gft" (trackio's local database unless told otherwise)."""
+    """A trackio run in project TRACKIO_PROJECT, else "gft" (trackio's local database unless
+    told otherwise). trackio finds a run by name: a resumed run continues the run of the
+    name stored in trackers.json."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.trackio = _require("trackio", "trackio")
-        self.run = self.trackio.init(project=os.environ.get("TRACKIO_PROJECT", "gft"),
-                                     name=name, config=config, embed=False)
+        project, stored = os.environ.get("TRACKIO_PROJECT", "gft"), resume.stored("trackio")
+        self.run = self.trackio.init(project=project, name=stored or name, config=config,
+                                     embed=False, resume="allow" if stored else "never")
+        self.run_id = stored or name
+        self.skip_through = -1
+        if stored:  # the last step trackio's local store holds for the run (None: none)
+            from trackio.sqlite_storage import SQLiteStorage
+            last = SQLiteStorage.get_last_step(project, stored)
+            self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -144,13 +228,34 @@ class TrackioTracker:
 
 
 class MlflowTracker:
-    """An MLflow run (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), config as params."""
+    """An MLflow run (MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME; MLFLOW_RUN_ID picks the
+    run), config as params. A resumed run continues the stored run; MLflow params cannot
+    change, so a key changed on resume keeps its first value there (config.yaml has the
+    new one)."""
 
-    def __init__(self, run_dir: Path, name: str, config: dict[str, Any]):
+    def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.mlflow = _require("mlflow", "mlflow")
-        self.run = self.mlflow.start_run(run_name=name)
-        # MLflow params are strings of at most a few thousand characters
-        self.mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+        stored = None if "MLFLOW_RUN_ID" in os.environ else resume.stored("mlflow")
+        self.run = None
+        if stored:
+            try:
+                self.run = self.mlflow.start_run(run_id=stored)
+            except Exception:  # not in this tracking store (moved machines): a new run
+                stored = None
+        if self.run is None:
+            self.run = self.mlflow.start_run(run_name=name)
+        self.run_id = self.run.info.run_id
+        # a run continued (stored, or MLFLOW_RUN_ID's) holds steps and params already
+        self.skip_through = self._last_step()
+        # MLflow params are strings of at most a few thousand characters, set once
+        logged = self.run.data.params
+        self.mlflow.log_params({k: str(v)[:500] for k, v in config.items() if k not in logged})
+
+    def _last_step(self) -> int:
+        """The last step of any metric the run holds (-1: none)."""
+        client = self.mlflow.MlflowClient()
+        return max((m.step for key in self.mlflow.get_run(self.run_id).data.metrics
+                    for m in client.get_metric_history(self.run_id, key)), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step)
@@ -168,11 +273,20 @@ ADAPTERS = {"tensorboard": TensorBoardTracker, "wandb": WandbTracker,
             "trackio": TrackioTracker, "mlflow": MlflowTracker}
 
 
+def installed_trackers() -> list[str]:
+    return [n for n in TRACKERS if importlib.util.find_spec(n) is not None]
+
+
 def tracker_names(value: Any) -> list[str]:
     """report_to as a list of tracker names: a name, a list, or none / [] (no tracking)."""
     names = [value] if isinstance(value, str) else list(value or [])
     names = [n for n in names if n not in ("none", None)]
     for n in names:
+        if n == "all":  # transformers: every integration that happens to be installed
+            raise ConfigError(
+                "'report_to': 'all' is not taken (it would depend on what happens to be "
+                "installed); name the trackers, e.g. report_to: [tensorboard, wandb] "
+                f"(installed here: {', '.join(installed_trackers()) or 'none'})")
         if n not in ADAPTERS:
             import difflib
             close = difflib.get_close_matches(str(n), TRACKERS, n=1)
@@ -182,47 +296,103 @@ def tracker_names(value: Any) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class Trackers:
-    """All chosen trackers as one; a metrics record in, every tracker gets its numbers."""
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
-    def __init__(self, trackers: list[Tracker] | None = None):
-        self.trackers = trackers or []
+
+class Trackers:
+    """All chosen trackers as one; a metrics record in, every tracker gets its numbers.
+    A tracker that raises is reported once through `warn` and dropped: the run goes on."""
+
+    def __init__(self, trackers: dict[str, Tracker] | None = None,
+                 warn: Callable[[str], None] = _stderr):
+        self.trackers = dict(trackers or {})
+        self.warn = warn
+
+    def _each(self, step: int, call: Callable[[Tracker], None]) -> None:
+        for name, t in list(self.trackers.items()):
+            if step <= t.skip_through:
+                continue
+            try:
+                call(t)
+            except Exception as e:
+                del self.trackers[name]
+                self.warn(f"report_to: {name} failed at step {step} ({_first_line(e)}); "
+                          "training goes on without it (metrics.jsonl has every step)")
 
     def log(self, record: dict[str, Any]) -> None:
-        numbers = scalars(record)
+        numbers, step = scalars(record), int(record["step"])
         if numbers:
-            for t in self.trackers:
-                t.log(numbers, int(record["step"]))
+            self._each(step, lambda t: t.log(numbers, step))
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        for t in self.trackers:
-            t.log_samples(rows, step)
+        self._each(step, lambda t: t.log_samples(rows, step))
 
     def finish(self) -> None:
-        for t in self.trackers:
-            t.finish()
+        """Close every tracker; one that fails to close is reported, never raised: the
+        run's final checkpoint comes after this."""
+        trackers, self.trackers = self.trackers, {}
+        for name, t in trackers.items():
+            try:
+                t.finish()
+            except Exception as e:
+                self.warn(f"report_to: {name} failed to finish its run ({_first_line(e)})")
 
 
-def open_trackers(report_to: Any, run_dir: Path, config: dict[str, Any]) -> Trackers:
-    """Start one run in each chosen tracker (named after the run directory). A tracker
-    that is not installed is a ConfigError naming the extra to install, raised before any
-    other tracker starts."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def read_resume(run_dir: Path, step: int) -> Resume:
+    """What the trackers need when this process starts at checkpoint `step` of run_dir:
+    the tracker run ids stored in trackers.json (unreadable: none, so new runs)."""
+    path = Path(run_dir) / STATE_FILE
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    ids = {name: entry["id"] for name, entry in stored.items()
+           if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+    return Resume(first_step=step + 1 if step else 0, ids=ids)
+
+
+def _save_state(run_dir: Path, trackers: dict[str, Tracker], resume: Resume) -> None:
+    """Each open tracker's run id; a tracker left out of report_to this time keeps its
+    entry, so naming it again on a later resume continues its run."""
+    from gft.checkpoint import atomic_write_text
+    state = {name: {"id": run_id} for name, run_id in resume.ids.items()}
+    state.update({name: {"id": t.run_id} for name, t in trackers.items()})
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(run_dir) / STATE_FILE, json.dumps(state, indent=1) + "\n")
+
+
+def open_trackers(report_to: Any, run_dir: Path, config: dict[str, Any], step: int = 0,
+                  name: str | None = None,
+                  warn: Callable[[str], None] = _stderr) -> Trackers:
+    """Start (or, resuming at checkpoint `step` > 0, continue) one run in each chosen
+    tracker, named `name`, else after the run directory. A tracker that is not installed
+    is a ConfigError naming the extra to install, raised before any other tracker starts."""
     names = tracker_names(report_to)
     for n in names:
         _require(n, n)
-    opened: list[Tracker] = []
-    name = Path(run_dir).resolve().name
+    if not names:
+        return Trackers(warn=warn)
+    resume = read_resume(run_dir, step)
+    opened: dict[str, Tracker] = {}
+    name = name or Path(run_dir).resolve().name
     flat = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
             for k, v in config.items()}
     n = ""
     try:
         for n in names:
-            opened.append(ADAPTERS[n](Path(run_dir), name, flat))
+            opened[n] = ADAPTERS[n](Path(run_dir), name, flat, resume)
     except Exception as e:  # a tracker's own setup error (store URI, login): one line
         Trackers(opened).finish()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"report_to: {n} could not start a run: {first}") from None
+        raise ConfigError(f"report_to: {n} could not start a run: {_first_line(e)}") from None
     except BaseException:
         Trackers(opened).finish()
         raise
-    return Trackers(opened)
+    _save_state(run_dir, opened, resume)
+    return Trackers(opened, warn)
