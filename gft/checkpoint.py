@@ -4,10 +4,11 @@
                                        generation_config.json   (transformers/mlx-lm load it)
                                        optimizer.safetensors    (AdamW moments by param name)
                                        trainer_state.json       (step, data position, config)
+                                       gft.json                 (how prompts were rendered)
     RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
-    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer and
-                                       generation config only; its last step stays in
-                                       checkpoints/ (runs before that: a full checkpoint)
+    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer,
+                                       generation config and gft.json only; its last step
+                                       stays in checkpoints/ (runs before that: a full checkpoint)
 
 Crash safety, step by step (a SIGKILL or power cut may land anywhere):
 - a checkpoint is written into `.step-N.tmp-PID/`, every file fsynced, then renamed to
@@ -35,6 +36,10 @@ from gft.errors import GFTError, ModelError
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
 
 STATE_FILE = "trainer_state.json"
+# Beside config.json in every checkpoint and so in final/: what gft needs to use the folder
+# as trained once it is copied out of its run (another machine, a hub upload), where
+# neither trainer_state.json nor the run's config.yaml travel with it.
+MODEL_RECORD = "gft.json"
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 
 
@@ -184,6 +189,25 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+def model_record(state: dict[str, Any]) -> dict[str, Any]:
+    """MODEL_RECORD's content: `chat_template`, how the run rendered string prompts (true:
+    as a user turn of the tokenizer's chat template; false: as written), which `gft
+    generate` and `gft eval` follow; `step`, the step whose weights these are."""
+    config, loop = state.get("config") or {}, state.get("loop") or {}
+    return {"chat_template": bool(config.get("chat_template")), "step": int(loop.get("step", 0))}
+
+
+def read_model_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """A model folder's MODEL_RECORD, or None: none there, or not readable as one (then the
+    folder is used as any model folder is)."""
+    path = Path(model_dir) / MODEL_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_checkpoint(backend, directory: Path, state: dict[str, Any]) -> Path:
     """Model, optimizer and trainer state into `directory`, atomically. A failing file
     system (a full disk) is a one-line CheckpointError; whatever was saved before is intact."""
@@ -191,6 +215,7 @@ def save_checkpoint(backend, directory: Path, state: dict[str, Any]) -> Path:
         backend.save_model(tmp)
         backend.save_optimizer(tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        (tmp / MODEL_RECORD).write_text(json.dumps(model_record(state), indent=2) + "\n")
     directory = Path(directory)
     try:
         return atomic_directory(directory, write)

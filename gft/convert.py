@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gft.errors import ConfigError, ModelError
+from gft.checkpoint import MODEL_RECORD
 from gft.quant import BASE_QUANT_FILE
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
@@ -147,8 +148,9 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     if dtype:
         modules = {m: (ar.cast(a, dtype), ar.cast(b, dtype)) for m, (a, b) in modules.items()}
     write_adapter(dst, to, lora, base, modules, ar)
-    if (src / BASE_QUANT_FILE).is_file():  # the record of a quantized base travels along
-        shutil.copyfile(src / BASE_QUANT_FILE, dst / BASE_QUANT_FILE)
+    for record in (BASE_QUANT_FILE, MODEL_RECORD):  # the base's quantization, the prompts'
+        if (src / record).is_file():                # format: both travel with the adapter
+            shutil.copyfile(src / record, dst / record)
     lines = [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
              f"{len(modules)} modules"]
     if to == "mlx-lm":
@@ -242,8 +244,10 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
     lora, stored_base, modules = read_adapter(adapter, ar)
     if quantized:
         from gft.quantize import fuse_quantized
-        return fuse_quantized(base_dir, out, modules, lora.scale, requantize=requantize,
-                              dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        lines = fuse_quantized(base_dir, out, modules, lora.scale, requantize=requantize,
+                               dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        _carry_record(adapter, out)
+        return lines
     weights = load_weights(base_dir, ar)
     for module, (a, b) in modules.items():
         name = module + ".weight"
@@ -260,5 +264,15 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)
+    _carry_record(adapter, out)
     return [f"wrote {out}: {len(modules)} adapted weights fused into {base_dir}"] + note + [
         f"warning: {w}" for w in warnings]
+
+
+def _carry_record(adapter: Path, out: Path) -> None:
+    """The adapter's gft.json (how its run rendered prompts) into the fused model, in place
+    of any the base had: the fused model is used as the adapter was trained."""
+    if (adapter / MODEL_RECORD).is_file():
+        shutil.copyfile(adapter / MODEL_RECORD, out / MODEL_RECORD)
+    elif (out / MODEL_RECORD).is_file():  # the base's, from another run
+        (out / MODEL_RECORD).unlink()

@@ -27,6 +27,7 @@ SMALL = ["--preset", "sft", "--set", "prompts_per_step=2", "--set", "prompts_per
          "--set", "save_every=1"]
 LORA = ["--set", "lora_rank=4", "--set", "lora_alpha=8"]
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+RECORD = {"gft.json"}  # how the run rendered prompts, for a final/ copied out alone
 
 
 def gft(*args: str) -> str:
@@ -59,7 +60,7 @@ def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
     final = {p.name for p in Path("runs/demo/final").iterdir()}
     weights = {"adapter_config.json", "adapter_model.safetensors"} if lora else {
         "config.json", "model.safetensors", "generation_config.json"}
-    assert final == weights | TOKENIZER  # no optimizer, no trainer state
+    assert final == weights | TOKENIZER | RECORD  # no optimizer, no trainer state
     moved = tmp_path / "elsewhere" / "demo"
     shutil.copytree("runs/demo", moved)
     monkeypatch.chdir(second)
@@ -79,16 +80,36 @@ def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
     if lora:
         gft("fuse", f"{run}/final", "fused")
         assert (Path("fused") / "model.safetensors").is_file()
+        gft("convert", f"{run}/final", "mlx-adapter", "--to", "mlx-lm")
+        for out in ("fused", "mlx-adapter"):  # the prompts' format travels with the adapter
+            assert (Path(out) / "gft.json").read_text() == (moved / "final" / "gft.json").read_text()
         # the adapter alone, its base elsewhere: --base supplies it, the tokenizer travels
         shutil.copytree(moved / "final", "adapter")
         words = refused("generate", "adapter", "-p", "1", "--backend", backend)
         assert "base_model_name_or_path" in words and "--base" in words
-        # a lone adapter directory does not record how its run rendered prompts (final/
-        # inside its run does: config.yaml beside it), so it is told: plain, as trained
+        # a lone adapter directory renders prompts as its run did (gft.json): plain
         alone = gft("generate", "adapter", "--base", f"{run}/base-model", "-p",
-                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend,
-                    "--no-chat-template")
+                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend)
         assert alone == text
+
+
+@pytest.mark.parametrize("chat_template", [None, True])
+def test_a_final_copied_out_alone_renders_prompts_as_its_run_trained(
+        tmp_path, monkeypatch, chat_template):
+    """final/ copied alone (another machine, a hub upload) has no config.yaml beside it:
+    gft generate and eval on it fell back to the tokenizer's template, which the default
+    job's tokenizer has and its plain-prompt run never used."""
+    from gft.rollout import trained_chat_template
+    monkeypatch.chdir(tmp_path)
+    extra = ["--set", "chat_template=true"] if chat_template else []
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL, *extra)
+    shutil.copytree("run/final", "elsewhere/model")
+    assert trained_chat_template("elsewhere/model") is bool(chat_template)
+    prompt = ["-p", "What is 1 plus 1?\nA:", "--max-new-tokens", "6", "--backend", "torch"]
+    assert gft("generate", "elsewhere/model", *prompt) == gft("generate", "run/final", *prompt)
+    ask = ["--data", "run/task", "--limit", "2", "--max-new-tokens", "4", "--backend", "torch",
+           "--json"]
+    assert gft("eval", "elsewhere/model", *ask) == gft("eval", "run/final", *ask)
 
 
 def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
