@@ -19,8 +19,9 @@ import yaml
 from rich.console import Console
 
 from gft.backend import OptimConfig, provider
-from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
-                            atomic_write_text, clean_leftovers, find_resume_point,
+from gft.checkpoint import (MODEL_RECORD, STATE_FILE, CheckpointError, ResumePoint,
+                            atomic_directory, atomic_write_text, clean_leftovers,
+                            find_resume_point,
                             has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, build_config, read_yaml, to_dict
@@ -325,6 +326,10 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
             None, False, [])
     start_from, load_optimizer = point.checkpoint, point.load_optimizer
+    done = finished_already(cfg, state) if resuming and start_from is not None else None
+    if done is not None:  # before anything loads, and final/ is left as it is
+        console.print(f"[yellow]note: {done}", highlight=False)
+        return keep_final(run_dir, start_from, console, comm)
     chosen = provider()
     cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
     chosen.check_device(cfg.backend, cfg.device)
@@ -357,7 +362,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
-    if state.step and run_over(stages, state, cfg):  # a resume that has nothing to do
+    idle = bool(state.step) and run_over(stages, state, cfg)  # a resume with nothing to do
+    if idle:  # (finished_already could not tell before the data was tokenized)
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
@@ -380,7 +386,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if lead:
         if not saved:
             save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
-        export_final(last, final)
+        if not (idle and is_export_of(final, last)):
+            export_final(last, final)
     elif not saved:
         backend.join_save()
     comm.barrier()
@@ -389,6 +396,56 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
     return final
+
+
+def finished_already(cfg: TrainConfig, state: LoopState) -> str | None:
+    """Why a resumed run has no step left (gft.preflight.nothing_to_train), or None,
+    found without loading the model: its steps are max_steps or its stages', or (epochs)
+    come from the number of training rows. Only when prompt_overflow: skip drops rows
+    by their token count is the tokenizer needed: then None, and the run finds out once
+    its data is tokenized (and trains nothing)."""
+    if not state.step:
+        return None
+    if cfg.max_steps is not None or cfg.stages:
+        n_rows = 0  # not used by the plan
+    elif cfg.prompt_overflow == "skip":
+        return None
+    else:
+        rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+        n_rows = len(held_out_rows(cfg, rows)[0])
+    stages = plan_stages(cfg, total_steps(cfg, n_rows))
+    return nothing_to_train(stages, state) if run_over(stages, state, cfg) else None
+
+
+def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) -> Path:
+    """A finished run's final/, exported from its last checkpoint only when it is not
+    that checkpoint's export already (a run killed between the two, or final/ deleted)."""
+    final = run_dir / "final"
+    if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
+        export_final(checkpoint, final)
+    comm.barrier()
+    console.print(f"final checkpoint: {final}", highlight=False)
+    return final
+
+
+def is_export_of(final: Path, checkpoint: Path) -> bool:
+    """Whether final/ is complete and was exported from `checkpoint`: the same gft.json
+    (its step) and every file the export copies present with the same size."""
+    def same(f: Path) -> bool:
+        return (final / f.name).is_file() and (final / f.name).stat().st_size == f.stat().st_size
+    try:
+        check_model_dir(final)
+        record = final / MODEL_RECORD
+        if not record.is_file() or record.read_bytes() != (checkpoint / MODEL_RECORD).read_bytes():
+            return False
+        return all(same(f) for f in checkpoint.iterdir()
+                   if f.is_file() and f.name not in _NOT_EXPORTED)
+    except (ModelError, OSError):
+        return False
+
+
+# what export_final leaves out, and the adapter config it rewrites (its base's path)
+_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json")
 
 
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:

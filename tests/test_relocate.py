@@ -191,3 +191,25 @@ def test_stored_reward_files_inside_the_run_resolve_there(tmp_path):
     found = resolve_stored_extras(stored, run)
     assert found["rewards"] == {str(run / "r.py") + ":f": 1.0, "math": 0.5}
     assert found["eval_data"] == "test"
+
+
+@pytest.mark.parametrize("length", [["--max-steps", "1"], ["--set", "epochs=0.001"]])
+def test_resuming_a_finished_run_loads_nothing_and_keeps_final(tmp_path, monkeypatch, length):
+    """It said 'nothing to train' after loading the model, and re-exported final/."""
+    import backends
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", *length, *SMALL)
+    before = {f.name: f.stat() for f in Path("run/final").iterdir()}
+
+    def load_backend(*args, **kwargs):
+        raise AssertionError("a finished run loaded its model")
+    monkeypatch.setattr(backends, "load_backend", load_backend)
+    out = gft("train", "--resume", "run")
+    assert "note: nothing to train: the run has done 1 steps of its 1" in out
+    after = {f.name: f.stat() for f in Path("run/final").iterdir()}
+    assert {k: (s.st_ino, s.st_mtime_ns) for k, s in after.items()} \
+        == {k: (s.st_ino, s.st_mtime_ns) for k, s in before.items()}  # not rewritten
+    # killed between its last checkpoint and final/: the export is made, still unloaded
+    shutil.rmtree("run/final")
+    gft("train", "--resume", "run")
+    assert {f.name for f in Path("run/final").iterdir()} == set(before)
