@@ -27,7 +27,7 @@ from typing import Any
 
 from gft.errors import ConfigError, ModelError
 from gft.checkpoint import MODEL_RECORD
-from gft.quant import BASE_QUANT_FILE
+from gft.quant import copy_base_record
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
                       peft_key, read_mlx_config, read_peft_config, write_peft_config)
@@ -148,9 +148,9 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     if dtype:
         modules = {m: (ar.cast(a, dtype), ar.cast(b, dtype)) for m, (a, b) in modules.items()}
     write_adapter(dst, to, lora, base, modules, ar)
-    for record in (BASE_QUANT_FILE, MODEL_RECORD):  # the base's quantization, the prompts'
-        if (src / record).is_file():                # format: both travel with the adapter
-            shutil.copyfile(src / record, dst / record)
+    copy_base_record(src, dst)  # the base's quantization and the prompts' format travel
+    if (src / MODEL_RECORD).is_file():
+        shutil.copyfile(src / MODEL_RECORD, dst / MODEL_RECORD)
     lines = [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
              f"{len(modules)} modules"]
     if to == "mlx-lm":
@@ -237,8 +237,8 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
         raise ConfigError(f"{base_dir}: not a quantized model; --requantize applies to "
                           "adapters over mlx-lm quantized bases")
     record = read_base_record(adapter)
-    note = ([f"note: the adapter was trained over a {record['description']} base; fused "
-             f"into {base_dir}, which is not quantized"]
+    note = ([f"note: the adapter was trained over {record.get('base_model') or 'a base'}, "
+             f"{record['description']}; fused into {base_dir}, which is not quantized"]
             if record and not quantized else [])
     ar = arrays("mlx" if quantized else framework)
     lora, stored_base, modules = read_adapter(adapter, ar)

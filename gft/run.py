@@ -34,6 +34,7 @@ from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.preflight import (check_answers, check_launcher, check_memory, check_sequences_fit,
                            check_trainable, dtype_note, nothing_to_train, rewards_needed,
                            rows_with_long_responses, shared_prompts)
+from gft.quant import BASE_QUANT_FILE, copy_base_record
 from gft.rewards import build_rewards
 from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
                           resolve_stored_extras, stored_config)
@@ -444,8 +445,8 @@ def is_export_of(final: Path, checkpoint: Path) -> bool:
         return False
 
 
-# what export_final leaves out, and the adapter config it rewrites (its base's path)
-_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json")
+# what export_final leaves out, and the files it rewrites (their base's path)
+_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json", BASE_QUANT_FILE)
 
 
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
@@ -472,6 +473,8 @@ def export_final(checkpoint: Path, final: Path) -> Path:
         for f in sorted(checkpoint.iterdir()):
             if f.name == "adapter_config.json":  # its base may be relative to the adapter
                 (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.name == BASE_QUANT_FILE:  # and so may the one this record names
+                copy_base_record(checkpoint, tmp)
             elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
                 shutil.copy2(f, tmp / f.name)
     out = atomic_directory(final, write)

@@ -213,3 +213,25 @@ def test_resuming_a_finished_run_loads_nothing_and_keeps_final(tmp_path, monkeyp
     shutil.rmtree("run/final")
     gft("train", "--resume", "run")
     assert {f.name for f in Path("run/final").iterdir()} == set(before)
+
+
+def test_the_quantized_base_record_names_its_base_from_final_and_converted_copies(tmp_path):
+    """base_quantization.json's base_model, stored relative to the adapter when the base
+    lies inside the run, was copied as is into final/ (one level up) and by gft convert:
+    it then named a directory that is not the base. gft fuse's note reads it."""
+    from gft.quant import BASE_QUANT_FILE, read_base_record, write_base_record
+    from gft.run import export_final
+    run = tmp_path / "run"
+    base = run / "base-4bit"
+    base.mkdir(parents=True)
+    step = run / "checkpoints" / "step-000001"
+    step.mkdir(parents=True)
+    (step / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": base_for_adapter(str(base), step)}))
+    write_base_record(step, {"base_model": str(base), "format": "mlx-lm", "description": "4-bit"})
+    assert json.loads((step / BASE_QUANT_FILE).read_text())["base_model"] == "../../base-4bit"
+    export_final(step, run / "final")
+    assert json.loads((run / "final" / BASE_QUANT_FILE).read_text())["base_model"] \
+        == "../base-4bit"
+    for adapter in (step, run / "final"):
+        assert Path(read_base_record(adapter)["base_model"]).resolve() == base.resolve()
