@@ -21,9 +21,12 @@ Simplification: a model is held in memory whole while it is converted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from gft.errors import ConfigError, ModelError
 from gft.checkpoint import MODEL_RECORD
@@ -156,6 +159,33 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     if to == "mlx-lm":
         lines += mlx_lm_misreads(base, src)
     return lines
+
+
+@contextmanager
+def peft_view(model_path: str, base: str | None = None) -> Iterator[str]:
+    """model_path, or for an mlx-lm adapter folder (mlx_lm.lora's adapters.safetensors +
+    adapter_config.json) a PEFT copy of it in a temporary folder, for the time of the
+    block: the backends load PEFT adapters, and convert_adapter writes one exactly
+    (what `gft convert ADAPTER OUT --to peft` does). So `--model ADAPTER` trains on from
+    the adapter, and gft generate/eval sample from it. A base it names that is not on this
+    machine is one line naming the adapter's own file (`base`: the base given instead)."""
+    if not is_mlx_adapter(model_path):
+        yield model_path
+        return
+    src = Path(model_path)
+    named = read_mlx_config(src)[1]
+    # found nowhere (mlx_adapter_base): missing, unless written as a hub id ('org/name');
+    # a bare name such as mlx_lm.lora's `--model base` is a folder, not a hub lookup
+    hub_id = named and re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists()
+    if base is None and (not named or not hub_id and not Path(named).expanduser().exists()):
+        where = f"model '{named}' is not on this machine" if named else "names no model"
+        raise ModelError(f"{src / PEFT_CONFIG}: {where} (the base mlx_lm.lora trained over); "
+                         f"pass it with --base PATH, or write a PEFT copy that names it: gft "
+                         f"convert {src} OUT --to peft --base PATH")
+    with tempfile.TemporaryDirectory(prefix="gft-mlx-adapter-") as tmp:
+        out = Path(tmp) / src.name
+        convert_adapter(src, out, to="peft", dtype=None, base=base or named)
+        yield str(out)
 
 
 # config.json keys mlx-lm 0.32 reads only at the top level (gft/modelfiles.py).

@@ -201,11 +201,13 @@ class RequireApplicableReward:
 def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-    from gft.lora import is_peft_adapter, lora_from_train_config
+    from gft.lora import is_mlx_adapter, is_peft_adapter, lora_from_train_config
     # `model` is the base under a LoRA checkpoint, unless it is itself an adapter (training
-    # on from a PEFT adapter): then its base is the one its adapter_config.json names;
-    # taken as the base, transformers would load base + adapter and LoRA would go on twice
-    model = None if cfg.model and is_peft_adapter(cfg.model) else cfg.model
+    # on from a PEFT or mlx-lm adapter): then its base is the one its adapter_config.json
+    # names; taken as the base, transformers would load base + adapter and LoRA would go
+    # on twice
+    adapter = cfg.model and (is_peft_adapter(cfg.model) or is_mlx_adapter(cfg.model))
+    model = None if adapter else cfg.model
     base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
