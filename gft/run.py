@@ -244,6 +244,8 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     start_from = point.checkpoint
     saved = read_state(start_from)
     cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
+    check_resume_changes(build_config(saved["config"], source=str(start_from / STATE_FILE)),
+                         cfg, start_from)
     try:
         state = LoopState(**saved["loop"])
     except TypeError as e:
@@ -252,6 +254,35 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
     # a one-off instruction for this resume, not a setting the run keeps
     return replace(cfg, reset_optimizer=False), state, point
+
+
+# Keys a resume from a checkpoint cannot change: what the saved weights and AdamW moments
+# are (the trained parameters: the whole model, or adapters of this shape) and the order
+# the data is drawn in (the saved position counts rows of the seed's permutation; another
+# seed would repeat some rows of the epoch and skip others). Every other key may change
+# (max_steps, learning rate, preset, stages, backend, model and data paths, ...).
+FIXED_ON_RESUME = {
+    "lora_rank": "the trained parameters (the whole model, or adapters of this rank)",
+    "lora_alpha": "the adapters' scale, which their weights were trained under",
+    "lora_targets": "which layers have trained adapters",
+    "seed": "the order the data is drawn in (the saved position counts rows of it)",
+}
+
+
+def check_resume_changes(saved: TrainConfig, asked: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a resume that changes a FIXED_ON_RESUME key, naming the key, both values,
+    and what to do instead (a new run from the checkpoint's model)."""
+    for key, what in FIXED_ON_RESUME.items():
+        old, new = getattr(saved, key), getattr(asked, key)
+        if key == "lora_targets" and not saved.lora_rank:
+            continue  # a full fine-tune has no adapters for targets to name
+        if (sorted(old) if key == "lora_targets" else old) \
+                != (sorted(new) if key == "lora_targets" else new):
+            raise ConfigError(
+                f"{key}: cannot change on resume ({old!r} in {checkpoint / STATE_FILE}, "
+                f"{new!r} asked): it fixes {what}; resume without it, or start a new run "
+                f"from these weights with it: gft train --model "
+                f"{shlex.quote(str(checkpoint))} -o NEW_RUN --set {key}=...")
 
 
 def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,

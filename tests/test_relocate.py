@@ -235,3 +235,21 @@ def test_the_quantized_base_record_names_its_base_from_final_and_converted_copie
         == "../base-4bit"
     for adapter in (step, run / "final"):
         assert Path(read_base_record(adapter)["base_model"]).resolve() == base.resolve()
+
+
+def test_a_resume_that_changes_what_the_checkpoint_fixes_is_refused(tmp_path, monkeypatch):
+    """`--set lora_rank=4` on resuming a full fine-tune failed on 'no optimizer state for
+    parameter ...lora_A.weight (checkpoint from a different model?)'; `--set seed=5` was
+    taken in silence and re-drew the rest of the epoch in another order."""
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL)
+    state = "run/checkpoints/step-000001/trainer_state.json"
+    for key, value, saved in (("lora_rank", "4", "0"), ("seed", "5", "0")):
+        words = refused("train", "--resume", "run", "--set", "max_steps=2", "--set",
+                        f"{key}={value}")
+        assert f"{key}: cannot change on resume ({saved} in {state}, {value} asked)" in words
+        assert f"--model run/checkpoints/step-000001 -o NEW_RUN --set {key}=" in words
+    # what may change does: the learning rate, the data path on a new machine
+    out = gft("train", "--resume", "run", "--set", "max_steps=2", "--set", "seed=0",
+              "--set", "learning_rate=1e-4", "--data", "run/task")
+    assert "(step 1)" in out and "final checkpoint" in out
