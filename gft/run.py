@@ -251,7 +251,7 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     except TypeError as e:
         raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
     console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
-    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
+    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE), start_from)
     # a one-off instruction for this resume, not a setting the run keeps
     return replace(cfg, reset_optimizer=False), state, point
 
@@ -286,15 +286,29 @@ def check_resume_changes(saved: TrainConfig, asked: TrainConfig, checkpoint: Pat
 
 
 def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
-                      source: str) -> TrainConfig:
+                      source: str, checkpoint: Path | None = None) -> TrainConfig:
     """The saved paths (model, data, eval_data, reward files) as found from here
-    (gft/runpaths.py); a value given again on the command line is taken as given."""
+    (gft/runpaths.py); a value given again on the command line is taken as given.
+    A checkpoint that holds the whole model (not a LoRA adapter) needs no base model: a
+    run copied without it (only its last checkpoint, say) resumes, and the stored path
+    is kept as it was, for config.yaml."""
+    from gft.lora import is_peft_adapter
     given = overrides or {}
     extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards")},
                                    run_dir)
+    whole = checkpoint is not None and not is_peft_adapter(checkpoint)
+
+    def found(key: str) -> str | None:
+        value = getattr(cfg, key)
+        try:
+            return resolve_stored(value, run_dir, key, source)
+        except ConfigError:
+            if key != "model" or not whole:
+                raise
+            # where stored_config finds it again: "./x" stays "./x", a path stays a path
+            return value if Path(value).is_absolute() else str((run_dir / value).resolve())
     return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
-                   **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
-                      for k in RUN_PATH_KEYS if k not in given})
+                   **{k: found(k) for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,

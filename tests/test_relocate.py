@@ -118,9 +118,24 @@ def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
     shutil.rmtree("run/task")
     words = refused("train", "--resume", "run", "--set", "max_steps=2")
     assert "data './task'" in words and "--data" in words
+    # the checkpoint holds the whole model: its base is not needed (next test); starting
+    # over from config.yaml (no checkpoint) it is
     shutil.rmtree("run/base-model")
+    shutil.rmtree("run/checkpoints")
     words = refused("train", "--resume", "run", "--set", "max_steps=2", "--data", "nowhere")
     assert "model './base-model'" in words and "--model" in words
+
+
+def test_a_run_copied_with_only_its_last_checkpoint_resumes(tmp_path, monkeypatch):
+    """A full fine-tune's checkpoint holds the whole model, yet a copy without the run's
+    base-model/ was refused: "model './base-model' is not on this machine"."""
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL)
+    shutil.copytree("run/checkpoints/step-000001", "copy/checkpoints/step-000001")
+    out = gft("train", "--resume", "copy", "--set", "max_steps=2", "--data", "run/task")
+    assert "(step 1)" in out and "final checkpoint" in out
+    saved = yaml.safe_load(Path("copy/config.yaml").read_text())
+    assert saved["model"] == "./base-model"  # kept as stored, for when it comes back
 
 
 def test_stored_paths(tmp_path, monkeypatch):
