@@ -292,7 +292,7 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
 
     def checkpoint(step: int) -> Path | None:
         payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
-                   "backend": backend.name}
+                   "backend": backend.name, "data_rows": len(data.rows)}
         path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
             if lead else backend.join_save()
         comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint

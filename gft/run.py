@@ -399,6 +399,10 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
+    if start_from is not None and state.step:
+        note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
+        if note:
+            console.print(f"[yellow]{note}", highlight=False)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     check_sequences_fit(backend, data, held_out, stages, scorer)
     check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
@@ -425,7 +429,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
     payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
-               "backend": backend.name}
+               "backend": backend.name, "data_rows": len(data.rows)}
     final = run_dir / "final"
     # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
     # copied from it on rank 0, with no collective of its own
@@ -444,6 +448,21 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
     return final
+
+
+def data_changed(saved: dict[str, Any], n_rows: int, state: LoopState,
+                 data: str | None) -> str | None:
+    """A warning when the training rows are not as many as the checkpoint's run had (its
+    trainer state's data_rows; runs written before it say nothing): other data, or the
+    same at a new path (--data) changed. The saved position counts rows of the old data's
+    seeded order, so the rest of this epoch repeats or skips rows."""
+    before = saved.get("data_rows")
+    if not isinstance(before, int) or before == n_rows:
+        return None
+    return (f"warning: {data} has {n_rows} training rows, the run trained on {before} up to "
+            f"its checkpoint (at row {state.position} of epoch {state.epoch + 1}): it goes on "
+            "from that position in the new rows' order, so until the epoch ends some rows "
+            "may come twice and others not at all")
 
 
 def finished_already(cfg: TrainConfig, state: LoopState) -> str | None:

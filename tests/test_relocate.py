@@ -268,3 +268,20 @@ def test_a_resume_that_changes_what_the_checkpoint_fixes_is_refused(tmp_path, mo
     out = gft("train", "--resume", "run", "--set", "max_steps=2", "--set", "seed=0",
               "--set", "learning_rate=1e-4", "--data", "run/task")
     assert "(step 1)" in out and "final checkpoint" in out
+
+
+def test_resuming_on_data_with_another_row_count_says_so(tmp_path, monkeypatch):
+    """--data on a resume (the data moved) took any file in silence, also one with other
+    rows, whose seeded order the saved data position does not count."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes"} for i in range(6)]
+    Path("train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Path("moved.jsonl").write_text(Path("train.jsonl").read_text())
+    Path("other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data",
+        "train.jsonl", *SMALL)
+    out = gft("train", "--resume", "run", "--set", "max_steps=2", "--data", "moved.jsonl")
+    assert "the run trained on" not in out  # the same rows at a new path
+    out = gft("train", "--resume", "run", "--set", "max_steps=3", "--data", "other.jsonl")
+    assert ("warning: other.jsonl has 4 training rows, the run trained on 6 up to its "
+            "checkpoint (at row 4 of epoch 1)") in " ".join(out.split())
