@@ -34,6 +34,8 @@ from typing import Any, Callable, NamedTuple
 
 from gft.errors import GFTError, ModelError
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
+from gft.quant import BASE_QUANT_FILE, copy_base_record
+from gft.runpaths import moved_adapter_config
 
 STATE_FILE = "trainer_state.json"
 # Beside config.json in every checkpoint and so in final/: what gft needs to use the folder
@@ -396,3 +398,42 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+# ---------------------------------------------------------------------------------------
+# final/: the export users hand on
+
+
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
+    with its tokenizer and generation config and nothing else (AdamW's moments are twice
+    the model). The checkpoint keeps them: a resume of a finished run reads it."""
+    def write(tmp: Path) -> None:
+        for f in sorted(checkpoint.iterdir()):
+            if f.name == "adapter_config.json":  # its base may be relative to the adapter
+                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.name == BASE_QUANT_FILE:  # and so may the one this record names
+                copy_base_record(checkpoint, tmp)
+            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)
+    out = atomic_directory(final, write)
+    clean_leftovers(final.parent / "checkpoints")
+    return out
+
+
+def is_export_of(final: Path, checkpoint: Path) -> bool:
+    """Whether final/ is complete and was exported from `checkpoint`: the same gft.json
+    (its step) and every file the export copies present with the same size."""
+    def same(f: Path) -> bool:
+        return (final / f.name).is_file() and (final / f.name).stat().st_size == f.stat().st_size
+    try:
+        check_model_dir(final)
+        record = final / MODEL_RECORD
+        if not record.is_file() or record.read_bytes() != (checkpoint / MODEL_RECORD).read_bytes():
+            return False
+        return all(same(f) for f in checkpoint.iterdir()
+                   if f.is_file() and f.name not in _NOT_EXPORTED)
+    except (ModelError, OSError):
+        return False
+
+
+# what export_final leaves out, and the files it rewrites (their base's path)
+_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json", BASE_QUANT_FILE)

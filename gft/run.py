@@ -1,13 +1,13 @@
 """Set up a run (model, data, rewards, run directory), train it, or resume it.
 
-This is what `gft train` calls; the loop itself is gft/loop.py. Backends are picked and
+This is what `gft train` calls; the loop itself is gft/loop.py, where a resume starts
+from and with which config gft/resume.py. Backends are picked and
 loaded through the provider registered with gft.backend (importing `backends` does it;
 the gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
 import shlex
-import shutil
 import signal
 import time
 from dataclasses import asdict, replace
@@ -19,25 +19,23 @@ import yaml
 from rich.console import Console
 
 from gft.backend import OptimConfig, provider
-from gft.checkpoint import (MODEL_RECORD, STATE_FILE, CheckpointError, ResumePoint,
-                            atomic_directory, atomic_write_text, clean_leftovers,
-                            find_resume_point,
-                            has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
+from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atomic_write_text,
+                            export_final, has_checkpoints, is_export_of, latest_checkpoint,
+                            read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
-from gft.config import TrainConfig, build_config, read_yaml, to_dict
+from gft.config import TrainConfig, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
-from gft.errors import ConfigError, ModelError, RewardError
+from gft.errors import ConfigError, RewardError
 from gft.loop import LoopState, run_over, total_steps, train
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.preflight import (check_answers, check_launcher, check_memory, check_sequences_fit,
                            check_trainable, dtype_note, nothing_to_train, rewards_needed,
                            rows_with_long_responses, shared_prompts)
-from gft.quant import BASE_QUANT_FILE, copy_base_record
 from gft.rewards import build_rewards
-from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
-                          resolve_stored_extras, stored_config)
+from gft.resume import data_changed, resume_point
+from gft.runpaths import base_as_stored, stored_config
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -220,97 +218,6 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
         stop=cfg.stop, load_in_4bit=cfg.load_in_4bit)
 
 
-def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
-                 comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, ResumePoint]:
-    """(config, loop state, resume point) to continue `run_dir` from: the newest complete
-    checkpoint, whatever `latest` says. A run killed before its first checkpoint starts
-    over from step 0 with its saved config.yaml."""
-    if comm.rank == 0:
-        clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
-        clean_leftovers(run_dir / "checkpoints")
-    comm.barrier()
-    point = find_resume_point(run_dir, (overrides or {}).get("reset_optimizer") is True)
-    for note in point.notes:
-        console.print(f"[yellow]{note}", highlight=False)
-    if point.checkpoint is None:
-        saved_config = run_dir / "config.yaml"
-        if not saved_config.is_file():
-            raise ModelError(f"{run_dir}: no checkpoint and no config.yaml to resume from; "
-                             "start the run again with gft train")
-        cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
-        console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
-        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
-        return replace(cfg, reset_optimizer=False), LoopState(), point
-    start_from = point.checkpoint
-    saved = read_state(start_from)
-    cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
-    check_resume_changes(build_config(saved["config"], source=str(start_from / STATE_FILE)),
-                         cfg, start_from)
-    try:
-        state = LoopState(**saved["loop"])
-    except TypeError as e:
-        raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
-    console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
-    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE), start_from)
-    # a one-off instruction for this resume, not a setting the run keeps
-    return replace(cfg, reset_optimizer=False), state, point
-
-
-# Keys a resume from a checkpoint cannot change: what the saved weights and AdamW moments
-# are (the trained parameters: the whole model, or adapters of this shape) and the order
-# the data is drawn in (the saved position counts rows of the seed's permutation; another
-# seed would repeat some rows of the epoch and skip others). Every other key may change
-# (max_steps, learning rate, preset, stages, backend, model and data paths, ...).
-FIXED_ON_RESUME = {
-    "lora_rank": "the trained parameters (the whole model, or adapters of this rank)",
-    "lora_alpha": "the adapters' scale, which their weights were trained under",
-    "lora_targets": "which layers have trained adapters",
-    "seed": "the order the data is drawn in (the saved position counts rows of it)",
-}
-
-
-def check_resume_changes(saved: TrainConfig, asked: TrainConfig, checkpoint: Path) -> None:
-    """Refuse a resume that changes a FIXED_ON_RESUME key, naming the key, both values,
-    and what to do instead (a new run from the checkpoint's model)."""
-    for key, what in FIXED_ON_RESUME.items():
-        old, new = getattr(saved, key), getattr(asked, key)
-        if key == "lora_targets" and not saved.lora_rank:
-            continue  # a full fine-tune has no adapters for targets to name
-        if (sorted(old) if key == "lora_targets" else old) \
-                != (sorted(new) if key == "lora_targets" else new):
-            raise ConfigError(
-                f"{key}: cannot change on resume ({old!r} in {checkpoint / STATE_FILE}, "
-                f"{new!r} asked): it fixes {what}; resume without it, or start a new run "
-                f"from these weights with it: gft train --model "
-                f"{shlex.quote(str(checkpoint))} -o NEW_RUN --set {key}=...")
-
-
-def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
-                      source: str, checkpoint: Path | None = None) -> TrainConfig:
-    """The saved paths (model, data, eval_data, reward files) as found from here
-    (gft/runpaths.py); a value given again on the command line is taken as given.
-    A checkpoint that holds the whole model (not a LoRA adapter) needs no base model: a
-    run copied without it (only its last checkpoint, say) resumes, and the stored path
-    is kept as it was, for config.yaml."""
-    from gft.lora import is_peft_adapter
-    given = overrides or {}
-    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards")},
-                                   run_dir)
-    whole = checkpoint is not None and not is_peft_adapter(checkpoint)
-
-    def found(key: str) -> str | None:
-        value = getattr(cfg, key)
-        try:
-            return resolve_stored(value, run_dir, key, source)
-        except ConfigError:
-            if key != "model" or not whole:
-                raise
-            # where stored_config finds it again: "./x" stays "./x", a path stays a path
-            return value if Path(value).is_absolute() else str((run_dir / value).resolve())
-    return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
-                   **{k: found(k) for k in RUN_PATH_KEYS if k not in given})
-
-
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
                  overrides: dict[str, Any] | None = None, console: Console | None = None) -> Path:
     """Train (or resume) and return the path of the final checkpoint.
@@ -450,21 +357,6 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     return final
 
 
-def data_changed(saved: dict[str, Any], n_rows: int, state: LoopState,
-                 data: str | None) -> str | None:
-    """A warning when the training rows are not as many as the checkpoint's run had (its
-    trainer state's data_rows; runs written before it say nothing): other data, or the
-    same at a new path (--data) changed. The saved position counts rows of the old data's
-    seeded order, so the rest of this epoch repeats or skips rows."""
-    before = saved.get("data_rows")
-    if not isinstance(before, int) or before == n_rows:
-        return None
-    return (f"warning: {data} has {n_rows} training rows, the run trained on {before} up to "
-            f"its checkpoint (at row {state.position} of epoch {state.epoch + 1}): it goes on "
-            "from that position in the new rows' order, so until the epoch ends some rows "
-            "may come twice and others not at all")
-
-
 def finished_already(cfg: TrainConfig, state: LoopState) -> str | None:
     """Why a resumed run has no step left (gft.preflight.nothing_to_train), or None,
     found without loading the model: its steps are max_steps or its stages', or (epochs)
@@ -495,26 +387,6 @@ def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) ->
     return final
 
 
-def is_export_of(final: Path, checkpoint: Path) -> bool:
-    """Whether final/ is complete and was exported from `checkpoint`: the same gft.json
-    (its step) and every file the export copies present with the same size."""
-    def same(f: Path) -> bool:
-        return (final / f.name).is_file() and (final / f.name).stat().st_size == f.stat().st_size
-    try:
-        check_model_dir(final)
-        record = final / MODEL_RECORD
-        if not record.is_file() or record.read_bytes() != (checkpoint / MODEL_RECORD).read_bytes():
-            return False
-        return all(same(f) for f in checkpoint.iterdir()
-                   if f.is_file() and f.name not in _NOT_EXPORTED)
-    except (ModelError, OSError):
-        return False
-
-
-# what export_final leaves out, and the files it rewrites (their base's path)
-_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json", BASE_QUANT_FILE)
-
-
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
     """A new run may not write over another's checkpoints; rank 0 writes the embedded
     model and task when none were given."""
@@ -529,23 +401,6 @@ def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> Tr
     if comm.rank != 0:  # the files exist now: this only fills in their paths
         cfg = materialize_defaults(cfg, run_dir, console)
     return cfg
-
-
-def export_final(checkpoint: Path, final: Path) -> Path:
-    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
-    with its tokenizer and generation config and nothing else (AdamW's moments are twice
-    the model). The checkpoint keeps them: a resume of a finished run reads it."""
-    def write(tmp: Path) -> None:
-        for f in sorted(checkpoint.iterdir()):
-            if f.name == "adapter_config.json":  # its base may be relative to the adapter
-                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
-            elif f.name == BASE_QUANT_FILE:  # and so may the one this record names
-                copy_base_record(checkpoint, tmp)
-            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
-                shutil.copy2(f, tmp / f.name)
-    out = atomic_directory(final, write)
-    clean_leftovers(final.parent / "checkpoints")
-    return out
 
 
 def interrupted(signum: int, run_dir: Path, step: int, steps: int) -> Interrupted:
