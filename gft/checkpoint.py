@@ -192,11 +192,14 @@ def run_dir_of(checkpoint: Path) -> Path:
 
 
 def model_record(state: dict[str, Any]) -> dict[str, Any]:
-    """MODEL_RECORD's content: `chat_template`, how the run rendered string prompts (true:
-    as a user turn of the tokenizer's chat template; false: as written), which `gft
-    generate` and `gft eval` follow; `step`, the step whose weights these are."""
+    """MODEL_RECORD's content: `chat_template`, how `gft generate` and `gft eval` render a
+    string prompt so that it looks like the run's training prompts (true: as a user turn
+    of the tokenizer's chat template, as chat_template: true rendered string prompts and
+    as chat-message prompts always are; false: as written); `step`, the step whose
+    weights these are."""
     config, loop = state.get("config") or {}, state.get("loop") or {}
-    return {"chat_template": bool(config.get("chat_template")), "step": int(loop.get("step", 0))}
+    templated = bool(config.get("chat_template")) or state.get("chat_prompts") is True
+    return {"chat_template": templated, "step": int(loop.get("step", 0))}
 
 
 def read_model_record(model_dir: str | Path) -> dict[str, Any] | None:

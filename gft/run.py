@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from gft.config import TrainConfig, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, RewardError
-from gft.loop import LoopState, run_over, total_steps, train
+from gft.loop import LoopState, run_over, total_steps, train, trainer_state
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.preflight import (check_answers, check_launcher, check_memory, check_sequences_fit,
@@ -335,8 +335,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     steps = stages[-1].end
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
-               "backend": backend.name, "data_rows": len(data.rows)}
+    payload = trainer_state(state, cfg, run_dir, backend.name, data)
     final = run_dir / "final"
     # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
     # copied from it on rank 0, with no collective of its own

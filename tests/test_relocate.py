@@ -285,3 +285,18 @@ def test_resuming_on_data_with_another_row_count_says_so(tmp_path, monkeypatch):
     out = gft("train", "--resume", "run", "--set", "max_steps=3", "--data", "other.jsonl")
     assert ("warning: other.jsonl has 4 training rows, the run trained on 6 up to its "
             "checkpoint (at row 4 of epoch 1)") in " ".join(out.split())
+
+
+def test_a_run_on_chat_messages_is_prompted_with_the_chat_template(tmp_path, monkeypatch):
+    """TRL's conversational rows are always rendered with the chat template; with
+    chat_template unset, `gft generate runs/x/final -p TEXT` sent the string raw, a
+    prompt unlike every one the model trained on."""
+    from gft.rollout import trained_chat_template
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(2)]
+    Path("chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "chat.jsonl",
+        *SMALL)
+    assert yaml.safe_load(Path("run/config.yaml").read_text())["chat_template"] is None
+    assert trained_chat_template("run/final") is True
