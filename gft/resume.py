@@ -83,10 +83,11 @@ def check_resume_changes(saved: TrainConfig, asked: TrainConfig, checkpoint: Pat
     and what to do instead (a new run from the checkpoint's model)."""
     for key, what in FIXED_ON_RESUME.items():
         old, new = getattr(saved, key), getattr(asked, key)
-        if key == "lora_targets" and not saved.lora_rank:
-            continue  # a full fine-tune has no adapters for targets to name
-        if (sorted(old) if key == "lora_targets" else old) \
-                != (sorted(new) if key == "lora_targets" else new):
+        if key == "lora_targets":  # a list in any order; a full fine-tune has none
+            same = not saved.lora_rank or sorted(old) == sorted(new)
+        else:
+            same = old == new
+        if not same:
             raise ConfigError(
                 f"{key}: cannot change on resume ({old!r} in {checkpoint / STATE_FILE}, "
                 f"{new!r} asked): it fixes {what}; resume without it, or start a new run "

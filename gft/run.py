@@ -1,9 +1,9 @@
 """Set up a run (model, data, rewards, run directory), train it, or resume it.
 
-This is what `gft train` calls; the loop itself is gft/loop.py, where a resume starts
-from and with which config gft/resume.py. Backends are picked and
-loaded through the provider registered with gft.backend (importing `backends` does it;
-the gft command imports it), never imported from here.
+This is what `gft train` calls; the loop itself is gft/loop.py, and where a resume
+starts from, with which config, is gft/resume.py. Backends are picked and loaded
+through the provider registered with gft.backend (importing `backends` does it; the
+gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
