@@ -104,8 +104,8 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any]
     is kept as it was, for config.yaml."""
     from gft.lora import is_peft_adapter
     given = overrides or {}
-    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards")},
-                                   run_dir)
+    keep = {k: getattr(cfg, k) for k in ("eval_data", "rewards") if k not in given}
+    extras = resolve_stored_extras(keep, run_dir, source)
     whole = checkpoint is not None and not is_peft_adapter(checkpoint)
 
     def found(key: str) -> str | None:
@@ -117,7 +117,7 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any]
                 raise
             # where stored_config finds it again: "./x" stays "./x", a path stays a path
             return value if Path(value).is_absolute() else str((run_dir / value).resolve())
-    return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
+    return replace(cfg, **extras,
                    **{k: found(k) for k in RUN_PATH_KEYS if k not in given})
 
 

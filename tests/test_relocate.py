@@ -300,3 +300,32 @@ def test_a_run_on_chat_messages_is_prompted_with_the_chat_template(tmp_path, mon
         *SMALL)
     assert yaml.safe_load(Path("run/config.yaml").read_text())["chat_template"] is None
     assert trained_chat_template("run/final") is True
+
+
+def test_eval_data_and_reward_files_left_behind_say_how_to_give_their_new_place(
+        tmp_path, monkeypatch):
+    """A run copied without the eval_data and reward files it names (absolute paths on
+    the first machine) stopped on 'reward file not found: /...' or 'eval_data: no such
+    file or directory', neither naming the key to set on the resume."""
+    start = tmp_path / "project"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    Path("r.py").write_text("def f(completions, **kw):\n    return [1.0 for c in completions]\n")
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes"} for i in range(4)]
+    for name in ("train.jsonl", "held.jsonl"):
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "train.jsonl",
+        *SMALL, "--set", "rewards=[r.py:f]", "--set", "eval_data=held.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(start, elsewhere)
+    shutil.rmtree(start)
+    monkeypatch.chdir(elsewhere)
+    resume = ["train", "--resume", "run", "--set", "max_steps=2", "--data", "train.jsonl"]
+    words = refused(*resume)
+    assert f"eval_data '{start / 'held.jsonl'}' is not on this machine" in words
+    assert "--set eval_data=" in words
+    words = refused(*resume, "--set", "eval_data=held.jsonl")
+    assert f"rewards '{start / 'r.py'}' is not on this machine" in words
+    assert "--set rewards=" in words
+    out = gft(*resume, "--set", "eval_data=held.jsonl", "--set", "rewards=[r.py:f]")
+    assert "(step 1)" in out and "final checkpoint" in out
