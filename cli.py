@@ -115,7 +115,8 @@ def _config_help() -> str:
               help="Objective preset (docs/ALGORITHM.md's table). Default: gft.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "mlx"]),
               help="auto = mlx on Apple silicon, torch elsewhere.")
-@click.option("--model", help="Model directory or hub id (default: the embedded tiny model).")
+@click.option("--model", help="Model directory, hub id, or LoRA adapter (PEFT or mlx-lm) to "
+              "train on from (default: the embedded tiny model).")
 @click.option("--data", help="JSONL file or data directory (default: the embedded task).")
 @click.option("--output-dir", "-o", help="Run directory (default: runs/<preset>-<time>).")
 @click.option("--max-steps", type=click.IntRange(1), help="Number of training steps.")

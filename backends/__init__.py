@@ -80,10 +80,25 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
     have none). LoRA's dropout is lora.dropout.
     train: False when the model only samples and scores (generate, eval): a quantized
     model then loads without LoRA adapters, which training over it needs."""
-    from gft.lora import resolve_adapter
+    from gft.convert import peft_view
     from gft.modelfiles import check_model_dir
-    from gft.quant import check_loadable
     check_model_dir(model_path)  # a missing or corrupted file is one line, not a traceback
+    with peft_view(model_path, base) as path:  # an mlx-lm adapter is read as PEFT
+        return _load(name, path, base=base, lora=lora, dtype=dtype, device=device,
+                     optim=optim, seed=seed, trust_remote_code=trust_remote_code,
+                     gradient_checkpointing=gradient_checkpointing, shard_size=shard_size,
+                     parallel=parallel, comm=comm, rollout_engine=rollout_engine,
+                     mixed_precision=mixed_precision, rollout_graphs=rollout_graphs,
+                     stop=stop, logits_chunk=logits_chunk, load_in_4bit=load_in_4bit,
+                     train=train)
+
+
+def _load(name: str, model_path: str, *, base, lora, dtype, device, optim, seed,
+          trust_remote_code, gradient_checkpointing, shard_size, parallel, comm,
+          rollout_engine, mixed_precision, rollout_graphs, stop, logits_chunk,
+          load_in_4bit, train) -> Backend:
+    from gft.lora import resolve_adapter
+    from gft.quant import check_loadable
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
     name = resolve_backend_name(name)
     check_loadable(name, model_path, lora=lora, adapter=adapter,  # quantized bases

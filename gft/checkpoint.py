@@ -4,10 +4,11 @@
                                        generation_config.json   (transformers/mlx-lm load it)
                                        optimizer.safetensors    (AdamW moments by param name)
                                        trainer_state.json       (step, data position, config)
+                                       gft.json                 (how prompts were rendered)
     RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
-    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer and
-                                       generation config only; its last step stays in
-                                       checkpoints/ (runs before that: a full checkpoint)
+    RUN_DIR/final/                     a finished run's model (or adapter), tokenizer,
+                                       generation config and gft.json only; its last step
+                                       stays in checkpoints/ (runs before that: a full checkpoint)
 
 Crash safety, step by step (a SIGKILL or power cut may land anywhere):
 - a checkpoint is written into `.step-N.tmp-PID/`, every file fsynced, then renamed to
@@ -33,8 +34,14 @@ from typing import Any, Callable, NamedTuple
 
 from gft.errors import GFTError, ModelError
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
+from gft.quant import BASE_QUANT_FILE, copy_base_record
+from gft.runpaths import moved_adapter_config
 
 STATE_FILE = "trainer_state.json"
+# Beside config.json in every checkpoint and so in final/: what gft needs to use the folder
+# as trained once it is copied out of its run (another machine, a hub upload), where
+# neither trainer_state.json nor the run's config.yaml travel with it.
+MODEL_RECORD = "gft.json"
 _LEFTOVER = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old|del)-(?P<pid>\d+)$")
 
 
@@ -184,6 +191,28 @@ def run_dir_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
 
 
+def model_record(state: dict[str, Any]) -> dict[str, Any]:
+    """MODEL_RECORD's content: `chat_template`, how `gft generate` and `gft eval` render a
+    string prompt so that it looks like the run's training prompts (true: as a user turn
+    of the tokenizer's chat template, as chat_template: true rendered string prompts and
+    as chat-message prompts always are; false: as written); `step`, the step whose
+    weights these are."""
+    config, loop = state.get("config") or {}, state.get("loop") or {}
+    templated = bool(config.get("chat_template")) or state.get("chat_prompts") is True
+    return {"chat_template": templated, "step": int(loop.get("step", 0))}
+
+
+def read_model_record(model_dir: str | Path) -> dict[str, Any] | None:
+    """A model folder's MODEL_RECORD, or None: none there, or not readable as one (then the
+    folder is used as any model folder is)."""
+    path = Path(model_dir) / MODEL_RECORD
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def save_checkpoint(backend, directory: Path, state: dict[str, Any]) -> Path:
     """Model, optimizer and trainer state into `directory`, atomically. A failing file
     system (a full disk) is a one-line CheckpointError; whatever was saved before is intact."""
@@ -191,6 +220,7 @@ def save_checkpoint(backend, directory: Path, state: dict[str, Any]) -> Path:
         backend.save_model(tmp)
         backend.save_optimizer(tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        (tmp / MODEL_RECORD).write_text(json.dumps(model_record(state), indent=2) + "\n")
     directory = Path(directory)
     try:
         return atomic_directory(directory, write)
@@ -371,3 +401,42 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+# ---------------------------------------------------------------------------------------
+# final/: the export users hand on
+
+
+def export_final(checkpoint: Path, final: Path) -> Path:
+    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
+    with its tokenizer and generation config and nothing else (AdamW's moments are twice
+    the model). The checkpoint keeps them: a resume of a finished run reads it."""
+    def write(tmp: Path) -> None:
+        for f in sorted(checkpoint.iterdir()):
+            if f.name == "adapter_config.json":  # its base may be relative to the adapter
+                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
+            elif f.name == BASE_QUANT_FILE:  # and so may the one this record names
+                copy_base_record(checkpoint, tmp)
+            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
+                shutil.copy2(f, tmp / f.name)
+    out = atomic_directory(final, write)
+    clean_leftovers(final.parent / "checkpoints")
+    return out
+
+
+def is_export_of(final: Path, checkpoint: Path) -> bool:
+    """Whether final/ is complete and was exported from `checkpoint`: the same gft.json
+    (its step) and every file the export copies present with the same size."""
+    def same(f: Path) -> bool:
+        return (final / f.name).is_file() and (final / f.name).stat().st_size == f.stat().st_size
+    try:
+        check_model_dir(final)
+        record = final / MODEL_RECORD
+        if not record.is_file() or record.read_bytes() != (checkpoint / MODEL_RECORD).read_bytes():
+            return False
+        return all(same(f) for f in checkpoint.iterdir()
+                   if f.is_file() and f.name not in _NOT_EXPORTED)
+    except (ModelError, OSError):
+        return False
+
+
+# what export_final leaves out, and the files it rewrites (their base's path)
+_NOT_EXPORTED = (OPTIMIZER_FILE, STATE_FILE, "adapter_config.json", BASE_QUANT_FILE)

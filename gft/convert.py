@@ -25,12 +25,16 @@ Simplification: a model is held in memory whole while it is converted.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from gft.errors import ConfigError, ModelError
-from gft.quant import BASE_QUANT_FILE, hf_quantization
+from gft.checkpoint import MODEL_RECORD
+from gft.quant import copy_base_record, hf_quantization
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
                       peft_key, read_mlx_config, read_peft_config, write_peft_config)
@@ -151,13 +155,41 @@ def convert_adapter(src: Path, dst: Path, *, to: str | None, dtype: str | None,
     if dtype:
         modules = {m: (ar.cast(a, dtype), ar.cast(b, dtype)) for m, (a, b) in modules.items()}
     write_adapter(dst, to, lora, base, modules, ar)
-    if (src / BASE_QUANT_FILE).is_file():  # the record of a quantized base travels along
-        shutil.copyfile(src / BASE_QUANT_FILE, dst / BASE_QUANT_FILE)
+    copy_base_record(src, dst)  # the base's quantization and the prompts' format travel
+    if (src / MODEL_RECORD).is_file():
+        shutil.copyfile(src / MODEL_RECORD, dst / MODEL_RECORD)
     lines = [f"wrote {dst}: {to} adapter, rank {lora.rank}, scale {lora.scale:g}, "
              f"{len(modules)} modules"]
     if to == "mlx-lm":
         lines += mlx_lm_misreads(base, src)
     return lines
+
+
+@contextmanager
+def peft_view(model_path: str, base: str | None = None) -> Iterator[str]:
+    """model_path, or for an mlx-lm adapter folder (mlx_lm.lora's adapters.safetensors +
+    adapter_config.json) a PEFT copy of it in a temporary folder, for the time of the
+    block: the backends load PEFT adapters, and convert_adapter writes one exactly
+    (what `gft convert ADAPTER OUT --to peft` does). So `--model ADAPTER` trains on from
+    the adapter, and gft generate/eval sample from it. A base it names that is not on this
+    machine is one line naming the adapter's own file (`base`: the base given instead)."""
+    if not is_mlx_adapter(model_path):
+        yield model_path
+        return
+    src = Path(model_path)
+    named = read_mlx_config(src)[1]
+    # found nowhere (mlx_adapter_base): missing, unless written as a hub id ('org/name');
+    # a bare name such as mlx_lm.lora's `--model base` is a folder, not a hub lookup
+    hub_id = named and re.fullmatch(r"[\w.-]+/[\w.-]+", named) and not Path(named).exists()
+    if base is None and (not named or not hub_id and not Path(named).expanduser().exists()):
+        where = f"model '{named}' is not on this machine" if named else "names no model"
+        raise ModelError(f"{src / PEFT_CONFIG}: {where} (the base mlx_lm.lora trained over); "
+                         f"pass it with --base PATH, or write a PEFT copy that names it: gft "
+                         f"convert {src} OUT --to peft --base PATH")
+    with tempfile.TemporaryDirectory(prefix="gft-mlx-adapter-") as tmp:
+        out = Path(tmp) / src.name
+        convert_adapter(src, out, to="peft", dtype=None, base=base or named)
+        yield str(out)
 
 
 # config.json keys mlx-lm 0.32 reads only at the top level (gft/modelfiles.py).
@@ -259,15 +291,17 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
         raise ConfigError(f"{base_dir}: not a quantized model; --requantize applies to "
                           "adapters over mlx-lm quantized bases")
     record = read_base_record(adapter)
-    note = ([f"note: the adapter was trained over a {record['description']} base; fused "
-             f"into {base_dir}, which is not quantized"]
+    note = ([f"note: the adapter was trained over {record.get('base_model') or 'a base'}, "
+             f"{record['description']}; fused into {base_dir}, which is not quantized"]
             if record and not quantized else [])
     ar = arrays("mlx" if quantized else framework)
     lora, stored_base, modules = read_adapter(adapter, ar)
     if quantized:
         from gft.quantize import fuse_quantized
-        return fuse_quantized(base_dir, out, modules, lora.scale, requantize=requantize,
-                              dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        lines = fuse_quantized(base_dir, out, modules, lora.scale, requantize=requantize,
+                               dtype=dtype, shard_size=shard_size or DEFAULT_SHARD_SIZE)
+        _carry_record(adapter, out)
+        return lines
     weights = load_weights(base_dir, ar)
     for module, (a, b) in modules.items():
         name = module + ".weight"
@@ -284,5 +318,15 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
     if dtype:
         weights = {k: ar.cast(v, dtype) if ar.is_float(v) else v for k, v in weights.items()}
     warnings = write_model(out, base_dir, weights, ar, shard_size or DEFAULT_SHARD_SIZE)
+    _carry_record(adapter, out)
     return [f"wrote {out}: {len(modules)} adapted weights fused into {base_dir}"] + note + [
         f"warning: {w}" for w in warnings]
+
+
+def _carry_record(adapter: Path, out: Path) -> None:
+    """The adapter's gft.json (how its run rendered prompts) into the fused model, in place
+    of any the base had: the fused model is used as the adapter was trained."""
+    if (adapter / MODEL_RECORD).is_file():
+        shutil.copyfile(adapter / MODEL_RECORD, out / MODEL_RECORD)
+    elif (out / MODEL_RECORD).is_file():  # the base's, from another run
+        (out / MODEL_RECORD).unlink()

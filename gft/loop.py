@@ -291,8 +291,7 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
         stop = lambda: bool(comm.all_sum(np.array([float(local_stop())]))[0])  # noqa: E731
 
     def checkpoint(step: int) -> Path | None:
-        payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
-                   "backend": backend.name}
+        payload = trainer_state(state, cfg, run_dir, backend.name, data)
         path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
             if lead else backend.join_save()
         comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
@@ -354,6 +353,18 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     if not run_over(stages, state, cfg) and state.step != saved:  # stopped: keep what was done
         checkpoint(state.step)
     return state
+
+
+def trainer_state(state: LoopState, cfg: TrainConfig, run_dir: Path, backend: str,
+                  data: PreparedPrompts) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json: the loop state and the config (paths stored so
+    the run can move), plus what a resume and the checkpoint's gft.json read of the data:
+    its row count, and whether every prompt was chat messages (rendered with the chat
+    template whatever chat_template says, so a string prompt given later should be too)."""
+    return {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
+            "backend": backend, "data_rows": len(data.rows),
+            "chat_prompts": bool(data.rows) and all(isinstance(ex.prompt, list)
+                                                    for ex in data.rows)}
 
 
 def run_over(stages: list[Stage], state: LoopState, cfg: TrainConfig) -> bool:

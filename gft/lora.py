@@ -299,4 +299,27 @@ def read_mlx_config(adapter_dir: Path) -> tuple[dict[str, Any], str | None]:
         raise ModelError(f"{path}: lora_parameters needs 'rank' and 'scale'")
     _field(path, params, "rank", int, None)
     _field(path, params, "scale", float, None)
-    return params, _base_name(path, raw, "model")
+    return params, mlx_adapter_base(Path(adapter_dir), raw)
+
+
+def mlx_adapter_base(adapter_dir: Path, raw: dict[str, Any]) -> str | None:
+    """The base an mlx-lm adapter names. mlx_lm.lora writes its --model as typed, relative
+    to the directory it ran in, beside its --adapter-path (adapter_path) typed the same
+    way: so a relative model is looked up from that directory (the adapter folder's path
+    with adapter_path taken off its end), then from the working directory (as mlx-lm
+    itself reads it), then from the adapter folder; found nowhere, it is kept as
+    written (a hub id, or a path that resolve_adapter reports missing)."""
+    stored = _base_name(Path(adapter_dir) / PEFT_CONFIG, raw, "model")
+    if not stored or Path(stored).expanduser().is_absolute():
+        return stored
+    here = Path(adapter_dir).resolve()
+    places = [Path.cwd(), here]
+    written = raw.get("adapter_path")
+    if isinstance(written, str) and written and not Path(written).is_absolute():
+        parts = Path(written).parts
+        if ".." not in parts and here.parts[-len(parts):] == parts:
+            places.insert(0, Path(*here.parts[:-len(parts)]))  # where mlx_lm.lora ran
+    for place in places:
+        if (place / stored / "config.json").is_file():
+            return str((place / stored).resolve())
+    return stored

@@ -137,8 +137,9 @@ def dtype_note(cfg: TrainConfig, model_path: str) -> str | None:
     """One line when the user's weights are stored in another dtype than the run trains
     and saves them in (a bfloat16 model trained at the default dtype: float32 comes back,
     twice the size), so that a change of the user's model is never silent."""
-    from gft.lora import is_peft_adapter
-    if cfg.lora_rank or is_peft_adapter(model_path) or not Path(model_path).is_dir():
+    from gft.lora import is_mlx_adapter, is_peft_adapter
+    if cfg.lora_rank or is_peft_adapter(model_path) or is_mlx_adapter(model_path) \
+            or not Path(model_path).is_dir():
         return None  # LoRA saves only its adapters; the base is not written
     stored = stored_dtype(Path(model_path))
     if stored is None or stored == cfg.dtype:

@@ -176,10 +176,28 @@ def write_base_record(adapter_dir: str | Path, record: dict[str, Any] | None) ->
 
 
 def read_base_record(adapter_dir: str | Path) -> dict[str, Any] | None:
+    """The record, its base_model found from here (a base inside the adapter's run is
+    stored relative to the adapter). It names the base the adapter was trained over,
+    which adapter_config.json may no longer name (gft convert --base, a moved base)."""
+    from gft.runpaths import adapter_base
     path = Path(adapter_dir) / BASE_QUANT_FILE
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: unreadable: {e}") from None
+    if not isinstance(record, dict):
+        raise ModelError(f"{path}: must be a JSON object, got a {type(record).__name__}")
+    if isinstance(record.get("base_model"), str):
+        record["base_model"] = adapter_base(record["base_model"], Path(adapter_dir))
+    return record
+
+
+def copy_base_record(source: str | Path, target: str | Path) -> None:
+    """The record copied beside the adapter's copy in `target` (final/ from a step
+    checkpoint, gft convert's output), its base re-stored for the new place: copied as
+    is, a base stored relative to the adapter would name another directory there."""
+    record = read_base_record(source)
+    if record is not None:
+        write_base_record(target, record)

@@ -56,12 +56,17 @@ def appends_eos(tokenizer) -> bool:
 
 
 def trained_chat_template(model_dir: str) -> bool | None:
-    """The chat_template setting a gft model was trained with: a step checkpoint's
-    trainer_state.json, or for a run's final/ (which holds the model only) the run's
-    config.yaml beside it. None when unknown (not a gft run's model, or unreadable)."""
-    from gft.checkpoint import STATE_FILE, read_state
+    """The chat_template setting a gft model was trained with: its gft.json (written into
+    every checkpoint and final/, so a folder copied out of its run still says it); for
+    folders written before that, a step checkpoint's trainer_state.json or, for a run's
+    final/, the run's config.yaml beside it. None when unknown (not a gft run's model, or
+    unreadable)."""
+    from gft.checkpoint import STATE_FILE, read_model_record, read_state
     from gft.errors import ModelError
     path = Path(model_dir)
+    record = read_model_record(path)
+    if record is not None and isinstance(record.get("chat_template"), bool):
+        return record["chat_template"]
     try:
         if (path / STATE_FILE).is_file():
             return bool(read_state(path)["config"].get("chat_template"))

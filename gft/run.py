@@ -1,16 +1,16 @@
 """Set up a run (model, data, rewards, run directory), train it, or resume it.
 
-This is what `gft train` calls; the loop itself is gft/loop.py. Backends are picked and
-loaded through the provider registered with gft.backend (importing `backends` does it;
-the gft command imports it), never imported from here.
+This is what `gft train` calls; the loop itself is gft/loop.py, and where a resume
+starts from, with which config, is gft/resume.py. Backends are picked and loaded
+through the provider registered with gft.backend (importing `backends` does it; the
+gft command imports it), never imported from here.
 """
 from __future__ import annotations
 
 import shlex
-import shutil
 import signal
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +19,23 @@ import yaml
 from rich.console import Console
 
 from gft.backend import OptimConfig, provider
-from gft.checkpoint import (STATE_FILE, CheckpointError, ResumePoint, atomic_directory,
-                            atomic_write_text, clean_leftovers, find_resume_point,
-                            has_checkpoints, latest_checkpoint, read_state, save_step_checkpoint)
+from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atomic_write_text,
+                            export_final, has_checkpoints, is_export_of, latest_checkpoint,
+                            read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
-from gft.config import TrainConfig, build_config, read_yaml, to_dict
+from gft.config import TrainConfig, to_dict
 from gft.data import is_data_file, load_split
 from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
-from gft.errors import ConfigError, ModelError, RewardError
-from gft.loop import LoopState, run_over, total_steps, train
+from gft.errors import ConfigError, RewardError
+from gft.loop import LoopState, run_over, total_steps, train, trainer_state
 from gft import runlock
 from gft.metrics import peak_memory, read_metrics, summary_lines
 from gft.preflight import (check_answers, check_launcher, check_memory, check_sequences_fit,
                            check_trainable, dtype_note, nothing_to_train, rewards_needed,
                            rows_with_long_responses, shared_prompts)
 from gft.rewards import build_rewards
-from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, resolve_stored,
-                          resolve_stored_extras, stored_config)
+from gft.resume import data_changed, resume_point
+from gft.runpaths import base_as_stored, stored_config
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages
@@ -199,11 +199,13 @@ class RequireApplicableReward:
 def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
-    from gft.lora import is_peft_adapter, lora_from_train_config
+    from gft.lora import is_mlx_adapter, is_peft_adapter, lora_from_train_config
     # `model` is the base under a LoRA checkpoint, unless it is itself an adapter (training
-    # on from a PEFT adapter): then its base is the one its adapter_config.json names;
-    # taken as the base, transformers would load base + adapter and LoRA would go on twice
-    model = None if cfg.model and is_peft_adapter(cfg.model) else cfg.model
+    # on from a PEFT or mlx-lm adapter): then its base is the one its adapter_config.json
+    # names; taken as the base, transformers would load base + adapter and LoRA would go
+    # on twice
+    adapter = cfg.model and (is_peft_adapter(cfg.model) or is_mlx_adapter(cfg.model))
+    model = None if adapter else cfg.model
     base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
@@ -214,52 +216,6 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
         rollout_engine=cfg.rollout_engine, mixed_precision=cfg.mixed_precision,
         rollout_graphs=cfg.rollout_graphs, logits_chunk=cfg.logits_chunk,
         stop=cfg.stop, load_in_4bit=cfg.load_in_4bit, disable_dropout=cfg.disable_dropout)
-
-
-def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Console,
-                 comm: Comm = LOCAL) -> tuple[TrainConfig, LoopState, ResumePoint]:
-    """(config, loop state, resume point) to continue `run_dir` from: the newest complete
-    checkpoint, whatever `latest` says. A run killed before its first checkpoint starts
-    over from step 0 with its saved config.yaml."""
-    if comm.rank == 0:
-        clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
-        clean_leftovers(run_dir / "checkpoints")
-    comm.barrier()
-    point = find_resume_point(run_dir, (overrides or {}).get("reset_optimizer") is True)
-    for note in point.notes:
-        console.print(f"[yellow]{note}", highlight=False)
-    if point.checkpoint is None:
-        saved_config = run_dir / "config.yaml"
-        if not saved_config.is_file():
-            raise ModelError(f"{run_dir}: no checkpoint and no config.yaml to resume from; "
-                             "start the run again with gft train")
-        cfg = build_config(read_yaml(saved_config), overrides, source=str(saved_config))
-        console.print(f"resuming {run_dir}: no checkpoint yet, starting again from step 0")
-        cfg = resolve_run_paths(cfg, run_dir, overrides, str(saved_config))
-        return replace(cfg, reset_optimizer=False), LoopState(), point
-    start_from = point.checkpoint
-    saved = read_state(start_from)
-    cfg = build_config(saved["config"], overrides, source=str(start_from / STATE_FILE))
-    try:
-        state = LoopState(**saved["loop"])
-    except TypeError as e:
-        raise ModelError(f"{start_from / STATE_FILE}: bad loop state: {e}") from None
-    console.print(f"resuming {run_dir} from {start_from.name} (step {state.step})")
-    cfg = resolve_run_paths(cfg, run_dir, overrides, str(start_from / STATE_FILE))
-    # a one-off instruction for this resume, not a setting the run keeps
-    return replace(cfg, reset_optimizer=False), state, point
-
-
-def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any] | None,
-                      source: str) -> TrainConfig:
-    """The saved paths (model, data, eval_data, reward files) as found from here
-    (gft/runpaths.py); a value given again on the command line is taken as given."""
-    given = overrides or {}
-    extras = resolve_stored_extras({k: getattr(cfg, k) for k in ("eval_data", "rewards")},
-                                   run_dir)
-    return replace(cfg, **{k: v for k, v in extras.items() if k not in given},
-                   **{k: resolve_stored(getattr(cfg, k), run_dir, k, source)
-                      for k in RUN_PATH_KEYS if k not in given})
 
 
 def run_training(cfg: TrainConfig | None, *, resume: str | Path | None = None,
@@ -325,6 +281,10 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
             None, False, [])
     start_from, load_optimizer = point.checkpoint, point.load_optimizer
+    done = finished_already(cfg, state) if resuming and start_from is not None else None
+    if done is not None:  # before anything loads, and final/ is left as it is
+        console.print(f"[yellow]note: {done}", highlight=False)
+        return keep_final(run_dir, start_from, console, comm)
     chosen = provider()
     cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
     chosen.check_device(cfg.backend, cfg.device)
@@ -346,6 +306,10 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
+    if start_from is not None and state.step:
+        note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
+        if note:
+            console.print(f"[yellow]{note}", highlight=False)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     check_sequences_fit(backend, data, held_out, stages, scorer)
     check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
@@ -357,7 +321,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
-    if state.step and run_over(stages, state, cfg):  # a resume that has nothing to do
+    idle = bool(state.step) and run_over(stages, state, cfg)  # a resume with nothing to do
+    if idle:  # (finished_already could not tell before the data was tokenized)
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
@@ -374,8 +339,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     steps = stages[-1].end
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
         raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
-    payload = {"loop": asdict(state), "config": stored_config(to_dict(cfg), run_dir),
-               "backend": backend.name}
+    payload = trainer_state(state, cfg, run_dir, backend.name, data)
     final = run_dir / "final"
     # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
     # copied from it on rank 0, with no collective of its own
@@ -384,7 +348,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     if lead:
         if not saved:
             save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
-        export_final(last, final)
+        if not (idle and is_export_of(final, last)):
+            export_final(last, final)
     elif not saved:
         backend.join_save()
     comm.barrier()
@@ -392,6 +357,36 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         records = read_metrics(run_dir / "metrics.jsonl")
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
             console.print(line, highlight=False)
+    return final
+
+
+def finished_already(cfg: TrainConfig, state: LoopState) -> str | None:
+    """Why a resumed run has no step left (gft.preflight.nothing_to_train), or None,
+    found without loading the model: its steps are max_steps or its stages', or (epochs)
+    come from the number of training rows. Only when prompt_overflow: skip drops rows
+    by their token count is the tokenizer needed: then None, and the run finds out once
+    its data is tokenized (and trains nothing)."""
+    if not state.step:
+        return None
+    if cfg.max_steps is not None or cfg.stages:
+        n_rows = 0  # not used by the plan
+    elif cfg.prompt_overflow == "skip":
+        return None
+    else:
+        rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+        n_rows = len(held_out_rows(cfg, rows)[0])
+    stages = plan_stages(cfg, total_steps(cfg, n_rows))
+    return nothing_to_train(stages, state) if run_over(stages, state, cfg) else None
+
+
+def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) -> Path:
+    """A finished run's final/, exported from its last checkpoint only when it is not
+    that checkpoint's export already (a run killed between the two, or final/ deleted)."""
+    final = run_dir / "final"
+    if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
+        export_final(checkpoint, final)
+    comm.barrier()
+    console.print(f"final checkpoint: {final}", highlight=False)
     return final
 
 
@@ -409,21 +404,6 @@ def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> Tr
     if comm.rank != 0:  # the files exist now: this only fills in their paths
         cfg = materialize_defaults(cfg, run_dir, console)
     return cfg
-
-
-def export_final(checkpoint: Path, final: Path) -> Path:
-    """final/ from the last step's checkpoint: what users hand on, the model (or adapter)
-    with its tokenizer and generation config and nothing else (AdamW's moments are twice
-    the model). The checkpoint keeps them: a resume of a finished run reads it."""
-    def write(tmp: Path) -> None:
-        for f in sorted(checkpoint.iterdir()):
-            if f.name == "adapter_config.json":  # its base may be relative to the adapter
-                (tmp / f.name).write_text(moved_adapter_config(f.read_text(), checkpoint, tmp))
-            elif f.is_file() and f.name not in (OPTIMIZER_FILE, STATE_FILE):
-                shutil.copy2(f, tmp / f.name)
-    out = atomic_directory(final, write)
-    clean_leftovers(final.parent / "checkpoints")
-    return out
 
 
 def interrupted(signum: int, run_dir: Path, step: int, steps: int) -> Interrupted:

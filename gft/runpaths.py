@@ -57,17 +57,27 @@ def stored_config(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     return _with_reward_files(out, store)
 
 
-def resolve_stored_extras(config: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+def resolve_stored_extras(config: dict[str, Any], run_dir: Path,
+                          source: str | None = None) -> dict[str, Any]:
     """eval_data and reward files as stored_config wrote them, found from any working
     directory: a relative one inside the run directory when it is there, else as given
-    (a split name, or a run written before these were stored)."""
-    def found(path: str) -> str:
-        return _inside(path, run_dir) or path
+    (a split name, or a run written before these were stored). With `source` (where they
+    were read), one stored as a path (absolute, or './' inside the run) that is not on
+    this machine is a ConfigError naming the key and how to give its new place."""
+    def found(key: str, how: str) -> Any:
+        def look(path: str) -> str:
+            inside = _inside(path, run_dir)
+            if inside or source is None or Path(path).expanduser().exists() \
+                    or not (Path(path).is_absolute() or path.startswith("./")):
+                return inside or path
+            raise ConfigError(f"{source}: {key} '{path}' is not on this machine; pass "
+                              f"{how} with --set {key}=...")
+        return look
 
     out = dict(config)
     if out.get("eval_data"):
-        out["eval_data"] = found(out["eval_data"])
-    return _with_reward_files(out, found)
+        out["eval_data"] = found("eval_data", "its new path")(out["eval_data"])
+    return _with_reward_files(out, found("rewards", "the rewards with the file's new path"))
 
 
 def _with_reward_files(config: dict[str, Any], change) -> dict[str, Any]:

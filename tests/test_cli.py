@@ -157,3 +157,66 @@ def test_auto_backend_prefers_mlx_on_apple_silicon(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     assert backends.resolve_backend_name("auto") == "torch"
+
+
+def mlx_lm_adapter(project, base_name: str = "base"):
+    """An adapter as mlx_lm.lora writes it, run in `project` as `mlx_lm.lora --model
+    base --adapter-path adapters --num-layers 2` (its tuner's own LoRA layers and its
+    own config writer; B set off zero, as training would, so that it can be told from a
+    fresh adapter)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model, save_config
+    write_tiny_model(project / base_name, TinyModelSpec(seed=1))
+    model, _ = load_model(project / base_name)
+    model.freeze()
+    params = {"rank": 4, "scale": 2.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, params)
+    rng = np.random.default_rng(0)
+    weights = {k: mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32))
+               for k, v in tree_flatten(model.trainable_parameters())}
+    out = project / "adapters"
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    save_config({"model": base_name, "adapter_path": "adapters", "fine_tune_type": "lora",
+                 "num_layers": 2, "lora_parameters": params, "train": True, "iters": 2},
+                out / "adapter_config.json")
+    return out, weights
+
+
+def test_an_mlx_lm_adapter_trains_on_and_generates_from_any_directory(tmp_path, monkeypatch):
+    """`gft train --model ADAPTERS` on mlx_lm.lora's output was refused ('make it a PEFT
+    one first'); its "model" is relative to where mlx_lm.lora ran, not to the adapter."""
+    import numpy as np
+    from backends import load_backend
+    adapter, weights = mlx_lm_adapter(tmp_path / "project")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    be = load_backend("torch", str(adapter))  # the adapter's weights, not a fresh one
+    ours = be.named_parameters()
+    assert len(ours) == len(weights) == 28
+    for key, value in weights.items():  # mlx-lm stores A^T and B^T
+        peft = "base_model.model." + key.replace(".lora_a", ".lora_A.weight").replace(
+            ".lora_b", ".lora_B.weight")
+        assert np.allclose(ours[peft], np.array(value).T)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"{i}+1=", "completion": f"{i + 1}"}) + "\n"
+                            for i in range(2)))
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(adapter), "--data", str(rows), "--preset", "sft",
+        "--max-steps", "1", "-o", "run", "--backend", "torch", "--set", "prompts_per_step=2",
+        "--set", "prompts_per_minibatch=2", "--set", "eval_samples=0",
+        "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "elsewhere/run/final/adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((tmp_path / "project/base").resolve())
+    (tmp_path / "project/base").rename(tmp_path / "moved-base")
+    result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{adapter}/adapter_config.json: model 'base' is not on this machine" in result.output
+    assert "--base PATH" in result.output
+    result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1", "--max-new-tokens",
+                                       "3", "--base", str(tmp_path / "moved-base")])
+    assert result.exit_code == 0, result.output

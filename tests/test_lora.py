@@ -151,10 +151,10 @@ def test_lora_run_checkpoints_the_adapter_and_resumes(base, tmp_path, monkeypatc
     tokenizer = {"chat_template.jinja", "tokenizer.json", "tokenizer_config.json"}
     assert {p.name for p in ckpt.iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors",
-        "trainer_state.json", *tokenizer}
+        "trainer_state.json", "gft.json", *tokenizer}
     final = tmp_path / "full" / "final"  # what users hand on: the adapter and its tokenizer
     assert {p.name for p in final.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", *tokenizer}
+        "adapter_config.json", "adapter_model.safetensors", "gft.json", *tokenizer}
     adapter = read(final / "adapter_model.safetensors")
     last = tmp_path / "full" / "checkpoints" / "step-000004"  # where a resume reads AdamW
     assert set(read(last / "optimizer.safetensors")) == {

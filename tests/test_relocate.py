@@ -27,6 +27,7 @@ SMALL = ["--preset", "sft", "--set", "prompts_per_step=2", "--set", "prompts_per
          "--set", "save_every=1"]
 LORA = ["--set", "lora_rank=4", "--set", "lora_alpha=8"]
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
+RECORD = {"gft.json"}  # how the run rendered prompts, for a final/ copied out alone
 
 
 def gft(*args: str) -> str:
@@ -59,7 +60,7 @@ def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
     final = {p.name for p in Path("runs/demo/final").iterdir()}
     weights = {"adapter_config.json", "adapter_model.safetensors"} if lora else {
         "config.json", "model.safetensors", "generation_config.json"}
-    assert final == weights | TOKENIZER  # no optimizer, no trainer state
+    assert final == weights | TOKENIZER | RECORD  # no optimizer, no trainer state
     moved = tmp_path / "elsewhere" / "demo"
     shutil.copytree("runs/demo", moved)
     monkeypatch.chdir(second)
@@ -79,16 +80,36 @@ def test_a_copied_run_resumes_generates_evaluates_and_fuses_elsewhere(
     if lora:
         gft("fuse", f"{run}/final", "fused")
         assert (Path("fused") / "model.safetensors").is_file()
+        gft("convert", f"{run}/final", "mlx-adapter", "--to", "mlx-lm")
+        for out in ("fused", "mlx-adapter"):  # the prompts' format travels with the adapter
+            assert (Path(out) / "gft.json").read_text() == (moved / "final" / "gft.json").read_text()
         # the adapter alone, its base elsewhere: --base supplies it, the tokenizer travels
         shutil.copytree(moved / "final", "adapter")
         words = refused("generate", "adapter", "-p", "1", "--backend", backend)
         assert "base_model_name_or_path" in words and "--base" in words
-        # a lone adapter directory does not record how its run rendered prompts (final/
-        # inside its run does: config.yaml beside it), so it is told: plain, as trained
+        # a lone adapter directory renders prompts as its run did (gft.json): plain
         alone = gft("generate", "adapter", "--base", f"{run}/base-model", "-p",
-                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend,
-                    "--no-chat-template")
+                    "What is 1 plus 1?\nA:", "--max-new-tokens", "4", "--backend", backend)
         assert alone == text
+
+
+@pytest.mark.parametrize("chat_template", [None, True])
+def test_a_final_copied_out_alone_renders_prompts_as_its_run_trained(
+        tmp_path, monkeypatch, chat_template):
+    """final/ copied alone (another machine, a hub upload) has no config.yaml beside it:
+    gft generate and eval on it fell back to the tokenizer's template, which the default
+    job's tokenizer has and its plain-prompt run never used."""
+    from gft.rollout import trained_chat_template
+    monkeypatch.chdir(tmp_path)
+    extra = ["--set", "chat_template=true"] if chat_template else []
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL, *extra)
+    shutil.copytree("run/final", "elsewhere/model")
+    assert trained_chat_template("elsewhere/model") is bool(chat_template)
+    prompt = ["-p", "What is 1 plus 1?\nA:", "--max-new-tokens", "6", "--backend", "torch"]
+    assert gft("generate", "elsewhere/model", *prompt) == gft("generate", "run/final", *prompt)
+    ask = ["--data", "run/task", "--limit", "2", "--max-new-tokens", "4", "--backend", "torch",
+           "--json"]
+    assert gft("eval", "elsewhere/model", *ask) == gft("eval", "run/final", *ask)
 
 
 def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
@@ -97,9 +118,24 @@ def test_a_missing_path_names_the_key_and_the_option(tmp_path, monkeypatch):
     shutil.rmtree("run/task")
     words = refused("train", "--resume", "run", "--set", "max_steps=2")
     assert "data './task'" in words and "--data" in words
+    # the checkpoint holds the whole model: its base is not needed (next test); starting
+    # over from config.yaml (no checkpoint) it is
     shutil.rmtree("run/base-model")
+    shutil.rmtree("run/checkpoints")
     words = refused("train", "--resume", "run", "--set", "max_steps=2", "--data", "nowhere")
     assert "model './base-model'" in words and "--model" in words
+
+
+def test_a_run_copied_with_only_its_last_checkpoint_resumes(tmp_path, monkeypatch):
+    """A full fine-tune's checkpoint holds the whole model, yet a copy without the run's
+    base-model/ was refused: "model './base-model' is not on this machine"."""
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL)
+    shutil.copytree("run/checkpoints/step-000001", "copy/checkpoints/step-000001")
+    out = gft("train", "--resume", "copy", "--set", "max_steps=2", "--data", "run/task")
+    assert "(step 1)" in out and "final checkpoint" in out
+    saved = yaml.safe_load(Path("copy/config.yaml").read_text())
+    assert saved["model"] == "./base-model"  # kept as stored, for when it comes back
 
 
 def test_stored_paths(tmp_path, monkeypatch):
@@ -170,3 +206,126 @@ def test_stored_reward_files_inside_the_run_resolve_there(tmp_path):
     found = resolve_stored_extras(stored, run)
     assert found["rewards"] == {str(run / "r.py") + ":f": 1.0, "math": 0.5}
     assert found["eval_data"] == "test"
+
+
+@pytest.mark.parametrize("length", [["--max-steps", "1"], ["--set", "epochs=0.001"]])
+def test_resuming_a_finished_run_loads_nothing_and_keeps_final(tmp_path, monkeypatch, length):
+    """It said 'nothing to train' after loading the model, and re-exported final/."""
+    import backends
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", *length, *SMALL)
+    before = {f.name: f.stat() for f in Path("run/final").iterdir()}
+
+    def load_backend(*args, **kwargs):
+        raise AssertionError("a finished run loaded its model")
+    monkeypatch.setattr(backends, "load_backend", load_backend)
+    out = gft("train", "--resume", "run")
+    assert "note: nothing to train: the run has done 1 steps of its 1" in out
+    after = {f.name: f.stat() for f in Path("run/final").iterdir()}
+    assert {k: (s.st_ino, s.st_mtime_ns) for k, s in after.items()} \
+        == {k: (s.st_ino, s.st_mtime_ns) for k, s in before.items()}  # not rewritten
+    # killed between its last checkpoint and final/: the export is made, still unloaded
+    shutil.rmtree("run/final")
+    gft("train", "--resume", "run")
+    assert {f.name for f in Path("run/final").iterdir()} == set(before)
+
+
+def test_the_quantized_base_record_names_its_base_from_final_and_converted_copies(tmp_path):
+    """base_quantization.json's base_model, stored relative to the adapter when the base
+    lies inside the run, was copied as is into final/ (one level up) and by gft convert:
+    it then named a directory that is not the base. gft fuse's note reads it."""
+    from gft.quant import BASE_QUANT_FILE, read_base_record, write_base_record
+    from gft.run import export_final
+    run = tmp_path / "run"
+    base = run / "base-4bit"
+    base.mkdir(parents=True)
+    step = run / "checkpoints" / "step-000001"
+    step.mkdir(parents=True)
+    (step / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": base_for_adapter(str(base), step)}))
+    write_base_record(step, {"base_model": str(base), "format": "mlx-lm", "description": "4-bit"})
+    assert json.loads((step / BASE_QUANT_FILE).read_text())["base_model"] == "../../base-4bit"
+    export_final(step, run / "final")
+    assert json.loads((run / "final" / BASE_QUANT_FILE).read_text())["base_model"] \
+        == "../base-4bit"
+    for adapter in (step, run / "final"):
+        assert Path(read_base_record(adapter)["base_model"]).resolve() == base.resolve()
+
+
+def test_a_resume_that_changes_what_the_checkpoint_fixes_is_refused(tmp_path, monkeypatch):
+    """`--set lora_rank=4` on resuming a full fine-tune failed on 'no optimizer state for
+    parameter ...lora_A.weight (checkpoint from a different model?)'; `--set seed=5` was
+    taken in silence and re-drew the rest of the epoch in another order."""
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL)
+    state = "run/checkpoints/step-000001/trainer_state.json"
+    for key, value, saved in (("lora_rank", "4", "0"), ("seed", "5", "0")):
+        words = refused("train", "--resume", "run", "--set", "max_steps=2", "--set",
+                        f"{key}={value}")
+        assert f"{key}: cannot change on resume ({saved} in {state}, {value} asked)" in words
+        assert f"--model run/checkpoints/step-000001 -o NEW_RUN --set {key}=" in words
+    # what may change does: the learning rate, the data path on a new machine
+    out = gft("train", "--resume", "run", "--set", "max_steps=2", "--set", "seed=0",
+              "--set", "learning_rate=1e-4", "--data", "run/task")
+    assert "(step 1)" in out and "final checkpoint" in out
+
+
+def test_resuming_on_data_with_another_row_count_says_so(tmp_path, monkeypatch):
+    """--data on a resume (the data moved) took any file in silence, also one with other
+    rows, whose seeded order the saved data position does not count."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes"} for i in range(6)]
+    Path("train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    Path("moved.jsonl").write_text(Path("train.jsonl").read_text())
+    Path("other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data",
+        "train.jsonl", *SMALL)
+    out = gft("train", "--resume", "run", "--set", "max_steps=2", "--data", "moved.jsonl")
+    assert "the run trained on" not in out  # the same rows at a new path
+    out = gft("train", "--resume", "run", "--set", "max_steps=3", "--data", "other.jsonl")
+    assert ("warning: other.jsonl has 4 training rows, the run trained on 6 up to its "
+            "checkpoint (at row 4 of epoch 1)") in " ".join(out.split())
+
+
+def test_a_run_on_chat_messages_is_prompted_with_the_chat_template(tmp_path, monkeypatch):
+    """TRL's conversational rows are always rendered with the chat template; with
+    chat_template unset, `gft generate runs/x/final -p TEXT` sent the string raw, a
+    prompt unlike every one the model trained on."""
+    from gft.rollout import trained_chat_template
+    monkeypatch.chdir(tmp_path)
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(2)]
+    Path("chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "chat.jsonl",
+        *SMALL)
+    assert yaml.safe_load(Path("run/config.yaml").read_text())["chat_template"] is None
+    assert trained_chat_template("run/final") is True
+
+
+def test_eval_data_and_reward_files_left_behind_say_how_to_give_their_new_place(
+        tmp_path, monkeypatch):
+    """A run copied without the eval_data and reward files it names (absolute paths on
+    the first machine) stopped on 'reward file not found: /...' or 'eval_data: no such
+    file or directory', neither naming the key to set on the resume."""
+    start = tmp_path / "project"
+    start.mkdir()
+    monkeypatch.chdir(start)
+    Path("r.py").write_text("def f(completions, **kw):\n    return [1.0 for c in completions]\n")
+    rows = [{"prompt": f"Q{i}: say yes\nA:", "completion": " yes"} for i in range(4)]
+    for name in ("train.jsonl", "held.jsonl"):
+        Path(name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "train.jsonl",
+        *SMALL, "--set", "rewards=[r.py:f]", "--set", "eval_data=held.jsonl")
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(start, elsewhere)
+    shutil.rmtree(start)
+    monkeypatch.chdir(elsewhere)
+    resume = ["train", "--resume", "run", "--set", "max_steps=2", "--data", "train.jsonl"]
+    words = refused(*resume)
+    assert f"eval_data '{start / 'held.jsonl'}' is not on this machine" in words
+    assert "--set eval_data=" in words
+    words = refused(*resume, "--set", "eval_data=held.jsonl")
+    assert f"rewards '{start / 'r.py'}' is not on this machine" in words
+    assert "--set rewards=" in words
+    out = gft(*resume, "--set", "eval_data=held.jsonl", "--set", "rewards=[r.py:f]")
+    assert "(step 1)" in out and "final checkpoint" in out
