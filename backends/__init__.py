@@ -90,13 +90,13 @@ def load_backend(name: str, model_path: str, *, dtype: str = "float32", device: 
                      parallel=parallel, comm=comm, rollout_engine=rollout_engine,
                      mixed_precision=mixed_precision, rollout_graphs=rollout_graphs,
                      stop=stop, logits_chunk=logits_chunk, load_in_4bit=load_in_4bit,
-                     train=train)
+                     disable_dropout=disable_dropout, train=train)
 
 
 def _load(name: str, model_path: str, *, base, lora, dtype, device, optim, seed,
           trust_remote_code, gradient_checkpointing, shard_size, parallel, comm,
           rollout_engine, mixed_precision, rollout_graphs, stop, logits_chunk,
-          load_in_4bit, train) -> Backend:
+          load_in_4bit, disable_dropout, train) -> Backend:
     from gft.lora import resolve_adapter
     from gft.quant import check_loadable
     model_path, adapter, lora = resolve_adapter(model_path, base, lora)
