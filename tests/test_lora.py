@@ -476,7 +476,7 @@ def test_a_checkpoint_saved_in_4bit_trains_lora_only_on_torch(base, tmp_path):
     assert result.exit_code == 2 and "--base DIR" in result.output, result.output
     out = cli("fuse", str(final), str(tmp_path / "fused"), "--base", str(base))
     assert "4 adapted weights fused" in out  # q_proj, v_proj in 2 layers
-    assert "trained over a bitsandbytes 4-bit nf4 base" in out
+    assert "bitsandbytes 4-bit nf4; fused into" in out
     # the 4-bit checkpoint in floating point: transformers' dequantize(), loadable by
     # mlx-lm, and NF4's rounding away from the model it was made from (said in a note)
     out = cli("convert", str(saved), str(tmp_path / "float"), "--dequantize")
