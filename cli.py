@@ -322,6 +322,12 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     rows = load_split(data, split, answer_column=answer_column)[:limit]
+    from gft.data import is_data_file
+    if is_data_file(data) and click.get_current_context().get_parameter_source("split") \
+            is not click.core.ParameterSource.DEFAULT:
+        # a file is one split: --split test over train.jsonl would score the training rows
+        click.echo(f"note: {data} is one file, all of it evaluated; --split {split} picks a "
+                   "split of a data directory", err=True)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:  # a gft run's model: its prompts as it was trained
         from gft.rollout import trained_chat_template

@@ -87,6 +87,20 @@ def test_eval_reads_trl_data_with_a_solution_column_and_rewards_with_options(mod
     assert json.loads(result.output.strip().splitlines()[-1])["rewards/regex"] == 1.0
 
 
+def test_eval_split_over_one_file_says_the_whole_file_is_scored(model_dir, tmp_path):
+    """--split test over train.jsonl scored the training rows as if held out, in silence."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                            for i in range(2)))
+    args = ["eval", str(model_dir), "--data", str(data), "--max-new-tokens", "2", "--json"]
+    said = CliRunner().invoke(main, [*args, "--split", "test"])
+    assert said.exit_code == 0, said.output
+    assert f"note: {data} is one file, all of it evaluated; --split test" in said.output
+    assert json.loads(said.output.strip().splitlines()[-1])["n"] == 2
+    default = CliRunner().invoke(main, args)  # the default split: nothing to say
+    assert default.exit_code == 0 and "note:" not in default.output
+
+
 def test_unknown_key_is_one_line_with_suggestion():
     result = CliRunner().invoke(main, ["train", "--set", "learnig_rate=1"])
     assert result.exit_code == 2
