@@ -4,6 +4,9 @@ Accepted inputs (see `load_split`):
 - a `.jsonl` file, or a directory in mlx-lm layout (`train.jsonl`, `valid.jsonl`, `test.jsonl`);
 - `{split}.json` (a JSON array of rows, or JSON Lines as `datasets.Dataset.to_json` writes),
   `{split}.parquet` and `{split}.csv` files, or a single such file;
+- any of these JSON, JSON Lines and CSV files gzip-compressed (`.jsonl.gz`, as
+  `Dataset.to_json(..., compression="gzip")` writes and the Hugging Face hub serves), and
+  extensions in any case (`.JSONL`);
 - a directory written by `datasets.save_to_disk` (a DatasetDict, or one Dataset = "train").
 
 A row holds `prompt` (a string or chat messages) or `messages` (a chat whose final
@@ -12,6 +15,9 @@ assistant turn is the demonstration), optional off-policy responses (`completion
 data), an optional `answer` (or the column named by `answer_column`), and any other
 columns, which are passed to reward functions by name. These are TRL's prompt-only,
 prompt-completion and `messages` dataset types, standard and conversational.
+
+JSON Lines may end lines with LF, CRLF or a lone CR (classic Mac OS): a raw CR cannot
+occur inside a JSON value, so each is a line break, counted as an editor counts it.
 
 Every problem is a one-line `DataError` naming the file, the line (1-based for JSON Lines,
 the 0-based row index for other formats) and the field. No row is ever dropped silently:
@@ -23,10 +29,13 @@ imported only when such a file is read.
 """
 from __future__ import annotations
 
+import contextlib
 import decimal
+import gzip
 import json
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,7 +45,7 @@ from gft.types import Example
 # A requested split name -> the file stems and DatasetDict keys that may hold it.
 # mlx-lm calls the validation split "valid"; Hugging Face calls it "validation".
 _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "validation")}
-_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
 # Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
 _RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state")
@@ -60,7 +69,7 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
     path = Path(path)
     if path.is_dir():
         return _load_from_directory(path, split, required, answer_column)
-    if path.suffix not in _EXTENSIONS:
+    if _extension(path) is None:
         if not path.exists():
             raise DataError("no such file or directory", path=str(path))
         raise DataError(f"unsupported data file type '{path.suffix}'; expected one of "
@@ -74,7 +83,15 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
 
 def is_data_file(path: str | os.PathLike) -> bool:
     """A single data file (one split only), as opposed to a directory of splits."""
-    return Path(path).suffix in _EXTENSIONS and not Path(path).is_dir()
+    return _extension(Path(path)) is not None and not Path(path).is_dir()
+
+
+def _extension(path: Path) -> str | None:
+    """Which of _EXTENSIONS the file name ends with, in any case (".JSONL" from Windows
+    tools, ".jsonl.gz"), lower-cased; None for another file type."""
+    name = path.name.lower()
+    matches = [ext for ext in _EXTENSIONS if name.endswith(ext) and len(name) > len(ext)]
+    return max(matches, key=len) if matches else None
 
 
 def example_from_row(row: Any, *, path: str, line: int,
@@ -206,8 +223,10 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                          answer_column: str = "answer") -> list[Example]:
     """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
     stems = _SPLIT_NAMES.get(split, (split,))
-    found = [directory / (stem + ext) for stem in stems for ext in _EXTENSIONS
-             if (directory / (stem + ext)).is_file()]
+    wanted = {stem + ext for stem in stems for ext in _EXTENSIONS}
+    # matched in any case (train.JSONL), as a case-insensitive file system (macOS) would
+    found = sorted(entry for entry in directory.iterdir()
+                   if entry.name.lower() in wanted and entry.is_file())
     if len(found) > 1:
         # Two candidates could hold different data: refuse to guess which one is meant.
         raise DataError(f"several files for split '{split}': "
@@ -225,22 +244,52 @@ def _load_from_directory(directory: Path, split: str, required: bool,
 
 def _read_file(path: Path) -> Iterator[_Row]:
     """Decoded rows of one data file, by extension."""
-    if path.suffix == ".jsonl":
+    extension = _extension(path).removesuffix(".gz")
+    if extension == ".jsonl":
         return _read_jsonl(path)
-    if path.suffix == ".json":
+    if extension == ".json":
         return _read_json(path)
-    if path.suffix == ".csv":
+    if extension == ".csv":
         # Checked here for exact line numbers; pandas reports neither well.
-        if not _decode_utf8(path.read_bytes(), str(path)).strip():
+        if not _decode_utf8(_read_bytes(path), str(path)).strip():
             return iter(())
         return _read_with_datasets(path, "csv")
     return _read_with_datasets(path, "parquet")
 
 
+def _open(path: Path) -> Any:
+    """The file's bytes as a binary stream, decompressed when its name ends in .gz."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _read_bytes(path: Path) -> bytes:
+    with _open(path) as handle, _gzip_errors(path):
+        return handle.read()
+
+
+@contextlib.contextmanager
+def _gzip_errors(path: Path) -> Iterator[None]:
+    """A damaged or truncated .gz file (or a plain file named .gz) as one DataError. No
+    line: gzip decompresses ahead of the line being read, so it would be a guess."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"cannot decompress the gzip file: {_one_line(exc)}",
+                        path=str(path)) from exc
+
+
+def _lines(handle: Any) -> Iterator[bytes]:
+    """The lines of a binary stream without their ends: LF, CRLF or a lone CR (the line
+    end of classic Mac OS, which read as one long line failed with "Extra data")."""
+    for raw in handle:
+        raw = raw.removesuffix(b"\n").removesuffix(b"\r")
+        yield from raw.split(b"\r")
+
+
 def _read_jsonl(path: Path) -> Iterator[_Row]:
-    """(line number, object) for each non-blank line; lines are split on b"\\n" only."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+    """(line number, object) for each non-blank line."""
+    with _open(path) as handle, _gzip_errors(path):
+        for number, raw in enumerate(_lines(handle), start=1):
             text = _decode_utf8(raw, str(path), first_line=number)
             if number == 1:
                 text = text.removeprefix("\ufeff")  # editors on Windows add a BOM
@@ -250,7 +299,7 @@ def _read_jsonl(path: Path) -> Iterator[_Row]:
 
 def _read_json(path: Path) -> Iterator[_Row]:
     """A JSON array of rows; or JSON Lines (what `Dataset.to_json` writes to `.json`)."""
-    text = _decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff")
+    text = _decode_utf8(_read_bytes(path), str(path)).removeprefix("\ufeff")
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -288,7 +337,8 @@ def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
             # what Windows PowerShell 5's `>` and Out-File write: name it, not byte 0xff
             raise DataError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
                             "re-save it as UTF-8", path=path, line=1) from exc
-        line = first_line + data.count(b"\n", 0, exc.start)
+        before = data[:exc.start]  # line ends as _lines counts them: LF, CRLF, CR
+        line = first_line + before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n")
         raise DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the "
                         "file as UTF-8", path=path, line=line) from exc
 

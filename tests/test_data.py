@@ -2,6 +2,7 @@
 a property test that the JSONL loader only ever raises DataError, and prompt rendering."""
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import tempfile
@@ -60,6 +61,69 @@ def test_jsonl_with_bom_and_crlf(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
     assert [e.prompt for e in load_split(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_cr_only_line_ends_are_line_breaks_counted_as_lines(tmp_path, suffix):
+    """Classic Mac OS ends lines with a lone CR: the file read as one line failed with
+    'malformed JSON: Extra data'. Mixed ends count as an editor counts them."""
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "b"}\r\n\r{"prompt": "c"}\n'
+                     b'{"prompt": 5}\r')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"d{suffix}:5", "'prompt'")
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "b"}\r\r{"prompt": "c"}\r')
+    assert [e.source for e in load_split(path)] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "\xe9"}\r')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"d{suffix}:2", "UTF-8")
+
+
+@pytest.mark.parametrize("name", ["d.JSONL", "d.Json", "d.jsonl.gz", "d.json.gz",
+                                  "D.JSONL.GZ"])
+def test_upper_case_and_gzip_file_names(tmp_path, name):
+    """What Windows tools and the Hugging Face hub name files; `.gz` is what
+    `Dataset.to_json(..., compression="gzip")` writes. Line numbers stay exact."""
+    path = tmp_path / name
+    data = b'{"prompt": "a", "answer": 1}\n\n{"prompt": "b"}\n'
+    path.write_bytes(gzip.compress(data) if name.lower().endswith(".gz") else data)
+    examples = load_split(path)
+    assert [(e.prompt, e.answer, e.source) for e in examples] == [
+        ("a", "1", f"{path}:1"), ("b", None, f"{path}:3")]
+    bad = data + b'{"prompt": 5}\n'
+    path.write_bytes(gzip.compress(bad) if name.lower().endswith(".gz") else bad)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"{name}:4", "'prompt'")
+
+
+def test_gzip_split_files_in_a_directory(tmp_path):
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "t"}\n'))
+    (tmp_path / "TEST.JSON").write_text(json.dumps([{"prompt": "e"}]))
+    assert load_split(tmp_path)[0].prompt == "t"
+    assert load_split(tmp_path, "test")[0].prompt == "e"
+    (tmp_path / "train.jsonl").write_text('{"prompt": "other"}\n')
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, "train.jsonl", "train.jsonl.gz", "keep one")
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": "a"}\n',  # not compressed at all
+                                     gzip.compress(b'{"prompt": "a"}\n' * 50)[:-30]])
+def test_a_damaged_gzip_file_is_a_data_error(tmp_path, content):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl.gz", "cannot decompress the gzip file")
+
+
+def test_gzip_csv(tmp_path, datasets):
+    path = tmp_path / "d.csv.gz"
+    path.write_bytes(gzip.compress(b"prompt,answer\nwhat?,7\n"))
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [("what?", "7")]
 
 
 def test_messages_final_assistant_is_the_demonstration(tmp_path):
