@@ -268,6 +268,29 @@ def test_tensor_values_accepted_as_trl_accepts_them(make):
     assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
 
 
+def test_a_function_signature_is_read_once(monkeypatch):
+    """inspect.signature ran twice per function on every batch; it is read once, and
+    again only for a function put in its place."""
+    import inspect
+
+    def first(completions, answer):
+        return [1.0] * len(completions)
+
+    def second(completions, **kwargs):
+        return [2.0] * len(completions)
+    model = model_with(first)
+    calls, real = [], inspect.signature
+    monkeypatch.setattr(inspect, "signature",
+                        lambda f, *a, **k: calls.append(f) or real(f, *a, **k))
+    for _ in range(3):
+        assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
+    assert calls == [first]
+    model.functions = [second]
+    for _ in range(2):
+        assert score(model, ["a"], [None]).total.tolist() == [2.0]
+    assert calls == [first, second]
+
+
 # ---------------------------------------------------------------------------------------
 # A misbehaving reward function: each error names it
 
