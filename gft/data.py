@@ -2,7 +2,8 @@
 
 Accepted inputs (see `load_split`):
 - a `.jsonl` file, or a directory in mlx-lm layout (`train.jsonl`, `valid.jsonl`, `test.jsonl`);
-- `{split}.json` (a JSON array of rows, or JSON Lines as `datasets.Dataset.to_json` writes),
+- `{split}.json` (a JSON array of rows, JSON Lines as `datasets.Dataset.to_json` writes,
+  or an object of columns as pandas writes one),
   `{split}.parquet` and `{split}.csv` files, or a single such file;
 - any of these JSON, JSON Lines and CSV files gzip-compressed (`.jsonl.gz`, as
   `Dataset.to_json(..., compression="gzip")` writes and the Hugging Face hub serves), and
@@ -125,9 +126,12 @@ def example_from_row(row: Any, *, path: str, line: int,
         raise fail("prompt", "missing: a row with only 'text' (TRL's language-modeling "
                              "type) has no prompt to answer; give 'prompt' and "
                              "'completion', or 'messages'")
+    elif "prompt" in row or "messages" in row:
+        raise fail("prompt" if "prompt" in row else "messages",
+                   "missing: null (an empty cell); every row needs a prompt")
     else:
         raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
-                             "or 'messages' (a chat)")
+                             "or 'messages' (a chat)" + _what_it_has(row))
     responses, response_field = _parse_responses(row, fail)
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
@@ -311,10 +315,42 @@ def _read_json(path: Path) -> Iterator[_Row]:
         raise DataError(f"malformed JSON: {_one_line(exc)}", path=str(path)) from exc
     if isinstance(document, list):
         return iter(enumerate(document))
-    if isinstance(document, dict) and len([s for s in text.splitlines() if s.strip()]) == 1:
-        return iter([(1, document)])
-    raise DataError("expected a JSON array of rows, or one JSON object per line, "
-                    f"got {_type_name(document)}", path=str(path))
+    if isinstance(document, dict):
+        table = _column_table(document, path)
+        if table is not None:
+            return iter(enumerate(table))
+        if len([s for s in text.splitlines() if s.strip()]) == 1:
+            return iter([(1, document)])
+    raise DataError("expected a JSON array of rows, one JSON object per line, or an object "
+                    f"of columns, got {_type_name(document)} (pandas: write it with "
+                    "to_json(path, orient='records', lines=True))", path=str(path))
+
+
+def _column_table(document: dict, path: Path) -> list[dict] | None:
+    """The rows of a JSON object of columns, as pandas reads one: {"prompt": [...],
+    "answer": [...]} (`json.dump(df.to_dict("list"))`), or {"prompt": {"0": ..., "1":
+    ...}, ...} (what `DataFrame.to_json(path)` writes by default, orient="columns"); a
+    row each, in order. None when `document` is a row: its prompt is a string or chat
+    messages (objects), never a list of prompts or an object."""
+    key = next((k for k in ("prompt", "messages") if document.get(k) is not None), None)
+    column = document.get(key)
+    if isinstance(column, list) and column and not any(isinstance(v, dict) for v in column):
+        labels: list[Any] = list(range(len(column)))
+        kind = list
+    elif isinstance(column, dict):
+        labels, kind = list(column), dict
+    else:
+        return None
+    for name, values in document.items():
+        if not isinstance(values, kind) or len(values) != len(labels) \
+                or (kind is dict and set(values) != set(labels)):
+            shape = f"{len(values)} values" if isinstance(values, (list, dict)) \
+                else _type_name(values)
+            raise DataError(f"an object of columns whose column '{name}' ({shape}) does not "
+                            f"match column '{key}' ({len(labels)} "
+                            f"{'values' if kind is list else 'index labels'})",
+                            path=str(path), field=name)
+    return [{name: values[label] for name, values in document.items()} for label in labels]
 
 
 def _parse_json(text: str, path: str, line: int) -> Any:
@@ -401,6 +437,26 @@ def _examples_from_rows(rows: Iterable[_Row], path: str,
 
 # ---------------------------------------------------------------------------------------
 # Validating fields
+
+
+# Columns of other common data formats that hold the prompt, and what to do with them.
+_FOREIGN_PROMPTS = {
+    "conversations": "ShareGPT's 'conversations' hold from/value turns: convert them to "
+                     "'messages' with role/content turns",
+    "instruction": "Alpaca's instruction/input/output: give instruction and input as "
+                   "'prompt', output as 'completion'",
+    **{name: f"rename '{name}' to 'prompt'" for name in ("question", "problem", "query")},
+}
+
+
+def _what_it_has(row: dict) -> str:
+    """'; the row has: ...' (names quoted, so that 'prompt ' from a CSV header with a
+    space shows its space), and how to map a known foreign format's prompt column."""
+    names = [repr(str(key)) for key in row]
+    has = "; the row has " + (", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                              if names else "no columns")
+    hints = [hint for key, hint in _FOREIGN_PROMPTS.items() if row.get(key) is not None]
+    return has + (f" ({hints[0]})" if hints else "")
 
 
 def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:

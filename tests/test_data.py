@@ -235,6 +235,53 @@ def test_json_errors(tmp_path):
     assert_error(excinfo, "scalar.json", "JSON array")
 
 
+def test_json_object_of_columns(tmp_path):
+    """A JSON object of columns, as `json.dump(df.to_dict("list"))` writes: one row per
+    index (it was one row whose prompt was a list, 'got string' for prompt[0])."""
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"prompt": ["x", [{"role": "user", "content": "y"}]],
+                                "answer": [1, None], "level": ["a", "b"]}))
+    examples = load_split(path)
+    assert [(e.prompt, e.answer, e.columns, e.source) for e in examples] == [
+        ("x", "1", {"level": "a"}, f"{path}:0"),
+        ([{"role": "user", "content": "y"}], None, {"level": "b"}, f"{path}:1")]
+    # a row whose prompt is a chat is still one row, even with lists of the same length
+    row = {"prompt": CHAT, "completions": ["4", "four"]}
+    path.write_text(json.dumps(row))
+    assert [e.responses for e in load_split(path)] == [("4", "four")]
+    path.write_text(json.dumps({"prompt": ["x", "y"], "answer": [1]}))
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "cols.json", "field 'answer'", "(1 values)", "'prompt' (2 values)")
+
+
+def test_pandas_to_json_default_orient_is_read(tmp_path):
+    """`DataFrame.to_json(path)` writes orient="columns": {"prompt": {"0": ...}, ...}."""
+    pandas = pytest.importorskip("pandas")
+    path = tmp_path / "train.json"
+    pandas.DataFrame({"prompt": ["x", "y", "z"], "answer": [1, 2, None]}).to_json(path)
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [
+        ("x", "1"), ("y", "2"), ("z", None)]
+    pandas.DataFrame({"prompt": ["x"]}).to_json(path, orient="index", indent=1)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "train.json", "orient='records', lines=True")
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"conversations": [{"from": "human", "value": "hi"}]}, ["ShareGPT", "'messages'"]),
+    ({"instruction": "hi", "input": "", "output": "yo"}, ["Alpaca", "'completion'"]),
+    ({"problem": "1+1", "solution": "2"}, ["rename 'problem' to 'prompt'"]),
+    ({"prompt ": "a space from a CSV header"}, ["the row has 'prompt '"]),
+    ({"prompt": None, "answer": 1}, ["null (an empty cell)"]),
+])
+def test_a_missing_prompt_says_what_the_row_has(tmp_path, row, words):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:1", "field 'prompt'", "missing", *words)
+
+
 ROWS = [{"prompt": "x", "answer": 1, "completions": ["a", "b"]},
         {"prompt": "y", "answer": 2, "completions": ["c"]}]
 
