@@ -5,6 +5,7 @@ Accepted inputs (see `load_split`):
 - `{split}.json` (a JSON array of rows, JSON Lines as `datasets.Dataset.to_json` writes,
   or an object of columns as pandas writes one),
   `{split}.parquet` and `{split}.csv` files, or a single such file;
+- CSV separated by commas, or by semicolons or tabs when its header line has no comma;
 - any of these JSON, JSON Lines and CSV files gzip-compressed (`.jsonl.gz`, as
   `Dataset.to_json(..., compression="gzip")` writes and the Hugging Face hub serves), and
   extensions in any case (`.JSONL`);
@@ -255,10 +256,21 @@ def _read_file(path: Path) -> Iterator[_Row]:
         return _read_json(path)
     if extension == ".csv":
         # Checked here for exact line numbers; pandas reports neither well.
-        if not _decode_utf8(_read_bytes(path), str(path)).strip():
+        text = _decode_utf8(_read_bytes(path), str(path))
+        if not text.strip():
             return iter(())
-        return _read_with_datasets(path, "csv")
+        return _read_with_datasets(path, "csv", sep=_csv_delimiter(text))
     return _read_with_datasets(path, "parquet")
+
+
+def _csv_delimiter(text: str) -> str:
+    """',' unless the header line has none and has ';' (what Excel writes where the
+    decimal mark is a comma) or a tab: read with commas, such a file was one column
+    named 'prompt;answer' and every row lacked its prompt."""
+    header = text.removeprefix("\ufeff").splitlines()[0]
+    if "," in header:
+        return ","
+    return next((sep for sep in (";", "\t") if sep in header), ",")
 
 
 def _open(path: Path) -> Any:
@@ -389,12 +401,12 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _read_with_datasets(path: Path, kind: str) -> Iterator[_Row]:
+def _read_with_datasets(path: Path, kind: str, **options: Any) -> Iterator[_Row]:
     """Rows of a Parquet or CSV file, via `datasets`, with their 0-based index."""
     datasets = _import_datasets()
     reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_csv
     try:
-        dataset = reader(str(path))
+        dataset = reader(str(path), **options)
     except Exception as exc:  # corrupt file, bad CSV quoting, ...: report, never crash
         if "corresponds to no data" in str(exc):  # how datasets says "zero rows"
             return iter(())

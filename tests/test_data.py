@@ -309,6 +309,17 @@ def test_csv_file(tmp_path, datasets):
         ("what?", "7", {"level": "easy"}), ("why?", None, {"level": "hard"})]
 
 
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs(tmp_path, datasets, sep):
+    """Excel writes ';' where the decimal mark is a comma: read with ',', the file was one
+    column 'prompt;answer' and every row 'missing' its prompt."""
+    path = tmp_path / "d.csv"
+    path.write_text(f"\ufeffprompt{sep}answer\nwhat, then?{sep}1,5\nwhy?{sep}\n",
+                    encoding="utf-8")
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [
+        ("what, then?", "1,5"), ("why?", None)]
+
+
 def test_csv_non_utf8_names_line(tmp_path, datasets):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
