@@ -440,6 +440,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
     if not cfg.answer_column.strip():
         raise ConfigError("'answer_column' must name a column")
+    if not cfg.eval_split.strip():
+        raise ConfigError("'eval_split' must name a split")
+    for name in PATH_KEYS:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and not value.strip():
+            # Path("") is the working directory: `data: ""` trained on ./train.jsonl
+            raise ConfigError(f"'{name}' is an empty string; give a path, or null (or no "
+                              "key) to leave it unset")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")

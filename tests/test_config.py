@@ -50,6 +50,12 @@ def test_unknown_key_suggests(tmp_path):
     ({"temperature": 0}, r"^'temperature' must be > 0 \(rollouts sample\), got 0.0$"),
     ({"learning_rate": -1e-5}, r"^'learning_rate' must be > 0, got -1e-05$"),
     ({"top_p": 1.5}, r"^'top_p' must be in \(0, 1\], got 1.5$"),
+    # Path("") is the working directory: `data: ""` trained on ./train.jsonl in silence
+    ({"data": ""}, r"^'data' is an empty string; give a path, or null"),
+    ({"model": " "}, r"^'model' is an empty string"),
+    ({"output_dir": ""}, r"^'output_dir' is an empty string"),
+    ({"eval_data": ""}, r"^'eval_data' is an empty string"),
+    ({"eval_split": ""}, r"^'eval_split' must name a split$"),
 ])
 def test_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
