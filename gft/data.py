@@ -576,6 +576,8 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
+        if math.isinf(value):  # JSON's Infinity literal, which json.loads accepts
+            raise fail(field, f"must be a finite number, got {value}")
         # 42.0 (an integer column with gaps becomes float) should read as "42", and
         # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
         return str(int(value)) if value.is_integer() else _positional(value)

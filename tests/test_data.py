@@ -424,6 +424,7 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"prompt": "p", "answer": [1]}, "answer", "got array"),
     ({"prompt": "p", "answer": {"x": 1}}, "answer", "got object"),
     ({"prompt": "p", "answer": True}, "answer", "bool"),
+    ({"prompt": "p", "answer": float("-inf")}, "answer", "finite number, got -inf"),
     # JSON may escape half a surrogate pair; the tokenizer then crashed with a TypeError
     ({"prompt": "x\ud83d"}, "prompt", "half of a UTF-16 surrogate pair (\\ud83d at character 1)"),
     ({"prompt": "p", "completion": "\udfff"}, "completion", "surrogate"),
