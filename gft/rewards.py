@@ -528,10 +528,16 @@ def _check_values(name: str, returned: Any, n: int,
             raise RewardError(f"reward '{name}' returned {type(value).__name__} "
                               f"{value!r:.40} for {_source(sources, index)}; expected a "
                               "float or None")
-        if not math.isfinite(float(value)):
-            raise RewardError(f"reward '{name}' returned {float(value)} for "
-                              f"{_source(sources, index)}; rewards must be finite")
-        values[index] = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int or Fraction past float's range
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            raise RewardError(f"reward '{name}' returned {number} for "
+                              f"{_source(sources, index)}; rewards must be finite"
+                              + (" (return None where a reward does not apply)"
+                                 if math.isnan(number) else ""))
+        values[index] = number
     return values
 
 

@@ -312,6 +312,10 @@ def raises(prompts, completions, **columns):
     (lambda completions, **k: [1.0], ["returned 1 values", "expected 2"]),
     (lambda completions, **k: [1.0, float("nan")], ["nan", "d.jsonl:2", "finite"]),
     (lambda completions, **k: [float("inf"), 1.0], ["inf", "d.jsonl:1"]),
+    (lambda completions, **k: [1.0, np.nan], ["nan", "return None where a reward does not"]),
+    # float() of an int past 1.8e308 raised OverflowError (a traceback)
+    (lambda completions, **k: [1, -10 ** 400], ["-inf", "d.jsonl:2", "finite"]),
+    (lambda completions, **k: [Fraction(10 ** 400), 1], ["inf", "d.jsonl:1", "finite"]),
     (lambda completions, **k: [1.0, "1.0"], ["returned str", "d.jsonl:2", "float or None"]),
     (lambda completions, **k: [[1.0], 1.0], ["returned list", "d.jsonl:1"]),
 ])
