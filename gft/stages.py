@@ -66,3 +66,24 @@ def describe(stages: list[Stage]) -> str:
         f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})"
         + (f", extended by {s.extended} step{'s' * (s.extended > 1)} (max_steps={s.end} is "
            f"beyond the plan's {s.end - s.extended})" if s.extended else "") for s in stages)
+
+
+def repeated_rows(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> str | None:
+    """A warning when a stage's step draws more prompts than there are training rows:
+    the sampler then wraps round the data inside the step, so every row is drawn several
+    times per step, and `epochs` (steps = epochs x rows / prompts_per_step, at least 1)
+    runs many passes where it says one. TRL would give a smaller batch, mlx-lm refuses
+    such a data set; here the step is kept as configured, and said."""
+    big = [s for s in stages if s.cfg.prompts_per_step > n_rows]
+    if not big:
+        return None
+    stage, rows = big[0], f"{n_rows} training row{'s' * (n_rows != 1)}"
+    times = stage.cfg.prompts_per_step / n_rows
+    where = f"stage {stage.index + 1} ({stage.name}): " if cfg.stages else ""
+    by_epochs = "" if cfg.max_steps is not None or cfg.stages else (
+        f" (epochs={cfg.epochs:g} makes {stage.end} step{'s' * (stage.end != 1)}: "
+        f"{stage.end * times:.3g} passes over the data)")
+    return (f"warning: {where}prompts_per_step={stage.cfg.prompts_per_step} is more than the "
+            f"{rows}, so each step draws every row about {times:.3g} times{by_epochs}; for "
+            f"one pass per step set prompts_per_step (and prompts_per_minibatch) to at most "
+            f"{n_rows}")

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cli import main
 from gft.config import build_config
-from gft.stages import describe, plan_stages
+from gft.loop import total_steps
+from gft.stages import describe, plan_stages, repeated_rows
 
 STAGES = {"stages": [{"sft": 3}, {"preset": "gft", "steps": 2, "learning_rate": 1e-3}],
           "model": "m", "data": "d"}
@@ -89,3 +90,19 @@ def test_a_stage_cannot_set_what_the_run_reads_once(key, value):
                                           r"run, not per stage$"):
         build_config({"model": "m", "stages": [{"sft": 1}, {"preset": "grpo", "steps": 1,
                                                              key: value}]})
+
+
+def test_a_step_larger_than_the_data_is_said():
+    """prompts_per_step=128 (the default) on 10 rows drew every row ~13 times in one
+    step, and epochs: 1 ran 12.8 passes, in silence."""
+    cfg = build_config({"model": "m", "data": "d", "preset": "sft"})
+    stages = plan_stages(cfg, total_steps(cfg, 10))
+    assert repeated_rows(cfg, stages, 10) == (
+        "warning: prompts_per_step=128 is more than the 10 training rows, so each step draws "
+        "every row about 12.8 times (epochs=1 makes 1 step: 12.8 passes over the data); for "
+        "one pass per step set prompts_per_step (and prompts_per_minibatch) to at most 10")
+    assert repeated_rows(cfg, stages, 128) is None
+    staged = build_config({**STAGES, "prompts_per_step": 4, "prompts_per_minibatch": 4})
+    note = repeated_rows(staged, plan_stages(staged, 1), 2)
+    assert note.startswith("warning: stage 1 (sft): prompts_per_step=4 is more than the 2 "
+                           "training rows, so each step draws every row about 2 times;")
