@@ -67,6 +67,12 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
     no row has one it would make zero updates and still write final/: an error. If only
     some rows lack one, they are drawn into steps and train nothing: a warning that counts
     them (no row is left out silently). Said before the model loads."""
+    empty = _rows_with_empty_responses(cfg, rows)
+    if empty:
+        console.print(f"[yellow]warning: {len(empty)} of {len(rows)} training rows have an empty "
+                      f"(or whitespace-only) dataset response (the first: {empty[0].source}); "
+                      "trained on, it teaches the model to end its answer at once",
+                      highlight=False)
     without = [ex for ex in rows if not ex.responses]
     if not without:
         return
@@ -85,6 +91,13 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                             "num_rollouts=0: it learns only from dataset responses. Add "
                             "responses, or use a preset that samples rollouts (grpo, gft)",
                             path=str(cfg.data))
+
+
+def _rows_with_empty_responses(cfg: TrainConfig, rows: list[Example]) -> list[Example]:
+    """Rows with a response that some stage's group takes (one of its num_offpolicy) and
+    that is "" or whitespace (a JSON "", a cell of spaces): trained as its EOS alone."""
+    k = max((s.cfg.num_offpolicy for s in plan_stages(cfg, 1)), default=0)
+    return [ex for ex in rows if any(not text.strip() for text in ex.responses[:k])]
 
 
 def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:

@@ -282,6 +282,37 @@ def test_a_missing_prompt_says_what_the_row_has(tmp_path, row, words):
     assert_error(excinfo, "d.jsonl:1", "field 'prompt'", "missing", *words)
 
 
+# ---------------------------------------------------------------------------------------
+# Rows that load but that the run counts in a warning (gft/preflight.py)
+
+
+def test_empty_dataset_responses_are_counted_before_training(tmp_path):
+    """A completion "" (or spaces) is trained as EOS alone, teaching the model to stop at
+    once; the run did so without a word."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "a", "completion": "yes"}, {"prompt": "b", "completion": " \n"},
+        {"prompt": "c", "completions": ["yes", ""]}, {"prompt": "d", "completion": ""}])
+    rows = load_split(path)
+
+    def said(**keys) -> str:
+        out = io.StringIO()
+        check_trainable(build_config({"model": "m", "data": str(path), **keys}), rows,
+                        Console(file=out, width=400))
+        return out.getvalue().strip()
+    assert said(preset="sft") == (
+        f"warning: 2 of 4 training rows have an empty (or whitespace-only) dataset response "
+        f"(the first: {path}:2); trained on, it teaches the model to end its answer at once")
+    assert said(preset="gft").startswith("warning: 3 of 4 training rows")  # K=4 takes row c's
+    assert said(preset="grpo") == ""  # K=0: no dataset response is trained on
+
+
+# ---------------------------------------------------------------------------------------
+# Parquet, CSV and save_to_disk (the optional datasets package)
+
 ROWS = [{"prompt": "x", "answer": 1, "completions": ["a", "b"]},
         {"prompt": "y", "answer": 2, "completions": ["c"]}]
 
