@@ -130,10 +130,13 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
         _check_options(spec, factory)
         return factory(**spec.options)
     if ":" not in spec.name:
+        several = [part for part in spec.name.replace(",", " ").split() if part]
         raise RewardError(f"unknown reward '{spec.name}': built-ins are "
                           + ", ".join(sorted(BUILTIN_REWARDS))
                           + "; user rewards are 'package.module:function' or "
-                            "'path/to/file.py:function'")
+                            "'path/to/file.py:function'"
+                          + (f"; several rewards are a list: [{', '.join(several)}]"
+                             if len(several) > 1 else ""))
     function = _import_function(spec.name)
     return functools.partial(function, **spec.options) if spec.options else function
 

@@ -204,6 +204,9 @@ def test_a_reward_file_imports_modules_beside_it(tmp_path, monkeypatch):
     ("broken_rewards:f", "RuntimeError: boom at import"),
     ("nowhere/rewards.py:f", "file not found"),
     ("not_a_builtin", "unknown reward 'not_a_builtin'"),
+    # `--set rewards=math,exact` is one string; it read as one unknown name
+    ("math,exact", "several rewards are a list: [math, exact]"),
+    ("math, exact regex", "several rewards are a list: [math, exact, regex]"),
 ])
 def test_user_reward_resolution_errors(user_module, name, words):
     with pytest.raises(RewardError) as excinfo:
