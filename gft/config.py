@@ -73,7 +73,9 @@ class TrainConfig:
                                 "local datasets files; unset = the embedded arithmetic task.")
     answer_column: str = _f("answer", "The data column holding the ground truth that the "
                                       "built-in rewards compare with (e.g. TRL's \"solution\"); "
-                                      "it is also passed to reward functions under its own name.")
+                                      "it is also passed to reward functions under its own name. "
+                                      "A dotted name reads a field inside an object column "
+                                      "(verl's reward_model.ground_truth).")
     chat_template: bool | None = _f(None, "Wrap string prompts in the tokenizer's chat template "
                                           "(unset: only chat-message prompts use it).")
     max_prompt_tokens: int = _f(1024, "Longest prompt in tokens; see prompt_overflow.")

@@ -137,8 +137,9 @@ def example_from_row(row: Any, *, path: str, line: int,
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
         responses = (demonstration, *responses)
+    answer = _column_value(row, answer_column)
     if answer_column != "answer" and row.get("answer") is not None:
-        if row.get(answer_column) is None:  # it said "has both" of a row without the column
+        if answer is None:  # it said "has both" of a row without the column
             raise fail(answer_column, f"missing: answer_column '{answer_column}' reads the "
                                       "ground truth from this column, and the row has "
                                       "'answer' instead; unset answer_column to use it")
@@ -151,8 +152,21 @@ def example_from_row(row: Any, *, path: str, line: int,
     # The answer column keeps its own name too: TRL rewards read e.g. `solution`.
     columns = {key: value for key, value in row.items() if key not in used}
     return Example(prompt=prompt, responses=responses,
-                   answer=_parse_answer(row.get(answer_column), fail, answer_column),
+                   answer=_parse_answer(answer, fail, answer_column),
                    columns=columns, source=f"{path}:{line}")
+
+
+def _column_value(row: dict, column: str) -> Any:
+    """row[column]; or, for a dotted name that is no column, the field inside an object
+    column: verl's data keeps the ground truth in reward_model.ground_truth."""
+    if column in row or "." not in column:
+        return row.get(column)
+    value: Any = row
+    for part in column.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def render_prompt(example: Example, tokenizer: Any, *,
@@ -581,7 +595,10 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
         # 42.0 (an integer column with gaps becomes float) should read as "42", and
         # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
         return str(int(value)) if value.is_integer() else _positional(value)
-    raise fail(field, f"must be a string or a number, got {_type_name(value)}")
+    nested = " (name a field inside it with a dot: " + ", ".join(
+        f"{field}.{key}" for key in list(value)[:4]) + ")" if isinstance(value, dict) and value \
+        else ""
+    raise fail(field, f"must be a string or a number, got {_type_name(value)}{nested}")
 
 
 def _check_text(text: str, field: str, fail) -> str:

@@ -390,6 +390,25 @@ def test_without_datasets_package_says_how_to_install(tmp_path, monkeypatch):
     assert_error(excinfo, "pip install datasets")
 
 
+def test_a_dotted_answer_column_reads_a_field_of_an_object_column(tmp_path, datasets):
+    """verl's parquet keeps the ground truth in reward_model.ground_truth: answer_column:
+    reward_model was refused as an object, and no name could reach the field."""
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list([
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "1+1?"}],
+         "reward_model": {"style": "rule", "ground_truth": "2"}},
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "2+2?"}],
+         "reward_model": {"style": "rule", "ground_truth": None}}]).to_parquet(str(path))
+    first, second = load_split(path, answer_column="reward_model.ground_truth")
+    assert (first.answer, second.answer) == ("2", None)
+    assert first.columns["reward_model"] == {"style": "rule", "ground_truth": "2"}
+    with pytest.raises(DataError) as excinfo:
+        load_split(path, answer_column="reward_model")
+    assert_error(excinfo, "train.parquet:0", "field 'reward_model'", "got object",
+                 "name a field inside it with a dot: reward_model.style, "
+                 "reward_model.ground_truth")
+
+
 def test_save_to_disk_dataset_dict(tmp_path, datasets):
     dataset = datasets.Dataset.from_list(ROWS)
     datasets.DatasetDict({"train": dataset, "validation": dataset.select([1])}) \
