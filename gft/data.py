@@ -18,8 +18,10 @@ data), an optional `answer` (or the column named by `answer_column`), and any ot
 columns, which are passed to reward functions by name. These are TRL's prompt-only,
 prompt-completion and `messages` dataset types, standard and conversational.
 
-JSON Lines may end lines with LF, CRLF or a lone CR (classic Mac OS): a raw CR cannot
-occur inside a JSON value, so each is a line break, counted as an editor counts it.
+A `.jsonl` file that is one JSON document (an array, or one object over several lines)
+is read as a `.json` file, as `datasets` reads it. JSON Lines may end lines with LF, CRLF
+or a lone CR (classic Mac OS): a raw CR cannot occur inside a JSON value, so each is a
+line break, counted as an editor counts it.
 
 Every problem is a one-line `DataError` naming the file, the line (1-based for JSON Lines,
 the 0-based row index for other formats) and the field. No row is ever dropped silently:
@@ -318,13 +320,54 @@ def _lines(handle: Any) -> Iterator[bytes]:
 
 def _read_jsonl(path: Path) -> Iterator[_Row]:
     """(line number, object) for each non-blank line."""
+    first = True
     with _open(path) as handle, _gzip_errors(path):
         for number, raw in enumerate(_lines(handle), start=1):
             text = _decode_utf8(raw, str(path), first_line=number)
             if number == 1:
                 text = text.removeprefix("\ufeff")  # editors on Windows add a BOM
-            if text.strip():
-                yield number, _parse_json(text, str(path), number)
+            if not text.strip():
+                continue
+            try:
+                value = _parse_json(text, str(path), number)
+            except DataError as error:
+                rows = _json_document(path, number, error) if first else None
+                if rows is None:
+                    raise
+                yield from rows
+                return
+            if first and isinstance(value, list):
+                rows = _json_document(path, number, None)
+                if rows is not None:
+                    yield from rows
+                    return
+            first = False
+            yield number, value
+
+
+def _json_document(path: Path, first: int, error: DataError | None) -> Iterator[_Row] | None:
+    """The rows of a .jsonl file that is one JSON document, read as a .json file is (as
+    `datasets` reads such a file whatever its name): an array (rows by 0-based index),
+    or one object over several lines; None: the file is read as JSON Lines. Several
+    objects pretty-printed, which JSON Lines cannot be, are said as such (the first
+    line alone failed with 'Expecting property name')."""
+    text = _decode_utf8(_read_bytes(path), str(path)).removeprefix("\ufeff")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if error is not None and exc.msg == "Extra data" and exc.lineno > first:
+            raise DataError(f"a JSON value spans lines {first}-{exc.lineno - 1} (pretty-printed "
+                            "JSON?); JSON Lines holds one row per line (json.dumps(row) with "
+                            "no indent)", path=str(path), line=first) from None
+        return None
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(document, list):
+        return iter(enumerate(document))
+    if isinstance(document, dict) and error is not None:  # one object, pretty-printed
+        table = _column_table(document, path)
+        return iter(enumerate(table)) if table is not None else iter([(first, document)])
+    return None
 
 
 def _read_json(path: Path) -> Iterator[_Row]:

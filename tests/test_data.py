@@ -81,6 +81,30 @@ def test_cr_only_line_ends_are_line_breaks_counted_as_lines(tmp_path, suffix):
     assert_error(excinfo, f"d{suffix}:2", "UTF-8")
 
 
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_document_named_jsonl_is_read_as_json(tmp_path, indent):
+    """A JSON array (or one object) saved as .jsonl, as `datasets` reads it whatever the
+    name; it failed with 'Expecting value' or 'a row must be a JSON object, got array'."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=indent))
+    assert [(e.prompt, e.source) for e in load_split(path)] == [
+        ("a", f"{path}:0"), ("b", f"{path}:1")]
+    path.write_text(json.dumps({"prompt": "a", "answer": 1}, indent=indent))
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [("a", "1")]
+
+
+def test_pretty_printed_rows_in_jsonl_are_named_as_such(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + "\n".join(json.dumps({"prompt": p}, indent=2) for p in "ab"))
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:2", "spans lines 2-4", "pretty-printed")
+    path.write_text('[1]\n[2]\n')  # arrays, one per line: rows that are not objects
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:1", "a row must be a JSON object, got array")
+
+
 @pytest.mark.parametrize("name", ["d.JSONL", "d.Json", "d.jsonl.gz", "d.json.gz",
                                   "D.JSONL.GZ"])
 def test_upper_case_and_gzip_file_names(tmp_path, name):
