@@ -1,4 +1,5 @@
-"""Tests for gft.data: every accepted format, every error (naming file, line and field),
+"""Tests for gft.data and the file readers under it (gft/datafiles.py, through
+load_split): every accepted format, every error (naming file, line and field),
 a property test that the JSONL loader only ever raises DataError, and prompt rendering."""
 from __future__ import annotations
 
