@@ -159,7 +159,8 @@ def render_prompt(example: Example, tokenizer: Any, *,
     """The exact text the model is conditioned on for `example`.
 
     Chat messages always go through the tokenizer's chat template (with the generation
-    prompt appended), so a tokenizer without one is an error. A string prompt is wrapped as
+    prompt appended, or, after a final assistant turn, that turn left open for the
+    response to continue), so a tokenizer without one is an error. A string prompt is wrapped as
     a single user turn only when `chat_template` is True and the tokenizer has a template;
     None ("auto") and False leave string prompts unchanged, since plain-text data sets
     (and base models) are usually written for raw completion.
@@ -175,10 +176,15 @@ def render_prompt(example: Example, tokenizer: Any, *,
         raise DataError("the prompt is a list of chat messages but the tokenizer has no "
                         "chat template; set one or give a string prompt",
                         path=example.source)
+    # A chat prompt that ends with an assistant turn is a prefill that the response
+    # continues, as TRL renders it (continue_final_message); a generation prompt after it
+    # would close that turn and open another.
+    prefill = {"continue_final_message": True} if messages[-1].get("role") == "assistant" \
+        else {}
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True,
-                                             **_template_arguments(example))
+                                             add_generation_prompt=not prefill,
+                                             **prefill, **_template_arguments(example))
     except DataError:
         raise
     except Exception as exc:  # a template may raise on data it does not accept

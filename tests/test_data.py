@@ -665,6 +665,15 @@ def test_render_chat_messages(chat_tokenizer):
         "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>"
 
 
+def test_a_prompt_ending_with_an_assistant_turn_is_continued(chat_tokenizer):
+    """TRL's prefilled prompt: the response continues the final assistant message
+    (continue_final_message). A generation prompt after it closed that turn and opened a
+    new one, so the model answered something else."""
+    prefilled = [*CHAT, {"role": "assistant", "content": "The answer is"}]
+    assert render_prompt(Example(prompt=prefilled), chat_tokenizer) == \
+        "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>The answer is"
+
+
 def test_render_string_prompt(chat_tokenizer, tokenizer):
     example = Example(prompt="2+2?")
     assert render_prompt(example, chat_tokenizer) == "2+2?"  # auto: unwrapped
