@@ -73,6 +73,7 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                       f"(or whitespace-only) dataset response (the first: {empty[0].source}); "
                       "trained on, it teaches the model to end its answer at once",
                       highlight=False)
+    _check_groups_of_one(cfg, rows, console)
     without = [ex for ex in rows if not ex.responses]
     if not without:
         return
@@ -91,6 +92,33 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                             "num_rollouts=0: it learns only from dataset responses. Add "
                             "responses, or use a preset that samples rollouts (grpo, gft)",
                             path=str(cfg.data))
+
+
+def _check_groups_of_one(cfg: TrainConfig, rows: list[Example], console: Console) -> None:
+    """A stage without rollouts whose advantage compares responses (gft with
+    num_rollouts: 0) builds each row's group from its dataset responses alone; a row with
+    fewer than two has a group of one, no baseline, and trains nothing. All rows: an
+    error (the run would make no update); some: counted in a warning."""
+    for stage in plan_stages(cfg, 1):
+        c = stage.cfg
+        if c.num_rollouts or c.advantage == "constant":
+            continue
+        alone = [ex for ex in rows if min(len(ex.responses), c.num_offpolicy) < 2]
+        if not alone:
+            continue
+        where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
+            f"preset '{stage.name}'"
+        why = (f"{where} has num_rollouts=0 and advantage '{c.advantage}', which compares "
+               "the responses of a row's group: a group of one has no baseline")
+        if len(alone) < len(rows):
+            console.print(f"[yellow]warning: {len(alone)} of {len(rows)} training rows have "
+                          f"fewer than two dataset responses (the first: {alone[0].source}); "
+                          f"{why}, so they train nothing", highlight=False)
+            return
+        raise DataError(f"no training row has two dataset responses, and {why}: the run "
+                        "would train nothing. Sample rollouts (num_rollouts >= 1), give rows "
+                        "more responses, or use advantage: constant (sft, dft)",
+                        path=str(cfg.data))
 
 
 def _rows_with_empty_responses(cfg: TrainConfig, rows: list[Example]) -> list[Example]:

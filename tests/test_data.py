@@ -335,6 +335,33 @@ def test_empty_dataset_responses_are_counted_before_training(tmp_path):
     assert said(preset="grpo") == ""  # K=0: no dataset response is trained on
 
 
+def test_groups_of_one_dataset_response_without_rollouts_are_said(tmp_path):
+    """gft with num_rollouts: 0 on rows with one completion: every group is one response,
+    no baseline, no update; the run trained nothing and said so only at the end."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "x"},
+                                              {"prompt": "b", "completions": ["x", "y"]}])
+    rows = load_split(path)
+    cfg = build_config({"model": "m", "data": str(path), "num_rollouts": 0})
+    out = io.StringIO()
+    check_trainable(cfg, rows, Console(file=out, width=400))
+    assert out.getvalue().strip() == (
+        f"warning: 1 of 2 training rows have fewer than two dataset responses (the first: "
+        f"{path}:1); preset 'gft' has num_rollouts=0 and advantage 'grpo', which compares the "
+        "responses of a row's group: a group of one has no baseline, so they train nothing")
+    with pytest.raises(DataError) as excinfo:
+        check_trainable(cfg, rows[:1], Console(file=io.StringIO()))
+    assert_error(excinfo, "no training row has two dataset responses", "num_rollouts >= 1")
+    for keys in ({"preset": "sft"}, {"num_rollouts": 1}, {"advantage": "constant"}):
+        out = io.StringIO()
+        check_trainable(build_config({"model": "m", "data": str(path), "num_rollouts": 0,
+                                      **keys}), rows[:1], Console(file=out))
+        assert out.getvalue() == ""
+
+
 # ---------------------------------------------------------------------------------------
 # Parquet, CSV and save_to_disk (the optional datasets package)
 
