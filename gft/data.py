@@ -9,6 +9,8 @@ Accepted inputs (see `load_split`):
 - any of these JSON, JSON Lines and CSV files gzip-compressed (`.jsonl.gz`, as
   `Dataset.to_json(..., compression="gzip")` writes and the Hugging Face hub serves), and
   extensions in any case (`.JSONL`);
+- a directory as the Hugging Face hub stores a data set, with sharded splits
+  (`data/train-00000-of-00002.parquet`, ...; read in order, every shard required);
 - a directory written by `datasets.save_to_disk` (a DatasetDict, or one Dataset = "train").
 
 A row holds `prompt` (a string or chat messages) or `messages` (a chat whose final
@@ -31,6 +33,7 @@ import decimal
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -233,23 +236,58 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                          answer_column: str = "answer") -> list[Example]:
     """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
     stems = _SPLIT_NAMES.get(split, (split,))
-    wanted = {stem + ext for stem in stems for ext in EXTENSIONS}
-    # matched in any case (train.JSONL), as a case-insensitive file system (macOS) would
-    found = sorted(entry for entry in directory.iterdir()
-                   if entry.name.lower() in wanted and entry.is_file())
+    found = _split_files(directory, stems) or _split_files(directory / "data", stems)
     if len(found) > 1:
         # Two candidates could hold different data: refuse to guess which one is meant.
         raise DataError(f"several files for split '{split}': "
-                        + ", ".join(p.name for p in found) + "; keep one", path=str(directory))
+                        + ", ".join(str(f[0].relative_to(directory)) + (" (shards)" if
+                                    len(f) > 1 else "") for f in found) + "; keep one",
+                        path=str(directory))
     if found:
-        return _examples_from_rows(read_file(found[0]), str(found[0]), answer_column)
+        return [example for file in found[0]
+                for example in _examples_from_rows(read_file(file), str(file), answer_column)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
         return _load_saved_dataset(directory, split, stems, required, answer_column)
     if not required:
         return []
     expected = ", ".join(stem + ext for stem in stems for ext in EXTENSIONS)
-    raise DataError(f"no '{split}' split: expected one of {expected} "
-                    "(or a datasets.save_to_disk directory)", path=str(directory))
+    raise DataError(f"no '{split}' split: expected one of {expected} (or shards as the "
+                    f"Hugging Face hub stores them, data/{stems[0]}-00000-of-00001.parquet, "
+                    "or a datasets.save_to_disk directory)", path=str(directory))
+
+
+# A shard as the Hugging Face hub names it: train-00000-of-00002.parquet
+_SHARD = re.compile(r"(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})")
+
+
+def _split_files(directory: Path, stems: tuple[str, ...]) -> list[list[Path]]:
+    """The candidates for a split in `directory`: each one file ({stem}.jsonl, any case,
+    as a case-insensitive file system would match), or one set of shards in order
+    ({stem}-00000-of-00002.parquet, ...; all must be there)."""
+    if not directory.is_dir():
+        return []
+    files: list[list[Path]] = []
+    shards: dict[tuple[str, str, str], list[Path]] = {}
+    for entry in sorted(directory.iterdir()):
+        kind = extension(entry)
+        if kind is None or not entry.is_file():
+            continue
+        base = entry.name.lower()[:-len(kind)]
+        shard = _SHARD.fullmatch(base)
+        if base in stems:
+            files.append([entry])
+        elif shard and shard["stem"] in stems:
+            shards.setdefault((shard["stem"], shard["count"], kind), []).append(entry)
+    for (stem, count, kind), parts in shards.items():
+        names = {part.name.lower() for part in parts}
+        missing = [f"{stem}-{i:05d}-of-{count}{kind}" for i in range(int(count))
+                   if f"{stem}-{i:05d}-of-{count}{kind}" not in names]
+        if missing:
+            raise DataError(f"shard {missing[0]} of {int(count)} is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                            path=str(directory))
+        files.append(parts)
+    return files
 
 
 def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],

@@ -384,6 +384,30 @@ def test_parquet_file_and_directory(tmp_path, datasets):
         assert examples[1].source == f"{tmp_path / 'train.parquet'}:1"
 
 
+def test_hub_layout_with_sharded_splits(tmp_path, datasets):
+    """A data set repository as the Hugging Face hub stores it (data/train-00000-of-00002
+    .parquet, ...), which datasets.load_dataset(dir) reads; it was 'no train split'."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
+    for name, rows in (("train-00000-of-00002", ROWS[:1]), ("train-00001-of-00002", ROWS[1:]),
+                       ("test-00000-of-00001", ROWS[:1])):
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data" / f"{name}.parquet"))
+    examples = load_split(tmp_path)
+    expected = datasets.load_dataset(str(tmp_path), split="train")
+    assert [e.prompt for e in examples] == expected["prompt"] == ["x", "y"]
+    assert [e.source for e in examples] == [
+        f"{tmp_path / 'data' / 'train-00000-of-00002.parquet'}:0",
+        f"{tmp_path / 'data' / 'train-00001-of-00002.parquet'}:0"]
+    assert [e.prompt for e in load_split(tmp_path, "test")] == ["x"]
+    assert load_split(tmp_path, "valid", required=False) == []
+    (tmp_path / "data" / "train-00001-of-00002.parquet").unlink()
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, "shard train-00001-of-00002.parquet of 2 is missing")
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "top"}])  # the top level comes first
+    assert [e.prompt for e in load_split(tmp_path)] == ["top"]
+
+
 def test_csv_file(tmp_path, datasets):
     path = tmp_path / "test.csv"
     path.write_text("prompt,answer,level\nwhat?,7,easy\nwhy?,,hard\n", encoding="utf-8")
