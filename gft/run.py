@@ -38,7 +38,7 @@ from gft.runpaths import (RUN_PATH_KEYS, base_as_stored, moved_adapter_config, r
                           resolve_stored_extras, stored_config)
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
-from gft.stages import describe, plan_stages, repeated_rows
+from gft.stages import describe, plan_stages, plan_warnings
 from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
@@ -357,8 +357,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
-    if (repeated := repeated_rows(cfg, stages, len(data.rows))):
-        console.print(f"[yellow]{repeated}", highlight=False)
+    for warning in plan_warnings(cfg, stages, len(data.rows)):
+        console.print(f"[yellow]{warning}", highlight=False)
     if state.step and run_over(stages, state, cfg):  # a resume that has nothing to do
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles

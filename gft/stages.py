@@ -24,6 +24,7 @@ module owns the plan built from those entries.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from gft.config import TrainConfig, read_stages
@@ -87,3 +88,28 @@ def repeated_rows(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> str | N
             f"{rows}, so each step draws every row about {times:.3g} times{by_epochs}; for "
             f"one pass per step set prompts_per_step (and prompts_per_minibatch) to at most "
             f"{n_rows}")
+
+
+def long_warmup(stages: list[Stage]) -> str | None:
+    """A warning when a stage's warm-up is as long as its optimizer updates or longer:
+    its learning rate then never reaches learning_rate (and a linear or cosine decay
+    never starts), which the run did without a word (so does TRL)."""
+    for stage in stages:
+        c = stage.cfg
+        updates = (stage.end - stage.start) * math.ceil(c.prompts_per_step /
+                                                        c.prompts_per_minibatch)
+        if c.warmup_steps >= updates:
+            where = f"stage {stage.index + 1} ({stage.name}): " if len(stages) > 1 else ""
+            top = c.learning_rate * updates / (c.warmup_steps + 1)
+            return (f"warning: {where}warmup_steps={c.warmup_steps} is not shorter than its "
+                    f"{updates} optimizer update{'s' * (updates != 1)}: the learning rate "
+                    f"rises to {top:.3g} and never reaches learning_rate={c.learning_rate:g}"
+                    + (f" (nor decays: lr_schedule {c.lr_schedule})"
+                       if c.lr_schedule != "constant" else ""))
+    return None
+
+
+def plan_warnings(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> list[str]:
+    """What the plan does that the config does not say: steps larger than the data, a
+    warm-up longer than its stage."""
+    return [w for w in (repeated_rows(cfg, stages, n_rows), long_warmup(stages)) if w]

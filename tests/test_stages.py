@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from cli import main
 from gft.config import build_config
 from gft.loop import total_steps
-from gft.stages import describe, plan_stages, repeated_rows
+from gft.stages import describe, long_warmup, plan_stages, plan_warnings, repeated_rows
 
 STAGES = {"stages": [{"sft": 3}, {"preset": "gft", "steps": 2, "learning_rate": 1e-3}],
           "model": "m", "data": "d"}
@@ -106,3 +106,22 @@ def test_a_step_larger_than_the_data_is_said():
     note = repeated_rows(staged, plan_stages(staged, 1), 2)
     assert note.startswith("warning: stage 1 (sft): prompts_per_step=4 is more than the 2 "
                            "training rows, so each step draws every row about 2 times;")
+
+
+def test_a_warm_up_longer_than_its_stage_is_said():
+    """warmup_steps: 100 on a 10-update run: the learning rate rose to a tenth of its peak
+    and never reached it, in silence."""
+    cfg = build_config({"model": "m", "data": "d", "max_steps": 10, "warmup_steps": 100,
+                        "learning_rate": 1e-4, "lr_schedule": "cosine",
+                        "prompts_per_step": 4, "prompts_per_minibatch": 4})
+    stages = plan_stages(cfg, total_steps(cfg, 100))
+    assert long_warmup(stages) == (
+        "warning: warmup_steps=100 is not shorter than its 10 optimizer updates: the learning "
+        "rate rises to 9.9e-06 and never reaches learning_rate=0.0001 (nor decays: "
+        "lr_schedule cosine)")
+    assert plan_warnings(cfg, stages, 100) == [long_warmup(stages)]
+    # 128 prompts per step in updates of 64: sft 3 steps x 2 updates, then gft 2 x 2
+    staged = build_config({**STAGES, "warmup_steps": 4})
+    assert long_warmup(plan_stages(staged, 1)).startswith(
+        "warning: stage 2 (gft): warmup_steps=4 is not shorter than its 4 optimizer updates")
+    assert long_warmup(plan_stages(build_config({**STAGES, "warmup_steps": 3}), 1)) is None
