@@ -137,6 +137,11 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
                             "'path/to/file.py:function'"
                           + (f"; several rewards are a list: [{', '.join(several)}]"
                              if len(several) > 1 else ""))
+    shadowed = sorted(set(spec.options) & set(_RESERVED))
+    if shadowed:  # bound as an option, it would replace the batch's own on every call
+        raise ConfigError(f"reward '{spec.name}': option '{shadowed[0]}' is the name the "
+                          f"function receives the batch's {shadowed[0]} under; rename the "
+                          "option")
     function = _import_function(spec.name)
     return functools.partial(function, **spec.options) if spec.options else function
 

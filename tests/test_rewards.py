@@ -167,6 +167,15 @@ def test_user_reward_options_become_keywords(user_module):
     assert score(rewards, ["abcd"], [None], scale=[100]).total.tolist() == [2.0]
 
 
+@pytest.mark.parametrize("option", ["completions", "prompts", "trainer_state"])
+def test_an_option_named_like_a_batch_argument_is_refused(user_module, option):
+    """Bound as an option it replaced the batch's completions on every call: every
+    completion was scored as the option's value."""
+    with pytest.raises(ConfigError) as excinfo:
+        build_rewards([{"name": "my_rewards:scaled", option: ["x"]}])
+    assert f"option '{option}'" in str(excinfo.value) and "rename" in str(excinfo.value)
+
+
 def test_a_module_in_the_working_directory_imports_under_the_gft_command(tmp_path,
                                                                         monkeypatch):
     """The installed `gft` script's sys.path holds its bin directory, not the working
