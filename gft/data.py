@@ -84,9 +84,11 @@ def is_data_file(path: str | os.PathLike) -> bool:
     return extension(Path(path)) is not None and not Path(path).is_dir()
 
 
-def example_from_row(row: Any, *, path: str, line: int,
-                     answer_column: str = "answer") -> Example:
+def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "answer",
+                     bool_answers: bool = False) -> Example:
     """Validate one decoded row and turn it into an `Example` (errors name path:line).
+    bool_answers: a bool answer reads as "True"/"False" (a table's typed column, see
+    _parse_answer), not refused.
 
     The TRL dataset types that carry a prompt are accepted, standard (strings) and
     conversational (chat messages) alike: prompt-only {"prompt"}, prompt-completion
@@ -140,7 +142,7 @@ def example_from_row(row: Any, *, path: str, line: int,
     # The answer column keeps its own name too: TRL rewards read e.g. `solution`.
     columns = {key: value for key, value in row.items() if key not in used}
     return Example(prompt=prompt, responses=responses,
-                   answer=_parse_answer(answer, fail, answer_column),
+                   answer=_parse_answer(answer, fail, answer_column, bool_answers),
                    columns=columns, source=f"{path}:{line}")
 
 
@@ -315,7 +317,11 @@ def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
 def _examples_from_rows(rows: Iterable[Row], path: str,
                         answer_column: str = "answer") -> list[Example]:
     """Validate every row; an empty file is an error (it is almost always a mistake)."""
-    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column)
+    # CSV, Parquet and saved datasets come typed by pandas / Arrow: a True/False column
+    # is bool there however the file writes it (quoting does not help in CSV)
+    tabular = (extension(Path(path)) or "").removesuffix(".gz") not in (".json", ".jsonl")
+    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column,
+                                 bool_answers=tabular)
                 for line, row in rows]
     if not examples:
         raise DataError("the data file has no rows", path=path)
@@ -438,11 +444,16 @@ def _response_text(value: Any, field: str, fail) -> str:
     return messages[0]["content"]
 
 
-def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
-    """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer."""
+def _parse_answer(value: Any, fail, field: str = "answer",
+                  bool_text: bool = False) -> str | None:
+    """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer.
+    A bool is refused in JSON, where quoting it says which text is meant; a table's bool
+    (pandas reads a CSV cell True as one, quoted or not) reads as "True" / "False"."""
     if value is None:
         return None
     if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
+        if bool_text:
+            return str(value)
         raise fail(field, 'must be a string or a number, got bool (quote it: "true")')
     if isinstance(value, str):
         return _check_text(value, field, fail)

@@ -408,6 +408,17 @@ def test_hub_layout_with_sharded_splits(tmp_path, datasets):
     assert [e.prompt for e in load_split(tmp_path)] == ["top"]
 
 
+def test_a_true_false_answer_column_of_a_table_reads_as_written(tmp_path, datasets):
+    """pandas reads a CSV column of True/False as bool, quoted or not: the answer was
+    refused with 'quote it', which a CSV cannot do. JSON's true is still refused."""
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,answer\nis 2 even?,"True"\nis 3 even?,False\n')
+    assert [e.answer for e in load_split(path)] == ["True", "False"]
+    datasets.Dataset.from_list([{"prompt": "p", "answer": True}]).to_parquet(
+        str(tmp_path / "d.parquet"))
+    assert [e.answer for e in load_split(tmp_path / "d.parquet")] == ["True"]
+
+
 def test_csv_file(tmp_path, datasets):
     path = tmp_path / "test.csv"
     path.write_text("prompt,answer,level\nwhat?,7,easy\nwhy?,,hard\n", encoding="utf-8")
