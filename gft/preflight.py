@@ -144,8 +144,25 @@ def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None
         for ex in part.rows if part is not None else []:
             if ex.answer is None:
                 raise DataError(f"missing; reward '{needs[0]}' compares every response with the "
-                                "row's answer (add one, or choose rewards that need none)",
+                                "row's answer (add one, or choose rewards that need none)"
+                                + _answer_hint(cfg.answer_column, ex),
                                 path=ex.source, field=cfg.answer_column)
+
+
+# Where data sets commonly keep the ground truth under another name (TRL's math data sets:
+# solution; others: ground_truth, label, target, final_answer, gold, reference).
+_ANSWER_NAMES = ("solution", "ground_truth", "final_answer", "gold", "label", "target",
+                 "reference", "answers")
+
+
+def _answer_hint(column: str, ex: Example) -> str:
+    """'; the row's answer may be in 'solution': set answer_column: solution' when the
+    row has such a column (its name, not its value, is what the user must set)."""
+    if column in ex.columns and ex.columns[column] is None:
+        return ""  # the column is there, this row's cell is empty
+    found = [name for name in _ANSWER_NAMES if ex.columns.get(name) is not None]
+    return (f"; this row has a '{found[0]}' column: set answer_column: {found[0]} if it holds "
+            "the ground truth" if found else "")
 
 
 def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompts | None,

@@ -362,6 +362,26 @@ def test_groups_of_one_dataset_response_without_rollouts_are_said(tmp_path):
         assert out.getvalue() == ""
 
 
+def test_a_missing_answer_names_the_column_that_may_hold_it(tmp_path):
+    """TRL's math data sets keep the ground truth in 'solution': the error said only that
+    'answer' was missing."""
+    from types import SimpleNamespace
+    from gft.config import build_config
+    from gft.preflight import check_answers
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "solution": "2"}])
+    cfg = build_config({"model": "m", "data": str(path), "preset": "grpo"})
+    with pytest.raises(DataError) as excinfo:
+        check_answers(cfg, [SimpleNamespace(rows=load_split(path))])
+    assert_error(excinfo, "d.jsonl:1", "field 'answer': missing; reward 'math' compares",
+                 "this row has a 'solution' column: set answer_column: solution")
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+1", "solution": None}])
+    with pytest.raises(DataError) as excinfo:
+        check_answers(build_config({"model": "m", "data": str(path), "preset": "grpo",
+                                    "answer_column": "solution"}),
+                      [SimpleNamespace(rows=load_split(path, answer_column="solution"))])
+    assert "set answer_column" not in str(excinfo.value)
+
+
 # ---------------------------------------------------------------------------------------
 # Parquet, CSV and save_to_disk (the optional datasets package)
 
