@@ -270,7 +270,12 @@ def _split_files(directory: Path, stems: tuple[str, ...]) -> list[list[Path]]:
         return []
     files: list[list[Path]] = []
     shards: dict[tuple[str, str, str], list[Path]] = {}
-    for entry in sorted(directory.iterdir()):
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:  # e.g. no permission to list it
+        raise DataError(f"cannot list the directory: {exc.strerror or exc}",
+                        path=str(directory)) from exc
+    for entry in entries:
         kind = extension(entry)
         if kind is None or not entry.is_file():
             continue

@@ -217,6 +217,15 @@ def test_missing_file(tmp_path):
     assert_error(excinfo, "nowhere", "no such file or directory")
 
 
+def test_a_directory_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, str(tmp_path), "cannot list the directory: Permission denied")
+
+
 def test_two_files_for_one_split_is_ambiguous(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}])
     write_jsonl(tmp_path / "train.json", [{"prompt": "b"}])
