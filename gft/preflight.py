@@ -66,7 +66,9 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
     """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
     no row has one it would make zero updates and still write final/: an error. If only
     some rows lack one, they are drawn into steps and train nothing: a warning that counts
-    them (no row is left out silently). Said before the model loads."""
+    them (no row is left out silently). Likewise rows whose group is one dataset response
+    under an advantage that compares responses, and empty dataset responses (trained as
+    EOS alone). Said before the model loads."""
     empty = _rows_with_empty_responses(cfg, rows)
     if empty:
         console.print(f"[yellow]warning: {len(empty)} of {len(rows)} training rows have an empty "
@@ -156,8 +158,8 @@ _ANSWER_NAMES = ("solution", "ground_truth", "final_answer", "gold", "label", "t
 
 
 def _answer_hint(column: str, ex: Example) -> str:
-    """'; the row's answer may be in 'solution': set answer_column: solution' when the
-    row has such a column (its name, not its value, is what the user must set)."""
+    """"; this row has a 'solution' column: set answer_column: solution ..." when the row
+    has a column by a name data sets often keep the ground truth under."""
     if column in ex.columns and ex.columns[column] is None:
         return ""  # the column is there, this row's cell is empty
     found = [name for name in _ANSWER_NAMES if ex.columns.get(name) is not None]

@@ -73,8 +73,8 @@ def repeated_rows(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> str | N
     """A warning when a stage's step draws more prompts than there are training rows:
     the sampler then wraps round the data inside the step, so every row is drawn several
     times per step, and `epochs` (steps = epochs x rows / prompts_per_step, at least 1)
-    runs many passes where it says one. TRL would give a smaller batch, mlx-lm refuses
-    such a data set; here the step is kept as configured, and said."""
+    runs many passes where it says one. (mlx-lm refuses a data set smaller than its
+    batch_size.) Here the step is kept as configured, and said."""
     big = [s for s in stages if s.cfg.prompts_per_step > n_rows]
     if not big:
         return None
@@ -93,7 +93,7 @@ def repeated_rows(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> str | N
 def long_warmup(stages: list[Stage]) -> str | None:
     """A warning when a stage's warm-up is as long as its optimizer updates or longer:
     its learning rate then never reaches learning_rate (and a linear or cosine decay
-    never starts), which the run did without a word (so does TRL)."""
+    never starts), which the run did without a word."""
     for stage in stages:
         c = stage.cfg
         updates = (stage.end - stage.start) * math.ceil(c.prompts_per_step /
