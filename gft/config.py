@@ -26,6 +26,7 @@ from typing import Any, Callable
 import yaml
 
 from gft.errors import ConfigError
+from gft.foreignkeys import FOREIGN_KEYS
 from gft.objective import ADVANTAGE_ESTIMATORS, AGGREGATIONS
 
 
@@ -78,7 +79,9 @@ class TrainConfig:
                                 "local datasets files; unset = the embedded arithmetic task.")
     answer_column: str = _f("answer", "The data column holding the ground truth that the "
                                       "built-in rewards compare with (e.g. TRL's \"solution\"); "
-                                      "it is also passed to reward functions under its own name.")
+                                      "it is also passed to reward functions under its own name. "
+                                      "A dotted name reads a field inside an object column "
+                                      "(verl's reward_model.ground_truth).")
     chat_template: bool | None = _f(None, "Wrap string prompts in the tokenizer's chat template "
                                           "(unset: only chat-message prompts use it).")
     max_prompt_tokens: int = _f(1024, "Longest prompt in tokens; see prompt_overflow.")
@@ -228,116 +231,6 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "rollout_batch_size": 128,
 }
 
-# Keys of TRL's GRPOConfig / SFTConfig (TrainingArguments) and of mlx-lm's (and
-# mlx-lm-lora's) LoRA config that gft spells differently or does not have. An unknown key
-# found here is an error that points at gft's equivalent (the README's "Coming from TRL
-# or mlx-lm" table says the same). Names gft shares with them (learning_rate, max_steps,
-# seed, temperature, top_p, weight_decay, warmup_steps, max_grad_norm, output_dir, model,
-# data, save_every, ...) need no entry. Keys that name a gft field are never looked up
-# here: TRL's report_to, logging_steps and run_name are gft keys too.
-FOREIGN_KEYS: dict[str, str] = {
-    # TRL GRPOConfig
-    "num_generations": "TRL's num_generations (completions per prompt) is gft's num_rollouts; "
-                       "a gft group also holds num_offpolicy dataset responses",
-    "max_completion_length": "TRL's max_completion_length is gft's max_response_tokens",
-    "max_prompt_length": "TRL's max_prompt_length is gft's max_prompt_tokens "
-                         "(prompt_overflow says what happens to a longer one)",
-    "gradient_accumulation_steps": "gft sets updates in prompts, not accumulation steps: "
-                                   "prompts_per_minibatch prompts per optimizer update, "
-                                   "micro_batch_size sequences per forward/backward",
-    "per_device_train_batch_size": "gft's micro_batch_size (sequences per forward/backward); "
-                                   "prompts per update are prompts_per_minibatch",
-    "per_device_eval_batch_size": "gft's rollout_batch_size (sequences decoded together)",
-    "generation_batch_size": "gft's prompts_per_step (prompts rolled out per step) and "
-                             "rollout_batch_size (sequences decoded together)",
-    "steps_per_generation": "gft's prompts_per_step / prompts_per_minibatch (updates per step)",
-    "num_iterations": "gft makes exactly one update per batch of rollouts (TRL's default, 1)",
-    "beta": "gft has no KL penalty (TRL's default beta is 0.0); remove the key",
-    "epsilon": "gft has no PPO ratio clipping: with one update per rollout batch the "
-               "ratio is 1; the closest knob is tau, the DCR threshold on off-policy tokens",
-    "epsilon_high": "gft has no PPO ratio clipping (see epsilon)",
-    "loss_type": "gft's loss_aggregation: token-mean (TRL 'dapo'), seq-mean-token-mean "
-                 "(TRL 'grpo'), seq-mean-token-sum (close to TRL 'dr_grpo')",
-    "scale_rewards": "gft's advantage: grpo (scale by the group's std), dr_grpo (no scaling)",
-    "reward_funcs": "gft's rewards (file.py:function takes TRL reward functions unchanged)",
-    "reward_weights": "gft's rewards: [{name: ..., weight: ...}]",
-    "use_vllm": "gft samples with the training backend (rollout_engine: policy | bfloat16)",
-    "mask_truncated_completions": "gft always trains on truncated rollouts (their "
-                                  "truncation is logged as truncated/rollout)",
-    # TRL SFTConfig and transformers' TrainingArguments
-    "num_train_epochs": "TRL's num_train_epochs is gft's epochs",
-    "max_length": "gft caps prompt and response apart: max_prompt_tokens, max_response_tokens",
-    "max_seq_length": "gft caps prompt and response apart: max_prompt_tokens, "
-                      "max_response_tokens",
-    "completion_only_loss": "gft always trains on the responses only (prompt tokens masked)",
-    "assistant_only_loss": "gft always trains on the responses only (prompt tokens masked)",
-    "dataset_text_field": "gft reads prompt / completion / messages columns (a 'text'-only "
-                          "row has no prompt); see the README's Data format",
-    "packing": "gft does not pack sequences",
-    "lr_scheduler_type": "TRL's lr_scheduler_type is gft's lr_schedule (constant | linear | "
-                         "cosine)",
-    "warmup_ratio": "gft's warmup_steps (a number of optimizer updates)",
-    "adam_epsilon": "TRL's adam_epsilon is gft's adam_eps",
-    "save_steps": "TRL's save_steps is gft's save_every",
-    "save_total_limit": "TRL's save_total_limit is gft's keep_checkpoints",
-    "eval_steps": "TRL's eval_steps is gft's eval_every",
-    "eval_strategy": "gft evaluates every eval_every steps (0 = at the start and end)",
-    "eval_dataset": "gft's eval_data (a file, a directory or a split name)",
-    "bf16": "gft's dtype: bfloat16 (bf16 weights) or mixed_precision: true (bf16 compute, "
-            "float32 weights)",
-    "model_init_kwargs": "gft's dtype and trust_remote_code",
-    "peft_config": "gft's lora_rank, lora_alpha, lora_dropout, lora_targets",
-    "resume_from_checkpoint": "gft train --resume RUN_DIR",
-    "logging_dir": "gft writes TensorBoard event files to <run>/tensorboard with "
-                   "report_to: [tensorboard] (every step is also in <run>/metrics.jsonl)",
-    "logging_strategy": "gft logs every step to metrics.jsonl and report_to's trackers; "
-                        "gft's logging_steps spaces the plain lines of a non-terminal log",
-    "logging_first_step": "gft always logs step 1 (and every step to metrics.jsonl)",
-    # TRL's example scripts (ModelConfig, ScriptArguments) put these in the same YAML
-    "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
-                          "hub id)",
-    "torch_dtype": "gft's dtype (float32 | bfloat16)",
-    "dataset_name": "gft's data: a local file or directory (JSONL, Parquet, CSV, JSON or a "
-                    "datasets.save_to_disk copy); gft does not download data sets",
-    "dataset_train_split": "gft trains on the 'train' split of a data directory (or the "
-                           "whole of a data file)",
-    "dataset_test_split": "gft's eval_split (a split of the data directory) or eval_data",
-    "use_peft": "gft's lora_rank (> 0 trains LoRA adapters)",
-    "lora_r": "TRL's lora_r is gft's lora_rank",
-    "lora_target_modules": "TRL's lora_target_modules is gft's lora_targets",
-    "top_k": "rollouts sample with temperature and top_p only (gft's top_p)",
-    "min_p": "rollouts sample with temperature and top_p only (gft's top_p)",
-    "repetition_penalty": "rollouts sample with temperature and top_p only (gft's top_p)",
-    # mlx-lm lora config (and mlx-lm-lora's GRPO keys)
-    "iters": "mlx-lm's iters is gft's max_steps",
-    "batch_size": "gft counts prompts_per_step per step, prompts_per_minibatch per update "
-                  "and micro_batch_size sequences per forward/backward",
-    "adapter_path": "gft writes the adapter into output_dir (final/ and checkpoints/) when "
-                    "lora_rank > 0",
-    "resume_adapter_file": "gft train --resume RUN_DIR",
-    "fine_tune_type": "gft's lora_rank: 0 = full fine-tune, > 0 = LoRA (no DoRA)",
-    "num_layers": "gft adapts the layers named in lora_targets, in every block",
-    "lora_parameters": "gft's lora_rank, lora_alpha (= mlx-lm's scale x rank), "
-                       "lora_dropout and lora_targets (mlx-lm's keys)",
-    "steps_per_report": "mlx-lm's steps_per_report is gft's logging_steps (every step is "
-                        "also in the run's metrics.jsonl)",
-    "steps_per_eval": "mlx-lm's steps_per_eval is gft's eval_every",
-    "val_batches": "gft's eval_samples (held-out prompts per evaluation; 0 = none)",
-    "test_batches": "gft's eval_samples, with eval_split: test",
-    "test": "gft evaluates during training; gft eval MODEL scores a checkpoint",
-    "train": "gft train is the command; there is no train switch",
-    "grad_checkpoint": "mlx-lm's grad_checkpoint is gft's gradient_checkpointing",
-    "grad_accumulation_steps": "gft's prompts_per_minibatch (per update) and "
-                               "micro_batch_size (per forward/backward)",
-    "mask_prompt": "gft always masks the prompt",
-    "optimizer": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
-    "optimizer_config": "gft uses AdamW (adam_beta1, adam_beta2, adam_eps, weight_decay)",
-    "wandb": "gft's report_to: [wandb] (the project comes from WANDB_PROJECT)",
-    "group_size": "mlx-lm-lora's group_size is gft's num_rollouts",
-    "reward_functions": "gft's rewards",
-    "train_mode": "gft's preset: sft | dft | grpo | gft",
-}
-
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 CHOICES = {
@@ -451,6 +344,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
     if not cfg.answer_column.strip():
         raise ConfigError("'answer_column' must name a column")
+    if not cfg.eval_split.strip():
+        raise ConfigError("'eval_split' must name a split")
+    for name in PATH_KEYS:
+        value = getattr(cfg, name)
+        if isinstance(value, str) and not value.strip():
+            # Path("") is the working directory: `data: ""` trained on ./train.jsonl
+            raise ConfigError(f"'{name}' is an empty string; give a path, or null (or no "
+                              "key) to leave it unset")
     if cfg.prompts_per_step % cfg.prompts_per_minibatch:
         raise ConfigError(f"'prompts_per_step' ({cfg.prompts_per_step}) must be a multiple of "
                           f"'prompts_per_minibatch' ({cfg.prompts_per_minibatch})")
@@ -510,6 +411,31 @@ class _YAMLLoader(yaml.SafeLoader):
     (a reward weight, a reward function's option), so they are read as floats here."""
 
 
+def _construct_unique_mapping(loader: _YAMLLoader, node: yaml.MappingNode,
+                              deep: bool = False) -> dict:
+    """A mapping whose keys are unique: PyYAML keeps the last of two equal keys without a
+    word, so a config that sets learning_rate twice trained with the one further down."""
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: keys may override it
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: SafeLoader's own error says so
+            break
+        if first is not None:
+            lines = (first.start_mark.line + 1, key_node.start_mark.line + 1)
+            where = f"on line {lines[0]}" if lines[0] == lines[1] else \
+                f"on lines {lines[0]} and {lines[1]}"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' is given twice {where}; keep one", key_node.start_mark)
+        seen[key] = key_node
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_YAMLLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                            _construct_unique_mapping)
 _YAMLLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),

@@ -2,8 +2,15 @@
 
 Accepted inputs (see `load_split`):
 - a `.jsonl` file, or a directory in mlx-lm layout (`train.jsonl`, `valid.jsonl`, `test.jsonl`);
-- `{split}.json` (a JSON array of rows, or JSON Lines as `datasets.Dataset.to_json` writes),
+- `{split}.json` (a JSON array of rows, JSON Lines as `datasets.Dataset.to_json` writes,
+  or an object of columns as pandas writes one),
   `{split}.parquet` and `{split}.csv` files, or a single such file;
+- CSV separated by commas, or by semicolons or tabs when its header line has no comma;
+- any of these JSON, JSON Lines and CSV files gzip-compressed (`.jsonl.gz`, as
+  `Dataset.to_json(..., compression="gzip")` writes and the Hugging Face hub serves), and
+  extensions in any case (`.JSONL`);
+- a directory as the Hugging Face hub stores a data set, with sharded splits
+  (`data/train-00000-of-00002.parquet`, ...; read in order, every shard required);
 - a directory written by `datasets.save_to_disk` (a DatasetDict, or one Dataset = "train").
 
 A row holds `prompt` (a string or chat messages) or `messages` (a chat whose final
@@ -17,9 +24,8 @@ Every problem is a one-line `DataError` naming the file, the line (1-based for J
 the 0-based row index for other formats) and the field. No row is ever dropped silently:
 the only lines skipped are blank lines in JSON Lines files.
 
-JSON and JSON Lines are read with the standard library (exact line numbers in errors);
-Parquet, CSV and `save_to_disk` directories need the optional `datasets` package, which is
-imported only when such a file is read.
+Files are read by gft/datafiles.py (formats, compression, line ends); this module finds a
+split's file and validates the rows.
 """
 from __future__ import annotations
 
@@ -27,20 +33,21 @@ import decimal
 import json
 import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
+from gft.datafiles import (EXTENSIONS, Row, extension, import_datasets, one_line,
+                           read_file, type_name)
 from gft.errors import DataError
 from gft.types import Example
 
 # A requested split name -> the file stems and DatasetDict keys that may hold it.
 # mlx-lm calls the validation split "valid"; Hugging Face calls it "validation".
 _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "validation")}
-_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
 # Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
 _RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state")
-_Row = tuple[int, Any]  # (line number or row index, the decoded row)
 
 
 # ---------------------------------------------------------------------------------------
@@ -60,33 +67,35 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
     path = Path(path)
     if path.is_dir():
         return _load_from_directory(path, split, required, answer_column)
-    if path.suffix not in _EXTENSIONS:
+    if extension(path) is None:
         if not path.exists():
             raise DataError("no such file or directory", path=str(path))
         raise DataError(f"unsupported data file type '{path.suffix}'; expected one of "
-                        + ", ".join(_EXTENSIONS), path=str(path))
+                        + ", ".join(EXTENSIONS), path=str(path))
     if not path.exists():
         if required:
             raise DataError("no such file", path=str(path))
         return []
-    return _examples_from_rows(_read_file(path), str(path), answer_column)
+    return _examples_from_rows(read_file(path), str(path), answer_column)
 
 
 def is_data_file(path: str | os.PathLike) -> bool:
     """A single data file (one split only), as opposed to a directory of splits."""
-    return Path(path).suffix in _EXTENSIONS and not Path(path).is_dir()
+    return extension(Path(path)) is not None and not Path(path).is_dir()
 
 
-def example_from_row(row: Any, *, path: str, line: int,
-                     answer_column: str = "answer") -> Example:
+def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "answer",
+                     bool_answers: bool = False) -> Example:
     """Validate one decoded row and turn it into an `Example` (errors name path:line).
+    bool_answers: a bool answer reads as "True"/"False" (a table's typed column, see
+    _parse_answer), not refused.
 
     The TRL dataset types that carry a prompt are accepted, standard (strings) and
     conversational (chat messages) alike: prompt-only {"prompt"}, prompt-completion
     {"prompt", "completion"}, and {"messages"} (the final assistant turn is the
     demonstration)."""
     if not isinstance(row, dict):
-        raise DataError(f"a row must be a JSON object, got {_type_name(row)}",
+        raise DataError(f"a row must be a JSON object, got {type_name(row)}",
                         path=path, line=line)
 
     def fail(field: str, message: str) -> DataError:
@@ -108,15 +117,19 @@ def example_from_row(row: Any, *, path: str, line: int,
         raise fail("prompt", "missing: a row with only 'text' (TRL's language-modeling "
                              "type) has no prompt to answer; give 'prompt' and "
                              "'completion', or 'messages'")
+    elif "prompt" in row or "messages" in row:
+        raise fail("prompt" if "prompt" in row else "messages",
+                   "missing: null (an empty cell); every row needs a prompt")
     else:
         raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
-                             "or 'messages' (a chat)")
+                             "or 'messages' (a chat)" + _what_it_has(row))
     responses, response_field = _parse_responses(row, fail)
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
         responses = (demonstration, *responses)
+    answer = _column_value(row, answer_column)
     if answer_column != "answer" and row.get("answer") is not None:
-        if row.get(answer_column) is None:  # it said "has both" of a row without the column
+        if answer is None:  # it said "has both" of a row without the column
             raise fail(answer_column, f"missing: answer_column '{answer_column}' reads the "
                                       "ground truth from this column, and the row has "
                                       "'answer' instead; unset answer_column to use it")
@@ -129,8 +142,21 @@ def example_from_row(row: Any, *, path: str, line: int,
     # The answer column keeps its own name too: TRL rewards read e.g. `solution`.
     columns = {key: value for key, value in row.items() if key not in used}
     return Example(prompt=prompt, responses=responses,
-                   answer=_parse_answer(row.get(answer_column), fail, answer_column),
+                   answer=_parse_answer(answer, fail, answer_column, bool_answers),
                    columns=columns, source=f"{path}:{line}")
+
+
+def _column_value(row: dict, column: str) -> Any:
+    """row[column]; or, for a dotted name that is no column, the field inside an object
+    column: verl's data keeps the ground truth in reward_model.ground_truth."""
+    if column in row or "." not in column:
+        return row.get(column)
+    value: Any = row
+    for part in column.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
 
 
 def render_prompt(example: Example, tokenizer: Any, *,
@@ -138,7 +164,8 @@ def render_prompt(example: Example, tokenizer: Any, *,
     """The exact text the model is conditioned on for `example`.
 
     Chat messages always go through the tokenizer's chat template (with the generation
-    prompt appended), so a tokenizer without one is an error. A string prompt is wrapped as
+    prompt appended, or, after a final assistant turn, that turn left open for the
+    response to continue), so a tokenizer without one is an error. A string prompt is wrapped as
     a single user turn only when `chat_template` is True and the tokenizer has a template;
     None ("auto") and False leave string prompts unchanged, since plain-text data sets
     (and base models) are usually written for raw completion.
@@ -154,17 +181,22 @@ def render_prompt(example: Example, tokenizer: Any, *,
         raise DataError("the prompt is a list of chat messages but the tokenizer has no "
                         "chat template; set one or give a string prompt",
                         path=example.source)
+    # A chat prompt that ends with an assistant turn is a prefill that the response
+    # continues, as TRL renders it (continue_final_message); a generation prompt after it
+    # would close that turn and open another.
+    prefill = {"continue_final_message": True} if messages[-1].get("role") == "assistant" \
+        else {}
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=True,
-                                             **_template_arguments(example))
+                                             add_generation_prompt=not prefill,
+                                             **prefill, **_template_arguments(example))
     except DataError:
         raise
     except Exception as exc:  # a template may raise on data it does not accept
         raise DataError(f"the chat template failed: {type(exc).__name__}: "
-                        f"{_one_line(exc)}", path=example.source) from exc
+                        f"{one_line(exc)}", path=example.source) from exc
     if not isinstance(text, str):
-        raise DataError(f"apply_chat_template returned {_type_name(text)}, not text",
+        raise DataError(f"apply_chat_template returned {type_name(text)}, not text",
                         path=example.source)
     return text
 
@@ -188,12 +220,12 @@ def _template_arguments(example: Example) -> dict[str, Any]:
     if tools:  # [] as None: some templates render tool boilerplate for an empty list
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise fail("tools", f"must be a list of tool schemas (objects), got "
-                                f"{_type_name(tools)}")
+                                f"{type_name(tools)}")
         out["tools"] = tools
     kwargs = example.columns.get("chat_template_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
-            raise fail("chat_template_kwargs", f"must be an object, got {_type_name(kwargs)}")
+            raise fail("chat_template_kwargs", f"must be an object, got {type_name(kwargs)}")
         out.update(kwargs)
     return out
 
@@ -206,126 +238,74 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                          answer_column: str = "answer") -> list[Example]:
     """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
     stems = _SPLIT_NAMES.get(split, (split,))
-    found = [directory / (stem + ext) for stem in stems for ext in _EXTENSIONS
-             if (directory / (stem + ext)).is_file()]
+    found = _split_files(directory, stems) or _split_files(directory / "data", stems)
     if len(found) > 1:
         # Two candidates could hold different data: refuse to guess which one is meant.
         raise DataError(f"several files for split '{split}': "
-                        + ", ".join(p.name for p in found) + "; keep one", path=str(directory))
+                        + ", ".join(str(f[0].relative_to(directory)) + (" (shards)" if
+                                    len(f) > 1 else "") for f in found) + "; keep one",
+                        path=str(directory))
     if found:
-        return _examples_from_rows(_read_file(found[0]), str(found[0]), answer_column)
+        return [example for file in found[0]
+                for example in _examples_from_rows(read_file(file), str(file), answer_column)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
         return _load_saved_dataset(directory, split, stems, required, answer_column)
     if not required:
         return []
-    expected = ", ".join(stem + ext for stem in stems for ext in _EXTENSIONS)
-    raise DataError(f"no '{split}' split: expected one of {expected} "
-                    "(or a datasets.save_to_disk directory)", path=str(directory))
+    expected = ", ".join(stem + ext for stem in stems for ext in EXTENSIONS)
+    raise DataError(f"no '{split}' split: expected one of {expected} (or shards as the "
+                    f"Hugging Face hub stores them, data/{stems[0]}-00000-of-00001.parquet, "
+                    "or a datasets.save_to_disk directory)", path=str(directory))
 
 
-def _read_file(path: Path) -> Iterator[_Row]:
-    """Decoded rows of one data file, by extension."""
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    if path.suffix == ".json":
-        return _read_json(path)
-    if path.suffix == ".csv":
-        # Checked here for exact line numbers; pandas reports neither well.
-        if not _decode_utf8(path.read_bytes(), str(path)).strip():
-            return iter(())
-        return _read_with_datasets(path, "csv")
-    return _read_with_datasets(path, "parquet")
+# A shard as the Hugging Face hub names it: train-00000-of-00002.parquet
+_SHARD = re.compile(r"(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})")
 
 
-def _read_jsonl(path: Path) -> Iterator[_Row]:
-    """(line number, object) for each non-blank line; lines are split on b"\\n" only."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            text = _decode_utf8(raw, str(path), first_line=number)
-            if number == 1:
-                text = text.removeprefix("\ufeff")  # editors on Windows add a BOM
-            if text.strip():
-                yield number, _parse_json(text, str(path), number)
-
-
-def _read_json(path: Path) -> Iterator[_Row]:
-    """A JSON array of rows; or JSON Lines (what `Dataset.to_json` writes to `.json`)."""
-    text = _decode_utf8(path.read_bytes(), str(path)).removeprefix("\ufeff")
+def _split_files(directory: Path, stems: tuple[str, ...]) -> list[list[Path]]:
+    """The candidates for a split in `directory`: each one file ({stem}.jsonl, any case,
+    as a case-insensitive file system would match), or one set of shards in order
+    ({stem}-00000-of-00002.parquet, ...; all must be there)."""
+    if not directory.is_dir():
+        return []
+    files: list[list[Path]] = []
+    shards: dict[tuple[str, str, str], list[Path]] = {}
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if exc.msg == "Extra data":  # a second value after the first: one object per line
-            return _read_jsonl(path)
-        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
-                        path=str(path), line=exc.lineno) from exc
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"malformed JSON: {_one_line(exc)}", path=str(path)) from exc
-    if isinstance(document, list):
-        return iter(enumerate(document))
-    if isinstance(document, dict) and len([s for s in text.splitlines() if s.strip()]) == 1:
-        return iter([(1, document)])
-    raise DataError("expected a JSON array of rows, or one JSON object per line, "
-                    f"got {_type_name(document)}", path=str(path))
-
-
-def _parse_json(text: str, path: str, line: int) -> Any:
-    """json.loads with every failure (syntax, huge numbers, deep nesting) as a DataError."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
-                        path=path, line=line) from exc
-    except (ValueError, RecursionError) as exc:
-        raise DataError(f"malformed JSON: {_one_line(exc)}", path=path, line=line) from exc
-
-
-def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
-    """Decode UTF-8, reporting the line and byte of the first invalid byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        if first_line == 1 and data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            # what Windows PowerShell 5's `>` and Out-File write: name it, not byte 0xff
-            raise DataError("the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
-                            "re-save it as UTF-8", path=path, line=1) from exc
-        line = first_line + data.count(b"\n", 0, exc.start)
-        raise DataError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x}); re-save the "
-                        "file as UTF-8", path=path, line=line) from exc
-
-
-def _import_datasets() -> Any:
-    """The optional `datasets` package, or a DataError saying how to install it."""
-    try:
-        import datasets
-    except ImportError as exc:
-        raise DataError("reading Parquet, CSV or save_to_disk data needs the 'datasets' "
-                        "package: pip install datasets") from exc
-    return datasets
-
-
-def _read_with_datasets(path: Path, kind: str) -> Iterator[_Row]:
-    """Rows of a Parquet or CSV file, via `datasets`, with their 0-based index."""
-    datasets = _import_datasets()
-    reader = datasets.Dataset.from_parquet if kind == "parquet" else datasets.Dataset.from_csv
-    try:
-        dataset = reader(str(path))
-    except Exception as exc:  # corrupt file, bad CSV quoting, ...: report, never crash
-        if "corresponds to no data" in str(exc):  # how datasets says "zero rows"
-            return iter(())
-        raise DataError(f"cannot read {kind}: {type(exc).__name__}: {_one_line(exc)}",
-                        path=str(path)) from exc
-    return iter(enumerate(dataset))
+        entries = sorted(directory.iterdir())
+    except OSError as exc:  # e.g. no permission to list it
+        raise DataError(f"cannot list the directory: {exc.strerror or exc}",
+                        path=str(directory)) from exc
+    for entry in entries:
+        kind = extension(entry)
+        if kind is None or not entry.is_file():
+            continue
+        base = entry.name.lower()[:-len(kind)]
+        shard = _SHARD.fullmatch(base)
+        if base in stems:
+            files.append([entry])
+        elif shard and shard["stem"] in stems:
+            shards.setdefault((shard["stem"], shard["count"], kind), []).append(entry)
+    for (stem, count, kind), parts in shards.items():
+        names = {part.name.lower() for part in parts}
+        missing = [f"{stem}-{i:05d}-of-{count}{kind}" for i in range(int(count))
+                   if f"{stem}-{i:05d}-of-{count}{kind}" not in names]
+        if missing:
+            raise DataError(f"shard {missing[0]} of {int(count)} is missing"
+                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                            path=str(directory))
+        files.append(parts)
+    return files
 
 
 def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
                         required: bool, answer_column: str = "answer") -> list[Example]:
     """A `save_to_disk` directory: a DatasetDict's split, or a lone Dataset as "train"."""
-    datasets = _import_datasets()
+    datasets = import_datasets()
     try:
         loaded = datasets.load_from_disk(str(directory))
     except Exception as exc:
         raise DataError(f"cannot load with datasets.load_from_disk: {type(exc).__name__}: "
-                        f"{_one_line(exc)}", path=str(directory)) from exc
+                        f"{one_line(exc)}", path=str(directory)) from exc
     # A lone Dataset has no split names; treating it as every split would silently
     # evaluate on the training data, so it only answers for "train".
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -339,10 +319,14 @@ def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
     return _examples_from_rows(enumerate(splits[names[0]]), source, answer_column)
 
 
-def _examples_from_rows(rows: Iterable[_Row], path: str,
+def _examples_from_rows(rows: Iterable[Row], path: str,
                         answer_column: str = "answer") -> list[Example]:
     """Validate every row; an empty file is an error (it is almost always a mistake)."""
-    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column)
+    # CSV, Parquet and saved datasets come typed by pandas / Arrow: a True/False column
+    # is bool there however the file writes it (quoting does not help in CSV)
+    tabular = (extension(Path(path)) or "").removesuffix(".gz") not in (".json", ".jsonl")
+    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column,
+                                 bool_answers=tabular)
                 for line, row in rows]
     if not examples:
         raise DataError("the data file has no rows", path=path)
@@ -351,6 +335,26 @@ def _examples_from_rows(rows: Iterable[_Row], path: str,
 
 # ---------------------------------------------------------------------------------------
 # Validating fields
+
+
+# Columns of other common data formats that hold the prompt, and what to do with them.
+_FOREIGN_PROMPTS = {
+    "conversations": "ShareGPT's 'conversations' hold from/value turns: convert them to "
+                     "'messages' with role/content turns",
+    "instruction": "Alpaca's instruction/input/output: give instruction and input as "
+                   "'prompt', output as 'completion'",
+    **{name: f"rename '{name}' to 'prompt'" for name in ("question", "problem", "query")},
+}
+
+
+def _what_it_has(row: dict) -> str:
+    """'; the row has: ...' (names quoted, so that 'prompt ' from a CSV header with a
+    space shows its space), and how to map a known foreign format's prompt column."""
+    names = [repr(str(key)) for key in row]
+    has = "; the row has " + (", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+                              if names else "no columns")
+    hints = [hint for key, hint in _FOREIGN_PROMPTS.items() if row.get(key) is not None]
+    return has + (f" ({hints[0]})" if hints else "")
 
 
 def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
@@ -362,13 +366,13 @@ def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
     if isinstance(value, list):
         return _parse_chat(value, "prompt", fail)
     raise fail("prompt", f"must be a string or a list of chat messages, "
-                         f"got {_type_name(value)}")
+                         f"got {type_name(value)}")
 
 
 def _split_messages(value: Any, fail) -> tuple[list[dict[str, str]], str | None]:
     """A `messages` chat -> (prompt messages, the final assistant reply or None)."""
     if not isinstance(value, list):
-        raise fail("messages", f"must be a list of chat messages, got {_type_name(value)}")
+        raise fail("messages", f"must be a list of chat messages, got {type_name(value)}")
     messages = _parse_chat(value, "messages", fail)
     if messages[-1]["role"] != "assistant":
         return messages, None
@@ -388,7 +392,7 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
             raise fail(where, f"a chat message must be an object with 'role' and "
-                              f"'content', got {_type_name(message)}")
+                              f"'content', got {type_name(message)}")
         for key in ("role", "content"):
             if key == "content" and message.get(key) is None and message.get("tool_calls"):
                 continue
@@ -396,7 +400,7 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
                 raise fail(f"{where}.{key}", "missing")
             if not isinstance(message[key], str):
                 raise fail(f"{where}.{key}",
-                           f"must be a string, got {_type_name(message[key])}")
+                           f"must be a string, got {type_name(message[key])}")
             _check_text(message[key], f"{where}.{key}", fail)
     return [dict(message) for message in messages]
 
@@ -423,7 +427,7 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
     if field == "completion":
         return (_response_text(value, field, fail),), field
     if not isinstance(value, list):
-        raise fail(field, f"must be a list of responses, got {_type_name(value)}")
+        raise fail(field, f"must be a list of responses, got {type_name(value)}")
     return tuple(_response_text(item, f"{field}[{index}]", fail)
                  for index, item in enumerate(value)), field
 
@@ -433,8 +437,8 @@ def _response_text(value: Any, field: str, fail) -> str:
     if isinstance(value, str):
         return _check_text(value, field, fail)
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-        got = _type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
-            sorted({_type_name(item) for item in value if not isinstance(item, dict)}))
+        got = type_name(value) if not isinstance(value, list) else "array of " + ", ".join(
+            sorted({type_name(item) for item in value if not isinstance(item, dict)}))
         raise fail(field, f"must be a string or a list with one assistant message, got {got}")
     messages = _parse_chat(value, field, fail)
     if len(messages) != 1 or messages[0]["role"] != "assistant":
@@ -445,11 +449,16 @@ def _response_text(value: Any, field: str, fail) -> str:
     return messages[0]["content"]
 
 
-def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
-    """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer."""
+def _parse_answer(value: Any, fail, field: str = "answer",
+                  bool_text: bool = False) -> str | None:
+    """Scalars become strings; NaN (a missing CSV cell read by pandas) means no answer.
+    A bool is refused in JSON, where quoting it says which text is meant; a table's bool
+    (pandas reads a CSV cell True as one, quoted or not) reads as "True" / "False"."""
     if value is None:
         return None
     if isinstance(value, bool):  # bool is an int subclass; str(True) is rarely wanted
+        if bool_text:
+            return str(value)
         raise fail(field, 'must be a string or a number, got bool (quote it: "true")')
     if isinstance(value, str):
         return _check_text(value, field, fail)
@@ -458,10 +467,15 @@ def _parse_answer(value: Any, fail, field: str = "answer") -> str | None:
     if isinstance(value, float):
         if math.isnan(value):
             return None
+        if math.isinf(value):  # JSON's Infinity literal, which json.loads accepts
+            raise fail(field, f"must be a finite number, got {value}")
         # 42.0 (an integer column with gaps becomes float) should read as "42", and
         # 0.000015 as written, not as repr's "1.5e-05", which math_verify reads as 1.5e - 5.
         return str(int(value)) if value.is_integer() else _positional(value)
-    raise fail(field, f"must be a string or a number, got {_type_name(value)}")
+    nested = " (name a field inside it with a dot: " + ", ".join(
+        f"{field}.{key}" for key in list(value)[:4]) + ")" if isinstance(value, dict) and value \
+        else ""
+    raise fail(field, f"must be a string or a number, got {type_name(value)}{nested}")
 
 
 def _check_text(text: str, field: str, fail) -> str:
@@ -480,16 +494,3 @@ def _check_text(text: str, field: str, fail) -> str:
 def _positional(value: float) -> str:
     """A float's shortest round-trip digits (repr's), written without an exponent."""
     return format(decimal.Decimal(repr(value)), "f")
-
-
-def _type_name(value: Any) -> str:
-    """JSON-flavoured type names for messages about JSON data."""
-    names = {dict: "object", list: "array", str: "string", bool: "bool",
-             int: "number", float: "number", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception message (errors here are one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -216,6 +216,21 @@ def _evaluation_line(records: list[dict[str, Any]]) -> str:
     return "evaluation: none"
 
 
+def _no_update_warning(train: list[dict[str, Any]]) -> list[str]:
+    """A line when no step made an optimizer update (none was skipped as non-finite
+    either): every group's rewards were equal, which under group advantages is no
+    gradient, so the model came out as it went in. The step lines showed only
+    'loss 0.0000  grad_norm 0.000'; nothing said the run had trained nothing."""
+    if not train or any(not isinstance(r.get("updates"), (int, float)) for r in train) \
+            or sum(r["updates"] for r in train) or sum(r.get("skipped") or 0 for r in train):
+        return []
+    return [f"warning: none of the {len(train)} steps made an optimizer update, so the model "
+            "did not change: in every group all responses got the same reward (metrics.jsonl: "
+            "zero_variance_groups 1.0), and equal rewards have no group advantage. Check what "
+            "the rewards return on these rows (rewards/<name>/rollout), or sample more varied "
+            "rollouts (temperature, num_rollouts)"]
+
+
 def summary_lines(records: list[dict[str, Any]], wall_s: float, memory: dict[str, float],
                   final: Path | str) -> list[str]:
     """The end of a run, from its metrics.jsonl records: time, tokens, throughput, peak
@@ -228,6 +243,7 @@ def summary_lines(records: list[dict[str, Any]], wall_s: float, memory: dict[str
     lines = [f"done: {steps} steps, wall time {_duration(wall_s)} (this process); "
              f"{rollout + update:,.0f} tokens (rollouts {rollout:,.0f}, updates {update:,.0f}), "
              f"{(rollout + update) / busy if busy else 0.0:,.0f} tokens/s over the steps"]
+    lines += _no_update_warning(train)
     mem = [f"host (peak RSS) {memory['memory/peak_host_gib']:.2f} GiB"]
     if "memory/peak_device_gib" in memory:
         mem.insert(0, f"device {memory['memory/peak_device_gib']:.2f} GiB")

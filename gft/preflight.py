@@ -66,7 +66,16 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
     """A stage with no rollouts (sft, dft: n = 0) learns only from the rows' responses; if
     no row has one it would make zero updates and still write final/: an error. If only
     some rows lack one, they are drawn into steps and train nothing: a warning that counts
-    them (no row is left out silently). Said before the model loads."""
+    them (no row is left out silently). Likewise rows whose group is one dataset response
+    under an advantage that compares responses, and empty dataset responses (trained as
+    EOS alone). Said before the model loads."""
+    empty = _rows_with_empty_responses(cfg, rows)
+    if empty:
+        console.print(f"[yellow]warning: {len(empty)} of {len(rows)} training rows have an empty "
+                      f"(or whitespace-only) dataset response (the first: {empty[0].source}); "
+                      "trained on, it teaches the model to end its answer at once",
+                      highlight=False)
+    _check_groups_of_one(cfg, rows, console)
     without = [ex for ex in rows if not ex.responses]
     if not without:
         return
@@ -87,6 +96,40 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                             path=str(cfg.data))
 
 
+def _check_groups_of_one(cfg: TrainConfig, rows: list[Example], console: Console) -> None:
+    """A stage without rollouts whose advantage compares responses (gft with
+    num_rollouts: 0) builds each row's group from its dataset responses alone; a row with
+    fewer than two has a group of one, no baseline, and trains nothing. All rows: an
+    error (the run would make no update); some: counted in a warning."""
+    for stage in plan_stages(cfg, 1):
+        c = stage.cfg
+        if c.num_rollouts or c.advantage == "constant":
+            continue
+        alone = [ex for ex in rows if min(len(ex.responses), c.num_offpolicy) < 2]
+        if not alone:
+            continue
+        where = f"stage {stage.index + 1} ({stage.name})" if cfg.stages else \
+            f"preset '{stage.name}'"
+        why = (f"{where} has num_rollouts=0 and advantage '{c.advantage}', which compares "
+               "the responses of a row's group: a group of one has no baseline")
+        if len(alone) < len(rows):
+            console.print(f"[yellow]warning: {len(alone)} of {len(rows)} training rows have "
+                          f"fewer than two dataset responses (the first: {alone[0].source}); "
+                          f"{why}, so they train nothing", highlight=False)
+            return
+        raise DataError(f"no training row has two dataset responses, and {why}: the run "
+                        "would train nothing. Sample rollouts (num_rollouts >= 1), give rows "
+                        "more responses, or use advantage: constant (sft, dft)",
+                        path=str(cfg.data))
+
+
+def _rows_with_empty_responses(cfg: TrainConfig, rows: list[Example]) -> list[Example]:
+    """Rows with a response that some stage's group takes (one of its num_offpolicy) and
+    that is "" or whitespace (a JSON "", a cell of spaces): trained as its EOS alone."""
+    k = max((s.cfg.num_offpolicy for s in plan_stages(cfg, 1)), default=0)
+    return [ex for ex in rows if any(not text.strip() for text in ex.responses[:k])]
+
+
 def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None:
     """Every row needs `answer` when a built-in reward compares with it; say so before
     training, not when a step first draws the row hours into the run."""
@@ -103,8 +146,25 @@ def check_answers(cfg: TrainConfig, parts: list[PreparedPrompts | None]) -> None
         for ex in part.rows if part is not None else []:
             if ex.answer is None:
                 raise DataError(f"missing; reward '{needs[0]}' compares every response with the "
-                                "row's answer (add one, or choose rewards that need none)",
+                                "row's answer (add one, or choose rewards that need none)"
+                                + _answer_hint(cfg.answer_column, ex),
                                 path=ex.source, field=cfg.answer_column)
+
+
+# Where data sets commonly keep the ground truth under another name (TRL's math data sets:
+# solution; others: ground_truth, label, target, final_answer, gold, reference).
+_ANSWER_NAMES = ("solution", "ground_truth", "final_answer", "gold", "label", "target",
+                 "reference", "answers")
+
+
+def _answer_hint(column: str, ex: Example) -> str:
+    """"; this row has a 'solution' column: set answer_column: solution ..." when the row
+    has a column by a name data sets often keep the ground truth under."""
+    if column in ex.columns and ex.columns[column] is None:
+        return ""  # the column is there, this row's cell is empty
+    found = [name for name in _ANSWER_NAMES if ex.columns.get(name) is not None]
+    return (f"; this row has a '{found[0]}' column: set answer_column: {found[0]} if it holds "
+            "the ground truth" if found else "")
 
 
 def check_sequences_fit(backend, data: PreparedPrompts, held_out: PreparedPrompts | None,

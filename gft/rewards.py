@@ -130,10 +130,18 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
         _check_options(spec, factory)
         return factory(**spec.options)
     if ":" not in spec.name:
+        several = [part for part in spec.name.replace(",", " ").split() if part]
         raise RewardError(f"unknown reward '{spec.name}': built-ins are "
                           + ", ".join(sorted(BUILTIN_REWARDS))
                           + "; user rewards are 'package.module:function' or "
-                            "'path/to/file.py:function'")
+                            "'path/to/file.py:function'"
+                          + (f"; several rewards are a list: [{', '.join(several)}]"
+                             if len(several) > 1 else ""))
+    shadowed = sorted(set(spec.options) & set(_RESERVED))
+    if shadowed:  # bound as an option, it would replace the batch's own on every call
+        raise ConfigError(f"reward '{spec.name}': option '{shadowed[0]}' is the name the "
+                          f"function receives the batch's {shadowed[0]} under; rename the "
+                          "option")
     function = _import_function(spec.name)
     return functools.partial(function, **spec.options) if spec.options else function
 
@@ -266,6 +274,9 @@ class RewardModel:
         self.names = _unique_names([spec.name for spec in specs])
         self.weights = np.array([spec.weight for spec in specs], dtype=np.float64)
         self.functions = [resolve_reward(spec) for spec in specs]
+        # id(function) -> (function, its _Parameters): a function's signature never
+        # changes, so it is read once, not twice per function on every batch
+        self._parameters: dict[int, tuple[Callable, _Parameters]] = {}
 
     @property
     def log_names(self) -> list[str]:
@@ -310,14 +321,23 @@ class RewardModel:
               sources: list[str] | None) -> Any:
         """One reward's raw return value (a coroutine for an async function); every
         failure named."""
-        kwargs = _accepted_arguments(function, arguments)
-        _check_required(name, function, kwargs, arguments)
+        parameters = self._parameters_of(function)
+        kwargs = _accepted_arguments(parameters, arguments)
+        _check_required(name, parameters, kwargs, arguments)
         try:
             return call_with_timeout(lambda: function(**kwargs), self.timeout)
         except CallTimeout:
             raise RewardError(_timeout_message(name, self.timeout, sources)) from None
         except Exception as exc:
             raise _named_error(name, exc, sources, function) from exc
+
+    def _parameters_of(self, function: RewardFunction) -> _Parameters:
+        """The function's parameters, read once (the cache holds the function itself, so
+        a function put in `functions` later is never taken for one with its id)."""
+        cached = self._parameters.get(id(function))
+        if cached is None or cached[0] is not function:
+            cached = self._parameters[id(function)] = (function, _read_parameters(function))
+        return cached[1]
 
 
 # The names TRL's trainer passes besides the data columns; a column by one of these
@@ -432,37 +452,54 @@ def _check_batch(prompts: list[Prompt], completions: list[str], columns: dict[st
     return {"answer": [None] * n, **columns}
 
 
-def _accepted_arguments(function: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Parameters:
+    """What a reward function's signature says about the arguments it takes.
+    names: None when it has no signature (some builtins and C callables): it gets all."""
+    names: frozenset[str] | None
+    takes_all: bool             # **kwargs
+    required: tuple[str, ...]   # keyword-passable parameters without a default
+    bound: frozenset[str]       # options bound with functools.partial
+
+
+def _read_parameters(function: Callable) -> _Parameters:
+    bound = frozenset(function.keywords) if isinstance(function, functools.partial) \
+        else frozenset()
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return _Parameters(None, True, (), bound)
+    return _Parameters(
+        names=frozenset(p.name for p in parameters),
+        takes_all=any(p.kind is p.VAR_KEYWORD for p in parameters),
+        required=tuple(p.name for p in parameters if p.default is p.empty
+                       and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
+        bound=bound)
+
+
+def _accepted_arguments(parameters: _Parameters, arguments: dict[str, Any]
+                        ) -> dict[str, Any]:
     """All arguments for functions taking **kwargs (TRL's own trainer passes them all);
     otherwise only the ones they name, so that `def f(completions, answer)` works
     without a **kwargs catch-all."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # some builtins and C callables have no signature
+    if parameters.names is None:
         return arguments
     # Options bound with functools.partial must win over a column of the same name.
-    bound = set(function.keywords) if isinstance(function, functools.partial) else set()
-    takes_all = any(p.kind is p.VAR_KEYWORD for p in parameters)
-    names = {p.name for p in parameters}
     return {key: value for key, value in arguments.items()
-            if key not in bound and (takes_all or key in names)}
+            if key not in parameters.bound
+            and (parameters.takes_all or key in parameters.names)}
 
 
 # What TRL's trainer passes that gft does not (README: Rewards).
 _TRL_ONLY = {"log_extra": "TRL's log_extra callback", "log_metric": "TRL's log_metric callback"}
 
 
-def _check_required(name: str, function: Callable, given: dict[str, Any],
+def _check_required(name: str, parameters: _Parameters, given: dict[str, Any],
                     arguments: dict[str, Any]) -> None:
     """A parameter without a default that nothing supplies, named before the call: a
     TRL reward reading a column this data lacks (`ground_truth`) would otherwise fail
     with Python's "missing 1 required positional argument", saying nothing of columns."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):
-        return
-    missing = [p.name for p in parameters if p.default is p.empty and p.name not in given
-               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p for p in parameters.required if p not in given]
     if not missing:
         return
     what = _TRL_ONLY.get(missing[0])
@@ -499,10 +536,16 @@ def _check_values(name: str, returned: Any, n: int,
             raise RewardError(f"reward '{name}' returned {type(value).__name__} "
                               f"{value!r:.40} for {_source(sources, index)}; expected a "
                               "float or None")
-        if not math.isfinite(float(value)):
-            raise RewardError(f"reward '{name}' returned {float(value)} for "
-                              f"{_source(sources, index)}; rewards must be finite")
-        values[index] = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int or Fraction past float's range
+            number = math.inf if value > 0 else -math.inf
+        if not math.isfinite(number):
+            raise RewardError(f"reward '{name}' returned {number} for "
+                              f"{_source(sources, index)}; rewards must be finite"
+                              + (" (return None where a reward does not apply)"
+                                 if math.isnan(number) else ""))
+        values[index] = number
     return values
 
 

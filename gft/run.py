@@ -38,7 +38,7 @@ from gft.resume import data_changed, resume_point
 from gft.runpaths import base_as_stored, stored_config
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
-from gft.stages import describe, plan_stages
+from gft.stages import describe, plan_stages, plan_warnings
 from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
@@ -321,6 +321,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
+    for warning in plan_warnings(cfg, stages, len(data.rows)):
+        console.print(f"[yellow]{warning}", highlight=False)
     idle = bool(state.step) and run_over(stages, state, cfg)  # a resume with nothing to do
     if idle:  # (finished_already could not tell before the data was tokenized)
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)

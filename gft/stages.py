@@ -24,6 +24,7 @@ module owns the plan built from those entries.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from gft.config import TrainConfig, read_stages
@@ -66,3 +67,49 @@ def describe(stages: list[Stage]) -> str:
         f"tau={s.cfg.tau}, {s.cfg.advantage}, lr={s.cfg.learning_rate:g})"
         + (f", extended by {s.extended} step{'s' * (s.extended > 1)} (max_steps={s.end} is "
            f"beyond the plan's {s.end - s.extended})" if s.extended else "") for s in stages)
+
+
+def repeated_rows(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> str | None:
+    """A warning when a stage's step draws more prompts than there are training rows:
+    the sampler then wraps round the data inside the step, so every row is drawn several
+    times per step, and `epochs` (steps = epochs x rows / prompts_per_step, at least 1)
+    runs many passes where it says one. (mlx-lm refuses a data set smaller than its
+    batch_size.) Here the step is kept as configured, and said."""
+    big = [s for s in stages if s.cfg.prompts_per_step > n_rows]
+    if not big:
+        return None
+    stage, rows = big[0], f"{n_rows} training row{'s' * (n_rows != 1)}"
+    times = stage.cfg.prompts_per_step / n_rows
+    where = f"stage {stage.index + 1} ({stage.name}): " if cfg.stages else ""
+    by_epochs = "" if cfg.max_steps is not None or cfg.stages else (
+        f" (epochs={cfg.epochs:g} makes {stage.end} step{'s' * (stage.end != 1)}: "
+        f"{stage.end * times:.3g} passes over the data)")
+    return (f"warning: {where}prompts_per_step={stage.cfg.prompts_per_step} is more than the "
+            f"{rows}, so each step draws every row about {times:.3g} times{by_epochs}; for "
+            f"one pass per step set prompts_per_step (and prompts_per_minibatch) to at most "
+            f"{n_rows}")
+
+
+def long_warmup(stages: list[Stage]) -> str | None:
+    """A warning when a stage's warm-up is as long as its optimizer updates or longer:
+    its learning rate then never reaches learning_rate (and a linear or cosine decay
+    never starts), which the run did without a word."""
+    for stage in stages:
+        c = stage.cfg
+        updates = (stage.end - stage.start) * math.ceil(c.prompts_per_step /
+                                                        c.prompts_per_minibatch)
+        if c.warmup_steps >= updates:
+            where = f"stage {stage.index + 1} ({stage.name}): " if len(stages) > 1 else ""
+            top = c.learning_rate * updates / (c.warmup_steps + 1)
+            return (f"warning: {where}warmup_steps={c.warmup_steps} is not shorter than its "
+                    f"{updates} optimizer update{'s' * (updates != 1)}: the learning rate "
+                    f"rises to {top:.3g} and never reaches learning_rate={c.learning_rate:g}"
+                    + (f" (nor decays: lr_schedule {c.lr_schedule})"
+                       if c.lr_schedule != "constant" else ""))
+    return None
+
+
+def plan_warnings(cfg: TrainConfig, stages: list[Stage], n_rows: int) -> list[str]:
+    """What the plan does that the config does not say: steps larger than the data, a
+    warm-up longer than its stage."""
+    return [w for w in (repeated_rows(cfg, stages, n_rows), long_warmup(stages)) if w]

@@ -50,10 +50,32 @@ def test_unknown_key_suggests(tmp_path):
     ({"temperature": 0}, r"^'temperature' must be > 0 \(rollouts sample\), got 0.0$"),
     ({"learning_rate": -1e-5}, r"^'learning_rate' must be > 0, got -1e-05$"),
     ({"top_p": 1.5}, r"^'top_p' must be in \(0, 1\], got 1.5$"),
+    # Path("") is the working directory: `data: ""` trained on ./train.jsonl in silence
+    ({"data": ""}, r"^'data' is an empty string; give a path, or null"),
+    ({"model": " "}, r"^'model' is an empty string"),
+    ({"output_dir": ""}, r"^'output_dir' is an empty string"),
+    ({"eval_data": ""}, r"^'eval_data' is an empty string"),
+    ({"eval_split": ""}, r"^'eval_split' must name a split$"),
 ])
 def test_bad_values(values, message):
     with pytest.raises(ConfigError, match=message):
         build_config({"model": "m", **values})
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    """PyYAML keeps the last of two equal keys: a config setting learning_rate twice
+    trained with the lower one, in silence. A merge (<<: *anchor) may still be overridden."""
+    p = tmp_path / "c.yaml"
+    p.write_text("learning_rate: 1e-5\nmax_steps: 3\nlearning_rate: 1e-3\n")
+    with pytest.raises(ConfigError) as excinfo:
+        read_yaml(p)
+    assert str(excinfo.value) == (f"{p}:3: invalid YAML: 'learning_rate' is given twice on "
+                                  "lines 1 and 3; keep one")
+    p.write_text("stages:\n  - {preset: sft, steps: 2, steps: 3}\n")
+    with pytest.raises(ConfigError, match="'steps' is given twice on line 2"):
+        read_yaml(p)
+    p.write_text("base: &b {tau: 0.1, learning_rate: 1e-5}\nstage:\n  <<: *b\n  tau: 0.2\n")
+    assert read_yaml(p)["stage"] == {"tau": 0.2, "learning_rate": 1e-5}
 
 
 def test_bad_yaml_names_file_and_line(tmp_path):

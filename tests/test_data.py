@@ -1,7 +1,9 @@
-"""Tests for gft.data: every accepted format, every error (naming file, line and field),
+"""Tests for gft.data and the file readers under it (gft/datafiles.py, through
+load_split): every accepted format, every error (naming file, line and field),
 a property test that the JSONL loader only ever raises DataError, and prompt rendering."""
 from __future__ import annotations
 
+import gzip
 import json
 import sys
 import tempfile
@@ -60,6 +62,93 @@ def test_jsonl_with_bom_and_crlf(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"prompt": "a"}\r\n{"prompt": "b"}\r\n')
     assert [e.prompt for e in load_split(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_cr_only_line_ends_are_line_breaks_counted_as_lines(tmp_path, suffix):
+    """Classic Mac OS ends lines with a lone CR: the file read as one line failed with
+    'malformed JSON: Extra data'. Mixed ends count as an editor counts them."""
+    path = tmp_path / f"d{suffix}"
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "b"}\r\n\r{"prompt": "c"}\n'
+                     b'{"prompt": 5}\r')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"d{suffix}:5", "'prompt'")
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "b"}\r\r{"prompt": "c"}\r')
+    assert [e.source for e in load_split(path)] == [f"{path}:1", f"{path}:2", f"{path}:4"]
+    path.write_bytes(b'{"prompt": "a"}\r{"prompt": "\xe9"}\r')
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"d{suffix}:2", "UTF-8")
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_a_json_document_named_jsonl_is_read_as_json(tmp_path, indent):
+    """A JSON array (or one object) saved as .jsonl, as `datasets` reads it whatever the
+    name; it failed with 'Expecting value' or 'a row must be a JSON object, got array'."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps([{"prompt": "a"}, {"prompt": "b"}], indent=indent))
+    assert [(e.prompt, e.source) for e in load_split(path)] == [
+        ("a", f"{path}:0"), ("b", f"{path}:1")]
+    path.write_text(json.dumps({"prompt": "a", "answer": 1}, indent=indent))
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [("a", "1")]
+
+
+def test_pretty_printed_rows_in_jsonl_are_named_as_such(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + "\n".join(json.dumps({"prompt": p}, indent=2) for p in "ab"))
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:2", "spans lines 2-4", "pretty-printed")
+    path.write_text('[1]\n[2]\n')  # arrays, one per line: rows that are not objects
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:1", "a row must be a JSON object, got array")
+
+
+@pytest.mark.parametrize("name", ["d.JSONL", "d.Json", "d.jsonl.gz", "d.json.gz",
+                                  "D.JSONL.GZ"])
+def test_upper_case_and_gzip_file_names(tmp_path, name):
+    """What Windows tools and the Hugging Face hub name files; `.gz` is what
+    `Dataset.to_json(..., compression="gzip")` writes. Line numbers stay exact."""
+    path = tmp_path / name
+    data = b'{"prompt": "a", "answer": 1}\n\n{"prompt": "b"}\n'
+    path.write_bytes(gzip.compress(data) if name.lower().endswith(".gz") else data)
+    examples = load_split(path)
+    assert [(e.prompt, e.answer, e.source) for e in examples] == [
+        ("a", "1", f"{path}:1"), ("b", None, f"{path}:3")]
+    bad = data + b'{"prompt": 5}\n'
+    path.write_bytes(gzip.compress(bad) if name.lower().endswith(".gz") else bad)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, f"{name}:4", "'prompt'")
+
+
+def test_gzip_split_files_in_a_directory(tmp_path):
+    (tmp_path / "train.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "t"}\n'))
+    (tmp_path / "TEST.JSON").write_text(json.dumps([{"prompt": "e"}]))
+    assert load_split(tmp_path)[0].prompt == "t"
+    assert load_split(tmp_path, "test")[0].prompt == "e"
+    (tmp_path / "train.jsonl").write_text('{"prompt": "other"}\n')
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, "train.jsonl", "train.jsonl.gz", "keep one")
+
+
+@pytest.mark.parametrize("content", [b'{"prompt": "a"}\n',  # not compressed at all
+                                     gzip.compress(b'{"prompt": "a"}\n' * 50)[:-30]])
+def test_a_damaged_gzip_file_is_a_data_error(tmp_path, content):
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl.gz", "cannot decompress the gzip file")
+
+
+def test_gzip_csv(tmp_path, datasets):
+    path = tmp_path / "d.csv.gz"
+    path.write_bytes(gzip.compress(b"prompt,answer\nwhat?,7\n"))
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [("what?", "7")]
 
 
 def test_messages_final_assistant_is_the_demonstration(tmp_path):
@@ -128,6 +217,15 @@ def test_missing_file(tmp_path):
     assert_error(excinfo, "nowhere", "no such file or directory")
 
 
+def test_a_directory_that_cannot_be_listed_is_a_data_error(tmp_path, monkeypatch):
+    def refuse(self):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, str(tmp_path), "cannot list the directory: Permission denied")
+
+
 def test_two_files_for_one_split_is_ambiguous(tmp_path):
     write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a"}])
     write_jsonl(tmp_path / "train.json", [{"prompt": "b"}])
@@ -171,6 +269,131 @@ def test_json_errors(tmp_path):
     assert_error(excinfo, "scalar.json", "JSON array")
 
 
+def test_json_object_of_columns(tmp_path):
+    """A JSON object of columns, as `json.dump(df.to_dict("list"))` writes: one row per
+    index (it was one row whose prompt was a list, 'got string' for prompt[0])."""
+    path = tmp_path / "cols.json"
+    path.write_text(json.dumps({"prompt": ["x", [{"role": "user", "content": "y"}]],
+                                "answer": [1, None], "level": ["a", "b"]}))
+    examples = load_split(path)
+    assert [(e.prompt, e.answer, e.columns, e.source) for e in examples] == [
+        ("x", "1", {"level": "a"}, f"{path}:0"),
+        ([{"role": "user", "content": "y"}], None, {"level": "b"}, f"{path}:1")]
+    # a row whose prompt is a chat is still one row, even with lists of the same length
+    row = {"prompt": CHAT, "completions": ["4", "four"]}
+    path.write_text(json.dumps(row))
+    assert [e.responses for e in load_split(path)] == [("4", "four")]
+    path.write_text(json.dumps({"prompt": ["x", "y"], "answer": [1]}))
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "cols.json", "field 'answer'", "(1 values)", "'prompt' (2 values)")
+
+
+def test_pandas_to_json_default_orient_is_read(tmp_path):
+    """`DataFrame.to_json(path)` writes orient="columns": {"prompt": {"0": ...}, ...}."""
+    pandas = pytest.importorskip("pandas")
+    path = tmp_path / "train.json"
+    pandas.DataFrame({"prompt": ["x", "y", "z"], "answer": [1, 2, None]}).to_json(path)
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [
+        ("x", "1"), ("y", "2"), ("z", None)]
+    pandas.DataFrame({"prompt": ["x"]}).to_json(path, orient="index", indent=1)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "train.json", "orient='records', lines=True")
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"conversations": [{"from": "human", "value": "hi"}]}, ["ShareGPT", "'messages'"]),
+    ({"instruction": "hi", "input": "", "output": "yo"}, ["Alpaca", "'completion'"]),
+    ({"problem": "1+1", "solution": "2"}, ["rename 'problem' to 'prompt'"]),
+    ({"prompt ": "a space from a CSV header"}, ["the row has 'prompt '"]),
+    ({"prompt": None, "answer": 1}, ["null (an empty cell)"]),
+])
+def test_a_missing_prompt_says_what_the_row_has(tmp_path, row, words):
+    path = write_jsonl(tmp_path / "d.jsonl", [row])
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.jsonl:1", "field 'prompt'", "missing", *words)
+
+
+# ---------------------------------------------------------------------------------------
+# Rows that load but that the run counts in a warning (gft/preflight.py)
+
+
+def test_empty_dataset_responses_are_counted_before_training(tmp_path):
+    """A completion "" (or spaces) is trained as EOS alone, teaching the model to stop at
+    once; the run did so without a word."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "a", "completion": "yes"}, {"prompt": "b", "completion": " \n"},
+        {"prompt": "c", "completions": ["yes", ""]}, {"prompt": "d", "completion": ""}])
+    rows = load_split(path)
+
+    def said(**keys) -> str:
+        out = io.StringIO()
+        check_trainable(build_config({"model": "m", "data": str(path), **keys}), rows,
+                        Console(file=out, width=400))
+        return out.getvalue().strip()
+    assert said(preset="sft") == (
+        f"warning: 2 of 4 training rows have an empty (or whitespace-only) dataset response "
+        f"(the first: {path}:2); trained on, it teaches the model to end its answer at once")
+    assert said(preset="gft").startswith("warning: 3 of 4 training rows")  # K=4 takes row c's
+    assert said(preset="grpo") == ""  # K=0: no dataset response is trained on
+
+
+def test_groups_of_one_dataset_response_without_rollouts_are_said(tmp_path):
+    """gft with num_rollouts: 0 on rows with one completion: every group is one response,
+    no baseline, no update; the run trained nothing and said so only at the end."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "x"},
+                                              {"prompt": "b", "completions": ["x", "y"]}])
+    rows = load_split(path)
+    cfg = build_config({"model": "m", "data": str(path), "num_rollouts": 0})
+    out = io.StringIO()
+    check_trainable(cfg, rows, Console(file=out, width=400))
+    assert out.getvalue().strip() == (
+        f"warning: 1 of 2 training rows have fewer than two dataset responses (the first: "
+        f"{path}:1); preset 'gft' has num_rollouts=0 and advantage 'grpo', which compares the "
+        "responses of a row's group: a group of one has no baseline, so they train nothing")
+    with pytest.raises(DataError) as excinfo:
+        check_trainable(cfg, rows[:1], Console(file=io.StringIO()))
+    assert_error(excinfo, "no training row has two dataset responses", "num_rollouts >= 1")
+    for keys in ({"preset": "sft"}, {"num_rollouts": 1}, {"advantage": "constant"}):
+        out = io.StringIO()
+        check_trainable(build_config({"model": "m", "data": str(path), "num_rollouts": 0,
+                                      **keys}), rows[:1], Console(file=out))
+        assert out.getvalue() == ""
+
+
+def test_a_missing_answer_names_the_column_that_may_hold_it(tmp_path):
+    """TRL's math data sets keep the ground truth in 'solution': the error said only that
+    'answer' was missing."""
+    from types import SimpleNamespace
+    from gft.config import build_config
+    from gft.preflight import check_answers
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "solution": "2"}])
+    cfg = build_config({"model": "m", "data": str(path), "preset": "grpo"})
+    with pytest.raises(DataError) as excinfo:
+        check_answers(cfg, [SimpleNamespace(rows=load_split(path))])
+    assert_error(excinfo, "d.jsonl:1", "field 'answer': missing; reward 'math' compares",
+                 "this row has a 'solution' column: set answer_column: solution")
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "1+1", "solution": None}])
+    with pytest.raises(DataError) as excinfo:
+        check_answers(build_config({"model": "m", "data": str(path), "preset": "grpo",
+                                    "answer_column": "solution"}),
+                      [SimpleNamespace(rows=load_split(path, answer_column="solution"))])
+    assert "set answer_column" not in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Parquet, CSV and save_to_disk (the optional datasets package)
+
 ROWS = [{"prompt": "x", "answer": 1, "completions": ["a", "b"]},
         {"prompt": "y", "answer": 2, "completions": ["c"]}]
 
@@ -190,12 +413,58 @@ def test_parquet_file_and_directory(tmp_path, datasets):
         assert examples[1].source == f"{tmp_path / 'train.parquet'}:1"
 
 
+def test_hub_layout_with_sharded_splits(tmp_path, datasets):
+    """A data set repository as the Hugging Face hub stores it (data/train-00000-of-00002
+    .parquet, ...), which datasets.load_dataset(dir) reads; it was 'no train split'."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "README.md").write_text("---\nlicense: mit\n---\n")
+    for name, rows in (("train-00000-of-00002", ROWS[:1]), ("train-00001-of-00002", ROWS[1:]),
+                       ("test-00000-of-00001", ROWS[:1])):
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data" / f"{name}.parquet"))
+    examples = load_split(tmp_path)
+    expected = datasets.load_dataset(str(tmp_path), split="train")
+    assert [e.prompt for e in examples] == expected["prompt"] == ["x", "y"]
+    assert [e.source for e in examples] == [
+        f"{tmp_path / 'data' / 'train-00000-of-00002.parquet'}:0",
+        f"{tmp_path / 'data' / 'train-00001-of-00002.parquet'}:0"]
+    assert [e.prompt for e in load_split(tmp_path, "test")] == ["x"]
+    assert load_split(tmp_path, "valid", required=False) == []
+    (tmp_path / "data" / "train-00001-of-00002.parquet").unlink()
+    with pytest.raises(DataError) as excinfo:
+        load_split(tmp_path)
+    assert_error(excinfo, "shard train-00001-of-00002.parquet of 2 is missing")
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "top"}])  # the top level comes first
+    assert [e.prompt for e in load_split(tmp_path)] == ["top"]
+
+
+def test_a_true_false_answer_column_of_a_table_reads_as_written(tmp_path, datasets):
+    """pandas reads a CSV column of True/False as bool, quoted or not: the answer was
+    refused with 'quote it', which a CSV cannot do. JSON's true is still refused."""
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,answer\nis 2 even?,"True"\nis 3 even?,False\n')
+    assert [e.answer for e in load_split(path)] == ["True", "False"]
+    datasets.Dataset.from_list([{"prompt": "p", "answer": True}]).to_parquet(
+        str(tmp_path / "d.parquet"))
+    assert [e.answer for e in load_split(tmp_path / "d.parquet")] == ["True"]
+
+
 def test_csv_file(tmp_path, datasets):
     path = tmp_path / "test.csv"
     path.write_text("prompt,answer,level\nwhat?,7,easy\nwhy?,,hard\n", encoding="utf-8")
     examples = load_split(tmp_path, "test")
     assert [(e.prompt, e.answer, e.columns) for e in examples] == [
         ("what?", "7", {"level": "easy"}), ("why?", None, {"level": "hard"})]
+
+
+@pytest.mark.parametrize("sep", [";", "\t"])
+def test_csv_separated_by_semicolons_or_tabs(tmp_path, datasets, sep):
+    """Excel writes ';' where the decimal mark is a comma: read with ',', the file was one
+    column 'prompt;answer' and every row 'missing' its prompt."""
+    path = tmp_path / "d.csv"
+    path.write_text(f"\ufeffprompt{sep}answer\nwhat, then?{sep}1,5\nwhy?{sep}\n",
+                    encoding="utf-8")
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [
+        ("what, then?", "1,5"), ("why?", None)]
 
 
 def test_csv_non_utf8_names_line(tmp_path, datasets):
@@ -235,6 +504,25 @@ def test_without_datasets_package_says_how_to_install(tmp_path, monkeypatch):
     with pytest.raises(DataError) as excinfo:
         load_split(tmp_path / "d.parquet")
     assert_error(excinfo, "pip install datasets")
+
+
+def test_a_dotted_answer_column_reads_a_field_of_an_object_column(tmp_path, datasets):
+    """verl's parquet keeps the ground truth in reward_model.ground_truth: answer_column:
+    reward_model was refused as an object, and no name could reach the field."""
+    path = tmp_path / "train.parquet"
+    datasets.Dataset.from_list([
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "1+1?"}],
+         "reward_model": {"style": "rule", "ground_truth": "2"}},
+        {"data_source": "gsm8k", "prompt": [{"role": "user", "content": "2+2?"}],
+         "reward_model": {"style": "rule", "ground_truth": None}}]).to_parquet(str(path))
+    first, second = load_split(path, answer_column="reward_model.ground_truth")
+    assert (first.answer, second.answer) == ("2", None)
+    assert first.columns["reward_model"] == {"style": "rule", "ground_truth": "2"}
+    with pytest.raises(DataError) as excinfo:
+        load_split(path, answer_column="reward_model")
+    assert_error(excinfo, "train.parquet:0", "field 'reward_model'", "got object",
+                 "name a field inside it with a dot: reward_model.style, "
+                 "reward_model.ground_truth")
 
 
 def test_save_to_disk_dataset_dict(tmp_path, datasets):
@@ -302,6 +590,7 @@ def test_save_to_disk_bad_row_names_split_and_index(tmp_path, datasets):
     ({"prompt": "p", "answer": [1]}, "answer", "got array"),
     ({"prompt": "p", "answer": {"x": 1}}, "answer", "got object"),
     ({"prompt": "p", "answer": True}, "answer", "bool"),
+    ({"prompt": "p", "answer": float("-inf")}, "answer", "finite number, got -inf"),
     # JSON may escape half a surrogate pair; the tokenizer then crashed with a TypeError
     ({"prompt": "x\ud83d"}, "prompt", "half of a UTF-16 surrogate pair (\\ud83d at character 1)"),
     ({"prompt": "p", "completion": "\udfff"}, "completion", "surrogate"),
@@ -465,6 +754,15 @@ def test_render_chat_messages(chat_tokenizer):
     example = Example(prompt=CHAT, source="d.jsonl:4")
     assert render_prompt(example, chat_tokenizer) == \
         "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>"
+
+
+def test_a_prompt_ending_with_an_assistant_turn_is_continued(chat_tokenizer):
+    """TRL's prefilled prompt: the response continues the final assistant message
+    (continue_final_message). A generation prompt after it closed that turn and opened a
+    new one, so the model answered something else."""
+    prefilled = [*CHAT, {"role": "assistant", "content": "The answer is"}]
+    assert render_prompt(Example(prompt=prefilled), chat_tokenizer) == \
+        "<|system|>Be brief.\n<|user|>2+2?\n<|assistant|>The answer is"
 
 
 def test_render_string_prompt(chat_tokenizer, tokenizer):

@@ -53,6 +53,21 @@ def test_summary_of_a_run_without_rewards_reports_its_held_out_loss():
                          "f")[-2] == "evaluation: none"
 
 
+def test_summary_says_when_no_step_made_an_update():
+    """GRPO where every group's rewards are equal (a task too hard, near-zero temperature)
+    trains nothing; the summary said only 'updates 0' tokens."""
+    flat = {**STEP, "updates": 0.0, "skipped": 0.0, "zero_variance_groups": 1.0}
+    lines = summary_lines([{"step": 1, **flat}, {"step": 2, **flat}], 1.0,
+                          {"memory/peak_host_gib": 1.5}, "f")
+    assert lines[1].startswith("warning: none of the 2 steps made an optimizer update, so "
+                               "the model did not change")
+    for records in ([{"step": 1, **flat}, {"step": 2, **flat, "updates": 1.0}],
+                    [{"step": 1, **flat, "skipped": 1.0}],  # non-finite: its own message
+                    [{"step": 1, **STEP}]):
+        assert not any(line.startswith("warning") for line in summary_lines(
+            records, 1.0, {"memory/peak_host_gib": 1.5}, "f"))
+
+
 def test_heartbeat_says_what_a_long_step_is_doing():
     out = io.StringIO()
     console = Console(file=out, width=200)

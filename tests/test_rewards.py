@@ -167,6 +167,15 @@ def test_user_reward_options_become_keywords(user_module):
     assert score(rewards, ["abcd"], [None], scale=[100]).total.tolist() == [2.0]
 
 
+@pytest.mark.parametrize("option", ["completions", "prompts", "trainer_state"])
+def test_an_option_named_like_a_batch_argument_is_refused(user_module, option):
+    """Bound as an option it replaced the batch's completions on every call: every
+    completion was scored as the option's value."""
+    with pytest.raises(ConfigError) as excinfo:
+        build_rewards([{"name": "my_rewards:scaled", option: ["x"]}])
+    assert f"option '{option}'" in str(excinfo.value) and "rename" in str(excinfo.value)
+
+
 def test_a_module_in_the_working_directory_imports_under_the_gft_command(tmp_path,
                                                                         monkeypatch):
     """The installed `gft` script's sys.path holds its bin directory, not the working
@@ -204,6 +213,9 @@ def test_a_reward_file_imports_modules_beside_it(tmp_path, monkeypatch):
     ("broken_rewards:f", "RuntimeError: boom at import"),
     ("nowhere/rewards.py:f", "file not found"),
     ("not_a_builtin", "unknown reward 'not_a_builtin'"),
+    # `--set rewards=math,exact` is one string; it read as one unknown name
+    ("math,exact", "several rewards are a list: [math, exact]"),
+    ("math, exact regex", "several rewards are a list: [math, exact, regex]"),
 ])
 def test_user_reward_resolution_errors(user_module, name, words):
     with pytest.raises(RewardError) as excinfo:
@@ -268,6 +280,29 @@ def test_tensor_values_accepted_as_trl_accepts_them(make):
     assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
 
 
+def test_a_function_signature_is_read_once(monkeypatch):
+    """inspect.signature ran twice per function on every batch; it is read once, and
+    again only for a function put in its place."""
+    import inspect
+
+    def first(completions, answer):
+        return [1.0] * len(completions)
+
+    def second(completions, **kwargs):
+        return [2.0] * len(completions)
+    model = model_with(first)
+    calls, real = [], inspect.signature
+    monkeypatch.setattr(inspect, "signature",
+                        lambda f, *a, **k: calls.append(f) or real(f, *a, **k))
+    for _ in range(3):
+        assert score(model, ["a", "b"], [None, None]).total.tolist() == [1.0, 1.0]
+    assert calls == [first]
+    model.functions = [second]
+    for _ in range(2):
+        assert score(model, ["a"], [None]).total.tolist() == [2.0]
+    assert calls == [first, second]
+
+
 # ---------------------------------------------------------------------------------------
 # A misbehaving reward function: each error names it
 
@@ -289,6 +324,10 @@ def raises(prompts, completions, **columns):
     (lambda completions, **k: [1.0], ["returned 1 values", "expected 2"]),
     (lambda completions, **k: [1.0, float("nan")], ["nan", "d.jsonl:2", "finite"]),
     (lambda completions, **k: [float("inf"), 1.0], ["inf", "d.jsonl:1"]),
+    (lambda completions, **k: [1.0, np.nan], ["nan", "return None where a reward does not"]),
+    # float() of an int past 1.8e308 raised OverflowError (a traceback)
+    (lambda completions, **k: [1, -10 ** 400], ["-inf", "d.jsonl:2", "finite"]),
+    (lambda completions, **k: [Fraction(10 ** 400), 1], ["inf", "d.jsonl:1", "finite"]),
     (lambda completions, **k: [1.0, "1.0"], ["returned str", "d.jsonl:2", "float or None"]),
     (lambda completions, **k: [[1.0], 1.0], ["returned list", "d.jsonl:1"]),
 ])

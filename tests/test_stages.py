@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from cli import main
 from gft.config import build_config
-from gft.stages import describe, plan_stages
+from gft.loop import total_steps
+from gft.stages import describe, long_warmup, plan_stages, plan_warnings, repeated_rows
 
 STAGES = {"stages": [{"sft": 3}, {"preset": "gft", "steps": 2, "learning_rate": 1e-3}],
           "model": "m", "data": "d"}
@@ -89,3 +90,38 @@ def test_a_stage_cannot_set_what_the_run_reads_once(key, value):
                                           r"run, not per stage$"):
         build_config({"model": "m", "stages": [{"sft": 1}, {"preset": "grpo", "steps": 1,
                                                              key: value}]})
+
+
+def test_a_step_larger_than_the_data_is_said():
+    """prompts_per_step=128 (the default) on 10 rows drew every row ~13 times in one
+    step, and epochs: 1 ran 12.8 passes, in silence."""
+    cfg = build_config({"model": "m", "data": "d", "preset": "sft"})
+    stages = plan_stages(cfg, total_steps(cfg, 10))
+    assert repeated_rows(cfg, stages, 10) == (
+        "warning: prompts_per_step=128 is more than the 10 training rows, so each step draws "
+        "every row about 12.8 times (epochs=1 makes 1 step: 12.8 passes over the data); for "
+        "one pass per step set prompts_per_step (and prompts_per_minibatch) to at most 10")
+    assert repeated_rows(cfg, stages, 128) is None
+    staged = build_config({**STAGES, "prompts_per_step": 4, "prompts_per_minibatch": 4})
+    note = repeated_rows(staged, plan_stages(staged, 1), 2)
+    assert note.startswith("warning: stage 1 (sft): prompts_per_step=4 is more than the 2 "
+                           "training rows, so each step draws every row about 2 times;")
+
+
+def test_a_warm_up_longer_than_its_stage_is_said():
+    """warmup_steps: 100 on a 10-update run: the learning rate rose to a tenth of its peak
+    and never reached it, in silence."""
+    cfg = build_config({"model": "m", "data": "d", "max_steps": 10, "warmup_steps": 100,
+                        "learning_rate": 1e-4, "lr_schedule": "cosine",
+                        "prompts_per_step": 4, "prompts_per_minibatch": 4})
+    stages = plan_stages(cfg, total_steps(cfg, 100))
+    assert long_warmup(stages) == (
+        "warning: warmup_steps=100 is not shorter than its 10 optimizer updates: the learning "
+        "rate rises to 9.9e-06 and never reaches learning_rate=0.0001 (nor decays: "
+        "lr_schedule cosine)")
+    assert plan_warnings(cfg, stages, 100) == [long_warmup(stages)]
+    # 128 prompts per step in updates of 64: sft 3 steps x 2 updates, then gft 2 x 2
+    staged = build_config({**STAGES, "warmup_steps": 4})
+    assert long_warmup(plan_stages(staged, 1)).startswith(
+        "warning: stage 2 (gft): warmup_steps=4 is not shorter than its 4 optimizer updates")
+    assert long_warmup(plan_stages(build_config({**STAGES, "warmup_steps": 3}), 1)) is None

@@ -249,6 +249,18 @@ def test_conversational_types_render_as_the_chat_template(tmp_path, tokenizer, k
     assert trained[-1] == tokenizer.eos_token_id
 
 
+def test_a_prefilled_prompt_renders_as_trl_renders_it(tmp_path, tokenizer):
+    """A conversational prompt ending with an assistant turn: TRL continues that turn
+    (continue_final_message); gft closed it and opened a new assistant turn."""
+    data_utils = pytest.importorskip("trl.data_utils")
+    prefilled = CHAT + [{"role": "assistant", "content": "<think>"}]
+    example = load_one(tmp_path, {"prompt": prefilled})
+    trl_text = data_utils.apply_chat_template({"prompt": prefilled}, tokenizer)["prompt"]
+    assert encode_prompt(example, tokenizer, chat_template=None) == \
+        tokenizer(trl_text, add_special_tokens=False)["input_ids"]
+    assert trl_text.endswith("<think>")
+
+
 # TRL's tool-calling rows: an assistant turn that only calls a tool has no content
 TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "tool_calls": [{"type": "function", "function": {
