@@ -75,8 +75,9 @@ class TrainConfig:
                                    "lora_rank); compute in dtype. On mlx, quantize the base "
                                    "instead: gft convert SRC DST --quantize 4.")
     # ---- data
-    data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), or "
-                                "local datasets files; unset = the embedded arithmetic task.")
+    data: str | None = _f(None, "JSONL file, mlx-lm style directory (train/valid/test.jsonl), "
+                                "local datasets files, or a Hugging Face Hub id (org/name, "
+                                "org/name:config); unset = the embedded arithmetic task.")
     answer_column: str = _f("answer", "The data column holding the ground truth that the "
                                       "built-in rewards compare with (e.g. TRL's \"solution\"); "
                                       "it is also passed to reward functions under its own name. "

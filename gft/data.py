@@ -1,6 +1,8 @@
 """Loading training and evaluation rows into `Example`s, and rendering prompts.
 
 Accepted inputs (see `load_split`):
+- a Hugging Face Hub id, `org/name` or `org/name:config`, through `datasets.load_dataset`
+  (gft/hubdata.py), when no local path has that name;
 - a `.jsonl` file, or a directory in mlx-lm layout (`train.jsonl`, `valid.jsonl`, `test.jsonl`);
 - `{split}.json` (a JSON array of rows, JSON Lines as `datasets.Dataset.to_json` writes,
   or an object of columns as pandas writes one),
@@ -64,9 +66,15 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
     and gives `[]` otherwise. An existing but empty file is always an error.
     answer_column: the column holding the ground truth (e.g. TRL's "solution").
     """
+    from gft.hubdata import hub_id, load_hub_splits
+    from gft.runpaths import looks_local
+    text = str(path)
     path = Path(path)
     if path.is_dir():
         return _load_from_directory(path, split, required, answer_column)
+    if not looks_local(text) and hub_id(text) is not None:  # org/name on the Hugging Face Hub
+        return _pick_split(load_hub_splits(text), split, required, text, "the data set",
+                           answer_column)
     if extension(path) is None:
         if not path.exists():
             raise DataError("no such file or directory", path=str(path))
@@ -249,7 +257,7 @@ def _load_from_directory(directory: Path, split: str, required: bool,
         return [example for file in found[0]
                 for example in _examples_from_rows(read_file(file), str(file), answer_column)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
-        return _load_saved_dataset(directory, split, stems, required, answer_column)
+        return _load_saved_dataset(directory, split, required, answer_column)
     if not required:
         return []
     expected = ", ".join(stem + ext for stem in stems for ext in EXTENSIONS)
@@ -297,8 +305,8 @@ def _split_files(directory: Path, stems: tuple[str, ...]) -> list[list[Path]]:
     return files
 
 
-def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
-                        required: bool, answer_column: str = "answer") -> list[Example]:
+def _load_saved_dataset(directory: Path, split: str, required: bool,
+                        answer_column: str = "answer") -> list[Example]:
     """A `save_to_disk` directory: a DatasetDict's split, or a lone Dataset as "train"."""
     datasets = import_datasets()
     try:
@@ -309,14 +317,23 @@ def _load_saved_dataset(directory: Path, split: str, stems: tuple[str, ...],
     # A lone Dataset has no split names; treating it as every split would silently
     # evaluate on the training data, so it only answers for "train".
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    names = [stem for stem in stems if stem in splits]
+    return _pick_split(splits, split, required, str(directory), "the saved dataset",
+                       answer_column, source=lambda name: str(directory / name))
+
+
+def _pick_split(splits: dict[str, Any], split: str, required: bool, where: str, what: str,
+                answer_column: str, source: Any = None) -> list[Example]:
+    """The rows of `split` ("valid" and "validation" are one) of a {name: Dataset} dict,
+    named in errors by source(name) (default: where[name])."""
+    names = [stem for stem in _SPLIT_NAMES.get(split, (split,)) if stem in splits]
     if not names:
         if not required:
             return []
-        raise DataError(f"no '{split}' split; the saved dataset has: "
-                        + ", ".join(sorted(splits)), path=str(directory))
-    source = str(directory / names[0])
-    return _examples_from_rows(enumerate(splits[names[0]]), source, answer_column)
+        raise DataError(f"no '{split}' split; {what} has: " + ", ".join(sorted(splits)),
+                        path=where)
+    name = names[0]
+    return _examples_from_rows(enumerate(splits[name]),
+                               source(name) if source else f"{where}[{name}]", answer_column)
 
 
 def _examples_from_rows(rows: Iterable[Row], path: str,

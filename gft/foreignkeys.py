@@ -71,11 +71,14 @@ FOREIGN_KEYS: dict[str, str] = {
     "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
                           "hub id)",
     "torch_dtype": "gft's dtype (float32 | bfloat16)",
-    "dataset_name": "gft's data: a local file or directory (JSONL, Parquet, CSV, JSON or a "
-                    "datasets.save_to_disk copy); gft does not download data sets",
-    "dataset_train_split": "gft trains on the 'train' split of a data directory (or the "
-                           "whole of a data file)",
-    "dataset_test_split": "gft's eval_split (a split of the data directory) or eval_data",
+    "dataset_name": "gft's data: a Hugging Face Hub id (org/name, loaded with "
+                    "datasets.load_dataset) or a local file or directory (JSONL, Parquet, "
+                    "CSV, JSON or a datasets.save_to_disk copy)",
+    "dataset_config": "gft's data with the configuration after a colon: org/name:config",
+    "dataset_train_split": "gft trains on the 'train' split of a data directory or hub data "
+                           "set (or the whole of a data file)",
+    "dataset_test_split": "gft's eval_split (a split of the data directory or hub data set) "
+                          "or eval_data",
     "use_peft": "gft's lora_rank (> 0 trains LoRA adapters)",
     "lora_r": "TRL's lora_r is gft's lora_rank",
     "lora_target_modules": "TRL's lora_target_modules is gft's lora_targets",

@@ -1,0 +1,111 @@
+"""Data sets named by their Hugging Face Hub id (gft/hubdata.py): `data: org/name` or
+`org/name:config`, loaded with `datasets.load_dataset` as TRL's and mlx-lm's scripts do.
+
+No hub is reachable here, so the tests that train put a DatasetDict in place of
+`datasets.load_dataset` (recording what it was asked); one test runs the real
+`load_dataset` offline, where it must fail in one line naming the id.
+What is checked:
+- which texts read as hub ids (org/name, name, org/name:config) and which are paths;
+- `gft train --data org/name:config` trains on its "train" split, evaluates on its
+  "test" split, and stores the id as given in config.yaml (a copied run resumes from it);
+- a bad row names the id, the split and the row; a missing split lists the data set's;
+- offline, without a cached copy, the error is one line, not a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+datasets = pytest.importorskip("datasets")
+from click.testing import CliRunner  # noqa: E402
+
+from cli import main  # noqa: E402
+from gft.data import load_split  # noqa: E402
+from gft.errors import DataError  # noqa: E402
+from gft.hubdata import hub_id  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(n: int, start: int = 0) -> list[dict]:
+    return [{"prompt": f"{i}+1=", "completion": f" {i + 1}", "answer": str(i + 1)}
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def hub(monkeypatch) -> list:
+    """datasets.load_dataset answering for one hub data set; the calls it got."""
+    calls: list = []
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows(8)),
+                                   "test": datasets.Dataset.from_list(rows(3, 100))})
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        if path != "someone/arith":
+            raise FileNotFoundError(f"Dataset '{path}' doesn't exist on the Hub")
+        return splits
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+def test_which_texts_are_hub_ids():
+    assert hub_id("openai/gsm8k") == ("openai/gsm8k", None)
+    assert hub_id("openai/gsm8k:main") == ("openai/gsm8k", "main")
+    assert hub_id("gsm8k") == ("gsm8k", None)
+    for path in ("train.jsonl", "data/train.jsonl.gz", "a/b/c", "./data", "/abs/data",
+                 "~/data", "org/name:"):
+        assert hub_id(path) is None, path
+
+
+def test_a_hub_data_set_trains_evaluates_and_is_stored_as_its_id(hub, tmp_path,
+                                                                 monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, [
+        "train", "--data", "someone/arith:default", "--preset", "sft", "--max-steps", "1",
+        "-o", "run", "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
+        "--set", "eval_samples=3", "--set", "rewards=[exact]", "--set", "progress=false"])
+    assert result.exit_code == 0, result.output
+    assert ("someone/arith", "default") in hub
+    assert "the 'test' split of someone/arith:default" in result.output
+    stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert stored["data"] == "someone/arith:default"
+    evaluation = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl")
+                  .read_text().splitlines() if "eval/n" in line]
+    assert evaluation and evaluation[-1]["eval/n"] == 3  # the test split's rows
+    again = CliRunner().invoke(main, ["train", "--resume", "run", "--max-steps", "2"])
+    assert again.exit_code == 0, again.output  # the stored id resolves as the hub's again
+    assert hub[-1] == ("someone/arith", "default") and "step 2/2" in again.output
+
+
+def test_hub_rows_and_splits_are_named_in_errors(hub, monkeypatch):
+    assert [e.answer for e in load_split("someone/arith", "test")] == ["101", "102", "103"]
+    assert load_split("someone/arith", "valid", required=False) == []
+    with pytest.raises(DataError, match=r"no 'valid' split; the data set has: test, train"):
+        load_split("someone/arith", "valid")
+    bad = datasets.DatasetDict({"train": datasets.Dataset.from_list(
+        [{"prompt": "1+1=", "answer": "2"}, {"prompt": None, "answer": "3"}])})
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, **kw: bad)
+    with pytest.raises(DataError, match=r"someone/arith\[train\]:1"):
+        load_split("someone/arith", "train")
+    with pytest.raises(DataError, match="no such file or directory"):
+        load_split("./someone/arith", "train")  # written as a path: never the hub
+
+
+def test_offline_without_a_cached_copy_is_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-m", "gft", "train", "--data", "nobody/nothing-here", "--max-steps",
+         "1", "-o", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: nobody/nothing-here: no such file or directory, and the "
+                           "Hugging Face Hub did not give a data set of that id"), last
+    assert "Traceback" not in result.stderr
