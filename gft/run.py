@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import shlex
 import signal
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import yaml
@@ -175,24 +176,39 @@ def build_scorer(cfg: TrainConfig):
 
 
 class RequireApplicableReward:
-    """The RewardModel, plus one check: a batch where no reward applies to any response
-    (every function returned None for all of them) would train on all-zero rewards, so
-    it is an error rather than a silent no-op."""
+    """The RewardModel, plus one check. A batch where no reward applies to any response
+    (every function returned None for all of them) trains on all-zero rewards: nothing.
+    Before any reward has applied in this process that is almost surely a reward reading
+    the wrong column, so it stops the run at once with what to check. Once rewards have
+    applied, a batch that happens to hold only rows no reward covers (mixed-task data,
+    small batches) is a warning, and the run goes on, as TRL warns and goes on: stopping
+    hours in would lose the run for one unlucky draw."""
 
-    def __init__(self, model):
+    def __init__(self, model, warn: Callable[[str], None] | None = None):
         self.model = model
+        self.applied = False  # some reward has scored some response in this process
+        self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.skipped = 0  # batches no reward applied to, after the first that one did
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
     def score(self, prompts, completions, columns, sources=None, **kwargs):
         result = self.model.score(prompts, completions, columns, sources, **kwargs)
-        if len(completions) and result.n_none == len(completions):
-            first = sources[0] if sources else "row 0"
-            raise RewardError(f"rewards ({', '.join(self.model.names)}) returned None (not "
-                              f"applicable) for all {len(completions)} responses of a batch "
-                              f"(first: {first}); nothing to learn from: check what the reward "
+        if not len(completions) or result.n_none < len(completions):
+            self.applied = self.applied or bool(len(completions))
+            return result
+        first = sources[0] if sources else "row 0"
+        said = (f"rewards ({', '.join(self.model.names)}) returned None (not applicable) for "
+                f"all {len(completions)} responses of a batch (first: {first})")
+        if not self.applied:
+            raise RewardError(f"{said}; nothing to learn from: check what the reward "
                               "functions return and the columns they read")
+        self.skipped += 1
+        if self.skipped == 1 or self.skipped % 100 == 0:
+            self.warn(f"warning: {said}: its groups score 0 and train nothing; the run goes "
+                      f"on ({self.skipped} such batch{'es' if self.skipped > 1 else ''} so "
+                      "far; shown at the 1st and every 100th)")
         return result
 
 

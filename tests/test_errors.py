@@ -708,3 +708,35 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(model, tmp_path, monkeyp
     a = load_file(str(run / "checkpoints" / "step-000001" / "model.safetensors"))
     b = load_file(str(run / "checkpoints" / "step-000002" / "model.safetensors"))
     assert all(np.array_equal(a[k], b[k]) for k in a)  # no update from a non-finite step
+
+
+def test_a_batch_no_reward_covers_stops_only_a_run_where_none_ever_applied():
+    """Every reward returning None for a whole batch is a misconfigured reward when it
+    happens before any reward applied (stop at once, as test_bad_reward_function's
+    none_only shows); after rewards have applied, it is mixed-task data drawn unluckily
+    (rows of a task no reward covers) and stopping would lose a long run for it: TRL
+    warns and goes on, and so does gft, saying how often."""
+    from types import SimpleNamespace
+    from gft.errors import RewardError
+    from gft.run import RequireApplicableReward
+
+    class Scorer:  # a RewardModel scoring math rows and returning None for code rows
+        names = ["math"]
+
+        def score(self, prompts, completions, columns, sources=None, **kwargs):
+            return SimpleNamespace(n_none=sum(t == "code" for t in columns["task"]))
+
+    def batch(task: str) -> tuple:
+        return ["p"] * 4, ["c"] * 4, {"task": [task] * 4}, [f"data.jsonl:{i}" for i in range(4)]
+
+    said: list[str] = []
+    fresh = RequireApplicableReward(Scorer(), warn=said.append)
+    with pytest.raises(RewardError, match=r"returned None .* for all 4 responses of a batch "
+                                          r"\(first: data.jsonl:0\); nothing to learn"):
+        fresh.score(*batch("code"))
+    scorer = RequireApplicableReward(Scorer(), warn=said.append)
+    scorer.score(*batch("math"))
+    for _ in range(150):
+        assert scorer.score(*batch("code")).n_none == 4  # scored, not raised
+    assert len(said) == 2 and "the run goes on (1 such batch so far" in said[0]
+    assert "(100 such batches so far" in said[1]
