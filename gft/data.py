@@ -405,11 +405,16 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
     turn that only calls a tool has none, and `datasets` fills absent keys with null."""
     if not messages:
         raise fail(field, "empty list of chat messages")
+    messages = list(messages)  # the row's own list stays as read
     for index, message in enumerate(messages):
         where = f"{field}[{index}]"
         if not isinstance(message, dict):
             raise fail(where, f"a chat message must be an object with 'role' and "
                               f"'content', got {type_name(message)}")
+        if isinstance(message.get("content"), list):  # typed parts: OpenAI's, TRL's
+            message = {**message, "content": _text_parts(message["content"],
+                                                         f"{where}.content", fail)}
+            messages[index] = message
         for key in ("role", "content"):
             if key == "content" and message.get(key) is None and message.get("tool_calls"):
                 continue
@@ -420,6 +425,24 @@ def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:
                            f"must be a string, got {type_name(message[key])}")
             _check_text(message[key], f"{where}.{key}", fail)
     return [dict(message) for message in messages]
+
+
+def _text_parts(parts: list, field: str, fail) -> str:
+    """Content written as typed parts, [{"type": "text", "text": "..."}, ...] (OpenAI's
+    and TRL's multimodal form; `datasets` adds the other part kinds' keys as null), as
+    the one string a text model reads: the text parts joined, as chat templates that
+    take parts render them. A part that is not text (an image, audio) is refused: a text
+    model would train without it, on a prompt that no longer says what it asks."""
+    texts = []
+    for index, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            what = f"type '{kind}'" if kind else type_name(part)
+            raise fail(f"{field}[{index}]", f"a content part of {what}; gft trains text "
+                                            "models: give text parts "
+                                            "({\"type\": \"text\", \"text\": ...}) or a string")
+        texts.append(part["text"])
+    return "".join(texts)
 
 
 def _check_text_reply(message: dict, field: str, fail) -> None:

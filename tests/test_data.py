@@ -792,3 +792,28 @@ def test_render_template_failure_is_a_data_error(tokenizer):
         tokenizer.chat_template = None
     assert_error(excinfo, "d.jsonl:9", "roles must alternate")
     assert isinstance(excinfo.value, GFTError)
+
+
+def test_chat_content_as_typed_text_parts_reads_as_its_text(tmp_path):
+    """OpenAI's and TRL's typed content parts ({"type": "text", "text": ...}, with the
+    other part kinds' keys as null, as `datasets` writes them) were refused ('must be a
+    string, got array'); text parts are the message's text, joined; an image part, which
+    a text model would silently train without, is refused naming it."""
+    parts = lambda *texts: [{"type": "text", "text": t, "image": None} for t in texts]  # noqa: E731
+    row = {"prompt": [{"role": "system", "content": parts("Be brief.")},
+                      {"role": "user", "content": parts("What is ", "2+2?")}],
+           "completion": [{"role": "assistant", "content": parts("4")}], "answer": "4"}
+    original = json.loads(json.dumps(row))
+    [example] = load_split(write_jsonl(tmp_path / "parts.jsonl", [row]))
+    assert example.prompt == [{"role": "system", "content": "Be brief."},
+                              {"role": "user", "content": "What is 2+2?"}]
+    assert example.responses == ("4",)
+    assert row == original  # the row as read is left alone
+    messages = {"messages": [{"role": "user", "content": parts("hi")},
+                             {"role": "assistant", "content": parts("hello")}]}
+    assert load_split(write_jsonl(tmp_path / "m.jsonl", [messages]))[0].responses == ("hello",)
+    image = {"prompt": [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                                     *parts("What is this?")]}]}
+    with pytest.raises(DataError, match=r"img.jsonl:1: field 'prompt\[0\]\.content\[0\]': a "
+                                        r"content part of type 'image'; gft trains text"):
+        load_split(write_jsonl(tmp_path / "img.jsonl", [image]))

@@ -497,7 +497,8 @@ def test_prepare_prompts_of_every_type_together(tmp_path, tokenizer):
     ("adapter_path", ["output_dir"]),
     # keys of TRL's example scripts' YAML (ModelConfig, ScriptArguments): no pointer before
     ("model_name_or_path", ["gft's model"]),
-    ("dataset_name", ["gft's data", "does not download"]),
+    ("dataset_name", ["gft's data", "Hugging Face Hub id (org/name"]),
+    ("dataset_config", ["org/name:config"]),
     ("dataset_test_split", ["eval_split"]),
     ("torch_dtype", ["gft's dtype"]),
     ("use_peft", ["lora_rank"]),
