@@ -159,25 +159,44 @@ def separate_head(model):
     return inner.get_decoder(), head
 
 
-def switch_off_dropout(model: torch.nn.Module) -> int:
-    """Zero the model's own dropout for the update: every nn.Dropout, and the float rates
-    that transformers' modules read in training (`attention_dropout`, OPT's `dropout`,
-    `activation_dropout`, `layerdrop`, ...). Rollouts and evaluation run in eval mode and
-    mlx-lm's models have no dropout, so with it on the update would score tokens under a
-    different (random) network than the one that sampled them, and the two backends would
-    train different objectives. Applied before LoRA goes on: lora_dropout stays as set.
-    The config is untouched, so a saved model keeps its own rates. Returns how many rates
-    were nonzero."""
-    changed = 0
+def switch_off_dropout(model: torch.nn.Module) -> dict[str, float]:
+    """Zero the model's own dropout for the update: every nn.Dropout, the float rates that
+    transformers' modules keep (`attention_dropout`, OPT's `dropout`, `activation_dropout`,
+    `layerdrop`, ...), and those its config holds, which some modules read in forward
+    (Falcon's hidden_dropout). Rollouts and evaluation run in eval mode and mlx-lm's models
+    have no dropout, so with it on the update would score tokens under a different
+    (random) network than the one that sampled them, and the two backends would train
+    different objectives. Applied before LoRA goes on: lora_dropout stays as set.
+    Returns the config's own nonzero rates, which save_model writes back (the user's
+    model keeps its config)."""
+    def is_rate(name: str, value: object) -> bool:
+        return ("dropout" in name or "layerdrop" in name) and type(value) is float \
+            and value > 0
+    config = getattr(model, "config", None)
+    kept = {k: v for k, v in vars(config).items() if is_rate(k, v)} if config else {}
+    for name in kept:
+        setattr(config, name, 0.0)
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
-            module.p, changed = 0.0, changed + 1
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
         for name, value in list(vars(module).items()):
-            if ("dropout" in name or "layerdrop" in name) and type(value) is float \
-                    and value > 0:
+            if is_rate(name, value):
                 setattr(module, name, 0.0)
-                changed += 1
-    return changed
+    return kept
+
+
+@contextlib.contextmanager
+def config_values(config, values: dict[str, float]):
+    """The config with `values` set while saving (the rates switch_off_dropout zeroed in
+    memory), as it was afterwards."""
+    now = {k: getattr(config, k) for k in values}
+    for k, v in values.items():
+        setattr(config, k, v)
+    try:
+        yield
+    finally:
+        for k, v in now.items():
+            setattr(config, k, v)
 
 
 def learned_position_limit(model) -> int | None:
@@ -220,6 +239,7 @@ class TorchBackend:
         # what ends a completion; load() adds generation_config.json's ids, load_backend
         # the config's `stop`
         self.stops = Stops(frozenset({tokenizer.eos_token_id}))
+        self.config_rates: dict[str, float] = {}  # dropout rates save_model writes back
         self.strategy, self.world = strategy, world
         if device.type == "cpu":  # the step's big buffers are reused, not page-faulted in
             keep_freed_memory()
@@ -545,7 +565,8 @@ class TorchBackend:
             return
         state = self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
-        self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
+        with config_values(self.model.config, self.config_rates):
+            self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
         save_tokenizer(self.tokenizer, path)
         write_portable_config(path)
 
@@ -670,8 +691,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
         enable()
-    if disable_dropout:
-        switch_off_dropout(model)
+    config_rates = switch_off_dropout(model) if disable_dropout else {}
     if lora is not None:
         from backends.torch_lora import apply_lora
         model = apply_lora(model, lora, seed, adapter)
@@ -692,4 +712,5 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
                            share_prefix=not gradient_checkpointing, rollout_graphs=rollout_graphs,
                            logits_chunk=logits_chunk)
     backend.stops = model_stops(tokenizer, model_path)
+    backend.config_rates = config_rates
     return backend

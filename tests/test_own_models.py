@@ -25,7 +25,8 @@ What is checked:
   mask knows no window, is used only for micro-batches within the window);
 - a tokenizer that ends every text with EOS (add_eos_token, a post-processor) does not end
   the prompts with it: the response would follow an EOS;
-- a model saved with dropout (GPT-2, OPT, Llama's attention_dropout, GPT-NeoX, Phi-3):
+- a model saved with dropout (GPT-2, OPT, Llama's attention_dropout, GPT-NeoX, Phi-3,
+  Falcon, which reads the rates from its config):
   the update scores tokens under the network that sampled them (dropout off, as in
   eval mode, as on mlx), unless disable_dropout: false; LoRA's own dropout and the saved
   config's rates are kept;
@@ -420,7 +421,10 @@ DROPOUT_MODELS = [
     ("llama", dict(SMALL_SHAPE, attention_dropout=DROPOUT)),
     ("gpt_neox", dict(SMALL_SHAPE, attention_dropout=DROPOUT, hidden_dropout=DROPOUT)),
     ("phi3", dict(SMALL_SHAPE, resid_pdrop=DROPOUT, embd_pdrop=DROPOUT,
-                  attention_dropout=DROPOUT))]
+                  attention_dropout=DROPOUT)),
+    # Falcon reads its rates from the config in forward (found in review)
+    ("falcon", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    hidden_dropout=DROPOUT, attention_dropout=DROPOUT))]
 
 
 def update_losses(be, times: int = 2) -> list[float]:
