@@ -205,6 +205,8 @@ class TrackioTracker:
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.trackio = _require("trackio", "trackio")
         project, stored = os.environ.get("TRACKIO_PROJECT", "gft"), resume.stored("trackio")
+        if not stored:  # resume finds a run by name: a new one takes a name no other has
+            name = _unused_name(name, _trackio_runs(project))
         self.run = self.trackio.init(project=project, name=stored or name, config=config,
                                      embed=False, resume="allow" if stored else "never")
         self.run_id = stored or name
@@ -225,6 +227,25 @@ class TrackioTracker:
         # the module-level finish also clears trackio's current run, which its exit
         # handler would otherwise finish (and announce) a second time
         self.trackio.finish()
+
+
+def _trackio_runs(project: str) -> list[str]:
+    """The run names trackio's local store holds for the project ([] when none)."""
+    from trackio.sqlite_storage import SQLiteStorage
+    try:
+        return list(SQLiteStorage.get_runs(project))
+    except Exception:  # no database yet, or one trackio cannot read: nothing to avoid
+        return []
+
+
+def _unused_name(name: str, taken: list[str]) -> str:
+    """`name`, or `name-2`, `name-3`, ... when runs already have it: two runs of one name
+    (run directories called `run` in two places) would otherwise resume into each other."""
+    n, candidate = 1, name
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
 
 
 class MlflowTracker:

@@ -403,12 +403,21 @@ TRACKIO_RESUME = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from tests.test_tracking import _first_process, _resumed_process
     run_dir = Path(sys.argv[1])
+    # another run directory of the same name, elsewhere, logged further (steps to 11):
+    # resumed by name, run-a would have continued it (found in review)
+    from gft.tracking import open_trackers
+    other = open_trackers(["trackio"], run_dir.parent / "elsewhere" / run_dir.name, {})
+    for step in range(12):
+        other.log({"step": step, "loss": -1.0})
+    other.finish()
     _first_process(run_dir, ["trackio"], sent=6)
     _resumed_process(run_dir, ["trackio"]).finish()
     from trackio.sqlite_storage import SQLiteStorage
     runs = [r["name"] for r in SQLiteStorage.get_run_records("gft-test")]
-    logs = SQLiteStorage.get_logs("gft-test", run_dir.name)
-    print("LOGS " + json.dumps({"runs": runs, "loss": [[r["step"], r["loss"]] for r in logs]}))
+    name = json.loads((run_dir / "trackers.json").read_text())["trackio"]["id"]
+    logs = SQLiteStorage.get_logs("gft-test", name)
+    print("LOGS " + json.dumps({"runs": runs, "name": name,
+                                "loss": [[r["step"], r["loss"]] for r in logs]}))
 """)
 
 
@@ -422,7 +431,8 @@ def test_trackio_resume_continues_the_run_once_per_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     [line] = [x for x in proc.stdout.splitlines() if x.startswith("LOGS ")]
     got = json.loads(line[5:])
-    assert got["runs"] == ["run-a"]  # one run, continued
+    assert sorted(got["runs"]) == ["run-a", "run-a-2"]  # this one continued, under its
+    assert got["name"] == "run-a-2"                      # own name: the other untouched
     assert got["loss"] == [[s, float(s)] for s in range(7)] + [[s, 100.0 + s] for s in (7, 8, 9)]
 
 
