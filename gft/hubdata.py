@@ -17,6 +17,7 @@ is refused row by row as a local file would be: convert it with `datasets` first
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 from gft.errors import DataError
@@ -30,9 +31,20 @@ def hub_id(text: str) -> tuple[str, str | None] | None:
     """(repository id, configuration or None) when `text` reads as a Hub data set id,
     else None. The caller has checked that it is no local path."""
     match = _HUB_ID.match(text)
-    if match is None or text.endswith((".jsonl", ".json", ".parquet", ".csv", ".gz")):
+    if match is None or _file_name(match["repo"]):
         return None
     return match["repo"], match["config"]
+
+
+# file types no hub id ends with, besides the data files gft reads (gft/datafiles.py)
+_OTHER_FILES = (".tsv", ".txt", ".arrow", ".zip", ".tar", ".xz", ".bz2", ".zst", ".xlsx")
+
+
+def _file_name(text: str) -> bool:
+    """Named like a file (`train.JSONL`, `rows.tsv`): a missing local file, never asked
+    of the hub (a typo would cost a network round trip and a confusing error)."""
+    from gft.datafiles import extension
+    return extension(Path(text)) is not None or text.lower().endswith(_OTHER_FILES)
 
 
 def load_hub_splits(text: str) -> dict[str, Any]:

@@ -58,8 +58,9 @@ def test_which_texts_are_hub_ids():
     assert hub_id("openai/gsm8k") == ("openai/gsm8k", None)
     assert hub_id("openai/gsm8k:main") == ("openai/gsm8k", "main")
     assert hub_id("gsm8k") == ("gsm8k", None)
-    for path in ("train.jsonl", "data/train.jsonl.gz", "a/b/c", "./data", "/abs/data",
-                 "~/data", "org/name:"):
+    assert hub_id("AI-MO/NuminaMath-1.5") == ("AI-MO/NuminaMath-1.5", None)  # a dot in a name
+    for path in ("train.jsonl", "data/train.jsonl.gz", "data/train.JSONL", "data/rows.tsv",
+                 "data/train.csv.gz", "a/b/c", "./data", "/abs/data", "~/data", "org/name:"):
         assert hub_id(path) is None, path
 
 
@@ -69,7 +70,8 @@ def test_a_hub_data_set_trains_evaluates_and_is_stored_as_its_id(hub, tmp_path,
     result = CliRunner().invoke(main, [
         "train", "--data", "someone/arith:default", "--preset", "sft", "--max-steps", "1",
         "-o", "run", "--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
-        "--set", "eval_samples=3", "--set", "rewards=[exact]", "--set", "progress=false"])
+        "--set", "eval_samples=3", "--set", "rewards=[exact]", "--set", "progress=false",
+        "--set", "max_response_tokens=8"])
     assert result.exit_code == 0, result.output
     assert ("someone/arith", "default") in hub
     assert "the 'test' split of someone/arith:default" in result.output
