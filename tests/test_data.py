@@ -92,6 +92,9 @@ def test_a_json_document_named_jsonl_is_read_as_json(tmp_path, indent):
         ("a", f"{path}:0"), ("b", f"{path}:1")]
     path.write_text(json.dumps({"prompt": "a", "answer": 1}, indent=indent))
     assert [(e.prompt, e.answer) for e in load_split(path)] == [("a", "1")]
+    same = tmp_path / "d.json"  # and one object is one row under either name (review)
+    same.write_text(json.dumps({"prompt": "a", "answer": 1}, indent=indent))
+    assert [(e.prompt, e.answer) for e in load_split(same)] == [("a", "1")]
 
 
 def test_pretty_printed_rows_in_jsonl_are_named_as_such(tmp_path):
