@@ -159,7 +159,9 @@ def _read_json(path: Path) -> Iterator[Row]:
         table = _column_table(document, path)
         if table is not None:
             return iter(enumerate(table))
-        return iter([(1, document)])  # one row, on one line or pretty-printed, as .jsonl
+        if len([s for s in text.splitlines() if s.strip()]) == 1 or \
+                any(k in document for k in ("prompt", "messages")):
+            return iter([(1, document)])  # one row, on one line or pretty-printed, as .jsonl
     raise DataError("expected a JSON array of rows, one JSON object per line, or an object "
                     f"of columns, got {type_name(document)} (pandas: write it with "
                     "to_json(path, orient='records', lines=True))", path=str(path))
