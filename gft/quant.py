@@ -138,6 +138,8 @@ def _check_hf_quantized(backend: str, model_dir: str | Path, q: dict[str, Any], 
     its integer weights have no gradient: a "full" fine-tune would train the norms and
     embeddings alone, through kernels that may have no backward, and then fail to save.
     LoRA over it (QLoRA) on torch is what works."""
+    if q.get("dequantize"):  # transformers loads it as floats (Mxfp4Config(dequantize=True))
+        return
     what = f"{model_dir} is quantized by transformers ({describe_hf(q)})"
     if backend == "mlx":
         raise ModelError(f"{what}, a format mlx-lm cannot read: use --backend torch (LoRA "

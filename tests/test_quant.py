@@ -303,3 +303,20 @@ def test_adapter_moves_between_the_4bit_mlx_base_and_the_full_torch_base(models,
     with capsys.disabled():
         print(f"torch adapter -> 4-bit MLX base: log-probs move {moved_back:.4f}")
     assert 0.5 * base_err < moved_back < 1.5 * base_err
+
+
+def test_a_checkpoint_transformers_dequantizes_on_load_is_not_refused(tmp_path):
+    """quantization_config with dequantize: true (Mxfp4Config(dequantize=True), how
+    gpt-oss is fine-tuned) loads as floats: full fine-tuning works; without it, a
+    transformers-quantized checkpoint trains LoRA only (found in review)."""
+    from gft.errors import ConfigError
+    from gft.quant import check_loadable
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4",
+                                                          "dequantize": True}}))
+    check_loadable("torch", tmp_path, lora=None)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "gpt_oss", "quantization_config": {"quant_method": "mxfp4"}}))
+    with pytest.raises(ConfigError, match=r"quantized by transformers \(mxfp4\): its "
+                                          r"quantized weights cannot be trained"):
+        check_loadable("torch", tmp_path, lora=None)
