@@ -23,7 +23,6 @@ parameter; `--dtype bfloat16` halves it).
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 from gft.errors import ConfigError, ModelError
@@ -110,14 +109,15 @@ def _count(model) -> str:
 
 
 def _save(model, tokenizer, dst: Path, shard_size: str | int) -> list[str]:
-    """save_pretrained beside dst, config made portable, then renamed into place: the
-    directory appears whole or not at all. Returns write_portable_config's warnings."""
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, max_shard_size=shard_size)
-    tokenizer.save_pretrained(tmp)
-    notes = write_portable_config(tmp)
-    if dst.exists():
-        dst.rmdir()  # convert() allows only a new or empty destination
-    tmp.rename(dst)
+    """save_pretrained, config made portable, written beside dst and swapped in
+    (gft.checkpoint.atomic_directory): the directory appears whole or not at all.
+    Returns write_portable_config's warnings."""
+    from gft.checkpoint import atomic_directory
+    notes: list[str] = []
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size=shard_size)
+        tokenizer.save_pretrained(tmp)
+        notes.extend(write_portable_config(tmp))
+    atomic_directory(dst, write)
     return notes
