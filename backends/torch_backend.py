@@ -29,7 +29,7 @@ from gft.modelfiles import save_tokenizer, uniform_sliding_window, write_portabl
 from gft.weights import DEFAULT_SHARD_SIZE, natural_key, parse_size
 from gft.distributed import row_seeds
 from gft.groups import scored_from, shared_prefix
-from gft.errors import ConfigError, ModelError
+from gft.errors import ConfigError, ModelError, first_line
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.stops import Stops, apply_string_stops, model_stops
 from gft.types import TokenBatch
@@ -681,7 +681,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
             model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
             output_loading_info=True, **quantized)
     except (OSError, ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{model_path}: cannot load the model: {first}") from None
     check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
                          info.get("mismatched_keys", []))

@@ -32,7 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from gft.errors import GFTError, ModelError
+from gft.errors import GFTError, ModelError, first_line
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
 from gft.quant import BASE_QUANT_FILE, copy_base_record
 from gft.runpaths import moved_adapter_config
@@ -176,7 +176,7 @@ def _io_failure(exc: BaseException) -> str | None:
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" or re.search(
             r"os error \d+|Errno \d+|No space left|Disk quota|Unable to (write|open)", text):
-        return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        return first_line(exc)
     return None
 
 

@@ -39,9 +39,9 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from gft.datafiles import (EXTENSIONS, Row, extension, import_datasets, one_line,
+from gft.datafiles import (EXTENSIONS, Row, extension, import_datasets,
                            read_file, type_name)
-from gft.errors import DataError
+from gft.errors import DataError, first_line
 from gft.types import Example
 
 # A requested split name -> the file stems and DatasetDict keys that may hold it.
@@ -202,7 +202,7 @@ def render_prompt(example: Example, tokenizer: Any, *,
         raise
     except Exception as exc:  # a template may raise on data it does not accept
         raise DataError(f"the chat template failed: {type(exc).__name__}: "
-                        f"{one_line(exc)}", path=example.source) from exc
+                        f"{first_line(exc)}", path=example.source) from exc
     if not isinstance(text, str):
         raise DataError(f"apply_chat_template returned {type_name(text)}, not text",
                         path=example.source)
@@ -313,7 +313,7 @@ def _load_saved_dataset(directory: Path, split: str, required: bool,
         loaded = datasets.load_from_disk(str(directory))
     except Exception as exc:
         raise DataError(f"cannot load with datasets.load_from_disk: {type(exc).__name__}: "
-                        f"{one_line(exc)}", path=str(directory)) from exc
+                        f"{first_line(exc)}", path=str(directory)) from exc
     # A lone Dataset has no split names; treating it as every split would silently
     # evaluate on the training data, so it only answers for "train".
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}

@@ -20,7 +20,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
-from gft.errors import DataError
+from gft.errors import DataError, first_line
 
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".csv.gz")
 Row = tuple[int, Any]  # (line number or row index, the decoded row)
@@ -77,7 +77,7 @@ def _gzip_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot decompress the gzip file: {one_line(exc)}",
+        raise DataError(f"cannot decompress the gzip file: {first_line(exc)}",
                         path=str(path)) from exc
 
 
@@ -152,7 +152,7 @@ def _read_json(path: Path) -> Iterator[Row]:
         raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
                         path=str(path), line=exc.lineno) from exc
     except (ValueError, RecursionError) as exc:
-        raise DataError(f"malformed JSON: {one_line(exc)}", path=str(path)) from exc
+        raise DataError(f"malformed JSON: {first_line(exc)}", path=str(path)) from exc
     if isinstance(document, list):
         return iter(enumerate(document))
     if isinstance(document, dict):
@@ -202,7 +202,7 @@ def _parse_json(text: str, path: str, line: int) -> Any:
         raise DataError(f"malformed JSON: {exc.msg} (column {exc.colno})",
                         path=path, line=line) from exc
     except (ValueError, RecursionError) as exc:
-        raise DataError(f"malformed JSON: {one_line(exc)}", path=path, line=line) from exc
+        raise DataError(f"malformed JSON: {first_line(exc)}", path=path, line=line) from exc
 
 
 def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
@@ -239,7 +239,7 @@ def _read_with_datasets(path: Path, kind: str, **options: Any) -> Iterator[Row]:
     except Exception as exc:  # corrupt file, bad CSV quoting, ...: report, never crash
         if "corresponds to no data" in str(exc):  # how datasets says "zero rows"
             return iter(())
-        raise DataError(f"cannot read {kind}: {type(exc).__name__}: {one_line(exc)}",
+        raise DataError(f"cannot read {kind}: {type(exc).__name__}: {first_line(exc)}",
                         path=str(path)) from exc
     return iter(enumerate(dataset))
 
@@ -249,9 +249,3 @@ def type_name(value: Any) -> str:
     names = {dict: "object", list: "array", str: "string", bool: "bool",
              int: "number", float: "number", type(None): "null"}
     return names.get(type(value), type(value).__name__)
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception message (errors here are one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

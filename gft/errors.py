@@ -8,6 +8,13 @@ non-zero instead of showing a traceback.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of another library's exception message (its name when empty): what
+    a one-line error quotes of it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class GFTError(Exception):
     """Base class: a problem the user can fix, reported as one clear line."""
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from gft.errors import ConfigError, ModelError
+from gft.errors import ConfigError, ModelError, first_line
 from gft.modelfiles import write_portable_config
 
 
@@ -60,7 +60,7 @@ def convert_gguf(src: Path, dst: Path, *, dtype: str | None,
         model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name,
                                                      dtype=getattr(torch, dtype))
     except (OSError, ValueError, KeyError, RuntimeError, NotImplementedError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{src}: transformers cannot read this GGUF file: {first}") from None
     # the weights are plain floats now; only the GGUF marker stops save_pretrained
     model.hf_quantizer = None
@@ -94,7 +94,7 @@ def dequantize_hf(src: Path, dst: Path, *, method: str, dtype: str | None,
         model = model.dequantize()
         tokenizer = AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, RuntimeError, NotImplementedError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{src}: transformers cannot de-quantize this {method} model: "
                          f"{first}") from None
     notes = _save(model, tokenizer, dst, shard_size)

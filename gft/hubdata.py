@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from gft.errors import DataError
+from gft.errors import DataError, first_line
 
 # org/name as the Hub spells repository ids, then an optional :configuration
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[A-Za-z0-9][\w.-]*)?)"
@@ -59,7 +59,7 @@ def load_hub_splits(text: str) -> dict[str, Any]:
     try:
         loaded = datasets.load_dataset(repo, config)
     except Exception as exc:  # not found, gated, no network, bad config: one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise DataError(f"no such file or directory, and the Hugging Face Hub did not give "
                         f"a data set of that id: {type(exc).__name__}: {first}",
                         path=text) from None

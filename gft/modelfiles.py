@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gft.errors import ModelError
+from gft.errors import ModelError, first_line
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
@@ -171,7 +171,7 @@ def load_tokenizer(model_path: str, *, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{model_path}: cannot load the tokenizer: {first}") from None
     if tok.eos_token_id is None:
         raise ModelError(f"{model_path}: the tokenizer has no EOS token; rollouts could never "

@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gft.errors import ConfigError, ModelError
+from gft.errors import ConfigError, ModelError, first_line
 from gft.quant import describe, mlx_load_overrides, mlx_quantization, read_config
 from gft.weights import arrays, write_model
 
@@ -57,7 +57,7 @@ def load_mlx_model(src: Path):
         return utils.load_model(Path(src), lazy=True,
                                 model_config=mlx_load_overrides(raw) or None)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelError(f"{src}: mlx-lm cannot load the model: {first}") from None
 
 

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
-from gft.errors import ConfigError
+from gft.errors import ConfigError, first_line
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
 SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "answer")
@@ -338,7 +338,7 @@ class Trackers:
                 call(t)
             except Exception as e:
                 del self.trackers[name]
-                self.warn(f"report_to: {name} failed at step {step} ({_first_line(e)}); "
+                self.warn(f"report_to: {name} failed at step {step} ({first_line(e)}); "
                           "training goes on without it (metrics.jsonl has every step)")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -357,12 +357,7 @@ class Trackers:
             try:
                 t.finish()
             except Exception as e:
-                self.warn(f"report_to: {name} failed to finish its run ({_first_line(e)})")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+                self.warn(f"report_to: {name} failed to finish its run ({first_line(e)})")
 
 
 def read_resume(run_dir: Path, step: int) -> Resume:
@@ -411,7 +406,7 @@ def open_trackers(report_to: Any, run_dir: Path, config: dict[str, Any], step: i
             opened[n] = ADAPTERS[n](Path(run_dir), name, flat, resume)
     except Exception as e:  # a tracker's own setup error (store URI, login): one line
         Trackers(opened).finish()
-        raise ConfigError(f"report_to: {n} could not start a run: {_first_line(e)}") from None
+        raise ConfigError(f"report_to: {n} could not start a run: {first_line(e)}") from None
     except BaseException:
         Trackers(opened).finish()
         raise
