@@ -220,13 +220,15 @@ def _decode_utf8(data: bytes, path: str, first_line: int = 1) -> str:
                         "file as UTF-8", path=path, line=line) from exc
 
 
-def import_datasets() -> Any:
-    """The optional `datasets` package, or a DataError saying how to install it."""
+def import_datasets(what: str = "reading Parquet, CSV or save_to_disk data",
+                    path: str | None = None) -> Any:
+    """The optional `datasets` package, or a DataError saying what needs it and how to
+    install it."""
     try:
         import datasets
     except ImportError as exc:
-        raise DataError("reading Parquet, CSV or save_to_disk data needs the 'datasets' "
-                        "package: pip install datasets") from exc
+        raise DataError(f"{what} needs the 'datasets' package: pip install datasets",
+                        path=path) from exc
     return datasets
 
 

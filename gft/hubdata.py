@@ -51,11 +51,8 @@ def load_hub_splits(text: str) -> dict[str, Any]:
     """The data set's splits ({name: datasets.Dataset}) from the Hub or its cache; a
     failure (not found, gated, offline without a cached copy) is one DataError line."""
     repo, config = hub_id(text) or (text, None)
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("not a local path; reading it from the Hugging Face Hub needs the "
-                        "'datasets' package: pip install datasets", path=text) from None
+    from gft.datafiles import import_datasets
+    datasets = import_datasets("not a local path; reading it from the Hugging Face Hub", text)
     try:
         loaded = datasets.load_dataset(repo, config)
     except Exception as exc:  # not found, gated, no network, bad config: one line
