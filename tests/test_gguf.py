@@ -1,7 +1,8 @@
 """A GGUF file (llama.cpp, Ollama, LM Studio) becomes a model directory: `gft convert
 MODEL.gguf DIR` (gft/hf_formats.py).
 
-The GGUF here is written the way llama.cpp's convert_hf_to_gguf.py writes a Llama, with the
+The GGUF here is written the way llama.cpp's convert_hf_to_gguf.py writes a Llama or a
+Qwen2 (with its q/k/v biases), with the
 `gguf` package's own writer: llama.cpp's tensor names, Q and K rows permuted for its RoPE
 layout, the byte tokenizer as a "gpt2" BPE vocabulary, the chat template in the metadata.
 What is checked:
@@ -15,6 +16,7 @@ What is checked:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -49,7 +51,8 @@ def write_gguf(hf_dir: Path, out: Path, quantize: tuple[str, ...] = ()) -> Path:
     stored as Q8_0."""
     cfg = json.loads((hf_dir / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    w = gguf.GGUFWriter(str(out), "llama")
+    arch = cfg["model_type"]  # llama.cpp's architecture names match these two
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -82,10 +85,10 @@ def write_gguf(hf_dir: Path, out: Path, quantize: tuple[str, ...] = ()) -> Path:
         else:
             _, _, i, *rest = name.split(".")
             module = ".".join(rest[:-1])
-            key = f"blk.{i}.{LAYER_NAMES[module]}.weight"
-            if module == "self_attn.q_proj":
+            key = f"blk.{i}.{LAYER_NAMES[module]}.{rest[-1]}"  # weight, or qwen2's bias
+            if arch == "llama" and module == "self_attn.q_proj":  # only llama's are permuted
                 array = llama_cpp_permute(array, cfg["num_attention_heads"])
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 array = llama_cpp_permute(array, cfg["num_key_value_heads"])
         if key in quantize:
             q8 = gguf.GGMLQuantizationType.Q8_0
@@ -111,15 +114,24 @@ def original(tmp_path_factory) -> Path:
     return write_tiny_model(tmp_path_factory.mktemp("hf") / "model", SPEC)
 
 
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def each_arch(request, tmp_path_factory) -> Path:
+    spec = dataclasses.replace(SPEC, arch=request.param)
+    return write_tiny_model(tmp_path_factory.mktemp(request.param) / "model", spec)
+
+
 def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(ids).logits
 
 
-def test_a_gguf_file_converts_to_the_model_it_holds(tmp_path, original):
+def test_a_gguf_file_converts_to_the_model_it_holds(tmp_path, each_arch):
+    original = each_arch
     source = write_gguf(original, tmp_path / "tiny.gguf")
     out = cli("convert", source, tmp_path / "converted")
-    assert "llama" in out and "chat template" in out and "note:" not in out
+    arch = json.loads((original / "config.json").read_text())["model_type"]
+    assert f"wrote {tmp_path / 'converted'}: {arch}," in out
+    assert "chat template" in out and "note:" not in out
     ids = torch.tensor([[BOS_ID, 72, 105, 33, 10, 200]])
     assert float((logits(tmp_path / "converted", ids) - logits(original, ids)).abs().max()) == 0
     text = "héllo, wörld!\n"
