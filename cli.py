@@ -249,6 +249,7 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_prompt,
                              generate_chat_template)
     from gft.types import Example
+    model = _local_model(model)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
@@ -265,18 +266,30 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
 
 
+def _local_model(model: str) -> str:
+    """MODEL as a folder on this machine: a Hub id's snapshot (gft/hubmodel.py), so that
+    its gft.json and generation_config.json are read as a local folder's are."""
+    from gft.hubmodel import local_model
+    return local_model(model)
+
+
 def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple[str, ...]):
     """The backend `gft generate` and `gft eval` sample from. --base names a LoRA
     adapter's base: given with a model that is no adapter it would be ignored, and the
-    user would not be sampling what they think, so it is refused."""
+    user would not be sampling what they think, so it is refused. A gft run's model ends
+    completions where its run's rollouts and evaluation did (its `stop`, gft.json), and
+    at every --stop besides."""
     from backends import load_backend
     from gft.errors import ConfigError
     from gft.lora import is_mlx_adapter, is_peft_adapter
+    from gft.rollout import trained_stop
     if base is not None and not (is_peft_adapter(model) or is_mlx_adapter(model)):
         raise ConfigError(f"--base {base}: {model} is a model, not a LoRA adapter; --base "
                           "names the base model under an adapter")
-    return load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
-                        train=False)
+    trained = trained_stop(model)
+    stops = trained + [s for s in _stop_values(stop) if s not in trained]
+    return load_backend(backend, model, dtype=dtype, base=base and _local_model(base),
+                        stop=stops, train=False)
 
 
 def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
@@ -321,6 +334,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     if data is None:
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    model = _local_model(model)
     rows = load_split(data, split, answer_column=answer_column)[:limit]
     from gft.data import is_data_file
     if is_data_file(data) and click.get_current_context().get_parameter_source("split") \

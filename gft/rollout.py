@@ -55,29 +55,51 @@ def appends_eos(tokenizer) -> bool:
     return plain[-1:] != [eos] and tokenizer("a").input_ids[-1:] == [eos]
 
 
-def trained_chat_template(model_dir: str) -> bool | None:
-    """The chat_template setting a gft model was trained with: its gft.json (written into
-    every checkpoint and final/, so a folder copied out of its run still says it); for
-    folders written before that, a step checkpoint's trainer_state.json or, for a run's
-    final/, the run's config.yaml beside it. None when unknown (not a gft run's model, or
-    unreadable)."""
+_UNKNOWN = object()
+
+
+def _trained_setting(model_dir: str, key: str) -> Any:
+    """A gft model's setting `key` as its run trained: its gft.json (written into every
+    checkpoint and final/, so a folder copied out of its run still says it); for folders
+    written before gft.json held the key, a step checkpoint's trainer_state.json config
+    or, for a run's final/, the run's config.yaml beside it. _UNKNOWN when none says (not
+    a gft run's model, or unreadable)."""
     from gft.checkpoint import STATE_FILE, read_model_record, read_state
     from gft.errors import ModelError
     path = Path(model_dir)
     record = read_model_record(path)
-    if record is not None and isinstance(record.get("chat_template"), bool):
-        return record["chat_template"]
+    if record is not None and key in record:
+        return record[key]
     try:
         if (path / STATE_FILE).is_file():
-            return bool(read_state(path)["config"].get("chat_template"))
+            return read_state(path)["config"].get(key)
         run_config = path.parent / "config.yaml"
         if path.name == "final" and run_config.is_file():
             config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
             if isinstance(config, dict):
-                return bool(config.get("chat_template"))
+                return config.get(key)
     except (ModelError, OSError, ValueError, yaml.YAMLError):
         pass  # not readable as a gft run: treat it as any model directory
-    return None
+    return _UNKNOWN
+
+
+def trained_chat_template(model_dir: str) -> bool | None:
+    """The chat_template setting a gft model was trained with (_trained_setting); None
+    when unknown (not a gft run's model, or unreadable)."""
+    value = _trained_setting(model_dir, "chat_template")
+    return None if value is _UNKNOWN else bool(value)
+
+
+def trained_stop(model_dir: str) -> list:
+    """The extra stops (config key `stop`) a gft model's run ended rollouts and
+    evaluation at; [] for any other model. `gft generate` and `gft eval` end there too,
+    else the trained model's output runs on past where training cut it."""
+    from gft.checkpoint import stop_list
+    value = _trained_setting(model_dir, "stop")
+    try:
+        return [] if value is _UNKNOWN else stop_list(value)
+    except TypeError:  # not a list: a hand-edited record; gft/stops.py names bad entries
+        return [value]
 
 
 def generate_chat_template(model_dir: str, tokenizer) -> bool:
