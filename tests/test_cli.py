@@ -234,3 +234,48 @@ def test_an_mlx_lm_adapter_trains_on_and_generates_from_any_directory(tmp_path, 
     result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1", "--max-new-tokens",
                                        "3", "--base", str(tmp_path / "moved-base")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_hub_model_is_sampled_from_its_snapshot_with_its_gft_json(tmp_path, monkeypatch):
+    """`gft generate org/name` and `gft eval org/name` read the downloaded copy as a local
+    folder: its gft.json (prompt format, stops) applies as it does to the run's final/.
+    No hub is reachable here: huggingface_hub's snapshot_download, which gft fetches the
+    repository's model files with, stands in with a local folder."""
+    import huggingface_hub
+    from gft.checkpoint import MODEL_RECORD
+    from tests.helpers import scaled_tiny
+    snapshot = scaled_tiny(tmp_path / "snapshot")
+    # trained on plain prompts though the tokenizer has a chat template, with a stop
+    (snapshot / MODEL_RECORD).write_text(json.dumps({"chat_template": False, "stop": ["\n"]}))
+    asked = []
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["-p", "Hello", "--max-new-tokens", "12", "--backend", "torch"]
+    local = CliRunner().invoke(main, ["generate", str(snapshot), *args])
+    hub = CliRunner().invoke(main, ["generate", "org/name", *args])
+    assert hub.exit_code == 0, hub.output
+    assert hub.output == local.output and asked == ["org/name"]
+    plain = CliRunner().invoke(main, ["generate", str(snapshot), *args, "--no-chat-template"])
+    assert hub.output == plain.output  # as the record says, not the tokenizer's template
+    templated = CliRunner().invoke(main, ["generate", str(snapshot), *args, "--chat-template"])
+    assert templated.output != plain.output
+    data = write_task(tmp_path / "task", ArithTaskConfig(n_train=2, n_test=2, n_valid=0))
+    result = CliRunner().invoke(main, ["eval", "org/name", "--data", str(data), "--json",
+                                       "--max-new-tokens", "4", "--backend", "torch"])
+    assert result.exit_code == 0 and asked == ["org/name"] * 2, result.output
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line(monkeypatch):
+    import huggingface_hub
+    def snapshot_download(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find an appropriate "
+                                                             "cached snapshot folder")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = CliRunner().invoke(main, ["generate", "org/name", "-p", "hi"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "error: org/name: no such folder, and the Hugging Face Hub did not give a model of "
+        "that id: LocalEntryNotFoundError: Cannot find an appropriate cached snapshot folder"]
