@@ -328,6 +328,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from gft.data import load_split
+    from gft.errors import ConfigError
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
     from gft.rollout import check_context, check_token_ids, prepare_prompts
@@ -335,6 +336,10 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         from gft.tasks.arith import ArithTaskConfig, write_task
         data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
     model = _local_model(model)
+    scoring, answer_column, max_new_tokens, note = _scored_as_its_run(
+        model, rewards, answer_column, max_new_tokens)
+    if note:
+        click.echo(note, err=True)
     rows = load_split(data, split, answer_column=answer_column)[:limit]
     from gft.data import is_data_file
     if is_data_file(data) and click.get_current_context().get_parameter_source("split") \
@@ -352,7 +357,13 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
                   reason=be.positions_reason)
     check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
-    scorer = build_rewards(_reward_option(rewards), TrainConfig.reward_timeout)
+    try:
+        scorer = build_rewards(scoring, TrainConfig.reward_timeout)
+    except GFTError as e:
+        if scoring == _reward_option(rewards):  # the user's own: the error says it all
+            raise
+        raise ConfigError(f"{e} (the rewards {model}'s run trained with, from its gft.json; "
+                          "pass --rewards to score with others)") from None
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
                        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
     if as_json:
@@ -360,6 +371,38 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     else:
         for key, value in metrics.items():
             click.echo(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
+
+
+def _scored_as_its_run(model: str, rewards: str, answer_column: str,
+                       max_new_tokens: int) -> tuple[Any, str, int, str | None]:
+    """(rewards, answer_column, max_new_tokens, a note or None) for `gft eval`. On a gft
+    run's model, an option left at its default takes the run's own value (its gft.json),
+    so that the accuracy is the one its in-training evaluation reported rather than one
+    scored by another reward or cut at another length, in silence; an option given is
+    used as given."""
+    from gft.rollout import trained_settings
+    ctx = click.get_current_context()
+    run = trained_settings(model, ("rewards", "answer_column", "max_response_tokens"))
+    left = {name for name in ("rewards", "answer_column", "max_new_tokens")
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
+    scoring, taken = _reward_option(rewards), []
+    ran = run.get("rewards")
+    if "rewards" in left and ran is not None and ran != scoring and ran != ",".join(scoring):
+        scoring = ran
+        names = isinstance(ran, list) and all(isinstance(r, str) for r in ran)
+        taken.append(f"--rewards {','.join(ran) if names else json.dumps(ran)}")
+    column = run.get("answer_column")
+    if "answer_column" in left and isinstance(column, str) and column != answer_column:
+        answer_column = column
+        taken.append(f"--answer-column {column}")
+    longest = run.get("max_response_tokens")
+    if "max_new_tokens" in left and isinstance(longest, int) and not isinstance(longest, bool) \
+            and longest > 0 and longest != max_new_tokens:
+        max_new_tokens = longest
+        taken.append(f"--max-new-tokens {longest} (its max_response_tokens)")
+    note = (f"note: scoring as {model}'s run evaluated (its gft.json): {', '.join(taken)}; "
+            "give the option to score otherwise") if taken else None
+    return scoring, answer_column, max_new_tokens, note
 
 
 def _reward_option(text: str) -> Any:

@@ -197,11 +197,15 @@ def model_record(state: dict[str, Any]) -> dict[str, Any]:
     of the tokenizer's chat template, as chat_template: true rendered string prompts and
     as chat-message prompts always are; false: as written); `stop`, the run's extra stop
     strings and ids (its config key `stop`), where its rollouts and evaluation ended a
-    completion besides EOS, so that sampling from the folder ends there too; `step`, the
-    step whose weights these are."""
+    completion besides EOS, so that sampling from the folder ends there too;
+    `rewards`, `answer_column` and `max_response_tokens`, how its in-training evaluation
+    scored held-out rows, which `gft eval` repeats by default; `step`, the step whose
+    weights these are."""
     config, loop = state.get("config") or {}, state.get("loop") or {}
     templated = bool(config.get("chat_template")) or state.get("chat_prompts") is True
-    return {"chat_template": templated, "stop": stop_list(config.get("stop")),
+    scoring = {k: config[k] for k in ("rewards", "answer_column", "max_response_tokens")
+               if k in config}
+    return {"chat_template": templated, "stop": stop_list(config.get("stop")), **scoring,
             "step": int(loop.get("step", 0))}
 
 

@@ -83,6 +83,12 @@ def _trained_setting(model_dir: str, key: str) -> Any:
     return _UNKNOWN
 
 
+def trained_settings(model_dir: str, keys: Sequence[str]) -> dict[str, Any]:
+    """Those of `keys` a gft model's run set (_trained_setting), unset ones left out."""
+    values = {key: _trained_setting(model_dir, key) for key in keys}
+    return {k: v for k, v in values.items() if v is not _UNKNOWN and v is not None}
+
+
 def trained_chat_template(model_dir: str) -> bool | None:
     """The chat_template setting a gft model was trained with (_trained_setting); None
     when unknown (not a gft run's model, or unreadable)."""

@@ -279,3 +279,40 @@ def test_a_hub_model_that_cannot_be_fetched_is_one_line(monkeypatch):
     assert result.output.splitlines() == [
         "error: org/name: no such folder, and the Hugging Face Hub did not give a model of "
         "that id: LocalEntryNotFoundError: Cannot find an appropriate cached snapshot folder"]
+
+
+def test_eval_on_a_gft_runs_model_scores_as_its_run_evaluated(tmp_path):
+    """Options left at their defaults take the run's rewards, answer_column and
+    max_response_tokens (its gft.json), so `gft eval runs/x/final` scores as the run's
+    in-training evaluation did; before, it scored with math on 'answer', here refused
+    (the data's ground truth is TRL's 'solution'), elsewhere another accuracy in silence."""
+    import shutil
+    from gft.checkpoint import MODEL_RECORD
+    model = tmp_path / "final"
+    shutil.copytree(write_tiny_model(tmp_path / "m", TinyModelSpec(seed=1)), model)
+    (model / MODEL_RECORD).write_text(json.dumps({
+        "chat_template": False, "stop": [], "rewards": ["exact"], "answer_column": "solution",
+        "max_response_tokens": 3, "step": 2}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: say yes\nA:", "solution": "yes"})
+                            + "\n" for i in range(2)))
+    args = ["eval", str(model), "--data", str(data), "--backend", "torch", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    note, line = result.output.strip().splitlines()
+    assert note == (f"note: scoring as {model}'s run evaluated (its gft.json): --rewards "
+                    "exact, --answer-column solution, --max-new-tokens 3 (its "
+                    "max_response_tokens); give the option to score otherwise")
+    assert set(json.loads(line)) == {"n", "accuracy", "reward", "rewards/exact"}
+    # options given are used as given, with no note
+    given = CliRunner().invoke(main, args + ["--rewards", "math", "--answer-column",
+                                            "solution", "--max-new-tokens", "3"])
+    assert given.exit_code == 0, given.output
+    assert set(json.loads(given.output)) == {"n", "accuracy", "reward", "rewards/math"}
+    # the run's rewards may name a file this machine lacks: one line saying what to pass
+    (model / MODEL_RECORD).write_text(json.dumps({"rewards": ["/gone/r.py:f"]}))
+    result = CliRunner().invoke(main, args + ["--answer-column", "solution"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1].endswith(
+        f"(the rewards {model}'s run trained with, from its gft.json; pass --rewards to "
+        "score with others)")

@@ -176,6 +176,11 @@ def test_a_runs_stop_is_recorded_in_gft_json_also_for_folders_written_before():
     assert model_record({"config": {"stop": "</a>"}, "loop": {"step": 3}})["stop"] == ["</a>"]
     assert model_record({"config": {"stop": ["\n\n", 7]}, "loop": {}})["stop"] == ["\n\n", 7]
     assert model_record({"config": {}, "loop": {}})["stop"] == []
+    # and how its evaluation scored, which `gft eval` repeats (tests/test_cli.py)
+    record = model_record({"config": {"rewards": ["exact"], "answer_column": "solution",
+                                      "max_response_tokens": 64}, "loop": {"step": 3}})
+    assert record == {"chat_template": False, "stop": [], "rewards": ["exact"],
+                      "answer_column": "solution", "max_response_tokens": 64, "step": 3}
 
 
 def test_trained_stop_reads_the_record_then_the_trainer_state(tmp_path):
