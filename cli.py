@@ -228,7 +228,10 @@ def _sampling_options(fn):
 @main.command()
 @click.argument("model")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, callback=_non_empty,
-              help="Prompt text (repeatable).")
+              help="Prompt text (repeatable); - reads it from standard input (as mlx-lm's "
+                   "generate does); a JSON list of chat messages, "
+                   "'[{\"role\": \"user\", \"content\": \"...\"}]', is rendered with the "
+                   "chat template (a system turn, a few-shot exchange, an assistant prefill).")
 @click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
 @click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
@@ -244,16 +247,16 @@ def _sampling_options(fn):
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
              chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
-    """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
+    """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint, or a
+    Hugging Face Hub id)."""
     from backends import SamplingConfig
     from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_prompt,
                              generate_chat_template)
-    from gft.types import Example
+    examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
-    examples = [Example(p, source=f"-p {i + 1}") for i, p in enumerate(prompts)]
     once = [encode_prompt(ex, be.tokenizer, chat_template) for ex in examples]
     check_context(be.max_positions, once, max_new_tokens, "--max-new-tokens",
                   reason=be.positions_reason)
@@ -271,6 +274,28 @@ def _local_model(model: str) -> str:
     its gft.json and generation_config.json are read as a local folder's are."""
     from gft.hubmodel import local_model
     return local_model(model)
+
+
+def _prompt_example(text: str, index: int):
+    """One --prompt as an Example: standard input for "-"; a JSON list of objects is chat
+    messages (checked as a data row's are), any other text a plain prompt, "[INST] ..."
+    included."""
+    from gft.data import example_from_row
+    from gft.errors import DataError
+    from gft.types import Example
+    source = f"-p {index + 1}"
+    if text == "-":
+        text = click.get_text_stream("stdin").read()
+        if not text.strip():
+            raise DataError("standard input is empty; give some text to continue", path=source)
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            return example_from_row({"prompt": value}, path="--prompt", line=index + 1)
+    return Example(text, source=source)
 
 
 def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple[str, ...]):

@@ -316,3 +316,31 @@ def test_eval_on_a_gft_runs_model_scores_as_its_run_evaluated(tmp_path):
     assert result.output.splitlines()[-1].endswith(
         f"(the rewards {model}'s run trained with, from its gft.json; pass --rewards to "
         "score with others)")
+
+
+def test_generate_takes_chat_messages_and_standard_input(tmp_path):
+    """-p '[{"role": ...}]' is a chat prompt (as a data row's 'prompt' may be: a system
+    turn, few-shot turns, an assistant prefill), rendered with the chat template; before,
+    the JSON text itself was the prompt. -p - reads standard input, as mlx-lm's generate
+    does; before, the prompt was the one character '-'."""
+    from tests.helpers import scaled_tiny
+    model = scaled_tiny(tmp_path / "model")  # completions that depend on the prompt
+    args = ["generate", str(model), "--max-new-tokens", "8", "--backend", "torch"]
+    def run(*extra, stdin=None):
+        result = CliRunner().invoke(main, args + list(extra), input=stdin)
+        return result.exit_code, result.output
+    chat = json.dumps([{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Hello"}])
+    code, out = run("-p", chat)
+    assert code == 0, out
+    assert out != run("-p", "Be brief. Hello", "--chat-template")[1]
+    user_only = json.dumps([{"role": "user", "content": "Hello"}])
+    assert run("-p", user_only) == run("-p", "Hello", "--chat-template")
+    assert run("-p", "-", "--no-chat-template", stdin="Q: 2+2\nA:") == \
+        run("-p", "Q: 2+2\nA:", "--no-chat-template")
+    assert run("-p", "[INST] hi [/INST]", "--no-chat-template")[0] == 0  # text, not JSON
+    code, out = run("-p", json.dumps([{"role": "user"}]))
+    assert (code, out) == (2, "error: --prompt:1: field 'prompt[0].content': missing\n")
+    code, out = run("-p", "-", stdin="")
+    assert (code, out) == (2, "error: -p 1: standard input is empty; give some text to "
+                              "continue\n")
