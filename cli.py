@@ -324,7 +324,9 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--data", help="Data file or directory (default: the embedded task).")
+@click.option("--data", help="Data file, directory or Hub id (default: when MODEL is a gft "
+              "run's final/ or checkpoint in its run directory, the data its run evaluated "
+              "on; else the embedded task).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("-k", "k", type=click.IntRange(1), default=1, show_default=True,
@@ -357,18 +359,32 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
     from gft.rollout import check_context, check_token_ids, prepare_prompts
-    if data is None:
-        from gft.tasks.arith import ArithTaskConfig, write_task
-        data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    from gft.trained import eval_defaults, held_out_data
     model = _local_model(model)
-    scoring, answer_column, max_new_tokens, note = _scored_as_its_run(
-        model, rewards, answer_column, max_new_tokens)
-    if note:
-        click.echo(note, err=True)
+    ctx = click.get_current_context()
+    left = {name for name in ("rewards", "answer_column", "max_new_tokens", "split")
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
+    asked = {"rewards": _reward_option(rewards), "answer_column": answer_column,
+             "max_new_tokens": max_new_tokens}
+    # a gft run's model: scored as its run's in-training evaluation scored it
+    taken, said = eval_defaults(model, left, asked)
+    scoring = taken.get("rewards", asked["rewards"])
+    answer_column = taken.get("answer_column", answer_column)
+    max_new_tokens = taken.get("max_new_tokens", max_new_tokens)
+    if data is None:  # a gft run's model: on its run's held-out data, else the embedded task
+        found = held_out_data(model, None if "split" in left else split)
+        if found is not None:
+            data, split = found
+            said.insert(0, f"--data {data} --split {split} (its held-out data)")
+        else:
+            from gft.tasks.arith import ArithTaskConfig, write_task
+            data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    if said:
+        click.echo(f"note: evaluating as {model}'s run did: {', '.join(said)}; give an "
+                   "option to evaluate otherwise", err=True)
     rows = load_split(data, split, answer_column=answer_column)[:limit]
     from gft.data import is_data_file
-    if is_data_file(data) and click.get_current_context().get_parameter_source("split") \
-            is not click.core.ParameterSource.DEFAULT:
+    if is_data_file(data) and "split" not in left:
         # a file is one split: --split test over train.jsonl would score the training rows
         click.echo(f"note: {data} is one file, all of it evaluated; --split {split} picks a "
                    "split of a data directory", err=True)
@@ -385,7 +401,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     try:
         scorer = build_rewards(scoring, TrainConfig.reward_timeout)
     except GFTError as e:
-        if scoring == _reward_option(rewards):  # the user's own: the error says it all
+        if "rewards" not in taken:  # the user's own: the error says it all
             raise
         raise ConfigError(f"{e} (the rewards {model}'s run trained with, from its gft.json; "
                           "pass --rewards to score with others)") from None
@@ -396,38 +412,6 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     else:
         for key, value in metrics.items():
             click.echo(f"{key:>16}: {value:.4f}" if key != "n" else f"{key:>16}: {int(value)}")
-
-
-def _scored_as_its_run(model: str, rewards: str, answer_column: str,
-                       max_new_tokens: int) -> tuple[Any, str, int, str | None]:
-    """(rewards, answer_column, max_new_tokens, a note or None) for `gft eval`. On a gft
-    run's model, an option left at its default takes the run's own value (its gft.json),
-    so that the accuracy is the one its in-training evaluation reported rather than one
-    scored by another reward or cut at another length, in silence; an option given is
-    used as given."""
-    from gft.rollout import trained_settings
-    ctx = click.get_current_context()
-    run = trained_settings(model, ("rewards", "answer_column", "max_response_tokens"))
-    left = {name for name in ("rewards", "answer_column", "max_new_tokens")
-            if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
-    scoring, taken = _reward_option(rewards), []
-    ran = run.get("rewards")
-    if "rewards" in left and ran is not None and ran != scoring and ran != ",".join(scoring):
-        scoring = ran
-        names = isinstance(ran, list) and all(isinstance(r, str) for r in ran)
-        taken.append(f"--rewards {','.join(ran) if names else json.dumps(ran)}")
-    column = run.get("answer_column")
-    if "answer_column" in left and isinstance(column, str) and column != answer_column:
-        answer_column = column
-        taken.append(f"--answer-column {column}")
-    longest = run.get("max_response_tokens")
-    if "max_new_tokens" in left and isinstance(longest, int) and not isinstance(longest, bool) \
-            and longest > 0 and longest != max_new_tokens:
-        max_new_tokens = longest
-        taken.append(f"--max-new-tokens {longest} (its max_response_tokens)")
-    note = (f"note: scoring as {model}'s run evaluated (its gft.json): {', '.join(taken)}; "
-            "give the option to score otherwise") if taken else None
-    return scoring, answer_column, max_new_tokens, note
 
 
 def _reward_option(text: str) -> Any:

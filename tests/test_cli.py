@@ -300,9 +300,9 @@ def test_eval_on_a_gft_runs_model_scores_as_its_run_evaluated(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     note, line = result.output.strip().splitlines()
-    assert note == (f"note: scoring as {model}'s run evaluated (its gft.json): --rewards "
-                    "exact, --answer-column solution, --max-new-tokens 3 (its "
-                    "max_response_tokens); give the option to score otherwise")
+    assert note == (f"note: evaluating as {model}'s run did: --rewards exact, "
+                    "--answer-column solution, --max-new-tokens 3 (its max_response_tokens); "
+                    "give an option to evaluate otherwise")
     assert set(json.loads(line)) == {"n", "accuracy", "reward", "rewards/exact"}
     # options given are used as given, with no note
     given = CliRunner().invoke(main, args + ["--rewards", "math", "--answer-column",

@@ -162,6 +162,28 @@ def test_a_lora_run_trained_on_from_an_adapter_resumes_without_that_adapter(
     assert "model '" in words and "--model" in words
 
 
+def test_eval_on_a_runs_model_without_data_uses_the_runs_held_out_data(tmp_path, monkeypatch):
+    """`gft eval RUN/final` without --data evaluated the embedded arithmetic task whatever
+    the run trained on, in silence: now its run's held-out split (a note says so), and
+    a run on one file (no held-out split) asks for --data."""
+    from tests.helpers import say_yes_data
+    monkeypatch.chdir(tmp_path)
+    say_yes_data(tmp_path / "yes")
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "yes",
+        *SMALL)
+    ask = ["--backend", "torch", "--max-new-tokens", "2", "--json"]
+    out = gft("eval", "run/final", *ask)
+    assert f"--data {tmp_path / 'yes'} --split test (its held-out data)" in out
+    assert json.loads(out.splitlines()[-1])["n"] == 4  # say_yes_data's test rows
+    assert json.loads(gft("eval", "run/final", *ask, "--data", "yes"))["n"] == 4
+    shutil.copytree("run/final", "alone")  # out of its run: where its data lay is unknown
+    assert json.loads(gft("eval", "alone", *ask, "--limit", "3"))["n"] == 3  # embedded task
+    gft("train", "-o", "one", "--backend", "torch", "--max-steps", "1", "--data",
+        "yes/train.jsonl", *SMALL)
+    words = refused("eval", "one/final", *ask)
+    assert "one file" in words and "pass --data" in words
+
+
 def test_stored_paths(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "task").mkdir(parents=True)
