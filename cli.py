@@ -250,8 +250,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint, or a
     Hugging Face Hub id)."""
     from backends import SamplingConfig
-    from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_prompt,
-                             generate_chat_template)
+    from gft.rollout import PreparedPrompts, check_context, check_token_ids, encode_prompt
+    from gft.trained import generate_chat_template
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
     be = _sampler(backend, model, dtype, base, stop)
@@ -307,7 +307,7 @@ def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple
     from backends import load_backend
     from gft.errors import ConfigError
     from gft.lora import is_mlx_adapter, is_peft_adapter
-    from gft.rollout import trained_stop
+    from gft.trained import trained_stop
     if base is not None and not (is_peft_adapter(model) or is_mlx_adapter(model)):
         raise ConfigError(f"--base {base}: {model} is a model, not a LoRA adapter; --base "
                           "names the base model under an adapter")
@@ -390,7 +390,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
                    "split of a data directory", err=True)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:  # a gft run's model: its prompts as it was trained
-        from gft.rollout import trained_chat_template
+        from gft.trained import trained_chat_template
         chat_template = trained_chat_template(model)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
