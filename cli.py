@@ -270,8 +270,9 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
 
 
 def _local_model(model: str) -> str:
-    """MODEL as a folder on this machine: a Hub id's snapshot (gft/hubmodel.py), so that
-    its gft.json and generation_config.json are read as a local folder's are."""
+    """MODEL (or a LoRA adapter's base) as a folder on this machine: a Hub id's snapshot
+    (gft/hubmodel.py), so that its gft.json and generation_config.json (the eos ids that
+    end completions) are read as a local folder's are, on either backend."""
     from gft.hubmodel import local_model
     return local_model(model)
 
@@ -313,6 +314,12 @@ def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple
                           "names the base model under an adapter")
     trained = trained_stop(model)
     stops = trained + [s for s in _stop_values(stop) if s not in trained]
+    if base is None and is_peft_adapter(model):  # a base named by Hub id, as most are
+        from pathlib import Path
+        from gft.lora import read_peft_config
+        from gft.runpaths import looks_local
+        named = read_peft_config(Path(model))[1]
+        base = named if named and not looks_local(named) else None
     return load_backend(backend, model, dtype=dtype, base=base and _local_model(base),
                         stop=stops, train=False)
 

@@ -344,3 +344,41 @@ def test_generate_takes_chat_messages_and_standard_input(tmp_path):
     code, out = run("-p", "-", stdin="")
     assert (code, out) == (2, "error: -p 1: standard input is empty; give some text to "
                               "continue\n")
+
+
+def test_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp_path, monkeypatch):
+    """A PEFT adapter whose base_model_name_or_path is a Hub id (as most published
+    adapters' are): the base is fetched like MODEL, so its generation_config.json's eos
+    ids end completions and --backend mlx can load it; before, the base went to
+    transformers by id (mlx: no such folder) and its eos ids were never read."""
+    import huggingface_hub
+    from gft.lora import LoraConfig, write_peft_config
+    from gft.tiny import EOS_ID
+    from tests.helpers import scaled_tiny
+    base = scaled_tiny(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    args = ["-p", "Hello", "--max-new-tokens", "12", "--backend", "torch",
+            "--no-chat-template"]
+    free = CliRunner().invoke(main, ["generate", str(base), *args]).output
+    stop = next(c for c in free[1:] if c.isascii() and c.isprintable())
+    (base / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [EOS_ID, ord(stop)]}))
+    # a LoRA adapter with B = 0: the base's own output
+    import numpy as np
+    from safetensors.numpy import save_file
+    cfg = json.loads((base / "config.json").read_text())
+    d = cfg["hidden_size"]
+    out = cfg["num_attention_heads"] * cfg.get("head_dim", d // cfg["num_attention_heads"])
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight": a
+               for i in range(cfg["num_hidden_layers"])
+               for w, a in (("A", np.ones((4, d), np.float32)),
+                            ("B", np.zeros((out, 4), np.float32)))},
+              str(adapter / "adapter_model.safetensors"))
+    write_peft_config(adapter, LoraConfig(4, 8.0, 0.0, ("q_proj",)), "org/base")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: str(base) if repo_id == "org/base" else None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["generate", str(adapter), *args])
+    assert result.exit_code == 0, result.output
+    assert result.output == free[:free.index(stop) + 1] + "\n"
