@@ -61,12 +61,20 @@ def trained_stop(model_dir: str) -> list:
     """The extra stops (config key `stop`) a gft model's run ended rollouts and
     evaluation at; [] for any other model. `gft generate` and `gft eval` end there too,
     else the trained model's output runs on past where training cut it."""
-    from gft.checkpoint import stop_list
+    from gft.checkpoint import MODEL_RECORD, read_model_record, stop_list
+    from gft.errors import ModelError
     value = _trained_setting(model_dir, "stop")
     try:
-        return [] if value is _UNKNOWN else stop_list(value)
-    except TypeError:  # not a list: a hand-edited record; gft/stops.py names bad entries
-        return [value]
+        values = [] if value is _UNKNOWN else stop_list(value)
+    except TypeError:
+        values = [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, str)) or v == ""]
+    if bad:  # a hand-edited record: name it, as the config key's check would the config
+        where = MODEL_RECORD if "stop" in (read_model_record(model_dir) or {}) else \
+            "its run's config"
+        raise ModelError(f"{model_dir}: 'stop' in {where}: each entry must be a token id or "
+                         f"a non-empty string, got {bad[0]!r}")
+    return values
 
 
 def generate_chat_template(model_dir: str, tokenizer) -> bool:

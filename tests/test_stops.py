@@ -192,6 +192,10 @@ def test_trained_stop_reads_the_record_then_the_trainer_state(tmp_path):
     assert trained_stop(str(tmp_path)) == ["</a>"]  # a checkpoint from before gft.json had it
     (tmp_path / MODEL_RECORD).write_text(json.dumps({"chat_template": False, "stop": ["X"]}))
     assert trained_stop(str(tmp_path)) == ["X"]
+    (tmp_path / MODEL_RECORD).write_text(json.dumps({"stop": ["X", 3.5]}))  # hand-edited
+    from gft.errors import ModelError
+    with pytest.raises(ModelError, match=r"'stop' in gft.json: .* got 3.5"):
+        trained_stop(str(tmp_path))
 
 
 def test_generate_and_eval_end_where_the_run_stopped(tmp_path, monkeypatch):
