@@ -228,7 +228,10 @@ def _sampling_options(fn):
 @main.command()
 @click.argument("model")
 @click.option("--prompt", "-p", "prompts", multiple=True, required=True, callback=_non_empty,
-              help="Prompt text (repeatable).")
+              help="Prompt text (repeatable); - reads it from standard input (as mlx-lm's "
+                   "generate does); a JSON list of chat messages, "
+                   "'[{\"role\": \"user\", \"content\": \"...\"}]', is rendered with the "
+                   "chat template (a system turn, a few-shot exchange, an assistant prefill).")
 @click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
 @click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
@@ -244,15 +247,16 @@ def _sampling_options(fn):
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
              chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
              seed: int, base: str | None, stop: tuple[str, ...]) -> None:
-    """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint)."""
+    """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint, or a
+    Hugging Face Hub id)."""
     from backends import SamplingConfig
-    from gft.rollout import (PreparedPrompts, check_context, check_token_ids, encode_prompt,
-                             generate_chat_template)
-    from gft.types import Example
+    from gft.rollout import PreparedPrompts, check_context, check_token_ids, encode_prompt
+    from gft.trained import generate_chat_template
+    examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
+    model = _local_model(model)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
-    examples = [Example(p, source=f"-p {i + 1}") for i, p in enumerate(prompts)]
     once = [encode_prompt(ex, be.tokenizer, chat_template) for ex in examples]
     check_context(be.max_positions, once, max_new_tokens, "--max-new-tokens",
                   reason=be.positions_reason)
@@ -265,18 +269,59 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
 
 
+def _local_model(model: str) -> str:
+    """MODEL (or a LoRA adapter's base) as a folder on this machine: a Hub id's snapshot
+    (gft/hubmodel.py), so that its gft.json and generation_config.json (the eos ids that
+    end completions) are read as a local folder's are, on either backend."""
+    from gft.hubmodel import local_model
+    return local_model(model)
+
+
+def _prompt_example(text: str, index: int):
+    """One --prompt as an Example: standard input for "-"; a JSON list of objects is chat
+    messages (checked as a data row's are), any other text a plain prompt, "[INST] ..."
+    included."""
+    from gft.data import example_from_row
+    from gft.errors import DataError
+    from gft.types import Example
+    source = f"-p {index + 1}"
+    if text == "-":
+        text = click.get_text_stream("stdin").read()
+        if not text.strip():
+            raise DataError("standard input is empty; give some text to continue", path=source)
+    if text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if isinstance(value, list) and value and all(isinstance(m, dict) for m in value):
+            return example_from_row({"prompt": value}, path="--prompt", line=index + 1)
+    return Example(text, source=source)
+
+
 def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple[str, ...]):
     """The backend `gft generate` and `gft eval` sample from. --base names a LoRA
     adapter's base: given with a model that is no adapter it would be ignored, and the
-    user would not be sampling what they think, so it is refused."""
+    user would not be sampling what they think, so it is refused. A gft run's model ends
+    completions where its run's rollouts and evaluation did (its `stop`, gft.json), and
+    at every --stop besides."""
     from backends import load_backend
     from gft.errors import ConfigError
     from gft.lora import is_mlx_adapter, is_peft_adapter
+    from gft.trained import trained_stop
     if base is not None and not (is_peft_adapter(model) or is_mlx_adapter(model)):
         raise ConfigError(f"--base {base}: {model} is a model, not a LoRA adapter; --base "
                           "names the base model under an adapter")
-    return load_backend(backend, model, dtype=dtype, base=base, stop=_stop_values(stop),
-                        train=False)
+    trained = trained_stop(model)
+    stops = trained + [s for s in _stop_values(stop) if s not in trained]
+    if base is None and is_peft_adapter(model):  # a base named by Hub id, as most are
+        from pathlib import Path
+        from gft.lora import read_peft_config
+        from gft.runpaths import looks_local
+        named = read_peft_config(Path(model))[1]
+        base = named if named and not looks_local(named) else None
+    return load_backend(backend, model, dtype=dtype, base=base and _local_model(base),
+                        stop=stops, train=False)
 
 
 def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
@@ -286,7 +331,9 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--data", help="Data file or directory (default: the embedded task).")
+@click.option("--data", help="Data file, directory or Hub id (default: when MODEL is a gft "
+              "run's final/ or checkpoint in its run directory, the data its run evaluated "
+              "on; else the embedded task).")
 @click.option("--split", default="test", show_default=True)
 @click.option("--limit", type=click.IntRange(1), help="Evaluate only the first N rows.")
 @click.option("-k", "k", type=click.IntRange(1), default=1, show_default=True,
@@ -315,22 +362,42 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from gft.data import load_split
+    from gft.errors import ConfigError
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
     from gft.rollout import check_context, check_token_ids, prepare_prompts
-    if data is None:
-        from gft.tasks.arith import ArithTaskConfig, write_task
-        data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    from gft.trained import eval_defaults, held_out_data
+    model = _local_model(model)
+    ctx = click.get_current_context()
+    left = {name for name in ("rewards", "answer_column", "max_new_tokens", "split")
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
+    asked = {"rewards": _reward_option(rewards), "answer_column": answer_column,
+             "max_new_tokens": max_new_tokens}
+    # a gft run's model: scored as its run's in-training evaluation scored it
+    taken, said = eval_defaults(model, left, asked)
+    scoring = taken.get("rewards", asked["rewards"])
+    answer_column = taken.get("answer_column", answer_column)
+    max_new_tokens = taken.get("max_new_tokens", max_new_tokens)
+    if data is None:  # a gft run's model: on its run's held-out data, else the embedded task
+        found = held_out_data(model, None if "split" in left else split)
+        if found is not None:
+            data, split = found
+            said.insert(0, f"--data {data} --split {split} (its held-out data)")
+        else:
+            from gft.tasks.arith import ArithTaskConfig, write_task
+            data = str(write_task(tempfile.mkdtemp(prefix="gft-task-"), ArithTaskConfig()))
+    if said:
+        click.echo(f"note: evaluating as {model}'s run did: {', '.join(said)}; give an "
+                   "option to evaluate otherwise", err=True)
     rows = load_split(data, split, answer_column=answer_column)[:limit]
     from gft.data import is_data_file
-    if is_data_file(data) and click.get_current_context().get_parameter_source("split") \
-            is not click.core.ParameterSource.DEFAULT:
+    if is_data_file(data) and "split" not in left:
         # a file is one split: --split test over train.jsonl would score the training rows
         click.echo(f"note: {data} is one file, all of it evaluated; --split {split} picks a "
                    "split of a data directory", err=True)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:  # a gft run's model: its prompts as it was trained
-        from gft.rollout import trained_chat_template
+        from gft.trained import trained_chat_template
         chat_template = trained_chat_template(model)
     prepared = prepare_prompts(rows, be.tokenizer, chat_template=chat_template,
                                max_prompt_tokens=10**9, overflow="error")
@@ -338,7 +405,13 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
                   reason=be.positions_reason)
     check_token_ids(be.vocab_rows, be.tokenizer, [prepared], max_new_tokens, model)
     from gft.config import TrainConfig
-    scorer = build_rewards(_reward_option(rewards), TrainConfig.reward_timeout)
+    try:
+        scorer = build_rewards(scoring, TrainConfig.reward_timeout)
+    except GFTError as e:
+        if "rewards" not in taken:  # the user's own: the error says it all
+            raise
+        raise ConfigError(f"{e} (the rewards {model}'s run trained with, from its gft.json; "
+                          "pass --rewards to score with others)") from None
     metrics = evaluate(be, prepared.rows, prepared.prompt_ids, scorer,
                        max_new_tokens=max_new_tokens, k=k, temperature=temperature, seed=seed)
     if as_json:

@@ -4,7 +4,7 @@
                                        generation_config.json   (transformers/mlx-lm load it)
                                        optimizer.safetensors    (AdamW moments by param name)
                                        trainer_state.json       (step, data position, config)
-                                       gft.json                 (how prompts were rendered)
+                                       gft.json                 (how prompts were rendered, stops)
     RUN_DIR/checkpoints/latest         name of the newest complete checkpoint
     RUN_DIR/final/                     a finished run's model (or adapter), tokenizer,
                                        generation config and gft.json only; its last step
@@ -195,11 +195,25 @@ def model_record(state: dict[str, Any]) -> dict[str, Any]:
     """MODEL_RECORD's content: `chat_template`, how `gft generate` and `gft eval` render a
     string prompt so that it looks like the run's training prompts (true: as a user turn
     of the tokenizer's chat template, as chat_template: true rendered string prompts and
-    as chat-message prompts always are; false: as written); `step`, the step whose
+    as chat-message prompts always are; false: as written); `stop`, the run's extra stop
+    strings and ids (its config key `stop`), where its rollouts and evaluation ended a
+    completion besides EOS, so that sampling from the folder ends there too;
+    `rewards`, `answer_column` and `max_response_tokens`, how its in-training evaluation
+    scored held-out rows, which `gft eval` repeats by default; `step`, the step whose
     weights these are."""
     config, loop = state.get("config") or {}, state.get("loop") or {}
     templated = bool(config.get("chat_template")) or state.get("chat_prompts") is True
-    return {"chat_template": templated, "step": int(loop.get("step", 0))}
+    scoring = {k: config[k] for k in ("rewards", "answer_column", "max_response_tokens")
+               if k in config}
+    return {"chat_template": templated, "stop": stop_list(config.get("stop")), **scoring,
+            "step": int(loop.get("step", 0))}
+
+
+def stop_list(value: Any) -> list:
+    """The config key `stop` as a list (`stop: "</answer>"` means a list of one)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int)) else list(value)
 
 
 def read_model_record(model_dir: str | Path) -> dict[str, Any] | None:

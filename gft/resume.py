@@ -101,12 +101,16 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any]
     (gft/runpaths.py); a value given again on the command line is taken as given.
     A checkpoint that holds the whole model (not a LoRA adapter) needs no base model: a
     run copied without it (only its last checkpoint, say) resumes, and the stored path
-    is kept as it was, for config.yaml."""
+    is kept as it was, for config.yaml. Nor does a LoRA checkpoint whose adapter names a
+    base found here other than the stored model: the run trained on from an adapter
+    (`--model ADAPTER`), and the checkpoint holds those adapters, trained on; only their
+    base is loaded (gft.run.open_backend)."""
     from gft.lora import is_peft_adapter
     given = overrides or {}
     keep = {k: getattr(cfg, k) for k in ("eval_data", "rewards") if k not in given}
     extras = resolve_stored_extras(keep, run_dir, source)
-    whole = checkpoint is not None and not is_peft_adapter(checkpoint)
+    whole = checkpoint is not None and (not is_peft_adapter(checkpoint)
+                                        or adapter_base_found(checkpoint))
 
     def found(key: str) -> str | None:
         value = getattr(cfg, key)
@@ -119,6 +123,23 @@ def resolve_run_paths(cfg: TrainConfig, run_dir: Path, overrides: dict[str, Any]
             return value if Path(value).is_absolute() else str((run_dir / value).resolve())
     return replace(cfg, **extras,
                    **{k: found(k) for k in RUN_PATH_KEYS if k not in given})
+
+
+def adapter_base_found(checkpoint: Path) -> bool:
+    """Whether the base a LoRA checkpoint's adapter_config.json names is on this machine
+    (or a Hub id, which the backend fetches). Called when the run's stored model is not
+    here: a base found means that model was not this base but an adapter over it."""
+    import json
+    from gft.runpaths import adapter_base, looks_local
+    try:
+        config = json.loads((Path(checkpoint) / "adapter_config.json").read_text("utf-8"))
+        stored = config.get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return False
+    if not isinstance(stored, str) or not stored:
+        return False
+    found = adapter_base(stored, Path(checkpoint))
+    return not looks_local(found) or Path(found).expanduser().exists()
 
 
 def data_changed(saved: dict[str, Any], n_rows: int, state: LoopState,

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import yaml
 
 from gft.data import render_prompt
 from gft.errors import ConfigError, DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
 from gft.stops import Stops
+from gft.trained import (generate_chat_template, trained_chat_template,  # noqa: F401
+                         trained_stop)
 from gft.types import Example
 
 
@@ -53,43 +53,6 @@ def appends_eos(tokenizer) -> bool:
     eos = tokenizer.eos_token_id
     plain = tokenizer("a", add_special_tokens=False).input_ids
     return plain[-1:] != [eos] and tokenizer("a").input_ids[-1:] == [eos]
-
-
-def trained_chat_template(model_dir: str) -> bool | None:
-    """The chat_template setting a gft model was trained with: its gft.json (written into
-    every checkpoint and final/, so a folder copied out of its run still says it); for
-    folders written before that, a step checkpoint's trainer_state.json or, for a run's
-    final/, the run's config.yaml beside it. None when unknown (not a gft run's model, or
-    unreadable)."""
-    from gft.checkpoint import STATE_FILE, read_model_record, read_state
-    from gft.errors import ModelError
-    path = Path(model_dir)
-    record = read_model_record(path)
-    if record is not None and isinstance(record.get("chat_template"), bool):
-        return record["chat_template"]
-    try:
-        if (path / STATE_FILE).is_file():
-            return bool(read_state(path)["config"].get("chat_template"))
-        run_config = path.parent / "config.yaml"
-        if path.name == "final" and run_config.is_file():
-            config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
-            if isinstance(config, dict):
-                return bool(config.get("chat_template"))
-    except (ModelError, OSError, ValueError, yaml.YAMLError):
-        pass  # not readable as a gft run: treat it as any model directory
-    return None
-
-
-def generate_chat_template(model_dir: str, tokenizer) -> bool:
-    """`gft generate`'s default: render prompts as the model was trained when it is a gft
-    run's model (trained_chat_template; unset = plain string prompts), else use the
-    tokenizer's chat template where it has one, as mlx-lm's generate does. final/ counts:
-    it is what README's `gft generate runs/x/final` samples from, and the default job
-    trains on plain prompts with a tokenizer that has a template."""
-    trained = trained_chat_template(model_dir)
-    if trained is not None:
-        return trained
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 def prepare_prompts(rows: Sequence[Example], tokenizer, *, chat_template: bool | None,

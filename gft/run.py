@@ -36,7 +36,7 @@ from gft.preflight import (check_answers, check_launcher, check_memory, check_se
                            rows_with_long_responses, shared_prompts)
 from gft.rewards import build_rewards
 from gft.resume import data_changed, resume_point
-from gft.runpaths import base_as_stored, stored_config
+from gft.runpaths import base_as_stored, looks_local, stored_config
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages, plan_warnings
@@ -221,7 +221,10 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     # names; taken as the base, transformers would load base + adapter and LoRA would go
     # on twice
     adapter = cfg.model and (is_peft_adapter(cfg.model) or is_mlx_adapter(cfg.model))
-    model = None if adapter else cfg.model
+    # an adapter trained on from and no longer here (gft.resume.resolve_run_paths let a
+    # resume go on without it): the checkpoint's adapter names the base too
+    gone = cfg.model and looks_local(cfg.model) and not Path(cfg.model).expanduser().exists()
+    model = None if adapter or (gone and is_peft_adapter(model_path)) else cfg.model
     base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,

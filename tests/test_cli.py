@@ -234,3 +234,151 @@ def test_an_mlx_lm_adapter_trains_on_and_generates_from_any_directory(tmp_path, 
     result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1", "--max-new-tokens",
                                        "3", "--base", str(tmp_path / "moved-base")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_hub_model_is_sampled_from_its_snapshot_with_its_gft_json(tmp_path, monkeypatch):
+    """`gft generate org/name` and `gft eval org/name` read the downloaded copy as a local
+    folder: its gft.json (prompt format, stops) applies as it does to the run's final/.
+    No hub is reachable here: huggingface_hub's snapshot_download, which gft fetches the
+    repository's model files with, stands in with a local folder."""
+    import huggingface_hub
+    from gft.checkpoint import MODEL_RECORD
+    from tests.helpers import scaled_tiny
+    snapshot = scaled_tiny(tmp_path / "snapshot")
+    # trained on plain prompts though the tokenizer has a chat template, with a stop
+    (snapshot / MODEL_RECORD).write_text(json.dumps({"chat_template": False, "stop": ["\n"]}))
+    asked = []
+    def snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(snapshot)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["-p", "Hello", "--max-new-tokens", "12", "--backend", "torch"]
+    local = CliRunner().invoke(main, ["generate", str(snapshot), *args])
+    hub = CliRunner().invoke(main, ["generate", "org/name", *args])
+    assert hub.exit_code == 0, hub.output
+    assert hub.output == local.output and asked == ["org/name"]
+    plain = CliRunner().invoke(main, ["generate", str(snapshot), *args, "--no-chat-template"])
+    assert hub.output == plain.output  # as the record says, not the tokenizer's template
+    templated = CliRunner().invoke(main, ["generate", str(snapshot), *args, "--chat-template"])
+    assert templated.output != plain.output
+    data = write_task(tmp_path / "task", ArithTaskConfig(n_train=2, n_test=2, n_valid=0))
+    result = CliRunner().invoke(main, ["eval", "org/name", "--data", str(data), "--json",
+                                       "--max-new-tokens", "4", "--backend", "torch"])
+    assert result.exit_code == 0 and asked == ["org/name"] * 2, result.output
+
+
+def test_a_hub_model_that_cannot_be_fetched_is_one_line(monkeypatch):
+    import huggingface_hub
+    def snapshot_download(repo_id, **kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("Cannot find an appropriate "
+                                                             "cached snapshot folder")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    result = CliRunner().invoke(main, ["generate", "org/name", "-p", "hi"])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "error: org/name: no such folder, and the Hugging Face Hub did not give a model of "
+        "that id: LocalEntryNotFoundError: Cannot find an appropriate cached snapshot folder"]
+
+
+def test_eval_on_a_gft_runs_model_scores_as_its_run_evaluated(tmp_path):
+    """Options left at their defaults take the run's rewards, answer_column and
+    max_response_tokens (its gft.json), so `gft eval runs/x/final` scores as the run's
+    in-training evaluation did; before, it scored with math on 'answer', here refused
+    (the data's ground truth is TRL's 'solution'), elsewhere another accuracy in silence."""
+    import shutil
+    from gft.checkpoint import MODEL_RECORD
+    model = tmp_path / "final"
+    shutil.copytree(write_tiny_model(tmp_path / "m", TinyModelSpec(seed=1)), model)
+    (model / MODEL_RECORD).write_text(json.dumps({
+        "chat_template": False, "stop": [], "rewards": ["exact"], "answer_column": "solution",
+        "max_response_tokens": 3, "step": 2}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q{i}: say yes\nA:", "solution": "yes"})
+                            + "\n" for i in range(2)))
+    args = ["eval", str(model), "--data", str(data), "--backend", "torch", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    note, line = result.output.strip().splitlines()
+    assert note == (f"note: evaluating as {model}'s run did: --rewards exact, "
+                    "--answer-column solution, --max-new-tokens 3 (its max_response_tokens); "
+                    "give an option to evaluate otherwise")
+    assert set(json.loads(line)) == {"n", "accuracy", "reward", "rewards/exact"}
+    # options given are used as given, with no note
+    given = CliRunner().invoke(main, args + ["--rewards", "math", "--answer-column",
+                                            "solution", "--max-new-tokens", "3"])
+    assert given.exit_code == 0, given.output
+    assert set(json.loads(given.output)) == {"n", "accuracy", "reward", "rewards/math"}
+    # the run's rewards may name a file this machine lacks: one line saying what to pass
+    (model / MODEL_RECORD).write_text(json.dumps({"rewards": ["/gone/r.py:f"]}))
+    result = CliRunner().invoke(main, args + ["--answer-column", "solution"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1].endswith(
+        f"(the rewards {model}'s run trained with, from its gft.json; pass --rewards to "
+        "score with others)")
+
+
+def test_generate_takes_chat_messages_and_standard_input(tmp_path):
+    """-p '[{"role": ...}]' is a chat prompt (as a data row's 'prompt' may be: a system
+    turn, few-shot turns, an assistant prefill), rendered with the chat template; before,
+    the JSON text itself was the prompt. -p - reads standard input, as mlx-lm's generate
+    does; before, the prompt was the one character '-'."""
+    from tests.helpers import scaled_tiny
+    model = scaled_tiny(tmp_path / "model")  # completions that depend on the prompt
+    args = ["generate", str(model), "--max-new-tokens", "8", "--backend", "torch"]
+    def run(*extra, stdin=None):
+        result = CliRunner().invoke(main, args + list(extra), input=stdin)
+        return result.exit_code, result.output
+    chat = json.dumps([{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Hello"}])
+    code, out = run("-p", chat)
+    assert code == 0, out
+    assert out != run("-p", "Be brief. Hello", "--chat-template")[1]
+    user_only = json.dumps([{"role": "user", "content": "Hello"}])
+    assert run("-p", user_only) == run("-p", "Hello", "--chat-template")
+    assert run("-p", "-", "--no-chat-template", stdin="Q: 2+2\nA:") == \
+        run("-p", "Q: 2+2\nA:", "--no-chat-template")
+    assert run("-p", "[INST] hi [/INST]", "--no-chat-template")[0] == 0  # text, not JSON
+    code, out = run("-p", json.dumps([{"role": "user"}]))
+    assert (code, out) == (2, "error: --prompt:1: field 'prompt[0].content': missing\n")
+    code, out = run("-p", "-", stdin="")
+    assert (code, out) == (2, "error: -p 1: standard input is empty; give some text to "
+                              "continue\n")
+
+
+def test_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp_path, monkeypatch):
+    """A PEFT adapter whose base_model_name_or_path is a Hub id (as most published
+    adapters' are): the base is fetched like MODEL, so its generation_config.json's eos
+    ids end completions and --backend mlx can load it; before, the base went to
+    transformers by id (mlx: no such folder) and its eos ids were never read."""
+    import huggingface_hub
+    from gft.lora import LoraConfig, write_peft_config
+    from gft.tiny import EOS_ID
+    from tests.helpers import scaled_tiny
+    base = scaled_tiny(tmp_path / "base")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    args = ["-p", "Hello", "--max-new-tokens", "12", "--backend", "torch",
+            "--no-chat-template"]
+    free = CliRunner().invoke(main, ["generate", str(base), *args]).output
+    stop = next(c for c in free[1:] if c.isascii() and c.isprintable())
+    (base / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [EOS_ID, ord(stop)]}))
+    # a LoRA adapter with B = 0: the base's own output
+    import numpy as np
+    from safetensors.numpy import save_file
+    cfg = json.loads((base / "config.json").read_text())
+    d = cfg["hidden_size"]
+    out = cfg["num_attention_heads"] * cfg.get("head_dim", d // cfg["num_attention_heads"])
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight": a
+               for i in range(cfg["num_hidden_layers"])
+               for w, a in (("A", np.ones((4, d), np.float32)),
+                            ("B", np.zeros((out, 4), np.float32)))},
+              str(adapter / "adapter_model.safetensors"))
+    write_peft_config(adapter, LoraConfig(4, 8.0, 0.0, ("q_proj",)), "org/base")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kwargs: str(base) if repo_id == "org/base" else None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = CliRunner().invoke(main, ["generate", str(adapter), *args])
+    assert result.exit_code == 0, result.output
+    assert result.output == free[:free.index(stop) + 1] + "\n"

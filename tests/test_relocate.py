@@ -138,6 +138,52 @@ def test_a_run_copied_with_only_its_last_checkpoint_resumes(tmp_path, monkeypatc
     assert saved["model"] == "./base-model"  # kept as stored, for when it comes back
 
 
+def test_a_lora_run_trained_on_from_an_adapter_resumes_without_that_adapter(
+        tmp_path, monkeypatch):
+    """`gft train --model ADAPTER` trains those adapters on; its checkpoints hold them and
+    name their base. A resume still required the adapter folder it started from
+    ("model 'first/final' is not on this machine"): now only the base."""
+    monkeypatch.chdir(tmp_path)
+    gft("train", "-o", "first", "--backend", "torch", "--max-steps", "1", *SMALL, *LORA)
+    gft("train", "--model", "first/final", "-o", "second", "--backend", "torch",
+        "--max-steps", "1", *SMALL, *LORA)
+    trained = (Path("second/final/adapter_model.safetensors")).read_bytes()
+    shutil.rmtree("first/final")
+    shutil.rmtree("first/checkpoints")  # first/base-model stays
+    out = gft("train", "--resume", "second", "--set", "max_steps=2")
+    assert "(step 1)" in out and "final checkpoint" in out
+    assert Path("second/final/adapter_model.safetensors").read_bytes() != trained
+    saved = yaml.safe_load(Path("second/config.yaml").read_text())
+    assert saved["model"] == str(Path("first/final").resolve())  # kept as stored
+    base = json.loads(Path("second/final/adapter_config.json").read_text())
+    assert base["base_model_name_or_path"] == str(Path("first/base-model").resolve())
+    shutil.rmtree("first/base-model")  # without the base too, the stored model is asked for
+    words = refused("train", "--resume", "second", "--set", "max_steps=3")
+    assert "model '" in words and "--model" in words
+
+
+def test_eval_on_a_runs_model_without_data_uses_the_runs_held_out_data(tmp_path, monkeypatch):
+    """`gft eval RUN/final` without --data evaluated the embedded arithmetic task whatever
+    the run trained on, in silence: now its run's held-out split (a note says so), and
+    a run on one file (no held-out split) asks for --data."""
+    from tests.helpers import say_yes_data
+    monkeypatch.chdir(tmp_path)
+    say_yes_data(tmp_path / "yes")
+    gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", "--data", "yes",
+        *SMALL)
+    ask = ["--backend", "torch", "--max-new-tokens", "2", "--json"]
+    out = gft("eval", "run/final", *ask)
+    assert f"--data {tmp_path / 'yes'} --split test (its held-out data)" in out
+    assert json.loads(out.splitlines()[-1])["n"] == 4  # say_yes_data's test rows
+    assert json.loads(gft("eval", "run/final", *ask, "--data", "yes"))["n"] == 4
+    shutil.copytree("run/final", "alone")  # out of its run: where its data lay is unknown
+    assert json.loads(gft("eval", "alone", *ask, "--limit", "3"))["n"] == 3  # embedded task
+    gft("train", "-o", "one", "--backend", "torch", "--max-steps", "1", "--data",
+        "yes/train.jsonl", *SMALL)
+    words = refused("eval", "one/final", *ask)
+    assert "one file" in words and "pass --data" in words
+
+
 def test_stored_paths(tmp_path, monkeypatch):
     run = tmp_path / "run"
     (run / "task").mkdir(parents=True)

@@ -167,3 +167,60 @@ def test_generate_cli_applies_the_template_by_default(model_dir):
     assert all(r.exit_code == 0 for r in runs.values()), {k: r.output for k, r in runs.items()}
     assert runs[None].output == runs["--chat-template"].output
     assert runs[None].output != runs["--no-chat-template"].output
+
+
+def test_a_runs_stop_is_recorded_in_gft_json_also_for_folders_written_before():
+    """gft.json carries the run's `stop` (one string means a list of one); a checkpoint
+    written before it did says it through its trainer_state.json."""
+    from gft.checkpoint import model_record
+    assert model_record({"config": {"stop": "</a>"}, "loop": {"step": 3}})["stop"] == ["</a>"]
+    assert model_record({"config": {"stop": ["\n\n", 7]}, "loop": {}})["stop"] == ["\n\n", 7]
+    assert model_record({"config": {}, "loop": {}})["stop"] == []
+    # and how its evaluation scored, which `gft eval` repeats (tests/test_cli.py)
+    record = model_record({"config": {"rewards": ["exact"], "answer_column": "solution",
+                                      "max_response_tokens": 64}, "loop": {"step": 3}})
+    assert record == {"chat_template": False, "stop": [], "rewards": ["exact"],
+                      "answer_column": "solution", "max_response_tokens": 64, "step": 3}
+
+
+def test_trained_stop_reads_the_record_then_the_trainer_state(tmp_path):
+    from gft.checkpoint import MODEL_RECORD, STATE_FILE
+    from gft.rollout import trained_stop
+    assert trained_stop(str(tmp_path)) == []  # not a gft run's model
+    (tmp_path / STATE_FILE).write_text(json.dumps({"loop": {"step": 1},
+                                                   "config": {"stop": "</a>"}}))
+    assert trained_stop(str(tmp_path)) == ["</a>"]  # a checkpoint from before gft.json had it
+    (tmp_path / MODEL_RECORD).write_text(json.dumps({"chat_template": False, "stop": ["X"]}))
+    assert trained_stop(str(tmp_path)) == ["X"]
+    (tmp_path / MODEL_RECORD).write_text(json.dumps({"stop": ["X", 3.5]}))  # hand-edited
+    from gft.errors import ModelError
+    with pytest.raises(ModelError, match=r"'stop' in gft.json: .* got 3.5"):
+        trained_stop(str(tmp_path))
+
+
+def test_generate_and_eval_end_where_the_run_stopped(tmp_path, monkeypatch):
+    """A gft run's final/, copied out alone, ends completions at its run's `stop` (read
+    from gft.json), as its rollouts and evaluation did; --stop adds more. Before, the
+    output ran on past it, in silence."""
+    from click.testing import CliRunner
+    from cli import main
+    from gft.checkpoint import MODEL_RECORD
+    model = scaled_tiny(tmp_path / "final")
+    args = ["generate", str(model), "-p", "Hello", "--max-new-tokens", "16",
+            "--backend", "torch", "--no-chat-template"]
+    def run(*extra):
+        result = CliRunner().invoke(main, args + list(extra))
+        assert result.exit_code == 0, result.output
+        return result.output[:-1]  # click.echo's newline
+    free = run()
+    printable = [i for i, c in enumerate(free) if c.isascii() and c.isprintable()]
+    # two printable bytes: two tokens, so the string is matched on the decoded text
+    at = next(i for i in printable if i + 1 in printable and i + 2 < len(free))
+    stop = free[at:at + 2]
+    cut = free[:free.index(stop) + 2]
+    assert cut != free
+    (model / MODEL_RECORD).write_text(json.dumps({"chat_template": False, "stop": [stop],
+                                                  "step": 4}))
+    assert run() == cut
+    other = free[printable[0]]  # --stop adds to the run's; one byte: a stop id
+    assert printable[0] < at and run("--stop", other) == free[:printable[0] + 1]

@@ -1,0 +1,41 @@
+"""A model named by its Hugging Face Hub id (`gft generate org/name`, `gft eval org/name`):
+the local snapshot it is sampled from.
+
+transformers' from_pretrained downloads only the files it reads (config, weights,
+tokenizer, generation_config.json), so a gft run's `gft.json` (its prompt format and
+stops, gft/checkpoint.py) uploaded beside them would never be read, and mlx-lm's
+load_model takes a local folder only. As mlx-lm's own `load` does (get_model_path), the
+repository's model files are fetched once with huggingface_hub's snapshot_download into
+the Hugging Face cache (HF_HOME; offline with HF_HUB_OFFLINE=1 from a cached copy), and
+everything after that reads the local folder: gft.json, generation_config.json's eos
+ids, the weights, on either backend.
+"""
+from __future__ import annotations
+
+from gft.errors import ModelError
+from gft.runpaths import looks_local
+
+# what a model (or LoRA adapter) folder needs, as mlx-lm's get_model_path fetches it;
+# no pickled *.bin / *.pt, no GGUF or ONNX copies some repositories also hold
+MODEL_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.tiktoken",
+               "tiktoken.model", "*.txt"]
+
+
+def local_model(model: str) -> str:
+    """`model` itself when it is a path on this machine (or written as one, which
+    check_model_dir then reports missing); for a Hub id, its snapshot folder in the
+    Hugging Face cache, downloaded when not there yet. A failure (not found, gated,
+    offline without a cached copy) is one ModelError line."""
+    if looks_local(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # transformers depends on it; a mlx-only install may lack it
+        raise ModelError(f"{model}: not a local path; reading it from the Hugging Face Hub "
+                         "needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return str(snapshot_download(repo_id=model, allow_patterns=MODEL_FILES))
+    except Exception as exc:  # not found, gated, no network, a bad id: one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{model}: no such folder, and the Hugging Face Hub did not give a "
+                         f"model of that id: {type(exc).__name__}: {first}") from None

@@ -1,0 +1,157 @@
+"""What a gft run's model folder (final/, checkpoints/step-N/, copied out of its run or
+not) says about using it as it was trained: `gft generate` and `gft eval` read it here.
+
+Each such folder holds gft.json (gft/checkpoint.py's model_record): the prompt format,
+the run's extra stops, how its evaluation scored. Folders written before gft.json held a
+key say it through a step checkpoint's trainer_state.json, or a run's config.yaml beside
+final/. Only what the weights were trained for travels in gft.json; where the run's data
+lies is this machine's business, read from the run directory around the folder.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from gft.checkpoint import STATE_FILE
+
+_UNKNOWN = object()
+
+
+def _trained_setting(model_dir: str, key: str) -> Any:
+    """A gft model's setting `key` as its run trained: its gft.json (written into every
+    checkpoint and final/, so a folder copied out of its run still says it); for folders
+    written before gft.json held the key, a step checkpoint's trainer_state.json config
+    or, for a run's final/, the run's config.yaml beside it. _UNKNOWN when none says (not
+    a gft run's model, or unreadable)."""
+    from gft.checkpoint import read_model_record, read_state
+    from gft.errors import ModelError
+    path = Path(model_dir)
+    record = read_model_record(path)
+    if record is not None and key in record:
+        return record[key]
+    try:
+        if (path / STATE_FILE).is_file():
+            return read_state(path)["config"].get(key)
+        run_config = path.parent / "config.yaml"
+        if path.name == "final" and run_config.is_file():
+            config = yaml.safe_load(run_config.read_text(encoding="utf-8"))
+            if isinstance(config, dict):
+                return config.get(key)
+    except (ModelError, OSError, ValueError, yaml.YAMLError):
+        pass  # not readable as a gft run: treat it as any model directory
+    return _UNKNOWN
+
+
+def trained_settings(model_dir: str, keys: Sequence[str]) -> dict[str, Any]:
+    """Those of `keys` a gft model's run set (_trained_setting), unset ones left out."""
+    values = {key: _trained_setting(model_dir, key) for key in keys}
+    return {k: v for k, v in values.items() if v is not _UNKNOWN and v is not None}
+
+
+def trained_chat_template(model_dir: str) -> bool | None:
+    """The chat_template setting a gft model was trained with (_trained_setting); None
+    when unknown (not a gft run's model, or unreadable)."""
+    value = _trained_setting(model_dir, "chat_template")
+    return None if value is _UNKNOWN else bool(value)
+
+
+def trained_stop(model_dir: str) -> list:
+    """The extra stops (config key `stop`) a gft model's run ended rollouts and
+    evaluation at; [] for any other model. `gft generate` and `gft eval` end there too,
+    else the trained model's output runs on past where training cut it."""
+    from gft.checkpoint import MODEL_RECORD, read_model_record, stop_list
+    from gft.errors import ModelError
+    value = _trained_setting(model_dir, "stop")
+    try:
+        values = [] if value is _UNKNOWN else stop_list(value)
+    except TypeError:
+        values = [value]
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, str)) or v == ""]
+    if bad:  # a hand-edited record: name it, as the config key's check would the config
+        where = MODEL_RECORD if "stop" in (read_model_record(model_dir) or {}) else \
+            "its run's config"
+        raise ModelError(f"{model_dir}: 'stop' in {where}: each entry must be a token id or "
+                         f"a non-empty string, got {bad[0]!r}")
+    return values
+
+
+def generate_chat_template(model_dir: str, tokenizer) -> bool:
+    """`gft generate`'s default: render prompts as the model was trained when it is a gft
+    run's model (trained_chat_template; unset = plain string prompts), else use the
+    tokenizer's chat template where it has one, as mlx-lm's generate does. final/ counts:
+    it is what README's `gft generate runs/x/final` samples from, and the default job
+    trains on plain prompts with a tokenizer that has a template."""
+    trained = trained_chat_template(model_dir)
+    if trained is not None:
+        return trained
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+# `gft eval` options and the run settings they default to on a gft run's model
+EVAL_DEFAULTS = {"rewards": "rewards", "answer_column": "answer_column",
+                 "max_new_tokens": "max_response_tokens"}
+
+
+def eval_defaults(model_dir: str, left: set[str], asked: dict[str, Any]) -> tuple[dict, list]:
+    """The `gft eval` options in `left` (not given: at their defaults) that take the run's
+    own value, so that the accuracy is the one its in-training evaluation reported
+    rather than one scored by another reward or cut at another length, in silence; and
+    a phrase for each, for the note saying so. `asked`: every option's value now
+    (rewards as _reward_option parsed it)."""
+    run = trained_settings(model_dir, list(EVAL_DEFAULTS.values()))
+    taken: dict[str, Any] = {}
+    ran = run.get("rewards")
+    names = isinstance(ran, list) and all(isinstance(r, str) for r in ran)
+    if "rewards" in left and ran is not None and ran not in (asked["rewards"], ",".join(
+            asked["rewards"])):
+        taken["rewards"] = ran
+    column = run.get("answer_column")
+    if "answer_column" in left and isinstance(column, str) and column != asked["answer_column"]:
+        taken["answer_column"] = column
+    longest = run.get("max_response_tokens")
+    if "max_new_tokens" in left and isinstance(longest, int) and not isinstance(longest, bool) \
+            and longest > 0 and longest != asked["max_new_tokens"]:
+        taken["max_new_tokens"] = longest
+    said = {"rewards": lambda v: f"--rewards {','.join(v) if names else v}",
+            "answer_column": lambda v: f"--answer-column {v}",
+            "max_new_tokens": lambda v: f"--max-new-tokens {v} (its max_response_tokens)"}
+    return taken, [said[k](v) for k, v in taken.items()]
+
+
+def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
+    """(data, split) the run of a gft model in its run directory held out for its
+    in-training evaluation, found on this machine: its eval_data (a file, or a
+    directory's eval_split), else its data directory's or Hub data set's eval_split.
+    `split`: the one asked for (None: the run's eval_split). None when the folder is not
+    in a gft run directory or the run used the embedded task (the caller's default).
+    A ConfigError when the run's held-out rows cannot be named: its data is not on this
+    machine, or it is one file (held out by eval_holdout, which gft eval cannot redo)."""
+    from gft.checkpoint import run_dir_of
+    from gft.errors import ConfigError
+    from gft.runpaths import looks_local
+    path = Path(model_dir)
+    if not (path / STATE_FILE).is_file() and not (path.name == "final" and (
+            path.parent / "config.yaml").is_file()):
+        return None  # copied out of its run: where its data lay is unknown here
+    run = trained_settings(model_dir, ["data", "eval_data", "eval_split"])
+    run_split = run.get("eval_split") if isinstance(run.get("eval_split"), str) else "test"
+    for key in ("eval_data", "data"):
+        value = run.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if not looks_local(value):
+            return value, split or run_split  # a Hub data set: its own splits
+        found = Path(value).expanduser()
+        if not found.is_absolute():  # stored relative: inside the run directory
+            found = run_dir_of(path) / found
+        if not found.exists():
+            raise ConfigError(f"{model_dir}: its run evaluated on {key} {value}, which is not "
+                              "on this machine; pass --data")
+        if key == "data" and not found.is_dir():
+            raise ConfigError(f"{model_dir}: its run trained on one file, {value}, which "
+                              "has no held-out split (rows its eval_holdout set aside are not "
+                              "picked out again here); pass --data with held-out rows")
+        return str(found), split or run_split
+    return None
