@@ -18,8 +18,6 @@ from gft.errors import ConfigError, DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages
 from gft.stops import Stops
-from gft.trained import (generate_chat_template, trained_chat_template,  # noqa: F401
-                         trained_stop)
 from gft.types import Example
 
 

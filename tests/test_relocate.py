@@ -99,7 +99,7 @@ def test_a_final_copied_out_alone_renders_prompts_as_its_run_trained(
     """final/ copied alone (another machine, a hub upload) has no config.yaml beside it:
     gft generate and eval on it fell back to the tokenizer's template, which the default
     job's tokenizer has and its plain-prompt run never used."""
-    from gft.rollout import trained_chat_template
+    from gft.trained import trained_chat_template
     monkeypatch.chdir(tmp_path)
     extra = ["--set", "chat_template=true"] if chat_template else []
     gft("train", "-o", "run", "--backend", "torch", "--max-steps", "1", *SMALL, *extra)
@@ -337,7 +337,7 @@ def test_a_run_on_chat_messages_is_prompted_with_the_chat_template(tmp_path, mon
     """TRL's conversational rows are always rendered with the chat template; with
     chat_template unset, `gft generate runs/x/final -p TEXT` sent the string raw, a
     prompt unlike every one the model trained on."""
-    from gft.rollout import trained_chat_template
+    from gft.trained import trained_chat_template
     monkeypatch.chdir(tmp_path)
     rows = [{"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
                           {"role": "assistant", "content": f"{i + 1}"}]} for i in range(2)]

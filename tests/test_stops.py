@@ -143,7 +143,7 @@ def test_generate_uses_the_chat_template_as_trained_or_where_there_is_one(tmp_pa
     """`gft generate` wraps prompts in the chat template where the tokenizer has one (as
     mlx-lm does), except for a gft checkpoint trained on plain string prompts."""
     from gft.checkpoint import STATE_FILE
-    from gft.rollout import generate_chat_template
+    from gft.trained import generate_chat_template
     tok = byte_tokenizer()
     assert tok.chat_template and generate_chat_template(str(tmp_path), tok) is True
     no_template = byte_tokenizer()
@@ -185,7 +185,7 @@ def test_a_runs_stop_is_recorded_in_gft_json_also_for_folders_written_before():
 
 def test_trained_stop_reads_the_record_then_the_trainer_state(tmp_path):
     from gft.checkpoint import MODEL_RECORD, STATE_FILE
-    from gft.rollout import trained_stop
+    from gft.trained import trained_stop
     assert trained_stop(str(tmp_path)) == []  # not a gft run's model
     (tmp_path / STATE_FILE).write_text(json.dumps({"loop": {"step": 1},
                                                    "config": {"stop": "</a>"}}))

@@ -685,7 +685,7 @@ def test_a_runs_final_model_generates_as_it_was_trained(tmp_path, model, tokeniz
     example) wrapped plain prompts in the tokenizer's chat template although the run
     trained on them raw (chat_template unset, the default job's case)."""
     import shutil
-    from gft.rollout import generate_chat_template, trained_chat_template
+    from gft.trained import generate_chat_template, trained_chat_template
     run = tmp_path / "run"
     run.mkdir()
     shutil.copytree(model, run / "final")
