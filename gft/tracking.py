@@ -261,8 +261,10 @@ class MlflowTracker:
         if stored:
             try:
                 self.run = self.mlflow.start_run(run_id=stored)
-            except Exception:  # not in this tracking store (moved machines): a new run
-                stored = None
+            except Exception as e:  # not in this tracking store (moved machines): a new run
+                print(f"note: report_to: mlflow: the run's MLflow run {stored} is not in this "
+                      f"tracking store ({first_line(e)}); this process logs to a new MLflow "
+                      "run (MLFLOW_TRACKING_URI names the store)", file=sys.stderr)
         if self.run is None:
             self.run = self.mlflow.start_run(run_name=name)
         self.run_id = self.run.info.run_id

@@ -380,6 +380,24 @@ def test_mlflow_resume_continues_the_run_once_per_step_and_a_changed_param(tmp_p
     assert run.data.params == {"tau": "0.1", "run_name": "x"}
 
 
+def test_an_mlflow_run_missing_from_this_store_says_a_new_one_starts(tmp_path, monkeypatch,
+                                                                     capsys):
+    """A run copied to a machine whose MLflow store lacks its run: it logs to a new MLflow
+    run, and says so (it did in silence)."""
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    _first_process(tmp_path, ["mlflow"], sent=6)
+    first = json.loads((tmp_path / "trackers.json").read_text())["mlflow"]["id"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "other-store").as_uri())
+    trackers = _resumed_process(tmp_path, ["mlflow"])
+    assert trackers.trackers["mlflow"].run_id != first
+    trackers.finish()
+    said = capsys.readouterr().err
+    assert f"the run's MLflow run {first} is not in this tracking store" in said
+
+
 def test_mlflow_run_id_set_by_the_user_is_continued_once_per_step(tmp_path, monkeypatch):
     """MLFLOW_RUN_ID (mlflow's own variable) picks the run; gft still sends only the
     steps after the last one it holds."""
