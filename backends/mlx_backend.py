@@ -222,6 +222,9 @@ class MlxBackend:
         off under gradient checkpointing."""
         self.group = group
         self.model, self.tokenizer, self.model_path = model, tokenizer, Path(model_path)
+        # the base's hub id when model_path is its local snapshot (gft.run.hub_snapshot):
+        # what a saved adapter names as its base, not a path in this machine's cache
+        self.base_name: str | None = None
         # token ids the model embeds (mlx-lm's models keep their ModelArgs as .args)
         self.vocab_rows = getattr(getattr(model, "args", None), "vocab_size", None)
         # what ends a completion: generation_config.json's ids too; load_backend adds the
@@ -465,7 +468,8 @@ class MlxBackend:
         path.mkdir(parents=True, exist_ok=True)
         if self.lora is not None:  # the adapter only, in PEFT format
             from backends.mlx_lora import save_adapter
-            save_adapter(path, self._params(), self.lora, str(self.model_path))
+            save_adapter(path, self._params(), self.lora, str(self.model_path),
+                         self.base_name)
             save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return
         weights = dict(tree_flatten(self.model.parameters()))

@@ -77,13 +77,17 @@ def apply_lora(model: nn.Module, lora: LoraConfig, seed: int, adapter: str | Non
     mx.eval(model.parameters())
 
 
-def save_adapter(path: Path, params: dict[str, mx.array], lora: LoraConfig, base: str) -> None:
+def save_adapter(path: Path, params: dict[str, mx.array], lora: LoraConfig, base: str,
+                 name: str | None = None) -> None:
     """The PEFT adapter directory the torch backend writes for the same weights, plus a
-    record of the base's quantization when it is quantized (gft/quant.py)."""
+    record of the base's quantization when it is quantized (gft/quant.py). `name`: how
+    the adapter names its base when not as the folder `base` (a hub id read from its
+    local snapshot)."""
     from gft.quant import base_record, write_base_record
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_peft_config(path, lora, base)
-    write_base_record(path, base_record(base))
+    write_peft_config(path, lora, name or base)
+    record = base_record(base)
+    write_base_record(path, {**record, "base_model": name} if record and name else record)
     tensors = {n: mx.contiguous(x) for n, x in to_neutral(params).items()}
     mx.save_safetensors(str(path / PEFT_WEIGHTS), tensors, metadata={"format": "pt"})

@@ -12,7 +12,7 @@ ids, the weights, on either backend.
 """
 from __future__ import annotations
 
-from gft.errors import ModelError
+from gft.errors import ModelError, first_line
 from gft.runpaths import looks_local
 
 # what a model (or LoRA adapter) folder needs, as mlx-lm's get_model_path fetches it;
@@ -36,6 +36,5 @@ def local_model(model: str) -> str:
     try:
         return str(snapshot_download(repo_id=model, allow_patterns=MODEL_FILES))
     except Exception as exc:  # not found, gated, no network, a bad id: one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"{model}: no such folder, and the Hugging Face Hub did not give a "
-                         f"model of that id: {type(exc).__name__}: {first}") from None
+                         f"model of that id: {type(exc).__name__}: {first_line(exc)}") from None

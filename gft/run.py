@@ -212,7 +212,21 @@ class RequireApplicableReward:
         return result
 
 
-def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
+def hub_snapshot(cfg: TrainConfig) -> str | None:
+    """On mlx, a model named by its Hub id (`mlx-community/...-4bit`, what mlx-lm users
+    pass): its local snapshot (gft/hubmodel.py), since mlx-lm's load_model reads local
+    folders only. config.yaml and the checkpoints keep the id, so a copied run fetches it
+    again. None otherwise: transformers downloads hub ids itself."""
+    if cfg.backend != "mlx" or not cfg.model or looks_local(cfg.model):
+        return None
+    from gft.hubmodel import local_model
+    return local_model(cfg.model)
+
+
+def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL,
+                 snapshot: str | None = None):
+    """The backend, loaded from model_path; `snapshot`: cfg.model's local copy (a hub id
+    on mlx, hub_snapshot), the base under a LoRA checkpoint in its place."""
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import is_mlx_adapter, is_peft_adapter, lora_from_train_config
@@ -224,7 +238,8 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL):
     # an adapter trained on from and no longer here (gft.resume.resolve_run_paths let a
     # resume go on without it): the checkpoint's adapter names the base too
     gone = cfg.model and looks_local(cfg.model) and not Path(cfg.model).expanduser().exists()
-    model = None if adapter or (gone and is_peft_adapter(model_path)) else cfg.model
+    model = None if adapter or (gone and is_peft_adapter(model_path)) else \
+        (snapshot or cfg.model)
     base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
@@ -312,14 +327,18 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
             stored_config(to_dict(cfg), run_dir), sort_keys=False))
     scorer = build_scorer(cfg)
-    check_model_dir(start_from or str(cfg.model))
-    check_memory(cfg, str(start_from or cfg.model))
+    snapshot = hub_snapshot(cfg)
+    model_path = str(start_from or snapshot or cfg.model)
+    check_model_dir(model_path)
+    check_memory(cfg, model_path)
     if load_optimizer:
         check_optimizer_state(start_from)
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     check_trainable(cfg, train_rows, console)
-    backend = open_backend(cfg, str(start_from or cfg.model), comm)
-    note = dtype_note(cfg, str(start_from or cfg.model))
+    backend = open_backend(cfg, model_path, comm, snapshot)
+    if snapshot:  # adapters name the hub id as their base, not this machine's cache
+        backend.base_name = cfg.model
+    note = dtype_note(cfg, model_path)
     if note:
         console.print(f"[yellow]{note}", highlight=False)
     if load_optimizer:

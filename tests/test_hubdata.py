@@ -111,3 +111,36 @@ def test_offline_without_a_cached_copy_is_one_line(tmp_path):
     assert last.startswith("error: nobody/nothing-here: no such file or directory, and the "
                            "Hugging Face Hub did not give a data set of that id"), last
     assert "Traceback" not in result.stderr
+
+
+def test_an_mlx_run_on_a_hub_model_reads_its_snapshot_and_keeps_its_id(tmp_path, monkeypatch):
+    """`gft train --backend mlx --model mlx-community/...` (what mlx-lm users pass): mlx-lm
+    loads local folders only, so the id is read from its snapshot in the Hugging Face
+    cache; config.yaml and the adapter name the id, not this machine's cache, and the
+    resume reads the snapshot again. (No hub here: snapshot_download is a stand-in that
+    returns a local folder, as it returns the cache's.)"""
+    pytest.importorskip("mlx_lm")
+    import huggingface_hub
+    from gft.tiny import write_tiny_model
+    from tests.helpers import say_yes_data
+    cached = write_tiny_model(tmp_path / "cache" / "snapshot")
+    asked: list = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(repo_id) or str(cached))
+    monkeypatch.chdir(tmp_path)
+    data = say_yes_data(tmp_path / "data")
+    common = ["--set", "prompts_per_step=4", "--set", "prompts_per_minibatch=4",
+              "--set", "max_response_tokens=4", "--set", "eval_samples=0",
+              "--set", "progress=false"]
+    result = CliRunner().invoke(main, [
+        "train", "--backend", "mlx", "--model", "someone/tiny-4bit", "--data", str(data),
+        "--preset", "sft", "--max-steps", "1", "-o", "run", "--set", "lora_rank=4", *common])
+    assert result.exit_code == 0, result.output
+    assert asked == ["someone/tiny-4bit"]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"] == \
+        "someone/tiny-4bit"
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "someone/tiny-4bit"
+    again = CliRunner().invoke(main, ["train", "--resume", "run", "--max-steps", "2"])
+    assert again.exit_code == 0, again.output
+    assert asked == ["someone/tiny-4bit"] * 2 and "step 2/2" in again.output
