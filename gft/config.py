@@ -169,8 +169,9 @@ class TrainConfig:
     eval_every: int = _f(0, "Evaluate held-out accuracy every N steps (0 = only start and end).")
     eval_samples: int = _f(64, "Held-out prompts per evaluation (greedy decoding); 0 = no "
                                "evaluation.")
-    eval_data: str | None = _f(None, "Held-out data: a file, a directory (its eval_split, "
-                                     "else valid), or a split name of `data`. Unset: "
+    eval_data: str | None = _f(None, "Held-out data: a file, a directory or a Hub data set "
+                                     "org/name (its eval_split, else valid), or a split "
+                                     "name of `data`. Unset: "
                                      "eval_split of a `data` directory; a single data file "
                                      "has none (see eval_holdout).")
     eval_split: str = _f("test", "Split of a data directory used for held-out evaluation "

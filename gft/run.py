@@ -115,7 +115,8 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
                   ) -> tuple[list[Example], list[Example], str]:
     """(training rows, held-out rows, what the evaluation will measure, in words).
 
-    Held-out rows come from eval_data (a file, a directory, or a split name of `data`),
+    Held-out rows come from eval_data (a file, a directory, a Hub data set org/name, or a
+    split name of `data`),
     else from eval_split (then valid) of a data directory, else from eval_holdout (a
     seeded fraction of the training rows, removed from training). Training rows are
     never evaluated on as if they were held out: without any of these there is none."""
@@ -123,7 +124,10 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
         return train_rows, [], "off (eval_samples: 0)"
     answer = dict(answer_column=cfg.answer_column)
     if cfg.eval_data is not None:
-        if Path(cfg.eval_data).exists():
+        from gft.hubdata import hub_id
+        hub = "/" in cfg.eval_data and not looks_local(cfg.eval_data) \
+            and hub_id(cfg.eval_data) is not None  # org/name; a bare name is a split
+        if Path(cfg.eval_data).exists() or hub:
             rows = load_split(cfg.eval_data, cfg.eval_split, required=False, **answer) \
                 or load_split(cfg.eval_data, "valid", **answer)
         elif is_data_file(cfg.data):

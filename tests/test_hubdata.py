@@ -85,6 +85,21 @@ def test_a_hub_data_set_trains_evaluates_and_is_stored_as_its_id(hub, tmp_path,
     assert hub[-1] == ("someone/arith", "default") and "step 2/2" in again.output
 
 
+def test_eval_data_may_be_a_hub_data_set_too(hub, tmp_path, monkeypatch):
+    """eval_data: org/name beside local training data (was 'no such file or directory')."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(4)))
+    result = CliRunner().invoke(main, [
+        "train", "--data", "train.jsonl", "--preset", "sft", "--max-steps", "1", "-o", "run",
+        "--set", "eval_data=someone/arith", "--set", "prompts_per_step=4",
+        "--set", "prompts_per_minibatch=4", "--set", "eval_samples=3",
+        "--set", "rewards=[exact]", "--set", "progress=false",
+        "--set", "max_response_tokens=8"])
+    assert result.exit_code == 0, result.output
+    assert "evaluation: 3 held-out rows from eval_data someone/arith" in result.output
+    assert hub == [("someone/arith", None)]
+
+
 def test_hub_rows_and_splits_are_named_in_errors(hub, monkeypatch):
     assert [e.answer for e in load_split("someone/arith", "test")] == ["101", "102", "103"]
     assert load_split("someone/arith", "valid", required=False) == []
