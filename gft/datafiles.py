@@ -46,7 +46,10 @@ def read_file(path: Path) -> Iterator[Row]:
         text = _decode_utf8(_read_bytes(path), str(path))
         if not text.strip():
             return iter(())
-        return _read_with_datasets(path, "csv", sep=_csv_delimiter(text))
+        # only an empty cell is missing: pandas' default NA strings would turn an answer
+        # "NA", "None" or "null" (and a prompt "nan") into a missing value in silence
+        return _read_with_datasets(path, "csv", sep=_csv_delimiter(text),
+                                   keep_default_na=False, na_values=[""])
     return _read_with_datasets(path, "parquet")
 
 

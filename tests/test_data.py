@@ -470,6 +470,16 @@ def test_csv_separated_by_semicolons_or_tabs(tmp_path, datasets, sep):
         ("what, then?", "1,5"), ("why?", None)]
 
 
+def test_csv_text_that_pandas_calls_missing_stays_text(tmp_path, datasets):
+    """pandas reads 'NA', 'None', 'null', 'nan' cells as missing by default: a reward got
+    None for the answer 'None' in silence (the built-in ones refused it as missing).
+    Only an empty cell is missing."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,answer\nIs there one?,None\nWhich?,NA\nnull,nan\nEmpty?,\n")
+    assert [(e.prompt, e.answer) for e in load_split(path)] == [
+        ("Is there one?", "None"), ("Which?", "NA"), ("null", "nan"), ("Empty?", None)]
+
+
 def test_csv_non_utf8_names_line(tmp_path, datasets):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
