@@ -49,7 +49,7 @@ from gft.types import Example
 _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "validation")}
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
 # Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
-_RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state")
+_RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state", "log_metric", "log_extra")
 
 
 # ---------------------------------------------------------------------------------------

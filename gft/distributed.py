@@ -83,6 +83,24 @@ def _broadcast_by_sum(comm: Comm, text: str) -> str:
     return _array_to_text(comm.all_sum(_text_to_array(text if comm.rank == 0 else None, n)))
 
 
+def union_of_names(comm: Comm, names: Sequence[str]) -> list[str]:
+    """Every rank's names, sorted and without repeats, on every rank, with all_sum alone:
+    each rank writes its newline-joined names into its own row of a world × longest
+    array. Collective: every rank calls it, whether it has names or not."""
+    text = "\n".join(sorted(set(names))).encode("utf-8")
+    if comm.world == 1:
+        return sorted(set(names))
+    lengths = np.zeros(comm.world)
+    lengths[comm.rank] = len(text)
+    longest = int(comm.all_sum(lengths).max())
+    if longest == 0:
+        return []
+    rows = np.zeros((comm.world, longest))
+    rows[comm.rank, :len(text)] = np.frombuffer(text, dtype=np.uint8)
+    rows = comm.all_sum(rows.reshape(-1)).reshape(comm.world, longest)
+    return sorted({name for row in rows for name in _array_to_text(row).split("\n") if name})
+
+
 def _barrier_by_sum(comm: Comm) -> None:
     comm.all_sum(np.zeros(1))  # returns only once every rank has contributed
 

@@ -17,6 +17,7 @@ import numpy as np
 from gft.backend import SamplingConfig
 from gft.distributed import row_seed
 from gft.groups import Sequence_, pad_batch
+from gft.rewards import add_logged
 from gft.rollout import encode_response, reward_columns
 from gft.types import Example
 
@@ -53,6 +54,7 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
     for name, values in zip(scorer.log_names, result.per_function.values()):
         if not np.isnan(values).all():
             metrics[f"rewards/{name}"] = float(np.nanmean(values))
+    logged = dict(getattr(result, "logged", {}))  # the reward functions' log_metric values
     if k > 1:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_p=top_p, batch_size=batch_size)
@@ -64,6 +66,9 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
         correct = sampled.correct.reshape(len(rows), k).sum(axis=1)
         metrics[f"pass@{k}"] = float(np.mean([pass_at_k(k, int(c), k) for c in correct]))
         metrics["pass@1_sampled"] = float(np.mean([pass_at_k(k, int(c), 1) for c in correct]))
+        for name, values in getattr(sampled, "logged", {}).items():
+            logged[name] = logged.get(name, []) + values
+    add_logged(metrics, {name: float(np.mean(values)) for name, values in logged.items()})
     return metrics
 
 

@@ -25,12 +25,13 @@ from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
 from gft.runpaths import stored_config
 from gft.evaluate import evaluate
-from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
+from gft.distributed import (LOCAL, Comm, local_positions, minibatch_sizes, row_seed,
+                             union_of_names)
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
                          peak_memory, step_line)
 from gft.objective import zero_variance_fraction
-from gft.rewards import TrainerState, function_means, function_sums
+from gft.rewards import TrainerState, add_logged, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
 from gft.stages import Stage, plan_stages
 from gft.tracking import Trackers
@@ -161,9 +162,16 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
             stats.append({**backend.train_step(batches, lr, tau=cfg.tau,
                                                aggregation=cfg.loss_aggregation), "lr": lr})
     t3 = time.perf_counter()
-    # one all-reduce for the whole step's metrics: response sums, rollout tokens, and
-    # per update the loss (global denominators: the ranks' losses add up), entropy, tokens
-    local = [*sums.values(), float(sum(len(r) for r in rollouts))]
+    # reward functions' log_metric values: a sum and a count per name (a name any rank
+    # logged), so the step's mean spans every rank's values
+    logged = scored.get("logged", {}) if scored else {}
+    names = union_of_names(comm, list(logged)) if scorer is not None else []
+    user = [x for name in names for x in (sum(logged.get(name, ())),
+                                          float(len(logged.get(name, ()))))]
+    # one all-reduce for the whole step's metrics: response sums, rollout tokens, the
+    # logged values, and per update the loss (global denominators: the ranks' losses add
+    # up), entropy, tokens
+    local = [*sums.values(), float(sum(len(r) for r in rollouts)), *user]
     for st in stats:
         local += [st["loss"], st["entropy"] * st["tokens"], st["tokens"]]
     total = comm.all_sum(np.array(local))
@@ -173,7 +181,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
         m = {k: v for k, v in m.items() if not k.startswith(("reward/", "accuracy/"))}
     rollout_tokens = float(total[len(sums)])
-    per_update = total[len(sums) + 1:].reshape(-1, 3)
+    user_sums = total[len(sums) + 1:len(sums) + 1 + len(user)].reshape(-1, 2)
+    per_update = total[len(sums) + 1 + len(user):].reshape(-1, 3)
     update_tokens = float(per_update[:, 2].sum())
     m.update({
         "loss": float(per_update[:, 0].sum()) / max(len(stats), 1),
@@ -187,11 +196,16 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         "update_tok_s": update_tokens / max(t3 - t2, 1e-9),
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
     })
-    sample = next((s for s in seqs if s.on_policy), seqs[0] if seqs else None)
-    if sample is not None:
+    m["_logged"] = {name: float(value_sum / count) for name, (value_sum, count)
+                    in zip(names, user_sums) if count}
+    at = next((i for i, s in enumerate(seqs) if s.on_policy), 0)
+    if seqs:  # the sample table's row, with the columns rewards added by log_extra
+        sample = seqs[at]
         m["_sample"] = {"prompt": rows[sample.group].prompt, "completion": sample.text,
                         "reward": sample.reward if scorer is not None else None,
-                        "answer": rows[sample.group].answer}
+                        "answer": rows[sample.group].answer,
+                        **{column: values[at] for column, values
+                           in (scored.get("extra") or {}).items()}}
     return m
 
 
@@ -333,6 +347,7 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                       "preset": stage.name, "policy_tokens": state.policy_tokens,
                       "time/step": time.perf_counter() - t0,
                       **peak_memory()})
+            add_logged(m, m.pop("_logged", {}))  # after gft's own: a clash is refused
             if cfg.eval_every and state.step % cfg.eval_every == 0 or last:
                 ev = run_eval(cfg, backend, eval_data, scorer, state.step, comm)
                 m.update({f"eval/{k}": v for k, v in ev.items()})

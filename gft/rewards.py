@@ -9,6 +9,9 @@ A reward function follows TRL's GRPOTrainer calling convention, by keyword:
 - completion_ids: the response's token ids (a rollout ends with its stop token, a
   dataset response with the EOS it is trained on);
 - trainer_state: a `TrainerState` (global_step, epoch, max_steps);
+- log_metric(name, value) and log_extra(column, values): TRL's callbacks; a scalar
+  (averaged over the step, logged beside gft's metrics) and a column of the step's
+  sample completions table (one value per completion);
 - every other data column by name, aligned with the completions (`answer` always).
 A function receives only the arguments it names unless it takes **kwargs, and returns
 one float per completion, or None where the reward does not apply. `async def`
@@ -40,6 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gft.timeouts import CallTimeout, call_with_timeout
+from gft.tracking import SAMPLE_COLUMNS  # the sample table's own: log_extra keeps off them
 from gft.errors import ConfigError, RewardError
 from gft.verifiers import BUILTIN_REWARDS, MissingColumnError, RewardFunction
 
@@ -257,11 +261,15 @@ class RewardResult:
     per_function: each reward's raw values, NaN where it returned None.
     correct:      the first reward's value >= 1.0 (used as accuracy).
     n_none:       how many samples no reward applied to.
+    logged:       what the functions passed to log_metric, every value by name.
+    extra:        what they passed to log_extra: a column of N values by name.
     """
     total: np.ndarray
     per_function: dict[str, np.ndarray]
     correct: np.ndarray
     n_none: int
+    logged: dict[str, list[float]] = field(default_factory=dict)
+    extra: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class RewardModel:
@@ -304,7 +312,8 @@ class RewardModel:
             **{key: list(values) for key, values in columns.items()
                if key not in _RESERVED},
         }
-        returned = [self._call(name, function, arguments, sources)
+        log = RewardLog(len(completions))
+        returned = [self._call(name, function, {**arguments, **log.callbacks(name)}, sources)
                     for name, function in zip(self.names, self.functions)]
         returned = _await_all(returned, self.names, self.timeout, sources)
         values = np.stack([_check_values(name, value, len(completions), sources)
@@ -315,7 +324,8 @@ class RewardModel:
             total=total,
             per_function=dict(zip(self.names, values)),
             correct=values[0] >= 1.0,  # NaN (None) compares False: not correct
-            n_none=int((~applicable.any(axis=0)).sum()))
+            n_none=int((~applicable.any(axis=0)).sum()),
+            logged=log.metrics, extra=log.columns)
 
     def _call(self, name: str, function: RewardFunction, arguments: dict[str, Any],
               sources: list[str] | None) -> Any:
@@ -328,6 +338,8 @@ class RewardModel:
             return call_with_timeout(lambda: function(**kwargs), self.timeout)
         except CallTimeout:
             raise RewardError(_timeout_message(name, self.timeout, sources)) from None
+        except LogCallbackError:  # already names the reward
+            raise
         except Exception as exc:
             raise _named_error(name, exc, sources, function) from exc
 
@@ -342,7 +354,53 @@ class RewardModel:
 
 # The names TRL's trainer passes besides the data columns; a column by one of these
 # names would be shadowed, so rows may not use them (gft/data.py refuses them).
-_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric",
+             "log_extra")
+
+
+class LogCallbackError(RewardError):
+    """A reward function's misuse of log_metric / log_extra, naming the function."""
+
+
+class RewardLog:
+    """What reward functions report during one batch through TRL's two callbacks:
+    log_metric(name, value), a scalar averaged over the step (TRL averages over its
+    logging step), and log_extra(column, values), one value per completion for the
+    sample table. Each function gets its own pair, so an error names it."""
+
+    def __init__(self, n: int):
+        self.n = n  # completions in the batch
+        self.metrics: dict[str, list[float]] = {}
+        self.columns: dict[str, list[Any]] = {}
+
+    def callbacks(self, reward: str) -> dict[str, Callable]:
+        def log_metric(name: str, value: Any) -> None:
+            if not isinstance(name, str) or not name or name.startswith("eval/"):
+                raise LogCallbackError(f"reward '{reward}': log_metric name {name!r}: expected a "
+                                  "non-empty string (eval/ is held-out metrics' prefix)")
+            try:
+                number = float(value)  # a Python, NumPy or 0-d torch/mlx number
+            except (TypeError, ValueError):
+                number = math.nan
+            if not math.isfinite(number):
+                raise LogCallbackError(f"reward '{reward}': log_metric('{name}', {value!r}): "
+                                  "expected a finite number")
+            self.metrics.setdefault(name, []).append(number)
+
+        def log_extra(column: str, values: Any) -> None:
+            if not isinstance(column, str) or not column or column in SAMPLE_COLUMNS \
+                    or column in self.columns:
+                raise LogCallbackError(f"reward '{reward}': log_extra column {column!r}: expected "
+                                  "a new non-empty name, not one of "
+                                  f"{', '.join(SAMPLE_COLUMNS)} or one logged already")
+            values = list(values)
+            if len(values) != self.n:
+                raise LogCallbackError(f"reward '{reward}': log_extra('{column}') got "
+                                  f"{len(values)} values; expected {self.n} (one per "
+                                  "completion)")
+            self.columns[column] = [_plain(value) for value in values]
+
+        return {"log_metric": log_metric, "log_extra": log_extra}
 
 
 def _named_error(name: str, exc: Exception, sources: list[str] | None,
@@ -392,6 +450,8 @@ def _await_all(returned: list[Any], names: list[str], timeout: float,
             return await asyncio.wait_for(returned[index], timeout if timeout > 0 else None)
         except asyncio.TimeoutError:
             raise RewardError(_timeout_message(names[index], timeout, sources)) from None
+        except LogCallbackError:  # already names the reward
+            raise
         except Exception as exc:
             raise _named_error(names[index], exc, None) from exc
 
@@ -490,8 +550,26 @@ def _accepted_arguments(parameters: _Parameters, arguments: dict[str, Any]
             and (parameters.takes_all or key in parameters.names)}
 
 
+def _plain(value: Any) -> Any:
+    """A log_extra cell as JSON and every tracker's table take it: NumPy / torch scalars
+    as Python numbers, anything else that is not a plain value as its text."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    return value if value is None or isinstance(value, (str, bool, int, float)) else str(value)
+
+
+def add_logged(metrics: dict[str, Any], means: dict[str, float]) -> None:
+    """log_metric means beside gft's own metrics (in place). A name gft already logs is
+    refused: one figure would silently replace the other on every dashboard."""
+    taken = sorted(set(means) & set(metrics))
+    if taken:
+        raise RewardError(f"log_metric('{taken[0]}', ...): '{taken[0]}' is one of gft's own "
+                          "metrics; log it under another name")
+    metrics.update(means)
+
+
 # What TRL's trainer passes that gft does not (README: Rewards).
-_TRL_ONLY = {"log_extra": "TRL's log_extra callback", "log_metric": "TRL's log_metric callback"}
+_TRL_ONLY = {"environments": "TRL's environment instances"}
 
 
 def _check_required(name: str, parameters: _Parameters, given: dict[str, Any],

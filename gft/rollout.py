@@ -161,6 +161,7 @@ def score_groups(seqs: list[Sequence_], rows: Sequence[Example], scorer,
         return {}
     groups = np.array([s.group for s in seqs])
     on_policy = np.array([s.on_policy for s in seqs], dtype=bool)
+    logged, extra = {}, {}
     if scorer is None:
         total, correct, per_function = np.zeros(len(seqs)), np.zeros(len(seqs), bool), None
     else:
@@ -171,11 +172,14 @@ def score_groups(seqs: list[Sequence_], rows: Sequence[Example], scorer,
                               trainer_state=trainer_state)
         total, correct = result.total, result.correct
         per_function = list(result.per_function.values())
+        # what the functions passed to TRL's log_metric / log_extra (gft/rewards.py)
+        logged, extra = getattr(result, "logged", {}), getattr(result, "extra", {})
     adv = group_advantages(total, groups, advantage)
     for s, r, c, a in zip(seqs, total, correct, adv):
         s.reward, s.correct, s.advantage = float(r), bool(c), float(a)
     return {"rewards": total, "groups": groups, "advantages": adv,
-            "per_function": per_function, "on_policy": on_policy}
+            "per_function": per_function, "on_policy": on_policy,
+            "logged": logged, "extra": extra}
 
 
 def reward_columns(rows: Sequence[Example]) -> dict[str, list]:

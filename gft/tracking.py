@@ -77,7 +77,7 @@ class Tracker(Protocol):
         """Numbers of one metrics.jsonl line."""
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        """Sample completions (SAMPLE_COLUMNS) as a table."""
+        """Sample completions (sample_columns) as a table."""
 
     def finish(self) -> None: ...
 
@@ -89,14 +89,21 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             and math.isfinite(v)}
 
 
+def sample_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """SAMPLE_COLUMNS, then the columns reward functions added with log_extra (TRL's
+    extra columns of its completions table), in the order they first appear."""
+    extra = dict.fromkeys(k for r in rows for k in r if k not in SAMPLE_COLUMNS)
+    return [*SAMPLE_COLUMNS, *extra]
+
+
 def sample_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
-    """Rows of SAMPLE_COLUMNS; chat prompts become their text (tables hold strings)."""
+    """Rows of sample_columns(rows); chat prompts become their text (tables hold strings)."""
     def cell(row: dict[str, Any], key: str) -> Any:
         value = row.get(key)
         if isinstance(value, list):  # chat messages
             return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in value)
         return value if isinstance(value, (int, float)) or value is None else str(value)
-    return [[cell(r, k) for k in SAMPLE_COLUMNS] for r in rows]
+    return [[cell(r, k) for k in sample_columns(rows)] for r in rows]
 
 
 def _require(module: str, tracker: str) -> Any:
@@ -137,7 +144,7 @@ class TensorBoardTracker:
             self._write(step, self._scalar(key, value))
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        self._write(step, self._text("samples", _markdown_table(SAMPLE_COLUMNS,
+        self._write(step, self._text("samples", _markdown_table(sample_columns(rows),
                                                                 sample_rows(rows))))
 
     def finish(self) -> None:
@@ -190,7 +197,7 @@ class WandbTracker:
         self.run.log(metrics, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        table = self.wandb.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(rows))
+        table = self.wandb.Table(columns=sample_columns(rows), data=sample_rows(rows))
         self.run.log({"samples": table}, step=step)
 
     def finish(self) -> None:
@@ -220,7 +227,7 @@ class TrackioTracker:
         self.run.log(metrics, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        table = self.trackio.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(rows))
+        table = self.trackio.Table(columns=sample_columns(rows), data=sample_rows(rows))
         self.run.log({"samples": table}, step=step)
 
     def finish(self) -> None:
@@ -284,8 +291,9 @@ class MlflowTracker:
         self.mlflow.log_metrics(metrics, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
-        columns = list(zip(*sample_rows(rows))) if rows else [()] * len(SAMPLE_COLUMNS)
-        self.mlflow.log_table({k: list(c) for k, c in zip(SAMPLE_COLUMNS, columns)},
+        names = sample_columns(rows)
+        columns = list(zip(*sample_rows(rows))) if rows else [()] * len(names)
+        self.mlflow.log_table({k: list(c) for k, c in zip(names, columns)},
                               artifact_file=f"samples/step_{step:06d}.json")
 
     def finish(self) -> None:

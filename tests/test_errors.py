@@ -236,7 +236,7 @@ def none_only(prompts, completions, **kw):
 def reads_ground_truth(completions, ground_truth, **kwargs):  # TRL's docs, verbatim
     return [1.0 if c == gt else 0.0 for c, gt in zip(completions, ground_truth)]
 
-def logs_extra(completions, log_extra, **kwargs):
+def needs_environments(completions, environments, **kwargs):
     return [0.0] * len(completions)
 
 def returns_none(prompts, completions, **kw):
@@ -263,10 +263,12 @@ def spins(prompts, completions, **kw):
     ("raises", "reward 'REWARDS:raises' raised ValueError at REWARDS:LINE: the grader is down"),
     ("reads_ground_truth", "reward 'REWARDS:reads_ground_truth' takes 'ground_truth', which "
                            "is no column of the data (it can read: answer, completion_ids, "
-                           "completions, prompts, trainer_state); add the column, or set "
+                           "completions, log_extra, log_metric, prompts, trainer_state); "
+                           "add the column, or set "
                            "answer_column: ground_truth if it holds the ground truth"),
-    ("logs_extra", "reward 'REWARDS:logs_extra' takes 'log_extra' (TRL's log_extra "
-                   "callback), which gft does not pass; give it a default (e.g. None)"),
+    ("needs_environments", "reward 'REWARDS:needs_environments' takes 'environments' "
+                           "(TRL's environment instances), which gft does not pass; give it "
+                           "a default (e.g. None)"),
     ("nan", "reward 'REWARDS:nan' returned nan for "),
     ("none_only", "returned None (not applicable) for all"),
     ("returns_none", "reward 'REWARDS:returns_none' returned NoneType; expected a list of"),

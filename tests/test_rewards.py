@@ -385,3 +385,71 @@ def test_parse_reward_specs_errors(raw, words):
     with pytest.raises(ConfigError) as excinfo:
         parse_reward_specs(raw)
     assert words in str(excinfo.value)
+
+
+# ---------------------------------------------------------------------------------------
+# TRL's log_metric / log_extra callbacks
+
+LOGGING_MODULE = '''
+import numpy as np
+
+def logs(completions, log_metric=None, log_extra=None, **kwargs):
+    # TRL's documented use: a scalar per call, a column per completion
+    lengths = [len(c) for c in completions]
+    log_metric("mean_len", float(np.mean(lengths)))
+    log_extra("length", np.array(lengths))  # NumPy values, as a reward may hand them
+    return [1.0] * len(completions)
+
+def also_logs(completions, **kwargs):
+    kwargs["log_metric"]("mean_len", 10.0)  # the same name from a second function
+    return [0.0] * len(completions)
+
+def bad_metric(completions, log_metric, **kwargs):
+    log_metric("score", "high")
+    return [0.0] * len(completions)
+
+def short_column(completions, log_extra, **kwargs):
+    log_extra("why", ["ok"])
+    return [0.0] * len(completions)
+
+def replaces_reward(completions, log_extra, **kwargs):
+    log_extra("reward", [0.0] * len(completions))
+    return [0.0] * len(completions)
+'''
+
+
+@pytest.fixture
+def logging_module(tmp_path, monkeypatch):
+    (tmp_path / "logging_rewards.py").write_text(LOGGING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_log_metric_and_log_extra_reach_the_result(logging_module):
+    result = score(["logging_rewards:logs", "logging_rewards:also_logs"],
+                   ["ab", "abcd"], [None, None])
+    # every value under its name (the step's mean is taken over all of them: (3 + 10) / 2)
+    assert result.logged == {"mean_len": [3.0, 10.0]}
+    assert result.extra == {"length": [2, 4]}
+    assert all(type(v) is int for v in result.extra["length"])  # plain, for JSON
+
+
+@pytest.mark.parametrize("name, words", [
+    ("bad_metric", "reward 'logging_rewards:bad_metric': log_metric('score', 'high'): "
+                   "expected a finite number"),
+    ("short_column", "reward 'logging_rewards:short_column': log_extra('why') got 1 values; "
+                     "expected 2 (one per completion)"),
+    ("replaces_reward", "reward 'logging_rewards:replaces_reward': log_extra column 'reward'"),
+])
+def test_log_callbacks_refuse_what_they_cannot_log(logging_module, name, words):
+    with pytest.raises(RewardError) as info:
+        score(f"logging_rewards:{name}", ["ab", "abcd"], [None, None])
+    assert str(info.value).startswith(words)
+
+
+def test_a_metric_named_like_one_of_gfts_is_refused():
+    from gft.rewards import add_logged
+    metrics = {"loss": 1.0}
+    add_logged(metrics, {"mean_len": 3.0})
+    assert metrics == {"loss": 1.0, "mean_len": 3.0}
+    with pytest.raises(RewardError, match="'loss' is one of gft's own metrics"):
+        add_logged(metrics, {"loss": 2.0})

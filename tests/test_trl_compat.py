@@ -695,3 +695,41 @@ def test_a_runs_final_model_generates_as_it_was_trained(tmp_path, model, tokeniz
     assert trained_chat_template(str(run / "final")) is bool(trained)
     assert trained_chat_template(str(model)) is None  # not a gft run's model
     assert generate_chat_template(str(model), tokenizer) is True
+
+
+# TRL's documentation ("Logging extra columns / metrics from reward functions"): a reward
+# logs a scalar with log_metric and a column of the completions table with log_extra.
+LOGGING_REWARD = textwrap.dedent('''
+    def logging_reward(completions, log_metric=None, log_extra=None, **kwargs):
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        lengths = [len(t) for t in texts]
+        if log_metric is not None:
+            log_metric("avg_length", sum(lengths) / len(lengths))
+        if log_extra is not None:
+            log_extra("length", lengths)
+        return [1.0 if t.strip() == "\\\\boxed{4}" else 0.0 for t in texts]
+''')
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_log_metric_and_log_extra_reach_metrics_samples_and_eval(tmp_path, model, backend):
+    """TRL passes reward functions log_metric and log_extra; gft failed a function that
+    named them and silently dropped what one taking **kwargs logged."""
+    module = tmp_path / "logging_rewards.py"
+    module.write_text(LOGGING_REWARD)
+    rows = [{"prompt": f"Q{i}:", "completion": r" \boxed{4}", "answer": "4"} for i in range(6)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    _, records = train(model, data, run, backend, f"rewards=[{module}:logging_reward]",
+                       "num_offpolicy=1", "num_rollouts=2", "eval_samples=2",
+                       "eval_holdout=0.3", "sample_every=1")
+    step = next(r for r in records if r["step"] == 1)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    # the sample row (a rollout) shows its own length, not another response's
+    (sample,) = samples
+    assert sample["length"] == len(sample["completion"])
+    # the step's mean over its 2 prompts × (1 dataset reply of 10 characters + 2 rollouts
+    # of at most 6 one-byte tokens): between 20/6 and (20 + 4·6)/6
+    assert 20 / 6 <= step["avg_length"] <= 44 / 6 and "eval/avg_length" in step
+    assert records[0]["step"] == 0 and "eval/avg_length" in records[0]
