@@ -69,6 +69,41 @@ def test_local_comm_is_the_identity():
     assert LOCAL.broadcast_text("runs/x") == "runs/x"
 
 
+class ThreadComm:
+    """One rank of `world` threads whose all_sum meets at a barrier: the collective's
+    arithmetic without processes."""
+
+    def __init__(self, rank: int, shared: dict):
+        self.rank, self.world, self.shared = rank, shared["world"], shared
+
+    def all_sum(self, values):
+        shared = self.shared
+        shared["parts"][self.rank] = np.asarray(values, dtype=np.float64)
+        shared["barrier"].wait()
+        total = np.sum(shared["parts"], axis=0)
+        shared["barrier"].wait()  # nobody overwrites a part before every rank has summed
+        return total
+
+
+def test_union_of_names_gives_every_rank_every_ranks_names():
+    """What reward functions log with log_metric may differ by rank (a name only one rank's
+    responses gave rise to); every rank must add the same names in the same order to its
+    step's all-reduce, or the sums land in each other's slots."""
+    import threading
+    from gft.distributed import union_of_names
+    shared = {"world": 3, "parts": [None] * 3, "barrier": threading.Barrier(3)}
+    given = [["mean_len", "format"], [], ["mean_len", "ünïcode/name"]]
+    out: list = [None] * 3
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(
+        r, union_of_names(ThreadComm(r, shared), given[r]))) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert out == [["format", "mean_len", "ünïcode/name"]] * 3
+    assert union_of_names(LOCAL, ["b", "a", "b"]) == ["a", "b"]
+
+
 def test_global_denominators_make_rank_losses_add_up():
     # Two ranks, each half of one update: with the update's totals as denominators the
     # token-mean of each half is (its token sum) / (all tokens), so the halves add up.
