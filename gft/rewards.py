@@ -45,6 +45,8 @@ import numpy as np
 from gft.timeouts import CallTimeout, call_with_timeout
 from gft.tracking import SAMPLE_COLUMNS  # the sample table's own: log_extra keeps off them
 from gft.errors import ConfigError, RewardError
+from gft.rewardmodel import names_a_reward_model
+from gft.runpaths import looks_local
 from gft.verifiers import BUILTIN_REWARDS, MissingColumnError, RewardFunction
 
 
@@ -133,6 +135,10 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
         factory = BUILTIN_REWARDS[spec.name]
         _check_options(spec, factory)
         return factory(**spec.options)
+    if names_a_reward_model(spec.name):  # TRL's reward_funcs="org/reward-model"
+        from gft.rewardmodel import load_reward_model
+        _check_options(spec, load_reward_model, fixed=("name",))
+        return load_reward_model(spec.name, **spec.options)
     if ":" not in spec.name:
         several = [part for part in spec.name.replace(",", " ").split() if part]
         raise RewardError(f"unknown reward '{spec.name}': built-ins are "
@@ -150,9 +156,12 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
     return functools.partial(function, **spec.options) if spec.options else function
 
 
-def _check_options(spec: RewardSpec, factory: Callable[..., RewardFunction]) -> None:
-    """Unknown or missing options of a built-in, as a ConfigError naming them."""
-    parameters = inspect.signature(factory).parameters
+def _check_options(spec: RewardSpec, factory: Callable[..., RewardFunction],
+                   fixed: tuple[str, ...] = ()) -> None:
+    """Unknown or missing options of a built-in (or a reward model: `fixed` are the
+    factory's parameters the spec itself supplies), as a ConfigError naming them."""
+    parameters = {name: p for name, p in inspect.signature(factory).parameters.items()
+                  if name not in fixed}
     unknown = sorted(set(spec.options) - set(parameters))
     missing = [name for name, p in parameters.items()
                if p.default is p.empty and name not in spec.options]
@@ -170,12 +179,15 @@ def is_file_location(location: str) -> bool:
 
 def map_reward_files(raw: Any, change: Callable[[str], str]) -> Any:
     """The config's `rewards` value, in any form parse_reward_specs reads, with the file
-    path of each 'path/to/file.py:function' entry replaced by change(path); everything
-    else as it was. A run directory stores these paths so that it can move
+    path of each 'path/to/file.py:function' entry and each reward model folder replaced
+    by change(path); everything else as it was. A run directory stores these paths so that it can move
     (gft/runpaths.py), as it does its model and data."""
     def renamed(name: Any) -> Any:
         if not isinstance(name, str):
             return name
+        if ":" not in name and name not in BUILTIN_REWARDS and looks_local(name):
+            # a reward model's folder
+            return change(name)
         location, sep, attribute = name.rpartition(":")
         if not sep or not location or not is_file_location(location):
             return name
@@ -288,8 +300,9 @@ class RewardModel:
 
     @property
     def log_names(self) -> list[str]:
-        """Short names for metrics: a user reward 'file.py:reward_len' logs as reward_len."""
-        return _unique_names([name.split("#")[0].rpartition(":")[2] for name in self.names])
+        """Short names for metrics: a user reward 'file.py:reward_len' logs as reward_len,
+        a reward model 'org/RM-Gemma-2B' (or a folder) by its last part, as in TRL."""
+        return _unique_names([_short_name(name.split("#")[0]) for name in self.names])
 
     def score(self, prompts: list[Prompt], completions: list[str], columns: dict[str, list],
               sources: list[str] | None = None, *,
@@ -484,6 +497,12 @@ def _timeout_message(name: str, seconds: float, sources: list[str] | None) -> st
     return (f"reward '{name}' did not return within reward_timeout={seconds:g} s on a batch "
             f"of {len(sources or [])} responses (rows: {rows or '?'}); fix the function, or "
             "raise reward_timeout (0 = no limit)")
+
+
+def _short_name(name: str) -> str:
+    if ":" in name:
+        return name.rpartition(":")[2]
+    return name.rstrip("/\\").replace("\\", "/").rpartition("/")[2] or name
 
 
 def _unique_names(names: list[str]) -> list[str]:
