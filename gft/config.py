@@ -282,6 +282,20 @@ def unknown_key(key: str, where: str) -> str:
     return f"{where}: unknown key '{key}'" + _suggest(key, FIELDS)
 
 
+def _check_known(layer: dict[str, Any], where: str, lines: dict[str, int]) -> None:
+    """Every key gft does not have, in one error: a TRL or mlx-lm config brought over
+    holds dozens, and naming one per attempt made a user run gft once per key."""
+    unknown = [key for key in layer if key not in FIELDS]
+    if len(unknown) == 1:
+        line = f":{lines[unknown[0]]}" if unknown[0] in lines else ""
+        raise ConfigError(unknown_key(unknown[0], where + line))
+    if unknown:
+        raise ConfigError(
+            f"{where}: {len(unknown)} unknown keys (gft train --help-config lists gft's):\n"
+            + "\n".join("  " + unknown_key(key, f"line {lines[key]}" if key in lines
+                                           else "").lstrip(": ") for key in unknown))
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     """Check a value against the field's annotated type; ints are accepted for floats."""
     hint = typing.get_type_hints(TrainConfig)[name]
@@ -363,7 +377,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not ok:  # name the one key that is wrong, with its value
             raise ConfigError(f"'{name}' must be {text}, got {getattr(cfg, name)!r}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}")
+        raise ConfigError(f"'max_steps' must be >= 1, got {cfg.max_steps}"
+                          + ("; TRL's -1 (no limit: epochs decide) is gft's default, so "
+                             "leave max_steps out" if cfg.max_steps == -1 else ""))
     _check_ranges(cfg)
     if cfg.max_policy_tokens < 0:
         raise ConfigError(f"'max_policy_tokens' must be >= 0 (0 = no limit), got "
@@ -470,7 +486,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         if not isinstance(key, str):
             raise ConfigError(f"{path}: key {key!r} is not a name; config keys are names "
                               "like learning_rate (see gft train --help-config)")
-    return raw
+    return ConfigValues(raw, lines=_key_lines(path.read_text(encoding="utf-8")))
+
+
+class ConfigValues(dict):
+    """A config file's values, and the line each top-level key is on (for errors)."""
+
+    def __init__(self, values: dict[str, Any], lines: dict[str, int]):
+        super().__init__(values)
+        self.lines = lines
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """{key: its 1-based line} for the top-level mapping of a YAML text."""
+    node = yaml.compose(text, Loader=_YAMLLoader)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value
+            if isinstance(key, yaml.ScalarNode)}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -569,12 +602,12 @@ def read_stages(cfg: TrainConfig) -> list[tuple[TrainConfig, int, int]]:
 def build_config(yaml_values: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
                  *, source: str = "config") -> TrainConfig:
     """Layer defaults < preset < embedded default < YAML < overrides, then validate."""
+    lines = getattr(yaml_values, "lines", {})  # read_yaml's: the line of each key
     yaml_values, overrides = dict(yaml_values or {}), dict(overrides or {})
     merged: dict[str, Any] = {}
     for where, layer in ((source, yaml_values), ("command line", overrides)):
+        _check_known(layer, where, lines if layer is yaml_values else {})
         for key, value in layer.items():
-            if key not in FIELDS:
-                raise ConfigError(unknown_key(key, where))
             merged[key] = _coerce(key, value, where)
     preset = merged.get("preset", "gft")
     if preset not in PRESETS:

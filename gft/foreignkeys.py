@@ -67,6 +67,33 @@ FOREIGN_KEYS: dict[str, str] = {
     "logging_strategy": "gft logs every step to metrics.jsonl and report_to's trackers; "
                         "gft's logging_steps spaces the plain lines of a non-terminal log",
     "logging_first_step": "gft always logs step 1 (and every step to metrics.jsonl)",
+    "log_level": "gft prints notes, warnings and errors; every step's metrics are in "
+                 "metrics.jsonl",
+    "log_completions": "gft logs a sample completion every sample_every steps "
+                       "(samples.jsonl and the trackers' samples table)",
+    "num_completions_to_print": "gft logs a sample completion every sample_every steps",
+    "save_strategy": "gft saves every save_every steps (0 = only at the end)",
+    "overwrite_output_dir": "gft never overwrites a run: continue one with --resume, or "
+                            "pick another output_dir",
+    "do_train": "gft train trains; gft eval evaluates",
+    "do_eval": "gft evaluates when it has held-out rows (eval_samples: 0 turns it off)",
+    "gradient_checkpointing_kwargs": "gft's gradient_checkpointing: true (transformers' "
+                                     "defaults)",
+    "push_to_hub": "gft does not upload; after the run: hf upload ORG/NAME RUN_DIR/final",
+    "hub_model_id": "gft does not upload; after the run: hf upload ORG/NAME RUN_DIR/final",
+    "hub_strategy": "gft does not upload; after the run: hf upload ORG/NAME RUN_DIR/final",
+    "hub_private_repo": "gft does not upload; hf upload ... --private",
+    "deepspeed": "gft runs data-parallel with --nproc N (torchrun) and parallel: ddp | fsdp",
+    "fsdp": "gft's parallel: fsdp (FSDP2), with --nproc N or torchrun",
+    "fsdp_config": "gft's parallel: fsdp (FSDP2), with --nproc N or torchrun",
+    "dataloader_num_workers": "gft reads and tokenizes the data once, before training",
+    "remove_unused_columns": "gft passes every data column to reward functions",
+    "vllm_mode": "gft samples with the training backend (rollout_engine: policy | bfloat16)",
+    "vllm_gpu_memory_utilization": "gft samples with the training backend (no vLLM)",
+    "attn_implementation": "gft keeps the model's attention implementation (sdpa by "
+                           "default) and packs sequences where it supports that",
+    "model_revision": "gft loads a folder or a hub id's default revision; for another: "
+                      "hf download ORG/NAME --revision REV --local-dir DIR, then model: DIR",
     # TRL's example scripts (ModelConfig, ScriptArguments) put these in the same YAML
     "model_name_or_path": "TRL's model_name_or_path is gft's model (a local directory or "
                           "hub id)",

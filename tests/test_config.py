@@ -1,4 +1,6 @@
 """Config layering, presets and clear errors."""
+import re
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -37,6 +39,46 @@ def test_layering_yaml_then_overrides(tmp_path):
 def test_unknown_key_suggests(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'learnig_rate'.*did you mean 'learning_rate'"):
         build_config({"learnig_rate": 1e-5}, source="c.yaml")
+
+
+# Open-R1's GRPO recipe (recipes/.../grpo/config_demo.yaml), abridged: what a TRL user brings
+OPEN_R1 = """\
+# Model arguments
+model_name_or_path: Qwen/Qwen2.5-1.5B-Instruct
+torch_dtype: bfloat16
+bf16: true
+learning_rate: 2.0e-05
+num_generations: 16
+max_completion_length: 1024
+per_device_train_batch_size: 16
+seed: 42
+"""
+
+
+def test_every_unknown_key_of_a_file_is_named_at_once_with_its_line(tmp_path):
+    """A TRL config holds dozens of keys gft spells otherwise; the error named the first
+    only, so a user ran gft once per key to learn the rest."""
+    p = tmp_path / "grpo.yaml"
+    p.write_text(OPEN_R1)
+    with pytest.raises(ConfigError) as info:
+        build_config(read_yaml(p), source=str(p))
+    head, *lines = str(info.value).splitlines()
+    assert head == f"{p}: 6 unknown keys (gft train --help-config lists gft's):"
+    assert [line.split(":")[0] for line in lines] == [
+        "  line 2", "  line 3", "  line 4", "  line 6", "  line 7", "  line 8"]
+    assert "'model_name_or_path': TRL's model_name_or_path is gft's model" in lines[0]
+    assert "'num_generations': TRL's num_generations (completions per prompt) is gft's " \
+           "num_rollouts" in lines[3]
+    # one unknown key stays one line, with its line number
+    p.write_text("seed: 1\nlearnig_rate: 1e-5\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(p))}:2: unknown key "
+                                          "'learnig_rate' \\(did you mean 'learning_rate'"):
+        build_config(read_yaml(p), source=str(p))
+
+
+def test_trls_max_steps_minus_one_says_what_gft_calls_it():
+    with pytest.raises(ConfigError, match="TRL's -1 .* leave max_steps out"):
+        build_config({"max_steps": -1}, source="c.yaml")
 
 
 @pytest.mark.parametrize("values, message", [
