@@ -588,34 +588,17 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     logits_chunk: positions whose [., V] logits the update holds at a time (0: all).
     load_in_4bit: QLoRA, the frozen base in 4-bit through bitsandbytes (torch_lora.py).
     disable_dropout: the model's own dropout off in the update (switch_off_dropout)."""
-    if mixed_precision and dtype != "float32":
-        raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
-                          "(or turn mixed_precision off to train in bfloat16 throughout)")
-    from transformers import AutoModelForCausalLM
-    from gft.modelfiles import check_loaded_weights, load_tokenizer, tokenizer_source
+    _check_load_options(dtype, mixed_precision, parallel, world, lora, rollout_engine)
     _quiet_transformers()
     check_device(device)
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU
     torch.manual_seed(seed)
+    from gft.modelfiles import load_tokenizer, tokenizer_source
     tokenizer = load_tokenizer(tokenizer_source(model_path, adapter),
                                trust_remote_code=trust_remote_code)
-    quantized = {}
-    if load_in_4bit:  # bitsandbytes places the 4-bit weights itself: no model.to()
-        from backends.torch_lora import qlora_load_kwargs
-        quantized = qlora_load_kwargs(DTYPES[dtype], dev)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-            output_loading_info=True, **quantized)
-    except (OSError, ValueError, RuntimeError) as e:
-        first = first_line(e)
-        raise ModelError(f"{model_path}: cannot load the model: {first}") from None
-    check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
-                         info.get("mismatched_keys", []))
-    if not quantized:
-        model.to(dev)
+    model = _load_model(model_path, DTYPES[dtype], dev, trust_remote_code, load_in_4bit)
     if gradient_checkpointing:  # renamed in transformers 5; keep working on 4.x
         enable = getattr(model, "activation_checkpointing_enable", None) or \
             model.gradient_checkpointing_enable
@@ -627,13 +610,7 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     train_module = None
     if parallel is not None and world > 1:
         from backends.torch_parallel import wrap
-        if parallel == "fsdp" and lora is not None:
-            raise ConfigError("parallel: fsdp with LoRA is not supported; use parallel: ddp "
-                             "(adapters are small: every rank can hold them)")
         train_module = wrap(model, parallel, dev, mixed_precision=mixed_precision)
-    if rollout_engine == "bfloat16" and parallel == "fsdp" and world > 1:
-        raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
-                          "with parallel: fsdp use rollout_engine: policy")
     backend = TorchBackend(model, tokenizer, dev, optim, lora=lora, base=str(Path(model_path)),
                            shard_size=shard_size, strategy=parallel if world > 1 else None,
                            world=world, train_module=train_module, rollout_engine=rollout_engine,
@@ -643,3 +620,40 @@ def load(model_path: str, *, dtype: str = "float32", device: str = "auto",
     backend.stops = model_stops(tokenizer, model_path)
     backend.config_rates = config_rates
     return backend
+
+
+def _check_load_options(dtype: str, mixed_precision: bool, parallel: str | None, world: int,
+                        lora, rollout_engine: str) -> None:
+    """Options that cannot go together, refused before minutes of loading."""
+    if mixed_precision and dtype != "float32":
+        raise ConfigError("mixed_precision keeps float32 master weights: set dtype: float32 "
+                          "(or turn mixed_precision off to train in bfloat16 throughout)")
+    sharded = parallel == "fsdp" and world > 1
+    if sharded and lora is not None:
+        raise ConfigError("parallel: fsdp with LoRA is not supported; use parallel: ddp "
+                          "(adapters are small: every rank can hold them)")
+    if sharded and rollout_engine == "bfloat16":
+        raise ConfigError("rollout_engine: bfloat16 needs the whole model on every rank; "
+                          "with parallel: fsdp use rollout_engine: policy")
+
+
+def _load_model(model_path: str, dtype, dev, trust_remote_code: bool, load_in_4bit: bool):
+    """transformers' causal LM at model_path on `dev`, every weight checked as loaded; a
+    4-bit QLoRA base is placed by bitsandbytes itself (no model.to())."""
+    from transformers import AutoModelForCausalLM
+    from gft.modelfiles import check_loaded_weights
+    quantized = {}
+    if load_in_4bit:
+        from backends.torch_lora import qlora_load_kwargs
+        quantized = qlora_load_kwargs(dtype, dev)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True, **quantized)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"{model_path}: cannot load the model: {first_line(e)}") from None
+    check_loaded_weights(model_path, info["missing_keys"], info["unexpected_keys"],
+                         info.get("mismatched_keys", []))
+    if not quantized:
+        model.to(dev)
+    return model

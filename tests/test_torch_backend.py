@@ -494,3 +494,22 @@ def test_clipping_dispatches_the_same_few_operators_for_any_number_of_tensors():
             clip_gradients_(ps, 1.0)
         return ops.counts.total()
     assert count(3) == count(30) < 15
+
+
+@pytest.mark.parametrize("options, words", [
+    ({"dtype": "bfloat16", "mixed_precision": True}, "mixed_precision keeps float32"),
+    ({"parallel": "fsdp", "world": 2, "lora": "LORA"}, "parallel: fsdp with LoRA"),
+    ({"parallel": "fsdp", "world": 2, "rollout_engine": "bfloat16"},
+     "rollout_engine: bfloat16 needs the whole model"),
+])
+def test_options_that_cannot_go_together_are_refused_before_loading(tmp_path, options, words):
+    """fsdp with LoRA (or a bfloat16 rollout copy) was refused only after the model had
+    loaded: minutes on a real model, for a config error. Here the model does not even
+    exist: the config error must come first."""
+    from backends.torch_backend import load
+    from gft.errors import ConfigError
+    from gft.lora import LoraConfig
+    if options.get("lora") == "LORA":
+        options = {**options, "lora": LoraConfig(rank=4, alpha=8.0)}
+    with pytest.raises(ConfigError, match=words):
+        load(str(tmp_path / "no-such-model"), **options)
