@@ -146,7 +146,8 @@ def train(config: str | None, preset: str | None, backend: str | None, model: st
         return
     if nproc > 1:
         sys.exit(_torchrun(nproc))
-    from gft.config import build_config, parse_override, read_yaml
+    from gft.config import build_config
+    from gft.yamlconfig import parse_override, read_yaml
     from gft.run import run_training
     overrides = dict(parse_override(s) for s in sets)
     named = {"preset": preset, "backend": backend, "model": model, "data": data,
@@ -425,7 +426,7 @@ def _reward_option(text: str) -> Any:
     """--rewards: "math,my.py:f", or YAML as the config's rewards key takes it (a list or
     mapping), so that a built-in with options (regex's pattern) can be named too."""
     if text.lstrip().startswith(("[", "{")):
-        from gft.config import parse_override
+        from gft.yamlconfig import parse_override
         return parse_override(f"rewards={text}")[1]
     return [name for name in text.split(",") if name.strip()]
 

@@ -22,7 +22,8 @@ from rich.console import Console
 
 from gft.checkpoint import (STATE_FILE, ResumePoint, clean_leftovers, find_resume_point,
                             read_state)
-from gft.config import TrainConfig, build_config, read_yaml
+from gft.config import TrainConfig, build_config
+from gft.yamlconfig import read_yaml
 from gft.distributed import LOCAL, Comm
 from gft.errors import ConfigError, ModelError
 from gft.loop import LoopState

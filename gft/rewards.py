@@ -46,7 +46,7 @@ from gft.timeouts import CallTimeout, call_with_timeout
 from gft.tracking import SAMPLE_COLUMNS  # the sample table's own: log_extra keeps off them
 from gft.errors import ConfigError, RewardError
 from gft.rewardmodel import names_a_reward_model
-from gft.runpaths import looks_local
+from gft.runpaths import is_file_location
 from gft.verifiers import BUILTIN_REWARDS, MissingColumnError, RewardFunction
 
 
@@ -170,39 +170,6 @@ def _check_options(spec: RewardSpec, factory: Callable[..., RewardFunction],
                           + (f"unknown option(s) {', '.join(unknown)}; " if unknown else "")
                           + (f"missing option(s) {', '.join(missing)}; " if missing else "")
                           + f"it takes: {', '.join(parameters) or 'no options'}")
-
-
-def is_file_location(location: str) -> bool:
-    """Whether the part of a user reward before ':' names a file (else a module)."""
-    return location.endswith(".py") or "/" in location or "\\" in location
-
-
-def map_reward_files(raw: Any, change: Callable[[str], str]) -> Any:
-    """The config's `rewards` value, in any form parse_reward_specs reads, with the file
-    path of each 'path/to/file.py:function' entry and each reward model folder replaced
-    by change(path); everything else as it was. A run directory stores these paths so that it can move
-    (gft/runpaths.py), as it does its model and data."""
-    def renamed(name: Any) -> Any:
-        if not isinstance(name, str):
-            return name
-        if ":" not in name and name not in BUILTIN_REWARDS and looks_local(name):
-            # a reward model's folder
-            return change(name)
-        location, sep, attribute = name.rpartition(":")
-        if not sep or not location or not is_file_location(location):
-            return name
-        return f"{change(location)}:{attribute}"
-
-    def item(value: Any) -> Any:
-        if isinstance(value, dict) and "name" in value:
-            return {**value, "name": renamed(value["name"])}
-        return renamed(value)
-
-    if isinstance(raw, (list, tuple)):
-        return [item(value) for value in raw]
-    if isinstance(raw, dict) and "name" not in raw:  # {name: weight}
-        return {renamed(name): weight for name, weight in raw.items()}
-    return item(raw)
 
 
 def _import_function(target: str) -> Callable:

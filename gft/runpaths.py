@@ -18,9 +18,10 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gft.errors import ConfigError
+from gft.verifiers import BUILTIN_REWARDS
 
 RUN_PATH_KEYS = {"model": "--model", "data": "--data"}
 # gft/checkpoint.py writes a directory X atomically as .X.tmp-PID, then renames it
@@ -83,7 +84,6 @@ def resolve_stored_extras(config: dict[str, Any], run_dir: Path,
 def _with_reward_files(config: dict[str, Any], change) -> dict[str, Any]:
     """`rewards` with their file paths passed through change() (a stage cannot set its
     own: gft.config refuses it, the run scores once)."""
-    from gft.rewards import map_reward_files
     out = dict(config)
     if out.get("rewards") is not None:
         out["rewards"] = map_reward_files(out["rewards"], change)
@@ -175,3 +175,36 @@ def base_as_stored(adapter_dir: str | Path, base: str | None) -> str | None:
         return base
     # relative to the adapter: loaded through the found path, re-stored relative on save
     return found if same else base
+
+
+def is_file_location(location: str) -> bool:
+    """Whether the part of a user reward before ':' names a file (else a module)."""
+    return location.endswith(".py") or "/" in location or "\\" in location
+
+
+def map_reward_files(raw: Any, change: Callable[[str], str]) -> Any:
+    """The config's `rewards` value, in any form parse_reward_specs reads, with the file
+    path of each 'path/to/file.py:function' entry and each reward model folder replaced
+    by change(path); everything else as it was. A run directory stores these paths so that it can move
+    (gft/runpaths.py), as it does its model and data."""
+    def renamed(name: Any) -> Any:
+        if not isinstance(name, str):
+            return name
+        if ":" not in name and name not in BUILTIN_REWARDS and looks_local(name):
+            # a reward model's folder
+            return change(name)
+        location, sep, attribute = name.rpartition(":")
+        if not sep or not location or not is_file_location(location):
+            return name
+        return f"{change(location)}:{attribute}"
+
+    def item(value: Any) -> Any:
+        if isinstance(value, dict) and "name" in value:
+            return {**value, "name": renamed(value["name"])}
+        return renamed(value)
+
+    if isinstance(raw, (list, tuple)):
+        return [item(value) for value in raw]
+    if isinstance(raw, dict) and "name" not in raw:  # {name: weight}
+        return {renamed(name): weight for name, weight in raw.items()}
+    return item(raw)

@@ -261,7 +261,8 @@ def test_mac_dry_run_sets_what_the_measured_config_sets(tmp_path):
     """The `gft train --dry-run` line printed under MAC.md plans the config the row ran:
     building a config from its --set pairs gives the same TrainConfig."""
     from benchmarks.mac import dry_run_command, gft_config
-    from gft.config import build_config, parse_override
+    from gft.config import build_config
+    from gft.yamlconfig import parse_override
     cmd = dry_run_command(tmp_path, "gft", 8, 37, 64, "bfloat16")
     sets = dict(parse_override(s.strip()) for s in cmd.split("--set ")[1:])
     from_cli = build_config({}, {"model": str(tmp_path), "data": "unused", "backend": "mlx",

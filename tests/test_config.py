@@ -4,7 +4,8 @@ import re
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gft.config import EMBEDDED_DEFAULT, PRESETS, TrainConfig, build_config, parse_override, read_yaml
+from gft.config import EMBEDDED_DEFAULT, PRESETS, TrainConfig, build_config
+from gft.yamlconfig import parse_override, read_yaml
 from gft.errors import ConfigError
 
 

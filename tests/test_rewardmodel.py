@@ -17,7 +17,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassificat
 from cli import main  # noqa: E402
 from gft.errors import RewardError  # noqa: E402
 from gft.metrics import read_metrics  # noqa: E402
-from gft.rewards import build_rewards, map_reward_files  # noqa: E402
+from gft.rewards import build_rewards  # noqa: E402
+from gft.runpaths import map_reward_files  # noqa: E402
 from gft.tiny import BOS_ID, EOS_ID, PAD_ID, TinyModelSpec, save_tokenizer, write_tiny_model  # noqa: E402
 
 
