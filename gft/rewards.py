@@ -46,7 +46,7 @@ from gft.timeouts import CallTimeout, call_with_timeout
 from gft.tracking import SAMPLE_COLUMNS  # the sample table's own: log_extra keeps off them
 from gft.errors import ConfigError, RewardError
 from gft.rewardmodel import names_a_reward_model
-from gft.runpaths import is_file_location
+from gft.runpaths import is_file_location, looks_local
 from gft.verifiers import BUILTIN_REWARDS, MissingColumnError, RewardFunction
 
 
@@ -139,12 +139,16 @@ def resolve_reward(spec: RewardSpec) -> RewardFunction:
         from gft.rewardmodel import load_reward_model
         _check_options(spec, load_reward_model, fixed=("name",))
         return load_reward_model(spec.name, **spec.options)
+    if ":" not in spec.name and looks_local(spec.name) and not Path(spec.name).exists():
+        raise RewardError(f"reward '{spec.name}': no such folder (a reward model is a "
+                          "folder with config.json, or a Hub id org/name)")
     if ":" not in spec.name:
         several = [part for part in spec.name.replace(",", " ").split() if part]
         raise RewardError(f"unknown reward '{spec.name}': built-ins are "
                           + ", ".join(sorted(BUILTIN_REWARDS))
                           + "; user rewards are 'package.module:function' or "
-                            "'path/to/file.py:function'"
+                            "'path/to/file.py:function'; a reward model is a folder or a "
+                            "Hub id 'org/name'"
                           + (f"; several rewards are a list: [{', '.join(several)}]"
                              if len(several) > 1 else ""))
     shadowed = sorted(set(spec.options) & set(_RESERVED))

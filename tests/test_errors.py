@@ -314,7 +314,7 @@ def test_unknown_key_in_the_yaml_file(model, tmp_path):
     config = tmp_path / "job.yaml"
     config.write_text("num_rollout: 4\n")
     result = run_cli(["train", str(config), "--model", str(model), "--data", str(tmp_path)])
-    one_line_error(result, "job.yaml: unknown key 'num_rollout' (did you mean 'num_rollouts'?)")
+    one_line_error(result, "job.yaml:1: unknown key 'num_rollout' (did you mean 'num_rollouts'?)")
 
 
 @pytest.mark.parametrize("sets, words", [

@@ -121,3 +121,11 @@ def test_a_run_trains_with_a_reward_model(tmp_path):
     assert result.exit_code == 0, (result.output, result.exception)
     step = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["step"] == 1)
     assert "rewards/rm/rollout" in step and step["reward/rollout"] != 0.0
+
+
+def test_a_reward_model_folder_that_is_not_there_says_so(tmp_path):
+    """A run copied to another machine names a reward model folder that is elsewhere
+    there; it was 'unknown reward', as if the name were a typo of a built-in."""
+    with pytest.raises(RewardError, match=r"^reward '.*/gone': no such folder \(a reward "
+                                          "model is a folder with config.json"):
+        build_rewards([str(tmp_path / "gone")])
