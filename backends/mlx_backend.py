@@ -1,9 +1,10 @@
 """MLX backend: any mlx-lm causal LM, on Apple silicon (Metal) or Linux (`mlx[cpu]`).
 
 Mirrors backends/torch_backend.py method for method, so the loop cannot tell them apart:
-- rollouts are a batched KV-cache decode loop written here (left-padded prompts in mlx-lm's
-  `BatchKVCache`, whose per-row RoPE offsets and padding mask give every row the positions
-  an unpadded run would see), each row drawing from its own seeded uniforms
+- rollouts are a batched KV-cache decode loop (backends/mlx_sampler.py): left-padded
+  prompts in mlx-lm's `BatchKVCache`, whose per-row RoPE offsets and padding mask give
+  every row the positions an unpadded run would see, each row drawing from its own seeded
+  uniforms
   (gft.distributed.uniform_table), so a row samples the same tokens in any batch or rank;
 - the update runs the shared GFT token loss (gft/objective.py) through `MLX_OPS`, with
   gradient accumulation, global grad-norm clipping and an AdamW written out below;
@@ -42,12 +43,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from gft.backend import OptimConfig, SamplingConfig
+from backends.mlx_sampler import decode_batch
 from backends.mlx_head import head_logprobs, head_weight, target_logprobs, token_entropy
 from gft.modelfiles import save_tokenizer, write_portable_config
 from gft.weights import DEFAULT_SHARD_SIZE, write_weights
-from gft.distributed import row_seeds, uniform_table
+from gft.distributed import row_seeds
 from gft.errors import ConfigError, ModelError
-from gft.groups import scored_from, shared_prefix, shared_prompts
+from gft.groups import scored_from, shared_prefix
 from gft.objective import AGGREGATIONS, gft_token_loss
 from gft.stops import apply_string_stops, model_stops
 from gft.types import TokenBatch
@@ -70,9 +72,6 @@ class _MlxOps:
 
 MLX_OPS = _MlxOps()
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16}
-PREFILL_STEP = 2048  # prompt tokens per forward during prefill (bounds activation memory)
-
-
 HEAD_AFTER_BODY = ("llama", "qwen2", "qwen3")
 """mlx-lm model types whose Model.__call__ is exactly body, then lm_head (or the tied
 embedding as a linear): nothing else (no logit soft-capping, as in gemma2) in between."""
@@ -122,47 +121,6 @@ class PrefixKV:
     def expand(self, rows: int) -> None:
         self.keys = mx.broadcast_to(self.keys, (rows, *self.keys.shape[1:]))
         self.values = mx.broadcast_to(self.values, (rows, *self.values.shape[1:]))
-
-
-def inverse_cdf(probs: mx.array, u: mx.array) -> mx.array:
-    """One index per row of [B, V] (unnormalised) probabilities, for uniforms u [B]: the
-    first index whose cumulative mass exceeds u·total (never a zero-probability one)."""
-    cdf = mx.cumsum(probs, axis=-1)
-    idx = mx.sum(cdf <= u[:, None] * cdf[:, -1:], axis=-1)
-    return mx.minimum(idx, probs.shape[-1] - 1)
-
-
-def sample_next(logits: mx.array, sampling: SamplingConfig, u: mx.array) -> mx.array:
-    """[B, V] logits -> [B] token ids: greedy, or temperature + nucleus (top-p) sampling
-    by inverse CDF with the rows' own uniforms u [B]."""
-    logits = logits.astype(mx.float32)
-    if sampling.greedy or sampling.temperature <= 0:
-        return mx.argmax(logits, axis=-1)
-    logits = logits / sampling.temperature
-    if sampling.top_p >= 1.0:
-        return inverse_cdf(mx.softmax(logits, axis=-1), u)
-    order = mx.argsort(-logits, axis=-1)  # descending
-    probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-    probs = mx.where((mx.cumsum(probs, axis=-1) - probs) < sampling.top_p, probs, 0.0)
-    pick = inverse_cdf(probs, u)
-    return mx.take_along_axis(order, pick[:, None], axis=-1).squeeze(-1)
-
-
-def batch_cache(model: nn.Module, left_padding: list[int]) -> list:
-    """The model's KV caches, in their batched, left-padding-aware form."""
-    from mlx_lm.models.cache import (BatchKVCache, BatchRotatingKVCache, KVCache,
-                                     RotatingKVCache, make_prompt_cache)
-    caches = []
-    for c in make_prompt_cache(model):
-        if isinstance(c, RotatingKVCache):
-            caches.append(BatchRotatingKVCache(c.max_size, left_padding))
-        elif isinstance(c, KVCache):
-            caches.append(BatchKVCache(left_padding))
-        else:
-            raise ModelError(f"mlx backend: batched generation does not support "
-                             f"{type(c).__name__} caches yet")
-    return caches
 
 
 def checkpoint_layers(model: nn.Module) -> None:
@@ -272,61 +230,8 @@ class MlxBackend:
 
     def _generate_batch(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
                         seeds: Sequence[int]) -> list[list[int]]:
-        """Left-pad, prefill (each distinct prompt once, its cache rows copied to the rows
-        that repeat it), then decode one token per row per forward until every row
-        has emitted a stop id (self.stops.ids and sampling.stop_ids) or max_new_tokens is
-        reached. Rows that finish are dropped from
-        the batch (and the KV cache), so short answers stop costing compute. The next
-        step is queued (async_eval) before the host reads the current tokens, as mlx-lm
-        does, which keeps the device busy while Python does its bookkeeping."""
-        if any(len(p) == 0 for p in prompts):
-            raise ModelError("mlx backend: cannot generate from an empty prompt")
-        rows: list[list[int]] = [[] for _ in prompts]
-        if sampling.max_new_tokens <= 0:
-            return rows
-        stop, pad = self.stops.ids | set(sampling.stop_ids), self.tokenizer.pad_token_id
-        distinct, copies = shared_prompts(prompts)  # GRPO: G rows of one prompt
-        width = max(len(p) for p in distinct)
-        pads = [width - len(p) for p in distinct]
-        ids = mx.array([[pad] * n + list(p) for n, p in zip(pads, distinct)], dtype=mx.int32)
-        cache = batch_cache(self.model, pads)
-        for i in range(0, width - 1, PREFILL_STEP):  # all but the last prompt column
-            self.model(ids[:, i:min(i + PREFILL_STEP, width - 1)], cache=cache)
-            mx.eval([c.state for c in cache])
-        if len(distinct) < len(prompts):  # one prefill per distinct prompt, rows copied
-            idx = mx.array(copies)
-            for c in cache:
-                c.filter(idx)
-            ids = ids[idx]
-        draws = mx.array(uniform_table(seeds, sampling.max_new_tokens).astype(np.float32))
-
-        def step(tokens: mx.array, i: int) -> mx.array:
-            logits = self.model(tokens, cache=cache)[:, -1, :]
-            return sample_next(logits, sampling, draws[:, i])
-
-        active = list(range(len(prompts)))  # the prompt index of each batch row
-        y = step(ids[:, -1:], 0)
-        mx.async_eval(y)
-        for i in range(sampling.max_new_tokens):
-            y_next = None
-            if i + 1 < sampling.max_new_tokens:
-                y_next = step(y[:, None], i + 1)
-                mx.async_eval(y_next)
-            keep = []
-            for k, t in enumerate(y.tolist()):
-                rows[active[k]].append(t)
-                if t not in stop:
-                    keep.append(k)
-            if y_next is None or not keep:
-                break
-            if len(keep) < len(active):
-                idx = mx.array(keep)
-                for c in cache:
-                    c.filter(idx)
-                y_next, draws = y_next[idx], draws[idx]
-                active = [active[k] for k in keep]
-            y = y_next
-        return rows
+        return decode_batch(self.model, prompts, sampling, seeds,
+                            self.stops.ids | set(sampling.stop_ids), self.tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------ update
     def _loss(self, ids: mx.array, mask: mx.array, adv: mx.array, tau: float, aggregate,

@@ -483,7 +483,7 @@ def test_sample_next_draws_by_probability_inside_the_nucleus():
     # probs 0.5, 0.3, 0.15, 0.05, top_p 0.7: tokens 0 and 1 stay, renormalised to
     # 0.625 / 0.375; with temperature 0.5 on (0.6, 0.4): 0.36 / 0.52 ≈ 0.69 for token 0.
     from backends import SamplingConfig
-    from backends.mlx_backend import sample_next
+    from backends.mlx_sampler import sample_next
     u = mx.array(np.random.default_rng(0).random(4000).astype(np.float32))
     logits = mx.log(mx.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     toks = np.array(sample_next(logits, SamplingConfig(top_p=0.7), u))
