@@ -224,3 +224,65 @@ def test_generate_and_eval_end_where_the_run_stopped(tmp_path, monkeypatch):
     assert run() == cut
     other = free[printable[0]]  # --stop adds to the run's; one byte: a stop id
     assert printable[0] < at and run("--stop", other) == free[:printable[0] + 1]
+
+
+def _greedy_hf(model_dir, prompt: list[int], n: int = 12) -> list[int]:
+    """transformers' own greedy generate from the folder, as a user would call it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_checkpoint_tells_transformers_and_mlx_lm_where_the_run_stopped(model_dir, tmp_path):
+    """A run's one-token stops are listed after the model's own eos ids in the saved
+    generation_config.json (every other field as the model had it), so transformers'
+    GenerationConfig and generate() and mlx_lm.load end there too; the multi-token one
+    cannot be listed and stays in gft.json only. Before, the file kept the model's EOS
+    alone and both libraries ran on past where the run's rollouts ended."""
+    from gft.checkpoint import MODEL_RECORD, save_checkpoint
+    from gft.stops import STOP_EOS_KEY
+    tok = byte_tokenizer()
+    # a printable byte a greedy row first emits at position at > 0: a one-token stop string
+    prompt, free, at, token = next(
+        (p, free, i, t) for p in PROMPTS for free in [_greedy_hf(model_dir, p)]
+        for i, t in enumerate(free) if 0 < i and 32 < t < 127 and t not in free[:i]
+        and EOS_ID not in free[:i + 1])
+    text = tok.decode([token])
+    assert tok(text, add_special_tokens=False).input_ids == [token]
+    stop = [text, "a longer stop"]
+    be = load_backend("torch", str(model_dir), stop=stop, train=False)
+    saved = save_checkpoint(be, tmp_path / "ck", {"config": {"stop": stop}, "loop": {"step": 1}})
+    def read(folder):  # save_pretrained adds the transformers version that wrote it
+        config = json.loads((folder / "generation_config.json").read_text())
+        return {k: v for k, v in config.items() if k != "transformers_version"}
+    before, after = read(model_dir), read(saved)
+    assert after == {**before, "eos_token_id": [EOS_ID, token]}
+    assert json.loads((saved / MODEL_RECORD).read_text())[STOP_EOS_KEY] == [token]
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(saved).eos_token_id == [EOS_ID, token]
+    assert _greedy_hf(saved, prompt) == free[:at + 1]  # transformers stops there now
+    if sys.platform != "win32":
+        import mlx_lm
+        assert mlx_lm.load(str(saved))[1].eos_token_ids == {EOS_ID, token}
+        on_mlx = save_checkpoint(load_backend("mlx", str(model_dir), stop=stop, train=False),
+                                 tmp_path / "ck-mlx", {"config": {"stop": stop}, "loop": {}})
+        assert read(on_mlx) == after  # the MLX backend's checkpoints say the same
+    # a run from this folder without the stop starts from the model's own ids again
+    again = load_backend("torch", str(saved), train=False)
+    assert token not in again.stops.ids and again.stops.eos == (EOS_ID,)
+    resaved = save_checkpoint(again, tmp_path / "ck2", {"config": {}, "loop": {"step": 2}})
+    assert read(resaved) == before
+    assert STOP_EOS_KEY not in json.loads((resaved / MODEL_RECORD).read_text())
+
+
+def test_a_multi_token_stop_is_named_once_in_the_runs_log():
+    """generation_config.json holds ids only: the run's log says which stops only gft
+    reads from the saved folder, and how to give them to transformers."""
+    from gft.stops import unsaved_stops_note
+    tok = byte_tokenizer()
+    assert unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", 7])) is None
+    note = unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", "</a>"]))
+    assert note.startswith("note: stop '</a>': more than one token") and "stop_strings" in note
