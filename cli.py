@@ -235,7 +235,8 @@ def _sampling_options(fn):
 @click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
 @click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
-              help="0 = greedy decoding.")
+              help="0 = greedy decoding (as mlx-lm's generate; a generation_config.json "
+                   "asking for sampling is named in a note with the options that follow it).")
 @click.option("--top-p", type=FiniteRange(0.0, 1.0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--chat-template/--no-chat-template", default=None,
@@ -254,6 +255,13 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from gft.trained import generate_chat_template
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
+    ctx = click.get_current_context()
+    if all(ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
+           for name in ("temperature", "top_p")):  # greedy, whatever the model's file asks
+        from gft.trained import sampling_note
+        note = sampling_note(model)
+        if note:
+            click.echo(note, err=True)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)

@@ -155,3 +155,37 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
                               "picked out again here); pass --data with held-out rows")
         return str(found), split or run_split
     return None
+
+
+def sampling_note(model_dir: str) -> str | None:
+    """One line when the model's generation_config.json asks for sampling (do_sample, as
+    transformers' generate() and vLLM follow it): `gft generate` decodes greedily unless
+    --temperature is given, as mlx-lm's generate does, so the user is told which options
+    sample as the file says. None when the file asks for nothing of the kind."""
+    import json
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("do_sample") is not True:
+        return None
+    def number(key: str, low: float, high: float) -> float | None:
+        value = config.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return value if ok and low < value <= high else None
+    temperature, top_p = number("temperature", 0, float("inf")), number("top_p", 0, 1)
+    top_k = number("top_k", 0, float("inf"))
+    said, options = [], [f"--temperature {temperature or 1.0:g}"]
+    if temperature is not None:
+        said.append(f"temperature {temperature:g}")
+    if top_p is not None:
+        said.append(f"top_p {top_p:g}")
+        options += [f"--top-p {top_p:g}"] * (top_p < 1)
+    if top_k is not None:
+        said.append(f"top_k {top_k:g}")
+    skipped = " (top_k is not applied: gft samples with temperature and top_p)" \
+        if top_k is not None else ""
+    return (f"note: {path} samples (do_sample{': ' + ', '.join(said) if said else ''}), as "
+            "transformers' generate() would; gft generate decodes greedily unless told, as "
+            f"mlx-lm's does: add {' '.join(options)} to sample as it says{skipped}")

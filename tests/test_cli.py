@@ -47,6 +47,31 @@ def test_generate_greedy_is_deterministic(model_dir):
     assert a.output == b.output and len(a.output.splitlines()) >= 1
 
 
+def test_generate_names_the_sampling_a_generation_config_asks_for(model_dir, tmp_path):
+    """A generation_config.json with do_sample (Qwen's, Llama 3's: what transformers'
+    generate() follows) is named in one note with the options that sample as it says:
+    gft generate stays greedy by default, as mlx-lm's generate is. Before, the file's
+    sampling was dropped in silence. A --temperature given says nothing more."""
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    path = model / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True,
+                                "temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+    args = ["generate", str(model), "-p", "Hello", "--max-new-tokens", "5", "--backend", "torch"]
+    greedy = CliRunner().invoke(main, ["generate", str(model_dir), *args[2:]])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    note, *lines = result.output.splitlines()
+    assert note == (f"note: {path} samples (do_sample: temperature 0.6, top_p 0.9, top_k 20), "
+                    "as transformers' generate() would; gft generate decodes greedily unless "
+                    "told, as mlx-lm's does: add --temperature 0.6 --top-p 0.9 to sample as it "
+                    "says (top_k is not applied: gft samples with temperature and top_p)")
+    assert lines == greedy.output.splitlines()  # still greedy
+    sampled = CliRunner().invoke(main, args + ["--temperature", "0.6", "--top-p", "0.9"])
+    assert sampled.exit_code == 0 and "note:" not in sampled.output
+
+
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_base_with_a_model_that_is_no_adapter_is_refused(model_dir, command):
     """--base names an adapter's base model; with a full model it was ignored in silence,
