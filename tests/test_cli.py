@@ -407,3 +407,40 @@ def test_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp_path, monkeypat
     result = CliRunner().invoke(main, ["generate", str(adapter), *args])
     assert result.exit_code == 0, result.output
     assert result.output == free[:free.index(stop) + 1] + "\n"
+
+
+def test_eval_on_a_runs_model_finds_the_split_its_run_held_out(tmp_path, model_dir):
+    """`gft eval RUN/final` without --data takes the rows its run evaluated on, found as
+    the run found them: the data directory's eval_split, else valid, or eval_data naming
+    a split. Before, it asked for 'test' whatever the run used and failed with data.py's
+    generic 'no test split'; a directory with no held-out split at all (the run held rows
+    out by eval_holdout, or evaluated nothing) now says so, naming the run and --data."""
+    import shutil
+    import yaml
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps({"prompt": f"Q{i}: say yes\nA:", "answer": "yes"}) + "\n"
+                   for i in range(3))
+    (data / "train.jsonl").write_text(rows)
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    args = ["eval", str(run / "final"), "--backend", "torch", "--max-new-tokens", "2",
+            "--json", "--rewards", "exact"]
+
+    def evaluate(config: dict) -> list[str]:
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        return CliRunner().invoke(main, args).output.splitlines()
+
+    said = evaluate({"data": str(data), "eval_holdout": 0.1})
+    assert said == [f"error: {run / 'final'}: its run's data {data} has no held-out split "
+                    "('test' or 'valid'): the run evaluated on rows eval_holdout set aside "
+                    "from training, or on none; pass --data FILE, or --data DIR --split NAME, "
+                    "with held-out rows"]
+    (data / "valid.jsonl").write_text(rows[:rows.index("\n") + 1])  # the run fell back to it
+    note, line = evaluate({"data": str(data)})
+    assert f"--data {data} --split valid (its held-out data)" in note
+    assert json.loads(line)["n"] == 1
+    (data / "dev.jsonl").write_text(rows)  # eval_data naming a split of the data directory
+    note, line = evaluate({"data": str(data), "eval_data": "dev"})
+    assert f"--data {data} --split dev (its held-out data)" in note
+    assert json.loads(line)["n"] == 3
