@@ -62,16 +62,21 @@ class Stops:
 
 
 def generation_eos_ids(model_dir: str | Path) -> list[int]:
-    """`eos_token_id` of the model's generation_config.json (int or list); [] if none."""
-    path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
-        return []
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return []  # gft/modelfiles.py reports unreadable model files; stops need not
-    values = value if isinstance(value, list) else [value]
-    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    """`eos_token_id` (int or list) of the model's generation_config.json, else of its
+    config.json (a folder without a generation config, or one naming no eos: mlx-lm's
+    load reads config.json's then, and transformers builds its generation config from
+    config.json when the file is missing); [] if neither names one."""
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_dir) / name
+        try:
+            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # gft/modelfiles.py reports unreadable model files; stops need not
+        values = value if isinstance(value, list) else [value]
+        ids = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+        if ids:
+            return ids
+    return []
 
 
 def own_eos_ids(model_dir: str | Path) -> list[int]:

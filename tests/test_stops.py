@@ -104,6 +104,29 @@ def test_generation_config_eos_ids_int_list_or_absent(tmp_path):
     assert generation_eos_ids(tmp_path) == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_a_generation_config_the_eos_ids_of_config_json_end_rows(backend, model_dir,
+                                                                         tmp_path):
+    """A folder with no generation_config.json (or one naming no eos) whose config.json
+    lists eos ids, as mlx-lm's load reads them and transformers builds its generation
+    config from them: gft ended rows at the tokenizer's EOS only and ran on."""
+    if backend == "mlx":
+        pytest.importorskip("mlx_lm")
+    free = load_backend(backend, str(model_dir)).generate(PROMPTS, GREEDY, 0)
+    a, i, _, _ = _two_stop_ids(free)
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "generation_config.json").unlink()
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "eos_token_id": [EOS_ID,
+                                                                             free[a][i]]}))
+    be = load_backend(backend, str(bare))
+    assert be.generate(PROMPTS, GREEDY, 0)[a] == free[a][:i + 1]
+    if sys.platform != "win32":
+        import mlx_lm
+        assert mlx_lm.load(str(bare))[1].eos_token_ids == be.stops.ids
+
+
 def test_model_stops_joins_tokenizer_generation_config_and_stop_key(tmp_path):
     tok = byte_tokenizer()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID, 10]}))
