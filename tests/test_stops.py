@@ -309,3 +309,24 @@ def test_a_multi_token_stop_is_named_once_in_the_runs_log():
     assert unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", 7])) is None
     note = unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", "</a>"]))
     assert note.startswith("note: stop '</a>': more than one token") and "stop_strings" in note
+
+
+def test_gft_fuse_lists_the_adapters_one_token_stops(model_dir, tmp_path):
+    """An adapter folder has no generation_config.json (transformers and mlx-lm read the
+    base's), so `gft fuse` writes the adapter's run's one-token stops into the fused
+    model's, after the base's own eos ids, as a full model's checkpoint lists them."""
+    from transformers import GenerationConfig
+    from gft.checkpoint import MODEL_RECORD, save_checkpoint
+    from gft.convert import fuse
+    from gft.lora import LoraConfig
+    from gft.stops import STOP_EOS_KEY
+    stop = ["n", 33, "a longer stop"]
+    be = load_backend("torch", str(model_dir), stop=stop,
+                      lora=LoraConfig(4, 8.0, targets=("q_proj", "v_proj")))
+    adapter = save_checkpoint(be, tmp_path / "adapter", {"config": {"stop": stop}, "loop": {}})
+    assert not (adapter / "generation_config.json").exists()
+    fuse(adapter, tmp_path / "fused", base=str(model_dir))
+    assert GenerationConfig.from_pretrained(tmp_path / "fused").eos_token_id == \
+        [EOS_ID, ord("n"), 33]
+    record = json.loads((tmp_path / "fused" / MODEL_RECORD).read_text())
+    assert record["stop"] == stop and record[STOP_EOS_KEY] == [ord("n"), 33]
