@@ -290,6 +290,9 @@ def test_a_checkpoint_tells_transformers_and_mlx_lm_where_the_run_stopped(model_
     if sys.platform != "win32":
         import mlx_lm
         assert mlx_lm.load(str(saved))[1].eos_token_ids == {EOS_ID, token}
+        ran, ended = (mlx_lm.generate(*mlx_lm.load(str(folder)), prompt=prompt, max_tokens=12)
+                      for folder in (model_dir, saved))
+        assert ended == tok.decode(free[:at]) and ran.startswith(ended) and ran != ended
         on_mlx = save_checkpoint(load_backend("mlx", str(model_dir), stop=stop, train=False),
                                  tmp_path / "ck-mlx", {"config": {"stop": stop}, "loop": {}})
         assert read(on_mlx) == after  # the MLX backend's checkpoints say the same
