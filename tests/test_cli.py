@@ -70,6 +70,15 @@ def test_generate_names_the_sampling_a_generation_config_asks_for(model_dir, tmp
     assert lines == greedy.output.splitlines()  # still greedy
     sampled = CliRunner().invoke(main, args + ["--temperature", "0.6", "--top-p", "0.9"])
     assert sampled.exit_code == 0 and "note:" not in sampled.output
+    # a LoRA adapter has no generation config: its base's applies, as in transformers
+    from backends import load_backend
+    from gft.checkpoint import save_checkpoint
+    from gft.lora import LoraConfig
+    adapter = save_checkpoint(load_backend("torch", str(model), lora=LoraConfig(
+        4, 8.0, targets=("q_proj",))), tmp_path / "adapter", {"config": {}, "loop": {}})
+    result = CliRunner().invoke(main, ["generate", str(adapter), *args[2:]])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == note
 
 
 @pytest.mark.parametrize("command", ["generate", "eval"])
