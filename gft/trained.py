@@ -210,8 +210,14 @@ def sampling_note(model_dir: str) -> str | None:
         options += [f"--top-p {top_p:g}"] * (top_p < 1)
     if top_k is not None:
         said.append(f"top_k {top_k:g}")
-    skipped = " (top_k is not applied: gft samples with temperature and top_p)" \
-        if top_k is not None else ""
+    penalty = number("repetition_penalty", 0, float("inf"))
+    if penalty == 1:
+        penalty = None
+    if penalty is not None:
+        said.append(f"repetition_penalty {penalty:g}")
+    dropped = [k for k, v in (("top_k", top_k), ("repetition_penalty", penalty)) if v is not None]
+    skipped = (f" ({' and '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} not applied: "
+               "gft samples with temperature and top_p)") if dropped else ""
     return (f"note: {path} samples (do_sample{': ' + ', '.join(said) if said else ''}), as "
             "transformers' generate() would; gft generate decodes greedily unless told, as "
             f"mlx-lm's does: add {' '.join(options)} to sample as it says{skipped}")

@@ -57,16 +57,18 @@ def test_generate_names_the_sampling_a_generation_config_asks_for(model_dir, tmp
     shutil.copytree(model_dir, model)
     path = model / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True,
-                                "temperature": 0.6, "top_p": 0.9, "top_k": 20}))
+                                "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                "repetition_penalty": 1.05}))
     args = ["generate", str(model), "-p", "Hello", "--max-new-tokens", "5", "--backend", "torch"]
     greedy = CliRunner().invoke(main, ["generate", str(model_dir), *args[2:]])
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     note, *lines = result.output.splitlines()
-    assert note == (f"note: {path} samples (do_sample: temperature 0.6, top_p 0.9, top_k 20), "
-                    "as transformers' generate() would; gft generate decodes greedily unless "
-                    "told, as mlx-lm's does: add --temperature 0.6 --top-p 0.9 to sample as it "
-                    "says (top_k is not applied: gft samples with temperature and top_p)")
+    assert note == (f"note: {path} samples (do_sample: temperature 0.6, top_p 0.9, top_k 20, "
+                    "repetition_penalty 1.05), as transformers' generate() would; gft generate "
+                    "decodes greedily unless told, as mlx-lm's does: add --temperature 0.6 "
+                    "--top-p 0.9 to sample as it says (top_k and repetition_penalty are not "
+                    "applied: gft samples with temperature and top_p)")
     assert lines == greedy.output.splitlines()  # still greedy
     sampled = CliRunner().invoke(main, args + ["--temperature", "0.6", "--top-p", "0.9"])
     assert sampled.exit_code == 0 and "note:" not in sampled.output
