@@ -331,12 +331,14 @@ def _carry_record(adapter: Path, out: Path) -> None:
     checkpoint lists them (gft/stops.py): an adapter folder has no generation config, so
     transformers and mlx-lm would run on past where the run's rollouts ended."""
     from gft.trained import trained_stop
+    from gft.stops import generation_eos_ids, model_stops, own_eos_ids
     stop = trained_stop(str(adapter))
     stops = None
-    if stop and (out / "generation_config.json").is_file():
+    # the base's own eos ids, read while its gft.json (the ids its run added, which the
+    # adapter's run did not stop at unless its own stop says so) is there
+    if (stop or own_eos_ids(out) != generation_eos_ids(out)) and \
+            (out / "generation_config.json").is_file():
         from gft.modelfiles import load_tokenizer
-        from gft.stops import model_stops
-        # the base's own eos ids: read while its gft.json (the ids its run added) is there
         stops = model_stops(load_tokenizer(str(out)), out, stop)
     if (adapter / MODEL_RECORD).is_file():
         shutil.copyfile(adapter / MODEL_RECORD, out / MODEL_RECORD)

@@ -333,3 +333,13 @@ def test_gft_fuse_lists_the_adapters_one_token_stops(model_dir, tmp_path):
         [EOS_ID, ord("n"), 33]
     record = json.loads((tmp_path / "fused" / MODEL_RECORD).read_text())
     assert record["stop"] == stop and record[STOP_EOS_KEY] == [ord("n"), 33]
+    # fused into a base whose own run added an id its stop named: the adapter's run did
+    # not stop there (it started from the base's own ids), so the fused model does not
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    _set_eos(base, [EOS_ID, 44])
+    (base / MODEL_RECORD).write_text(json.dumps({"stop": [44], STOP_EOS_KEY: [44]}))
+    plain = save_checkpoint(load_backend("torch", str(base), lora=LoraConfig(
+        4, 8.0, targets=("q_proj",))), tmp_path / "plain", {"config": {}, "loop": {}})
+    fuse(plain, tmp_path / "fused-2", base=str(base))
+    assert GenerationConfig.from_pretrained(tmp_path / "fused-2").eos_token_id == EOS_ID
