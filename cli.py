@@ -236,7 +236,8 @@ def _sampling_options(fn):
 @click.option("--num", "-n", type=click.IntRange(1), default=1, show_default=True,
               help="Completions per prompt.")
 @click.option("--temperature", type=FiniteRange(0.0), default=0.0, show_default=True,
-              help="0 = greedy decoding.")
+              help="0 = greedy decoding (as mlx-lm's generate; a generation_config.json "
+                   "asking for sampling is named in a note with the options that follow it).")
 @click.option("--top-p", type=FiniteRange(0.0, 1.0, min_open=True), default=1.0,
               show_default=True)
 @click.option("--chat-template/--no-chat-template", default=None,
@@ -255,6 +256,13 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from gft.trained import generate_chat_template
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
+    ctx = click.get_current_context()
+    if all(ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
+           for name in ("temperature", "top_p")):  # greedy, whatever the model's file asks
+        from gft.trained import sampling_note
+        note = sampling_note(_generation_config_dir(model, base))
+        if note:
+            click.echo(note, err=True)
     be = _sampler(backend, model, dtype, base, stop)
     if chat_template is None:
         chat_template = generate_chat_template(model, be.tokenizer)
@@ -268,6 +276,26 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def _generation_config_dir(model: str, base: str | None) -> str:
+    """The folder whose generation_config.json applies to MODEL: its own, or for a LoRA
+    adapter (which has none) its base's on this machine, as transformers and mlx-lm read it."""
+    from pathlib import Path
+    from gft.errors import GFTError
+    from gft.lora import is_mlx_adapter, is_peft_adapter
+    if (Path(model) / "generation_config.json").is_file() or not (
+            is_peft_adapter(model) or is_mlx_adapter(model)):
+        return model
+    if base is None:
+        from gft.convert import read_adapter_base
+        from gft.runpaths import adapter_base
+        try:
+            named = read_adapter_base(Path(model))
+        except GFTError:
+            return model  # loading it names the problem
+        base = adapter_base(named, Path(model)) if named else model
+    return base
 
 
 def _local_model(model: str) -> str:

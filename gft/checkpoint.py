@@ -36,6 +36,7 @@ from gft.errors import GFTError, ModelError, first_line
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, read_safetensors_header
 from gft.quant import BASE_QUANT_FILE, copy_base_record
 from gft.runpaths import moved_adapter_config
+from gft.stops import STOP_EOS_KEY, write_generation_eos
 
 STATE_FILE = "trainer_state.json"
 # Beside config.json in every checkpoint and so in final/: what gft needs to use the folder
@@ -234,7 +235,12 @@ def save_checkpoint(backend, directory: Path, state: dict[str, Any]) -> Path:
         backend.save_model(tmp)
         backend.save_optimizer(tmp / OPTIMIZER_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        (tmp / MODEL_RECORD).write_text(json.dumps(model_record(state), indent=2) + "\n")
+        record = model_record(state)
+        stops = getattr(backend, "stops", None)
+        if stops is not None and write_generation_eos(tmp, stops) and stops.added:
+            # transformers and mlx-lm end where the run's rollouts did (gft/stops.py)
+            record[STOP_EOS_KEY] = list(stops.added)
+        (tmp / MODEL_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     directory = Path(directory)
     try:
         return atomic_directory(directory, write)

@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 from gft.errors import ConfigError, ModelError
 from gft.checkpoint import MODEL_RECORD
+from gft.stops import STOP_EOS_KEY, write_generation_eos
 from gft.quant import copy_base_record, hf_quantization
 from gft.lora import (MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, LoraConfig, is_mlx_adapter,
                       is_peft_adapter, mlx_config, mlx_key, parse_mlx_key, parse_peft_key,
@@ -325,8 +326,26 @@ def fuse(adapter: str | Path, out: str | Path, *, base: str | None = None,
 
 def _carry_record(adapter: Path, out: Path) -> None:
     """The adapter's gft.json (how its run rendered prompts) into the fused model, in place
-    of any the base had: the fused model is used as the adapter was trained."""
+    of any the base had: the fused model is used as the adapter was trained. Its run's
+    one-token stops join the fused generation_config.json's eos ids, as a full model's
+    checkpoint lists them (gft/stops.py): an adapter folder has no generation config, so
+    transformers and mlx-lm would run on past where the run's rollouts ended."""
+    from gft.trained import trained_stop
+    from gft.stops import generation_eos_ids, model_stops, own_eos_ids
+    stop = trained_stop(str(adapter))
+    stops = None
+    # the base's own eos ids, read while its gft.json (the ids its run added, which the
+    # adapter's run did not stop at unless its own stop says so) is there
+    if (stop or own_eos_ids(out) != generation_eos_ids(out)) and \
+            (out / "generation_config.json").is_file():
+        from gft.modelfiles import load_tokenizer
+        stops = model_stops(load_tokenizer(str(out)), out, stop)
     if (adapter / MODEL_RECORD).is_file():
         shutil.copyfile(adapter / MODEL_RECORD, out / MODEL_RECORD)
     elif (out / MODEL_RECORD).is_file():  # the base's, from another run
         (out / MODEL_RECORD).unlink()
+    if stops is not None and write_generation_eos(out, stops) and stops.added \
+            and (out / MODEL_RECORD).is_file():
+        record = json.loads((out / MODEL_RECORD).read_text(encoding="utf-8"))
+        (out / MODEL_RECORD).write_text(json.dumps({**record, STOP_EOS_KEY: list(
+            stops.added)}, indent=2) + "\n", encoding="utf-8")

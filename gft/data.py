@@ -381,7 +381,7 @@ def _parse_prompt(value: Any, fail) -> str | list[dict[str, str]]:
             raise fail("prompt", "empty prompt")
         return _check_text(value, "prompt", fail)
     if isinstance(value, list):
-        return _parse_chat(value, "prompt", fail)
+        return _check_prompt_end(_parse_chat(value, "prompt", fail), "prompt", fail)
     raise fail("prompt", f"must be a string or a list of chat messages, "
                          f"got {type_name(value)}")
 
@@ -392,11 +392,29 @@ def _split_messages(value: Any, fail) -> tuple[list[dict[str, str]], str | None]
         raise fail("messages", f"must be a list of chat messages, got {type_name(value)}")
     messages = _parse_chat(value, "messages", fail)
     if messages[-1]["role"] != "assistant":
-        return messages, None
+        return _check_prompt_end(messages, "messages", fail), None
     if len(messages) == 1:
         raise fail("messages", "holds only an assistant message; there is no prompt")
     _check_text_reply(messages[-1], f"messages[{len(messages) - 1}]", fail)
     return messages[:-1], messages[-1]["content"]
+
+
+# the last prompt turns a response can follow, as TRL's apply_chat_template decides: a
+# generation prompt after a user or tool turn, the assistant's own turn continued (a prefill)
+_PROMPT_ENDS = ("user", "tool", "assistant")
+
+
+def _check_prompt_end(messages: list[dict], field: str, fail) -> list[dict]:
+    """A chat prompt ends where a response can follow (_PROMPT_ENDS). After a final system
+    turn the template would open an assistant turn the system message never asked for,
+    trained on as if it had; TRL raises there ("Invalid role in the last message")."""
+    role = messages[-1]["role"]
+    if role not in _PROMPT_ENDS:
+        raise fail(f"{field}[{len(messages) - 1}].role",
+                   f"the prompt ends with a '{role}' message; a response follows a user or "
+                   "tool turn, or continues a final assistant turn (a prefill): end the "
+                   "prompt with one, as TRL requires")
+    return messages
 
 
 def _parse_chat(messages: list, field: str, fail) -> list[dict[str, str]]:

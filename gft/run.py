@@ -40,6 +40,7 @@ from gft.runpaths import base_as_stored, looks_local, stored_config
 from gft.rollout import PreparedPrompts, check_token_ids, prepare_prompts
 from gft.signals import GracefulStop, Interrupted, signal_name
 from gft.stages import describe, plan_stages, plan_warnings
+from gft.stops import unsaved_stops_note
 from gft.tracking import Trackers, open_trackers
 from gft.types import Example
 
@@ -342,9 +343,9 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     backend = open_backend(cfg, model_path, comm, snapshot)
     if snapshot:  # adapters name the hub id as their base, not this machine's cache
         backend.base_name = cfg.model
-    note = dtype_note(cfg, model_path)
-    if note:
-        console.print(f"[yellow]{note}", highlight=False)
+    for note in (dtype_note(cfg, model_path), unsaved_stops_note(backend.stops)):
+        if note:
+            console.print(f"[yellow]{note}", highlight=False)
     if load_optimizer:
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
     data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)

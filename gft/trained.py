@@ -122,13 +122,16 @@ def eval_defaults(model_dir: str, left: set[str], asked: dict[str, Any]) -> tupl
 
 def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
     """(data, split) the run of a gft model in its run directory held out for its
-    in-training evaluation, found on this machine: its eval_data (a file, or a
-    directory's eval_split), else its data directory's or Hub data set's eval_split.
-    `split`: the one asked for (None: the run's eval_split). None when the folder is not
-    in a gft run directory or the run used the embedded task (the caller's default).
-    A ConfigError when the run's held-out rows cannot be named: its data is not on this
-    machine, or it is one file (held out by eval_holdout, which gft eval cannot redo)."""
+    in-training evaluation, found on this machine as gft/run.py held_out_rows found it:
+    its eval_data (a file; a directory's or Hub data set's eval_split, else valid; or a
+    split name of its data), else its data directory's or Hub data set's eval_split, else
+    valid. `split`: the one asked for (None: the run's). None when the folder is not in a
+    gft run directory or the run used the embedded task (the caller's default).
+    A ConfigError naming the run when its held-out rows cannot be named: its data is not
+    on this machine, is one file, or has no held-out split (the run held out rows by
+    eval_holdout, which gft eval cannot pick out again, or evaluated nothing)."""
     from gft.checkpoint import run_dir_of
+    from gft.data import is_data_file
     from gft.errors import ConfigError
     from gft.runpaths import looks_local
     path = Path(model_dir)
@@ -137,21 +140,84 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
         return None  # copied out of its run: where its data lay is unknown here
     run = trained_settings(model_dir, ["data", "eval_data", "eval_split"])
     run_split = run.get("eval_split") if isinstance(run.get("eval_split"), str) else "test"
-    for key in ("eval_data", "data"):
-        value = run.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        if not looks_local(value):
-            return value, split or run_split  # a Hub data set: its own splits
+    ask = "pass --data FILE, or --data DIR --split NAME, with held-out rows"
+
+    def local(key: str, value: str) -> Path:
         found = Path(value).expanduser()
         if not found.is_absolute():  # stored relative: inside the run directory
             found = run_dir_of(path) / found
         if not found.exists():
             raise ConfigError(f"{model_dir}: its run evaluated on {key} {value}, which is not "
-                              "on this machine; pass --data")
-        if key == "data" and not found.is_dir():
-            raise ConfigError(f"{model_dir}: its run trained on one file, {value}, which "
-                              "has no held-out split (rows its eval_holdout set aside are not "
-                              "picked out again here); pass --data with held-out rows")
-        return str(found), split or run_split
-    return None
+                              f"on this machine; {ask}")
+        return found
+
+    def pick(data: str, key: str) -> tuple[str, str]:
+        if split is not None or is_data_file(data):
+            return data, split or run_split  # a file is one split; a split asked is used
+        from gft.data import load_split
+        for name in dict.fromkeys([run_split, "valid"]):
+            if load_split(data, name, required=False):
+                return data, name
+        raise ConfigError(f"{model_dir}: its run's {key} {data} has no held-out split "
+                          f"('{run_split}' or 'valid'): the run evaluated on rows "
+                          f"eval_holdout set aside from training, or on none; {ask}")
+
+    eval_data, data = run.get("eval_data"), run.get("data")
+    data = data if isinstance(data, str) and data else None
+    if isinstance(eval_data, str) and eval_data:
+        if not looks_local(eval_data) and "/" not in eval_data and data is not None \
+                and not is_data_file(data):  # a split name of the run's data directory
+            return str(local("data", data)), split or eval_data
+        if not looks_local(eval_data):
+            return pick(eval_data, "eval_data")  # a Hub data set: its own splits
+        return pick(str(local("eval_data", eval_data)), "eval_data")
+    if data is None:
+        return None
+    if not looks_local(data):
+        return pick(data, "data")
+    found = local("data", data)
+    if not found.is_dir():
+        raise ConfigError(f"{model_dir}: its run trained on one file, {data}, which "
+                          "has no held-out split (rows its eval_holdout set aside are not "
+                          f"picked out again here); {ask}")
+    return pick(str(found), "data")
+
+
+def sampling_note(model_dir: str) -> str | None:
+    """One line when the model's generation_config.json asks for sampling (do_sample, as
+    transformers' generate() and vLLM follow it): `gft generate` decodes greedily unless
+    --temperature is given, as mlx-lm's generate does, so the user is told which options
+    sample as the file says. None when the file asks for nothing of the kind."""
+    import json
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("do_sample") is not True:
+        return None
+    def number(key: str, low: float, high: float) -> float | None:
+        value = config.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return value if ok and low < value <= high else None
+    temperature, top_p = number("temperature", 0, float("inf")), number("top_p", 0, 1)
+    top_k = number("top_k", 0, float("inf"))
+    said, options = [], [f"--temperature {temperature or 1.0:g}"]
+    if temperature is not None:
+        said.append(f"temperature {temperature:g}")
+    if top_p is not None:
+        said.append(f"top_p {top_p:g}")
+        options += [f"--top-p {top_p:g}"] * (top_p < 1)
+    if top_k is not None:
+        said.append(f"top_k {top_k:g}")
+    penalty = number("repetition_penalty", 0, float("inf"))
+    if penalty == 1:
+        penalty = None
+    if penalty is not None:
+        said.append(f"repetition_penalty {penalty:g}")
+    dropped = [k for k, v in (("top_k", top_k), ("repetition_penalty", penalty)) if v is not None]
+    skipped = (f" ({' and '.join(dropped)} {'is' if len(dropped) == 1 else 'are'} not applied: "
+               "gft samples with temperature and top_p)") if dropped else ""
+    return (f"note: {path} samples (do_sample{': ' + ', '.join(said) if said else ''}), as "
+            "transformers' generate() would; gft generate decodes greedily unless told, as "
+            f"mlx-lm's does: add {' '.join(options)} to sample as it says{skipped}")

@@ -47,6 +47,42 @@ def test_generate_greedy_is_deterministic(model_dir):
     assert a.output == b.output and len(a.output.splitlines()) >= 1
 
 
+def test_generate_names_the_sampling_a_generation_config_asks_for(model_dir, tmp_path):
+    """A generation_config.json with do_sample (Qwen's, Llama 3's: what transformers'
+    generate() follows) is named in one note with the options that sample as it says:
+    gft generate stays greedy by default, as mlx-lm's generate is. Before, the file's
+    sampling was dropped in silence. A --temperature given says nothing more."""
+    import shutil
+    model = tmp_path / "m"
+    shutil.copytree(model_dir, model)
+    path = model / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "do_sample": True,
+                                "temperature": 0.6, "top_p": 0.9, "top_k": 20,
+                                "repetition_penalty": 1.05}))
+    args = ["generate", str(model), "-p", "Hello", "--max-new-tokens", "5", "--backend", "torch"]
+    greedy = CliRunner().invoke(main, ["generate", str(model_dir), *args[2:]])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    note, *lines = result.output.splitlines()
+    assert note == (f"note: {path} samples (do_sample: temperature 0.6, top_p 0.9, top_k 20, "
+                    "repetition_penalty 1.05), as transformers' generate() would; gft generate "
+                    "decodes greedily unless told, as mlx-lm's does: add --temperature 0.6 "
+                    "--top-p 0.9 to sample as it says (top_k and repetition_penalty are not "
+                    "applied: gft samples with temperature and top_p)")
+    assert lines == greedy.output.splitlines()  # still greedy
+    sampled = CliRunner().invoke(main, args + ["--temperature", "0.6", "--top-p", "0.9"])
+    assert sampled.exit_code == 0 and "note:" not in sampled.output
+    # a LoRA adapter has no generation config: its base's applies, as in transformers
+    from backends import load_backend
+    from gft.checkpoint import save_checkpoint
+    from gft.lora import LoraConfig
+    adapter = save_checkpoint(load_backend("torch", str(model), lora=LoraConfig(
+        4, 8.0, targets=("q_proj",))), tmp_path / "adapter", {"config": {}, "loop": {}})
+    result = CliRunner().invoke(main, ["generate", str(adapter), *args[2:]])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == note
+
+
 @pytest.mark.parametrize("command", ["generate", "eval"])
 def test_base_with_a_model_that_is_no_adapter_is_refused(model_dir, command):
     """--base names an adapter's base model; with a full model it was ignored in silence,
@@ -382,3 +418,40 @@ def test_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp_path, monkeypat
     result = CliRunner().invoke(main, ["generate", str(adapter), *args])
     assert result.exit_code == 0, result.output
     assert result.output == free[:free.index(stop) + 1] + "\n"
+
+
+def test_eval_on_a_runs_model_finds_the_split_its_run_held_out(tmp_path, model_dir):
+    """`gft eval RUN/final` without --data takes the rows its run evaluated on, found as
+    the run found them: the data directory's eval_split, else valid, or eval_data naming
+    a split. Before, it asked for 'test' whatever the run used and failed with data.py's
+    generic 'no test split'; a directory with no held-out split at all (the run held rows
+    out by eval_holdout, or evaluated nothing) now says so, naming the run and --data."""
+    import shutil
+    import yaml
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps({"prompt": f"Q{i}: say yes\nA:", "answer": "yes"}) + "\n"
+                   for i in range(3))
+    (data / "train.jsonl").write_text(rows)
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    args = ["eval", str(run / "final"), "--backend", "torch", "--max-new-tokens", "2",
+            "--json", "--rewards", "exact"]
+
+    def evaluate(config: dict) -> list[str]:
+        (run / "config.yaml").write_text(yaml.safe_dump(config))
+        return CliRunner().invoke(main, args).output.splitlines()
+
+    said = evaluate({"data": str(data), "eval_holdout": 0.1})
+    assert said == [f"error: {run / 'final'}: its run's data {data} has no held-out split "
+                    "('test' or 'valid'): the run evaluated on rows eval_holdout set aside "
+                    "from training, or on none; pass --data FILE, or --data DIR --split NAME, "
+                    "with held-out rows"]
+    (data / "valid.jsonl").write_text(rows[:rows.index("\n") + 1])  # the run fell back to it
+    note, line = evaluate({"data": str(data)})
+    assert f"--data {data} --split valid (its held-out data)" in note
+    assert json.loads(line)["n"] == 1
+    (data / "dev.jsonl").write_text(rows)  # eval_data naming a split of the data directory
+    note, line = evaluate({"data": str(data), "eval_data": "dev"})
+    assert f"--data {data} --split dev (its held-out data)" in note
+    assert json.loads(line)["n"] == 3

@@ -104,6 +104,29 @@ def test_generation_config_eos_ids_int_list_or_absent(tmp_path):
     assert generation_eos_ids(tmp_path) == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_a_generation_config_the_eos_ids_of_config_json_end_rows(backend, model_dir,
+                                                                         tmp_path):
+    """A folder with no generation_config.json (or one naming no eos) whose config.json
+    lists eos ids, as mlx-lm's load reads them and transformers builds its generation
+    config from them: gft ended rows at the tokenizer's EOS only and ran on."""
+    if backend == "mlx":
+        pytest.importorskip("mlx_lm")
+    free = load_backend(backend, str(model_dir)).generate(PROMPTS, GREEDY, 0)
+    a, i, _, _ = _two_stop_ids(free)
+    bare = tmp_path / "bare"
+    shutil.copytree(model_dir, bare)
+    (bare / "generation_config.json").unlink()
+    config = json.loads((bare / "config.json").read_text())
+    (bare / "config.json").write_text(json.dumps({**config, "eos_token_id": [EOS_ID,
+                                                                             free[a][i]]}))
+    be = load_backend(backend, str(bare))
+    assert be.generate(PROMPTS, GREEDY, 0)[a] == free[a][:i + 1]
+    if sys.platform != "win32":
+        import mlx_lm
+        assert mlx_lm.load(str(bare))[1].eos_token_ids == be.stops.ids
+
+
 def test_model_stops_joins_tokenizer_generation_config_and_stop_key(tmp_path):
     tok = byte_tokenizer()
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS_ID, 10]}))
@@ -224,3 +247,99 @@ def test_generate_and_eval_end_where_the_run_stopped(tmp_path, monkeypatch):
     assert run() == cut
     other = free[printable[0]]  # --stop adds to the run's; one byte: a stop id
     assert printable[0] < at and run("--stop", other) == free[:printable[0] + 1]
+
+
+def _greedy_hf(model_dir, prompt: list[int], n: int = 12) -> list[int]:
+    """transformers' own greedy generate from the folder, as a user would call it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), do_sample=False, max_new_tokens=n)
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_checkpoint_tells_transformers_and_mlx_lm_where_the_run_stopped(model_dir, tmp_path):
+    """A run's one-token stops are listed after the model's own eos ids in the saved
+    generation_config.json (every other field as the model had it), so transformers'
+    GenerationConfig and generate() and mlx_lm.load end there too; the multi-token one
+    cannot be listed and stays in gft.json only. Before, the file kept the model's EOS
+    alone and both libraries ran on past where the run's rollouts ended."""
+    from gft.checkpoint import MODEL_RECORD, save_checkpoint
+    from gft.stops import STOP_EOS_KEY
+    tok = byte_tokenizer()
+    # a printable byte a greedy row first emits at position at > 0: a one-token stop string
+    prompt, free, at, token = next(
+        (p, free, i, t) for p in PROMPTS for free in [_greedy_hf(model_dir, p)]
+        for i, t in enumerate(free) if 0 < i and 32 < t < 127 and t not in free[:i]
+        and EOS_ID not in free[:i + 1])
+    text = tok.decode([token])
+    assert tok(text, add_special_tokens=False).input_ids == [token]
+    stop = [text, "a longer stop"]
+    be = load_backend("torch", str(model_dir), stop=stop, train=False)
+    saved = save_checkpoint(be, tmp_path / "ck", {"config": {"stop": stop}, "loop": {"step": 1}})
+    def read(folder):  # save_pretrained adds the transformers version that wrote it
+        config = json.loads((folder / "generation_config.json").read_text())
+        return {k: v for k, v in config.items() if k != "transformers_version"}
+    before, after = read(model_dir), read(saved)
+    assert after == {**before, "eos_token_id": [EOS_ID, token]}
+    assert json.loads((saved / MODEL_RECORD).read_text())[STOP_EOS_KEY] == [token]
+    from transformers import GenerationConfig
+    assert GenerationConfig.from_pretrained(saved).eos_token_id == [EOS_ID, token]
+    assert _greedy_hf(saved, prompt) == free[:at + 1]  # transformers stops there now
+    if sys.platform != "win32":
+        import mlx_lm
+        assert mlx_lm.load(str(saved))[1].eos_token_ids == {EOS_ID, token}
+        ran, ended = (mlx_lm.generate(*mlx_lm.load(str(folder)), prompt=prompt, max_tokens=12)
+                      for folder in (model_dir, saved))
+        assert ended == tok.decode(free[:at]) and ran.startswith(ended) and ran != ended
+        on_mlx = save_checkpoint(load_backend("mlx", str(model_dir), stop=stop, train=False),
+                                 tmp_path / "ck-mlx", {"config": {"stop": stop}, "loop": {}})
+        assert read(on_mlx) == after  # the MLX backend's checkpoints say the same
+    # a run from this folder without the stop starts from the model's own ids again
+    again = load_backend("torch", str(saved), train=False)
+    assert token not in again.stops.ids and again.stops.eos == (EOS_ID,)
+    resaved = save_checkpoint(again, tmp_path / "ck2", {"config": {}, "loop": {"step": 2}})
+    assert read(resaved) == before
+    assert STOP_EOS_KEY not in json.loads((resaved / MODEL_RECORD).read_text())
+
+
+def test_a_multi_token_stop_is_named_once_in_the_runs_log():
+    """generation_config.json holds ids only: the run's log says which stops only gft
+    reads from the saved folder, and how to give them to transformers."""
+    from gft.stops import unsaved_stops_note
+    tok = byte_tokenizer()
+    assert unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", 7])) is None
+    note = unsaved_stops_note(model_stops(tok, "/nonexistent", ["\n", "</a>"]))
+    assert note.startswith("note: stop '</a>': more than one token") and "stop_strings" in note
+
+
+def test_gft_fuse_lists_the_adapters_one_token_stops(model_dir, tmp_path):
+    """An adapter folder has no generation_config.json (transformers and mlx-lm read the
+    base's), so `gft fuse` writes the adapter's run's one-token stops into the fused
+    model's, after the base's own eos ids, as a full model's checkpoint lists them."""
+    from transformers import GenerationConfig
+    from gft.checkpoint import MODEL_RECORD, save_checkpoint
+    from gft.convert import fuse
+    from gft.lora import LoraConfig
+    from gft.stops import STOP_EOS_KEY
+    stop = ["n", 33, "a longer stop"]
+    be = load_backend("torch", str(model_dir), stop=stop,
+                      lora=LoraConfig(4, 8.0, targets=("q_proj", "v_proj")))
+    adapter = save_checkpoint(be, tmp_path / "adapter", {"config": {"stop": stop}, "loop": {}})
+    assert not (adapter / "generation_config.json").exists()
+    fuse(adapter, tmp_path / "fused", base=str(model_dir))
+    assert GenerationConfig.from_pretrained(tmp_path / "fused").eos_token_id == \
+        [EOS_ID, ord("n"), 33]
+    record = json.loads((tmp_path / "fused" / MODEL_RECORD).read_text())
+    assert record["stop"] == stop and record[STOP_EOS_KEY] == [ord("n"), 33]
+    # fused into a base whose own run added an id its stop named: the adapter's run did
+    # not stop there (it started from the base's own ids), so the fused model does not
+    base = tmp_path / "base"
+    shutil.copytree(model_dir, base)
+    _set_eos(base, [EOS_ID, 44])
+    (base / MODEL_RECORD).write_text(json.dumps({"stop": [44], STOP_EOS_KEY: [44]}))
+    plain = save_checkpoint(load_backend("torch", str(base), lora=LoraConfig(
+        4, 8.0, targets=("q_proj",))), tmp_path / "plain", {"config": {}, "loop": {}})
+    fuse(plain, tmp_path / "fused-2", base=str(base))
+    assert GenerationConfig.from_pretrained(tmp_path / "fused-2").eos_token_id == EOS_ID

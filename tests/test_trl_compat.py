@@ -261,6 +261,29 @@ def test_a_prefilled_prompt_renders_as_trl_renders_it(tmp_path, tokenizer):
     assert trl_text.endswith("<think>")
 
 
+@pytest.mark.parametrize("row, field", [
+    ({"prompt": CHAT[1:] + [SYSTEM]}, "prompt[1].role"),
+    ({"prompt": [SYSTEM], "completion": [REPLY]}, "prompt[0].role"),
+    ({"messages": CHAT + [REPLY, SYSTEM]}, "messages[3].role"),
+])
+def test_a_prompt_ending_with_a_system_message_is_refused(tmp_path, tokenizer, row, field):
+    """A response follows a user or tool turn, or continues an assistant prefill; TRL
+    raises on any other last role. gft rendered a generation prompt after the system
+    message and trained the response as its answer."""
+    data_utils = pytest.importorskip("trl.data_utils")
+    if "prompt" in row:  # TRL's own decision on the same row
+        with pytest.raises(ValueError, match="Invalid role in the last message: system"):
+            data_utils.apply_chat_template(row, tokenizer)
+    with pytest.raises(DataError, match=rf"/rows.jsonl:1: field '{re.escape(field)}': the "
+                                        "prompt ends with a 'system' message; "):
+        load_one(tmp_path, row)
+    # and gft generate's chat prompt, checked as a data row is
+    result = CliRunner().invoke(main, ["generate", "nowhere", "-p", json.dumps(
+        CHAT[1:] + [SYSTEM])])
+    assert result.exit_code == 2 and result.output.startswith(
+        "error: --prompt:1: field 'prompt[1].role': the prompt ends with a 'system' message")
+
+
 # TRL's tool-calling rows: an assistant turn that only calls a tool has no content
 TOOL_CHAT = [{"role": "user", "content": "Weather in Paris?"},
              {"role": "assistant", "tool_calls": [{"type": "function", "function": {
