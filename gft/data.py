@@ -50,6 +50,8 @@ _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "valid
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
 # Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
 _RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state")
+# The columns gft reads as text: a CSV reader keeps them as written (gft/datafiles.py).
+_TEXT_COLUMNS = ("prompt", "messages", "text", *_RESPONSE_FIELDS, "answer")
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +86,8 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
         if required:
             raise DataError("no such file", path=str(path))
         return []
-    return _examples_from_rows(read_file(path), str(path), answer_column)
+    return _examples_from_rows(read_file(path, (*_TEXT_COLUMNS, answer_column)),
+                               str(path), answer_column)
 
 
 def is_data_file(path: str | os.PathLike) -> bool:
@@ -254,8 +257,9 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                                     len(f) > 1 else "") for f in found) + "; keep one",
                         path=str(directory))
     if found:
-        return [example for file in found[0]
-                for example in _examples_from_rows(read_file(file), str(file), answer_column)]
+        text = (*_TEXT_COLUMNS, answer_column)
+        return [example for file in found[0] for example in
+                _examples_from_rows(read_file(file, text), str(file), answer_column)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
         return _load_saved_dataset(directory, split, required, answer_column)
     if not required:

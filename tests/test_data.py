@@ -480,6 +480,35 @@ def test_csv_text_that_pandas_calls_missing_stays_text(tmp_path, datasets):
         ("Is there one?", "None"), ("Which?", "NA"), ("null", "nan"), ("Empty?", None)]
 
 
+def test_csv_text_columns_stay_as_written(tmp_path, datasets):
+    """A CSV has no types, but pandas reads a column of digits as numbers: a prompt
+    "1234" was an int (refused), answers "007" and "1.50" became "7" and "1.5". gft's
+    own columns (the answer_column too) stay text as written; other columns keep
+    pandas' types, which reward functions get under TRL too (load_dataset("csv"))."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion,solution,level\n1234,0042,007,3\n"
+                    "12+7,19,1.50,4\n")
+    examples = load_split(path, answer_column="solution")
+    assert [(e.prompt, e.responses, e.answer) for e in examples] == [
+        ("1234", ("0042",), "007"), ("12+7", ("19",), "1.50")]
+    assert [e.columns for e in examples] == [{"solution": "007", "level": 3},
+                                            {"solution": "1.50", "level": 4}]
+
+
+def test_large_csv_answer_column_of_digits_then_text(tmp_path, datasets):
+    """pandas types a CSV 10,000 rows at a time: an answer column of digits that held
+    text further down failed to load. A column that is not gft's names the cause."""
+    path = tmp_path / "d.csv"
+    rows = [f"q{i},{i:03d},{i}" for i in range(10_000)] + ["q,x,y"]
+    path.write_text("prompt,answer,extra\n" + "\n".join(rows[:10_000]) + "\nq,x,1\n")
+    examples = load_split(path)
+    assert (examples[0].answer, examples[-1].answer, len(examples)) == ("000", "x", 10_001)
+    path.write_text("prompt,answer,extra\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv", "'y'", "10,000 rows at a time")
+
+
 def test_csv_non_utf8_names_line(tmp_path, datasets):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
