@@ -28,7 +28,7 @@ from gft.evaluate import evaluate
 from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
-                         peak_memory, step_line)
+                         peak_memory, step_line, trl_metrics)
 from gft.objective import zero_variance_fraction
 from gft.rewards import TrainerState, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
@@ -171,7 +171,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     m: dict[str, Any] = metrics_from_sums(summed)
     m.update(function_means(summed))
     if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
-        m = {k: v for k, v in m.items() if not k.startswith(("reward/", "accuracy/"))}
+        m = {k: v for k, v in m.items()
+             if not k.startswith(("reward/", "reward_std/", "accuracy/"))}
     rollout_tokens = float(total[len(sums)])
     per_update = total[len(sums) + 1:].reshape(-1, 3)
     update_tokens = float(per_update[:, 2].sum())
@@ -187,6 +188,7 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         "update_tok_s": update_tokens / max(t3 - t2, 1e-9),
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
     })
+    m.update(trl_metrics(m))
     sample = next((s for s in seqs if s.on_policy), seqs[0] if seqs else None)
     if sample is not None:
         m["_sample"] = {"prompt": rows[sample.group].prompt, "completion": sample.text,
