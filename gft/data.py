@@ -134,6 +134,7 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     else:
         raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
                              "or 'messages' (a chat)" + _what_it_has(row))
+    _check_spaced_names(row, answer_column, fail)  # after the prompt: its own message
     responses, response_field = _parse_responses(row, fail)
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
@@ -155,6 +156,17 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     return Example(prompt=prompt, responses=responses,
                    answer=_parse_answer(answer, fail, answer_column, bool_answers),
                    columns=columns, source=f"{path}:{line}")
+
+
+def _check_spaced_names(row: dict, answer_column: str, fail) -> None:
+    """A column whose name is one of gft's but for spaces around it: a CSV header written
+    'prompt, answer' gives a column ' answer', and the answer was lost in silence (None,
+    and ' answer' passed to rewards as another column)."""
+    for key in row:
+        name = key.strip() if isinstance(key, str) else key
+        if name != key and name in (*_TEXT_COLUMNS, answer_column):
+            raise fail(key, f"a column named {key!r} (a space around '{name}'; a CSV header "
+                            f"written with spaces after its commas?): name it '{name}'")
 
 
 def _column_value(row: dict, column: str) -> Any:

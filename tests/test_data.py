@@ -509,6 +509,16 @@ def test_large_csv_answer_column_of_digits_then_text(tmp_path, datasets):
     assert_error(excinfo, "d.csv", "'y'", "10,000 rows at a time")
 
 
+def test_a_csv_header_with_spaces_after_its_commas_is_named(tmp_path, datasets):
+    """'prompt, answer' (a hand-written header) gave a column ' answer': the answer was
+    None in silence and ' answer' went to reward functions as another column."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt, answer\nWhat is 2+2?, 4\n")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv:0", "' answer'", "name it 'answer'")
+
+
 def test_csv_non_utf8_names_line(tmp_path, datasets):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
