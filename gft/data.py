@@ -483,7 +483,11 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
     if field == "completion":
         return (_response_text(value, field, fail),), field
     if not isinstance(value, list):
-        raise fail(field, f"must be a list of responses, got {type_name(value)}")
+        # pandas' to_csv writes a list as its repr: a CSV cell holds text only
+        written = " (a list written as text, as a CSV cell holds one: save the data as " \
+                  "JSON Lines or Parquet, which keep lists)" \
+            if isinstance(value, str) and value.lstrip().startswith("[") else ""
+        raise fail(field, f"must be a list of responses, got {type_name(value)}{written}")
     return tuple(_response_text(item, f"{field}[{index}]", fail)
                  for index, item in enumerate(value)), field
 

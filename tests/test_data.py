@@ -519,6 +519,17 @@ def test_a_csv_header_with_spaces_after_its_commas_is_named(tmp_path, datasets):
     assert_error(excinfo, "d.csv:0", "' answer'", "name it 'answer'")
 
 
+def test_a_list_column_written_to_csv_says_csv_holds_text(tmp_path, datasets):
+    """pandas' to_csv writes a list as its repr "['a', 'b']": 'got string' alone left the
+    user to guess why."""
+    import pandas
+    path = tmp_path / "d.csv"
+    pandas.DataFrame({"prompt": ["q"], "completions": [["a", "b"]]}).to_csv(path, index=False)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv:0", "field 'completions'", "got string", "JSON Lines or Parquet")
+
+
 def test_csv_non_utf8_names_line(tmp_path, datasets):
     path = tmp_path / "d.csv"
     path.write_bytes(b"prompt,answer\nok,1\nbad \xff,2\n")
