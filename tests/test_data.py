@@ -347,6 +347,26 @@ def test_empty_dataset_responses_are_counted_before_training(tmp_path):
     assert said(preset="grpo") == ""  # K=0: no dataset response is trained on
 
 
+def test_a_system_column_beside_a_text_prompt_is_said(tmp_path):
+    """mlx-lm-lora's GRPO rows {"prompt", "answer", "system"} put `system` in the prompt;
+    gft passed it to rewards only, and the system prompt was dropped in silence."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "2+2?", "answer": "4", "system": "Think first."},
+        {"prompt": CHAT, "answer": "4", "system": "Think first."},
+        {"prompt": "3+3?", "answer": "6"}])
+    out = io.StringIO()
+    check_trainable(build_config({"model": "m", "data": str(path), "preset": "grpo"}),
+                    load_split(path), Console(file=out, width=400))
+    said = out.getvalue().strip()
+    assert said.startswith(f"warning: 1 of 3 training rows have a 'system' column beside a "
+                           f"text prompt (the first: {path}:1)"), said
+    assert "chat messages" in said and "\n" not in said
+
+
 def test_groups_of_one_dataset_response_without_rollouts_are_said(tmp_path):
     """gft with num_rollouts: 0 on rows with one completion: every group is one response,
     no baseline, no update; the run trained nothing and said so only at the end."""
