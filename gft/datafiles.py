@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import io
 import json
 import zlib
 from pathlib import Path
@@ -54,7 +53,7 @@ def read_file(path: Path, text_columns: Iterable[str] = ()) -> Iterator[Row]:
         sep = _csv_delimiter(text)
         return _read_with_datasets(path, "csv", sep=sep, keep_default_na=False,
                                    na_values=[""],
-                                   converters=_csv_converters(text, sep, text_columns))
+                                   converters=_csv_converters(path, sep, text_columns))
     return _read_with_datasets(path, "parquet")
 
 
@@ -68,7 +67,7 @@ def _csv_delimiter(text: str) -> str:
     return next((sep for sep in (";", "\t") if sep in header), ",")
 
 
-def _csv_converters(text: str, sep: str, text_columns: Iterable[str]) -> dict[str, Any]:
+def _csv_converters(path: Path, sep: str, text_columns: Iterable[str]) -> dict[str, Any]:
     """`str` for each of text_columns the header has: a CSV has no types, and pandas reads
     a column of digits as numbers, so a prompt "1234" was an int (refused) and an answer
     "007" or "1.50" lost its text ("7", "1.5"). Read through a converter a cell stays as
@@ -76,10 +75,9 @@ def _csv_converters(text: str, sep: str, text_columns: Iterable[str]) -> dict[st
     large file, which pandas types chunk by chunk (digits in the first 10,000 rows, then
     text, failed). Other columns keep pandas' types, which reward functions get under
     TRL too (`load_dataset("csv")`)."""
-    import pandas  # datasets' own dependency; reads the header row alone
-    try:
-        header = pandas.read_csv(io.StringIO(text.removeprefix("\ufeff")), sep=sep,
-                                 nrows=0).columns
+    import pandas  # datasets' own dependency; reads the header row alone, from the file
+    try:           # (a copy of a large file's text would cost memory)
+        header = pandas.read_csv(path, sep=sep, nrows=0, encoding="utf-8-sig").columns
     except Exception:  # a malformed header: datasets' read below reports it
         return {}
     wanted = set(text_columns)

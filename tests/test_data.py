@@ -513,6 +513,10 @@ def test_csv_text_columns_stay_as_written(tmp_path, datasets):
         ("1234", ("0042",), "007"), ("12+7", ("19",), "1.50")]
     assert [e.columns for e in examples] == [{"solution": "007", "level": 3},
                                             {"solution": "1.50", "level": 4}]
+    # as Excel writes it (a BOM, CRLF), gzip-compressed: the header is read the same way
+    packed = tmp_path / "e.csv.gz"
+    packed.write_bytes(gzip.compress(b"\xef\xbb\xbfprompt,answer\r\n1234,007\r\n"))
+    assert [(e.prompt, e.answer) for e in load_split(packed)] == [("1234", "007")]
 
 
 def test_large_csv_answer_column_of_digits_then_text(tmp_path, datasets):
