@@ -6,7 +6,8 @@ text fields such as `preset` and non-finite values, which JSON writes as null, a
 out), except that TensorBoard, W&B and trackio get the TRL-named ones (gft/metrics.py
 TRL_NAMES: `learning_rate`, `reward`, ...; and `loss`, `grad_norm`, `entropy` besides
 their own) under `train/`, where transformers' callbacks put a TRL run's, so one chart
-holds both (tracker_numbers); MLflow's callback adds no prefix, nor does gft there
+holds both (tracker_numbers; W&B and trackio also get train/global_step, TRL runs'
+x-axis there); MLflow's callback adds no prefix, nor does gft there
 (and `reward` is left out there: its file store cannot hold it beside `reward/rollout`), and the sample completions of samples.jsonl as a table where the tracker has one
 (W&B, trackio, MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
 tracks (gft/run.py opens trackers on rank 0 alone).
@@ -215,7 +216,9 @@ class WandbTracker:
         self.skip_through = int(self.run.starting_step) - 1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        # TRL runs' charts there are plotted against train/global_step (transformers'
+        # callbacks log it, and W&B's define_metric makes it their x-axis)
+        self.run.log({**metrics, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         table = self.wandb.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(rows))
@@ -246,7 +249,9 @@ class TrackioTracker:
             self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        # TRL runs' charts there are plotted against train/global_step (transformers'
+        # callbacks log it, and W&B's define_metric makes it their x-axis)
+        self.run.log({**metrics, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         table = self.trackio.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(rows))

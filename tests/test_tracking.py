@@ -30,11 +30,15 @@ SAMPLE = {"step": 2, "prompt": [{"role": "user", "content": "2+2?"}], "completio
           "reward": 1.0, "answer": "4"}
 
 
-def expected(train_prefix: bool = False) -> dict[tuple[int, str], float]:
+def expected(train_prefix: bool = False, global_step: bool = False
+             ) -> dict[tuple[int, str], float]:
     """(step, key) -> value of every number the trackers must hold; train_prefix: TRL's
-    names under train/, as transformers' callbacks write them (TensorBoard, W&B, trackio)."""
-    return {(r["step"], k): v for r in RECORDS
-            for k, v in tracker_numbers(scalars(r), train_prefix).items()}
+    names under train/, as transformers' callbacks write them (TensorBoard, W&B, trackio);
+    global_step: train/global_step as well, TRL runs' x-axis in W&B and trackio."""
+    out = {(r["step"], k): v for r in RECORDS
+           for k, v in tracker_numbers(scalars(r), train_prefix).items()}
+    return out | ({(r["step"], "train/global_step"): r["step"] for r in RECORDS}
+                  if global_step else {})
 
 
 def log_all(trackers: Trackers) -> None:
@@ -174,7 +178,7 @@ def test_offline_wandb_run_holds_the_metrics(tmp_path, monkeypatch):
                         if not k.startswith(("_", "samples"))})
         if items.get("samples/_type") == "table-file":
             tables.append((step, items["samples/path"], items["samples/nrows"]))
-    assert numbers == pytest.approx(expected(train_prefix=True))
+    assert numbers == pytest.approx(expected(train_prefix=True, global_step=True))
     assert tables and tables[0][0] == 2 and tables[0][2] == 1
     table = json.loads(next((tmp_path / "wandb").glob(f"offline-run-*/files/{tables[0][1]}"))
                        .read_text())
@@ -206,7 +210,7 @@ def test_trackio_local_run_holds_the_metrics(tmp_path):
     logs = json.loads(line[5:])
     numbers = {(r["step"], k): v for r in logs for k, v in r.items()
                if k not in ("step", "timestamp", "samples") and isinstance(v, (int, float))}
-    assert numbers == pytest.approx(expected(train_prefix=True))
+    assert numbers == pytest.approx(expected(train_prefix=True, global_step=True))
     [table] = [r["samples"] for r in logs if "samples" in r]
     assert table["_type"] == "trackio.table" and table["_value"][0]["completion"] == "4"
 
