@@ -7,9 +7,10 @@ out), except that TensorBoard, W&B and trackio get the TRL-named ones (gft/metri
 TRL_NAMES: `learning_rate`, `reward`, ...; and `loss`, `grad_norm`, `entropy` besides
 their own) under `train/`, where transformers' callbacks put a TRL run's, so one chart
 holds both (tracker_numbers; W&B and trackio also get train/global_step, TRL runs'
-x-axis there); MLflow's callback adds no prefix, nor does gft there
-(and `reward` is left out there: its file store cannot hold it beside `reward/rollout`), and the sample completions of samples.jsonl as a table where the tracker has one
-(W&B, trackio, MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
+x-axis there); MLflow's callback adds no prefix, nor does gft there (and `reward` is
+left out there: its file store cannot hold it beside `reward/rollout`). The sample
+completions of samples.jsonl go as a table where the tracker has one (W&B, trackio,
+MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
 tracks (gft/run.py opens trackers on rank 0 alone).
 
 Offline and local modes are the trackers' own: WANDB_MODE=offline (or `wandb offline`),
