@@ -202,3 +202,38 @@ def test_an_mlx_run_from_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp
     result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1", "--backend", "mlx",
                                        "--max-new-tokens", "2"])
     assert result.exit_code == 0 and asked == ["someone/tiny"] * 4, result.output
+
+
+def test_a_torch_run_from_an_adapter_over_a_hub_base_loads_it_by_id(tmp_path):
+    """The same adapter on torch: transformers reads a hub id itself (here from a Hugging
+    Face cache laid out as the hub fills it, offline); the run's adapter names the id."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from gft.lora import LoraConfig, write_peft_config
+    from gft.tiny import write_tiny_model
+    from tests.helpers import say_yes_data
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    write_tiny_model(repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = json.loads((repo / "snapshots" / "0123abc" / "config.json").read_text())
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight": a
+               for i in range(layers) for w, a in (("A", np.ones((4, d), np.float32)),
+                                                   ("B", np.zeros((d, 4), np.float32)))},
+              str(adapter / "adapter_model.safetensors"))
+    write_peft_config(adapter, LoraConfig(4, 8.0, 0.0, ("q_proj",)), "someone/tiny")
+    # a fresh process: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE on import
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([
+        sys.executable, "-m", "gft", "train", "--backend", "torch", "--model", str(adapter),
+        "--data", str(say_yes_data(tmp_path / "data")), "--preset", "sft", "--max-steps", "1",
+        "-o", str(tmp_path / "run"), "--set", "prompts_per_step=4",
+        "--set", "prompts_per_minibatch=4", "--set", "max_response_tokens=4",
+        "--set", "eval_samples=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "someone/tiny"
