@@ -343,12 +343,9 @@ def _sampler(backend: str, model: str, dtype: str, base: str | None, stop: tuple
                           "names the base model under an adapter")
     trained = trained_stop(model)
     stops = trained + [s for s in _stop_values(stop) if s not in trained]
-    if base is None and is_peft_adapter(model):  # a base named by Hub id, as most are
-        from pathlib import Path
-        from gft.lora import read_peft_config
-        from gft.runpaths import looks_local
-        named = read_peft_config(Path(model))[1]
-        base = named if named and not looks_local(named) else None
+    if base is None:  # an adapter's base named by Hub id, as most are (PEFT, mlx-lm)
+        from gft.hubmodel import adapter_hub_base
+        base = adapter_hub_base(model)
     return load_backend(backend, model, dtype=dtype, base=base and _local_model(base),
                         stop=stops, train=False)
 

@@ -50,6 +50,8 @@ _SPLIT_NAMES = {"valid": ("valid", "validation"), "validation": ("valid", "valid
 _RESPONSE_FIELDS = ("completion", "completions", "responses")
 # Keyword arguments of a reward call (gft/rewards.py) that a data column must not shadow.
 _RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state", "log_metric", "log_extra")
+# The columns gft reads as text: a CSV reader keeps them as written (gft/datafiles.py).
+_TEXT_COLUMNS = ("prompt", "messages", "text", *_RESPONSE_FIELDS, "answer")
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,7 +86,8 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
         if required:
             raise DataError("no such file", path=str(path))
         return []
-    return _examples_from_rows(read_file(path), str(path), answer_column)
+    return _examples_from_rows(read_file(path, (*_TEXT_COLUMNS, answer_column)),
+                               str(path), answer_column)
 
 
 def is_data_file(path: str | os.PathLike) -> bool:
@@ -131,6 +134,7 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     else:
         raise fail("prompt", "missing: give 'prompt' (a string or chat messages) "
                              "or 'messages' (a chat)" + _what_it_has(row))
+    _check_spaced_names(row, answer_column, fail)  # after the prompt: its own message
     responses, response_field = _parse_responses(row, fail)
     used.update({"answer", response_field} - {None})
     if demonstration is not None:
@@ -152,6 +156,17 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     return Example(prompt=prompt, responses=responses,
                    answer=_parse_answer(answer, fail, answer_column, bool_answers),
                    columns=columns, source=f"{path}:{line}")
+
+
+def _check_spaced_names(row: dict, answer_column: str, fail) -> None:
+    """A column whose name is one of gft's but for spaces around it: a CSV header written
+    'prompt, answer' gives a column ' answer', and the answer was lost in silence (None,
+    and ' answer' passed to rewards as another column)."""
+    for key in row:
+        name = key.strip() if isinstance(key, str) else key
+        if name != key and name in (*_TEXT_COLUMNS, answer_column):
+            raise fail(key, f"a column named {key!r} (a space around '{name}'; a CSV header "
+                            f"written with spaces after its commas?): name it '{name}'")
 
 
 def _column_value(row: dict, column: str) -> Any:
@@ -254,8 +269,9 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                                     len(f) > 1 else "") for f in found) + "; keep one",
                         path=str(directory))
     if found:
-        return [example for file in found[0]
-                for example in _examples_from_rows(read_file(file), str(file), answer_column)]
+        text = (*_TEXT_COLUMNS, answer_column)
+        return [example for file in found[0] for example in
+                _examples_from_rows(read_file(file, text), str(file), answer_column)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
         return _load_saved_dataset(directory, split, required, answer_column)
     if not required:
@@ -485,7 +501,11 @@ def _parse_responses(row: dict, fail) -> tuple[tuple[str, ...], str | None]:
     if field == "completion":
         return (_response_text(value, field, fail),), field
     if not isinstance(value, list):
-        raise fail(field, f"must be a list of responses, got {type_name(value)}")
+        # pandas' to_csv writes a list as its repr: a CSV cell holds text only
+        written = " (a list written as text, as a CSV cell holds one: save the data as " \
+                  "JSON Lines or Parquet, which keep lists)" \
+            if isinstance(value, str) and value.lstrip().startswith("[") else ""
+        raise fail(field, f"must be a list of responses, got {type_name(value)}{written}")
     return tuple(_response_text(item, f"{field}[{index}]", fail)
                  for index, item in enumerate(value)), field
 

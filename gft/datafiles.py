@@ -18,7 +18,7 @@ import gzip
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from gft.errors import DataError, first_line
 
@@ -34,8 +34,10 @@ def extension(path: Path) -> str | None:
     return max(matches, key=len) if matches else None
 
 
-def read_file(path: Path) -> Iterator[Row]:
-    """Decoded rows of one data file, by extension."""
+def read_file(path: Path, text_columns: Iterable[str] = ()) -> Iterator[Row]:
+    """Decoded rows of one data file, by extension. text_columns: the CSV columns read as
+    text exactly as written (see _csv_converters); the others are typed as `datasets`
+    types them."""
     kind = extension(path).removesuffix(".gz")
     if kind == ".jsonl":
         return _read_jsonl(path)
@@ -48,8 +50,10 @@ def read_file(path: Path) -> Iterator[Row]:
             return iter(())
         # only an empty cell is missing: pandas' default NA strings would turn an answer
         # "NA", "None" or "null" (and a prompt "nan") into a missing value in silence
-        return _read_with_datasets(path, "csv", sep=_csv_delimiter(text),
-                                   keep_default_na=False, na_values=[""])
+        sep = _csv_delimiter(text)
+        return _read_with_datasets(path, "csv", sep=sep, keep_default_na=False,
+                                   na_values=[""],
+                                   converters=_csv_converters(path, sep, text_columns))
     return _read_with_datasets(path, "parquet")
 
 
@@ -61,6 +65,23 @@ def _csv_delimiter(text: str) -> str:
     if "," in header:
         return ","
     return next((sep for sep in (";", "\t") if sep in header), ",")
+
+
+def _csv_converters(path: Path, sep: str, text_columns: Iterable[str]) -> dict[str, Any]:
+    """`str` for each of text_columns the header has: a CSV has no types, and pandas reads
+    a column of digits as numbers, so a prompt "1234" was an int (refused) and an answer
+    "007" or "1.50" lost its text ("7", "1.5"). Read through a converter a cell stays as
+    written; an empty one is still missing. It also keeps such a column one type over a
+    large file, which pandas types chunk by chunk (digits in the first 10,000 rows, then
+    text, failed). Other columns keep pandas' types, which reward functions get under
+    TRL too (`load_dataset("csv")`)."""
+    import pandas  # datasets' own dependency; reads the header row alone, from the file
+    try:           # (a copy of a large file's text would cost memory)
+        header = pandas.read_csv(path, sep=sep, nrows=0, encoding="utf-8-sig").columns
+    except Exception:  # a malformed header: datasets' read below reports it
+        return {}
+    wanted = set(text_columns)
+    return {name: str for name in header if name in wanted}
 
 
 def _open(path: Path) -> Any:
@@ -244,9 +265,21 @@ def _read_with_datasets(path: Path, kind: str, **options: Any) -> Iterator[Row]:
     except Exception as exc:  # corrupt file, bad CSV quoting, ...: report, never crash
         if "corresponds to no data" in str(exc):  # how datasets says "zero rows"
             return iter(())
-        raise DataError(f"cannot read {kind}: {type(exc).__name__}: {first_line(exc)}",
-                        path=str(path)) from exc
+        cause = _root_cause(exc)
+        hint = " (pandas types a CSV 10,000 rows at a time, and a column read as numbers " \
+               "holds text further down; JSON Lines or Parquet keep a column's type)" \
+            if kind == "csv" and "Failed to parse" in str(cause) else ""
+        raise DataError(f"cannot read {kind}: {type(cause).__name__}: {first_line(cause)}"
+                        f"{hint}", path=str(path)) from exc
     return iter(enumerate(dataset))
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost cause: datasets wraps what failed in "An error occurred while
+    generating the dataset", which names nothing."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return exc
 
 
 def type_name(value: Any) -> str:

@@ -12,6 +12,8 @@ ids, the weights, on either backend.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from gft.errors import ModelError, first_line
 from gft.runpaths import looks_local
 
@@ -38,3 +40,21 @@ def local_model(model: str) -> str:
     except Exception as exc:  # not found, gated, no network, a bad id: one line
         raise ModelError(f"{model}: no such folder, and the Hugging Face Hub did not give a "
                          f"model of that id: {type(exc).__name__}: {first_line(exc)}") from None
+
+
+def adapter_hub_base(path: str | Path) -> str | None:
+    """The Hub id a LoRA adapter folder names as its base (PEFT's base_model_name_or_path,
+    mlx-lm's `model`, as `mlx_lm.lora --model mlx-community/...` writes it), or None: not
+    an adapter, or its base is a path. mlx-lm loads local folders only, so such a base is
+    read from its snapshot (local_model), as a hub-id --model is."""
+    from gft.lora import is_mlx_adapter, is_peft_adapter, read_mlx_config, read_peft_config
+    if is_peft_adapter(path):
+        base = read_peft_config(Path(path))[1]
+    elif is_mlx_adapter(path):
+        base = read_mlx_config(Path(path))[1]
+        # mlx_lm.lora writes --model as typed: a bare name found nowhere is far more
+        # likely a folder that did not move along (reported as such) than a hub id
+        base = base if base and "/" in base else None
+    else:
+        return None
+    return base if base and not looks_local(base) else None

@@ -29,7 +29,7 @@ from gft.distributed import (LOCAL, Comm, local_positions, minibatch_sizes, row_
                              union_of_names)
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
-                         peak_memory, step_line)
+                         peak_memory, step_line, trl_metrics)
 from gft.objective import zero_variance_fraction
 from gft.rewards import TrainerState, add_logged, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
@@ -179,7 +179,8 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     m: dict[str, Any] = metrics_from_sums(summed)
     m.update(function_means(summed))
     if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
-        m = {k: v for k, v in m.items() if not k.startswith(("reward/", "accuracy/"))}
+        m = {k: v for k, v in m.items()
+             if not k.startswith(("reward/", "reward_std/", "accuracy/"))}
     rollout_tokens = float(total[len(sums)])
     user_sums = total[len(sums) + 1:len(sums) + 1 + len(user)].reshape(-1, 2)
     per_update = total[len(sums) + 1 + len(user):].reshape(-1, 3)
@@ -196,6 +197,7 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         "update_tok_s": update_tokens / max(t3 - t2, 1e-9),
         "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
     })
+    m.update(trl_metrics(m))
     m["_logged"] = {name: float(value_sum / count) for name, (value_sum, count)
                     in zip(names, user_sums) if count}
     at = next((i for i, s in enumerate(seqs) if s.on_policy), 0)

@@ -21,6 +21,7 @@ def group_sums(seqs: list[Sequence_], n_groups: int, n_flat_groups: int) -> dict
         part = [s for s in seqs if s.on_policy is on]
         out[f"n/{label}"] = float(len(part))
         out[f"reward/{label}"] = float(sum(s.reward for s in part))
+        out[f"reward_sq/{label}"] = float(sum(s.reward ** 2 for s in part))
         out[f"accuracy/{label}"] = float(sum(s.correct for s in part))
         out[f"response_tokens/{label}"] = float(sum(len(s.response_ids) for s in part))
         out[f"truncated/{label}"] = float(sum(s.truncated for s in part))
@@ -40,6 +41,10 @@ def metrics_from_sums(t: dict[str, float]) -> dict[str, float]:
         if n:
             for key in ("reward", "accuracy", "response_tokens"):
                 out[f"{key}/{label}"] = t[f"{key}/{label}"] / n
+        if n > 1:  # unbiased, as TRL's reward_std (torch.std)
+            mean = t[f"reward/{label}"] / n
+            var = (t[f"reward_sq/{label}"] - n * mean * mean) / (n - 1)
+            out[f"reward_std/{label}"] = math.sqrt(max(var, 0.0))
     n = max(t["n"], 1.0)
     mean = t["advantage/sum"] / n
     out["advantage/mean"] = mean
@@ -48,6 +53,36 @@ def metrics_from_sums(t: dict[str, float]) -> dict[str, float]:
     if t["n/rollout"]:
         out["truncated/rollout"] = t["truncated/rollout"] / t["n/rollout"]
     return out
+
+
+# TRL's GRPOTrainer (and transformers' Trainer) name for a number gft logs under its own
+# name: logged under both, so a TRL user's charts (W&B, TensorBoard, trackio show them
+# under train/, gft/tracking.py) hold gft runs too, and a resumed gft run's own charts
+# go on unbroken. TRL's rewards/<function>/mean is gft's rewards/<function>/rollout.
+TRL_NAMES = {"learning_rate": "lr", "reward": "reward/rollout",
+             "reward_std": "reward_std/rollout",
+             "frac_reward_zero_std": "zero_variance_groups",
+             "completions/mean_length": "response_tokens/rollout",
+             "completions/clipped_ratio": "truncated/rollout"}
+# names gft and TRL share, meaning the same
+TRL_SHARED = ("loss", "grad_norm", "entropy")
+
+
+def trl_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    """The step's numbers under TRL's names (TRL_NAMES), where gft has them; the rollout
+    ones only where the step sampled rollouts (SFT and DFT steps have none, as TRL's
+    SFTTrainer logs no reward)."""
+    rollouts = "response_tokens/rollout" in m
+    out = {trl: m[ours] for trl, ours in TRL_NAMES.items()
+           if ours in m and (rollouts or trl == "learning_rate")}
+    out.update({key[:-len("/rollout")] + "/mean": value for key, value in m.items()
+                if key.startswith("rewards/") and key.endswith("/rollout")})
+    return out
+
+
+def is_trl_name(key: str) -> bool:
+    """A key trl_metrics writes (a TRL name that is not also gft's own)."""
+    return key in TRL_NAMES or (key.startswith("rewards/") and key.endswith("/mean"))
 
 
 def _clean(value: Any) -> Any:

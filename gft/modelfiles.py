@@ -307,6 +307,13 @@ def check_model_dir(model: str | Path) -> None:
             # `gft eval runs/x` for `gft eval runs/x/final`: say which directory is meant
             raise ModelError(f"{model}: a gft run directory, not a model; its trained model "
                              f"is {path / 'final'} (a step's: {path / 'checkpoints'}/step-N)")
+        if path.name.startswith("models--") and (path / "snapshots").is_dir():
+            # the Hugging Face cache's folder of one repository, as a user finds it there
+            repo = path.name.removeprefix("models--").replace("--", "/")
+            ref = path / "refs" / "main"
+            snapshot = path / "snapshots" / (ref.read_text().strip() if ref.is_file() else "REV")
+            raise ModelError(f"{model}: the Hugging Face cache's folder of {repo}, not a model; "
+                             f"name it by its id ({repo}) or give its snapshot, {snapshot}")
         raise ModelError(f"{model}: no config.json; not a Hugging Face-layout model directory")
     for name in JSON_FILES:
         if (path / name).is_file():

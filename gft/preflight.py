@@ -76,6 +76,7 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                       "trained on, it teaches the model to end its answer at once",
                       highlight=False)
     _check_groups_of_one(cfg, rows, console)
+    _check_system_column(rows, console)
     without = [ex for ex in rows if not ex.responses]
     if not without:
         return
@@ -94,6 +95,21 @@ def check_trainable(cfg: TrainConfig, rows: list[Example], console: Console) -> 
                             "num_rollouts=0: it learns only from dataset responses. Add "
                             "responses, or use a preset that samples rollouts (grpo, gft)",
                             path=str(cfg.data))
+
+
+def _check_system_column(rows: list[Example], console: Console) -> None:
+    """mlx-lm-lora's GRPO data holds {"prompt", "answer", "system"} and puts `system` in
+    the prompt as a system turn; gft, as TRL, passes such a column to reward functions
+    only: counted in a warning, so that the system prompt is not dropped in silence."""
+    loose = [ex for ex in rows if isinstance(ex.prompt, str)
+             and isinstance(ex.columns.get("system"), str) and ex.columns["system"].strip()]
+    if loose:
+        console.print(f"[yellow]warning: {len(loose)} of {len(rows)} training rows have a "
+                      f"'system' column beside a text prompt (the first: {loose[0].source}); "
+                      "it is not in the prompt (mlx-lm-lora's GRPO data puts it there), only "
+                      "passed to reward functions: to prompt with it, write the prompt as "
+                      'chat messages [{"role": "system", ...}, {"role": "user", ...}]',
+                      highlight=False)
 
 
 def _check_groups_of_one(cfg: TrainConfig, rows: list[Example], console: Console) -> None:

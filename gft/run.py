@@ -217,21 +217,26 @@ class RequireApplicableReward:
         return result
 
 
-def hub_snapshot(cfg: TrainConfig) -> str | None:
-    """On mlx, a model named by its Hub id (`mlx-community/...-4bit`, what mlx-lm users
-    pass): its local snapshot (gft/hubmodel.py), since mlx-lm's load_model reads local
-    folders only. config.yaml and the checkpoints keep the id, so a copied run fetches it
-    again. None otherwise: transformers downloads hub ids itself."""
-    if cfg.backend != "mlx" or not cfg.model or looks_local(cfg.model):
+def hub_snapshot(cfg: TrainConfig, start_from: Path | None = None) -> tuple[str, str] | None:
+    """On mlx, (hub id, its local snapshot) of a model named by its Hub id
+    (`mlx-community/...-4bit`, what mlx-lm users pass), or of the base a LoRA adapter
+    names by Hub id (--model ADAPTER, or the checkpoint a run resumes from): mlx-lm's
+    load_model reads local folders only (gft/hubmodel.py). config.yaml and the
+    checkpoints keep the id, so a copied run fetches it again. None otherwise:
+    transformers downloads hub ids itself."""
+    if cfg.backend != "mlx" or not cfg.model:
         return None
-    from gft.hubmodel import local_model
-    return local_model(cfg.model)
+    from gft.hubmodel import adapter_hub_base, local_model
+    name = cfg.model if not looks_local(cfg.model) else adapter_hub_base(
+        start_from if start_from is not None else cfg.model)
+    return (name, local_model(name)) if name else None
 
 
 def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL,
                  snapshot: str | None = None):
-    """The backend, loaded from model_path; `snapshot`: cfg.model's local copy (a hub id
-    on mlx, hub_snapshot), the base under a LoRA checkpoint in its place."""
+    """The backend, loaded from model_path; `snapshot` (hub_snapshot, on mlx): cfg.model's
+    local copy when it is a hub id, or the base an adapter names by hub id, loaded as
+    the base under a LoRA adapter or checkpoint."""
     optim = OptimConfig(weight_decay=cfg.weight_decay, beta1=cfg.adam_beta1,
                         beta2=cfg.adam_beta2, eps=cfg.adam_eps, max_grad_norm=cfg.max_grad_norm)
     from gft.lora import is_mlx_adapter, is_peft_adapter, lora_from_train_config
@@ -243,8 +248,8 @@ def open_backend(cfg: TrainConfig, model_path: str, comm: Comm = LOCAL,
     # an adapter trained on from and no longer here (gft.resume.resolve_run_paths let a
     # resume go on without it): the checkpoint's adapter names the base too
     gone = cfg.model and looks_local(cfg.model) and not Path(cfg.model).expanduser().exists()
-    model = None if adapter or (gone and is_peft_adapter(model_path)) else \
-        (snapshot or cfg.model)
+    model = snapshot or (None if adapter or (gone and is_peft_adapter(model_path))
+                         else cfg.model)
     base = base_as_stored(model_path, model) if is_peft_adapter(model_path) else model
     return provider().load_backend(
         cfg.backend, model_path, dtype=cfg.dtype, device=cfg.device, optim=optim,
@@ -332,8 +337,9 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
             stored_config(to_dict(cfg), run_dir), sort_keys=False))
     scorer = build_scorer(cfg)
-    snapshot = hub_snapshot(cfg)
-    model_path = str(start_from or snapshot or cfg.model)
+    hub_id, snapshot = hub_snapshot(cfg, start_from) or (None, None)
+    # the snapshot replaces a hub-id model; under an adapter it is the adapter's base
+    model_path = str(start_from or (snapshot if hub_id == cfg.model else cfg.model))
     check_model_dir(model_path)
     check_memory(cfg, model_path)
     if load_optimizer:
@@ -341,8 +347,8 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
     check_trainable(cfg, train_rows, console)
     backend = open_backend(cfg, model_path, comm, snapshot)
-    if snapshot:  # adapters name the hub id as their base, not this machine's cache
-        backend.base_name = cfg.model
+    if hub_id:  # adapters name the hub id as their base, not this machine's cache
+        backend.base_name = hub_id
     for note in (dtype_note(cfg, model_path), unsaved_stops_note(backend.stops)):
         if note:
             console.print(f"[yellow]{note}", highlight=False)

@@ -1,10 +1,16 @@
 """Experiment tracking through each tracker's own client: `report_to: [tensorboard, wandb,
 trackio, mlflow]` (any subset; none by default).
 
-Every tracker receives exactly the numbers written to metrics.jsonl (same keys, same step;
+Every tracker receives the numbers written to metrics.jsonl (same keys, same step;
 text fields such as `preset` and non-finite values, which JSON writes as null, are left
-out), and the sample completions of samples.jsonl as a table where the tracker has one
-(W&B, trackio, MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
+out), except that TensorBoard, W&B and trackio get the TRL-named ones (gft/metrics.py
+TRL_NAMES: `learning_rate`, `reward`, ...; and `loss`, `grad_norm`, `entropy` besides
+their own) under `train/`, where transformers' callbacks put a TRL run's, so one chart
+holds both (tracker_numbers; W&B and trackio also get train/global_step, TRL runs'
+x-axis there); MLflow's callback adds no prefix, nor does gft there (and `reward` is
+left out there: its file store cannot hold it beside `reward/rollout`). The sample
+completions of samples.jsonl go as a table where the tracker has one (W&B, trackio,
+MLflow; TensorBoard gets a markdown table in its Text tab). Only rank 0
 tracks (gft/run.py opens trackers on rank 0 alone).
 
 Offline and local modes are the trackers' own: WANDB_MODE=offline (or `wandb offline`),
@@ -72,6 +78,7 @@ class Resume:
 class Tracker(Protocol):
     run_id: str  # kept in trackers.json, so a resumed run continues this tracker run
     skip_through: int  # the tracker run already holds steps <= this: not sent again
+    train_prefix: bool  # TRL's names go under train/ (tracker_numbers)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Numbers of one metrics.jsonl line."""
@@ -96,6 +103,27 @@ def sample_columns(rows: list[dict[str, Any]]) -> list[str]:
     return [*SAMPLE_COLUMNS, *extra]
 
 
+def tracker_numbers(numbers: dict[str, float], train_prefix: bool) -> dict[str, float]:
+    """What one tracker is sent of a record's numbers. With train_prefix (TensorBoard, W&B,
+    trackio), as transformers' callbacks write a TRL run's logs there (rewrite_logs): a
+    TRL name under train/ (train/learning_rate, train/reward, ...) and the names gft
+    shares with TRL (loss, grad_norm, entropy) under both, so gft's own charts go on
+    unbroken in a resumed run. eval/ keys already read as TRL's eval_ ones do there."""
+    from gft.metrics import TRL_SHARED, is_trl_name
+    if not train_prefix:
+        # MLflow's file store keeps a metric as a file under folders named by its "/"
+        # parts: TRL's `reward` beside gft's `reward/rollout` failed ("Is a directory")
+        folders = {k.rsplit("/", i)[0] for k in numbers for i in range(1, k.count("/") + 1)}
+        return {k: v for k, v in numbers.items() if not (is_trl_name(k) and k in folders)}
+    out: dict[str, float] = {}
+    for key, value in numbers.items():
+        if not is_trl_name(key):
+            out[key] = value
+        if is_trl_name(key) or key in TRL_SHARED:
+            out["train/" + key] = value
+    return out
+
+
 def sample_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """Rows of sample_columns(rows); chat prompts become their text (tables hold strings)."""
     def cell(row: dict[str, Any], key: str) -> Any:
@@ -117,6 +145,7 @@ def _require(module: str, tracker: str) -> Any:
 class TensorBoardTracker:
     """Event files in <run>/tensorboard, written with tensorboard's own writer and summary
     protos (no TensorFlow or torch needed); `tensorboard --logdir runs` shows them."""
+    train_prefix = True
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         _require("tensorboard", "tensorboard")
@@ -181,6 +210,7 @@ def wandb_init_args(run_dir: Path, name: str, stored_id: str | None,
 class WandbTracker:
     """A W&B run (project: WANDB_PROJECT, else "gft"), its files under <run>/wandb unless
     WANDB_DIR says otherwise; WANDB_MODE=offline keeps it on disk for a later `wandb sync`."""
+    train_prefix = True
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.wandb = _require("wandb", "wandb")
@@ -194,7 +224,9 @@ class WandbTracker:
         self.skip_through = int(self.run.starting_step) - 1
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        # TRL runs' charts there are plotted against train/global_step (transformers'
+        # callbacks log it, and W&B's define_metric makes it their x-axis)
+        self.run.log({**metrics, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         table = self.wandb.Table(columns=sample_columns(rows), data=sample_rows(rows))
@@ -208,6 +240,7 @@ class TrackioTracker:
     """A trackio run in project TRACKIO_PROJECT, else "gft" (trackio's local database unless
     told otherwise). trackio finds a run by name: a resumed run continues the run of the
     name stored in trackers.json."""
+    train_prefix = True
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.trackio = _require("trackio", "trackio")
@@ -224,7 +257,9 @@ class TrackioTracker:
             self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.run.log(metrics, step=step)
+        # TRL runs' charts there are plotted against train/global_step (transformers'
+        # callbacks log it, and W&B's define_metric makes it their x-axis)
+        self.run.log({**metrics, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         table = self.trackio.Table(columns=sample_columns(rows), data=sample_rows(rows))
@@ -260,6 +295,7 @@ class MlflowTracker:
     run), config as params. A resumed run continues the stored run; MLflow params cannot
     change, so a key changed on resume keeps its first value there (config.yaml has the
     new one)."""
+    train_prefix = False
 
     def __init__(self, run_dir: Path, name: str, config: dict[str, Any], resume: Resume):
         self.mlflow = _require("mlflow", "mlflow")
@@ -354,7 +390,7 @@ class Trackers:
     def log(self, record: dict[str, Any]) -> None:
         numbers, step = scalars(record), int(record["step"])
         if numbers:
-            self._each(step, lambda t: t.log(numbers, step))
+            self._each(step, lambda t: t.log(tracker_numbers(numbers, t.train_prefix), step))
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
         self._each(step, lambda t: t.log_samples(rows, step))

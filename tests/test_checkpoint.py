@@ -297,6 +297,19 @@ def test_a_run_directory_given_as_a_model_names_its_final_model(tmp_path):
         check_model_dir(run)
 
 
+def test_a_hugging_face_cache_folder_given_as_a_model_names_its_snapshot(tmp_path):
+    """~/.cache/huggingface/hub/models--org--name, as a user finds it there: 'no
+    config.json' alone did not say that the model is in snapshots/<revision>."""
+    repo = tmp_path / "models--org--name"
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    with pytest.raises(ModelError, match=rf"cache's folder of org/name, not a model; name it "
+                                         rf"by its id \(org/name\) or give its snapshot, "
+                                         rf"{re.escape(str(repo / 'snapshots' / '0123abc'))}"):
+        check_model_dir(repo)
+
+
 def test_missing_local_directory(tmp_path):
     with pytest.raises(ModelError, match="no such model directory"):
         check_model_dir(tmp_path / "nope" / "model")

@@ -347,6 +347,26 @@ def test_empty_dataset_responses_are_counted_before_training(tmp_path):
     assert said(preset="grpo") == ""  # K=0: no dataset response is trained on
 
 
+def test_a_system_column_beside_a_text_prompt_is_said(tmp_path):
+    """mlx-lm-lora's GRPO rows {"prompt", "answer", "system"} put `system` in the prompt;
+    gft passed it to rewards only, and the system prompt was dropped in silence."""
+    import io
+    from rich.console import Console
+    from gft.config import build_config
+    from gft.preflight import check_trainable
+    path = write_jsonl(tmp_path / "d.jsonl", [
+        {"prompt": "2+2?", "answer": "4", "system": "Think first."},
+        {"prompt": CHAT, "answer": "4", "system": "Think first."},
+        {"prompt": "3+3?", "answer": "6"}])
+    out = io.StringIO()
+    check_trainable(build_config({"model": "m", "data": str(path), "preset": "grpo"}),
+                    load_split(path), Console(file=out, width=400))
+    said = out.getvalue().strip()
+    assert said.startswith(f"warning: 1 of 3 training rows have a 'system' column beside a "
+                           f"text prompt (the first: {path}:1)"), said
+    assert "chat messages" in said and "\n" not in said
+
+
 def test_groups_of_one_dataset_response_without_rollouts_are_said(tmp_path):
     """gft with num_rollouts: 0 on rows with one completion: every group is one response,
     no baseline, no update; the run trained nothing and said so only at the end."""
@@ -478,6 +498,60 @@ def test_csv_text_that_pandas_calls_missing_stays_text(tmp_path, datasets):
     path.write_text("prompt,answer\nIs there one?,None\nWhich?,NA\nnull,nan\nEmpty?,\n")
     assert [(e.prompt, e.answer) for e in load_split(path)] == [
         ("Is there one?", "None"), ("Which?", "NA"), ("null", "nan"), ("Empty?", None)]
+
+
+def test_csv_text_columns_stay_as_written(tmp_path, datasets):
+    """A CSV has no types, but pandas reads a column of digits as numbers: a prompt
+    "1234" was an int (refused), answers "007" and "1.50" became "7" and "1.5". gft's
+    own columns (the answer_column too) stay text as written; other columns keep
+    pandas' types, which reward functions get under TRL too (load_dataset("csv"))."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion,solution,level\n1234,0042,007,3\n"
+                    "12+7,19,1.50,4\n")
+    examples = load_split(path, answer_column="solution")
+    assert [(e.prompt, e.responses, e.answer) for e in examples] == [
+        ("1234", ("0042",), "007"), ("12+7", ("19",), "1.50")]
+    assert [e.columns for e in examples] == [{"solution": "007", "level": 3},
+                                            {"solution": "1.50", "level": 4}]
+    # as Excel writes it (a BOM, CRLF), gzip-compressed: the header is read the same way
+    packed = tmp_path / "e.csv.gz"
+    packed.write_bytes(gzip.compress(b"\xef\xbb\xbfprompt,answer\r\n1234,007\r\n"))
+    assert [(e.prompt, e.answer) for e in load_split(packed)] == [("1234", "007")]
+
+
+def test_large_csv_answer_column_of_digits_then_text(tmp_path, datasets):
+    """pandas types a CSV 10,000 rows at a time: an answer column of digits that held
+    text further down failed to load. A column that is not gft's names the cause."""
+    path = tmp_path / "d.csv"
+    rows = [f"q{i},{i:03d},{i}" for i in range(10_000)] + ["q,x,y"]
+    path.write_text("prompt,answer,extra\n" + "\n".join(rows[:10_000]) + "\nq,x,1\n")
+    examples = load_split(path)
+    assert (examples[0].answer, examples[-1].answer, len(examples)) == ("000", "x", 10_001)
+    path.write_text("prompt,answer,extra\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv", "'y'", "10,000 rows at a time")
+
+
+def test_a_csv_header_with_spaces_after_its_commas_is_named(tmp_path, datasets):
+    """'prompt, answer' (a hand-written header) gave a column ' answer': the answer was
+    None in silence and ' answer' went to reward functions as another column."""
+    path = tmp_path / "d.csv"
+    path.write_text("prompt, answer\nWhat is 2+2?, 4\n")
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv:0", "' answer'", "name it 'answer'")
+
+
+def test_a_list_column_written_to_csv_says_csv_holds_text(tmp_path, datasets):
+    """pandas' to_csv writes a list as its repr "['a', 'b']": 'got string' alone left the
+    user to guess why."""
+    import pandas
+    path = tmp_path / "d.csv"
+    pandas.DataFrame({"prompt": ["q"], "completions": [["a", "b"]]}).to_csv(path, index=False)
+    with pytest.raises(DataError) as excinfo:
+        load_split(path)
+    assert_error(excinfo, "d.csv:0", "field 'completions'", "got string", "JSON Lines or Parquet")
 
 
 def test_csv_non_utf8_names_line(tmp_path, datasets):

@@ -159,3 +159,81 @@ def test_an_mlx_run_on_a_hub_model_reads_its_snapshot_and_keeps_its_id(tmp_path,
     again = CliRunner().invoke(main, ["train", "--resume", "run", "--max-steps", "2"])
     assert again.exit_code == 0, again.output
     assert asked == ["someone/tiny-4bit"] * 2 and "step 2/2" in again.output
+
+
+def test_an_mlx_run_from_an_adapter_over_a_hub_base_reads_the_bases_snapshot(tmp_path,
+                                                                             monkeypatch):
+    """`gft train --backend mlx --model ADAPTER` where the adapter names its base by Hub
+    id (a PEFT adapter's base_model_name_or_path, mlx_lm.lora's `model`): the base went
+    to mlx-lm as a folder ('No such file or directory: someone/tiny/config.json'). It is
+    read from its snapshot, as a hub-id --model is; the run's adapters and its resume
+    name the id. (torch needs nothing: transformers fetches a hub id itself.)"""
+    pytest.importorskip("mlx_lm")
+    import huggingface_hub
+    from tests.helpers import say_yes_data
+    from tests.test_cli import mlx_lm_adapter
+    adapter, _ = mlx_lm_adapter(tmp_path / "project")
+    (tmp_path / "project" / "base").rename(tmp_path / "snapshot")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "model": "someone/tiny"}))
+    asked: list = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(repo_id) or str(tmp_path / "snapshot"))
+    monkeypatch.chdir(tmp_path)
+    data = say_yes_data(tmp_path / "data")
+    common = ["--data", str(data), "--preset", "sft", "--set", "prompts_per_step=4",
+              "--set", "prompts_per_minibatch=4", "--set", "max_response_tokens=4",
+              "--set", "eval_samples=0", "--set", "progress=false"]
+    result = CliRunner().invoke(main, ["train", "--backend", "mlx", "--model", str(adapter),
+                                       "--max-steps", "1", "-o", "mlx-lm-run", *common])
+    assert result.exit_code == 0, result.output
+    assert asked == ["someone/tiny"]
+    peft = tmp_path / "mlx-lm-run" / "final"  # a PEFT adapter naming the id
+    assert json.loads((peft / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "someone/tiny"
+    result = CliRunner().invoke(main, ["train", "--backend", "mlx", "--model", str(peft),
+                                       "--max-steps", "1", "-o", "peft-run",
+                                       "--set", "save_every=1", *common])
+    assert result.exit_code == 0, result.output
+    assert asked == ["someone/tiny"] * 2
+    again = CliRunner().invoke(main, ["train", "--resume", "peft-run", "--max-steps", "2"])
+    assert again.exit_code == 0 and "step 2/2" in again.output, again.output
+    assert asked == ["someone/tiny"] * 3
+    result = CliRunner().invoke(main, ["generate", str(adapter), "-p", "1", "--backend", "mlx",
+                                       "--max-new-tokens", "2"])
+    assert result.exit_code == 0 and asked == ["someone/tiny"] * 4, result.output
+
+
+def test_a_torch_run_from_an_adapter_over_a_hub_base_loads_it_by_id(tmp_path):
+    """The same adapter on torch: transformers reads a hub id itself (here from a Hugging
+    Face cache laid out as the hub fills it, offline); the run's adapter names the id."""
+    import numpy as np
+    from safetensors.numpy import save_file
+    from gft.lora import LoraConfig, write_peft_config
+    from gft.tiny import write_tiny_model
+    from tests.helpers import say_yes_data
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    write_tiny_model(repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = json.loads((repo / "snapshots" / "0123abc" / "config.json").read_text())
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{w}.weight": a
+               for i in range(layers) for w, a in (("A", np.ones((4, d), np.float32)),
+                                                   ("B", np.zeros((d, 4), np.float32)))},
+              str(adapter / "adapter_model.safetensors"))
+    write_peft_config(adapter, LoraConfig(4, 8.0, 0.0, ("q_proj",)), "someone/tiny")
+    # a fresh process: huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE on import
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([
+        sys.executable, "-m", "gft", "train", "--backend", "torch", "--model", str(adapter),
+        "--data", str(say_yes_data(tmp_path / "data")), "--preset", "sft", "--max-steps", "1",
+        "-o", str(tmp_path / "run"), "--set", "prompts_per_step=4",
+        "--set", "prompts_per_minibatch=4", "--set", "max_response_tokens=4",
+        "--set", "eval_samples=0"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == "someone/tiny"

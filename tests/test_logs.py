@@ -6,7 +6,9 @@ import io
 import json
 import re
 import time
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -114,3 +116,53 @@ def test_non_terminal_train_log_has_plain_lines_and_a_summary(tmp_path, monkeypa
     assert lines[-1] == f"final checkpoint: {tmp_path / 'run' / 'final'}" or \
         lines[-1] == "final checkpoint: run/final"
     assert all("memory/peak_host_gib" in r for r in records if "loss" in r)
+
+
+def test_reward_std_is_trls_over_the_rollouts():
+    """TRL's reward_std: the unbiased std of the rollouts' rewards (nanstd, Bessel's
+    correction); dataset responses have theirs apart."""
+    import numpy as np
+    from gft.groups import Sequence_
+    from gft.metrics import group_sums, metrics_from_sums
+    rewards = [1.0, 0.0, 0.5, 0.25, 1.0]
+    seqs = [Sequence_(i % 2, [1], [2, 3], "x", on_policy=True, reward=r)
+            for i, r in enumerate(rewards)] + [Sequence_(0, [1], [2], "y", on_policy=False,
+                                                         reward=3.0)]
+    m = metrics_from_sums(group_sums(seqs, 2, 0))
+    assert m["reward_std/rollout"] == pytest.approx(np.std(rewards, ddof=1), rel=1e-12)
+    assert "reward_std/dataset" not in m  # one response: no unbiased std
+
+
+def test_a_step_logs_trls_names_beside_gfts(tmp_path, monkeypatch):
+    """A TRL user's dashboards read learning_rate, reward, reward_std, rewards/<f>/mean,
+    completions/mean_length, ...: gft logged lr, reward/rollout, ... only. Both are
+    logged (a resumed run's gft-named charts go on), the names as TRL's source has them."""
+    from gft.metrics import TRL_NAMES
+    from gft.tiny import write_tiny_model
+    from tests.helpers import say_yes_data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lengths.py").write_text(
+        "def length(completions, **kwargs):\n    return [float(len(c)) for c in completions]\n")
+    write_tiny_model(tmp_path / "model")
+    result = CliRunner().invoke(main, [
+        "train", "--model", "model", "--data", str(say_yes_data(tmp_path / "data")),
+        "--preset", "gft", "--max-steps", "1", "-o", "run", "--backend", "torch",
+        "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+        "--set", "num_rollouts=4", "--set", "num_offpolicy=1", "--set", "max_response_tokens=6",
+        "--set", "eval_samples=0", "--set", "rewards=[lengths.py:length]"])
+    assert result.exit_code == 0, result.output
+    [m] = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for trl, ours in TRL_NAMES.items():
+        assert m[trl] == m[ours], trl
+    assert m["rewards/length/mean"] == m["rewards/length/rollout"]
+    assert m["reward_std"] > 0 and m["reward"] != m["reward/dataset"]
+    # read, not imported (importing trl takes seconds)
+    import importlib.util
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("trl is not installed")
+    source = "".join((Path(importlib.util.find_spec(package).origin).parent / file).read_text()
+                     for package, file in (("trl", "trainer/grpo_trainer.py"),
+                                           ("transformers", "trainer.py")))
+    for name in [*TRL_NAMES, "rewards/{reward_func_name}/mean", "loss", "grad_norm",
+                 "entropy"]:
+        assert f'"{name}"' in source, name

@@ -16,23 +16,29 @@ import pytest
 
 from gft.errors import ConfigError
 from gft.tracking import (SAMPLE_COLUMNS, Trackers, open_trackers, scalars, tracker_names,
-                          wandb_init_args)
+                          tracker_numbers, wandb_init_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = [  # what gft/loop.py writes to metrics.jsonl: step 0's evaluation, then steps
     {"step": 0, "eval/accuracy": 0.25, "eval/reward": 0.5, "eval/n": 4.0},
     {"step": 1, "loss": 1.5, "reward/rollout": 0.25, "grad_norm": 2.0, "entropy": None,
-     "preset": "gft", "stage": 0},
+     "preset": "gft", "stage": 0, "lr": 0.5, "learning_rate": 0.5, "reward": 0.25},
     {"step": 2, "loss": 1.25, "reward/rollout": 0.5, "grad_norm": 1.5, "entropy": 3.0,
-     "preset": "gft", "stage": 0},
+     "preset": "gft", "stage": 0, "lr": 0.25, "learning_rate": 0.25, "reward": 0.5},
 ]
 SAMPLE = {"step": 2, "prompt": [{"role": "user", "content": "2+2?"}], "completion": "4",
           "reward": 1.0, "answer": "4"}
 
 
-def expected() -> dict[tuple[int, str], float]:
-    """(step, key) -> value of every number the trackers must hold."""
-    return {(r["step"], k): v for r in RECORDS for k, v in scalars(r).items()}
+def expected(train_prefix: bool = False, global_step: bool = False
+             ) -> dict[tuple[int, str], float]:
+    """(step, key) -> value of every number the trackers must hold; train_prefix: TRL's
+    names under train/, as transformers' callbacks write them (TensorBoard, W&B, trackio);
+    global_step: train/global_step as well, TRL runs' x-axis in W&B and trackio."""
+    out = {(r["step"], k): v for r in RECORDS
+           for k, v in tracker_numbers(scalars(r), train_prefix).items()}
+    return out | ({(r["step"], "train/global_step"): r["step"] for r in RECORDS}
+                  if global_step else {})
 
 
 def log_all(trackers: Trackers) -> None:
@@ -44,7 +50,25 @@ def log_all(trackers: Trackers) -> None:
 
 def test_scalars_are_the_numbers_of_a_metrics_line():
     assert scalars(RECORDS[1]) == {"loss": 1.5, "reward/rollout": 0.25, "grad_norm": 2.0,
-                                   "stage": 0.0}  # no text, no null, no step
+                                   "stage": 0.0, "lr": 0.5, "learning_rate": 0.5,
+                                   "reward": 0.25}  # no text, no null, no step
+
+
+def test_trl_names_go_where_transformers_callbacks_put_a_trl_runs():
+    """A TRL run's W&B, TensorBoard and trackio charts are train/loss, train/learning_rate,
+    train/reward (transformers' rewrite_logs); MLflow's callback adds no prefix. gft's own
+    names stay as they were, so a resumed run's charts are not split."""
+    numbers = scalars(RECORDS[1])
+    # MLflow's file store cannot hold `reward` beside `reward/rollout` (a file and a folder)
+    assert tracker_numbers(numbers, train_prefix=False) == {
+        k: v for k, v in numbers.items() if k != "reward"}
+    assert tracker_numbers(numbers, train_prefix=True) == {
+        "loss": 1.5, "train/loss": 1.5, "reward/rollout": 0.25, "grad_norm": 2.0,
+        "train/grad_norm": 2.0, "stage": 0.0, "lr": 0.5, "train/learning_rate": 0.5,
+        "train/reward": 0.25}
+    from transformers.integrations.integration_utils import rewrite_logs
+    trl = {"loss": 1.5, "grad_norm": 2.0, "learning_rate": 0.5, "reward": 0.25}
+    assert rewrite_logs(trl).items() <= tracker_numbers(numbers, train_prefix=True).items()
 
 
 def test_report_to_names(tmp_path):
@@ -91,7 +115,8 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     pytest.importorskip("tensorboard")
     log_all(open_trackers(["tensorboard"], tmp_path, {"tau": 0.1, "rewards": ["math"]}))
     numbers, texts = read_tensorboard(tmp_path / "tensorboard")
-    assert numbers == pytest.approx(expected())
+    assert numbers == pytest.approx(expected(train_prefix=True))
+    assert numbers[1, "train/learning_rate"] == numbers[1, "lr"] == 0.5  # TRL's chart, gft's
     assert "| step | prompt | completion | reward | answer |" in texts["samples"]
     assert "user: 2+2?" in texts["samples"] and "| tau | 0.1 |" in texts["config"]
 
@@ -153,7 +178,7 @@ def test_offline_wandb_run_holds_the_metrics(tmp_path, monkeypatch):
                         if not k.startswith(("_", "samples"))})
         if items.get("samples/_type") == "table-file":
             tables.append((step, items["samples/path"], items["samples/nrows"]))
-    assert numbers == pytest.approx(expected())
+    assert numbers == pytest.approx(expected(train_prefix=True, global_step=True))
     assert tables and tables[0][0] == 2 and tables[0][2] == 1
     table = json.loads(next((tmp_path / "wandb").glob(f"offline-run-*/files/{tables[0][1]}"))
                        .read_text())
@@ -185,7 +210,7 @@ def test_trackio_local_run_holds_the_metrics(tmp_path):
     logs = json.loads(line[5:])
     numbers = {(r["step"], k): v for r in logs for k, v in r.items()
                if k not in ("step", "timestamp", "samples") and isinstance(v, (int, float))}
-    assert numbers == pytest.approx(expected())
+    assert numbers == pytest.approx(expected(train_prefix=True, global_step=True))
     [table] = [r["samples"] for r in logs if "samples" in r]
     assert table["_type"] == "trackio.table" and table["_value"][0]["completion"] == "4"
 
@@ -208,7 +233,7 @@ def test_mlflow_run_holds_the_metrics(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_gft_train_reports_what_metrics_jsonl_holds(tmp_path):
     """End to end: a short `gft train` with report_to tensorboard and an offline W&B run;
-    both hold every number of metrics.jsonl."""
+    both hold every number of metrics.jsonl (TRL's names under train/)."""
     pytest.importorskip("tensorboard")
     pytest.importorskip("wandb")
     run = tmp_path / "run"
@@ -220,7 +245,9 @@ def test_gft_train_reports_what_metrics_jsonl_holds(tmp_path):
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    want = {(r["step"], k): v for r in records for k, v in scalars(r).items()}
+    want = {(r["step"], k): v for r in records
+            for k, v in tracker_numbers(scalars(r), train_prefix=True).items()}
+    assert any(k == "train/learning_rate" for _, k in want)
     numbers, texts = read_tensorboard(run / "tensorboard")
     assert numbers == pytest.approx(want, rel=1e-6)  # float32 in the event file
     assert texts["samples"].count("\n") >= 2
@@ -480,7 +507,7 @@ def test_a_run_that_starts_over_from_step_0_starts_new_tracker_runs(tmp_path, mo
 # ---- a tracker that fails -----------------------------------------------------------
 
 class _Fake:
-    run_id, skip_through = "fake", -1
+    run_id, skip_through, train_prefix = "fake", -1, False
 
     def __init__(self, fail_at: int | None = None, fail_finish: bool = False):
         self.steps, self.fail_at, self.fail_finish, self.finished = [], fail_at, fail_finish, 0
@@ -575,7 +602,8 @@ def test_gft_train_resumed_after_a_crash_reports_each_step_once(tmp_path, monkey
     resumed = CliRunner().invoke(main, ["train", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    want = {(r["step"], k): v for r in records for k, v in scalars(r).items()}
+    want = {(r["step"], k): v for r in records
+            for k, v in tracker_numbers(scalars(r), train_prefix=True).items()}
     numbers, _ = read_tensorboard(run / "tensorboard")
     assert numbers == pytest.approx(want, rel=1e-6)
     files = _wandb_run_files(run)
