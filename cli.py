@@ -221,6 +221,9 @@ def _sampling_options(fn):
                      help="Also end a completion at this string (repeatable; a number "
                           "is a token id). The tokenizer's EOS and every eos_token_id in "
                           "generation_config.json always end it."),
+        click.option("--system-prompt", help="A system message put first in each prompt "
+                                             "without one (default: the one a gft run's "
+                                             "model was trained with; \"\" for none)."),
     ]):
         fn = opt(fn)
     return fn
@@ -248,14 +251,17 @@ def _sampling_options(fn):
 @friendly_errors
 def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float, top_p: float,
              chat_template: bool | None, backend: str, max_new_tokens: int, dtype: str,
-             seed: int, base: str | None, stop: tuple[str, ...]) -> None:
+             seed: int, base: str | None, stop: tuple[str, ...],
+             system_prompt: str | None) -> None:
     """Sample completions from MODEL (a directory, e.g. a run's final/ checkpoint, or a
     Hugging Face Hub id)."""
     from backends import SamplingConfig
     from gft.rollout import PreparedPrompts, check_context, check_token_ids, encode_prompt
     from gft.trained import generate_chat_template
+    from gft.data import with_system_prompt
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
+    examples = with_system_prompt(examples, _system_prompt(model, system_prompt))
     ctx = click.get_current_context()
     if all(ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
            for name in ("temperature", "top_p")):  # greedy, whatever the model's file asks
@@ -296,6 +302,15 @@ def _generation_config_dir(model: str, base: str | None) -> str:
             return model  # loading it names the problem
         base = adapter_base(named, Path(model)) if named else model
     return base
+
+
+def _system_prompt(model: str, given: str | None) -> str | None:
+    """--system-prompt, else the system message a gft run's model was trained with
+    (gft.json), so that it is prompted as it learned; "" for none."""
+    if given is not None:
+        return given or None
+    from gft.trained import trained_system_prompt
+    return trained_system_prompt(model)
 
 
 def _local_model(model: str) -> str:
@@ -373,6 +388,11 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
 @click.option("--answer-column", default="answer", show_default=True,
               help="The data column holding the ground truth (as the config key "
                    "answer_column, e.g. TRL's solution).")
+@click.option("--prompt-column", default="prompt", show_default=True,
+              help="The data column holding the prompt (as the config key prompt_column).")
+@click.option("--completion-column", default="completion", show_default=True,
+              help="The data column holding the response (as the config key "
+                   "completion_column).")
 @click.option("--chat-template/--no-chat-template", default=None,
               help="Wrap string prompts in the chat template (default: as the model was "
                    "trained when MODEL is a gft run's final/ or checkpoint, else only chat "
@@ -381,13 +401,14 @@ def _stop_values(stop: tuple[str, ...]) -> list[int | str]:
 @_sampling_options
 @friendly_errors
 def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
-          temperature: float, rewards: str, answer_column: str, chat_template: bool | None,
-          as_json: bool,
+          temperature: float, rewards: str, answer_column: str, prompt_column: str,
+          completion_column: str, chat_template: bool | None, as_json: bool,
+          system_prompt: str | None,
           backend: str, max_new_tokens: int, dtype: str, seed: int, base: str | None,
           stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
-    from gft.data import load_split
+    from gft.data import load_split, with_system_prompt
     from gft.errors import ConfigError
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
@@ -395,14 +416,17 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     from gft.trained import eval_defaults, held_out_data
     model = _local_model(model)
     ctx = click.get_current_context()
-    left = {name for name in ("rewards", "answer_column", "max_new_tokens", "split")
+    left = {name for name in ("rewards", "answer_column", "prompt_column",
+                              "completion_column", "max_new_tokens", "split")
             if ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT}
     asked = {"rewards": _reward_option(rewards), "answer_column": answer_column,
+             "prompt_column": prompt_column, "completion_column": completion_column,
              "max_new_tokens": max_new_tokens}
     # a gft run's model: scored as its run's in-training evaluation scored it
     taken, said = eval_defaults(model, left, asked)
     scoring = taken.get("rewards", asked["rewards"])
-    answer_column = taken.get("answer_column", answer_column)
+    columns = {key: taken.get(key, asked[key])
+               for key in ("answer_column", "prompt_column", "completion_column")}
     max_new_tokens = taken.get("max_new_tokens", max_new_tokens)
     if data is None:  # a gft run's model: on its run's held-out data, else the embedded task
         found = held_out_data(model, None if "split" in left else split)
@@ -415,7 +439,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     if said:
         click.echo(f"note: evaluating as {model}'s run did: {', '.join(said)}; give an "
                    "option to evaluate otherwise", err=True)
-    rows = load_split(data, split, answer_column=answer_column)[:limit]
+    rows = with_system_prompt(load_split(data, split, **columns)[:limit],
+                              _system_prompt(model, system_prompt))
     from gft.data import is_data_file
     if is_data_file(data) and "split" not in left:
         # a file is one split: --split test over train.jsonl would score the training rows

@@ -199,14 +199,18 @@ def model_record(state: dict[str, Any]) -> dict[str, Any]:
     as chat-message prompts always are; false: as written); `stop`, the run's extra stop
     strings and ids (its config key `stop`), where its rollouts and evaluation ended a
     completion besides EOS, so that sampling from the folder ends there too;
-    `rewards`, `answer_column` and `max_response_tokens`, how its in-training evaluation
-    scored held-out rows, which `gft eval` repeats by default; `step`, the step whose
-    weights these are."""
+    `system_prompt`, the system message its prompts opened with (when set);
+    `rewards`, `answer_column`, `prompt_column`, `completion_column` and
+    `max_response_tokens`, how its in-training evaluation read and scored held-out rows,
+    which `gft eval` repeats by default; `step`, the step whose weights these are."""
     config, loop = state.get("config") or {}, state.get("loop") or {}
     templated = bool(config.get("chat_template")) or state.get("chat_prompts") is True
-    scoring = {k: config[k] for k in ("rewards", "answer_column", "max_response_tokens")
+    scoring = {k: config[k] for k in ("rewards", "answer_column", "prompt_column",
+                                      "completion_column", "max_response_tokens")
                if k in config}
-    return {"chat_template": templated, "stop": stop_list(config.get("stop")), **scoring,
+    system = {"system_prompt": config["system_prompt"]} if config.get("system_prompt") else {}
+    return {"chat_template": templated, "stop": stop_list(config.get("stop")), **system,
+            **scoring,
             "step": int(loop.get("step", 0))}
 
 

@@ -81,6 +81,17 @@ class TrainConfig:
                                       "it is also passed to reward functions under its own name. "
                                       "A dotted name reads a field inside an object column "
                                       "(verl's reward_model.ground_truth).")
+    prompt_column: str = _f("prompt", "The data column holding the prompt (a string or chat "
+                                      "messages) when a data set names it otherwise, e.g. "
+                                      "problem (MATH, NuminaMath) or question (GSM8K).")
+    completion_column: str = _f("completion", "The data column holding the dataset "
+                                              "response(s) when a data set names it otherwise, "
+                                              "e.g. solution.")
+    system_prompt: str | None = _f(None, "A system message put first in every prompt that has "
+                                         "none (a string prompt becomes a system + user chat, "
+                                         "rendered with the chat template), as Open-R1's "
+                                         "system_prompt; gft generate and eval on the trained "
+                                         "model put it there too.")
     chat_template: bool | None = _f(None, "Wrap string prompts in the tokenizer's chat template "
                                           "(unset: only chat-message prompts use it).")
     max_prompt_tokens: int = _f(1024, "Longest prompt in tokens; see prompt_overflow.")
@@ -356,8 +367,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                           f"got {cfg.eval_samples}")
     if not 0.0 <= cfg.eval_holdout < 1.0:
         raise ConfigError(f"'eval_holdout' must be a fraction in [0, 1), got {cfg.eval_holdout}")
-    if not cfg.answer_column.strip():
-        raise ConfigError("'answer_column' must name a column")
+    for name in ("answer_column", "prompt_column", "completion_column"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"'{name}' must name a column")
+    if cfg.system_prompt is not None and not cfg.system_prompt.strip():
+        raise ConfigError("'system_prompt' must be text (leave it out for none)")
     if not cfg.eval_split.strip():
         raise ConfigError("'eval_split' must name a split")
     for name in PATH_KEYS:
@@ -432,7 +446,8 @@ RUN_KEYS = {"model", "backend", "device", "dtype", "data", "output_dir", "seed",
             # read once for the whole run (gft/run.py, the loop's own cfg), never from a
             # stage: a stage setting them was accepted and silently ignored (a stage's
             # rewards scored nothing; the run's, or math, did)
-            "rewards", "reward_timeout", "answer_column", "chat_template", "max_prompt_tokens",
+            "rewards", "reward_timeout", "answer_column", "prompt_column",
+            "completion_column", "system_prompt", "chat_template", "max_prompt_tokens",
             "prompt_overflow", "stop", "eval_data", "eval_split", "eval_holdout",
             "eval_samples", "eval_every", "save_every", "keep_checkpoints", "sample_every",
             "logging_steps", "progress", "report_to", "run_name", "reset_optimizer",

@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -54,29 +55,50 @@ _RESERVED_COLUMNS = ("prompts", "completion_ids", "trainer_state", "log_metric",
 _TEXT_COLUMNS = ("prompt", "messages", "text", *_RESPONSE_FIELDS, "answer")
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Which columns hold a row's parts: the config keys prompt_column, completion_column
+    and answer_column, a data set's own names for them (MATH's problem and solution,
+    GSM8K's question; mlx-lm's prompt_feature / completion_feature)."""
+    prompt: str = "prompt"
+    completion: str = "completion"
+    answer: str = "answer"
+
+    @property
+    def text(self) -> tuple[str, ...]:
+        """The columns gft reads as text (a CSV reader keeps them as written)."""
+        return tuple(dict.fromkeys((*_TEXT_COLUMNS, self.prompt, self.completion,
+                                    self.answer)))
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 
 
 def load_split(path: str | os.PathLike, split: str = "train", *,
-               required: bool = True, answer_column: str = "answer") -> list[Example]:
+               required: bool = True, answer_column: str = "answer",
+               prompt_column: str = "prompt",
+               completion_column: str = "completion") -> list[Example]:
     """Load one split of a data set as a list of `Example`s.
 
     `path` is a data file (the split is then ignored) or a directory holding
     `{split}.jsonl|json|parquet|csv` or a `datasets.save_to_disk` copy. "validation" and
     "valid" name the same split. A missing split raises `DataError` when `required`,
     and gives `[]` otherwise. An existing but empty file is always an error.
-    answer_column: the column holding the ground truth (e.g. TRL's "solution").
+    answer_column: the column holding the ground truth (e.g. TRL's "solution");
+    prompt_column, completion_column: those holding the prompt and the response, when a
+    data set names them otherwise (e.g. "problem", "solution").
     """
+    columns = Columns(prompt_column, completion_column, answer_column)
     from gft.hubdata import hub_id, load_hub_splits
     from gft.runpaths import looks_local
     text = str(path)
     path = Path(path)
     if path.is_dir():
-        return _load_from_directory(path, split, required, answer_column)
+        return _load_from_directory(path, split, required, columns)
     if not looks_local(text) and hub_id(text) is not None:  # org/name on the Hugging Face Hub
         return _pick_split(load_hub_splits(text), split, required, text, "the data set",
-                           answer_column)
+                           columns)
     if extension(path) is None:
         if not path.exists():
             raise DataError("no such file or directory", path=str(path))
@@ -86,8 +108,7 @@ def load_split(path: str | os.PathLike, split: str = "train", *,
         if required:
             raise DataError("no such file", path=str(path))
         return []
-    return _examples_from_rows(read_file(path, (*_TEXT_COLUMNS, answer_column)),
-                               str(path), answer_column)
+    return _examples_from_rows(read_file(path, columns.text), str(path), columns)
 
 
 def is_data_file(path: str | os.PathLike) -> bool:
@@ -95,7 +116,7 @@ def is_data_file(path: str | os.PathLike) -> bool:
     return extension(Path(path)) is not None and not Path(path).is_dir()
 
 
-def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "answer",
+def example_from_row(row: Any, *, path: str, line: int, columns: Columns = Columns(),
                      bool_answers: bool = False) -> Example:
     """Validate one decoded row and turn it into an `Example` (errors name path:line).
     bool_answers: a bool answer reads as "True"/"False" (a table's typed column, see
@@ -112,6 +133,8 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     def fail(field: str, message: str) -> DataError:
         return DataError(message, path=path, line=line, field=field)
 
+    row = _under_gft_names(row, columns, fail)
+    answer_column = columns.answer
     preference = [key for key in ("chosen", "rejected") if row.get(key) is not None]
     if preference:  # read as two extra columns, the row would train on its prompt alone
         raise fail(preference[0], "a preference row (TRL's chosen / rejected type, for DPO "
@@ -156,6 +179,47 @@ def example_from_row(row: Any, *, path: str, line: int, answer_column: str = "an
     return Example(prompt=prompt, responses=responses,
                    answer=_parse_answer(answer, fail, answer_column, bool_answers),
                    columns=columns, source=f"{path}:{line}")
+
+
+def _under_gft_names(row: dict, columns: Columns, fail) -> dict:
+    """The row with prompt_column's value under 'prompt' and completion_column's under
+    'completion'. Their own columns stay too (reward functions read e.g. `solution`);
+    a row that also holds gft's own name for the part is refused, not guessed between."""
+    out = dict(row)
+    for own, part, gfts in ((columns.prompt, "prompt", ("prompt", "messages")),
+                            (columns.completion, "completion", _RESPONSE_FIELDS)):
+        if own == part:
+            continue
+        both = [key for key in gfts if row.get(key) is not None]
+        if both:
+            raise fail(both[0], f"the row has both '{both[0]}' and {part}_column '{own}'; "
+                                "keep one")
+        value = _column_value(row, own)
+        if value is None and part == "prompt":
+            raise fail(own, f"missing: prompt_column '{own}' reads the prompt from this "
+                            "column" + _what_it_has(row))
+        if value is not None:  # a row without a response is a prompt-only row
+            out[part] = value
+    return out
+
+
+def with_system_prompt(rows: list[Example], system: str | None) -> list[Example]:
+    """Each row with `system` as its prompt's first message (config key system_prompt),
+    unless its prompt opens with a system message of its own: a string prompt becomes a
+    chat of that system message and a user turn. Reward functions then see the prompt
+    with it, as Open-R1's (which builds these chats) do."""
+    if system is None:
+        return rows
+    return [replace(ex, prompt=system_first(ex.prompt, system)) for ex in rows]
+
+
+def system_first(prompt: str | list[dict[str, Any]], system: str) -> list[dict[str, Any]]:
+    """The prompt as chat messages opening with a system message (its own, else `system`)."""
+    if isinstance(prompt, str):
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if prompt and prompt[0].get("role") in ("system", "developer"):
+        return prompt
+    return [{"role": "system", "content": system}, *prompt]
 
 
 def _check_spaced_names(row: dict, answer_column: str, fail) -> None:
@@ -258,7 +322,7 @@ def _template_arguments(example: Example) -> dict[str, Any]:
 
 
 def _load_from_directory(directory: Path, split: str, required: bool,
-                         answer_column: str = "answer") -> list[Example]:
+                         columns: Columns = Columns()) -> list[Example]:
     """Find `split` in a directory of per-split files or a `save_to_disk` copy."""
     stems = _SPLIT_NAMES.get(split, (split,))
     found = _split_files(directory, stems) or _split_files(directory / "data", stems)
@@ -269,11 +333,10 @@ def _load_from_directory(directory: Path, split: str, required: bool,
                                     len(f) > 1 else "") for f in found) + "; keep one",
                         path=str(directory))
     if found:
-        text = (*_TEXT_COLUMNS, answer_column)
         return [example for file in found[0] for example in
-                _examples_from_rows(read_file(file, text), str(file), answer_column)]
+                _examples_from_rows(read_file(file, columns.text), str(file), columns)]
     if (directory / "dataset_dict.json").is_file() or (directory / "state.json").is_file():
-        return _load_saved_dataset(directory, split, required, answer_column)
+        return _load_saved_dataset(directory, split, required, columns)
     if not required:
         return []
     expected = ", ".join(stem + ext for stem in stems for ext in EXTENSIONS)
@@ -322,7 +385,7 @@ def _split_files(directory: Path, stems: tuple[str, ...]) -> list[list[Path]]:
 
 
 def _load_saved_dataset(directory: Path, split: str, required: bool,
-                        answer_column: str = "answer") -> list[Example]:
+                        columns: Columns = Columns()) -> list[Example]:
     """A `save_to_disk` directory: a DatasetDict's split, or a lone Dataset as "train"."""
     datasets = import_datasets()
     try:
@@ -334,11 +397,11 @@ def _load_saved_dataset(directory: Path, split: str, required: bool,
     # evaluate on the training data, so it only answers for "train".
     splits = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
     return _pick_split(splits, split, required, str(directory), "the saved dataset",
-                       answer_column, source=lambda name: str(directory / name))
+                       columns, source=lambda name: str(directory / name))
 
 
 def _pick_split(splits: dict[str, Any], split: str, required: bool, where: str, what: str,
-                answer_column: str, source: Any = None) -> list[Example]:
+                columns: Columns, source: Any = None) -> list[Example]:
     """The rows of `split` ("valid" and "validation" are one) of a {name: Dataset} dict,
     named in errors by source(name) (default: where[name])."""
     names = [stem for stem in _SPLIT_NAMES.get(split, (split,)) if stem in splits]
@@ -349,16 +412,16 @@ def _pick_split(splits: dict[str, Any], split: str, required: bool, where: str, 
                         path=where)
     name = names[0]
     return _examples_from_rows(enumerate(splits[name]),
-                               source(name) if source else f"{where}[{name}]", answer_column)
+                               source(name) if source else f"{where}[{name}]", columns)
 
 
 def _examples_from_rows(rows: Iterable[Row], path: str,
-                        answer_column: str = "answer") -> list[Example]:
+                        columns: Columns = Columns()) -> list[Example]:
     """Validate every row; an empty file is an error (it is almost always a mistake)."""
     # CSV, Parquet and saved datasets come typed by pandas / Arrow: a True/False column
     # is bool there however the file writes it (quoting does not help in CSV)
     tabular = (extension(Path(path)) or "").removesuffix(".gz") not in (".json", ".jsonl")
-    examples = [example_from_row(row, path=path, line=line, answer_column=answer_column,
+    examples = [example_from_row(row, path=path, line=line, columns=columns,
                                  bool_answers=tabular)
                 for line, row in rows]
     if not examples:
@@ -376,7 +439,7 @@ _FOREIGN_PROMPTS = {
                      "'messages' with role/content turns",
     "instruction": "Alpaca's instruction/input/output: give instruction and input as "
                    "'prompt', output as 'completion'",
-    **{name: f"rename '{name}' to 'prompt'" for name in ("question", "problem", "query")},
+    **{name: f"set prompt_column: {name}" for name in ("question", "problem", "query")},
 }
 
 

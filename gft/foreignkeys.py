@@ -102,6 +102,13 @@ FOREIGN_KEYS: dict[str, str] = {
                     "datasets.load_dataset) or a local file or directory (JSONL, Parquet, "
                     "CSV, JSON or a datasets.save_to_disk copy)",
     "dataset_config": "gft's data with the configuration after a colon: org/name:config",
+    "dataset_prompt_column": "Open-R1's dataset_prompt_column is gft's prompt_column",
+    "prompt_feature": "mlx-lm's prompt_feature is gft's prompt_column",
+    "completion_feature": "mlx-lm's completion_feature is gft's completion_column",
+    "chat_feature": "gft reads a chat whose last turn is the demonstration from 'messages' "
+                    "(rename the column), or a chat prompt from prompt_column",
+    "text_feature": "a 'text'-only row has no prompt; gft needs prompt_column and "
+                    "completion_column, or 'messages'",
     "dataset_train_split": "gft trains on the 'train' split of a data directory or hub data "
                            "set (or the whole of a data file)",
     "dataset_test_split": "gft's eval_split (a split of the data directory or hub data set) "

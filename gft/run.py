@@ -25,7 +25,7 @@ from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atom
                             read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, to_dict
-from gft.data import is_data_file, load_split
+from gft.data import is_data_file, load_split, with_system_prompt
 from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
 from gft.errors import ConfigError, RewardError
 from gft.loop import LoopState, run_over, total_steps, train, trainer_state
@@ -78,8 +78,10 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
     """Training rows (read here unless given) and the held-out rows (see held_out_rows),
     prompts tokenized."""
     if train_rows is None:
-        train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+        train_rows = load_split(cfg.data, "train", **columns_of(cfg))
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
+    train_rows, eval_rows = (with_system_prompt(rows, cfg.system_prompt)
+                             for rows in (train_rows, eval_rows))
     console.print(f"evaluation: {note}")
     if eval_rows and cfg.rewards is None and not rewards_needed(cfg) \
             and not any(ex.responses for ex in eval_rows):
@@ -112,6 +114,12 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
     return data, held_out
 
 
+def columns_of(cfg: TrainConfig) -> dict[str, str]:
+    """load_split's column options, as the config names them."""
+    return dict(answer_column=cfg.answer_column, prompt_column=cfg.prompt_column,
+                completion_column=cfg.completion_column)
+
+
 def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
                   ) -> tuple[list[Example], list[Example], str]:
     """(training rows, held-out rows, what the evaluation will measure, in words).
@@ -123,7 +131,7 @@ def held_out_rows(cfg: TrainConfig, train_rows: list[Example]
     never evaluated on as if they were held out: without any of these there is none."""
     if cfg.eval_samples == 0:
         return train_rows, [], "off (eval_samples: 0)"
-    answer = dict(answer_column=cfg.answer_column)
+    answer = columns_of(cfg)
     if cfg.eval_data is not None:
         from gft.hubdata import hub_id
         hub = "/" in cfg.eval_data and not looks_local(cfg.eval_data) \
@@ -344,7 +352,7 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     check_memory(cfg, model_path)
     if load_optimizer:
         check_optimizer_state(start_from)
-    train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+    train_rows = load_split(cfg.data, "train", **columns_of(cfg))
     check_trainable(cfg, train_rows, console)
     backend = open_backend(cfg, model_path, comm, snapshot)
     if hub_id:  # adapters name the hub id as their base, not this machine's cache
@@ -424,7 +432,7 @@ def finished_already(cfg: TrainConfig, state: LoopState) -> str | None:
     elif cfg.prompt_overflow == "skip":
         return None
     else:
-        rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+        rows = load_split(cfg.data, "train", **columns_of(cfg))
         n_rows = len(held_out_rows(cfg, rows)[0])
     stages = plan_stages(cfg, total_steps(cfg, n_rows))
     return nothing_to_train(stages, state) if run_over(stages, state, cfg) else None

@@ -57,6 +57,13 @@ def trained_chat_template(model_dir: str) -> bool | None:
     return None if value is _UNKNOWN else bool(value)
 
 
+def trained_system_prompt(model_dir: str) -> str | None:
+    """The system message a gft model's prompts opened with (config key system_prompt);
+    None when its run set none, or it is not a gft run's model."""
+    value = _trained_setting(model_dir, "system_prompt")
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def trained_stop(model_dir: str) -> list:
     """The extra stops (config key `stop`) a gft model's run ended rollouts and
     evaluation at; [] for any other model. `gft generate` and `gft eval` end there too,
@@ -91,6 +98,7 @@ def generate_chat_template(model_dir: str, tokenizer) -> bool:
 
 # `gft eval` options and the run settings they default to on a gft run's model
 EVAL_DEFAULTS = {"rewards": "rewards", "answer_column": "answer_column",
+                 "prompt_column": "prompt_column", "completion_column": "completion_column",
                  "max_new_tokens": "max_response_tokens"}
 
 
@@ -107,15 +115,18 @@ def eval_defaults(model_dir: str, left: set[str], asked: dict[str, Any]) -> tupl
     if "rewards" in left and ran is not None and ran not in (asked["rewards"], ",".join(
             asked["rewards"])):
         taken["rewards"] = ran
-    column = run.get("answer_column")
-    if "answer_column" in left and isinstance(column, str) and column != asked["answer_column"]:
-        taken["answer_column"] = column
+    for key in ("answer_column", "prompt_column", "completion_column"):
+        column = run.get(key)
+        if key in left and isinstance(column, str) and column != asked[key]:
+            taken[key] = column
     longest = run.get("max_response_tokens")
     if "max_new_tokens" in left and isinstance(longest, int) and not isinstance(longest, bool) \
             and longest > 0 and longest != asked["max_new_tokens"]:
         taken["max_new_tokens"] = longest
     said = {"rewards": lambda v: f"--rewards {','.join(v) if names else v}",
             "answer_column": lambda v: f"--answer-column {v}",
+            "prompt_column": lambda v: f"--prompt-column {v}",
+            "completion_column": lambda v: f"--completion-column {v}",
             "max_new_tokens": lambda v: f"--max-new-tokens {v} (its max_response_tokens)"}
     return taken, [said[k](v) for k, v in taken.items()]
 

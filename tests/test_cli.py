@@ -455,3 +455,45 @@ def test_eval_on_a_runs_model_finds_the_split_its_run_held_out(tmp_path, model_d
     note, line = evaluate({"data": str(data), "eval_data": "dev"})
     assert f"--data {data} --split dev (its held-out data)" in note
     assert json.loads(line)["n"] == 3
+
+
+def test_a_data_sets_own_column_names_and_a_system_prompt_train_and_travel(tmp_path):
+    """MATH-style rows (problem / solution) train with prompt_column and
+    completion_column (mlx-lm's prompt_feature / completion_feature, Open-R1's
+    dataset_prompt_column), under a system_prompt; before, every such data set had to be
+    rewritten first. The trained model's gft.json carries them, so gft eval reads the same
+    rows without options, and gft generate prompts with the system message."""
+    from gft.checkpoint import MODEL_RECORD
+    from tests.helpers import scaled_tiny
+    model = scaled_tiny(tmp_path / "model")
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?",
+                                        "solution": f"It is {i + 1}. \\boxed{{{i + 1}}}"})
+                            + "\n" for i in range(4)))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(model), "--data", str(data), "-o", str(run),
+        "--backend", "torch", "--max-steps", "1", "--set", "preset=sft",
+        "--set", "prompt_column=problem", "--set", "completion_column=solution",
+        "--set", "answer_column=solution", "--set", "system_prompt=Answer in a box.",
+        "--set", "prompts_per_step=2", "--set", "prompts_per_minibatch=2",
+        "--set", "max_response_tokens=16", "--set", "eval_samples=0",
+        "--set", "progress=false"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    record = json.loads((run / "final" / MODEL_RECORD).read_text())
+    assert (record["prompt_column"], record["completion_column"], record["system_prompt"],
+            record["chat_template"]) == ("problem", "solution", "Answer in a box.", True)
+    evaluated = CliRunner().invoke(main, ["eval", str(run / "final"), "--data", str(data),
+                                          "--backend", "torch", "--max-new-tokens", "4",
+                                          "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "--prompt-column problem" in evaluated.output and json.loads(
+        evaluated.output.splitlines()[-1])["n"] == 4
+    generate = ["generate", str(run / "final"), "--max-new-tokens", "6", "--backend", "torch"]
+    said = CliRunner().invoke(main, generate + ["-p", "What is 7 + 1?"]).output
+    system = json.dumps([{"role": "system", "content": "Answer in a box."},
+                         {"role": "user", "content": "What is 7 + 1?"}])
+    assert said == CliRunner().invoke(main, generate + ["-p", system]).output
+    without = CliRunner().invoke(main, generate + ["-p", "What is 7 + 1?",
+                                                   "--system-prompt", ""]).output
+    assert without != said  # the system message is what made the difference

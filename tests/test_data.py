@@ -308,7 +308,7 @@ def test_pandas_to_json_default_orient_is_read(tmp_path):
 @pytest.mark.parametrize("row, words", [
     ({"conversations": [{"from": "human", "value": "hi"}]}, ["ShareGPT", "'messages'"]),
     ({"instruction": "hi", "input": "", "output": "yo"}, ["Alpaca", "'completion'"]),
-    ({"problem": "1+1", "solution": "2"}, ["rename 'problem' to 'prompt'"]),
+    ({"problem": "1+1", "solution": "2"}, ["set prompt_column: problem"]),
     ({"prompt ": "a space from a CSV header"}, ["the row has 'prompt '"]),
     ({"prompt": None, "answer": 1}, ["null (an empty cell)"]),
 ])
@@ -904,3 +904,42 @@ def test_chat_content_as_typed_text_parts_reads_as_its_text(tmp_path):
     with pytest.raises(DataError, match=r"img.jsonl:1: field 'prompt\[0\]\.content\[0\]': a "
                                         r"content part of type 'image'; gft trains text"):
         load_split(write_jsonl(tmp_path / "img.jsonl", [image]))
+
+
+def test_prompt_and_completion_columns_read_a_data_sets_own_names(tmp_path):
+    from gft.errors import DataError
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "2+2?", "solution": "4", "level": 1}) + "\n")
+    (ex,) = load_split(path, prompt_column="question", completion_column="solution",
+                       answer_column="solution")
+    assert (ex.prompt, ex.responses, ex.answer) == ("2+2?", ("4",), "4")
+    # the columns keep their own names for reward functions, as answer_column's does
+    assert ex.columns == {"question": "2+2?", "solution": "4", "level": 1}
+    path.write_text(json.dumps({"question": "2+2?", "prompt": "3+3?"}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1: field 'prompt': the row has both "
+                                        "'prompt' and prompt_column 'question'; keep one"):
+        load_split(path, prompt_column="question")
+    path.write_text(json.dumps({"problem": "2+2?"}) + "\n")
+    with pytest.raises(DataError, match=r"field 'question': missing: prompt_column "
+                                        "'question' reads the prompt from this column; "
+                                        "the row has 'problem'"):
+        load_split(path, prompt_column="question")
+    # a CSV's prompt_column stays text as written ('007' is not the number 7)
+    csv = tmp_path / "d.csv"
+    csv.write_text("problem,answer\n007,7\n")
+    (ex,) = load_split(csv, prompt_column="problem")
+    assert ex.prompt == "007"
+
+
+def test_a_system_prompt_opens_every_prompt_without_one():
+    from gft.data import with_system_prompt
+    from gft.types import Example
+    rows = [Example("2+2?"), Example([{"role": "user", "content": "hi"}]),
+            Example([{"role": "system", "content": "own"}, {"role": "user", "content": "x"}])]
+    got = [ex.prompt for ex in with_system_prompt(rows, "Be brief.")]
+    assert got == [[{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "2+2?"}],
+                   [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "hi"}],
+                   [{"role": "system", "content": "own"}, {"role": "user", "content": "x"}]]
+    assert with_system_prompt(rows, None) is rows
