@@ -186,7 +186,7 @@ def _under_gft_names(row: dict, columns: Columns, fail) -> dict:
     'completion'. Their own columns stay too (reward functions read e.g. `solution`);
     a row that also holds gft's own name for the part is refused, not guessed between."""
     out = dict(row)
-    for own, part, gfts in ((columns.prompt, "prompt", ("prompt", "messages")),
+    for own, part, gfts in ((columns.prompt, "prompt", ("prompt",)),
                             (columns.completion, "completion", _RESPONSE_FIELDS)):
         if own == part:
             continue

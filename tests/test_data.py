@@ -943,3 +943,13 @@ def test_a_system_prompt_opens_every_prompt_without_one():
                     {"role": "user", "content": "hi"}],
                    [{"role": "system", "content": "own"}, {"role": "user", "content": "x"}]]
     assert with_system_prompt(rows, None) is rows
+
+
+def test_a_messages_column_beside_prompt_column_is_another_column(tmp_path):
+    """NuminaMath-CoT holds problem, solution and messages: with prompt_column naming the
+    prompt, 'messages' is passed to rewards like any column (as 'prompt' beside it is)."""
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"problem": "hi", "solution": "hello", "messages": chat}) + "\n")
+    (ex,) = load_split(path, prompt_column="problem", completion_column="solution")
+    assert (ex.prompt, ex.responses, ex.columns["messages"]) == ("hi", ("hello",), chat)
