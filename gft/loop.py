@@ -25,7 +25,8 @@ from gft.checkpoint import save_step_checkpoint
 from gft.config import TrainConfig, to_dict
 from gft.runpaths import stored_config
 from gft.evaluate import evaluate
-from gft.distributed import LOCAL, Comm, local_positions, minibatch_sizes, row_seed
+from gft.distributed import (LOCAL, Comm, local_positions, minibatch_sizes, row_seed,
+                             together)
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
                          peak_memory, step_line)
@@ -137,13 +138,16 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
               f"{cfg.max_response_tokens} tokens each)", new_step=True)
         rollouts = backend.generate(repeated, sampling, seeds)
     t1 = time.perf_counter()
-    seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
-                        num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
-                        max_response_tokens=cfg.max_response_tokens,
-                        stops=getattr(backend, "stops", None))
-    phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
-    scored = score_groups(seqs, rows, scorer, cfg.advantage,
-                          trainer_state or TrainerState(global_step=step))
+    # a reward that raises or times out on this rank's rows stops every rank (together)
+    with together(comm):
+        seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
+                            num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
+                            max_response_tokens=cfg.max_response_tokens,
+                            stops=getattr(backend, "stops", None))
+        phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
+        scored = score_groups(seqs, rows, scorer, cfg.advantage,
+                              trainer_state or TrainerState(global_step=step))
+    settle(scorer, comm)
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
         if scored else 0
@@ -236,20 +240,30 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
         return {}
     n = min(cfg.eval_samples, len(data.rows))
     lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
-    if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers weights in generate)
-        if scorer is not None:
-            backend.generate([], SamplingConfig(greedy=True), 0)
-        ev: dict[str, float] = {}
-    else:
-        ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
-                      max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
-                      batch_size=cfg.rollout_batch_size, first_row=lo,
-                      loss=comm.world == 1)
+    ev: dict[str, float] = {}
+    with together(comm):  # a reward failing on this rank's rows stops every rank
+        if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers in generate)
+            if scorer is not None:
+                backend.generate([], SamplingConfig(greedy=True), 0)
+        else:
+            ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
+                          max_new_tokens=cfg.max_response_tokens,
+                          seed=step_seed(cfg.seed, -1), batch_size=cfg.rollout_batch_size,
+                          first_row=lo, loss=comm.world == 1)
+    settle(scorer, comm)
     if comm.world == 1 or scorer is None:
         return ev
     keys = ("accuracy", "reward")
     total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
     return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
+
+
+def settle(scorer, comm: Comm) -> None:
+    """The scorer's check over what every rank has just scored, when it has one
+    (gft.run.RequireApplicableReward.settle; a collective)."""
+    check = getattr(scorer, "settle", None)
+    if check is not None:
+        check(comm)
 
 
 def describe_eval(ev: dict[str, float]) -> str:

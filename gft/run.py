@@ -26,7 +26,8 @@ from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atom
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, to_dict
 from gft.data import is_data_file, load_split
-from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
+from gft.distributed import (LOCAL, Comm, check_divisible, first_text, init_comm, shutdown,
+                             together)
 from gft.errors import ConfigError, RewardError
 from gft.loop import LoopState, run_over, total_steps, train, trainer_state
 from gft import runlock
@@ -186,34 +187,50 @@ class RequireApplicableReward:
     the wrong column, so it stops the run at once with what to check. Once rewards have
     applied, a batch that happens to hold only rows no reward covers (mixed-task data,
     small batches) is a warning, and the run goes on, as TRL warns and goes on: stopping
-    hours in would lose the run for one unlucky draw."""
+    hours in would lose the run for one unlucky draw.
+
+    The check is made by `settle`, which the loop calls once every rank has scored its
+    share of a step's (or an evaluation's) batch: with several ranks "the batch" is the
+    whole step's, as in one process, and every rank stops, or goes on, together. Made on
+    each rank's share alone, one rank stopped while the others waited for it."""
 
     def __init__(self, model, warn: Callable[[str], None] | None = None):
         self.model = model
-        self.applied = False  # some reward has scored some response in this process
+        self.applied = False  # some reward has scored some response in this run
         self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
         self.skipped = 0  # batches no reward applied to, after the first that one did
+        self._scored = np.zeros(2)  # responses scored since the last settle, and the Nones
+        self._first: str | None = None  # the first of them
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
     def score(self, prompts, completions, columns, sources=None, **kwargs):
         result = self.model.score(prompts, completions, columns, sources, **kwargs)
-        if not len(completions) or result.n_none < len(completions):
-            self.applied = self.applied or bool(len(completions))
-            return result
-        first = sources[0] if sources else "row 0"
+        if len(completions) and self._first is None:
+            self._first = sources[0] if sources else "row 0"
+        self._scored += [len(completions), result.n_none]
+        return result
+
+    def settle(self, comm: Comm = LOCAL) -> None:
+        """Stop (RewardError) or warn when no reward applied to any response scored since
+        the last call, on any rank. A collective: every rank calls it at the same point."""
+        n, none = comm.all_sum(self._scored)
+        first = first_text(comm, self._first) if n and none == n else None
+        self._scored, self._first = np.zeros(2), None
+        if not n or none < n:
+            self.applied = self.applied or bool(n)
+            return
         said = (f"rewards ({', '.join(self.model.names)}) returned None (not applicable) for "
-                f"all {len(completions)} responses of a batch (first: {first})")
+                f"all {int(n)} responses of a batch (first: {first})")
         if not self.applied:
             raise RewardError(f"{said}; nothing to learn from: check what the reward "
                               "functions return and the columns they read")
         self.skipped += 1
-        if self.skipped == 1 or self.skipped % 100 == 0:
+        if comm.rank == 0 and (self.skipped == 1 or self.skipped % 100 == 0):
             self.warn(f"warning: {said}: its groups score 0 and train nothing; the run goes "
                       f"on ({self.skipped} such batch{'es' if self.skipped > 1 else ''} so "
                       "far; shown at the 1st and every 100th)")
-        return result
 
 
 def hub_snapshot(cfg: TrainConfig) -> str | None:
