@@ -225,7 +225,10 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
     most = comm.all_sum(counts.reshape(-1)).reshape(comm.world, -1).max(axis=0)
     for u, p, t, n in zip(updates, parts, totals, most):
         if len(u) < n:
-            filler = pad_batch([replace(p[0], advantage=0.0)], pad, float(t[0]), float(t[1]))
+            # a share with no response at all (sft rows without one, under n = 0) still
+            # takes part: a one-token stand-in, advantage 0 like every filler
+            like = p[0] if p else Sequence_(0, [pad], [pad], "", on_policy=False)
+            filler = pad_batch([replace(like, advantage=0.0)], pad, float(t[0]), float(t[1]))
             u.extend([filler] * (int(n) - len(u)))
     return updates
 
@@ -293,10 +296,11 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     lead = comm.rank == 0
     trackers = trackers if trackers is not None and lead else Trackers()
     plain = lead and not console.is_terminal
-    log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
-    samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
-    log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
-    samples.truncate_after(state.step if state.step else -1)
+    with together(comm):  # rank 0's files: one it cannot write stops every rank
+        log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
+        samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
+        log.truncate_after(state.step if state.step else -1)  # step 0: a killed start's lines
+        samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     steps = stages[-1].end  # at most: a policy-token budget may end the run sooner
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
@@ -306,19 +310,23 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
 
     def checkpoint(step: int) -> Path | None:
         payload = trainer_state(state, cfg, run_dir, backend.name, data)
-        path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
-            if lead else backend.join_save()
-        comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
+        backend.join_save()  # every rank: the save's collectives (FSDP2 gathers)
+        # nobody runs ahead of (or resumes from) a half-written checkpoint, and a save that
+        # fails on rank 0 (a full disk) stops every rank with its error
+        with together(comm):
+            path = save_step_checkpoint(backend, run_dir, step, payload,
+                                        cfg.keep_checkpoints) if lead else None
         return path
 
     saved = state.step  # the step the newest checkpoint holds (0: start from the config)
     if state.step == 0 and not stop():
         ev = run_eval(cfg, backend, eval_data, scorer, 0, comm)
-        if ev:
-            record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
-            log.write(record)
-            trackers.log(record)
-            console.print(f"step 0: {describe_eval(ev)}")
+        with together(comm):
+            if ev:
+                record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
+                log.write(record)
+                trackers.log(record)
+                console.print(f"step 0: {describe_eval(ev)}")
     with ProgressBar(steps, state.step, cfg.progress and lead and not plain, console) as bar, \
             Heartbeat(console, plain) as beat:
         while not stop():
@@ -352,15 +360,16 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
                     bar.console.print(f"step {state.step}: {describe_eval(ev)}")
-            log.write(m)
-            trackers.log(m)
-            if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):
-                console.print(step_line(state.step, steps, m), highlight=False)
-            _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
-            if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
-                samples.write({"step": state.step, **sample})
-                trackers.log_samples([{"step": state.step, **sample}], state.step)
-            bar.update(state.step, m)
+            with together(comm):  # rank 0's logs failing to write (a full disk) stop all
+                log.write(m)
+                trackers.log(m)
+                if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):
+                    console.print(step_line(state.step, steps, m), highlight=False)
+                _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
+                if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
+                    samples.write({"step": state.step, **sample})
+                    trackers.log_samples([{"step": state.step, **sample}], state.step)
+                bar.update(state.step, m)
             if cfg.save_every and state.step % cfg.save_every == 0 and not last:
                 checkpoint(state.step)
                 saved = state.step

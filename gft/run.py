@@ -341,41 +341,47 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         console.print(f"[yellow]note: {done}", highlight=False)
         return keep_final(run_dir, start_from, console, comm)
     chosen = provider()
-    cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
-    chosen.check_device(cfg.backend, cfg.device)
-    check_launcher(cfg, comm)
-    if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-            stored_config(to_dict(cfg), run_dir), sort_keys=False))
-    scorer = build_scorer(cfg)
-    snapshot = hub_snapshot(cfg)
-    model_path = str(start_from or snapshot or cfg.model)
-    check_model_dir(model_path)
-    check_memory(cfg, model_path)
-    if load_optimizer:
-        check_optimizer_state(start_from)
-    train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
-    check_trainable(cfg, train_rows, console)
+    # checks each rank makes on its own (its GPU's free memory, a reward module it
+    # imports, rank 0's config.yaml write): any that fails stops every rank before the
+    # backend's first collective, with the same error
+    with together(comm):
+        cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
+        chosen.check_device(cfg.backend, cfg.device)
+        check_launcher(cfg, comm)
+        if lead:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                stored_config(to_dict(cfg), run_dir), sort_keys=False))
+        scorer = build_scorer(cfg)
+        snapshot = hub_snapshot(cfg)
+        model_path = str(start_from or snapshot or cfg.model)
+        check_model_dir(model_path)
+        check_memory(cfg, model_path)
+        if load_optimizer:
+            check_optimizer_state(start_from)
+        train_rows = load_split(cfg.data, "train", answer_column=cfg.answer_column)
+        check_trainable(cfg, train_rows, console)
     backend = open_backend(cfg, model_path, comm, snapshot)
     if snapshot:  # adapters name the hub id as their base, not this machine's cache
         backend.base_name = cfg.model
     note = dtype_note(cfg, model_path)
     if note:
         console.print(f"[yellow]{note}", highlight=False)
-    if load_optimizer:
+    if load_optimizer:  # (FSDP2: a collective, so outside `together`)
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
-    if start_from is not None and state.step:
-        note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
-        if note:
-            console.print(f"[yellow]{note}", highlight=False)
-    stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-    check_sequences_fit(backend, data, held_out, stages, scorer)
-    check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
-                    max(stage.cfg.max_response_tokens for stage in stages), str(cfg.model))
-    for stage in stages:
-        check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
-                        f"stage {stage.index + 1} ({stage.name})")
+    with together(comm):  # the data each rank reads (a Hub download may fail on one)
+        data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
+        if start_from is not None and state.step:
+            note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
+            if note:
+                console.print(f"[yellow]{note}", highlight=False)
+        stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
+        check_sequences_fit(backend, data, held_out, stages, scorer)
+        check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer,
+                        [data, held_out], max(stage.cfg.max_response_tokens for stage in stages),
+                        str(cfg.model))
+        for stage in stages:
+            check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch,
+                            comm.world, f"stage {stage.index + 1} ({stage.name})")
     how = cfg.parallel if cfg.backend == "torch" else "data parallel"
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
@@ -387,11 +393,12 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
-                             name=cfg.run_name or None,
-                             warn=lambda text: console.print(f"[yellow]{text}",
-                                                             highlight=False)) \
-        if lead else Trackers()
+    with together(comm):  # rank 0's trackers: one that cannot start stops every rank
+        trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
+                                 name=cfg.run_name or None,
+                                 warn=lambda text: console.print(f"[yellow]{text}",
+                                                                 highlight=False)) \
+            if lead else Trackers()
     try:
         state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                       comm=comm, trackers=trackers)
@@ -406,14 +413,14 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
     # copied from it on rank 0, with no collective of its own
     last = run_dir / "checkpoints" / f"step-{state.step:06d}"
     saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
-    if lead:
-        if not saved:
-            save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
-        if not (idle and is_export_of(final, last)):
-            export_final(last, final)
-    elif not saved:
-        backend.join_save()
-    comm.barrier()
+    if not saved:
+        backend.join_save()  # every rank: the save's collectives (FSDP2 gathers)
+    with together(comm):  # rank 0's save or export failing (a full disk) stops every rank
+        if lead:
+            if not saved:
+                save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
+            if not (idle and is_export_of(final, last)):
+                export_final(last, final)
     if lead:
         records = read_metrics(run_dir / "metrics.jsonl")
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
@@ -444,9 +451,9 @@ def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) ->
     """A finished run's final/, exported from its last checkpoint only when it is not
     that checkpoint's export already (a run killed between the two, or final/ deleted)."""
     final = run_dir / "final"
-    if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
-        export_final(checkpoint, final)
-    comm.barrier()
+    with together(comm):
+        if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
+            export_final(checkpoint, final)
     console.print(f"final checkpoint: {final}", highlight=False)
     return final
 
@@ -454,14 +461,14 @@ def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) ->
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
     """A new run may not write over another's checkpoints; rank 0 writes the embedded
     model and task when none were given."""
-    if has_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
-                          f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
-                          "--output-dir")
-    comm.barrier()  # every rank has looked before rank 0 writes
-    if comm.rank == 0:
-        cfg = materialize_defaults(cfg, run_dir, console)
-    comm.barrier()
+    with together(comm):  # every rank has looked before rank 0 writes
+        if has_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it "
+                              f"with gft train --resume {shlex.quote(str(run_dir))}, or choose "
+                              "another --output-dir")
+    with together(comm):  # (and a write that fails stops every rank)
+        if comm.rank == 0:
+            cfg = materialize_defaults(cfg, run_dir, console)
     if comm.rank != 0:  # the files exist now: this only fills in their paths
         cfg = materialize_defaults(cfg, run_dir, console)
     return cfg

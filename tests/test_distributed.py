@@ -399,18 +399,16 @@ def raise_on_rank1(completions, **kw):  # e.g. a verifier meeting a row only ran
 '''
 
 
-def _rank_reward_run(setup, name: str, launch: list[str], backend: list[str]):
-    """A 1-step run, 2 ranks, whose reward `name` (RANK_REWARDS) differs on rank 1;
-    `launch`: the command before gft's own arguments, ending in `gft train`. The timeout
-    fails a hang (before: mlx.launch waited forever for the rank that had stopped)."""
+def _two_ranks(setup, label: str, extra: list[str], launch: list[str] | None = None,
+               backend: tuple[str, ...] = ("--backend", "torch")):
+    """A 1-step run on 2 ranks with `extra` arguments; `launch`: the command before gft's
+    arguments, ending in `gft train` (default: gft train --nproc 2, torchrun for you).
+    The timeout fails a hang (before: mlx.launch waited forever for a rank that stopped)."""
     tmp, model, data = setup
-    rewards = tmp / "rank_rewards.py"
-    rewards.write_text(RANK_REWARDS)
-    run = tmp / f"rank-{name}-{backend[-1]}"
-    args = _args(model, data, run, 1) + ["--set", f"rewards=[{rewards}:{name}]",
-                                         "--set", "eval_samples=0"]
+    launch = launch or [sys.executable, "-m", "gft", "train", "--nproc", "2"]
+    args = _args(model, data, tmp / f"ranks-{label}", 1) + ["--set", "eval_samples=0", *extra]
     i = args.index("--backend")
-    args = args[:i] + backend + args[i + 2:]
+    args = args[:i] + list(backend) + args[i + 2:]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # its own process group: a hung launch is ended with every rank it started
     proc = subprocess.Popen([*launch, *args], env=env, stdout=subprocess.PIPE,
@@ -420,8 +418,15 @@ def _rank_reward_run(setup, name: str, launch: list[str], backend: list[str]):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
         proc.communicate()
-        pytest.fail(f"{name}: the ranks did not end within 120 s (one waits for another)")
+        pytest.fail(f"{label}: the ranks did not end within 120 s (one waits for another)")
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _rank_reward(setup, name: str) -> list[str]:
+    """--set rewards=[...] naming RANK_REWARDS' function `name`."""
+    rewards = setup[0] / "rank_rewards.py"
+    rewards.write_text(RANK_REWARDS)
+    return ["--set", f"rewards=[{rewards}:{name}]"]
 
 
 def _same_error_on_every_rank(out: subprocess.CompletedProcess, text: str) -> None:
@@ -437,12 +442,48 @@ def test_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
     """torchrun, 2 gloo ranks. Before: rank 1 printed its error, rank 0 died in its next
     all-reduce with a gloo traceback (or was killed). Now both print rank 1's line, exit 2.
     And no reward applying to rank 1's rows alone is no error: rank 0's rows scored."""
-    torchrun = [sys.executable, "-m", "gft", "train", "--nproc", "2"]  # torchrun, for you
-    out = _rank_reward_run(setup, "raise_on_rank1", torchrun, ["--backend", "torch"])
+    out = _two_ranks(setup, "raise", _rank_reward(setup, "raise_on_rank1"))
     assert out.returncode == 2, out.stderr[-3000:]
     _same_error_on_every_rank(out, "raised ValueError at ")
-    out = _rank_reward_run(setup, "none_on_rank1", torchrun, ["--backend", "torch"])
+    out = _two_ranks(setup, "none", _rank_reward(setup, "none_on_rank1"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_a_check_that_fails_on_one_rank_at_the_start_stops_every_rank(setup):
+    """A reward module that cannot be imported on rank 1 (a package missing on one node):
+    before, rank 1 stopped and rank 0 went on into loading the model and was killed
+    there with a gloo traceback."""
+    tmp = setup[0]
+    module = tmp / "rank_import.py"
+    module.write_text("import os\nif os.environ.get('RANK') == '1':\n"
+                      "    raise ImportError('no verifier on this node')\n"
+                      "def f(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    out = _two_ranks(setup, "import", ["--set", f"rewards=[{module}:f]"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    _same_error_on_every_rank(out, "no verifier on this node")
+    # rank 0 alone opens the trackers: one that cannot start (its folder is a file here)
+    pytest.importorskip("tensorboard")
+    run = tmp / "ranks-tracker"
+    run.mkdir()
+    (run / "tensorboard").write_text("not a directory\n")
+    out = _two_ranks(setup, "tracker", ["--set", "report_to=[tensorboard]"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    _same_error_on_every_rank(out, "report_to: tensorboard could not start a run")
+
+
+def test_a_checkpoint_rank_0_cannot_save_stops_every_rank(setup):
+    """FSDP2: rank 0 writes the checkpoint that every rank gathered. Before, rank 0 failed
+    (here: `checkpoints` is a file) and the others were killed in their next collective;
+    with the failure agreed on after the save, a failure before the gathers left them
+    inside one (a hang), so every rank now gathers (join_save) before rank 0 writes."""
+    tmp = setup[0]
+    run = tmp / "ranks-save"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a directory\n")
+    out = _two_ranks(setup, "save", ["--set", "save_every=1", "--max-steps", "2",
+                                     "--set", "parallel=fsdp"])
+    assert out.returncode == 1, out.stderr[-3000:]  # a file system failure: exit 1
+    _same_error_on_every_rank(out, "cannot save checkpoint ")
 
 
 @pytest.mark.mlx
@@ -455,7 +496,30 @@ def test_mlx_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
     launch = shutil.which("mlx.launch")
     if launch is None:
         pytest.skip("mlx.launch not on PATH")
-    out = _rank_reward_run(setup, "raise_on_rank1", [launch, "-n", "2", "--backend", "ring",
-                                                     sys.executable, "-m", "gft", "train"],
-                           ["--set", "backend=mlx"])
+    out = _two_ranks(setup, "raise-mlx", _rank_reward(setup, "raise_on_rank1"),
+                     [launch, "-n", "2", "--backend", "ring", sys.executable, "-m", "gft",
+                      "train"], ("--set", "backend=mlx"))
     _same_error_on_every_rank(out, "raised ValueError at ")
+
+
+def test_a_rank_whose_share_has_no_response_still_takes_part_in_the_update():
+    """SFT (n = 0) over rows some of which have no response (a warning, and they train
+    nothing): a step can give one rank only such rows. That rank built its zero-advantage
+    filler from its first response and had none: IndexError on that rank alone, while
+    the other waited in the update's gradient all-reduce."""
+    from types import SimpleNamespace
+    from gft.loop import _update_batches
+    cfg = SimpleNamespace(prompts_per_minibatch=2, micro_batch_size=2, micro_batch_tokens=None,
+                          skip_zero_advantage=True)
+    backend = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
+    # 2 prompts, one per rank; rank 0's has a dataset response, rank 1's has none
+    seqs = [[Sequence_(0, [5, 6], [7, 8], "yes", False, advantage=1.0)], []]
+
+    def on_rank(comm):
+        positions = local_positions(2, 2, comm.rank, comm.world)
+        return _update_batches(cfg, backend, seqs[comm.rank], positions, 2, comm)
+    got = on_ranks(2, on_rank)
+    assert not any(isinstance(g, Exception) for g in got), got
+    assert [len(u) for u in got[0]] == [len(u) for u in got[1]] == [1]  # in step
+    assert (got[1][0][0].advantages == 0).all()  # the stand-in adds nothing
+    assert got[1][0][0].n_tokens == got[0][0][0].n_tokens  # the update's global totals
