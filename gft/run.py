@@ -406,7 +406,10 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         trackers.finish()
     steps = stages[-1].end
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
-        raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
+        # a signal may reach one rank only (a `kill` of one process): every rank names
+        # the one that stopped the run, and exits with its code
+        said = first_text(comm, str(stop.signum) if stop.signum else None)
+        raise interrupted(int(said) if said else signal.SIGINT, run_dir, state.step, steps)
     payload = trainer_state(state, cfg, run_dir, backend.name, data)
     final = run_dir / "final"
     # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then

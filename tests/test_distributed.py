@@ -523,3 +523,20 @@ def test_a_rank_whose_share_has_no_response_still_takes_part_in_the_update():
     assert [len(u) for u in got[0]] == [len(u) for u in got[1]] == [1]  # in step
     assert (got[1][0][0].advantages == 0).all()  # the stand-in adds nothing
     assert got[1][0][0].n_tokens == got[0][0][0].n_tokens  # the update's global totals
+
+
+def test_a_signal_to_one_rank_is_named_alike_on_every_rank(setup):
+    """A SIGTERM that reaches rank 1 only (here its reward sends it) stops every rank after
+    the step, as before; but rank 0, which got no signal, said "interrupted by SIGINT"
+    and exited 130 (what `gft train --nproc` returned) where rank 1 said SIGTERM, 143."""
+    module = setup[0] / "rank_signal.py"
+    module.write_text("import os, signal\n"
+                      "def f(completions, **kw):\n"
+                      "    if os.environ.get('RANK') == '1':\n"
+                      "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "    return [0.0 for _ in completions]\n")
+    out = _two_ranks(setup, "signal", ["--set", f"rewards=[{module}:f]", "--max-steps", "3"])
+    assert out.returncode == 143, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if "interrupted by" in line]
+    assert sorted(line.split("] ", 1)[0] for line in said) == ["[rank 0", "[rank 1"]
+    assert all("interrupted by SIGTERM after step 1 of 3" in line for line in said), said
