@@ -401,8 +401,8 @@ class MlxBackend:
             (path / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
     def join_save(self) -> None:
-        """Ranks other than 0 while rank 0 saves: every rank holds the same weights, so
-        there is nothing to gather."""
+        """Every rank, before rank 0 saves: every rank holds the same weights, so there
+        is nothing to gather."""
 
     def save_optimizer(self, path: Path) -> None:
         tensors = {f"exp_avg.{n}": m for n, m in self._neutral(self._exp_avg).items()}

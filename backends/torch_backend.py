@@ -170,6 +170,7 @@ class TorchBackend:
         self.stops = Stops(frozenset({tokenizer.eos_token_id}))
         self.config_rates: dict[str, float] = {}  # dropout rates save_model writes back
         self.strategy, self.world = strategy, world
+        self._gathered: tuple | None = None  # FSDP2: join_save's full state, to be saved
         if device.type == "cpu":  # the step's big buffers are reused, not page-faulted in
             keep_freed_memory()
         # bfloat16 compute over float32 weights: autocast here; under FSDP2 the
@@ -492,7 +493,7 @@ class TorchBackend:
                          getattr(getattr(self.model, "config", None), "quantization_config", None))
             save_tokenizer(self.tokenizer, path)  # the adapter travels with its tokenizer
             return
-        state = self._full_state()
+        state = self._gathered[0] if self._gathered else self._full_state()
         ordered = {k: state[k] for k in sorted(state, key=natural_key)}
         with config_values(self.model.config, self.config_rates):
             self.model.save_pretrained(path, state_dict=ordered, max_shard_size=self.shard_size)
@@ -506,17 +507,23 @@ class TorchBackend:
         return self.model.state_dict()
 
     def join_save(self) -> None:
-        """Ranks other than 0: take part in the collectives of rank 0's save_model and
-        save_optimizer (FSDP2 gathers shards), writing nothing."""
+        """Every rank, before rank 0's save_model and save_optimizer: the collectives of the
+        save. FSDP2 gathers the full weights and AdamW moments here (full on rank 0, empty
+        elsewhere), which those two then write: rank 0 touches the disk only once no rank
+        is inside a gather, so a save that fails there (a full disk) can stop every rank
+        with its error (gft.distributed.together) instead of leaving them in a gather."""
         if self.strategy == "fsdp":
             from backends.torch_parallel import full_optimizer_state
-            self._full_state()
-            full_optimizer_state(self.model, self.optimizer)
+            self._gathered = None  # the last save's, if it failed: freed before gathering
+            self._gathered = (self._full_state(),
+                              full_optimizer_state(self.model, self.optimizer))
 
     def save_optimizer(self, path: Path) -> None:
         if self.strategy == "fsdp":
             from backends.torch_parallel import full_optimizer_state
-            tensors, step = full_optimizer_state(self.model, self.optimizer)
+            gathered, self._gathered = self._gathered, None
+            tensors, step = gathered[1] if gathered else \
+                full_optimizer_state(self.model, self.optimizer)
             save_file(tensors, str(path), metadata={"format": "gft-adamw", "step": str(step)})
             return
         tensors, step = {}, 0

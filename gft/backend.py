@@ -109,8 +109,10 @@ class Backend(Protocol):
     def load_optimizer(self, path: Path) -> None: ...
 
     def join_save(self) -> None:
-        """Data-parallel ranks other than 0: take part in rank 0's save (gathering sharded
-        state), writing nothing."""
+        """Every rank, before rank 0's save_model / save_optimizer: the collectives of the
+        save (gathering sharded state), writing nothing. Rank 0 then writes with no
+        collective left, so a write that fails there cannot leave the other ranks
+        waiting in one."""
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         """Trainable parameters as float32 NumPy arrays (tests and metrics)."""

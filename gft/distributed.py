@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Protocol, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from gft.errors import ConfigError
+from gft.errors import ConfigError, GFTError, first_line
 
 
 class Comm(Protocol):
@@ -76,11 +77,12 @@ def _array_to_text(raw: np.ndarray) -> str:
     return bytes(b[b != 0]).decode("utf-8")
 
 
-def _broadcast_by_sum(comm: Comm, text: str) -> str:
-    """Rank 0's string on every rank with all_sum alone: the length, then the bytes
-    (zeros everywhere but rank 0)."""
-    n = int(comm.all_sum(np.array([len(text.encode("utf-8")) if comm.rank == 0 else 0]))[0])
-    return _array_to_text(comm.all_sum(_text_to_array(text if comm.rank == 0 else None, n)))
+def _broadcast_by_sum(comm: Comm, text: str | None, root: int = 0) -> str:
+    """Rank `root`'s string on every rank with all_sum alone: the length, then the bytes
+    (zeros everywhere but on `root`)."""
+    mine = comm.rank == root
+    n = int(comm.all_sum(np.array([len(text.encode("utf-8")) if mine else 0]))[0])
+    return _array_to_text(comm.all_sum(_text_to_array(text if mine else None, n)))
 
 
 def union_of_names(comm: Comm, names: Sequence[str]) -> list[str]:
@@ -140,6 +142,66 @@ class MLXComm:
 
     broadcast_text = _broadcast_by_sum
     barrier = _barrier_by_sum
+
+
+def first_text(comm: Comm, text: str | None) -> str | None:
+    """The text of the lowest rank that has one (not None), on every rank; None on every
+    rank when no rank has one. A collective: every rank calls it, with or without text."""
+    has = np.zeros(comm.world)
+    has[comm.rank] = text is not None
+    ranks = np.flatnonzero(comm.all_sum(has))
+    if not ranks.size:
+        return None
+    return _broadcast_by_sum(comm, text, int(ranks[0]))
+
+
+class RankFailed(GFTError):
+    """What the other ranks raise when work one rank did alone failed (see `together`):
+    that rank's one-line message and exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def failure_line(exc: BaseException, rank: int) -> tuple[str, int]:
+    """(the one line, exit code) the gft command reports for `exc` (cli.friendly_errors):
+    a GFTError's message (exit 2 unless it sets exit_code), an OSError's reason and file
+    (exit 1); anything else is a bug, named with the rank it happened on (exit 1)."""
+    if isinstance(exc, GFTError):
+        return str(exc), int(getattr(exc, "exit_code", 2))
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), 1
+    return f"rank {rank} failed: {type(exc).__name__}: {first_line(exc)}", 1
+
+
+@contextmanager
+def together(comm: Comm) -> Iterator[None]:
+    """Run a block that holds no collective on every rank, then agree on how it went.
+
+    Work a rank does on its own share (scoring its rows, rank 0 writing a file) can fail
+    on one rank only; that rank would stop while the others went on into the next
+    collective and waited for it: a hang, or torchrun killing them with a gloo traceback.
+    After the block (one small all-reduce when nothing failed) every rank raises when
+    any rank's block raised: a rank that failed its own exception, the others RankFailed
+    with the lowest failing rank's message and exit code. So every rank stops at the
+    same point with the same one-line error, or all go on. One process: no collective,
+    exceptions pass as they are."""
+    if comm.world == 1:
+        yield
+        return
+    failure: Exception | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+        failure = exc
+    said = first_text(comm, None if failure is None else
+                      "{1}\n{0}".format(*failure_line(failure, comm.rank)))
+    if failure is not None:
+        raise failure
+    if said is not None:
+        code, _, message = said.partition("\n")
+        raise RankFailed(message, int(code))
 
 
 def launcher() -> str | None:

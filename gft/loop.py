@@ -26,7 +26,7 @@ from gft.config import TrainConfig, to_dict
 from gft.runpaths import stored_config
 from gft.evaluate import evaluate
 from gft.distributed import (LOCAL, Comm, local_positions, minibatch_sizes, row_seed,
-                             union_of_names)
+                             together, union_of_names)
 from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
                          peak_memory, step_line, trl_metrics)
@@ -138,13 +138,16 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
               f"{cfg.max_response_tokens} tokens each)", new_step=True)
         rollouts = backend.generate(repeated, sampling, seeds)
     t1 = time.perf_counter()
-    seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
-                        num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
-                        max_response_tokens=cfg.max_response_tokens,
-                        stops=getattr(backend, "stops", None))
-    phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
-    scored = score_groups(seqs, rows, scorer, cfg.advantage,
-                          trainer_state or TrainerState(global_step=step))
+    # a reward that raises or times out on this rank's rows stops every rank (together)
+    with together(comm):
+        seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
+                            num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
+                            max_response_tokens=cfg.max_response_tokens,
+                            stops=getattr(backend, "stops", None))
+        phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
+        scored = score_groups(seqs, rows, scorer, cfg.advantage,
+                              trainer_state or TrainerState(global_step=step))
+    settle(scorer, comm)
     t2 = time.perf_counter()
     flat = round(zero_variance_fraction(scored["rewards"], scored["groups"]) * len(rows)) \
         if scored else 0
@@ -237,7 +240,10 @@ def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions:
     most = comm.all_sum(counts.reshape(-1)).reshape(comm.world, -1).max(axis=0)
     for u, p, t, n in zip(updates, parts, totals, most):
         if len(u) < n:
-            filler = pad_batch([replace(p[0], advantage=0.0)], pad, float(t[0]), float(t[1]))
+            # a share with no response at all (sft rows without one, under n = 0) still
+            # takes part: a one-token stand-in, advantage 0 like every filler
+            like = p[0] if p else Sequence_(0, [pad], [pad], "", on_policy=False)
+            filler = pad_batch([replace(like, advantage=0.0)], pad, float(t[0]), float(t[1]))
             u.extend([filler] * (int(n) - len(u)))
     return updates
 
@@ -252,20 +258,30 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
         return {}
     n = min(cfg.eval_samples, len(data.rows))
     lo, hi = n * comm.rank // comm.world, n * (comm.rank + 1) // comm.world
-    if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers weights in generate)
-        if scorer is not None:
-            backend.generate([], SamplingConfig(greedy=True), 0)
-        ev: dict[str, float] = {}
-    else:
-        ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
-                      max_new_tokens=cfg.max_response_tokens, seed=step_seed(cfg.seed, -1),
-                      batch_size=cfg.rollout_batch_size, first_row=lo,
-                      loss=comm.world == 1)
+    ev: dict[str, float] = {}
+    with together(comm):  # a reward failing on this rank's rows stops every rank
+        if lo == hi:  # fewer rows than ranks: still take part (FSDP2 gathers in generate)
+            if scorer is not None:
+                backend.generate([], SamplingConfig(greedy=True), 0)
+        else:
+            ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
+                          max_new_tokens=cfg.max_response_tokens,
+                          seed=step_seed(cfg.seed, -1), batch_size=cfg.rollout_batch_size,
+                          first_row=lo, loss=comm.world == 1)
+    settle(scorer, comm)
     if comm.world == 1 or scorer is None:
         return ev
     keys = ("accuracy", "reward")
     total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
     return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
+
+
+def settle(scorer, comm: Comm) -> None:
+    """The scorer's check over what every rank has just scored, when it has one
+    (gft.run.RequireApplicableReward.settle; a collective)."""
+    check = getattr(scorer, "settle", None)
+    if check is not None:
+        check(comm)
 
 
 def describe_eval(ev: dict[str, float]) -> str:
@@ -295,10 +311,11 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
     lead = comm.rank == 0
     trackers = trackers if trackers is not None and lead else Trackers()
     plain = lead and not console.is_terminal
-    log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
-    samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
-    log.truncate_after(state.step if state.step else -1)  # step 0: drop a killed start's lines
-    samples.truncate_after(state.step if state.step else -1)
+    with together(comm):  # rank 0's files: one it cannot write stops every rank
+        log = MetricsLog(run_dir / "metrics.jsonl") if lead else NullLog()
+        samples = MetricsLog(run_dir / "samples.jsonl") if lead else NullLog()
+        log.truncate_after(state.step if state.step else -1)  # step 0: a killed start's lines
+        samples.truncate_after(state.step if state.step else -1)
     stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
     steps = stages[-1].end  # at most: a policy-token budget may end the run sooner
     sampler = DataSampler(len(data.rows), cfg.seed, state.epoch, state.position)
@@ -308,19 +325,23 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
 
     def checkpoint(step: int) -> Path | None:
         payload = trainer_state(state, cfg, run_dir, backend.name, data)
-        path = save_step_checkpoint(backend, run_dir, step, payload, cfg.keep_checkpoints) \
-            if lead else backend.join_save()
-        comm.barrier()  # nobody runs ahead of (or resumes from) a half-written checkpoint
+        backend.join_save()  # every rank: the save's collectives (FSDP2 gathers)
+        # nobody runs ahead of (or resumes from) a half-written checkpoint, and a save that
+        # fails on rank 0 (a full disk) stops every rank with its error
+        with together(comm):
+            path = save_step_checkpoint(backend, run_dir, step, payload,
+                                        cfg.keep_checkpoints) if lead else None
         return path
 
     saved = state.step  # the step the newest checkpoint holds (0: start from the config)
     if state.step == 0 and not stop():
         ev = run_eval(cfg, backend, eval_data, scorer, 0, comm)
-        if ev:
-            record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
-            log.write(record)
-            trackers.log(record)
-            console.print(f"step 0: {describe_eval(ev)}")
+        with together(comm):
+            if ev:
+                record = {"step": 0, **{f"eval/{k}": v for k, v in ev.items()}}
+                log.write(record)
+                trackers.log(record)
+                console.print(f"step 0: {describe_eval(ev)}")
     with ProgressBar(steps, state.step, cfg.progress and lead and not plain, console) as bar, \
             Heartbeat(console, plain) as beat:
         while not stop():
@@ -355,15 +376,16 @@ def train(cfg: TrainConfig, backend, data: PreparedPrompts, eval_data: PreparedP
                 m.update({f"eval/{k}": v for k, v in ev.items()})
                 if ev:
                     bar.console.print(f"step {state.step}: {describe_eval(ev)}")
-            log.write(m)
-            trackers.log(m)
-            if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):
-                console.print(step_line(state.step, steps, m), highlight=False)
-            _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
-            if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
-                samples.write({"step": state.step, **sample})
-                trackers.log_samples([{"step": state.step, **sample}], state.step)
-            bar.update(state.step, m)
+            with together(comm):  # rank 0's logs failing to write (a full disk) stop all
+                log.write(m)
+                trackers.log(m)
+                if plain and (state.step % cfg.logging_steps == 0 or state.step == 1 or last):
+                    console.print(step_line(state.step, steps, m), highlight=False)
+                _track_bad_steps(state, m, cfg)  # after logging: the step that stops it is logged
+                if sample and cfg.sample_every and state.step % cfg.sample_every == 0:
+                    samples.write({"step": state.step, **sample})
+                    trackers.log_samples([{"step": state.step, **sample}], state.step)
+                bar.update(state.step, m)
             if cfg.save_every and state.step % cfg.save_every == 0 and not last:
                 checkpoint(state.step)
                 saved = state.step

@@ -24,7 +24,7 @@ from gft.checkpoint import (STATE_FILE, ResumePoint, clean_leftovers, find_resum
                             read_state)
 from gft.config import TrainConfig, build_config
 from gft.yamlconfig import read_yaml
-from gft.distributed import LOCAL, Comm
+from gft.distributed import LOCAL, Comm, together
 from gft.errors import ConfigError, ModelError
 from gft.loop import LoopState
 from gft.runpaths import RUN_PATH_KEYS, resolve_stored, resolve_stored_extras
@@ -35,10 +35,10 @@ def resume_point(run_dir: Path, overrides: dict[str, Any] | None, console: Conso
     """(config, loop state, resume point) to continue `run_dir` from: the newest complete
     checkpoint, whatever `latest` says. A run killed before its first checkpoint starts
     over from step 0 with its saved config.yaml."""
-    if comm.rank == 0:
-        clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
-        clean_leftovers(run_dir / "checkpoints")
-    comm.barrier()
+    with together(comm):  # rank 0 alone writes; if that fails, every rank stops
+        if comm.rank == 0:
+            clean_leftovers(run_dir)  # puts back a final/ whose replacement a crash cut short
+            clean_leftovers(run_dir / "checkpoints")
     point = find_resume_point(run_dir, (overrides or {}).get("reset_optimizer") is True)
     for note in point.notes:
         console.print(f"[yellow]{note}", highlight=False)

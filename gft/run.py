@@ -26,7 +26,8 @@ from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atom
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, to_dict
 from gft.data import is_data_file, load_split, with_system_prompt
-from gft.distributed import LOCAL, Comm, check_divisible, init_comm, shutdown
+from gft.distributed import (LOCAL, Comm, check_divisible, first_text, init_comm, shutdown,
+                             together)
 from gft.errors import ConfigError, RewardError
 from gft.loop import LoopState, run_over, total_steps, train, trainer_state
 from gft import runlock
@@ -195,34 +196,50 @@ class RequireApplicableReward:
     the wrong column, so it stops the run at once with what to check. Once rewards have
     applied, a batch that happens to hold only rows no reward covers (mixed-task data,
     small batches) is a warning, and the run goes on, as TRL warns and goes on: stopping
-    hours in would lose the run for one unlucky draw."""
+    hours in would lose the run for one unlucky draw.
+
+    The check is made by `settle`, which the loop calls once every rank has scored its
+    share of a step's (or an evaluation's) batch: with several ranks "the batch" is the
+    whole step's, as in one process, and every rank stops, or goes on, together. Made on
+    each rank's share alone, one rank stopped while the others waited for it."""
 
     def __init__(self, model, warn: Callable[[str], None] | None = None):
         self.model = model
-        self.applied = False  # some reward has scored some response in this process
+        self.applied = False  # some reward has scored some response in this run
         self.warn = warn or (lambda text: print(text, file=sys.stderr, flush=True))
         self.skipped = 0  # batches no reward applied to, after the first that one did
+        self._scored = np.zeros(2)  # responses scored since the last settle, and the Nones
+        self._first: str | None = None  # the first of them
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
     def score(self, prompts, completions, columns, sources=None, **kwargs):
         result = self.model.score(prompts, completions, columns, sources, **kwargs)
-        if not len(completions) or result.n_none < len(completions):
-            self.applied = self.applied or bool(len(completions))
-            return result
-        first = sources[0] if sources else "row 0"
+        if len(completions) and self._first is None:
+            self._first = sources[0] if sources else "row 0"
+        self._scored += [len(completions), result.n_none]
+        return result
+
+    def settle(self, comm: Comm = LOCAL) -> None:
+        """Stop (RewardError) or warn when no reward applied to any response scored since
+        the last call, on any rank. A collective: every rank calls it at the same point."""
+        n, none = comm.all_sum(self._scored)
+        first = first_text(comm, self._first) if n and none == n else None
+        self._scored, self._first = np.zeros(2), None
+        if not n or none < n:
+            self.applied = self.applied or bool(n)
+            return
         said = (f"rewards ({', '.join(self.model.names)}) returned None (not applicable) for "
-                f"all {len(completions)} responses of a batch (first: {first})")
+                f"all {int(n)} responses of a batch (first: {first})")
         if not self.applied:
             raise RewardError(f"{said}; nothing to learn from: check what the reward "
                               "functions return and the columns they read")
         self.skipped += 1
-        if self.skipped == 1 or self.skipped % 100 == 0:
+        if comm.rank == 0 and (self.skipped == 1 or self.skipped % 100 == 0):
             self.warn(f"warning: {said}: its groups score 0 and train nothing; the run goes "
                       f"on ({self.skipped} such batch{'es' if self.skipped > 1 else ''} so "
                       "far; shown at the 1st and every 100th)")
-        return result
 
 
 def hub_snapshot(cfg: TrainConfig, start_from: Path | None = None) -> tuple[str, str] | None:
@@ -338,42 +355,48 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         console.print(f"[yellow]note: {done}", highlight=False)
         return keep_final(run_dir, start_from, console, comm)
     chosen = provider()
-    cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
-    chosen.check_device(cfg.backend, cfg.device)
-    check_launcher(cfg, comm)
-    if lead:
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
-            stored_config(to_dict(cfg), run_dir), sort_keys=False))
-    scorer = build_scorer(cfg)
-    hub_id, snapshot = hub_snapshot(cfg, start_from) or (None, None)
-    # the snapshot replaces a hub-id model; under an adapter it is the adapter's base
-    model_path = str(start_from or (snapshot if hub_id == cfg.model else cfg.model))
-    check_model_dir(model_path)
-    check_memory(cfg, model_path)
-    if load_optimizer:
-        check_optimizer_state(start_from)
-    train_rows = load_split(cfg.data, "train", **columns_of(cfg))
-    check_trainable(cfg, train_rows, console)
+    # checks each rank makes on its own (its GPU's free memory, a reward module it
+    # imports, rank 0's config.yaml write): any that fails stops every rank before the
+    # backend's first collective, with the same error
+    with together(comm):
+        cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
+        chosen.check_device(cfg.backend, cfg.device)
+        check_launcher(cfg, comm)
+        if lead:
+            atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
+                stored_config(to_dict(cfg), run_dir), sort_keys=False))
+        scorer = build_scorer(cfg)
+        hub_id, snapshot = hub_snapshot(cfg, start_from) or (None, None)
+        # the snapshot replaces a hub-id model; under an adapter it is the adapter's base
+        model_path = str(start_from or (snapshot if hub_id == cfg.model else cfg.model))
+        check_model_dir(model_path)
+        check_memory(cfg, model_path)
+        if load_optimizer:
+            check_optimizer_state(start_from)
+        train_rows = load_split(cfg.data, "train", **columns_of(cfg))
+        check_trainable(cfg, train_rows, console)
     backend = open_backend(cfg, model_path, comm, snapshot)
     if hub_id:  # adapters name the hub id as their base, not this machine's cache
         backend.base_name = hub_id
     for note in (dtype_note(cfg, model_path), unsaved_stops_note(backend.stops)):
         if note:
             console.print(f"[yellow]{note}", highlight=False)
-    if load_optimizer:
+    if load_optimizer:  # (FSDP2: a collective, so outside `together`)
         backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
-    if start_from is not None and state.step:
-        note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
-        if note:
-            console.print(f"[yellow]{note}", highlight=False)
-    stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-    check_sequences_fit(backend, data, held_out, stages, scorer)
-    check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer, [data, held_out],
-                    max(stage.cfg.max_response_tokens for stage in stages), str(cfg.model))
-    for stage in stages:
-        check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch, comm.world,
-                        f"stage {stage.index + 1} ({stage.name})")
+    with together(comm):  # the data each rank reads (a Hub download may fail on one)
+        data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
+        if start_from is not None and state.step:
+            note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
+            if note:
+                console.print(f"[yellow]{note}", highlight=False)
+        stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
+        check_sequences_fit(backend, data, held_out, stages, scorer)
+        check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer,
+                        [data, held_out], max(stage.cfg.max_response_tokens for stage in stages),
+                        str(cfg.model))
+        for stage in stages:
+            check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch,
+                            comm.world, f"stage {stage.index + 1} ({stage.name})")
     how = cfg.parallel if cfg.backend == "torch" else "data parallel"
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
@@ -385,11 +408,12 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
-                             name=cfg.run_name or None,
-                             warn=lambda text: console.print(f"[yellow]{text}",
-                                                             highlight=False)) \
-        if lead else Trackers()
+    with together(comm):  # rank 0's trackers: one that cannot start stops every rank
+        trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
+                                 name=cfg.run_name or None,
+                                 warn=lambda text: console.print(f"[yellow]{text}",
+                                                                 highlight=False)) \
+            if lead else Trackers()
     try:
         state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
                       comm=comm, trackers=trackers)
@@ -397,21 +421,24 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
         trackers.finish()
     steps = stages[-1].end
     if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
-        raise interrupted(stop.signum or signal.SIGINT, run_dir, state.step, steps)
+        # a signal may reach one rank only (a `kill` of one process): every rank names
+        # the one that stopped the run, and exits with its code
+        said = first_text(comm, str(stop.signum) if stop.signum else None)
+        raise interrupted(int(said) if said else signal.SIGINT, run_dir, state.step, steps)
     payload = trainer_state(state, cfg, run_dir, backend.name, data)
     final = run_dir / "final"
     # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
     # copied from it on rank 0, with no collective of its own
     last = run_dir / "checkpoints" / f"step-{state.step:06d}"
     saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
-    if lead:
-        if not saved:
-            save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
-        if not (idle and is_export_of(final, last)):
-            export_final(last, final)
-    elif not saved:
-        backend.join_save()
-    comm.barrier()
+    if not saved:
+        backend.join_save()  # every rank: the save's collectives (FSDP2 gathers)
+    with together(comm):  # rank 0's save or export failing (a full disk) stops every rank
+        if lead:
+            if not saved:
+                save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
+            if not (idle and is_export_of(final, last)):
+                export_final(last, final)
     if lead:
         records = read_metrics(run_dir / "metrics.jsonl")
         for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
@@ -442,9 +469,9 @@ def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) ->
     """A finished run's final/, exported from its last checkpoint only when it is not
     that checkpoint's export already (a run killed between the two, or final/ deleted)."""
     final = run_dir / "final"
-    if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
-        export_final(checkpoint, final)
-    comm.barrier()
+    with together(comm):
+        if comm.rank == 0 and checkpoint != final and not is_export_of(final, checkpoint):
+            export_final(checkpoint, final)
     console.print(f"final checkpoint: {final}", highlight=False)
     return final
 
@@ -452,14 +479,14 @@ def keep_final(run_dir: Path, checkpoint: Path, console: Console, comm: Comm) ->
 def new_run(cfg: TrainConfig, run_dir: Path, console: Console, comm: Comm) -> TrainConfig:
     """A new run may not write over another's checkpoints; rank 0 writes the embedded
     model and task when none were given."""
-    if has_checkpoints(run_dir):
-        raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it with "
-                          f"gft train --resume {shlex.quote(str(run_dir))}, or choose another "
-                          "--output-dir")
-    comm.barrier()  # every rank has looked before rank 0 writes
-    if comm.rank == 0:
-        cfg = materialize_defaults(cfg, run_dir, console)
-    comm.barrier()
+    with together(comm):  # every rank has looked before rank 0 writes
+        if has_checkpoints(run_dir):
+            raise ConfigError(f"{run_dir} already holds a run with checkpoints; continue it "
+                              f"with gft train --resume {shlex.quote(str(run_dir))}, or choose "
+                              "another --output-dir")
+    with together(comm):  # (and a write that fails stops every rank)
+        if comm.rank == 0:
+            cfg = materialize_defaults(cfg, run_dir, console)
     if comm.rank != 0:  # the files exist now: this only fills in their paths
         cfg = materialize_defaults(cfg, run_dir, console)
     return cfg

@@ -293,3 +293,288 @@ def test_fsdp_mixed_precision_trains_float32_weights(setup):
     assert _close(weights, init) > 1e-3
     losses = [r["loss"] for r in _metrics(run) if "loss" in r]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# --------------------------------------------------------------------------- ranks agree
+# Work one rank does on its own share (scoring its rows, rank 0 writing a file) can fail on
+# that rank alone. It must stop every rank at the same point with the same one-line error,
+# or none: a rank that stops alone leaves the others waiting in their next all-reduce
+# (mlx.launch: a hang; torchrun: the others killed with a gloo traceback).
+
+class ThreadComm:
+    """`world` ranks as threads of one process (gft.distributed.Comm): all_sum meets at a
+    barrier with a timeout, so a rank left waiting fails the test instead of hanging it."""
+
+    def __init__(self, rank: int, world: int, shared: dict):
+        self.rank, self.world, self.shared = rank, world, shared
+
+    def all_sum(self, values):
+        slots, meet = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = np.asarray(values, dtype=np.float64)
+        meet.wait()
+        total = np.sum([slots[r] for r in range(self.world)], axis=0)
+        meet.wait()  # nobody overwrites a slot before every rank has read them all
+        return total
+
+    def broadcast_text(self, text):
+        from gft.distributed import _broadcast_by_sum
+        return _broadcast_by_sum(self, text)
+
+    def barrier(self):
+        self.all_sum(np.zeros(1))
+
+
+def on_ranks(world: int, work) -> list:
+    """work(comm) on `world` thread ranks; per rank what it returned or raised."""
+    import threading
+    shared = {"slots": [None] * world, "barrier": threading.Barrier(world, timeout=10)}
+    out: list = [None] * world
+
+    def run(rank: int) -> None:
+        try:
+            out[rank] = work(ThreadComm(rank, world, shared))
+        except Exception as e:  # noqa: BLE001 (the test looks at it)
+            out[rank] = e
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return out
+
+
+def test_first_text_is_the_lowest_rank_that_has_one():
+    from gft.distributed import first_text
+    texts = [None, "rank 1's", "rank 2's"]
+    assert on_ranks(3, lambda c: first_text(c, texts[c.rank])) == ["rank 1's"] * 3
+    assert on_ranks(2, lambda c: first_text(c, None)) == [None, None]
+    assert first_text(LOCAL, "alone") == "alone"
+
+
+def test_work_that_fails_on_one_rank_stops_every_rank_with_its_error():
+    import errno
+    from gft.distributed import RankFailed, together
+    from gft.errors import RewardError
+
+    def work(failure):
+        def on_rank(comm):
+            with together(comm):
+                if comm.rank == 1 and failure is not None:
+                    raise failure
+            comm.barrier()  # the next collective: reached only when every rank went on
+            return "went on"
+        return on_rank
+    bad = RewardError("reward 'f' raised ValueError: data.jsonl:3")
+    got = on_ranks(2, work(bad))
+    assert got[1] is bad  # the failing rank: its own error, traceback and all
+    assert isinstance(got[0], RankFailed) and str(got[0]) == str(bad)
+    assert got[0].exit_code == 2  # as the gft command exits for a RewardError
+    # rank 0 writing a file: the reason and the file on every rank, exit code 1
+    full = OSError(errno.ENOSPC, "No space left on device", "run/metrics.jsonl")
+    got = on_ranks(2, work(full))
+    assert str(got[0]) == "No space left on device: run/metrics.jsonl" and got[0].exit_code == 1
+    # a bug: the other ranks name the rank and the exception
+    got = on_ranks(2, work(KeyError("x")))
+    assert isinstance(got[1], KeyError) and str(got[0]) == "rank 1 failed: KeyError: 'x'"
+    assert on_ranks(3, work(None)) == ["went on"] * 3  # nothing failed: all go on
+
+
+def test_the_first_batch_reward_check_is_made_over_every_rank():
+    """No reward applying to a rank's share of a batch stopped that rank alone; in one
+    process the batch is the whole step's, and a reward that applied to another rank's
+    rows means the reward works. Every rank now decides on the whole batch, together."""
+    from types import SimpleNamespace
+    from gft.errors import RewardError
+    from gft.run import RequireApplicableReward
+
+    class Scorer:  # None for every response of a "code" row
+        names = ["math"]
+
+        def score(self, prompts, completions, columns, sources=None, **kwargs):
+            return SimpleNamespace(n_none=sum(t == "code" for t in columns["task"]))
+
+    def step(tasks, said):
+        def on_rank(comm):
+            scorer = RequireApplicableReward(Scorer(), warn=said.append)
+            outcome = []
+            for task in tasks(comm.rank):
+                scorer.score(["p"] * 4, ["c"] * 4, {"task": [task] * 4},
+                             [f"rank{comm.rank}.jsonl:{i}" for i in range(4)])
+                scorer.settle(comm)
+                outcome.append(scorer.applied)
+            return outcome
+        return on_rank
+    said: list[str] = []
+    # rank 1's rows have no applicable reward, rank 0's do: every rank goes on
+    assert on_ranks(2, step(lambda r: ["math" if r == 0 else "code"], said)) == [[True]] * 2
+    # no reward applied on any rank: the same error on every rank, for the whole batch
+    got = on_ranks(2, step(lambda r: ["code"], said))
+    assert all(isinstance(e, RewardError) for e in got) and str(got[0]) == str(got[1])
+    assert "for all 8 responses of a batch (first: rank0.jsonl:0)" in str(got[0])
+    # after rewards applied, a batch none covers is a warning, written once (rank 0)
+    assert on_ranks(2, step(lambda r: ["math", "code"], said)) == [[True, True]] * 2
+    assert len(said) == 1 and "the run goes on (1 such batch so far" in said[0]
+
+
+RANK_REWARDS = '''import os
+
+
+def _rank():
+    return os.environ.get("RANK") or os.environ.get("MLX_RANK")
+
+
+def none_on_rank1(completions, **kw):  # no reward applies to rank 1's rows
+    return [None if _rank() == "1" else 0.0 for _ in completions]
+
+
+def raise_on_rank1(completions, **kw):  # e.g. a verifier meeting a row only rank 1 holds
+    if _rank() == "1":
+        raise ValueError("cannot parse this row")
+    return [0.0 for _ in completions]
+'''
+
+
+def _two_ranks(setup, label: str, extra: list[str], launch: list[str] | None = None,
+               backend: tuple[str, ...] = ("--backend", "torch")):
+    """A 1-step run on 2 ranks with `extra` arguments; `launch`: the command before gft's
+    arguments, ending in `gft train` (default: gft train --nproc 2, torchrun for you).
+    The timeout fails a hang (before: mlx.launch waited forever for a rank that stopped)."""
+    tmp, model, data = setup
+    launch = launch or [sys.executable, "-m", "gft", "train", "--nproc", "2"]
+    args = _args(model, data, tmp / f"ranks-{label}", 1) + ["--set", "eval_samples=0", *extra]
+    i = args.index("--backend")
+    args = args[:i] + list(backend) + args[i + 2:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # its own process group: a hung launch is ended with every rank it started
+    proc = subprocess.Popen([*launch, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        pytest.fail(f"{label}: the ranks did not end within 120 s (one waits for another)")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _rank_reward(setup, name: str) -> list[str]:
+    """--set rewards=[...] naming RANK_REWARDS' function `name`."""
+    rewards = setup[0] / "rank_rewards.py"
+    rewards.write_text(RANK_REWARDS)
+    return ["--set", f"rewards=[{rewards}:{name}]"]
+
+
+def _same_error_on_every_rank(out: subprocess.CompletedProcess, text: str,
+                              ranks: tuple[str, ...] = ("0", "1")) -> None:
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    said = {line.split("] ", 1)[1] for line in lines}
+    assert {f"error: [rank {r}]" for r in ranks} <= \
+        {line[:len("error: [rank 0]")] for line in lines}, out.stderr[-3000:]
+    assert len(said) == 1 and text in said.pop()
+    assert "Traceback" not in out.stdout + out.stderr  # no gloo "Connection closed by peer"
+
+
+def test_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
+    """torchrun, 2 gloo ranks. Before: rank 1 printed its error, rank 0 died in its next
+    all-reduce with a gloo traceback (or was killed). Now both print rank 1's line, exit 2.
+    And no reward applying to rank 1's rows alone is no error: rank 0's rows scored."""
+    out = _two_ranks(setup, "raise", _rank_reward(setup, "raise_on_rank1"))
+    assert out.returncode == 2, out.stderr[-3000:]
+    _same_error_on_every_rank(out, "raised ValueError at ")
+    out = _two_ranks(setup, "none", _rank_reward(setup, "none_on_rank1"))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_a_check_that_fails_on_one_rank_at_the_start_stops_every_rank(setup):
+    """A reward module that cannot be imported on rank 1 (a package missing on one node):
+    before, rank 1 stopped and rank 0 went on into loading the model and was killed
+    there with a gloo traceback."""
+    tmp = setup[0]
+    module = tmp / "rank_import.py"
+    module.write_text("import os\nif os.environ.get('RANK') == '1':\n"
+                      "    raise ImportError('no verifier on this node')\n"
+                      "def f(completions, **kw):\n    return [0.0 for _ in completions]\n")
+    out = _two_ranks(setup, "import", ["--set", f"rewards=[{module}:f]"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    _same_error_on_every_rank(out, "no verifier on this node")
+    # rank 0 alone opens the trackers: one that cannot start (its folder is a file here)
+    pytest.importorskip("tensorboard")
+    run = tmp / "ranks-tracker"
+    run.mkdir()
+    (run / "tensorboard").write_text("not a directory\n")
+    out = _two_ranks(setup, "tracker", ["--set", "report_to=[tensorboard]"])
+    assert out.returncode == 2, out.stderr[-3000:]
+    _same_error_on_every_rank(out, "report_to: tensorboard could not start a run")
+
+
+def test_a_checkpoint_rank_0_cannot_save_stops_every_rank(setup):
+    """FSDP2: rank 0 writes the checkpoint that every rank gathered. Before, rank 0 failed
+    (here: `checkpoints` is a file) and the others were killed in their next collective;
+    with the failure agreed on after the save, a failure before the gathers left them
+    inside one (a hang), so every rank now gathers (join_save) before rank 0 writes."""
+    tmp = setup[0]
+    run = tmp / "ranks-save"
+    run.mkdir()
+    (run / "checkpoints").write_text("not a directory\n")
+    out = _two_ranks(setup, "save", ["--set", "save_every=1", "--max-steps", "2",
+                                     "--set", "parallel=fsdp"])
+    assert out.returncode == 1, out.stderr[-3000:]  # a file system failure: exit 1
+    _same_error_on_every_rank(out, "cannot save checkpoint ")
+
+
+@pytest.mark.mlx
+@pytest.mark.slow
+def test_mlx_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
+    """mlx.launch, 2 ring ranks (about 30 s here). Before: rank 1 exited and rank 0 waited
+    in mx.distributed.all_sum for ever (the run hung)."""
+    pytest.importorskip("mlx.core")
+    import shutil
+    launch = shutil.which("mlx.launch")
+    if launch is None:
+        pytest.skip("mlx.launch not on PATH")
+    out = _two_ranks(setup, "raise-mlx", _rank_reward(setup, "raise_on_rank1"),
+                     [launch, "-n", "2", "--backend", "ring", sys.executable, "-m", "gft",
+                      "train"], ("--set", "backend=mlx"))
+    # mlx.launch ends the other ranks once one exits, so rank 0's line may be cut off;
+    # whatever is printed is rank 1's error (mlx.launch 0.32 itself exits 0 either way)
+    _same_error_on_every_rank(out, "raised ValueError at ", ranks=("1",))
+
+
+def test_a_rank_whose_share_has_no_response_still_takes_part_in_the_update():
+    """SFT (n = 0) over rows some of which have no response (a warning, and they train
+    nothing): a step can give one rank only such rows. That rank built its zero-advantage
+    filler from its first response and had none: IndexError on that rank alone, while
+    the other waited in the update's gradient all-reduce."""
+    from types import SimpleNamespace
+    from gft.loop import _update_batches
+    cfg = SimpleNamespace(prompts_per_minibatch=2, micro_batch_size=2, micro_batch_tokens=None,
+                          skip_zero_advantage=True)
+    backend = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0))
+    # 2 prompts, one per rank; rank 0's has a dataset response, rank 1's has none
+    seqs = [[Sequence_(0, [5, 6], [7, 8], "yes", False, advantage=1.0)], []]
+
+    def on_rank(comm):
+        positions = local_positions(2, 2, comm.rank, comm.world)
+        return _update_batches(cfg, backend, seqs[comm.rank], positions, 2, comm)
+    got = on_ranks(2, on_rank)
+    assert not any(isinstance(g, Exception) for g in got), got
+    assert [len(u) for u in got[0]] == [len(u) for u in got[1]] == [1]  # in step
+    assert (got[1][0][0].advantages == 0).all()  # the stand-in adds nothing
+    assert got[1][0][0].n_tokens == got[0][0][0].n_tokens  # the update's global totals
+
+
+def test_a_signal_to_one_rank_is_named_alike_on_every_rank(setup):
+    """A SIGTERM that reaches rank 1 only (here its reward sends it) stops every rank after
+    the step, as before; but rank 0, which got no signal, said "interrupted by SIGINT"
+    and exited 130 (what `gft train --nproc` returned) where rank 1 said SIGTERM, 143."""
+    module = setup[0] / "rank_signal.py"
+    module.write_text("import os, signal\n"
+                      "def f(completions, **kw):\n"
+                      "    if os.environ.get('RANK') == '1':\n"
+                      "        os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "    return [0.0 for _ in completions]\n")
+    out = _two_ranks(setup, "signal", ["--set", f"rewards=[{module}:f]", "--max-steps", "3"])
+    assert out.returncode == 143, out.stderr[-3000:]
+    said = [line for line in out.stderr.splitlines() if "interrupted by" in line]
+    assert sorted(line.split("] ", 1)[0] for line in said) == ["[rank 0", "[rank 1"]
+    assert all("interrupted by SIGTERM after step 1 of 3" in line for line in said), said

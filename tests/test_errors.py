@@ -733,12 +733,15 @@ def test_a_batch_no_reward_covers_stops_only_a_run_where_none_ever_applied():
 
     said: list[str] = []
     fresh = RequireApplicableReward(Scorer(), warn=said.append)
+    fresh.score(*batch("code"))
     with pytest.raises(RewardError, match=r"returned None .* for all 4 responses of a batch "
                                           r"\(first: data.jsonl:0\); nothing to learn"):
-        fresh.score(*batch("code"))
+        fresh.settle()  # the loop's check once every rank has scored its share
     scorer = RequireApplicableReward(Scorer(), warn=said.append)
     scorer.score(*batch("math"))
+    scorer.settle()
     for _ in range(150):
         assert scorer.score(*batch("code")).n_none == 4  # scored, not raised
+        scorer.settle()
     assert len(said) == 2 and "the run goes on (1 such batch so far" in said[0]
     assert "(100 such batches so far" in said[1]
