@@ -69,38 +69,15 @@ def test_local_comm_is_the_identity():
     assert LOCAL.broadcast_text("runs/x") == "runs/x"
 
 
-class ThreadComm:
-    """One rank of `world` threads whose all_sum meets at a barrier: the collective's
-    arithmetic without processes."""
-
-    def __init__(self, rank: int, shared: dict):
-        self.rank, self.world, self.shared = rank, shared["world"], shared
-
-    def all_sum(self, values):
-        shared = self.shared
-        shared["parts"][self.rank] = np.asarray(values, dtype=np.float64)
-        shared["barrier"].wait()
-        total = np.sum(shared["parts"], axis=0)
-        shared["barrier"].wait()  # nobody overwrites a part before every rank has summed
-        return total
-
-
 def test_union_of_names_gives_every_rank_every_ranks_names():
     """What reward functions log with log_metric may differ by rank (a name only one rank's
     responses gave rise to); every rank must add the same names in the same order to its
     step's all-reduce, or the sums land in each other's slots."""
-    import threading
     from gft.distributed import union_of_names
-    shared = {"world": 3, "parts": [None] * 3, "barrier": threading.Barrier(3)}
     given = [["mean_len", "format"], [], ["mean_len", "ünïcode/name"]]
-    out: list = [None] * 3
-    threads = [threading.Thread(target=lambda r=r: out.__setitem__(
-        r, union_of_names(ThreadComm(r, shared), given[r]))) for r in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(10)
+    out = on_ranks(3, lambda comm: union_of_names(comm, given[comm.rank]))
     assert out == [["format", "mean_len", "ünïcode/name"]] * 3
+    assert on_ranks(2, lambda comm: union_of_names(comm, [])) == [[], []]
     assert union_of_names(LOCAL, ["b", "a", "b"]) == ["a", "b"]
 
 
@@ -423,7 +400,10 @@ def _rank():
     return os.environ.get("RANK") or os.environ.get("MLX_RANK")
 
 
-def none_on_rank1(completions, **kw):  # no reward applies to rank 1's rows
+def none_on_rank1(completions, log_metric, **kw):  # no reward applies to rank 1's rows
+    log_metric("both", 1.0 if _rank() == "0" else 3.0)  # TRL's callback, on every rank
+    if _rank() == "1":
+        log_metric("rank1_only", 2.0)  # a name rank 0 never logs
     return [None if _rank() == "1" else 0.0 for _ in completions]
 
 
@@ -483,6 +463,9 @@ def test_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
     _same_error_on_every_rank(out, "raised ValueError at ")
     out = _two_ranks(setup, "none", _rank_reward(setup, "none_on_rank1"))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    # log_metric's values are averaged over both ranks, names only one rank logged included
+    step = json.loads((setup[0] / "ranks-none" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (step["both"], step["rank1_only"]) == (2.0, 2.0)
 
 
 def test_a_check_that_fails_on_one_rank_at_the_start_stops_every_rank(setup):
