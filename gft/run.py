@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import yaml
@@ -343,106 +343,149 @@ def _run_locked(cfg: TrainConfig | None, run_dir: Path, resuming: bool,
                 overrides: dict[str, Any] | None, console: Console, stop: GracefulStop,
                 comm: Comm) -> Path:
     started = time.perf_counter()
-    lead = comm.rank == 0
     if resuming:
         cfg, state, point = resume_point(run_dir, overrides, console, comm)
     else:
         cfg, state, point = new_run(cfg, run_dir, console, comm), LoopState(), ResumePoint(
             None, False, [])
-    start_from, load_optimizer = point.checkpoint, point.load_optimizer
-    done = finished_already(cfg, state) if resuming and start_from is not None else None
+    done = finished_already(cfg, state) if resuming and point.checkpoint is not None else None
     if done is not None:  # before anything loads, and final/ is left as it is
         console.print(f"[yellow]note: {done}", highlight=False)
-        return keep_final(run_dir, start_from, console, comm)
+        return keep_final(run_dir, point.checkpoint, console, comm)
+    cfg, start = _prepare(cfg, run_dir, point, comm, console)
+    backend = _open(cfg, start, point, comm, console)
+    data, held_out, stages = _load_checked(cfg, backend, start, point, state, comm, console)
+    idle = _announce(cfg, backend, run_dir, data, stages, state, comm, console)
+    with together(comm):  # rank 0's trackers: one that cannot start stops every rank
+        trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
+                                 name=cfg.run_name or None,
+                                 warn=lambda text: console.print(f"[yellow]{text}",
+                                                                 highlight=False)) \
+            if comm.rank == 0 else Trackers()
+    try:
+        state = train(cfg, backend, data, held_out, start.scorer, run_dir, state, console,
+                      stop=stop, comm=comm, trackers=trackers)
+    finally:
+        trackers.finish()
+    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
+        # a signal may reach one rank only (a `kill` of one process): every rank names
+        # the one that stopped the run, and exits with its code
+        said = first_text(comm, str(stop.signum) if stop.signum else None)
+        raise interrupted(int(said) if said else signal.SIGINT, run_dir, state.step,
+                          stages[-1].end)
+    final = _save_final(cfg, backend, run_dir, state, data, idle, comm)
+    if comm.rank == 0:
+        records = read_metrics(run_dir / "metrics.jsonl")
+        for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
+            console.print(line, highlight=False)
+    return final
+
+
+class _Start(NamedTuple):
+    """What a run starts from, checked before its backend loads."""
+    scorer: Any              # the RewardModel (RequireApplicableReward), or None
+    model_path: str          # the folder the backend loads (a checkpoint, a snapshot, ...)
+    hub_id: str | None       # the Hub id it was fetched by, which checkpoints name
+    snapshot: str | None     # that id's local snapshot
+    train_rows: list[Example]
+
+
+def _prepare(cfg: TrainConfig, run_dir: Path, point: ResumePoint, comm: Comm,
+             console: Console) -> tuple[TrainConfig, _Start]:
+    """The checks each rank makes on its own (its GPU's free memory, a reward module it
+    imports, rank 0's config.yaml write), and the training rows: any that fails stops
+    every rank before the backend's first collective, with the same error."""
     chosen = provider()
-    # checks each rank makes on its own (its GPU's free memory, a reward module it
-    # imports, rank 0's config.yaml write): any that fails stops every rank before the
-    # backend's first collective, with the same error
     with together(comm):
         cfg = replace(cfg, backend=chosen.resolve_backend_name(cfg.backend))
         chosen.check_device(cfg.backend, cfg.device)
         check_launcher(cfg, comm)
-        if lead:
+        if comm.rank == 0:
             atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(
                 stored_config(to_dict(cfg), run_dir), sort_keys=False))
         scorer = build_scorer(cfg)
-        hub_id, snapshot = hub_snapshot(cfg, start_from) or (None, None)
+        hub_id, snapshot = hub_snapshot(cfg, point.checkpoint) or (None, None)
         # the snapshot replaces a hub-id model; under an adapter it is the adapter's base
-        model_path = str(start_from or (snapshot if hub_id == cfg.model else cfg.model))
+        model_path = str(point.checkpoint or (snapshot if hub_id == cfg.model else cfg.model))
         check_model_dir(model_path)
         check_memory(cfg, model_path)
-        if load_optimizer:
-            check_optimizer_state(start_from)
+        if point.load_optimizer:
+            check_optimizer_state(point.checkpoint)
         train_rows = load_split(cfg.data, "train", **columns_of(cfg))
         check_trainable(cfg, train_rows, console)
-    backend = open_backend(cfg, model_path, comm, snapshot)
-    if hub_id:  # adapters name the hub id as their base, not this machine's cache
-        backend.base_name = hub_id
-    for note in (dtype_note(cfg, model_path), unsaved_stops_note(backend.stops)):
+    return cfg, _Start(scorer, model_path, hub_id, snapshot, train_rows)
+
+
+def _open(cfg: TrainConfig, start: _Start, point: ResumePoint, comm: Comm, console: Console):
+    """The backend, with the checkpoint's optimizer state when the run resumes."""
+    backend = open_backend(cfg, start.model_path, comm, start.snapshot)
+    if start.hub_id:  # adapters name the hub id as their base, not this machine's cache
+        backend.base_name = start.hub_id
+    for note in (dtype_note(cfg, start.model_path), unsaved_stops_note(backend.stops)):
         if note:
             console.print(f"[yellow]{note}", highlight=False)
-    if load_optimizer:  # (FSDP2: a collective, so outside `together`)
-        backend.load_optimizer(start_from / OPTIMIZER_FILE)
-    with together(comm):  # the data each rank reads (a Hub download may fail on one)
-        data, held_out = load_data(cfg, backend.tokenizer, console, train_rows)
-        if start_from is not None and state.step:
-            note = data_changed(read_state(start_from), len(data.rows), state, cfg.data)
+    if point.load_optimizer:  # (FSDP2: a collective, so outside `together`)
+        backend.load_optimizer(point.checkpoint / OPTIMIZER_FILE)
+    return backend
+
+
+def _load_checked(cfg: TrainConfig, backend, start: _Start, point: ResumePoint,
+                  state: LoopState, comm: Comm, console: Console):
+    """(training prompts, held-out prompts, the stage plan), tokenized and checked against
+    the model; the data each rank reads (a Hub download may fail on one) is `together`."""
+    with together(comm):
+        data, held_out = load_data(cfg, backend.tokenizer, console, start.train_rows)
+        if point.checkpoint is not None and state.step:
+            note = data_changed(read_state(point.checkpoint), len(data.rows), state, cfg.data)
             if note:
                 console.print(f"[yellow]{note}", highlight=False)
         stages = plan_stages(cfg, total_steps(cfg, len(data.rows)))
-        check_sequences_fit(backend, data, held_out, stages, scorer)
+        check_sequences_fit(backend, data, held_out, stages, start.scorer)
         check_token_ids(getattr(backend, "vocab_rows", None), backend.tokenizer,
                         [data, held_out], max(stage.cfg.max_response_tokens for stage in stages),
                         str(cfg.model))
         for stage in stages:
             check_divisible(stage.cfg.prompts_per_step, stage.cfg.prompts_per_minibatch,
                             comm.world, f"stage {stage.index + 1} ({stage.name})")
+    return data, held_out, stages
+
+
+def _announce(cfg: TrainConfig, backend, run_dir: Path, data: PreparedPrompts, stages,
+              state: LoopState, comm: Comm, console: Console) -> bool:
+    """The run's header lines and plan warnings; whether it is idle (a resume with no
+    step left, which finished_already could not tell before the data was tokenized)."""
     how = cfg.parallel if cfg.backend == "torch" else "data parallel"
     ranks = f"  processes: {comm.world} ({how})" if comm.world > 1 else ""
     console.print(f"run: {run_dir}  backend: {backend.name}  train rows: {len(data.rows)}{ranks}\n"
                   f"plan: {describe(stages)}")
     for warning in plan_warnings(cfg, stages, len(data.rows)):
         console.print(f"[yellow]{warning}", highlight=False)
-    idle = bool(state.step) and run_over(stages, state, cfg)  # a resume with nothing to do
-    if idle:  # (finished_already could not tell before the data was tokenized)
+    idle = bool(state.step) and run_over(stages, state, cfg)
+    if idle:
         console.print(f"[yellow]note: {nothing_to_train(stages, state)}", highlight=False)
     if getattr(backend, "rollout_note", None):  # e.g. a first rollout that compiles
         console.print(backend.rollout_note)
-    with together(comm):  # rank 0's trackers: one that cannot start stops every rank
-        trackers = open_trackers(cfg.report_to, run_dir, to_dict(cfg), step=state.step,
-                                 name=cfg.run_name or None,
-                                 warn=lambda text: console.print(f"[yellow]{text}",
-                                                                 highlight=False)) \
-            if lead else Trackers()
-    try:
-        state = train(cfg, backend, data, held_out, scorer, run_dir, state, console, stop=stop,
-                      comm=comm, trackers=trackers)
-    finally:
-        trackers.finish()
-    steps = stages[-1].end
-    if not run_over(stages, state, cfg):  # the loop only ends early when asked to stop
-        # a signal may reach one rank only (a `kill` of one process): every rank names
-        # the one that stopped the run, and exits with its code
-        said = first_text(comm, str(stop.signum) if stop.signum else None)
-        raise interrupted(int(said) if said else signal.SIGINT, run_dir, state.step, steps)
-    payload = trainer_state(state, cfg, run_dir, backend.name, data)
+    return idle
+
+
+def _save_final(cfg: TrainConfig, backend, run_dir: Path, state: LoopState,
+                data: PreparedPrompts, idle: bool, comm: Comm) -> Path:
+    """The last step's checkpoint (unless the loop saved it) and final/ exported from it.
+    Every rank takes part in the save (FSDP gathers); final/ is then copied on rank 0,
+    with no collective of its own."""
     final = run_dir / "final"
-    # every rank takes part in the step checkpoint's save (FSDP gathers); final/ is then
-    # copied from it on rank 0, with no collective of its own
     last = run_dir / "checkpoints" / f"step-{state.step:06d}"
+    lead = comm.rank == 0
     saved = comm.broadcast_text("yes" if lead and latest_checkpoint(run_dir) == last else "")
     if not saved:
         backend.join_save()  # every rank: the save's collectives (FSDP2 gathers)
     with together(comm):  # rank 0's save or export failing (a full disk) stops every rank
         if lead:
             if not saved:
+                payload = trainer_state(state, cfg, run_dir, backend.name, data)
                 save_step_checkpoint(backend, run_dir, state.step, payload, cfg.keep_checkpoints)
             if not (idle and is_export_of(final, last)):
                 export_final(last, final)
-    if lead:
-        records = read_metrics(run_dir / "metrics.jsonl")
-        for line in summary_lines(records, time.perf_counter() - started, peak_memory(), final):
-            console.print(line, highlight=False)
     return final
 
 
