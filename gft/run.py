@@ -252,8 +252,16 @@ def hub_snapshot(cfg: TrainConfig, start_from: Path | None = None) -> tuple[str,
     if cfg.backend != "mlx" or not cfg.model:
         return None
     from gft.hubmodel import adapter_hub_base, local_model
-    name = cfg.model if not looks_local(cfg.model) else adapter_hub_base(
-        start_from if start_from is not None else cfg.model)
+    from gft.lora import is_mlx_adapter, is_peft_adapter
+    if not looks_local(cfg.model):
+        name = cfg.model
+    else:
+        # the checkpoint's adapter names the base only where --model does not: an adapter
+        # trained on from, or one no longer here; a local base given is the base
+        adapter = is_peft_adapter(cfg.model) or is_mlx_adapter(cfg.model)
+        gone = not Path(cfg.model).expanduser().exists()
+        name = adapter_hub_base(start_from if start_from is not None and (adapter or gone)
+                                else cfg.model)
     return (name, local_model(name)) if name else None
 
 

@@ -237,3 +237,34 @@ def test_a_torch_run_from_an_adapter_over_a_hub_base_loads_it_by_id(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == "someone/tiny"
+
+
+def test_an_mlx_resume_with_a_local_base_given_does_not_fetch_the_adapters_hub_base(
+        tmp_path, monkeypatch):
+    """`gft train --resume RUN --model /local/base` on a LoRA run whose checkpoints name a
+    Hub base: the local base is the base. The checkpoint's adapter was consulted first, so
+    offline the resume failed and online it trained over the download instead."""
+    import huggingface_hub
+    from gft.config import build_config
+    from gft.run import hub_snapshot
+    checkpoint = tmp_path / "step-000002"
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+         "base_model_name_or_path": "mlx-community/tiny-4bit"}))
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    base = tmp_path / "base"
+    base.mkdir()
+
+    def fetched(**kwargs):
+        raise AssertionError(f"fetched {kwargs.get('repo_id')} from the Hub")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fetched)
+    cfg = build_config({"model": str(base), "backend": "mlx", "lora_rank": 4})
+    assert hub_snapshot(cfg, checkpoint) is None
+    # an adapter no longer where --model says: the checkpoint names the base (fetched)
+    gone = build_config({"model": str(tmp_path / "gone-adapter"), "backend": "mlx",
+                         "lora_rank": 4})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda **kw: str(base) if kw["repo_id"] == "mlx-community/tiny-4bit"
+                        else None)
+    assert hub_snapshot(gone, checkpoint) == ("mlx-community/tiny-4bit", str(base))
