@@ -149,7 +149,9 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
     if not (path / STATE_FILE).is_file() and not (path.name == "final" and (
             path.parent / "config.yaml").is_file()):
         return None  # copied out of its run: where its data lay is unknown here
-    run = trained_settings(model_dir, ["data", "eval_data", "eval_split"])
+    column_keys = ("answer_column", "prompt_column", "completion_column")
+    run = trained_settings(model_dir, ["data", "eval_data", "eval_split", *column_keys])
+    columns = {k: run[k] for k in column_keys if isinstance(run.get(k), str)}
     run_split = run.get("eval_split") if isinstance(run.get("eval_split"), str) else "test"
     ask = "pass --data FILE, or --data DIR --split NAME, with held-out rows"
 
@@ -167,7 +169,7 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
             return data, split or run_split  # a file is one split; a split asked is used
         from gft.data import load_split
         for name in dict.fromkeys([run_split, "valid"]):
-            if load_split(data, name, required=False):
+            if load_split(data, name, required=False, **columns):  # read as the run did
                 return data, name
         raise ConfigError(f"{model_dir}: its run's {key} {data} has no held-out split "
                           f"('{run_split}' or 'valid'): the run evaluated on rows "
@@ -178,7 +180,8 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
     if isinstance(eval_data, str) and eval_data:
         if not looks_local(eval_data) and "/" not in eval_data and data is not None \
                 and not is_data_file(data):  # a split name of the run's data directory
-            return str(local("data", data)), split or eval_data
+            found = str(local("data", data)) if looks_local(data) else data  # or Hub set
+            return found, split or eval_data
         if not looks_local(eval_data):
             return pick(eval_data, "eval_data")  # a Hub data set: its own splits
         return pick(str(local("eval_data", eval_data)), "eval_data")

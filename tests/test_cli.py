@@ -455,6 +455,26 @@ def test_eval_on_a_runs_model_finds_the_split_its_run_held_out(tmp_path, model_d
     note, line = evaluate({"data": str(data), "eval_data": "dev"})
     assert f"--data {data} --split dev (its held-out data)" in note
     assert json.loads(line)["n"] == 3
+    # a run that read its prompts from another column: the split is found reading it so
+    (data / "valid.jsonl").write_text(json.dumps({"problem": "Q: say yes\nA:",
+                                                  "answer": "yes"}) + "\n")
+    note, line = evaluate({"data": str(data), "prompt_column": "problem"})
+    assert f"--data {data} --split valid (its held-out data)" in note
+    assert json.loads(line)["n"] == 1
+
+
+def test_eval_of_a_run_on_hub_data_with_a_split_named_eval_data_takes_that_split(tmp_path,
+                                                                                 model_dir):
+    """data: org/name with eval_data: test (a split name of the Hub data set) was taken for
+    a local folder gone from this machine."""
+    import shutil
+    import yaml
+    from gft.trained import held_out_data
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "final")
+    (run / "config.yaml").write_text(yaml.safe_dump({"data": "openai/gsm8k:main",
+                                                     "eval_data": "test"}))
+    assert held_out_data(str(run / "final"), None) == ("openai/gsm8k:main", "test")
 
 
 def test_a_data_sets_own_column_names_and_a_system_prompt_train_and_travel(tmp_path):
