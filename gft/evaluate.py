@@ -17,7 +17,7 @@ import numpy as np
 from gft.backend import SamplingConfig
 from gft.distributed import row_seed
 from gft.groups import Sequence_, pad_batch
-from gft.rewards import add_logged
+from gft.rewardlog import add_logged
 from gft.rollout import encode_response, reward_columns
 from gft.types import Example
 

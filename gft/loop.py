@@ -31,7 +31,8 @@ from gft.groups import Sequence_, micro_batches, pad_batch
 from gft.metrics import (Heartbeat, MetricsLog, ProgressBar, group_sums, metrics_from_sums,
                          peak_memory, step_line, trl_metrics)
 from gft.objective import zero_variance_fraction
-from gft.rewards import TrainerState, add_logged, function_means, function_sums
+from gft.rewardlog import add_logged
+from gft.rewards import TrainerState, function_means, function_sums
 from gft.rollout import PreparedPrompts, build_groups, score_groups
 from gft.stages import Stage, plan_stages
 from gft.tracking import Trackers

@@ -66,6 +66,17 @@ TRL_NAMES = {"learning_rate": "lr", "reward": "reward/rollout",
              "completions/clipped_ratio": "truncated/rollout"}
 # names gft and TRL share, meaning the same
 TRL_SHARED = ("loss", "grad_norm", "entropy")
+# The first part ("time" of "time/step") of every name gft writes to metrics.jsonl and its
+# trackers (TRL's included, and train/ and eval/ where trackers and evaluation put them).
+# A reward function's log_metric name may not start with one: it would replace one of
+# gft's figures, or ("loss/kl" beside "loss") need MLflow's file store to hold a file
+# and a folder of one name.
+METRIC_ROOTS = frozenset({
+    "accuracy", "advantage", "completions", "entropy", "epoch", "eval", "frac_reward_zero_std",
+    "grad_norm", "groups", "learning_rate", "loss", "lr", "memory", "n", "policy_tokens",
+    "preset", "response_tokens", "reward", "reward_sq", "reward_std", "rewards",
+    "rollout_tok_s", "rollout_tokens", "samples", "skipped", "stage", "step", "time", "train",
+    "truncated", "update_tok_s", "update_tokens", "updates", "zero_variance_groups"})
 
 
 def trl_metrics(m: dict[str, Any]) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gft.timeouts import CallTimeout, call_with_timeout
-from gft.tracking import SAMPLE_COLUMNS  # the sample table's own: log_extra keeps off them
+from gft.rewardlog import LogCallbackError, RewardLog
 from gft.errors import ConfigError, RewardError
 from gft.rewardmodel import names_a_reward_model
 from gft.runpaths import is_file_location, looks_local
@@ -342,51 +342,6 @@ _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state", "log_m
              "log_extra")
 
 
-class LogCallbackError(RewardError):
-    """A reward function's misuse of log_metric / log_extra, naming the function."""
-
-
-class RewardLog:
-    """What reward functions report during one batch through TRL's two callbacks:
-    log_metric(name, value), a scalar averaged over the step (TRL averages over its
-    logging step), and log_extra(column, values), one value per completion for the
-    sample table. Each function gets its own pair, so an error names it."""
-
-    def __init__(self, n: int):
-        self.n = n  # completions in the batch
-        self.metrics: dict[str, list[float]] = {}
-        self.columns: dict[str, list[Any]] = {}
-
-    def callbacks(self, reward: str) -> dict[str, Callable]:
-        def log_metric(name: str, value: Any) -> None:
-            if not isinstance(name, str) or not name or name.startswith("eval/"):
-                raise LogCallbackError(f"reward '{reward}': log_metric name {name!r}: expected a "
-                                  "non-empty string (eval/ is held-out metrics' prefix)")
-            try:
-                number = float(value)  # a Python, NumPy or 0-d torch/mlx number
-            except (TypeError, ValueError):
-                number = math.nan
-            if not math.isfinite(number):
-                raise LogCallbackError(f"reward '{reward}': log_metric('{name}', {value!r}): "
-                                  "expected a finite number")
-            self.metrics.setdefault(name, []).append(number)
-
-        def log_extra(column: str, values: Any) -> None:
-            if not isinstance(column, str) or not column or column in SAMPLE_COLUMNS \
-                    or column in self.columns:
-                raise LogCallbackError(f"reward '{reward}': log_extra column {column!r}: expected "
-                                  "a new non-empty name, not one of "
-                                  f"{', '.join(SAMPLE_COLUMNS)} or one logged already")
-            values = list(values)
-            if len(values) != self.n:
-                raise LogCallbackError(f"reward '{reward}': log_extra('{column}') got "
-                                  f"{len(values)} values; expected {self.n} (one per "
-                                  "completion)")
-            self.columns[column] = [_plain(value) for value in values]
-
-        return {"log_metric": log_metric, "log_extra": log_extra}
-
-
 def _named_error(name: str, exc: Exception, sources: list[str] | None,
                  function: Callable | None = None) -> RewardError:
     """A reward function's failure as one line naming it (and the row, when known)."""
@@ -538,24 +493,6 @@ def _accepted_arguments(parameters: _Parameters, arguments: dict[str, Any]
     return {key: value for key, value in arguments.items()
             if key not in parameters.bound
             and (parameters.takes_all or key in parameters.names)}
-
-
-def _plain(value: Any) -> Any:
-    """A log_extra cell as JSON and every tracker's table take it: NumPy / torch scalars
-    as Python numbers, anything else that is not a plain value as its text."""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    return value if value is None or isinstance(value, (str, bool, int, float)) else str(value)
-
-
-def add_logged(metrics: dict[str, Any], means: dict[str, float]) -> None:
-    """log_metric means beside gft's own metrics (in place). A name gft already logs is
-    refused: one figure would silently replace the other on every dashboard."""
-    taken = sorted(set(means) & set(metrics))
-    if taken:
-        raise RewardError(f"log_metric('{taken[0]}', ...): '{taken[0]}' is one of gft's own "
-                          "metrics; log it under another name")
-    metrics.update(means)
 
 
 # What TRL's trainer passes that gft does not (README: Rewards).

@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 from gft.errors import ConfigError, first_line
+from gft.types import SAMPLE_COLUMNS
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
-SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "answer")
 STATE_FILE = "trackers.json"  # each tracker's run id, for a resume to continue it
 
 
@@ -257,8 +257,8 @@ class TrackioTracker:
             self.skip_through = -1 if last is None else int(last)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        # TRL runs' charts there are plotted against train/global_step (transformers'
-        # callbacks log it, and W&B's define_metric makes it their x-axis)
+        # transformers' trackio callback logs train/global_step beside a TRL run's
+        # metrics: the same key lets a gft run's charts be read against it
         self.run.log({**metrics, "train/global_step": step}, step=step)
 
     def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:

@@ -6,6 +6,10 @@ from typing import Any
 
 import numpy as np
 
+# The sample table's columns (samples.jsonl, each tracker's `samples`); reward functions'
+# log_extra columns follow them (gft/rewardlog.py) and may not replace them.
+SAMPLE_COLUMNS = ("step", "prompt", "completion", "reward", "answer")
+
 
 @dataclass(frozen=True)
 class Example:

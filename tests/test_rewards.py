@@ -447,9 +447,24 @@ def test_log_callbacks_refuse_what_they_cannot_log(logging_module, name, words):
 
 
 def test_a_metric_named_like_one_of_gfts_is_refused():
-    from gft.rewards import add_logged
+    from gft.rewardlog import add_logged
     metrics = {"loss": 1.0}
     add_logged(metrics, {"mean_len": 3.0})
     assert metrics == {"loss": 1.0, "mean_len": 3.0}
     with pytest.raises(RewardError, match="'loss' is one of gft's own metrics"):
         add_logged(metrics, {"loss": 2.0})
+
+
+@pytest.mark.parametrize("name", ["loss", "loss/kl", "train/loss", "train/global_step",
+                                  "reward", "reward_std", "eval/x", "completions/x", "lr/x"])
+def test_a_metric_in_a_namespace_gft_logs_is_refused_in_every_step(name):
+    """A log_metric name gft (or TRL, or a tracker's train/) uses replaced gft's figure on
+    a dashboard ('train/loss'), broke MLflow's file store ('loss/kl' beside 'loss'), or
+    was refused only in steps that happened to log the clashing key ('reward': rollout
+    steps only): checked against a fixed set, it is refused whenever it is logged."""
+    from gft.rewardlog import LogCallbackError, RewardLog
+    log_metric = RewardLog(2).callbacks("f")["log_metric"]
+    with pytest.raises(LogCallbackError, match=rf"reward 'f': log_metric name '{name}' is in "
+                                               "a namespace gft logs itself"):
+        log_metric(name, 1.0)
+    log_metric("my/" + name, 1.0)  # the suggested name is taken
