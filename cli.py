@@ -223,7 +223,8 @@ def _sampling_options(fn):
                           "generation_config.json always end it."),
         click.option("--system-prompt", help="A system message put first in each prompt "
                                              "without one (default: the one a gft run's "
-                                             "model was trained with; \"\" for none)."),
+                                             "model was trained with; \"\" for none; none "
+                                             "with --no-chat-template)."),
     ]):
         fn = opt(fn)
     return fn
@@ -259,9 +260,11 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from gft.rollout import PreparedPrompts, check_context, check_token_ids, encode_prompt
     from gft.trained import generate_chat_template
     from gft.data import with_system_prompt
+    from gft.trained import system_prompt_for
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
-    examples = with_system_prompt(examples, _system_prompt(model, system_prompt))
+    examples = with_system_prompt(examples, system_prompt_for(model, system_prompt,
+                                                               chat_template))
     ctx = click.get_current_context()
     if all(ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
            for name in ("temperature", "top_p")):  # greedy, whatever the model's file asks
@@ -302,15 +305,6 @@ def _generation_config_dir(model: str, base: str | None) -> str:
             return model  # loading it names the problem
         base = adapter_base(named, Path(model)) if named else model
     return base
-
-
-def _system_prompt(model: str, given: str | None) -> str | None:
-    """--system-prompt, else the system message a gft run's model was trained with
-    (gft.json), so that it is prompted as it learned; "" for none."""
-    if given is not None:
-        return given or None
-    from gft.trained import trained_system_prompt
-    return trained_system_prompt(model)
 
 
 def _local_model(model: str) -> str:
@@ -409,6 +403,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
     from gft.data import load_split, with_system_prompt
+    from gft.trained import system_prompt_for
     from gft.errors import ConfigError
     from gft.evaluate import evaluate
     from gft.rewards import build_rewards
@@ -440,7 +435,7 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
         click.echo(f"note: evaluating as {model}'s run did: {', '.join(said)}; give an "
                    "option to evaluate otherwise", err=True)
     rows = with_system_prompt(load_split(data, split, **columns)[:limit],
-                              _system_prompt(model, system_prompt))
+                              system_prompt_for(model, system_prompt, chat_template))
     from gft.data import is_data_file
     if is_data_file(data) and "split" not in left:
         # a file is one split: --split test over train.jsonl would score the training rows

@@ -81,6 +81,10 @@ def load_data(cfg: TrainConfig, tokenizer, console: Console,
     if train_rows is None:
         train_rows = load_split(cfg.data, "train", **columns_of(cfg))
     train_rows, eval_rows, note = held_out_rows(cfg, train_rows)
+    if cfg.system_prompt is not None and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(f"system_prompt: {cfg.model}'s tokenizer has no chat template to "
+                          "put a system message in (a base model?); leave system_prompt "
+                          "out, or write it into the prompts' text")
     train_rows, eval_rows = (with_system_prompt(rows, cfg.system_prompt)
                              for rows in (train_rows, eval_rows))
     console.print(f"evaluation: {note}")

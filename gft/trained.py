@@ -64,6 +64,23 @@ def trained_system_prompt(model_dir: str) -> str | None:
     return value if isinstance(value, str) and value.strip() else None
 
 
+def system_prompt_for(model_dir: str, given: str | None, chat_template: bool | None
+                      ) -> str | None:
+    """The system message `gft generate` / `gft eval` open prompts with: --system-prompt
+    ("" for none), else the one a gft run's model was trained with, so that it is prompted
+    as it learned. A system message is a chat turn: with --no-chat-template the trained
+    one is left out, and one given is refused."""
+    from gft.errors import ConfigError
+    if chat_template is False:
+        if given:
+            raise ConfigError("--system-prompt is a chat turn, rendered with the chat "
+                              "template: drop --no-chat-template, or the system prompt")
+        return None
+    if given is not None:
+        return given or None
+    return trained_system_prompt(model_dir)
+
+
 def trained_stop(model_dir: str) -> list:
     """The extra stops (config key `stop`) a gft model's run ended rollouts and
     evaluation at; [] for any other model. `gft generate` and `gft eval` end there too,

@@ -517,3 +517,28 @@ def test_a_data_sets_own_column_names_and_a_system_prompt_train_and_travel(tmp_p
     without = CliRunner().invoke(main, generate + ["-p", "What is 7 + 1?",
                                                    "--system-prompt", ""]).output
     assert without != said  # the system message is what made the difference
+
+
+def test_a_system_prompt_without_a_chat_template_is_named(tmp_path):
+    """A base model's tokenizer has no chat template: system_prompt made every string
+    prompt a chat, and the run stopped on the first row as if the data held chats. And
+    --no-chat-template cannot take a system message either."""
+    from tests.helpers import scaled_tiny
+    model = scaled_tiny(tmp_path / "model")
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (model / name).unlink(missing_ok=True)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 2+2?\nA:", "completion": " 4"}) + "\n")
+    result = CliRunner().invoke(main, [
+        "train", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "run"),
+        "--backend", "torch", "--max-steps", "1", "--set", "preset=sft",
+        "--set", "system_prompt=Be brief.", "--set", "prompts_per_step=1",
+        "--set", "prompts_per_minibatch=1", "--set", "progress=false"])
+    assert result.exit_code == 2 and result.output.splitlines()[-1].startswith(
+        f"error: system_prompt: {model}'s tokenizer has no chat template"), result.output
+    said = CliRunner().invoke(main, ["generate", str(model), "-p", "hi", "--backend", "torch",
+                                     "--no-chat-template", "--system-prompt", "Be brief."])
+    assert said.exit_code == 2 and "--system-prompt is a chat turn" in said.output
