@@ -259,7 +259,7 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     from backends import SamplingConfig
     from gft.rollout import PreparedPrompts, check_context, check_token_ids, encode_prompt
     from gft.trained import generate_chat_template
-    from gft.data import with_system_prompt
+    from gft.prompts import with_system_prompt
     from gft.trained import system_prompt_for
     examples = [_prompt_example(p, i) for i, p in enumerate(prompts)]  # before any loading
     model = _local_model(model)
@@ -402,7 +402,8 @@ def eval_(model: str, data: str | None, split: str, limit: int | None, k: int,
           stop: tuple[str, ...]) -> None:
     """Held-out accuracy (greedy pass@1) of MODEL on a data split, and pass@k with -k."""
     import tempfile
-    from gft.data import load_split, with_system_prompt
+    from gft.data import load_split
+    from gft.prompts import with_system_prompt
     from gft.trained import system_prompt_for
     from gft.errors import ConfigError
     from gft.evaluate import evaluate

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from gft.data import render_prompt
+from gft.prompts import render_prompt
 from gft.errors import ConfigError, DataError
 from gft.groups import Sequence_
 from gft.objective import group_advantages

@@ -25,7 +25,8 @@ from gft.checkpoint import (CheckpointError, ResumePoint, atomic_directory, atom
                             read_state, save_step_checkpoint)
 from gft.modelfiles import OPTIMIZER_FILE, check_model_dir, check_optimizer_state
 from gft.config import TrainConfig, to_dict
-from gft.data import is_data_file, load_split, with_system_prompt
+from gft.data import is_data_file, load_split
+from gft.prompts import with_system_prompt
 from gft.distributed import (LOCAL, Comm, check_divisible, first_text, init_comm, shutdown,
                              together)
 from gft.errors import ConfigError, RewardError

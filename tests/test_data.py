@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gft.data import example_from_row, load_split, render_prompt
+from gft.data import example_from_row, load_split
+from gft.prompts import render_prompt
 from gft.errors import DataError, GFTError
 from gft.types import Example
 
@@ -932,7 +933,7 @@ def test_prompt_and_completion_columns_read_a_data_sets_own_names(tmp_path):
 
 
 def test_a_system_prompt_opens_every_prompt_without_one():
-    from gft.data import with_system_prompt
+    from gft.prompts import with_system_prompt
     from gft.types import Example
     rows = [Example("2+2?"), Example([{"role": "user", "content": "hi"}]),
             Example([{"role": "system", "content": "own"}, {"role": "user", "content": "x"}])]
