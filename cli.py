@@ -29,15 +29,29 @@ def friendly_errors(fn):
             return fn(*args, **kwargs)
         except Interrupted as e:
             click.echo(_rank_prefix() + str(e), err=True)
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         except GFTError as e:
             click.echo(f"error: {_rank_prefix()}{e}", err=True)
-            sys.exit(getattr(e, "exit_code", EXIT_USER_ERROR))
+            _exit(getattr(e, "exit_code", EXIT_USER_ERROR))
         except OSError as e:
             where = f": {e.filename}" if e.filename else ""
             click.echo(f"error: {_rank_prefix()}{e.strerror or e}{where}", err=True)
-            sys.exit(1)
+            _exit(1)
     return wrapper
+
+
+def _exit(code: int) -> None:
+    """sys.exit; under torchrun with several ranks the rank ends at once instead (stdio
+    flushed): interpreter teardown with gloo's threads alive aborted a rank in some runs
+    ("terminate called without an active exception", SIGABRT), and torchrun then
+    reported that in place of the error every rank had agreed on and printed (as a
+    finished rank does, gft.distributed.shutdown)."""
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _rank_prefix() -> str:

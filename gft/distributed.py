@@ -244,14 +244,17 @@ def shutdown(comm: Comm, finished: bool = False) -> None:
     gloo/c10d down: destroy_process_group and interpreter teardown aborted a rank after a
     complete run with "terminate called without an active exception" (SIGABRT) in 2 of 5
     CI runs of this test suite (torch 2.13, gloo, 2 processes), which torchrun and
-    `gft train --nproc` then report as a failed run. Runs that fail or are interrupted
-    still destroy the group as usual."""
+    `gft train --nproc` then report as a failed run. A run that fails or is interrupted
+    with several ranks (every rank has agreed on the error: gft.distributed.together)
+    leaves the group as it is: the command's error handler ends the rank the same way,
+    with the error's exit code (cli._exit)."""
     if isinstance(comm, TorchComm) and comm.dist.is_initialized():
         if finished and comm.world > 1:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        comm.dist.destroy_process_group()
+        if comm.world == 1:
+            comm.dist.destroy_process_group()
 
 
 def minibatch_sizes(prompts_per_step: int, per_minibatch: int) -> list[int]:

@@ -121,31 +121,20 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     beat: told what the step is doing (a long first step shows progress in a
     non-terminal log)."""
     phase = beat.phase if beat is not None else (lambda text, **kw: None)
-    n_rollouts, per_mb = cfg.num_rollouts, cfg.prompts_per_minibatch
-    positions = local_positions(len(indices), per_mb, comm.rank, comm.world)
+    positions = local_positions(len(indices), cfg.prompts_per_minibatch, comm.rank, comm.world)
     rows = [data.rows[indices[p]] for p in positions]
     prompt_ids = [data.prompt_ids[indices[p]] for p in positions]
     t0 = time.perf_counter()
-    rollouts: list[list[int]] = []
-    if n_rollouts:
-        sampling = SamplingConfig(max_new_tokens=cfg.max_response_tokens,
-                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                  batch_size=cfg.rollout_batch_size)
-        repeated = [p for p in prompt_ids for _ in range(n_rollouts)]
-        # seeded by the prompt's place in the step, not in this rank's batch
-        base = step_seed(cfg.seed, step)
-        seeds = [row_seed(base, p * n_rollouts + j) for p in positions for j in range(n_rollouts)]
-        phase(f"step {step + 1}: rollouts ({len(repeated)} sequences, up to "
-              f"{cfg.max_response_tokens} tokens each)", new_step=True)
-        rollouts = backend.generate(repeated, sampling, seeds)
+    rollouts = _rollouts(cfg, backend, prompt_ids, positions, step, phase)
     t1 = time.perf_counter()
     # a reward that raises or times out on this rank's rows stops every rank (together)
     with together(comm):
         seqs = build_groups(rows, prompt_ids, rollouts, tokenizer=backend.tokenizer,
-                            num_offpolicy=cfg.num_offpolicy, num_rollouts=n_rollouts,
+                            num_offpolicy=cfg.num_offpolicy, num_rollouts=cfg.num_rollouts,
                             max_response_tokens=cfg.max_response_tokens,
                             stops=getattr(backend, "stops", None))
-        phase(f"step {step + 1}: rewards ({len(seqs)} responses)", new_step=not n_rollouts)
+        phase(f"step {step + 1}: rewards ({len(seqs)} responses)",
+              new_step=not cfg.num_rollouts)
         scored = score_groups(seqs, rows, scorer, cfg.advantage,
                               trainer_state or TrainerState(global_step=step))
     settle(scorer, comm)
@@ -157,6 +146,39 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         sums.update(function_sums(scorer.log_names, scored.get("per_function"),
                                   scored.get("on_policy", np.zeros(0, bool))))
     updates = _update_batches(cfg, backend, seqs, positions, len(indices), comm)
+    stats = _run_updates(cfg, backend, updates, lr_fn, step, phase)
+    t3 = time.perf_counter()
+    m = _step_metrics(sums, rollouts, stats, scored, scorer, comm, lr_fn)
+    m.update({"rollout_tok_s": m["rollout_tokens"] / max(t1 - t0, 1e-9),
+              "update_tok_s": m["update_tokens"] / max(t3 - t2, 1e-9),
+              "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2})
+    m.update(trl_metrics(m))
+    if seqs:
+        m["_sample"] = _sample_row(seqs, rows, scored, scorer)
+    return m
+
+
+def _rollouts(cfg: TrainConfig, backend, prompt_ids: list[list[int]], positions: list[int],
+              step: int, phase) -> list[list[int]]:
+    """num_rollouts samples of each prompt, each seeded by the prompt's place in the
+    step (not in this rank's batch), so that any split over ranks draws the same."""
+    n = cfg.num_rollouts
+    if not n:
+        return []
+    sampling = SamplingConfig(max_new_tokens=cfg.max_response_tokens,
+                              temperature=cfg.temperature, top_p=cfg.top_p,
+                              batch_size=cfg.rollout_batch_size)
+    repeated = [p for p in prompt_ids for _ in range(n)]
+    base = step_seed(cfg.seed, step)
+    seeds = [row_seed(base, p * n + j) for p in positions for j in range(n)]
+    phase(f"step {step + 1}: rollouts ({len(repeated)} sequences, up to "
+          f"{cfg.max_response_tokens} tokens each)", new_step=True)
+    return backend.generate(repeated, sampling, seeds)
+
+
+def _run_updates(cfg: TrainConfig, backend, updates: list[list[TokenBatch]],
+                 lr_fn: Callable[[int], float], step: int, phase) -> list[dict[str, float]]:
+    """The step's optimizer updates, each over its micro-batches; their stats."""
     stats: list[dict[str, float]] = []
     for i, batches in enumerate(updates):
         if batches:  # all-zero advantages on every rank: no gradient, so no update at all
@@ -165,16 +187,20 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
             lr = lr_fn(i)
             stats.append({**backend.train_step(batches, lr, tau=cfg.tau,
                                                aggregation=cfg.loss_aggregation), "lr": lr})
-    t3 = time.perf_counter()
-    # reward functions' log_metric values: a sum and a count per name (a name any rank
-    # logged), so the step's mean spans every rank's values
+    return stats
+
+
+def _step_metrics(sums: dict[str, float], rollouts: list[list[int]],
+                  stats: list[dict[str, float]], scored: dict[str, Any], scorer, comm: Comm,
+                  lr_fn: Callable[[int], float]) -> dict[str, Any]:
+    """The whole step's metrics from every rank's, in one all-reduce: response sums,
+    rollout tokens, the reward functions' log_metric values (a sum and a count per name
+    any rank logged, so the mean spans every rank's), and per update the loss (global
+    denominators: the ranks' losses add up), entropy and tokens."""
     logged = scored.get("logged", {}) if scored else {}
     names = union_of_names(comm, list(logged)) if scorer is not None else []
     user = [x for name in names for x in (sum(logged.get(name, ())),
                                           float(len(logged.get(name, ()))))]
-    # one all-reduce for the whole step's metrics: response sums, rollout tokens, the
-    # logged values, and per update the loss (global denominators: the ranks' losses add
-    # up), entropy, tokens
     local = [*sums.values(), float(sum(len(r) for r in rollouts)), *user]
     for st in stats:
         local += [st["loss"], st["entropy"] * st["tokens"], st["tokens"]]
@@ -185,7 +211,6 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
     if scorer is None:  # no reward configured: a reward of 0 would be a made-up figure
         m = {k: v for k, v in m.items()
              if not k.startswith(("reward/", "reward_std/", "accuracy/"))}
-    rollout_tokens = float(total[len(sums)])
     user_sums = total[len(sums) + 1:len(sums) + 1 + len(user)].reshape(-1, 2)
     per_update = total[len(sums) + 1 + len(user):].reshape(-1, 3)
     update_tokens = float(per_update[:, 2].sum())
@@ -196,23 +221,22 @@ def train_step(cfg: TrainConfig, backend, data: PreparedPrompts, indices: list[i
         else float("nan"),
         "lr": stats[-1]["lr"] if stats else lr_fn(0),
         "updates": float(len(stats)), "skipped": float(sum(s["skipped"] for s in stats)),
-        "rollout_tokens": rollout_tokens, "update_tokens": update_tokens,
-        "rollout_tok_s": rollout_tokens / max(t1 - t0, 1e-9),
-        "update_tok_s": update_tokens / max(t3 - t2, 1e-9),
-        "time/rollout": t1 - t0, "time/reward": t2 - t1, "time/update": t3 - t2,
+        "rollout_tokens": float(total[len(sums)]), "update_tokens": update_tokens,
+        "_logged": {name: float(value_sum / count) for name, (value_sum, count)
+                    in zip(names, user_sums) if count},
     })
-    m.update(trl_metrics(m))
-    m["_logged"] = {name: float(value_sum / count) for name, (value_sum, count)
-                    in zip(names, user_sums) if count}
-    at = next((i for i, s in enumerate(seqs) if s.on_policy), 0)
-    if seqs:  # the sample table's row, with the columns rewards added by log_extra
-        sample = seqs[at]
-        m["_sample"] = {"prompt": rows[sample.group].prompt, "completion": sample.text,
-                        "reward": sample.reward if scorer is not None else None,
-                        "answer": rows[sample.group].answer,
-                        **{column: values[at] for column, values
-                           in (scored.get("extra") or {}).items()}}
     return m
+
+
+def _sample_row(seqs: list[Sequence_], rows, scored: dict[str, Any], scorer) -> dict[str, Any]:
+    """The sample table's row: the step's first rollout (else its first response), with
+    the columns reward functions added by log_extra."""
+    at = next((i for i, s in enumerate(seqs) if s.on_policy), 0)
+    sample = seqs[at]
+    return {"prompt": rows[sample.group].prompt, "completion": sample.text,
+            "reward": sample.reward if scorer is not None else None,
+            "answer": rows[sample.group].answer,
+            **{column: values[at] for column, values in (scored.get("extra") or {}).items()}}
 
 
 def _update_batches(cfg: TrainConfig, backend, seqs: list[Sequence_], positions: list[int],
