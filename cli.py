@@ -282,8 +282,8 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
     ctx = click.get_current_context()
     if all(ctx.get_parameter_source(name) is click.core.ParameterSource.DEFAULT
            for name in ("temperature", "top_p")):  # greedy, whatever the model's file asks
-        from gft.trained import generation_config_dir, sampling_note
-        note = sampling_note(generation_config_dir(model, base))
+        from gft.trained import sampling_note
+        note = sampling_note(_generation_config_dir(model, base))
         if note:
             click.echo(note, err=True)
     be = _sampler(backend, model, dtype, base, stop)
@@ -299,6 +299,26 @@ def generate(model: str, prompts: tuple[str, ...], num: int, temperature: float,
                               top_p=top_p, greedy=temperature == 0.0)
     for prompt_ids, out in zip(ids, be.generate(ids, sampling, seed)):
         click.echo(be.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def _generation_config_dir(model: str, base: str | None) -> str:
+    """The folder whose generation_config.json applies to MODEL: its own, or for a LoRA
+    adapter (which has none) its base's on this machine, as transformers and mlx-lm read it."""
+    from pathlib import Path
+    from gft.errors import GFTError
+    from gft.lora import is_mlx_adapter, is_peft_adapter
+    if (Path(model) / "generation_config.json").is_file() or not (
+            is_peft_adapter(model) or is_mlx_adapter(model)):
+        return model
+    if base is None:
+        from gft.convert import read_adapter_base
+        from gft.runpaths import adapter_base
+        try:
+            named = read_adapter_base(Path(model))
+        except GFTError:
+            return model  # loading it names the problem
+        base = adapter_base(named, Path(model)) if named else model
+    return base
 
 
 def _local_model(model: str) -> str:

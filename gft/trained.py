@@ -214,25 +214,6 @@ def held_out_data(model_dir: str, split: str | None) -> tuple[str, str] | None:
     return pick(str(found), "data")
 
 
-def generation_config_dir(model: str, base: str | None) -> str:
-    """The folder whose generation_config.json applies to MODEL: its own, or for a LoRA
-    adapter (which has none) its base's on this machine, as transformers and mlx-lm read it."""
-    from gft.errors import GFTError
-    from gft.lora import is_mlx_adapter, is_peft_adapter
-    if (Path(model) / "generation_config.json").is_file() or not (
-            is_peft_adapter(model) or is_mlx_adapter(model)):
-        return model
-    if base is None:
-        from gft.convert import read_adapter_base
-        from gft.runpaths import adapter_base
-        try:
-            named = read_adapter_base(Path(model))
-        except GFTError:
-            return model  # loading it names the problem
-        base = adapter_base(named, Path(model)) if named else model
-    return base
-
-
 def sampling_note(model_dir: str) -> str | None:
     """One line when the model's generation_config.json asks for sampling (do_sample, as
     transformers' generate() and vLLM follow it): `gft generate` decodes greedily unless
