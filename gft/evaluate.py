@@ -32,13 +32,14 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], scorer, *,
              max_new_tokens: int, k: int = 1, temperature: float = 1.0, top_p: float = 1.0,
              seed: int = 0, batch_size: int = 64, first_row: int = 0,
-             loss: bool = False) -> dict[str, float]:
+             loss: bool = False, parts: bool = False) -> dict[str, float]:
     """Greedy accuracy and mean reward (with a scorer); with k > 1 also pass@k from k
     samples per prompt; with `loss`, the held-out NLL of the rows' dataset responses.
 
     first_row: the index of rows[0] in the whole held-out set; sample i of row r is seeded
     from (seed, (first_row + r)·k + i), so a data-parallel rank's share of the rows draws
-    what one process would."""
+    what one process would. parts: also return "_parts", {name: [sum, count]} of each
+    reward function's values and each log_metric name, so that ranks' shares combine."""
     if not rows:
         return {}
     metrics: dict[str, float] = {"n": float(len(rows))}
@@ -51,9 +52,12 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
     result = _score(backend, rows, outs, scorer)
     metrics.update({"accuracy": float(result.correct.mean()),
                     "reward": float(result.total.mean())})
+    sums: dict[str, list[float]] = {}
     for name, values in zip(scorer.log_names, result.per_function.values()):
-        if not np.isnan(values).all():
-            metrics[f"rewards/{name}"] = float(np.nanmean(values))
+        applied = values[~np.isnan(values)]
+        sums[f"rewards/{name}"] = [float(applied.sum()), float(applied.size)]
+        if applied.size:
+            metrics[f"rewards/{name}"] = float(applied.mean())
     logged = dict(getattr(result, "logged", {}))  # the reward functions' log_metric values
     if k > 1:
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -69,6 +73,9 @@ def evaluate(backend, rows: Sequence[Example], prompt_ids: Sequence[list[int]], 
         for name, values in getattr(sampled, "logged", {}).items():
             logged[name] = logged.get(name, []) + values
     add_logged(metrics, {name: float(np.mean(values)) for name, values in logged.items()})
+    if parts:
+        metrics["_parts"] = {**sums, **{name: [float(sum(values)), float(len(values))]
+                                        for name, values in logged.items()}}
     return metrics
 
 

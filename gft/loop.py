@@ -292,13 +292,21 @@ def run_eval(cfg: TrainConfig, backend, data: PreparedPrompts | None, scorer,
             ev = evaluate(backend, data.rows[lo:hi], data.prompt_ids[lo:hi], scorer,
                           max_new_tokens=cfg.max_response_tokens,
                           seed=step_seed(cfg.seed, -1), batch_size=cfg.rollout_batch_size,
-                          first_row=lo, loss=comm.world == 1)
+                          first_row=lo, loss=comm.world == 1, parts=comm.world > 1)
     settle(scorer, comm)
+    parts = ev.pop("_parts", {})
     if comm.world == 1 or scorer is None:
         return ev
+    # accuracy and reward weighted by each rank's rows; each reward function's and each
+    # log_metric name's mean from every rank's sum and count (a name any rank has)
+    names = union_of_names(comm, list(parts))
     keys = ("accuracy", "reward")
-    total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]))
-    return {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
+    total = comm.all_sum(np.array([ev.get(k, 0.0) * (hi - lo) for k in keys]
+                                  + [x for name in names for x in parts.get(name, (0.0, 0.0))]))
+    out = {**{k: float(v) / n for k, v in zip(keys, total)}, "n": float(n)}
+    out.update({name: float(value_sum / count) for name, (value_sum, count)
+                in zip(names, total[len(keys):].reshape(-1, 2)) if count})
+    return out
 
 
 def settle(scorer, comm: Comm) -> None:

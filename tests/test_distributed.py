@@ -468,6 +468,20 @@ def test_a_reward_that_fails_on_one_rank_stops_every_rank_alike(setup):
     assert (step["both"], step["rank1_only"]) == (2.0, 2.0)
 
 
+def test_evaluation_over_two_ranks_keeps_each_reward_and_log_metric(setup):
+    """Two ranks each score half the held-out rows; only accuracy and reward were combined,
+    so eval/rewards/<function> and the reward functions' log_metric values were missing
+    from every multi-rank run's evaluation."""
+    out = _two_ranks(setup, "eval", _rank_reward(setup, "none_on_rank1")
+                     + ["--set", "eval_samples=4"])
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    first = json.loads((setup[0] / "ranks-eval" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 0 and first["eval/n"] == 4
+    # rank 0 logged 1.0, rank 1 3.0: the mean of both; the reward applied on rank 0 only
+    assert (first["eval/both"], first["eval/rank1_only"]) == (2.0, 2.0)
+    assert first["eval/rewards/none_on_rank1"] == 0.0
+
+
 def test_a_check_that_fails_on_one_rank_at_the_start_stops_every_rank(setup):
     """A reward module that cannot be imported on rank 1 (a package missing on one node):
     before, rank 1 stopped and rank 0 went on into loading the model and was killed
